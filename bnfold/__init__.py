@@ -1,0 +1,11 @@
+"""bnfold: batch-normalization toolkit for CPU inference.
+
+Public API (see README.md): the BN kernels, the ONNX fold pass, parity checks, benchmarks and
+PreciseBN calibration. Everything a user needs is importable from ``bnfold`` directly.
+"""
+
+from bnfold._openmp import openmp_enabled
+from bnfold._version import __version__
+from bnfold.errors import BnfoldError, InputError, ParityError
+
+__all__ = ["__version__", "openmp_enabled", "BnfoldError", "InputError", "ParityError"]

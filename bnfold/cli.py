@@ -1,0 +1,88 @@
+"""The ``bnfold`` command line: one parser, subcommands registered from ``bnfold.commands``.
+
+Every subcommand module exposes ``register(subparsers)``, which adds its parser and sets
+``func(args) -> int`` as the handler. This module owns what all commands share: ``--version``,
+``--verbose``, and turning errors into one line on stderr with the documented exit codes
+(0 ok, 1 parity failure, 2 bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from bnfold._version import __version__
+from bnfold.errors import InputError, ParityError
+
+# Order is the order shown in --help.
+COMMAND_MODULES = ("fold", "inspect", "check", "bench", "calibrate", "demo")
+
+EPILOG = """examples:
+  bnfold demo                                  fold, check and benchmark a built-in CNN
+  bnfold fold model.onnx -o folded.onnx        fold every foldable BatchNormalization
+  bnfold inspect model.onnx                    list BN nodes and whether each can be folded
+  bnfold check model.onnx folded.onnx          onnxruntime parity of two models
+  bnfold bench model.onnx                      latency before/after folding
+  bnfold calibrate model.onnx -o out.onnx --data calib.npz --fold
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bnfold",
+        description="Batch-normalization toolkit for CPU inference: fold BN into ONNX weights, "
+        "prove parity with onnxruntime, re-estimate BN statistics from data.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"bnfold {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"bnfold.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"bnfold.commands.{name}":
+                continue  # command not shipped in this build
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except InputError as e:
+        return _fail(args, e, 2)
+    except ParityError as e:
+        return _fail(args, e, 1)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        return _fail(args, e, 2)
+    except KeyboardInterrupt:
+        print("bnfold: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal error: still one line unless --verbose
+        return _fail(args, e, 3, internal=True)
+
+
+def _fail(args, error: BaseException, code: int, internal: bool = False) -> int:
+    if getattr(args, "verbose", False):
+        import traceback
+
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    prefix = f"bnfold {args.command}: " if getattr(args, "command", None) else "bnfold: "
+    if internal:
+        text = f"internal error: {type(error).__name__}: {text} (run with --verbose for the traceback)"
+    print(prefix + "error: " + text, file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``bnfold`` subcommand; each exposes ``register(subparsers)`` (see bnfold.cli)."""

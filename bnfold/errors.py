@@ -1,0 +1,18 @@
+"""Exception types shared by the API and the CLI.
+
+The CLI maps them to exit codes: InputError -> 2 (bad file, bad argument, bad data),
+ParityError -> 1 (the folded/calibrated model does not compute what the original does).
+Kernels raise the built-in TypeError / ValueError directly, as numpy users expect.
+"""
+
+
+class BnfoldError(Exception):
+    """Base class of bnfold's own errors."""
+
+
+class InputError(BnfoldError, ValueError):
+    """The user's input (file, model, data, option) is unusable; the message is one line."""
+
+
+class ParityError(BnfoldError):
+    """A transformed model failed its onnxruntime parity check."""

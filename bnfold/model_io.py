@@ -1,0 +1,135 @@
+"""Loading and saving ONNX models safely.
+
+Loading turns every way a file can be unusable (missing, unreadable, not protobuf, not a valid
+model) into a one-line InputError. Saving is atomic (temporary file in the destination directory,
+then rename) and never writes over the input file; models whose tensors live in external data
+files keep them external.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+
+import onnx
+from onnx.external_data_helper import uses_external_data
+
+from bnfold.errors import InputError
+
+# protobuf refuses to serialize a single message above 2 GiB; large models must go external.
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def load_model(model_or_path, *, check: bool = True) -> onnx.ModelProto:
+    """Return a ModelProto from a path or a ModelProto (the latter is returned as is, not copied).
+
+    External data next to the file is loaded. With ``check`` the model goes through
+    ``onnx.checker.check_model`` so that later passes can rely on a well-formed graph.
+    """
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise TypeError(f"model must be a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
+    path = os.fspath(model_or_path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        model = onnx.load(path, load_external_data=True)
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except FileNotFoundError as e:  # a missing external-data file
+        raise InputError(f"{path}: external data file missing ({e.filename or e})") from None
+    except Exception as e:  # protobuf DecodeError and friends: the file is not an ONNX model
+        raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from None
+    if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
+        raise InputError(f"{path}: not an ONNX model (no graph)")
+    if check:
+        try:
+            onnx.checker.check_model(model)
+        except Exception as e:
+            raise InputError(f"{path}: invalid ONNX model ({_first_line(e)})") from None
+    return model
+
+
+def model_uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(uses_external_data(t) for t in _all_initializers(model))
+
+
+def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, external_data=None) -> None:
+    """Write ``model`` to ``path`` atomically.
+
+    ``external_data``: True stores tensors in ``<name>.data`` beside the file; None means "as the
+    source was" (external when the source used external data, or when the model is too big for
+    one protobuf message). Refuses to write over ``source_path``.
+    """
+    path = os.fspath(path)
+    if source_path is not None and _same_file(path, os.fspath(source_path)):
+        raise InputError(f"{path}: refusing to overwrite the input model; choose another output path")
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(directory):
+        raise InputError(f"{path}: output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise InputError(f"{path}: output directory {directory} is not writable")
+    if external_data is None:
+        external_data = model_uses_external_data(model) or model.ByteSize() > _PROTOBUF_LIMIT
+    fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=".onnx.tmp", dir=directory)
+    os.close(fd)
+    tmp_data = None
+    try:
+        if external_data:
+            data_name = os.path.basename(path) + ".data"
+            tmp_data_name = f".bnfold-{uuid.uuid4().hex}.data.tmp"
+            tmp_data = os.path.join(directory, tmp_data_name)
+            to_save = onnx.ModelProto()
+            to_save.CopyFrom(model)
+            onnx.save_model(
+                to_save,
+                tmp_path,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=tmp_data_name,
+                size_threshold=1024,
+            )
+            # The model refers to its data file by name: rewrite the reference to the final name
+            # before the renames so the pair is consistent once both are in place.
+            _relocate_external_data(to_save, tmp_data_name, data_name)
+            onnx.save_model(to_save, tmp_path, save_as_external_data=False)
+            os.replace(tmp_data, os.path.join(directory, data_name))
+            tmp_data = None
+        else:
+            onnx.save_model(model, tmp_path)
+        os.replace(tmp_path, path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write output ({e.strerror or e})") from None
+    finally:
+        for leftover in (tmp_path, tmp_data):
+            if leftover and os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def _relocate_external_data(model, old_location, new_location):
+    for tensor in _all_initializers(model):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old_location:
+                entry.value = new_location
+
+
+def _all_initializers(model):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

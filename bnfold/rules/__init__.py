@@ -1,0 +1,1 @@
+"""Fold rules, one per file: each is pattern -> check (reason when it fails) -> rewrite."""
