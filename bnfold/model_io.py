@@ -58,12 +58,24 @@ def model_uses_external_data(model: onnx.ModelProto) -> bool:
     return any(uses_external_data(t) for t in _all_initializers(model))
 
 
+def file_uses_external_data(path) -> bool:
+    """True when the ONNX file at ``path`` keeps some tensors in external data files.
+
+    ``load_model`` pulls external data into memory, so the loaded model no longer says so; savers
+    ask the source file instead."""
+    try:
+        return model_uses_external_data(onnx.load(os.fspath(path), load_external_data=False))
+    except Exception:
+        return False
+
+
 def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, external_data=None) -> None:
     """Write ``model`` to ``path`` atomically.
 
     ``external_data``: True stores tensors in ``<name>.data`` beside the file; None means "as the
-    source was" (external when the source used external data, or when the model is too big for
-    one protobuf message). Refuses to write over ``source_path``.
+    source was": external when the model (or the file at ``source_path`` it was loaded from) uses
+    external data, or when the model is too big for one protobuf message. Refuses to write over
+    ``source_path``.
     """
     path = os.fspath(path)
     if source_path is not None and _same_file(path, os.fspath(source_path)):
@@ -74,7 +86,11 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
     if not os.access(directory, os.W_OK):
         raise InputError(f"{path}: output directory {directory} is not writable")
     if external_data is None:
-        external_data = model_uses_external_data(model) or model.ByteSize() > _PROTOBUF_LIMIT
+        external_data = (
+            model_uses_external_data(model)
+            or (source_path is not None and file_uses_external_data(source_path))
+            or model.ByteSize() > _PROTOBUF_LIMIT
+        )
     fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=".onnx.tmp", dir=directory)
     os.close(fd)
     tmp_data = None
