@@ -7,5 +7,7 @@ PreciseBN calibration. Everything a user needs is importable from ``bnfold`` dir
 from bnfold._openmp import openmp_enabled
 from bnfold._version import __version__
 from bnfold.errors import BnfoldError, InputError, ParityError
+from bnfold.parity import CheckReport, check
 
 __all__ = ["__version__", "openmp_enabled", "BnfoldError", "InputError", "ParityError"]
+__all__ += ["check", "CheckReport"]

@@ -126,6 +126,32 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
                 os.unlink(leftover)
 
 
+def write_json_atomic(data, path) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically (temporary file, then rename).
+
+    Shared by every command's ``--json`` / ``--report`` option; bad paths become a one-line InputError.
+    """
+    import json
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(directory):
+        raise InputError(f"{path}: output directory {directory} does not exist")
+    text = json.dumps(data, indent=2, allow_nan=True) + "\n"
+    tmp_path = None
+    try:
+        fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=".json.tmp", dir=directory)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp_path, path)
+        tmp_path = None
+    except OSError as e:
+        raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        if tmp_path and os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+
+
 def _relocate_external_data(model, old_location, new_location):
     for tensor in _all_initializers(model):
         for entry in tensor.external_data:

@@ -1,0 +1,734 @@
+"""onnxruntime parity between two models: does the candidate compute what the reference computes?
+
+``check(reference, candidate)`` runs both models in onnxruntime on the same inputs and compares
+every output by name. It is what ``bnfold check`` prints and what ``bnfold fold`` / ``calibrate``
+use for their automatic check.
+
+Inputs are either given (a dict or an .npz file, validated against the models' input specs) or
+synthesized from the specs:
+
+* dynamic dimensions come from ``shapes``; otherwise a symbolic dimension that another input
+  already fixed gets the same value (symbols are shared by name), the leading dimension (batch)
+  defaults to 1 and any other dynamic dimension to ``DEFAULT_DYNAMIC_DIM`` (32, large enough for
+  typical convolution kernels and pooling windows);
+* float inputs are standard normal, bool inputs fair coin flips, integer inputs small non-negative
+  values in ``[0, 10)``, narrowed to the table size when the input indexes a constant with
+  ``Gather`` / ``GatherElements``.
+
+The reference runs with onnxruntime's graph optimizations disabled (``opt_level="disabled"``), so
+onnxruntime's own Conv+BN fusion cannot hide a difference; the candidate runs at ``"all"``, as it
+would be deployed.
+
+Tolerances (``DEFAULT_TOLERANCES``) are per output dtype. An element passes when
+``|cand - ref| <= atol + rtol * |ref|``. The *default* ``atol`` is relative to the output's scale
+(multiplied by ``max(1, max|ref|)``) because folding changes rounding in proportion to the
+magnitudes of the values involved; explicit ``atol`` values are taken literally. Integer and bool
+outputs must match exactly. NaN or Inf on one side only (or a different Inf) is always a mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tempfile
+
+import numpy as np
+import onnx
+
+from bnfold.errors import InputError
+from bnfold.model_io import _first_line, load_model, write_json_atomic
+
+OPT_LEVELS = ("disabled", "basic", "extended", "all")
+
+DEFAULT_DYNAMIC_DIM = 32
+DEFAULT_BATCH_DIM = 1
+DEFAULT_INT_HIGH = 10
+
+# dtype name -> (rtol, atol); atol is scaled by max(1, max|reference|) when it is a default.
+DEFAULT_TOLERANCES = {
+    "float64": (1e-9, 1e-10),
+    "float32": (1e-4, 1e-5),
+    "float16": (1e-2, 1e-3),
+}
+
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+
+# protobuf cannot serialize a message above 2 GiB: such models go to onnxruntime as files.
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------------
+
+_SHAPE_SPEC = re.compile(r"^(?P<name>.+):(?P<dims>\d+(?:[xX]\d+)*)$")
+
+
+def parse_shape_specs(specs) -> dict:
+    """Turn ``["input:1x3x224x224", "mask:1x128"]`` into ``{"input": (1, 3, 224, 224), ...}``.
+
+    The name is everything before the last colon (input names may contain colons); a scalar
+    input cannot be given a shape (it has no dynamic dimensions). Raises InputError on malformed
+    specs or when one name is given twice with different shapes.
+    """
+    shapes: dict = {}
+    for spec in specs or ():
+        if not isinstance(spec, str):
+            raise InputError(f"--shape: expected NAME:D1xD2x..., got {spec!r}")
+        match = _SHAPE_SPEC.match(spec.strip())
+        if not match:
+            raise InputError(
+                f"--shape {spec!r}: expected NAME:D1xD2x... with non-negative integer dimensions, "
+                "e.g. input:1x3x224x224"
+            )
+        name = match.group("name")
+        dims = tuple(int(d) for d in re.split("[xX]", match.group("dims")))
+        if name in shapes and shapes[name] != dims:
+            raise InputError(f"--shape: input {name!r} given twice with different shapes")
+        shapes[name] = dims
+    return shapes
+
+
+def _format_shape(shape) -> str:
+    if shape is None:
+        return "?"
+    if len(shape) == 0:
+        return "scalar"
+    return "x".join("?" if d is None else str(d) for d in shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Sessions and specs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output as onnxruntime sees it. Dims: int, symbol name (str) or None."""
+
+    name: str
+    dtype: str
+    shape: tuple | None
+
+
+def _ort_level(level: str):
+    import onnxruntime as ort
+
+    levels = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if level not in levels:
+        raise InputError(f"unknown optimization level {level!r}; choose one of {', '.join(OPT_LEVELS)}")
+    return levels[level]
+
+
+class LoadedModel:
+    """A model loaded once for validation and spec extraction, with its label for messages.
+
+    ``source`` is what onnxruntime gets: the path for files (so external data resolves), the
+    serialized bytes for in-memory models, or a temporary file for in-memory models too large to
+    serialize in one message.
+    """
+
+    def __init__(self, model_or_path, label: str):
+        self.label = label
+        self.path = None if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path)
+        self.proto = load_model(model_or_path)
+        self._bytes = None
+        self._tmpdir = None
+
+    def ort_source(self):
+        if self.path is not None:
+            return self.path
+        if self._bytes is None and self._tmpdir is None:
+            if self.proto.ByteSize() > _PROTOBUF_LIMIT:
+                self._tmpdir = tempfile.TemporaryDirectory(prefix="bnfold-")
+                big_path = os.path.join(self._tmpdir.name, "model.onnx")
+                onnx.save_model(self.proto, big_path, save_as_external_data=True, location="model.onnx.data")
+            else:
+                self._bytes = self.proto.SerializeToString()
+        return self._bytes if self._bytes is not None else os.path.join(self._tmpdir.name, "model.onnx")
+
+    def session(self, opt_level: str, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = _ort_level(opt_level)
+        options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        try:
+            return ort.InferenceSession(self.ort_source(), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise InputError(f"{self.label}: onnxruntime cannot load the model ({_first_line(e)})") from None
+
+    def close(self):
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+
+def session_specs(session, label: str):
+    """(inputs, outputs) as lists of TensorSpec; non-tensor or unsupported types raise InputError."""
+
+    def convert(args, kind):
+        specs = []
+        for arg in args:
+            dtype = _ORT_TYPES.get(arg.type)
+            if dtype is None:
+                raise InputError(f"{label}: {kind} {arg.name!r} has type {arg.type}, which bnfold cannot compare")
+            shape = None if arg.shape is None else tuple(d if isinstance(d, (int, str)) else None for d in arg.shape)
+            specs.append(TensorSpec(arg.name, dtype, shape))
+        return specs
+
+    return convert(session.get_inputs(), "input"), convert(session.get_outputs(), "output")
+
+
+def _static_dims_conflict(a, b) -> bool:
+    if a is None or b is None:
+        return False
+    if len(a) != len(b):
+        return True
+    return any(isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a, b))
+
+
+def compare_interfaces(ref_specs, cand_specs, ref_label="reference", cand_label="candidate") -> None:
+    """Raise InputError naming the first disagreement in input/output names, dtypes or shapes."""
+    for kind, ref, cand in (("input", ref_specs[0], cand_specs[0]), ("output", ref_specs[1], cand_specs[1])):
+        ref_by_name = {s.name: s for s in ref}
+        cand_by_name = {s.name: s for s in cand}
+        only_ref = [n for n in ref_by_name if n not in cand_by_name]
+        only_cand = [n for n in cand_by_name if n not in ref_by_name]
+        if only_ref or only_cand:
+            parts = []
+            if only_ref:
+                parts.append(f"only in {ref_label}: {', '.join(only_ref)}")
+            if only_cand:
+                parts.append(f"only in {cand_label}: {', '.join(only_cand)}")
+            raise InputError(f"the models' {kind} names differ ({'; '.join(parts)})")
+        for name, r in ref_by_name.items():
+            c = cand_by_name[name]
+            if r.dtype != c.dtype:
+                raise InputError(f"{kind} {name!r}: dtype {r.dtype} in {ref_label} but {c.dtype} in {cand_label}")
+            if _static_dims_conflict(r.shape, c.shape):
+                raise InputError(
+                    f"{kind} {name!r}: shape {_format_shape(r.shape)} in {ref_label} "
+                    f"but {_format_shape(c.shape)} in {cand_label}"
+                )
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_shapes(input_specs, shapes=None) -> dict:
+    """Concrete shape for every input: static dims kept, dynamic dims from ``shapes`` or defaults."""
+    shapes = dict(shapes or {})
+    known = {s.name for s in input_specs}
+    unknown = [n for n in shapes if n not in known]
+    if unknown:
+        raise InputError(
+            f"--shape given for {', '.join(map(repr, unknown))}, which is not a model input "
+            f"(inputs: {', '.join(sorted(known)) or 'none'})"
+        )
+    symbols: dict = {}
+    resolved: dict = {}
+    # Inputs the user shaped first, so their symbols propagate to the inputs they did not shape.
+    ordered = sorted(input_specs, key=lambda s: s.name not in shapes)
+    for spec in ordered:
+        if spec.name in shapes:
+            given = tuple(int(d) for d in shapes[spec.name])
+            if spec.shape is not None:
+                if len(given) != len(spec.shape):
+                    raise InputError(
+                        f"--shape {spec.name}: {len(given)} dimensions given, the model's input has "
+                        f"{len(spec.shape)} ({_format_shape(spec.shape)})"
+                    )
+                for i, (g, d) in enumerate(zip(given, spec.shape)):
+                    if isinstance(d, int) and d != g:
+                        raise InputError(
+                            f"--shape {spec.name}: dimension {i} is fixed to {d} in the model, got {g}"
+                        )
+                    if isinstance(d, str):
+                        symbols.setdefault(d, g)
+            resolved[spec.name] = given
+            continue
+        if spec.shape is None:
+            raise InputError(f"input {spec.name!r} has unknown rank; give its shape with --shape {spec.name}:D1xD2x...")
+        dims = []
+        for i, d in enumerate(spec.shape):
+            if isinstance(d, int) and d >= 0:
+                dims.append(d)
+            elif isinstance(d, str) and d in symbols:
+                dims.append(symbols[d])
+            else:
+                value = DEFAULT_BATCH_DIM if i == 0 else DEFAULT_DYNAMIC_DIM
+                if isinstance(d, str):
+                    symbols[d] = value
+                dims.append(value)
+        resolved[spec.name] = tuple(dims)
+    return {s.name: resolved[s.name] for s in input_specs}
+
+
+def _index_bounds(model: onnx.ModelProto) -> dict:
+    """Upper bounds for integer graph inputs that index a constant table through Gather(Elements)."""
+    graph = model.graph
+    const_shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            const_shapes[node.output[0]] = tuple(node.attribute[0].t.dims)
+    for vi in list(graph.input) + list(graph.value_info):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            const_shapes.setdefault(vi.name, tuple(d.dim_value for d in dims))
+    inputs = {i.name for i in graph.input}
+    bounds: dict = {}
+    for node in graph.node:
+        if node.op_type not in ("Gather", "GatherElements") or len(node.input) < 2:
+            continue
+        data, indices = node.input[0], node.input[1]
+        if indices not in inputs or data not in const_shapes:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        shape = const_shapes[data]
+        if -len(shape) <= axis < len(shape) and shape[axis] > 0:
+            bounds[indices] = min(bounds.get(indices, shape[axis]), shape[axis])
+    return bounds
+
+
+def synthesize_inputs(input_specs, shapes: dict, rng: np.random.Generator, index_bounds=None) -> dict:
+    """One random input set (dict name -> array) for concrete ``shapes`` (see resolve_shapes)."""
+    index_bounds = index_bounds or {}
+    feeds = {}
+    for spec in input_specs:
+        shape = shapes[spec.name]
+        dtype = np.dtype(spec.dtype)
+        if dtype == np.bool_:
+            feeds[spec.name] = rng.random(shape) < 0.5
+        elif dtype.kind in "iu":
+            high = min(DEFAULT_INT_HIGH, index_bounds.get(spec.name, DEFAULT_INT_HIGH))
+            feeds[spec.name] = rng.integers(0, max(high, 1), size=shape).astype(dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def load_inputs(inputs, input_specs) -> dict:
+    """Validate user-given inputs (dict name -> array, or a path to an .npz) against the specs."""
+    if isinstance(inputs, (str, os.PathLike)):
+        path = os.fspath(inputs)
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such file")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if not hasattr(npz, "files"):
+                    raise InputError(f"{path}: expected an .npz archive of arrays named by input, got a single array")
+                arrays = {name: npz[name] for name in npz.files}
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+        where = path
+    elif isinstance(inputs, dict):
+        arrays = {name: np.asarray(a) for name, a in inputs.items()}
+        where = "inputs"
+    else:
+        raise TypeError(f"inputs must be a dict of arrays or a path to an .npz file, got {type(inputs).__name__}")
+    names = [s.name for s in input_specs]
+    missing = [n for n in names if n not in arrays]
+    extra = [n for n in arrays if n not in names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(map(repr, missing))}")
+        if extra:
+            parts.append(f"not model inputs: {', '.join(map(repr, extra))}")
+        raise InputError(f"{where}: {'; '.join(parts)} (model inputs: {', '.join(names)})")
+    for spec in input_specs:
+        array = arrays[spec.name]
+        if array.dtype != np.dtype(spec.dtype):
+            raise InputError(f"{where}: input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
+        if spec.shape is not None:
+            if array.ndim != len(spec.shape) or any(
+                isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape)
+            ):
+                raise InputError(
+                    f"{where}: input {spec.name!r} has shape {_format_shape(array.shape)}, "
+                    f"the model expects {_format_shape(spec.shape)}"
+                )
+    return {s.name: arrays[s.name] for s in input_specs}
+
+
+def run_session(session, feeds: dict, label: str, output_names, shape_hint: str = "") -> dict:
+    try:
+        values = session.run(list(output_names), feeds)
+    except Exception as e:
+        raise InputError(f"{label}: onnxruntime failed to run the model{shape_hint} ({_first_line(e)})") from None
+    return dict(zip(output_names, values))
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OutputResult:
+    """How one output of the candidate compares with the reference (over all samples)."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    rtol: float
+    atol: float
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    mismatch_fraction: float = 0.0
+    mismatches: int = 0
+    elements: int = 0
+    nonfinite_mismatch: int = 0
+    passed: bool = True
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        for key in ("max_abs", "max_rel", "atol", "rtol", "mismatch_fraction"):
+            d[key] = _json_float(d[key])
+        return d
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """Result of ``check``: ``passed``, per-output results, and what was compared how."""
+
+    outputs: list
+    inputs: dict  # name -> {"dtype", "shape"}
+    samples: int
+    seed: int | None
+    opt_level: str
+    candidate_opt_level: str
+    reference: str
+    candidate: str
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    @property
+    def failed_outputs(self) -> list:
+        return [o.name for o in self.outputs if not o.passed]
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "failed_outputs": self.failed_outputs,
+            "max_abs_error": _json_float(self.max_abs_error),
+            "max_rel_error": _json_float(self.max_rel_error),
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "opt_level": self.opt_level,
+            "candidate_opt_level": self.candidate_opt_level,
+            "samples": self.samples,
+            "seed": self.seed,
+            "inputs": self.inputs,
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
+
+    def to_json(self, path) -> None:
+        write_json_atomic(self.to_dict(), path)
+
+    def summary(self) -> str:
+        if self.passed:
+            return (
+                f"PASS: {len(self.outputs)} output(s) match "
+                f"(max abs error {self.max_abs_error:.3g}, max rel error {self.max_rel_error:.3g})"
+            )
+        details = []
+        for o in self.outputs:
+            if not o.passed:
+                why = o.message or f"{o.mismatch_fraction:.2%} of elements differ, max abs error {o.max_abs:.3g}"
+                details.append(f"{o.name!r} ({why})")
+        return f"FAIL: output {', '.join(details)}"
+
+    def format_table(self) -> str:
+        header = ("output", "dtype", "shape", "max abs err", "max rel err", "mismatch", "non-finite", "tol (rtol/atol)", "result")
+        rows = [
+            (
+                o.name,
+                o.dtype,
+                _format_shape(o.shape),
+                f"{o.max_abs:.3g}",
+                f"{o.max_rel:.3g}",
+                f"{o.mismatch_fraction:.2%}",
+                str(o.nonfinite_mismatch),
+                f"{o.rtol:.0e}/{o.atol:.1e}" if o.dtype in DEFAULT_TOLERANCES else "exact",
+                "ok" if o.passed else "FAIL",
+            )
+            for o in self.outputs
+        ]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        inputs = ", ".join(f"{n} {_format_shape(i['shape'])} {i['dtype']}" for n, i in self.inputs.items())
+        lines.append("")
+        lines.append(
+            f"inputs: {inputs or 'none'}; samples: {self.samples}; onnxruntime optimization: "
+            f"reference {self.opt_level}, candidate {self.candidate_opt_level}"
+        )
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+
+def _json_float(x):
+    x = float(x)
+    return x if math.isfinite(x) else str(x)
+
+
+def _tolerance_for(name: str, dtype: str, value, kind: str):
+    """(value, is_default) for one output from a float, a dict {name: float} or None."""
+    if isinstance(value, dict):
+        value = value.get(name)
+    if value is None:
+        if dtype not in DEFAULT_TOLERANCES:
+            return 0.0, True
+        return DEFAULT_TOLERANCES[dtype][0 if kind == "rtol" else 1], True
+    return float(value), False
+
+
+def _validate_tolerance(value, kind: str, output_names) -> None:
+    items = value.items() if isinstance(value, dict) else ([(None, value)] if value is not None else [])
+    for name, v in items:
+        if name is not None and name not in output_names:
+            raise InputError(
+                f"--{kind} given for {name!r}, which is not a model output (outputs: {', '.join(output_names)})"
+            )
+        if v is None and name is not None:
+            continue
+        try:
+            ok = float(v) >= 0 and math.isfinite(float(v))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InputError(f"--{kind}: expected a non-negative number, got {v!r}")
+
+
+def _compare_into(result: OutputResult, ref: np.ndarray, cand: np.ndarray, base_atol: float, scaled_atol: bool) -> None:
+    """Fold one sample's comparison of one output into ``result`` (result.atol records the
+    largest absolute tolerance actually applied)."""
+    if ref.shape != cand.shape:
+        result.passed = False
+        result.message = f"shape {_format_shape(cand.shape)} differs from the reference's {_format_shape(ref.shape)}"
+        return
+    result.elements += ref.size
+    if ref.size == 0:
+        return
+    if ref.dtype.kind in "fc":
+        r = ref.astype(np.float64)
+        c = cand.astype(np.float64)
+        finite_r, finite_c = np.isfinite(r), np.isfinite(c)
+        both_finite = finite_r & finite_c
+        same_nonfinite = (np.isnan(r) & np.isnan(c)) | (np.isinf(r) & np.isinf(c) & (r == c))
+        nonfinite_bad = ~both_finite & ~same_nonfinite
+        err = np.abs(r - c)
+        err[~both_finite] = 0.0
+        abs_ref = np.where(finite_r, np.abs(r), 0.0)
+        atol = base_atol * max(1.0, float(abs_ref.max())) if scaled_atol else base_atol
+        result.atol = max(result.atol, atol)
+        bad = (err > atol + result.rtol * abs_ref) | nonfinite_bad
+        significant = both_finite & (abs_ref > atol)
+        max_rel = float((err[significant] / abs_ref[significant]).max()) if significant.any() else 0.0
+        n_nonfinite = int(nonfinite_bad.sum())
+        if n_nonfinite:
+            where = np.argwhere(nonfinite_bad)[0]
+            note = (
+                f"{n_nonfinite} non-finite value(s) on one side only "
+                f"(first at index {tuple(int(i) for i in where)}: reference {r[tuple(where)]}, candidate {c[tuple(where)]})"
+            )
+            result.message = result.message or note
+        result.nonfinite_mismatch += n_nonfinite
+    else:
+        diff = ref.astype(np.int64) != cand.astype(np.int64) if ref.dtype != np.uint64 else ref != cand
+        err = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
+        bad = diff
+        max_rel = 0.0
+        nz = ref != 0
+        if nz.any():
+            max_rel = float((err[nz] / np.abs(ref[nz].astype(np.float64))).max())
+    result.max_abs = max(result.max_abs, float(err.max()))
+    result.max_rel = max(result.max_rel, max_rel)
+    result.mismatches += int(bad.sum())
+    result.mismatch_fraction = result.mismatches / result.elements if result.elements else 0.0
+    if result.mismatches:
+        result.passed = False
+
+
+def check(
+    reference,
+    candidate,
+    *,
+    shapes=None,
+    inputs=None,
+    seed=0,
+    samples=1,
+    rtol=None,
+    atol=None,
+    opt_level="disabled",
+    candidate_opt_level="all",
+) -> CheckReport:
+    """Run ``reference`` and ``candidate`` (paths or ModelProtos) in onnxruntime on the same inputs
+    and compare every output by name. See the module docstring for inputs and tolerances.
+
+    Raises InputError when a model is unreadable, the two models' interfaces disagree, or the
+    inputs/options are unusable. A numerical difference is not an exception: it is
+    ``report.passed == False`` with the failing outputs named.
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise InputError(f"samples must be a positive integer, got {samples!r}")
+    if inputs is not None and samples != 1:
+        raise InputError("samples > 1 cannot be combined with given inputs (one input set is given)")
+    for level in (opt_level, candidate_opt_level):
+        _ort_level(level)
+    ref_model = LoadedModel(reference, _label(reference, "reference"))
+    cand_model = LoadedModel(candidate, _label(candidate, "candidate"))
+    try:
+        ref_session = ref_model.session(opt_level)
+        cand_session = cand_model.session(candidate_opt_level)
+        ref_specs = session_specs(ref_session, ref_model.label)
+        cand_specs = session_specs(cand_session, cand_model.label)
+        compare_interfaces(ref_specs, cand_specs, ref_model.label, cand_model.label)
+        input_specs, output_specs = ref_specs
+        output_names = [s.name for s in output_specs]
+        _validate_tolerance(rtol, "rtol", output_names)
+        _validate_tolerance(atol, "atol", output_names)
+
+        if inputs is not None:
+            if shapes:
+                raise InputError("shapes cannot be combined with given inputs (their shapes are used)")
+            input_sets = [load_inputs(inputs, input_specs)]
+            shape_hint = ""
+        else:
+            concrete = resolve_shapes(input_specs, shapes)
+            rng = np.random.default_rng(seed)
+            bounds = _index_bounds(ref_model.proto)
+            input_sets = [synthesize_inputs(input_specs, concrete, rng, bounds) for _ in range(samples)]
+            dynamic = any(s.shape is None or any(not isinstance(d, int) for d in s.shape) for s in input_specs)
+            shape_hint = (
+                " on synthesized inputs with default sizes for dynamic dimensions; "
+                "set them with --shape NAME:D1xD2x..."
+                if dynamic
+                else ""
+            )
+
+        results = []
+        scaled, base_atols = {}, {}
+        for spec in output_specs:
+            r, r_default = _tolerance_for(spec.name, spec.dtype, rtol, "rtol")
+            a, a_default = _tolerance_for(spec.name, spec.dtype, atol, "atol")
+            if spec.dtype not in DEFAULT_TOLERANCES:
+                r, a, a_default = 0.0, 0.0, False  # integers and bools compare exactly
+            results.append(OutputResult(spec.name, spec.dtype, (), r, a))
+            scaled[spec.name] = a_default
+            base_atols[spec.name] = a
+        for feeds in input_sets:
+            ref_out = run_session(ref_session, feeds, ref_model.label, output_names, shape_hint)
+            cand_out = run_session(cand_session, feeds, cand_model.label, output_names, shape_hint)
+            for result in results:
+                ref_value = np.asarray(ref_out[result.name])
+                result.shape = tuple(ref_value.shape)
+                _compare_into(result, ref_value, np.asarray(cand_out[result.name]), base_atols[result.name], scaled[result.name])
+        input_info = {
+            name: {"dtype": str(array.dtype), "shape": list(array.shape)} for name, array in input_sets[0].items()
+        }
+        return CheckReport(
+            outputs=results,
+            inputs=input_info,
+            samples=len(input_sets),
+            seed=None if inputs is not None else seed,
+            opt_level=opt_level,
+            candidate_opt_level=candidate_opt_level,
+            reference=ref_model.label,
+            candidate=cand_model.label,
+        )
+    finally:
+        ref_model.close()
+        cand_model.close()
+
+
+def parse_tolerance_specs(values, kind: str):
+    """``--rtol``/``--atol`` values ("1e-3" or "NAME:1e-3", repeatable) -> float, dict or None.
+
+    A bare value applies to every output; ``NAME:value`` overrides it for one output. The result
+    is what ``check(rtol=..., atol=...)`` takes: a dict when any per-output value was given
+    (the bare value, if any, is then applied to all other outputs).
+    """
+    if not values:
+        return None
+    default = None
+    per_output: dict = {}
+    for raw in values:
+        name, sep, number = raw.rpartition(":")
+        try:
+            value = float(number)
+        except ValueError:
+            raise InputError(f"--{kind} {raw!r}: expected a number or NAME:number") from None
+        if not math.isfinite(value) or value < 0:
+            raise InputError(f"--{kind} {raw!r}: must be a non-negative finite number")
+        if sep:
+            if not name:
+                raise InputError(f"--{kind} {raw!r}: empty output name before ':'")
+            per_output[name] = value
+        else:
+            default = value
+    if not per_output:
+        return default
+    return _DefaultingDict(default, per_output)
+
+
+class _DefaultingDict(dict):
+    """Per-output tolerances with a fallback for outputs not named (None -> per-dtype default)."""
+
+    def __init__(self, default, values):
+        super().__init__(values)
+        self.default = default
+
+    def get(self, key, fallback=None):
+        if key in self:
+            return self[key]
+        return self.default if self.default is not None else fallback
+
+
+def _label(model_or_path, fallback: str) -> str:
+    if isinstance(model_or_path, onnx.ModelProto):
+        return f"{fallback} (in memory)"
+    return os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else fallback
+
