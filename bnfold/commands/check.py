@@ -1,0 +1,97 @@
+"""``bnfold check A.onnx B.onnx``: onnxruntime parity of two models (see bnfold.parity)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bnfold.parity import OPT_LEVELS, check, parse_shape_specs, parse_tolerance_specs
+
+EXAMPLES = """examples:
+  bnfold check model.onnx folded.onnx
+  bnfold check model.onnx folded.onnx --shape input:8x3x224x224 --samples 3 --json parity.json
+  bnfold check model.onnx folded.onnx --inputs batch.npz --atol 1e-4 --rtol logits:1e-3
+
+Inputs are synthesized from the models' input specs unless --inputs is given: float inputs are
+standard normal, integer inputs small non-negative values, bool inputs random. Dynamic dimensions
+default to 1 for the leading (batch) dimension and 32 for the others; set them with --shape.
+Default tolerances per output dtype (|cand - ref| <= atol + rtol*|ref|, default atol scaled by
+max(1, max|ref|)): float32 rtol 1e-4 atol 1e-5, float16 rtol 1e-2 atol 1e-3, float64 rtol 1e-9
+atol 1e-10; integer and bool outputs must match exactly.
+
+exit status: 0 all outputs match, 1 an output differs, 2 bad input (unreadable model, models
+whose input/output names, dtypes or shapes disagree, bad option or --inputs file)."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "check",
+        help="compare two models' outputs in onnxruntime",
+        description="Run REFERENCE and CANDIDATE in onnxruntime on the same inputs and compare every "
+        "output by name. The reference runs with onnxruntime's graph optimizations disabled so its "
+        "own BN fusion cannot hide a difference.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("reference", help="the original model (.onnx)")
+    parser.add_argument("candidate", help="the model to verify, e.g. the folded one (.onnx)")
+    add_input_options(parser)
+    parser.add_argument("--samples", type=int, default=1, metavar="K", help="number of random input sets (default 1)")
+    parser.add_argument("--inputs", metavar="FILE.npz", help="use these inputs (arrays named by input) instead of random ones")
+    parser.add_argument(
+        "--rtol", action="append", metavar="[NAME:]VALUE",
+        help="relative tolerance, for all outputs or (NAME:VALUE, repeatable) for one output",
+    )
+    parser.add_argument(
+        "--atol", action="append", metavar="[NAME:]VALUE",
+        help="absolute tolerance, for all outputs or (NAME:VALUE, repeatable) for one output",
+    )
+    parser.add_argument(
+        "--opt-level", choices=OPT_LEVELS, default="disabled",
+        help="onnxruntime graph optimization level for the reference (default: disabled)",
+    )
+    parser.add_argument(
+        "--candidate-opt-level", choices=OPT_LEVELS, default="all",
+        help="onnxruntime graph optimization level for the candidate (default: all)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="write the full result as JSON")
+    parser.set_defaults(func=run)
+
+
+def add_input_options(parser) -> None:
+    """--shape and --seed, shared with ``bnfold bench``."""
+    parser.add_argument(
+        "--shape", action="append", default=[], metavar="NAME:D1xD2x...",
+        help="shape of an input with dynamic dimensions, e.g. input:1x3x224x224 (repeatable)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+
+
+def run(args) -> int:
+    from bnfold.errors import InputError
+
+    if args.samples < 1:
+        raise InputError(f"--samples must be >= 1, got {args.samples}")
+    shapes = parse_shape_specs(args.shape)
+    if args.inputs and shapes:
+        raise InputError("--shape cannot be combined with --inputs (the arrays' shapes are used)")
+    report = check(
+        args.reference,
+        args.candidate,
+        shapes=shapes,
+        inputs=args.inputs,
+        seed=args.seed,
+        samples=args.samples,
+        rtol=parse_tolerance_specs(args.rtol, "rtol"),
+        atol=parse_tolerance_specs(args.atol, "atol"),
+        opt_level=args.opt_level,
+        candidate_opt_level=args.candidate_opt_level,
+    )
+    print(report.format_table())
+    if args.json:
+        report.to_json(args.json)
+        print(f"result written to {args.json}")
+    if not report.passed:
+        print(f"bnfold check: {report.summary()}", file=sys.stderr)
+        return 1
+    return 0
