@@ -69,6 +69,22 @@ def file_uses_external_data(path) -> bool:
         return False
 
 
+def check_output_path(path, *, source_path=None) -> str:
+    """Raise a one-line InputError unless a file can be written at ``path`` without touching
+    ``source_path``; return the destination directory. Commands call it before doing any work."""
+    path = os.fspath(path)
+    if source_path is not None and _same_file(path, os.fspath(source_path)):
+        raise InputError(f"{path}: refusing to overwrite the input model; choose another output path")
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(directory):
+        raise InputError(f"{path}: output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise InputError(f"{path}: output directory {directory} is not writable")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, expected a file path")
+    return directory
+
+
 def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, external_data=None) -> None:
     """Write ``model`` to ``path`` atomically.
 
@@ -78,13 +94,7 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
     ``source_path``.
     """
     path = os.fspath(path)
-    if source_path is not None and _same_file(path, os.fspath(source_path)):
-        raise InputError(f"{path}: refusing to overwrite the input model; choose another output path")
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(directory):
-        raise InputError(f"{path}: output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise InputError(f"{path}: output directory {directory} is not writable")
+    directory = check_output_path(path, source_path=source_path)
     if external_data is None:
         external_data = (
             model_uses_external_data(model)
