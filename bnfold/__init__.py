@@ -7,7 +7,20 @@ PreciseBN calibration. Everything a user needs is importable from ``bnfold`` dir
 from bnfold._openmp import openmp_enabled
 from bnfold._version import __version__
 from bnfold.errors import BnfoldError, InputError, ParityError
+from bnfold.kernels import (
+    Moments,
+    batch_norm_backward,
+    batch_norm_infer,
+    batch_norm_train,
+    batch_renorm_train,
+    batch_stats,
+    onnx_momentum,
+)
 from bnfold.parity import CheckReport, check
 
 __all__ = ["__version__", "openmp_enabled", "BnfoldError", "InputError", "ParityError"]
 __all__ += ["check", "CheckReport"]
+__all__ += [
+    "Moments", "batch_stats", "batch_norm_train", "batch_norm_infer", "batch_norm_backward",
+    "batch_renorm_train", "onnx_momentum",
+]

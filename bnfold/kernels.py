@@ -1,0 +1,406 @@
+"""Batch-norm kernels for numpy arrays: validation and dispatch to the compiled OpenMP loops.
+
+Every public function here checks its arguments (raising TypeError / ValueError that name the
+argument), brings the input into a C-contiguous (outer, C, inner) view, does the per-channel
+parameter math in float64, and calls bnfold._bn_kernels, which never raises. See docs/kernels.md.
+
+Conventions (PyTorch's, see ``onnx_momentum`` for ONNX):
+* ``momentum`` weighs the new batch: running = (1 - momentum) * running + momentum * batch.
+* running_var is updated with the unbiased batch variance (``running_var_ddof=1``); the
+  normalisation itself uses the biased variance.
+* Results come back in the input's dtype; ``Moments`` keeps float64.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+from bnfold import _bn_kernels as _k
+from bnfold._threads import effective_n_threads
+
+__all__ = [
+    "Moments",
+    "batch_stats",
+    "batch_norm_train",
+    "batch_norm_infer",
+    "batch_norm_backward",
+    "batch_renorm_train",
+    "onnx_momentum",
+]
+
+# Below this many elements a single thread wins (starting a parallel region costs ~ microseconds).
+_PARALLEL_MIN_ELEMENTS = 1 << 15
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class _Layout(NamedTuple):
+    """x viewed as (outer, C, inner) around the channel axis."""
+
+    outer: int
+    C: int
+    inner: int
+    axis: int
+
+    @property
+    def count(self) -> int:
+        """Values per channel."""
+        return self.outer * self.inner
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _float_input(x, name: str) -> np.ndarray:
+    """x as a C-contiguous float32/float64 array in native byte order (copied only if needed)."""
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f" or arr.dtype.itemsize not in (4, 8):
+        raise TypeError(f"{name} must be float32 or float64, got {arr.dtype}")
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return np.ascontiguousarray(arr)
+
+
+def _layout(x: np.ndarray, axis, name: str = "x") -> _Layout:
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have rank >= 2 (batch and channel axes), got shape {x.shape}"
+        )
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for {name} of rank {x.ndim}")
+    axis = int(axis) % x.ndim
+    if x.size == 0:
+        raise ValueError(f"{name} is empty (shape {x.shape}): need at least one value per channel")
+    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
+    inner = int(np.prod(x.shape[axis + 1 :], dtype=np.int64))
+    return _Layout(outer, int(x.shape[axis]), inner, axis)
+
+
+def _channel_param(p, name: str, C: int, default: float | None) -> np.ndarray:
+    """A per-channel parameter as float64 (C,); None -> ``default`` (or an error if no default)."""
+    if p is None:
+        if default is None:
+            raise ValueError(f"{name} is required here, got None")
+        return np.full(C, default, dtype=np.float64)
+    arr = np.asarray(p)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real float or integer array, got {arr.dtype}")
+    if arr.ndim != 1 or arr.shape[0] != C:
+        raise ValueError(f"{name} must have shape ({C},) to match the {C} channels, got {arr.shape}")
+    return arr.astype(np.float64)
+
+
+def _running_stat(p, name: str, C: int) -> np.ndarray | None:
+    """A running statistic updated in place: None, or a writeable contiguous float (C,) array."""
+    if p is None:
+        return None
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array (it is updated in place), got {type(p).__name__}")
+    if p.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {p.dtype}")
+    if p.ndim != 1 or p.shape[0] != C:
+        raise ValueError(f"{name} must have shape ({C},) to match the {C} channels, got {p.shape}")
+    if not p.flags.c_contiguous or not p.flags.writeable:
+        raise ValueError(f"{name} must be a writeable contiguous array (it is updated in place)")
+    return p
+
+
+def _out_array(out, x: np.ndarray) -> np.ndarray:
+    if out is None:
+        return np.empty_like(x)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(
+            f"out must have the input's shape {x.shape} and dtype {x.dtype}, "
+            f"got {out.shape} {out.dtype}"
+        )
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be a writeable C-contiguous array")
+    return out
+
+
+def _real(value, name: str, *, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return float(value)
+
+
+def _threads_for(size: int, n_threads) -> int:
+    n = effective_n_threads(n_threads)
+    return 1 if size < _PARALLEL_MIN_ELEMENTS else n
+
+
+def _prepare(x, axis, name="x"):
+    arr = _float_input(x, name)
+    return arr, _layout(arr, axis, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch to the compiled loops (arguments already validated)
+
+
+def _tile(values: np.ndarray, C: int, dtype) -> np.ndarray:
+    """Per-channel values repeated over one cols-layout segment (k rows of C)."""
+    return np.ascontiguousarray(np.tile(values.astype(dtype), _k.cols_segment_rows(C)))
+
+
+def _raw_moments(x: np.ndarray, L: _Layout, nt: int) -> tuple[np.ndarray, np.ndarray]:
+    mean = np.empty(L.C, dtype=np.float64)
+    m2 = np.empty(L.C, dtype=np.float64)
+    flat = x.reshape(-1)
+    if L.inner > 1:
+        _k.moments_rows(flat, L.outer, L.C, L.inner, mean, m2, nt)
+    else:
+        _k.moments_cols(flat, L.outer, L.C, mean, m2, nt)
+    return mean, m2
+
+
+def _affine(x, L: _Layout, mean, scale, bias, out, nt) -> None:
+    """out = (x - mean) * scale + bias per channel, float64 parameters, exact-ish in float32.
+
+    The kernel subtracts m_hi = mean rounded to x's dtype (exact for x near the mean) and the
+    rounding residue goes into the additive term computed here in float64."""
+    m_hi = mean.astype(x.dtype)
+    shift = bias + (m_hi.astype(np.float64) - mean) * scale
+    s = scale.astype(x.dtype)
+    t = shift.astype(x.dtype)
+    xf, of = x.reshape(-1), out.reshape(-1)
+    if L.inner > 1:
+        _k.affine_rows(xf, L.outer, L.C, L.inner, m_hi, s, t, of, nt)
+    else:
+        dt = x.dtype
+        _k.affine_cols(
+            xf, L.outer, L.C, _tile(m_hi, L.C, dt), _tile(s, L.C, dt), _tile(t, L.C, dt), of, nt
+        )
+
+
+def _update_running(running_mean, running_var, mean, var, count, momentum, ddof) -> None:
+    if running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+    if running_var is not None:
+        batch_var = var * (count / (count - ddof))
+        running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * batch_var
+
+
+def _training_count(L: _Layout, x: np.ndarray) -> int:
+    if L.count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input of shape {x.shape}"
+        )
+    return L.count
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+class Moments:
+    """Mergeable per-channel moments of a batch: ``count`` values per channel, their ``mean`` and
+    ``m2`` (sum of squared deviations from the mean), both float64 (C,).
+
+    ``a.merge(b)`` uses Chan's parallel formula, so the moments of any split of a batch merge into
+    the moments of the whole batch; ``var(ddof)`` = m2 / (count - ddof).
+    """
+
+    __slots__ = ("count", "mean", "m2")
+
+    def __init__(self, count: int, mean, m2):
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+            raise ValueError(f"count must be a positive int, got {count!r}")
+        mean = np.array(mean, dtype=np.float64).reshape(-1)
+        m2 = np.array(m2, dtype=np.float64).reshape(-1)
+        if mean.shape != m2.shape:
+            raise ValueError(f"mean and m2 must have the same length, got {mean.shape} and {m2.shape}")
+        self.count = int(count)
+        self.mean = mean
+        self.m2 = m2
+
+    @classmethod
+    def from_array(cls, x, axis=1, n_threads=None) -> "Moments":
+        """Moments of every channel (axis ``axis``) of a float32/float64 batch."""
+        arr, L = _prepare(x, axis)
+        mean, m2 = _raw_moments(arr, L, _threads_for(arr.size, n_threads))
+        return cls(L.count, mean, m2)
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Moments of the union of both batches (a new object; neither input changes)."""
+        if not isinstance(other, Moments):
+            raise TypeError(f"can only merge Moments with Moments, got {type(other).__name__}")
+        if other.mean.shape != self.mean.shape:
+            raise ValueError(
+                f"cannot merge moments of {self.mean.shape[0]} and {other.mean.shape[0]} channels"
+            )
+        na, nb = float(self.count), float(other.count)
+        n = na + nb
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (nb / n)
+        m2 = self.m2 + other.m2 + delta * delta * (na * nb / n)
+        return Moments(self.count + other.count, mean, m2)
+
+    def var(self, ddof: int = 0) -> np.ndarray:
+        """Per-channel variance m2 / (count - ddof), float64."""
+        if self.count - ddof <= 0:
+            raise ValueError(f"ddof={ddof} needs more than {ddof} values, have {self.count}")
+        return self.m2 / (self.count - ddof)
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+    def __repr__(self) -> str:
+        return f"Moments(count={self.count}, channels={self.channels})"
+
+
+def batch_stats(x, axis=1, n_threads=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance of ``x`` (channel axis ``axis``), in x's dtype."""
+    arr, L = _prepare(x, axis)
+    mean, m2 = _raw_moments(arr, L, _threads_for(arr.size, n_threads))
+    return mean.astype(arr.dtype), (m2 / L.count).astype(arr.dtype)
+
+
+def batch_norm_train(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5,
+                     axis=1, out=None, n_threads=None, *, running_var_ddof=1):
+    """Training-mode batch norm: normalise with the batch statistics and update the running
+    statistics in place (PyTorch convention; ``running_var_ddof=0`` stores the biased variance as
+    ONNX does). weight/bias/running_mean/running_var may be None.
+
+    Returns (y, save_mean, save_invstd), all in x's dtype; save_invstd = 1/sqrt(var + eps).
+    """
+    arr, L = _prepare(x, axis)
+    w = _channel_param(weight, "weight", L.C, 1.0)
+    b = _channel_param(bias, "bias", L.C, 0.0)
+    rm = _running_stat(running_mean, "running_mean", L.C)
+    rv = _running_stat(running_var, "running_var", L.C)
+    momentum = _real(momentum, "momentum")
+    eps = _real(eps, "eps", minimum=0.0)
+    if running_var_ddof not in (0, 1):
+        raise ValueError(f"running_var_ddof must be 0 or 1, got {running_var_ddof!r}")
+    count = _training_count(L, arr)
+    y = _out_array(out, arr)
+    nt = _threads_for(arr.size, n_threads)
+
+    mean, m2 = _raw_moments(arr, L, nt)
+    var = m2 / count
+    invstd = 1.0 / np.sqrt(var + eps)
+    _affine(arr, L, mean, w * invstd, b, y, nt)
+    _update_running(rm, rv, mean, var, count, momentum, running_var_ddof)
+    return y, mean.astype(arr.dtype), invstd.astype(arr.dtype)
+
+
+def batch_norm_infer(x, weight, bias, running_mean, running_var, eps=1e-5, axis=1, out=None,
+                     n_threads=None) -> np.ndarray:
+    """Inference-mode batch norm: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+    weight/bias may be None; running_mean/running_var are required."""
+    arr, L = _prepare(x, axis)
+    w = _channel_param(weight, "weight", L.C, 1.0)
+    b = _channel_param(bias, "bias", L.C, 0.0)
+    mean = _channel_param(running_mean, "running_mean", L.C, None)
+    var = _channel_param(running_var, "running_var", L.C, None)
+    eps = _real(eps, "eps", minimum=0.0)
+    y = _out_array(out, arr)
+    _affine(arr, L, mean, w / np.sqrt(var + eps), b, y, _threads_for(arr.size, n_threads))
+    return y
+
+
+def batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=1, n_threads=None):
+    """Gradients of training-mode batch norm given the forward's save_mean / save_invstd.
+
+    Returns (dx, dweight, dbias) in x's dtype (dweight/dbias are returned even if weight is None).
+    """
+    arr, L = _prepare(x, axis)
+    g = _float_input(dy, "dy")
+    if g.shape != arr.shape:
+        raise ValueError(f"dy must have the shape of x {arr.shape}, got {g.shape}")
+    if g.dtype != arr.dtype:
+        raise TypeError(f"dy must have the dtype of x ({arr.dtype}), got {g.dtype}")
+    w = _channel_param(weight, "weight", L.C, 1.0)
+    mean = _channel_param(save_mean, "save_mean", L.C, None)
+    invstd = _channel_param(save_invstd, "save_invstd", L.C, None)
+    nt = _threads_for(arr.size, n_threads)
+
+    sum_dy = np.empty(L.C, dtype=np.float64)
+    sum_dyxc = np.empty(L.C, dtype=np.float64)
+    gf, xf = g.reshape(-1), arr.reshape(-1)
+    if L.inner > 1:
+        _k.dot_rows(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)
+    else:
+        _k.dot_cols(gf, xf, L.outer, L.C, _tile(mean, L.C, np.float64), sum_dy, sum_dyxc, nt)
+    n = float(L.count)
+    dweight = sum_dyxc * invstd
+    a = w * invstd
+    bcoef = -a * invstd * (dweight / n)
+    # dx = a*dy + bcoef*(x - mean) - a*mean(dy); the kernel subtracts the dtype-rounded mean.
+    m_hi = mean.astype(arr.dtype)
+    d = -a * (sum_dy / n) + bcoef * (m_hi.astype(np.float64) - mean)
+    dt = arr.dtype
+    dx = np.empty_like(arr)
+    if L.inner > 1:
+        _k.bwd_rows(gf, xf, L.outer, L.C, L.inner, m_hi, a.astype(dt), bcoef.astype(dt),
+                    d.astype(dt), dx.reshape(-1), nt)
+    else:
+        _k.bwd_cols(gf, xf, L.outer, L.C, _tile(m_hi, L.C, dt), _tile(a, L.C, dt),
+                    _tile(bcoef, L.C, dt), _tile(d, L.C, dt), dx.reshape(-1), nt)
+    return dx, dweight.astype(dt), sum_dy.astype(dt)
+
+
+def batch_renorm_train(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5,
+                       rmax=3.0, dmax=5.0, axis=1, out=None, n_threads=None, *,
+                       running_var_ddof=1):
+    """Batch Renormalization (Ioffe 2017), training forward.
+
+    With sigma_B = sqrt(var_B + eps) and sigma = sqrt(running_var + eps) (running stats *before*
+    this batch): r = clip(sigma_B / sigma, 1/rmax, rmax), d = clip((mean_B - running_mean) / sigma,
+    -dmax, dmax), y = weight * (xhat * r + d) + bias with xhat = (x - mean_B) / sigma_B.
+    r and d are constants for the backward pass (no gradient flows through them), so
+    batch_norm_backward with weight*r gives dx. Running statistics are updated as in
+    batch_norm_train; here they are required.
+
+    Returns (y, save_mean, save_invstd, r, d), all in x's dtype.
+    """
+    arr, L = _prepare(x, axis)
+    w = _channel_param(weight, "weight", L.C, 1.0)
+    b = _channel_param(bias, "bias", L.C, 0.0)
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_renorm_train needs running_mean and running_var (got None)")
+    rm = _running_stat(running_mean, "running_mean", L.C)
+    rv = _running_stat(running_var, "running_var", L.C)
+    momentum = _real(momentum, "momentum")
+    eps = _real(eps, "eps", minimum=0.0)
+    rmax = _real(rmax, "rmax", minimum=1.0)
+    dmax = _real(dmax, "dmax", minimum=0.0)
+    if running_var_ddof not in (0, 1):
+        raise ValueError(f"running_var_ddof must be 0 or 1, got {running_var_ddof!r}")
+    count = _training_count(L, arr)
+    y = _out_array(out, arr)
+    nt = _threads_for(arr.size, n_threads)
+
+    mean, m2 = _raw_moments(arr, L, nt)
+    var = m2 / count
+    sigma_b = np.sqrt(var + eps)
+    sigma_run = np.sqrt(rv.astype(np.float64) + eps)
+    r = np.clip(sigma_b / sigma_run, 1.0 / rmax, rmax)
+    d = np.clip((mean - rm.astype(np.float64)) / sigma_run, -dmax, dmax)
+    invstd = 1.0 / sigma_b
+    _affine(arr, L, mean, w * r * invstd, w * d + b, y, nt)
+    _update_running(rm, rv, mean, var, count, momentum, running_var_ddof)
+    dt = arr.dtype
+    return y, mean.astype(dt), invstd.astype(dt), r.astype(dt), d.astype(dt)
+
+
+def onnx_momentum(momentum: float) -> float:
+    """Convert between PyTorch's and ONNX's BatchNormalization momentum (the map is its own
+    inverse): ONNX computes running = running*momentum + batch*(1 - momentum).
+
+    To reproduce an ONNX training-mode node (opset 14/15) with momentum m_onnx, call
+    ``batch_norm_train(..., momentum=onnx_momentum(m_onnx), running_var_ddof=0)``: ONNX stores
+    the *biased* batch variance in running_var, PyTorch the unbiased one.
+    """
+    return 1.0 - _real(momentum, "momentum")

@@ -1,0 +1,466 @@
+# cython: language_level=3
+"""Compiled batch-norm loops (float32 / float64, OpenMP). No validation happens here: the Python
+layer (bnfold/kernels.py) checks shapes and dtypes and hands over C-contiguous 1-D views.
+
+Every input is seen as (outer, C, inner): outer = prod(shape[:axis]), inner = prod(shape[axis+1:]).
+Two layouts get their own loops:
+
+* "rows" (inner > 1, e.g. NCHW): each (n, c) row is contiguous. Work is split into *units* of at
+  most ``BLOCK`` elements of one row; each unit writes its own partial result, and partials are
+  merged per channel in a fixed order. The split depends on the shape only, never on the thread
+  count, so every thread count gives bit-identical results.
+* "cols" (inner == 1, e.g. NHWC and (N, C)): the flat array is cut into *segments* of ``k`` whole
+  rows (P = k*C elements, P >= ~256) so the innermost loop is long and vectorises even for C = 3;
+  per-position accumulators of length P are folded into channels at the end. Segments are grouped
+  into a fixed number of chunks (again independent of the thread count), each chunk producing
+  per-channel partials that are merged in order.
+
+Numerics: accumulation is always float64. Statistics never use E[x^2] - E[x]^2 on raw values:
+rows use a per-unit two-pass (mean, then centred squares, the unit being in L1), cols use sums
+shifted by the chunk's first row. Partials are merged by an exact two-pass over the partials
+(equivalent to Chan's formula). Element-wise passes compute (x - m_hi) * s + t where m_hi is the
+mean rounded to the input dtype: the subtraction is exact for values near the mean, which keeps
+float32 accurate when |mean| >> std (an x*s + t form would lose everything there).
+"""
+
+from cython cimport floating
+from cython.parallel cimport prange, threadid
+
+import numpy as np
+
+# Elements per unit in the rows layout: a unit (float64 worst case 32 KiB) stays in L1/L2 between
+# the two passes of the statistics kernel.
+cdef enum:
+    BLOCK = 4096
+# Upper bound on chunks in the cols layout (bounds the partial buffer; plenty for load balance).
+cdef enum:
+    MAX_CHUNKS = 128
+# A chunk holds at least this many segments so per-chunk folding stays a small cost.
+cdef enum:
+    MIN_SEGS_PER_CHUNK = 8
+
+
+def cols_segment_rows(Py_ssize_t C):
+    """Rows per segment in the cols layout (so a segment has >= 256 elements)."""
+    return max(1, (256 + C - 1) // C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small inner helpers (one contiguous run of n elements). Eight independent accumulators let the
+# compiler pipeline / vectorise float64 reductions without -ffast-math.
+
+cdef inline double _run_sum(const floating* x, Py_ssize_t n) noexcept nogil:
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    cdef Py_ssize_t j = 0
+    while j + 8 <= n:
+        a0 += x[j]
+        a1 += x[j + 1]
+        a2 += x[j + 2]
+        a3 += x[j + 3]
+        a4 += x[j + 4]
+        a5 += x[j + 5]
+        a6 += x[j + 6]
+        a7 += x[j + 7]
+        j += 8
+    while j < n:
+        a0 += x[j]
+        j += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+cdef inline double _run_centred_sq(const floating* x, Py_ssize_t n, double m) noexcept nogil:
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    cdef double d0, d1, d2, d3, d4, d5, d6, d7
+    cdef Py_ssize_t j = 0
+    while j + 8 <= n:
+        d0 = x[j] - m
+        d1 = x[j + 1] - m
+        d2 = x[j + 2] - m
+        d3 = x[j + 3] - m
+        d4 = x[j + 4] - m
+        d5 = x[j + 5] - m
+        d6 = x[j + 6] - m
+        d7 = x[j + 7] - m
+        a0 += d0 * d0
+        a1 += d1 * d1
+        a2 += d2 * d2
+        a3 += d3 * d3
+        a4 += d4 * d4
+        a5 += d5 * d5
+        a6 += d6 * d6
+        a7 += d7 * d7
+        j += 8
+    while j < n:
+        d0 = x[j] - m
+        a0 += d0 * d0
+        j += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+cdef inline double _run_dot_centred(const floating* dy, const floating* x, Py_ssize_t n,
+                                    double m) noexcept nogil:
+    """sum(dy * (x - m)) in float64."""
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    cdef Py_ssize_t j = 0
+    while j + 8 <= n:
+        a0 += <double>dy[j] * (x[j] - m)
+        a1 += <double>dy[j + 1] * (x[j + 1] - m)
+        a2 += <double>dy[j + 2] * (x[j + 2] - m)
+        a3 += <double>dy[j + 3] * (x[j + 3] - m)
+        a4 += <double>dy[j + 4] * (x[j + 4] - m)
+        a5 += <double>dy[j + 5] * (x[j + 5] - m)
+        a6 += <double>dy[j + 6] * (x[j + 6] - m)
+        a7 += <double>dy[j + 7] * (x[j + 7] - m)
+        j += 8
+    while j < n:
+        a0 += <double>dy[j] * (x[j] - m)
+        j += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+# ----------------------------------------------------------------------------------------------
+# Partition helpers (shape-only, so results do not depend on the thread count).
+
+cdef inline Py_ssize_t _blocks_per_row(Py_ssize_t inner) noexcept nogil:
+    return (inner + BLOCK - 1) // BLOCK
+
+
+cdef inline Py_ssize_t _n_chunks(Py_ssize_t nseg) noexcept nogil:
+    cdef Py_ssize_t q = nseg // MIN_SEGS_PER_CHUNK
+    if q < 1:
+        q = 1
+    if q > MAX_CHUNKS:
+        q = MAX_CHUNKS
+    return q
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging per-unit partials into per-channel results.
+
+cdef void _merge_rows_moments(const double[::1] pmean, const double[::1] pm2,
+                              Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                              double[::1] mean_out, double[::1] m2_out,
+                              int n_threads) noexcept nogil:
+    """Exact two-pass merge of unit (count, mean, m2) partials of every channel."""
+    cdef Py_ssize_t nb = _blocks_per_row(inner)
+    cdef Py_ssize_t last = inner - (nb - 1) * BLOCK
+    cdef double total = <double>outer * <double>inner
+    cdef Py_ssize_t c, n, b, u
+    cdef double cnt, s, m, d, q
+    for c in prange(C, schedule='static', num_threads=n_threads):
+        s = 0
+        for n in range(outer):
+            u = (n * C + c) * nb
+            for b in range(nb):
+                cnt = BLOCK if b < nb - 1 else last
+                s = s + cnt * pmean[u + b]
+        m = s / total
+        q = 0
+        for n in range(outer):
+            u = (n * C + c) * nb
+            for b in range(nb):
+                cnt = BLOCK if b < nb - 1 else last
+                d = pmean[u + b] - m
+                q = q + pm2[u + b] + cnt * d * d
+        mean_out[c] = m
+        m2_out[c] = q
+
+
+cdef void _merge_chunk_moments(const double[::1] cmean, const double[::1] cm2,
+                               const double[::1] ccount, Py_ssize_t nq, Py_ssize_t C,
+                               double[::1] mean_out, double[::1] m2_out) noexcept nogil:
+    cdef Py_ssize_t c, q
+    cdef double total, s, m, d, acc
+    for c in range(C):
+        total = 0
+        s = 0
+        for q in range(nq):
+            total = total + ccount[q]
+            s = s + ccount[q] * cmean[q * C + c]
+        m = s / total
+        acc = 0
+        for q in range(nq):
+            d = cmean[q * C + c] - m
+            acc = acc + cm2[q * C + c] + ccount[q] * d * d
+        mean_out[c] = m
+        m2_out[c] = acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics: per-channel mean and M2 (sum of squared deviations), float64.
+
+def moments_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                 double[::1] mean_out, double[::1] m2_out, int n_threads):
+    """Rows layout (inner > 1). mean_out / m2_out: (C,) float64, OUT."""
+    cdef Py_ssize_t nb = _blocks_per_row(inner)
+    cdef Py_ssize_t n_units = outer * C * nb
+    cdef double[::1] pmean = np.empty(n_units, dtype=np.float64)
+    cdef double[::1] pm2 = np.empty(n_units, dtype=np.float64)
+    cdef const floating* xp = &x[0]
+    cdef Py_ssize_t u, r, b, start, length
+    cdef double m
+    with nogil:
+        for u in prange(n_units, schedule='static', num_threads=n_threads):
+            r = u // nb
+            b = u - r * nb
+            start = r * inner + b * BLOCK
+            length = inner - b * BLOCK
+            if length > BLOCK:
+                length = BLOCK
+            m = _run_sum(xp + start, length) / length
+            pmean[u] = m
+            pm2[u] = _run_centred_sq(xp + start, length, m)
+        _merge_rows_moments(pmean, pm2, outer, C, inner, mean_out, m2_out, n_threads)
+
+
+def moments_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
+                 double[::1] mean_out, double[::1] m2_out, int n_threads):
+    """Cols layout (inner == 1): x is (rows, C). Shifted float64 sums per chunk (shift = the
+    chunk's first row, so a constant channel gives exactly 0), merged across chunks."""
+    cdef Py_ssize_t k = cols_segment_rows(C)
+    cdef Py_ssize_t P = k * C
+    cdef Py_ssize_t nseg = (rows + k - 1) // k
+    cdef Py_ssize_t nq = _n_chunks(nseg)
+    cdef double[:, ::1] scratch = np.empty((max(n_threads, 1), 3 * P), dtype=np.float64)
+    cdef double[::1] cmean = np.empty(nq * C, dtype=np.float64)
+    cdef double[::1] cm2 = np.empty(nq * C, dtype=np.float64)
+    cdef double[::1] ccount = np.empty(nq, dtype=np.float64)
+    cdef const floating* xp = &x[0]
+    cdef Py_ssize_t q, s, s0, s1, j, t, c, row0, row1, base, length
+    cdef double* sh
+    cdef double* a1
+    cdef double* a2
+    cdef double d, S1, S2, cnt
+    with nogil:
+        for q in prange(nq, schedule='static', num_threads=n_threads):
+            sh = &scratch[threadid(), 0]
+            a1 = sh + P
+            a2 = sh + 2 * P
+            s0 = q * nseg // nq
+            s1 = (q + 1) * nseg // nq
+            row0 = s0 * k
+            row1 = s1 * k
+            if row1 > rows:
+                row1 = rows
+            for j in range(P):
+                sh[j] = xp[row0 * C + j % C]
+                a1[j] = 0
+                a2[j] = 0
+            for s in range(s0, s1):
+                base = s * P
+                length = rows * C - base
+                if length > P:
+                    length = P
+                for j in range(length):
+                    d = xp[base + j] - sh[j]
+                    a1[j] += d
+                    a2[j] += d * d
+            cnt = <double>(row1 - row0)
+            ccount[q] = cnt
+            for c in range(C):
+                S1 = 0
+                S2 = 0
+                for t in range(k):
+                    S1 = S1 + a1[t * C + c]
+                    S2 = S2 + a2[t * C + c]
+                cmean[q * C + c] = sh[c] + S1 / cnt
+                d = S2 - S1 * S1 / cnt
+                cm2[q * C + c] = d if d > 0 else 0.0
+        _merge_chunk_moments(cmean, cm2, ccount, nq, C, mean_out, m2_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Element-wise affine pass: y = (x - m_hi[c]) * s[c] + t[c]  (one read, one write).
+
+def affine_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                const floating[::1] m_hi, const floating[::1] s, const floating[::1] t,
+                floating[::1] out, int n_threads):
+    cdef Py_ssize_t nb = _blocks_per_row(inner)
+    cdef Py_ssize_t n_units = outer * C * nb
+    cdef const floating* xp = &x[0]
+    cdef floating* yp = &out[0]
+    cdef Py_ssize_t u, r, b, c, start, length, j
+    cdef floating mc, sc, tc
+    with nogil:
+        for u in prange(n_units, schedule='static', num_threads=n_threads):
+            r = u // nb
+            b = u - r * nb
+            c = r % C
+            start = r * inner + b * BLOCK
+            length = inner - b * BLOCK
+            if length > BLOCK:
+                length = BLOCK
+            mc = m_hi[c]
+            sc = s[c]
+            tc = t[c]
+            for j in range(start, start + length):
+                yp[j] = (xp[j] - mc) * sc + tc
+
+
+def affine_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
+                const floating[::1] m_hi_p, const floating[::1] s_p, const floating[::1] t_p,
+                floating[::1] out, int n_threads):
+    """m_hi_p / s_p / t_p are the per-channel values tiled to one segment (length k*C)."""
+    cdef Py_ssize_t k = cols_segment_rows(C)
+    cdef Py_ssize_t P = k * C
+    cdef Py_ssize_t total = rows * C
+    cdef Py_ssize_t nseg = (rows + k - 1) // k
+    cdef const floating* xp = &x[0]
+    cdef floating* yp = &out[0]
+    cdef const floating* mp = &m_hi_p[0]
+    cdef const floating* sp = &s_p[0]
+    cdef const floating* tp = &t_p[0]
+    cdef Py_ssize_t sg, base, length, j
+    with nogil:
+        for sg in prange(nseg, schedule='static', num_threads=n_threads):
+            base = sg * P
+            length = total - base
+            if length > P:
+                length = P
+            for j in range(length):
+                yp[base + j] = (xp[base + j] - mp[j]) * sp[j] + tp[j]
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward reductions: per channel sum(dy) and sum(dy * (x - mean)), float64.
+
+def dot_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py_ssize_t C,
+             Py_ssize_t inner, const double[::1] mean, double[::1] sum_dy_out,
+             double[::1] sum_dyxc_out, int n_threads):
+    cdef Py_ssize_t nb = _blocks_per_row(inner)
+    cdef Py_ssize_t n_units = outer * C * nb
+    cdef double[::1] p1 = np.empty(n_units, dtype=np.float64)
+    cdef double[::1] p2 = np.empty(n_units, dtype=np.float64)
+    cdef const floating* xp = &x[0]
+    cdef const floating* gp = &dy[0]
+    cdef Py_ssize_t u, r, b, c, n, start, length
+    cdef double a1, a2
+    with nogil:
+        for u in prange(n_units, schedule='static', num_threads=n_threads):
+            r = u // nb
+            b = u - r * nb
+            start = r * inner + b * BLOCK
+            length = inner - b * BLOCK
+            if length > BLOCK:
+                length = BLOCK
+            p1[u] = _run_sum(gp + start, length)
+            p2[u] = _run_dot_centred(gp + start, xp + start, length, mean[r % C])
+        for c in prange(C, schedule='static', num_threads=n_threads):
+            a1 = 0
+            a2 = 0
+            for n in range(outer):
+                for b in range(nb):
+                    a1 = a1 + p1[(n * C + c) * nb + b]
+                    a2 = a2 + p2[(n * C + c) * nb + b]
+            sum_dy_out[c] = a1
+            sum_dyxc_out[c] = a2
+
+
+def dot_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
+             const double[::1] mean_p, double[::1] sum_dy_out, double[::1] sum_dyxc_out,
+             int n_threads):
+    """mean_p: the float64 channel means tiled to one segment (length k*C)."""
+    cdef Py_ssize_t k = cols_segment_rows(C)
+    cdef Py_ssize_t P = k * C
+    cdef Py_ssize_t nseg = (rows + k - 1) // k
+    cdef Py_ssize_t nq = _n_chunks(nseg)
+    cdef double[:, ::1] scratch = np.empty((max(n_threads, 1), 2 * P), dtype=np.float64)
+    cdef double[::1] c1 = np.empty(nq * C, dtype=np.float64)
+    cdef double[::1] c2 = np.empty(nq * C, dtype=np.float64)
+    cdef const floating* xp = &x[0]
+    cdef const floating* gp = &dy[0]
+    cdef const double* mp = &mean_p[0]
+    cdef Py_ssize_t q, s, s0, s1, j, t, c, base, length
+    cdef double* a1
+    cdef double* a2
+    cdef double g, S1, S2
+    with nogil:
+        for q in prange(nq, schedule='static', num_threads=n_threads):
+            a1 = &scratch[threadid(), 0]
+            a2 = a1 + P
+            s0 = q * nseg // nq
+            s1 = (q + 1) * nseg // nq
+            for j in range(P):
+                a1[j] = 0
+                a2[j] = 0
+            for s in range(s0, s1):
+                base = s * P
+                length = rows * C - base
+                if length > P:
+                    length = P
+                for j in range(length):
+                    g = gp[base + j]
+                    a1[j] += g
+                    a2[j] += g * (xp[base + j] - mp[j])
+            for c in range(C):
+                S1 = 0
+                S2 = 0
+                for t in range(k):
+                    S1 = S1 + a1[t * C + c]
+                    S2 = S2 + a2[t * C + c]
+                c1[q * C + c] = S1
+                c2[q * C + c] = S2
+        for c in range(C):
+            S1 = 0
+            S2 = 0
+            for q in range(nq):
+                S1 = S1 + c1[q * C + c]
+                S2 = S2 + c2[q * C + c]
+            sum_dy_out[c] = S1
+            sum_dyxc_out[c] = S2
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward element-wise pass: dx = dy * a[c] + (x - m_hi[c]) * b[c] + d[c].
+
+def bwd_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py_ssize_t C,
+             Py_ssize_t inner, const floating[::1] m_hi, const floating[::1] a,
+             const floating[::1] bcoef, const floating[::1] d, floating[::1] out,
+             int n_threads):
+    cdef Py_ssize_t nb = _blocks_per_row(inner)
+    cdef Py_ssize_t n_units = outer * C * nb
+    cdef const floating* xp = &x[0]
+    cdef const floating* gp = &dy[0]
+    cdef floating* op = &out[0]
+    cdef Py_ssize_t u, r, b, c, start, length, j
+    cdef floating mc, ac, bc, dc
+    with nogil:
+        for u in prange(n_units, schedule='static', num_threads=n_threads):
+            r = u // nb
+            b = u - r * nb
+            c = r % C
+            start = r * inner + b * BLOCK
+            length = inner - b * BLOCK
+            if length > BLOCK:
+                length = BLOCK
+            mc = m_hi[c]
+            ac = a[c]
+            bc = bcoef[c]
+            dc = d[c]
+            for j in range(start, start + length):
+                op[j] = gp[j] * ac + (xp[j] - mc) * bc + dc
+
+
+def bwd_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
+             const floating[::1] m_hi_p, const floating[::1] a_p, const floating[::1] b_p,
+             const floating[::1] d_p, floating[::1] out, int n_threads):
+    cdef Py_ssize_t k = cols_segment_rows(C)
+    cdef Py_ssize_t P = k * C
+    cdef Py_ssize_t total = rows * C
+    cdef Py_ssize_t nseg = (rows + k - 1) // k
+    cdef const floating* xp = &x[0]
+    cdef const floating* gp = &dy[0]
+    cdef floating* op = &out[0]
+    cdef const floating* mp = &m_hi_p[0]
+    cdef const floating* ap = &a_p[0]
+    cdef const floating* bp = &b_p[0]
+    cdef const floating* dp = &d_p[0]
+    cdef Py_ssize_t sg, base, length, j
+    with nogil:
+        for sg in prange(nseg, schedule='static', num_threads=n_threads):
+            base = sg * P
+            length = total - base
+            if length > P:
+                length = P
+            for j in range(length):
+                op[base + j] = gp[base + j] * ap[j] + (xp[base + j] - mp[j]) * bp[j] + dp[j]

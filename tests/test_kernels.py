@@ -1,0 +1,509 @@
+"""Tests of bnfold.kernels against a float64 numpy reference: statistics, Moments merging,
+training / inference forward, backward, batch renorm, thread-count independence, numerically hard
+inputs and argument validation."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bnfold
+from bnfold import (
+    Moments,
+    batch_norm_backward,
+    batch_norm_infer,
+    batch_norm_train,
+    batch_renorm_train,
+    batch_stats,
+)
+from bnfold._threads import effective_n_threads
+
+ALL_THREADS = effective_n_threads(None)
+
+# (shape, axis): NCHW / NHWC, rank 2..5, C=1, C=3, spatial 1, N=1 with spatial > 1, odd sizes,
+# and sizes large enough to cross the parallel threshold and the kernels' block / chunk sizes.
+LAYOUTS = [
+    ((7, 3), 1),
+    ((5, 1), 1),
+    ((4, 3, 5), 1),
+    ((4, 5, 3), -1),
+    ((3, 3, 5, 7), 1),
+    ((3, 5, 7, 3), -1),
+    ((5, 1, 4, 3), 1),
+    ((6, 3, 1, 1), 1),
+    ((6, 1, 1, 3), -1),
+    ((1, 3, 5, 5), 1),
+    ((1, 5, 5, 3), -1),
+    ((2, 3, 3, 4, 5), 1),
+    ((2, 3, 4, 5, 3), -1),
+    ((2, 3, 67, 71), 1),  # rows longer than one 4096-element block
+    ((4, 37, 41, 5), -1),
+    ((600, 130), 1),  # many chunks, C not a divisor of the segment length
+    ((2, 1, 9000), 1),
+    ((9000, 1), 1),
+]
+
+
+def _other_axes(x, axis):
+    axis %= x.ndim
+    return tuple(i for i in range(x.ndim) if i != axis)
+
+
+def _bshape(x, axis):
+    """Broadcast shape for per-channel values."""
+    shape = [1] * x.ndim
+    shape[axis % x.ndim] = x.shape[axis % x.ndim]
+    return shape
+
+
+def _ref_stats(x, axis):
+    x64 = x.astype(np.float64)
+    ax = _other_axes(x, axis)
+    return x64.mean(axis=ax), x64.var(axis=ax)
+
+
+def _ref_train(x, w, b, axis, eps):
+    x64 = x.astype(np.float64)
+    mean, var = _ref_stats(x, axis)
+    bs = _bshape(x, axis)
+    xhat = (x64 - mean.reshape(bs)) / np.sqrt(var.reshape(bs) + eps)
+    return xhat * w.reshape(bs) + b.reshape(bs), mean, var
+
+
+def _ref_backward(dy, x, w, mean, invstd, axis):
+    ax = _other_axes(x, axis)
+    bs = _bshape(x, axis)
+    g = dy.astype(np.float64)
+    xhat = (x.astype(np.float64) - mean.reshape(bs)) * invstd.reshape(bs)
+    n = x.size // x.shape[axis % x.ndim]
+    dbias = g.sum(axis=ax)
+    dweight = (g * xhat).sum(axis=ax)
+    dx = (w * invstd).reshape(bs) * (g - (dbias / n).reshape(bs) - xhat * (dweight / n).reshape(bs))
+    return dx, dweight, dbias
+
+
+def _tol(dtype):
+    return dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-11)
+
+
+def _data(rng, shape, dtype, loc=0.5, scale=2.0):
+    return (rng.standard_normal(shape) * scale + loc).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_batch_stats_matches_float64_reference(shape, axis, dtype):
+    rng = np.random.default_rng(1)
+    x = _data(rng, shape, dtype)
+    mean, var = batch_stats(x, axis=axis)
+    ref_mean, ref_var = _ref_stats(x, axis)
+    assert mean.dtype == dtype and var.dtype == dtype
+    assert mean.shape == (shape[axis],)
+    np.testing.assert_allclose(mean, ref_mean, **_tol(dtype))
+    np.testing.assert_allclose(var, ref_var, **_tol(dtype))
+
+
+@pytest.mark.parametrize("shape,axis", [((2, 3, 67, 71), 1), ((4, 37, 41, 5), -1), ((600, 130), 1)])
+def test_moments_are_bitwise_independent_of_thread_count(shape, axis):
+    x = _data(np.random.default_rng(2), shape, np.float32)
+    one = Moments.from_array(x, axis=axis, n_threads=1)
+    for n in {2, ALL_THREADS, 3}:
+        many = Moments.from_array(x, axis=axis, n_threads=n)
+        np.testing.assert_array_equal(one.mean, many.mean)
+        np.testing.assert_array_equal(one.m2, many.m2)
+
+
+def test_float64_statistics_are_accurate_to_float64_precision():
+    rng = np.random.default_rng(3)
+    # exact reference: integer-valued data scaled by a power of two, so the true mean and
+    # variance are computable exactly with Python fractions-free integer arithmetic.
+    ints = rng.integers(-(2**20), 2**20, size=(16, 4, 33, 17))
+    x = ints.astype(np.float64) * 2.0**-10 + 1e3
+    n = ints.size // 4
+    s = ints.sum(axis=(0, 2, 3), dtype=np.int64)
+    ss = (ints.astype(object) ** 2).sum(axis=(0, 2, 3))
+    true_var = np.array([float((ss[c] * n - int(s[c]) ** 2)) / n**2 for c in range(4)]) * 2.0**-20
+    true_mean = s / n * 2.0**-10 + 1e3
+    mean, var = batch_stats(x)
+    np.testing.assert_allclose(mean, true_mean, rtol=1e-15)
+    np.testing.assert_allclose(var, true_var, rtol=1e-12)
+    mean_l, var_l = batch_stats(np.ascontiguousarray(np.moveaxis(x, 1, -1)), axis=-1)
+    np.testing.assert_allclose(mean_l, true_mean, rtol=1e-15)
+    np.testing.assert_allclose(var_l, true_var, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_constant_channel_of_1e7_has_exactly_zero_variance(layout):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 3, 20, 30)).astype(np.float32)
+    x[:, 1] = 1e7
+    axis = 1
+    if layout == "nhwc":
+        x, axis = np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1
+    for n_threads in (1, ALL_THREADS):
+        mean, var = batch_stats(x, axis=axis, n_threads=n_threads)
+        assert var[1] == 0.0
+        assert mean[1] == np.float32(1e7)
+        y, _, _ = batch_norm_train(x, None, None, None, None, axis=axis, n_threads=n_threads)
+        assert np.all(y.take(1, axis=axis % x.ndim) == 0.0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "2d"])
+def test_large_offset_small_spread_normalises_to_unit_variance(layout):
+    rng = np.random.default_rng(5)
+    shape = {"nchw": (16, 3, 24, 24), "nhwc": (16, 24, 24, 3), "2d": (5000, 3)}[layout]
+    axis = -1 if layout == "nhwc" else 1
+    x = (3e4 + 1e-3 * rng.standard_normal(shape)).astype(np.float32)
+    # naive float32 E[x^2] - E[x]^2 is useless here (float32 spacing at 3e4 is ~2e-3, so x
+    # takes a few quantised values); check that it really is
+    x32 = x.reshape(-1)
+    naive = np.float32(np.mean(x32 * x32, dtype=np.float32) - np.mean(x32, dtype=np.float32) ** 2)
+    true_var = x.astype(np.float64).var()
+    assert abs(naive - true_var) > 0.5 * true_var
+    mean, var = batch_stats(x, axis=axis)
+    _, ref_var = _ref_stats(x, axis)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-4)
+    y, _, _ = batch_norm_train(x, None, None, None, None, eps=0.0, axis=axis)
+    y_var = y.astype(np.float64).var(axis=_other_axes(y, axis))
+    y_mean = y.astype(np.float64).mean(axis=_other_axes(y, axis))
+    np.testing.assert_allclose(y_var, 1.0, rtol=0.01)
+    np.testing.assert_allclose(y_mean, 0.0, atol=0.01)
+
+
+def test_moments_attributes_and_var():
+    x = _data(np.random.default_rng(6), (10, 4, 3), np.float32)
+    m = Moments.from_array(x)
+    assert m.count == 30 and isinstance(m.count, int)
+    assert m.mean.dtype == np.float64 and m.m2.dtype == np.float64 and m.m2.shape == (4,)
+    _, ref_var = _ref_stats(x, 1)
+    np.testing.assert_allclose(m.var(), ref_var, rtol=1e-6)
+    np.testing.assert_allclose(m.var(ddof=1), ref_var * 30 / 29, rtol=1e-6)
+    with pytest.raises(ValueError, match="ddof"):
+        Moments.from_array(x[:1, :, :1]).var(ddof=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 40),
+    c=st.integers(1, 5),
+    spatial=st.sampled_from([(), (1,), (3,), (2, 5)]),
+    channels_last=st.booleans(),
+    n_splits=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_merging_moments_of_any_split_gives_whole_batch(n, c, spatial, channels_last, n_splits,
+                                                        seed, dtype):
+    rng = np.random.default_rng(seed)
+    if channels_last:
+        shape, axis = (n, *spatial, c), -1
+    else:
+        shape, axis = (n, c, *spatial), 1
+    x = _data(rng, shape, dtype, loc=rng.uniform(-100, 100), scale=rng.uniform(0.01, 10))
+    cuts = sorted(rng.choice(np.arange(1, n), size=min(n_splits, n - 1), replace=False))
+    parts = np.split(x, cuts, axis=0)
+    merged = Moments.from_array(parts[0], axis=axis)
+    for part in parts[1:]:
+        merged = merged.merge(Moments.from_array(part, axis=axis))
+    whole = Moments.from_array(x, axis=axis)
+    assert merged.count == whole.count
+    np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(merged.m2, whole.m2, rtol=1e-9, atol=1e-9 * whole.count)
+
+
+def test_moments_merge_rejects_mismatched_channels_and_types():
+    a = Moments.from_array(np.ones((2, 3), np.float32) + np.eye(2, 3, dtype=np.float32))
+    b = Moments.from_array(np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match="channels"):
+        a.merge(b)
+    with pytest.raises(TypeError, match="Moments"):
+        a.merge(np.ones(3))
+    merged = a.merge(a)
+    assert merged is not a and a.count == 2 and merged.count == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# forward / backward against the float64 reference
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_train_infer_backward_match_reference(shape, axis, dtype):
+    rng = np.random.default_rng(7)
+    C = shape[axis]
+    x = _data(rng, shape, dtype)
+    w = rng.uniform(0.5, 2, C).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    eps = 1e-3
+    rm = rng.standard_normal(C).astype(dtype)
+    rv = rng.uniform(0.5, 2, C).astype(dtype)
+    rm0, rv0 = rm.astype(np.float64), rv.astype(np.float64)
+
+    y, save_mean, save_invstd = batch_norm_train(x, w, b, rm, rv, momentum=0.2, eps=eps, axis=axis)
+    ref_y, ref_mean, ref_var = _ref_train(x, w.astype(np.float64), b.astype(np.float64), axis, eps)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert save_mean.dtype == dtype and save_invstd.dtype == dtype
+    np.testing.assert_allclose(y, ref_y, **_tol(dtype))
+    np.testing.assert_allclose(save_mean, ref_mean, **_tol(dtype))
+    np.testing.assert_allclose(save_invstd, 1 / np.sqrt(ref_var + eps), **_tol(dtype))
+    n = x.size // C
+    np.testing.assert_allclose(rm, 0.8 * rm0 + 0.2 * ref_mean, **_tol(dtype))
+    np.testing.assert_allclose(rv, 0.8 * rv0 + 0.2 * ref_var * n / (n - 1), **_tol(dtype))
+
+    bs = _bshape(x, axis)
+    yi = batch_norm_infer(x, w, b, rm, rv, eps=eps, axis=axis)
+    ref_yi = (x.astype(np.float64) - rm.astype(np.float64).reshape(bs)) / np.sqrt(
+        rv.astype(np.float64).reshape(bs) + eps
+    ) * w.astype(np.float64).reshape(bs) + b.astype(np.float64).reshape(bs)
+    assert yi.dtype == dtype
+    np.testing.assert_allclose(yi, ref_yi, **_tol(dtype))
+
+    dy = _data(rng, shape, dtype, loc=0.1, scale=1.0)
+    dx, dw, db = batch_norm_backward(dy, x, w, save_mean, save_invstd, axis=axis)
+    ref_dx, ref_dw, ref_db = _ref_backward(
+        dy, x, w.astype(np.float64), save_mean.astype(np.float64),
+        save_invstd.astype(np.float64), axis,
+    )
+    assert dx.dtype == dtype and dw.dtype == dtype and db.dtype == dtype
+    scale = np.abs(ref_dx).max()
+    np.testing.assert_allclose(dx, ref_dx, rtol=_tol(dtype)["rtol"] * 10,
+                               atol=_tol(dtype)["atol"] * 10 * scale)
+    np.testing.assert_allclose(dw, ref_dw, rtol=_tol(dtype)["rtol"] * 10,
+                               atol=_tol(dtype)["atol"] * n)
+    np.testing.assert_allclose(db, ref_db, rtol=_tol(dtype)["rtol"] * 10,
+                               atol=_tol(dtype)["atol"] * n)
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 3, 67, 71), 1), ((4, 37, 41, 5), -1), ((300, 130), 1)])
+def test_one_thread_and_all_threads_agree(shape, axis):
+    rng = np.random.default_rng(8)
+    x = _data(rng, shape, np.float32)
+    dy = _data(rng, shape, np.float32)
+    C = shape[axis]
+    w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+    results = []
+    for n_threads in (1, max(2, ALL_THREADS)):
+        y, m, s = batch_norm_train(x, w, b, None, None, axis=axis, n_threads=n_threads)
+        yi = batch_norm_infer(x, w, b, m, s, axis=axis, n_threads=n_threads)
+        grads = batch_norm_backward(dy, x, w, m, s, axis=axis, n_threads=n_threads)
+        results.append((y, m, s, yi, *grads))
+    for a, b_ in zip(*results):
+        np.testing.assert_allclose(a, b_, rtol=1e-6, atol=1e-6)
+
+
+def test_backward_offset_data_stays_accurate_in_float32():
+    rng = np.random.default_rng(9)
+    x = (3e4 + 1e-3 * rng.standard_normal((8, 3, 16, 16))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    _, m, s = batch_norm_train(x, None, None, None, None)
+    dx, dw, db = batch_norm_backward(dy, x, None, m, s)
+    ref_dx, ref_dw, _ = _ref_backward(dy, x, np.ones(3), m.astype(np.float64),
+                                      s.astype(np.float64), 1)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=1e-3 * np.abs(ref_dx).max())
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-3, atol=1e-2)
+
+
+def test_none_parameters_and_no_running_stats():
+    x = _data(np.random.default_rng(10), (6, 4, 5), np.float32)
+    y, m, s = batch_norm_train(x, None, None, None, None)
+    ref_y, _, _ = _ref_train(x, np.ones(4), np.zeros(4), 1, 1e-5)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batch_norm_infer(x, None, None, m, 1 / s.astype(np.float64) ** 2,
+                                                eps=0.0), ref_y, rtol=1e-4, atol=1e-4)
+
+
+def test_out_argument_and_in_place():
+    rng = np.random.default_rng(11)
+    x = _data(rng, (5, 3, 4, 4), np.float32)
+    expected, _, _ = batch_norm_train(x, None, None, None, None)
+    out = np.empty_like(x)
+    y, _, _ = batch_norm_train(x, None, None, None, None, out=out)
+    assert y is out
+    np.testing.assert_array_equal(out, expected)
+    x2 = x.copy()
+    batch_norm_train(x2, None, None, None, None, out=x2)
+    np.testing.assert_array_equal(x2, expected)
+    out_i = np.empty_like(x)
+    assert batch_norm_infer(x, None, None, np.zeros(3), np.ones(3), out=out_i) is out_i
+
+
+def test_non_contiguous_input_is_copied_not_misread():
+    rng = np.random.default_rng(12)
+    base = _data(rng, (6, 3, 8, 10), np.float64)
+    for view in (base[:, :, ::2, :], base.transpose(0, 1, 3, 2), base[::2]):
+        mean, var = batch_stats(view)
+        ref_mean, ref_var = _ref_stats(view, 1)
+        np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+        np.testing.assert_allclose(var, ref_var, rtol=1e-12)
+    nchw_view = np.moveaxis(np.ascontiguousarray(np.moveaxis(base, 1, -1)), -1, 1)
+    y, _, _ = batch_norm_train(nchw_view, None, None, None, None)
+    ref_y, _, _ = _ref_train(nchw_view, np.ones(3), np.zeros(3), 1, 1e-5)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-10, atol=1e-10)
+
+
+def test_big_endian_input_is_accepted():
+    x = _data(np.random.default_rng(13), (4, 3, 5), np.float32).astype(">f4")
+    mean, var = batch_stats(x)
+    ref_mean, ref_var = _ref_stats(x.astype(np.float32), 1)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch renorm
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 3, 5, 5), 1), ((8, 5, 5, 3), -1), ((40, 6), 1)])
+def test_batch_renorm_matches_reference(shape, axis):
+    rng = np.random.default_rng(14)
+    C = shape[axis]
+    x = _data(rng, shape, np.float64, loc=1.0, scale=3.0)
+    w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+    # running stats chosen so some channels clip r and d and others do not
+    rm = np.linspace(-20, 1.5, C)
+    rv = np.linspace(0.1, 50, C)
+    rm0, rv0 = rm.copy(), rv.copy()
+    eps, rmax, dmax = 1e-5, 2.0, 1.5
+    y, m, s, r, d = batch_renorm_train(x, w, b, rm, rv, momentum=0.1, eps=eps, rmax=rmax,
+                                       dmax=dmax, axis=axis)
+    ref_mean, ref_var = _ref_stats(x, axis)
+    sig_b, sig = np.sqrt(ref_var + eps), np.sqrt(rv0 + eps)
+    ref_r = np.clip(sig_b / sig, 1 / rmax, rmax)
+    ref_d = np.clip((ref_mean - rm0) / sig, -dmax, dmax)
+    assert np.any(ref_r == rmax) or np.any(ref_r == 1 / rmax)
+    assert np.any(np.abs(ref_d) == dmax) and np.any(np.abs(ref_d) < dmax)
+    bs = _bshape(x, axis)
+    xhat = (x - ref_mean.reshape(bs)) / sig_b.reshape(bs)
+    ref_y = w.reshape(bs) * (xhat * ref_r.reshape(bs) + ref_d.reshape(bs)) + b.reshape(bs)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(r, ref_r, rtol=1e-12)
+    np.testing.assert_allclose(d, ref_d, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(m, ref_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(s, 1 / sig_b, rtol=1e-12)
+    n = x.size // C
+    np.testing.assert_allclose(rm, 0.9 * rm0 + 0.1 * ref_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rv, 0.9 * rv0 + 0.1 * ref_var * n / (n - 1), rtol=1e-12)
+
+
+def test_batch_renorm_without_clipping_equals_batch_norm():
+    rng = np.random.default_rng(15)
+    x = _data(rng, (16, 4, 6), np.float64)
+    mean, var = _ref_stats(x, 1)
+    # running stats equal to the batch's: r = 1, d = 0
+    y, *_ , r, d = batch_renorm_train(x, None, None, mean.copy(), var.copy(), eps=0.0)
+    y_bn, _, _ = batch_norm_train(x, None, None, None, None, eps=0.0)
+    np.testing.assert_allclose(r, 1.0, rtol=1e-12)
+    np.testing.assert_allclose(d, 0.0, atol=1e-12)
+    np.testing.assert_allclose(y, y_bn, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def test_bad_dtypes_raise_type_error_naming_the_argument():
+    with pytest.raises(TypeError, match="x must be float32 or float64, got int64"):
+        batch_stats(np.ones((4, 3), dtype=np.int64))
+    with pytest.raises(TypeError, match="float16"):
+        Moments.from_array(np.ones((4, 3), dtype=np.float16))
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match="running_var must be float32 or float64"):
+        batch_norm_train(x, None, None, None, np.ones(3, dtype=np.int32))
+    with pytest.raises(TypeError, match="running_mean must be a numpy array"):
+        batch_norm_train(x, None, None, [0.0, 0.0, 0.0], None)
+    with pytest.raises(TypeError, match="weight"):
+        batch_norm_train(x, np.array(["a", "b", "c"]), None, None, None)
+    with pytest.raises(TypeError, match="dy must have the dtype of x"):
+        batch_norm_backward(np.ones((4, 3), np.float64), x, None, np.zeros(3), np.ones(3))
+    with pytest.raises(TypeError, match="momentum"):
+        batch_norm_train(x + np.eye(4, 3, dtype=np.float32), None, None, None, None, momentum="a")
+    with pytest.raises(TypeError, match="n_threads"):
+        batch_stats(x, n_threads=1.5)
+
+
+def test_bad_shapes_and_values_raise_value_error():
+    x = np.random.default_rng(16).standard_normal((4, 3, 2)).astype(np.float32)
+    with pytest.raises(ValueError, match="empty"):
+        batch_stats(np.ones((0, 3), np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        batch_norm_train(np.ones((0, 3, 4), np.float32), None, None, None, None)
+    with pytest.raises(ValueError, match="rank >= 2"):
+        batch_stats(np.ones(5, np.float32))
+    with pytest.raises(ValueError, match="axis 3 is out of range"):
+        batch_stats(x, axis=3)
+    with pytest.raises(ValueError, match="axis -4 is out of range"):
+        batch_norm_infer(x, None, None, np.zeros(3), np.ones(3), axis=-4)
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        batch_norm_train(x, np.ones(4), None, None, None)
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\)"):
+        batch_norm_infer(x, None, np.ones((3, 1)), np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\)"):
+        batch_norm_train(x, None, None, np.zeros(2), None)
+    with pytest.raises(ValueError, match=r"running_var must have shape \(3,\)"):
+        batch_norm_infer(x, None, None, np.zeros(3), np.ones(5))
+    with pytest.raises(ValueError, match="running_var is required"):
+        batch_norm_infer(x, None, None, np.zeros(3), None)
+    with pytest.raises(ValueError, match=r"save_invstd must have shape \(3,\)"):
+        batch_norm_backward(x, x, None, np.zeros(3), np.ones(2))
+    with pytest.raises(ValueError, match="dy must have the shape of x"):
+        batch_norm_backward(x[:2], x, None, np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match="eps"):
+        batch_norm_train(x, None, None, None, None, eps=-1.0)
+    with pytest.raises(ValueError, match="n_threads"):
+        batch_stats(x, n_threads=0)
+    with pytest.raises(ValueError, match="rmax"):
+        batch_renorm_train(x, None, None, np.zeros(3), np.ones(3), rmax=0.5)
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        batch_renorm_train(x, None, None, None, np.ones(3))
+    with pytest.raises(ValueError, match="running_var_ddof"):
+        batch_norm_train(x, None, None, None, None, running_var_ddof=2)
+
+
+def test_running_stats_must_be_updatable_in_place():
+    x = np.random.default_rng(17).standard_normal((4, 3, 2)).astype(np.float32)
+    strided = np.zeros(6, np.float32)[::2]
+    with pytest.raises(ValueError, match="running_mean must be a writeable contiguous"):
+        batch_norm_train(x, None, None, strided, None)
+    ro = np.ones(3, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="running_var must be a writeable contiguous"):
+        batch_norm_train(x, None, None, None, ro)
+    # nothing was modified by a call that failed validation
+    rm = np.zeros(3, np.float32)
+    with pytest.raises(ValueError):
+        batch_norm_train(x, None, None, rm, np.ones(4, np.float32))
+    assert np.all(rm == 0)
+
+
+def test_bad_out_arrays():
+    x = np.random.default_rng(18).standard_normal((4, 3, 2)).astype(np.float32)
+    with pytest.raises(ValueError, match="out must have the input's shape"):
+        batch_norm_train(x, None, None, None, None, out=np.empty((4, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="out must have the input's shape"):
+        batch_norm_infer(x, None, None, np.zeros(3), np.ones(3), out=np.empty_like(x, np.float64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        batch_norm_train(x, None, None, None, None, out=np.empty((2, 4, 3), np.float32).transpose(1, 2, 0))
+    with pytest.raises(TypeError, match="out must be a numpy array"):
+        batch_norm_train(x, None, None, None, None, out=[1, 2])
+
+
+@pytest.mark.parametrize("shape,axis", [((1, 3), 1), ((1, 3, 1, 1), 1), ((1, 1, 1, 3), -1)])
+def test_one_value_per_channel_in_training_is_an_error(shape, axis):
+    x = np.ones(shape, np.float32)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        batch_norm_train(x, None, None, None, None, axis=axis)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        batch_renorm_train(x, None, None, np.zeros(3), np.ones(3), axis=axis)
+    # statistics and inference are fine with a single value
+    mean, var = batch_stats(x, axis=axis)
+    assert np.all(var == 0) and np.all(mean == 1)
+    batch_norm_infer(x, None, None, np.zeros(3), np.ones(3), axis=axis)
+
+
+def test_public_names_exported():
+    for name in ("Moments", "batch_stats", "batch_norm_train", "batch_norm_infer",
+                 "batch_norm_backward", "batch_renorm_train", "onnx_momentum"):
+        assert name in bnfold.__all__ and hasattr(bnfold, name)
