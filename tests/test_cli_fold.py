@@ -1,0 +1,252 @@
+"""`bnfold fold` and `bnfold inspect` from the command line: exit codes, files written (or not),
+what is printed, the --report JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from fold_testing import MM, assert_parity, count_bn
+
+from bnfold.cli import main
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "mixed.onnx"
+    onnx.save_model(MM.mixed_small_cnn(), str(path))
+    return path
+
+
+def _run(capsys, *argv):
+    code = main(list(map(str, argv)))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_fold_writes_model_table_and_report(tmp_path, model_path, capsys):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    before = model_path.read_bytes()
+    code, stdout, err = _run(capsys, "fold", model_path, "-o", out, "--report", report)
+    assert code == 0, err
+    assert model_path.read_bytes() == before
+    folded = onnx.load(str(out))
+    onnx.checker.check_model(folded, full_check=True)
+    assert count_bn(folded) == 1
+    assert_parity(MM.mixed_small_cnn(), folded, MM.random_feeds(folded), "cli")
+    # the table: BN and the changed totals, the remaining BN with its reason, size, time, parity
+    assert "BatchNormalization" in stdout and "total" in stdout
+    assert "3 folded, 1 remaining" in stdout
+    assert "bn2_after_relu" in stdout and "no_foldable_neighbour" in stdout
+    assert "model size" in stdout and "fold time" in stdout
+    assert "parity check: passed" in stdout and "max abs error" in stdout
+    data = json.loads(report.read_text())
+    text = json.dumps(data)
+    for bn in ("bn1", "bn3", "bn4_before_fc", "bn2_after_relu"):
+        assert bn in text
+    assert "conv_bn" in text and "bn_gemm" in text and "no_foldable_neighbour" in text
+
+
+def test_fold_no_check_skips_parity(tmp_path, model_path, capsys, monkeypatch):
+    import bnfold.parity
+
+    def must_not_run(*a, **k):
+        raise AssertionError("parity check ran despite --no-check")
+
+    monkeypatch.setattr(bnfold.parity, "check", must_not_run)
+    out = tmp_path / "out.onnx"
+    code, stdout, err = _run(capsys, "fold", model_path, "-o", out, "--no-check")
+    assert code == 0, err
+    assert out.exists()
+    assert "skipped" in stdout
+
+
+def test_fold_shape_option_reaches_the_check(tmp_path, capsys, monkeypatch):
+    import bnfold.parity
+
+    seen = {}
+    real_check = bnfold.parity.check
+
+    def spy(reference, candidate, **kwargs):
+        seen.update(kwargs)
+        return real_check(reference, candidate, **kwargs)
+
+    monkeypatch.setattr(bnfold.parity, "check", spy)
+    model = MM.conv2d_bn()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"  # dynamic batch
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    src = tmp_path / "dyn.onnx"
+    onnx.save_model(model, str(src))
+    code, stdout, err = _run(capsys, "fold", src, "-o", tmp_path / "o.onnx", "--shape", "x:3x4x8x8", "--seed", "5")
+    assert code == 0, err
+    assert seen["shapes"] == {"x": (3, 4, 8, 8)}
+    assert seen["seed"] == 5
+
+
+def test_fold_bad_shape_spec_is_exit_2(tmp_path, model_path, capsys):
+    code, _, err = _run(capsys, "fold", model_path, "-o", tmp_path / "o.onnx", "--shape", "x:axb")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+class _FailedCheck:
+    passed = False
+    max_abs_error = 0.5
+
+
+def test_parity_failure_exit_1_nothing_written(tmp_path, model_path, capsys, monkeypatch):
+    import bnfold.parity
+
+    monkeypatch.setattr(bnfold.parity, "check", lambda *a, **k: _FailedCheck())
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, stdout, err = _run(capsys, "fold", model_path, "-o", out, "--report", report)
+    assert code == 1
+    assert not out.exists() and not report.exists()
+    assert "FAILED" in err and "nothing written" in err
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".bnfold-")], "no temp files left behind"
+
+
+def test_parity_failure_with_force_writes(tmp_path, model_path, capsys, monkeypatch):
+    import bnfold.parity
+
+    monkeypatch.setattr(bnfold.parity, "check", lambda *a, **k: _FailedCheck())
+    out = tmp_path / "out.onnx"
+    code, _, err = _run(capsys, "fold", model_path, "-o", out, "--force")
+    assert code == 1
+    assert out.exists()
+    assert "--force" in err
+
+
+def test_parity_failure_real_check(tmp_path, capsys, monkeypatch):
+    """A fold that really changes the function (sabotaged weights) is caught by the real check."""
+    import bnfold.fold_pass
+    from onnx import numpy_helper
+
+    real_fold = bnfold.fold_pass.fold
+
+    def broken_fold(model, **kwargs):
+        folded, report = real_fold(model, **kwargs)
+        for t in folded.graph.initializer:
+            if len(t.dims) == 4:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.5, t.name))
+        return folded, report
+
+    monkeypatch.setattr(bnfold.fold_pass, "fold", broken_fold)
+    src = tmp_path / "m.onnx"
+    onnx.save_model(MM.conv2d_bn(), str(src))
+    code, stdout, err = _run(capsys, "fold", src, "-o", tmp_path / "o.onnx")
+    assert code == 1
+    assert "parity check: FAILED" in stdout
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_missing_input_exit_2(tmp_path, capsys):
+    code, _, err = _run(capsys, "fold", tmp_path / "nope.onnx", "-o", tmp_path / "o.onnx")
+    assert code == 2
+    assert "no such file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_input_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    code, _, err = _run(capsys, "fold", bad, "-o", tmp_path / "o.onnx")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_text_file_exit_2(tmp_path, capsys):
+    txt = tmp_path / "notes.txt"
+    txt.write_text("this is not a model\n")
+    code, _, err = _run(capsys, "fold", txt, "-o", tmp_path / "o.onnx")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_output_in_missing_directory_exit_2(tmp_path, model_path, capsys):
+    out = tmp_path / "missing" / "o.onnx"
+    code, _, err = _run(capsys, "fold", model_path, "-o", out)
+    assert code == 2 and "does not exist" in err
+    assert not out.parent.exists()
+
+
+def test_output_equal_to_input_refused(model_path, capsys):
+    before = model_path.read_bytes()
+    code, _, err = _run(capsys, "fold", model_path, "-o", model_path)
+    assert code == 2 and "overwrite" in err
+    assert model_path.read_bytes() == before
+
+
+def test_output_same_file_by_other_spelling_refused(model_path, capsys, monkeypatch):
+    before = model_path.read_bytes()
+    monkeypatch.chdir(model_path.parent)
+    code, _, err = _run(capsys, "fold", model_path, "-o", f"./{model_path.name}")
+    assert code == 2
+    assert model_path.read_bytes() == before
+
+
+def test_external_data_input_stays_external(tmp_path, capsys):
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(MM.conv_bn_external_data(), str(src), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=1024)
+    out = tmp_path / "folded.onnx"
+    code, _, err = _run(capsys, "fold", src, "-o", out)
+    assert code == 0, err
+    assert (tmp_path / "folded.onnx.data").exists()
+    assert os.path.getsize(out) < 20_000
+
+
+def test_subprocess_python_m_bnfold(tmp_path, model_path):
+    out = tmp_path / "sub.onnx"
+    proc = subprocess.run([sys.executable, "-m", "bnfold", "fold", str(model_path), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b[" not in proc.stdout, "no colour codes when piped"
+    assert out.exists() and "parity check: passed" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "bnfold", "fold", str(tmp_path / "none.onnx"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help_shows_examples(capsys):
+    for command in ("fold", "inspect"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert f"bnfold {command} model.onnx" in capsys.readouterr().out
+
+
+def test_inspect_lists_every_bn_and_writes_nothing(tmp_path, model_path, capsys):
+    listing_before = sorted(os.listdir(tmp_path))
+    code, stdout, err = _run(capsys, "inspect", model_path)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == listing_before
+    lines = stdout.splitlines()
+    for bn, verdict in (("bn1", "conv_bn"), ("bn3", "conv_bn"), ("bn4_before_fc", "bn_gemm"),
+                        ("bn2_after_relu", "no_foldable_neighbour")):
+        row = next(line for line in lines if line.split()[:1] == [bn])
+        assert verdict in row
+        assert ("yes" if verdict != "no_foldable_neighbour" else "no") in row.split()
+    assert "Relu -> BN -> Relu" in stdout
+
+
+def test_inspect_subgraph_and_json(tmp_path, capsys):
+    src = tmp_path / "if.onnx"
+    onnx.save_model(MM.if_branches_bn(), str(src))
+    js = tmp_path / "bn.json"
+    code, stdout, err = _run(capsys, "inspect", src, "--json", js)
+    assert code == 0, err
+    assert "then_bn" in stdout and "else_bn" in stdout and "then_branch" in stdout
+    assert "then_bn" in js.read_text()
+
+
+def test_inspect_bad_file_exit_2(tmp_path, capsys):
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"\x00\x01garbage")
+    code, _, err = _run(capsys, "inspect", bad)
+    assert code == 2 and len(err.strip().splitlines()) == 1

@@ -1,0 +1,164 @@
+"""Property test of the fold pass on random small graphs: chains of Conv / ConvTranspose / Gemm /
+MatMul / Add / Mul / Relu / BatchNormalization with random shapes and parameters, some values
+also graph outputs or read by a second consumer. Whatever the graph, fold must not crash, must keep
+the model valid and its outputs equal, must be idempotent, and must account for every BN."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from fold_testing import assert_parity, count_bn, report_entries, signature
+
+from bnfold.fold_pass import fold
+
+OPS_4D = ["Conv", "ConvTranspose", "AddChannel", "AddScalar", "MulChannel", "MulScalar", "Relu", "BN", "BN", "BN"]
+OPS_2D = ["Gemm", "MatMul", "AddChannel", "MulScalar", "Relu", "BN", "BN", "BN"]
+
+
+class _Chain:
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits, self.outputs = [], [], []
+        self.count = 0
+
+    def name(self, prefix):
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def const(self, prefix, value):
+        name = self.name(prefix)
+        self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def node(self, op, inputs, **attrs):
+        out = self.name(op.lower() + "_out")
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self.name(op.lower()), **attrs))
+        return out
+
+
+def _build(mode, ops, marks, seed):
+    """Model for one drawn chain; ``marks[i]`` says what else reads op i's output (0 nothing,
+    1 it is also a graph output, 2 a second consumer (Relu -> graph output))."""
+    c = _Chain(seed)
+    rng = c.rng
+    if mode == "4d":
+        shape = [2, int(rng.integers(1, 5)), int(rng.integers(3, 7)), int(rng.integers(3, 7))]
+    else:
+        shape = [3, int(rng.integers(2, 7))]
+    x = "x"
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))]
+    value = x
+    for op, mark in zip(ops, marks):
+        ch = shape[1]
+        if op == "Conv":
+            cout = int(rng.integers(1, 6))
+            depthwise = cout == ch and rng.random() < 0.4
+            group = ch if depthwise else 1
+            k = int(rng.choice([1, 3]))
+            pad = int(rng.integers(0, 2)) if k == 3 else 0
+            w = c.const("W", rng.normal(0, 0.5, (cout, ch // group, k, k)))
+            ins = [value, w] + ([c.const("B", rng.normal(0, 0.3, cout))] if rng.random() < 0.5 else [])
+            value = c.node("Conv", ins, pads=[pad] * 4, group=group)
+            shape = [shape[0], cout, shape[2] - k + 1 + 2 * pad, shape[3] - k + 1 + 2 * pad]
+            if min(shape[2:]) < 1:
+                return None
+        elif op == "ConvTranspose":
+            cout = int(rng.integers(1, 5))
+            stride = int(rng.choice([1, 2])) if max(shape[2:]) < 8 else 1
+            w = c.const("W", rng.normal(0, 0.5, (ch, cout, 2, 2)))
+            ins = [value, w] + ([c.const("B", rng.normal(0, 0.3, cout))] if rng.random() < 0.5 else [])
+            value = c.node("ConvTranspose", ins, strides=[stride, stride])
+            shape = [shape[0], cout, (shape[2] - 1) * stride + 2, (shape[3] - 1) * stride + 2]
+        elif op == "Gemm":
+            m = int(rng.integers(1, 7))
+            trans_b = int(rng.integers(0, 2))
+            w = c.const("W", rng.normal(0, 0.5, (m, ch) if trans_b else (ch, m)))
+            ins = [value, w]
+            if rng.random() < 0.6:
+                ins.append(c.const("C", rng.normal(0, 0.3, (m,) if rng.random() < 0.5 else (1, m))))
+            value = c.node("Gemm", ins, transB=trans_b, alpha=float(rng.uniform(0.5, 1.5)),
+                           beta=float(rng.uniform(0.5, 1.5)))
+            shape = [shape[0], m]
+        elif op == "MatMul":
+            m = int(rng.integers(1, 7))
+            value = c.node("MatMul", [value, c.const("W", rng.normal(0, 0.5, (ch, m)))])
+            shape = [shape[0], m]
+        elif op == "AddChannel":
+            bshape = (ch, 1, 1) if mode == "4d" else (ch,)
+            value = c.node("Add", [value, c.const("A", rng.normal(0, 0.5, bshape))])
+        elif op == "AddScalar":
+            value = c.node("Add", [value, c.const("A", rng.normal(0, 0.5, (1,)))])
+        elif op == "MulChannel":
+            value = c.node("Mul", [value, c.const("M", rng.uniform(0.5, 1.5, (1, ch, 1, 1)))])
+        elif op == "MulScalar":
+            value = c.node("Mul", [value, c.const("M", np.array(rng.uniform(0.5, 1.5) * rng.choice([-1, 1])))])
+        elif op == "Relu":
+            value = c.node("Relu", [value])
+        elif op == "BN":
+            gamma = rng.uniform(0.5, 1.8, ch) * rng.choice([-1, 1], ch)
+            params = [c.const("g", gamma), c.const("b", rng.normal(0, 0.5, ch)),
+                      c.const("m", rng.normal(0, 0.5, ch)), c.const("v", rng.uniform(0.4, 2.5, ch))]
+            value = c.node("BatchNormalization", [value, *params], epsilon=float(rng.choice([1e-5, 1e-3])))
+        if mark == 1:
+            c.outputs.append(value)
+        elif mark == 2:
+            c.outputs.append(c.node("Relu", [value]))
+    if value not in c.outputs:
+        c.outputs.append(value)
+    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in c.outputs]
+    graph = helper.make_graph(c.nodes, "random_chain", inputs, outputs, c.inits)
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for out, inf in zip(model.graph.output, inferred.graph.output):
+        out.type.CopyFrom(inf.type)
+    return model
+
+
+@st.composite
+def chains(draw):
+    mode = draw(st.sampled_from(["4d", "2d"]))
+    ops = draw(st.lists(st.sampled_from(OPS_4D if mode == "4d" else OPS_2D), min_size=1, max_size=7))
+    marks = draw(st.lists(st.sampled_from([0, 0, 0, 1, 2]), min_size=len(ops), max_size=len(ops)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return mode, ops, marks, seed
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chains())
+def test_fold_random_chains(chain):
+    mode, ops, marks, seed = chain
+    model = _build(mode, ops, marks, seed)
+    if model is None:  # spatial size shrank to nothing: not a valid model
+        return
+    onnx.checker.check_model(model, full_check=True)
+    before = model.SerializeToString()
+    folded, report = fold(model)
+    assert model.SerializeToString() == before, "fold mutated its input"
+    rows = report_entries(report)
+    assert len(rows) == count_bn(model), f"every BN accounted for: {rows}"
+    assert count_bn(folded) == report.n_remaining
+    for bn, graph, kind, code, message in rows:
+        assert code, rows
+        if kind == "remain":
+            assert message.strip(), rows
+    onnx.checker.check_model(folded, full_check=True)
+    assert signature(folded) == signature(model)
+    feeds = [{"x": np.random.default_rng(seed).normal(0, 1, [d.dim_value for d in
+                                                            model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)}]
+    assert_parity(model, folded, feeds, f"{mode} {ops} {marks} seed={seed}")
+    again, report2 = fold(folded)
+    assert report2.n_folded == 0, report_entries(report2)
+    assert again.graph.SerializeToString() == folded.graph.SerializeToString() or \
+        [n.op_type for n in again.graph.node] == [n.op_type for n in folded.graph.node]
+
+
+def test_builder_makes_valid_models():
+    """The generator itself: a fixed chain builds a valid model with the BNs it asked for."""
+    model = _build("4d", ["Conv", "BN", "Relu", "BN", "ConvTranspose", "AddChannel", "BN"], [0, 1, 0, 2, 0, 0, 0], 7)
+    onnx.checker.check_model(model, full_check=True)
+    assert count_bn(model) == 3
+    assert len(model.graph.output) == 3
