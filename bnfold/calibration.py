@@ -1,0 +1,1052 @@
+"""PreciseBN: re-estimate every BatchNormalization's population statistics from data.
+
+``calibrate(model, data)`` streams calibration data through onnxruntime in batches, collects the
+input of every BatchNormalization (BN) of the main graph, reduces it per channel with bnfold's
+kernels (``Moments``, merged across batches with Chan's formula in float64) and writes the exact
+population mean and biased variance into the BN's running_mean / running_var. Scale, bias and all
+other weights are untouched.
+
+Two modes:
+
+* ``"batch"`` (PreciseBN, Wu & Johnson 2021): a copy of the graph in which every inference BN
+  normalizes by the statistics of the *current batch* (training-mode behaviour, written as explicit
+  ReduceMean/Sub/Mul/Div ops so any onnxruntime build runs it) and exposes its input as an extra
+  output. One onnxruntime run per batch yields all BN inputs. The first BN's statistics are exact
+  population statistics; deeper BNs see activations normalized per batch, so their statistics
+  depend on the batch size, as in PreciseBN.
+* ``"sequential"``: every BN's statistics are computed with all earlier BNs already normalizing by
+  their *new* population statistics (inference mode) -- what each BN sees at inference time,
+  independent of the batch size. BNs are grouped into levels (level = number of calibrated BNs on
+  the longest path from the inputs to the BN, itself included); the BNs of one level do not depend
+  on each other and share one pass over the data, on a graph pruned to the nodes they need.
+
+Data flows: data source -> ``_Dataset`` (validated parts, streamed and re-batched along axis 0) ->
+onnxruntime run of the calibration graph -> ``Moments.from_array`` per BN input -> merge -> model.
+Memory stays bounded by one batch plus its activations (see ``_Dataset`` for how .npy/.npz files
+are read without loading them whole).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from bnfold.errors import InputError
+from bnfold.graph import constant_node_value, get_attr, node_label, node_subgraphs, outer_scope_reads, remove_unused
+from bnfold.model_io import load_model
+
+MODES = ("batch", "sequential")
+
+# Prefix of every tensor/node name the calibration graphs add (never written to the result).
+_PREFIX = "bnfold_calib"
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _summary(values) -> dict | None:
+    if values is None:
+        return None
+    v = np.asarray(values, dtype=np.float64)
+    return {"min": float(v.min()), "mean": float(v.mean()), "max": float(v.max())}
+
+
+@dataclass
+class BNCalibration:
+    """What calibration did to one BatchNormalization node.
+
+    ``status`` is "calibrated" or "skipped" (then ``reason`` says why). ``graph`` is "" for the
+    main graph, else the path of the subgraph ("If_3/then_branch"). ``values_per_channel`` counts
+    the values each channel's statistics were computed from (samples x spatial positions).
+    Relative changes: the mean's change is measured against max(|old mean|, old std) so a mean
+    near zero does not make it explode; the variance's against old var + eps.
+    """
+
+    bn: str
+    graph: str = ""
+    status: str = "calibrated"
+    reason: str = ""
+    level: int | None = None
+    channels: int = 0
+    samples: int = 0
+    values_per_channel: int = 0
+    old_mean: np.ndarray | None = None
+    old_var: np.ndarray | None = None
+    new_mean: np.ndarray | None = None
+    new_var: np.ndarray | None = None
+    epsilon: float = 1e-5
+
+    @property
+    def max_rel_change_mean(self) -> float | None:
+        if self.old_mean is None or self.new_mean is None:
+            return None
+        old_std = np.sqrt(np.maximum(self.old_var, 0) + self.epsilon) if self.old_var is not None else 0.0
+        denom = np.maximum(np.abs(self.old_mean), old_std)
+        return float(np.max(np.abs(self.new_mean - self.old_mean) / denom))
+
+    @property
+    def max_rel_change_var(self) -> float | None:
+        if self.old_var is None or self.new_var is None:
+            return None
+        denom = np.abs(self.old_var) + self.epsilon
+        return float(np.max(np.abs(self.new_var - self.old_var) / denom))
+
+    def to_dict(self) -> dict:
+        return {
+            "bn": self.bn,
+            "graph": self.graph,
+            "status": self.status,
+            "reason": self.reason,
+            "level": self.level,
+            "channels": self.channels,
+            "samples": self.samples,
+            "values_per_channel": self.values_per_channel,
+            "old_mean": _summary(self.old_mean),
+            "old_var": _summary(self.old_var),
+            "new_mean": _summary(self.new_mean),
+            "new_var": _summary(self.new_var),
+            "max_rel_change_mean": self.max_rel_change_mean,
+            "max_rel_change_var": self.max_rel_change_var,
+        }
+
+
+@dataclass
+class CalibrationReport:
+    """Per-BN results of ``calibrate`` plus run totals and where the time went."""
+
+    mode: str
+    batch_size: int
+    entries: list[BNCalibration] = field(default_factory=list)
+    n_batches: int = 0  # batches per pass over the data
+    n_samples: int = 0  # samples per pass over the data
+    passes: int = 0
+    seconds_total: float = 0.0
+    seconds_forward: float = 0.0  # onnxruntime runs
+    seconds_statistics: float = 0.0  # Moments.from_array + merge
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def calibrated(self) -> list[BNCalibration]:
+        return [e for e in self.entries if e.status == "calibrated"]
+
+    @property
+    def skipped(self) -> list[BNCalibration]:
+        return [e for e in self.entries if e.status != "calibrated"]
+
+    @property
+    def n_calibrated(self) -> int:
+        return len(self.calibrated)
+
+    def entry(self, bn: str) -> BNCalibration:
+        for e in self.entries:
+            if e.bn == bn:
+                return e
+        raise KeyError(bn)
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "batch_size": self.batch_size,
+            "n_batches": self.n_batches,
+            "n_samples": self.n_samples,
+            "passes": self.passes,
+            "n_calibrated": self.n_calibrated,
+            "n_skipped": len(self.skipped),
+            "seconds_total": self.seconds_total,
+            "seconds_forward": self.seconds_forward,
+            "seconds_statistics": self.seconds_statistics,
+            "notes": list(self.notes),
+            "bn": [e.to_dict() for e in self.entries],
+        }
+
+    def to_json(self, path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    def format_table(self) -> str:
+        header = ("BN", "level", "samples", "values/ch", "mean old->new (avg)", "var old->new (avg)", "max dmean", "max dvar")
+        rows = []
+        for e in self.entries:
+            if e.status != "calibrated":
+                where = f" [{e.graph}]" if e.graph else ""
+                rows.append((e.bn + where, "-", "-", "-", f"skipped: {e.reason}", "", "", ""))
+                continue
+            rows.append(
+                (
+                    e.bn,
+                    "-" if e.level is None else str(e.level),
+                    str(e.samples),
+                    str(e.values_per_channel),
+                    f"{np.mean(e.old_mean):.4g} -> {np.mean(e.new_mean):.4g}",
+                    f"{np.mean(e.old_var):.4g} -> {np.mean(e.new_var):.4g}",
+                    f"{e.max_rel_change_mean:.3g}",
+                    f"{e.max_rel_change_var:.3g}",
+                )
+            )
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        stat_share = self.seconds_statistics / self.seconds_total if self.seconds_total > 0 else 0.0
+        lines.append(
+            f"{self.n_calibrated} BN calibrated, {len(self.skipped)} skipped; mode={self.mode}, "
+            f"{self.n_samples} samples in {self.n_batches} batches of {self.batch_size}, {self.passes} pass(es), "
+            f"{self.seconds_total:.2f} s ({100 * stat_share:.1f}% statistics)"
+        )
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Data: sources, validation, streaming re-batcher
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _InputSpec:
+    name: str
+    dtype: np.dtype
+    dims: tuple | None  # None: unknown rank; entries None for dynamic dims
+
+
+def _model_input_specs(model: onnx.ModelProto) -> tuple[dict, set]:
+    """(required inputs name -> spec, optional input names) of the main graph."""
+    initializers = {t.name for t in model.graph.initializer}
+    required, optional = {}, set()
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            optional.add(vi.name)
+            continue
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise InputError(f"model input '{vi.name}' is not a tensor; calibration supports tensor inputs only")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        dims = None
+        if tt.HasField("shape"):
+            dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
+        required[vi.name] = _InputSpec(vi.name, dtype, dims)
+    return required, optional
+
+
+class _SliceReader:
+    """Sequential row reader over an array-like (ndarray or read-only memmap)."""
+
+    def __init__(self, array):
+        self._array = array
+        self._pos = 0
+
+    def read(self, n):
+        out = self._array[self._pos : self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def close(self):
+        self._array = None
+
+
+class _StreamReader:
+    """Sequential row reader over a file object positioned at the start of C-ordered array data."""
+
+    def __init__(self, fileobj, shape, dtype, closers=()):
+        self._f = fileobj
+        self._row_shape = tuple(shape[1:])
+        self._dtype = dtype
+        self._row_bytes = dtype.itemsize * int(np.prod(self._row_shape, dtype=np.int64))
+        self._left = shape[0]
+        self._closers = closers
+
+    def read(self, n):
+        n = min(n, self._left)
+        nbytes = n * self._row_bytes
+        buf = self._f.read(nbytes) if nbytes else b""
+        if len(buf) != nbytes:
+            raise InputError("calibration data: file ended early (truncated array data)")
+        self._left -= n
+        return np.frombuffer(buf, dtype=self._dtype).reshape((n,) + self._row_shape)
+
+    def close(self):
+        for c in (self._f, *self._closers):
+            c.close()
+
+
+class _ArraySource:
+    """One array of a data part: known shape and dtype, opened for sequential reading on demand."""
+
+    def __init__(self, origin, shape, dtype, opener):
+        self.origin = origin
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self._opener = opener
+
+    def open(self):
+        return self._opener()
+
+
+def _memory_source(origin, array) -> _ArraySource:
+    array = np.asarray(array)
+    return _ArraySource(origin, array.shape, array.dtype, lambda: _SliceReader(array))
+
+
+def _read_npy_header(f):
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    return np.lib.format._read_array_header(f, version)  # (3, 0): utf-8 field names
+
+
+def _npy_source(path) -> _ArraySource:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable .npy array ({_first_line(e)})") from None
+    shape, dtype = array.shape, array.dtype
+    del array
+    # Memory-mapped: slicing a batch reads only that batch from disk.
+    return _ArraySource(path, shape, dtype, lambda: _SliceReader(np.load(path, mmap_mode="r", allow_pickle=False)))
+
+
+def _npz_sources(path) -> dict:
+    """name -> source for every member of an .npz archive.
+
+    Uncompressed members (np.savez) are memory-mapped in place; compressed members
+    (np.savez_compressed) are decompressed as a stream, one batch of rows at a time; a compressed
+    Fortran-ordered member cannot be streamed by rows and is loaded whole.
+    """
+    try:
+        zf = zipfile.ZipFile(path)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable .npz archive ({_first_line(e)})") from None
+    sources = {}
+    with zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename[: -len(".npy")]
+            try:
+                with zf.open(info) as f:
+                    shape, fortran, dtype = _read_npy_header(f)
+            except Exception as e:
+                raise InputError(f"{path}: member '{name}' is not a readable array ({_first_line(e)})") from None
+            if dtype.hasobject:
+                raise InputError(f"{path}: member '{name}' has dtype object; calibration needs numeric arrays")
+            origin = f"{path}:{name}"
+            sources[name] = _ArraySource(origin, shape, dtype, _npz_opener(path, info, shape, fortran, dtype))
+    return sources
+
+
+def _npz_opener(path, info, shape, fortran, dtype):
+    if info.compress_type == zipfile.ZIP_STORED and not fortran:
+        offset = _stored_member_data_offset(path, info)
+
+        def open_mapped():
+            if int(np.prod(shape, dtype=np.int64)) == 0:
+                return _SliceReader(np.empty(shape, dtype))
+            return _SliceReader(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
+
+        return open_mapped
+    if not fortran:
+
+        def open_stream():
+            zf = zipfile.ZipFile(path)
+            f = zf.open(info)
+            _read_npy_header(f)
+            return _StreamReader(f, shape, dtype, closers=(zf,))
+
+        return open_stream
+
+    def open_whole():
+        with np.load(path, allow_pickle=False) as npz:
+            return _SliceReader(npz[info.filename[: -len(".npy")]])
+
+    return open_whole
+
+
+def _stored_member_data_offset(path, info) -> int:
+    """File offset of the array data of an uncompressed .npy member of a zip archive."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise InputError(f"{path}: corrupt zip local header for '{info.filename}'")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        _read_npy_header(f)
+        return f.tell()
+
+
+def _file_part(path, single_input) -> dict:
+    if path.endswith(".npz"):
+        part = _npz_sources(path)
+        if single_input is not None and single_input not in part and list(part) == ["arr_0"]:
+            part = {single_input: part["arr_0"]}  # np.savez(f, array) for a single-input model
+        return part
+    if single_input is None:
+        raise InputError(f"{path}: a .npy file holds one array, but the model has several inputs; use .npz with arrays named by input")
+    return {single_input: _npy_source(path)}
+
+
+class _Dataset:
+    """Calibration data as a sequence of parts (name -> array source), streamed in batches.
+
+    Parts are files, one in-memory dict, or the items of a user iterable. Batches are cut from the
+    concatenation of all parts, so how the data is split into files does not change the result.
+    """
+
+    def __init__(self, data, specs: dict, optional: set):
+        self.specs = specs
+        self.optional = optional
+        names = list(specs)
+        self._single = names[0] if len(names) == 1 else None
+        self._lazy = None  # a user iterable of dicts, read part by part
+        self.one_shot = False
+        if isinstance(data, (str, os.PathLike)):
+            self.parts = self._path_parts(os.fspath(data))
+        elif isinstance(data, Mapping):
+            self.parts = [self._mapping_part(data, "data")]
+        elif isinstance(data, np.ndarray):
+            if self._single is None:
+                raise InputError(f"data: a single array was given but the model has {len(names)} inputs ({', '.join(names)}); pass a dict name -> array")
+            self.parts = [{self._single: _memory_source("data", data)}]
+        elif isinstance(data, Iterable) and not isinstance(data, (bytes, bytearray)):
+            self.parts = None
+            self._lazy = data
+            self.one_shot = iter(data) is data
+        else:
+            raise InputError(f"data: expected a path, a dict name -> array, an array or an iterable of dicts, got {type(data).__name__}")
+        if self.parts is not None:
+            for part in self.parts:
+                self._validate(part)
+            if self.total_samples == 0:
+                raise InputError("calibration data is empty (0 samples)")
+
+    # -- construction ----------------------------------------------------------------------
+    def _path_parts(self, path):
+        if not os.path.exists(path):
+            raise InputError(f"{path}: no such file or directory")
+        if os.path.isdir(path):
+            files = sorted(f for f in os.listdir(path) if f.endswith((".npy", ".npz")))
+            if not files:
+                raise InputError(f"{path}: calibration data is empty (no .npy or .npz files in the directory)")
+            return [_file_part(os.path.join(path, f), self._single) for f in files]
+        if not path.endswith((".npy", ".npz")):
+            raise InputError(f"{path}: unsupported data file (expected .npy, .npz or a directory of them)")
+        return [_file_part(path, self._single)]
+
+    def _mapping_part(self, mapping, origin):
+        part = {}
+        for name, value in mapping.items():
+            if not isinstance(name, str):
+                raise InputError(f"{origin}: keys must be input names (str), got {type(name).__name__}")
+            try:
+                array = np.asarray(value)
+            except Exception as e:
+                raise InputError(f"{origin}['{name}']: not convertible to an array ({_first_line(e)})") from None
+            part[name] = _memory_source(f"{origin}['{name}']", array)
+        return part
+
+    # -- validation ------------------------------------------------------------------------
+    def _validate(self, part):
+        origin = _part_origin(part)
+        missing = [n for n in self.specs if n not in part]
+        unexpected = [n for n in part if n not in self.specs and n not in self.optional]
+        if missing or unexpected:
+            problems = []
+            if missing:
+                problems.append("missing input(s) " + ", ".join(f"'{n}'" for n in missing))
+            if unexpected:
+                problems.append("unexpected array(s) " + ", ".join(f"'{n}'" for n in unexpected))
+            raise InputError(f"{origin}: {'; '.join(problems)} (model inputs: {', '.join(self.specs)})")
+        lengths = set()
+        for name, src in part.items():
+            if name not in self.specs:
+                continue
+            spec = self.specs[name]
+            if len(src.shape) == 0:
+                raise InputError(f"{src.origin}: a 0-d array has no batch axis; expected shape {_fmt_dims(spec.dims)}")
+            if spec.dims is not None:
+                if len(src.shape) != len(spec.dims):
+                    raise InputError(f"{src.origin}: shape {src.shape} has rank {len(src.shape)}, model input '{name}' expects rank {len(spec.dims)} {_fmt_dims(spec.dims)}")
+                for axis in range(1, len(spec.dims)):
+                    if spec.dims[axis] is not None and src.shape[axis] != spec.dims[axis]:
+                        raise InputError(f"{src.origin}: shape {src.shape} does not match model input '{name}' {_fmt_dims(spec.dims)} (axis {axis}: expected {spec.dims[axis]}, got {src.shape[axis]})")
+            if not _castable(src.dtype, spec.dtype):
+                raise InputError(f"{src.origin}: dtype {src.dtype} does not match model input '{name}' (expected {spec.dtype}, got {src.dtype}; only floating-point data is converted between float types)")
+            lengths.add(src.shape[0])
+        if len(lengths) > 1:
+            sizes = ", ".join(f"'{n}': {s.shape[0]}" for n, s in part.items() if n in self.specs)
+            raise InputError(f"{origin}: inputs have different numbers of samples ({sizes})")
+
+    @property
+    def total_samples(self):
+        if self.parts is None:
+            return None
+        return sum(next(s for n, s in p.items() if n in self.specs).shape[0] for p in self.parts)
+
+    def _iter_parts(self):
+        if self.parts is not None:
+            yield from self.parts
+            return
+        for i, item in enumerate(self._lazy):
+            if isinstance(item, np.ndarray) and self._single is not None:
+                item = {self._single: item}
+            if not isinstance(item, Mapping):
+                raise InputError(f"data item {i}: expected a dict name -> array, got {type(item).__name__}")
+            part = self._mapping_part(item, f"data item {i}")
+            self._validate(part)
+            yield part
+
+    # -- streaming -------------------------------------------------------------------------
+    def batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[dict]:
+        """Yield dicts input name -> C-contiguous array of ``batch_size`` samples (the last may be
+        smaller), in the model's dtypes. Holds at most one batch (plus one part's open readers)."""
+        pending = {n: [] for n in self.specs}
+        pending_rows = 0
+        emitted = 0
+        seen_any = False
+        for part in self._iter_parts():
+            readers = {n: part[n].open() for n in self.specs}
+            try:
+                left = part[next(iter(self.specs))].shape[0]
+                while left > 0:
+                    take = min(batch_size - pending_rows, left)
+                    for n, r in readers.items():
+                        pending[n].append(r.read(take))
+                    pending_rows += take
+                    left -= take
+                    seen_any = True
+                    if pending_rows == batch_size:
+                        yield self._assemble(pending)
+                        pending = {n: [] for n in self.specs}
+                        pending_rows = 0
+                        emitted += 1
+                        if max_batches is not None and emitted >= max_batches:
+                            return
+            finally:
+                for r in readers.values():
+                    r.close()
+        if pending_rows:
+            yield self._assemble(pending)
+        elif not seen_any:
+            raise InputError("calibration data is empty (0 samples)")
+
+    def _assemble(self, pending):
+        batch = {}
+        for n, pieces in pending.items():
+            array = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+            batch[n] = np.ascontiguousarray(array, dtype=self.specs[n].dtype)
+        return batch
+
+    def n_batches(self, batch_size, max_batches):
+        total = self.total_samples
+        if total is None:
+            return max_batches
+        n = -(-total // batch_size)
+        return n if max_batches is None else min(n, max_batches)
+
+
+def _castable(src: np.dtype, dst: np.dtype) -> bool:
+    if src == dst:
+        return True
+    # float64 data for a float32 model is the common case (numpy's default dtype); converting
+    # between float types is what the user means. Everything else must match exactly.
+    return np.issubdtype(src, np.floating) and np.issubdtype(dst, np.floating)
+
+
+def _part_origin(part) -> str:
+    origins = {s.origin.rsplit(":", 1)[0] if ":" in s.origin else s.origin for s in part.values()}
+    return origins.pop() if len(origins) == 1 else "data"
+
+
+def _fmt_dims(dims) -> str:
+    if dims is None:
+        return "(unknown)"
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+
+
+# --------------------------------------------------------------------------------------------
+# Graph analysis and rewriting
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _BN:
+    """A BatchNormalization node of the main graph that will be calibrated."""
+
+    index: int  # position in model.graph.node
+    label: str
+    x: str
+    level: int = 0
+
+
+def _is_bn(node) -> bool:
+    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+
+
+def _opset(model) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+def _skip_reason(node, opset) -> str:
+    """Why a main-graph BN is not calibrated ("" when it is)."""
+    if get_attr(node, "training_mode", 0) == 1 or any(o for o in node.output[1:]):
+        return "training_mode: BN is in training mode already (normalizes by batch statistics); left alone"
+    if opset <= 6 and get_attr(node, "is_test", 0) == 0:
+        return "training_mode: opset <= 6 BN with is_test=0; left alone"
+    if get_attr(node, "spatial", 1) == 0:
+        return "spatial_mode: per-activation statistics (spatial=0) are not supported"
+    if len(node.input) < 5 or not node.input[0]:
+        return "malformed: BatchNormalization needs 5 inputs"
+    return ""
+
+
+def _subgraph_bns(graph, path):
+    """(label, graph path) of every BN inside the subgraphs of ``graph``'s nodes, recursively."""
+    found = []
+    for i, node in enumerate(graph.node):
+        owner = node_label(node, i)
+        for attr_label, sub in node_subgraphs(node):
+            sub_path = f"{path}/{owner}/{attr_label}" if path else f"{owner}/{attr_label}"
+            for j, inner in enumerate(sub.node):
+                if _is_bn(inner):
+                    found.append((node_label(inner, j), sub_path))
+            found += _subgraph_bns(sub, sub_path)
+    return found
+
+
+def _outer_references(node) -> set:
+    """Names a node's subgraphs read from the enclosing scope (implicit inputs)."""
+    refs = set()
+    for _, sub in node_subgraphs(node):
+        refs |= outer_scope_reads(sub)
+    return refs
+
+
+def _node_inputs(node) -> set:
+    return {n for n in node.input if n} | _outer_references(node)
+
+
+def _assign_levels(model, bns: list[_BN]) -> None:
+    """level(BN) = number of calibrated BNs on the longest path from the graph inputs, itself
+    included. The main graph is topologically sorted (the ONNX checker requires it)."""
+    by_index = {b.index: b for b in bns}
+    depth = {}
+    for i, node in enumerate(model.graph.node):
+        d = max((depth.get(n, 0) for n in _node_inputs(node)), default=0)
+        if i in by_index:
+            d += 1
+            by_index[i].level = d
+        for o in node.output:
+            if o:
+                depth[o] = d
+
+
+def _prune(model, outputs: list[str], elem_types: dict) -> None:
+    """Keep only the nodes and initializers needed to compute ``outputs``; make them the outputs.
+    Graph inputs are kept so every batch can be fed as is."""
+    graph = model.graph
+    needed = set(outputs)
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed |= _node_inputs(node)
+    keep.reverse()
+    kept_inits = [t for t in graph.initializer if t.name in needed]
+    del graph.node[:]
+    graph.node.extend(keep)
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
+    known = {vi.name: vi for vi in list(graph.value_info) + list(graph.output) + list(graph.input)}
+    del graph.output[:]
+    for name in outputs:
+        vi = onnx.ValueInfoProto()
+        if name in known:
+            vi.CopyFrom(known[name])
+        elif name in elem_types:
+            vi = helper.make_tensor_value_info(name, elem_types[name], None)
+        else:
+            vi.name = name
+        graph.output.append(vi)
+
+
+def _expose_inputs(model, bns: list[_BN], elem_types: dict) -> dict:
+    """Make every BN input fetchable as a graph output; returns BN label -> output name.
+
+    A BN reading a graph input (or an initializer) directly gets an Identity in between, because a
+    name cannot be both a graph input and a graph output in every runtime.
+    """
+    graph = model.graph
+    direct = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    fetch = {}
+    identities = {}
+    for b in bns:
+        if b.x in direct:
+            if b.x not in identities:
+                out = f"{_PREFIX}/input_copy/{len(identities)}"
+                graph.node.insert(0, helper.make_node("Identity", [b.x], [out], name=out))
+                identities[b.x] = out
+                if b.x in elem_types:
+                    elem_types[out] = elem_types[b.x]
+                for bb in bns:
+                    bb.index += 1
+            fetch[b.label] = identities[b.x]
+        else:
+            fetch[b.label] = b.x
+    return fetch
+
+
+def _elem_types(model) -> dict:
+    """name -> ONNX element type for every tensor shape inference can type (best effort)."""
+    types = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for t in g.initializer:
+        types[t.name] = t.data_type
+    return types
+
+
+def _rewrite_batch_mode(model, bns: list[_BN], elem_types: dict) -> None:
+    """Replace every BN in ``bns`` with explicit batch-statistics normalization, in place.
+
+    x (N, C, ...) -> reshape (N, C, S) -> mean/biased var over axes (0, 2) -> (x - mean) /
+    sqrt(var + eps) * scale + bias -> reshape back. Reshape keeps it rank-agnostic.
+    """
+    graph = model.graph
+    opset = _opset(model)
+    p = _PREFIX
+    consts = [
+        numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{p}/shape_ncs"),
+        numpy_helper.from_array(np.array([1, -1, 1], np.int64), f"{p}/shape_1c1"),
+    ]
+    if opset >= 18:
+        consts.append(numpy_helper.from_array(np.array([0, 2], np.int64), f"{p}/axes_0_2"))
+    graph.initializer.extend(consts)
+
+    def reduce_mean(inp, out, name):
+        if opset >= 18:
+            return helper.make_node("ReduceMean", [inp, f"{p}/axes_0_2"], [out], name=name, keepdims=1)
+        return helper.make_node("ReduceMean", [inp], [out], name=name, axes=[0, 2], keepdims=1)
+
+    by_index = {b.index: b for b in bns}
+    new_nodes = []
+    for i, node in enumerate(graph.node):
+        if i not in by_index:
+            new_nodes.append(node)
+            continue
+        b = by_index[i]
+        q = f"{p}/{i}"
+        x, scale, bias = node.input[0], node.input[1], node.input[2]
+        x_type = elem_types.get(x) or elem_types.get(scale) or onnx.TensorProto.FLOAT
+        eps = float(get_attr(node, "epsilon", 1e-5))
+        graph.initializer.append(
+            numpy_helper.from_array(np.array(eps, dtype=helper.tensor_dtype_to_np_dtype(x_type)), f"{q}/eps")
+        )
+        ops = [
+            helper.make_node("Reshape", [x, f"{p}/shape_ncs"], [f"{q}/x3"], name=f"{q}/x3"),
+            reduce_mean(f"{q}/x3", f"{q}/mean", f"{q}/mean"),
+            helper.make_node("Sub", [f"{q}/x3", f"{q}/mean"], [f"{q}/centered"], name=f"{q}/centered"),
+            helper.make_node("Mul", [f"{q}/centered", f"{q}/centered"], [f"{q}/sq"], name=f"{q}/sq"),
+            reduce_mean(f"{q}/sq", f"{q}/var", f"{q}/var"),
+            helper.make_node("Add", [f"{q}/var", f"{q}/eps"], [f"{q}/var_eps"], name=f"{q}/var_eps"),
+            helper.make_node("Sqrt", [f"{q}/var_eps"], [f"{q}/std"], name=f"{q}/std"),
+            helper.make_node("Div", [f"{q}/centered", f"{q}/std"], [f"{q}/normed"], name=f"{q}/normed"),
+        ]
+        for role, name in (("scale", scale), ("bias", bias)):
+            src = name
+            if elem_types.get(name, x_type) != x_type:
+                src = f"{q}/{role}_cast"
+                ops.append(helper.make_node("Cast", [name], [src], name=src, to=x_type))
+            ops.append(helper.make_node("Reshape", [src, f"{p}/shape_1c1"], [f"{q}/{role}_1c1"], name=f"{q}/{role}_1c1"))
+        ops += [
+            helper.make_node("Mul", [f"{q}/normed", f"{q}/scale_1c1"], [f"{q}/scaled"], name=f"{q}/scaled"),
+            helper.make_node("Add", [f"{q}/scaled", f"{q}/bias_1c1"], [f"{q}/y3"], name=f"{q}/y3"),
+            helper.make_node("Shape", [x], [f"{q}/x_shape"], name=f"{q}/x_shape"),
+            helper.make_node("Reshape", [f"{q}/y3", f"{q}/x_shape"], [node.output[0]], name=f"{q}/y"),
+        ]
+        new_nodes += ops
+        b.index = -1  # node no longer exists in this graph copy
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+
+
+def _write_statistics(model, bn_index: int, label: str, mean: np.ndarray, var: np.ndarray, elem_types: dict, released: set) -> None:
+    """Set the BN's running mean/var. An initializer only this BN reads is updated in place
+    (keeping its name and dtype); otherwise (shared, Constant node, graph input) the BN gets a
+    fresh initializer so nothing else in the model changes."""
+    graph = model.graph
+    node = graph.node[bn_index]
+    inits = {t.name: t for t in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    for slot, values, role in ((3, mean, "running_mean"), (4, var, "running_var")):
+        name = node.input[slot]
+        dtype = helper.tensor_dtype_to_np_dtype(elem_types.get(name, onnx.TensorProto.FLOAT))
+        if name in inits:
+            dtype = helper.tensor_dtype_to_np_dtype(inits[name].data_type)
+        new = numpy_helper.from_array(np.asarray(values, dtype=np.float64).astype(dtype), name)
+        if name in inits and name not in graph_inputs and _uses(model, name) == 1:
+            inits[name].CopyFrom(new)
+            continue
+        existing = set(inits) | {o for n in graph.node for o in n.output} | graph_inputs
+        fresh = f"{label}.{role}.calibrated"
+        k = 1
+        while fresh in existing:
+            k += 1
+            fresh = f"{label}.{role}.calibrated.{k}"
+        new.name = fresh
+        graph.initializer.append(new)
+        inits[fresh] = new
+        released.add(name)
+        node.input[slot] = fresh
+
+
+def _uses(model, name) -> int:
+    count = sum(1 for n in model.graph.node for i in n.input if i == name)
+    count += sum(1 for n in model.graph.node if name in _outer_references(n))
+    count += sum(1 for o in model.graph.output if o.name == name)
+    return count
+
+
+def _initial_statistics(model, node, elem_types):
+    """Current running mean/var of a BN when they are constants (for the report), else None."""
+    inits = {t.name: t for t in model.graph.initializer}
+    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
+    out = []
+    for slot in (3, 4):
+        name = node.input[slot]
+        value = None
+        if name in inits:
+            value = numpy_helper.to_array(inits[name])
+        elif name in constants:
+            value = constant_node_value(constants[name])
+        out.append(None if value is None else np.asarray(value, dtype=np.float64).reshape(-1))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def _session(model):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # Extended fusions (Conv+activation, ...) speed the forward pass up; the layout-changing and
+    # pattern-matching transformers of level "all" are not needed and could rewrite the explicit
+    # normalization ops.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise InputError(f"onnxruntime cannot run the calibration graph ({_first_line(e)})") from None
+
+
+def _run(session, batch, batch_number):
+    try:
+        return session.run(None, batch)
+    except Exception as e:
+        raise InputError(f"batch {batch_number}: onnxruntime failed on the calibration data ({_first_line(e)})") from None
+
+
+class _NullProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        pass
+
+
+def _progress(enabled, total, label):
+    if not enabled:
+        return _NullProgress()
+    try:
+        from bnfold.progress import Progress
+    except ImportError:
+        return _NullProgress()
+    return Progress(total, label)
+
+
+class _Accumulator:
+    """Per-BN Moments merged across batches, and the time spent on them."""
+
+    def __init__(self, labels, one_value_is_error: bool):
+        from bnfold.kernels import Moments
+
+        self._moments_cls = Moments
+        self.moments = {label: None for label in labels}
+        self.samples = {label: 0 for label in labels}
+        self.seconds = 0.0
+        self._one_value_is_error = one_value_is_error
+
+    def add(self, label, x, batch_number):
+        if x.ndim < 2:
+            raise InputError(f"BN '{label}': input of rank {x.ndim}; BatchNormalization needs (N, C, ...)")
+        per_channel = x.size // x.shape[1] if x.shape[1] else 0
+        if self._one_value_is_error and per_channel == 1:
+            raise InputError(
+                f"batch {batch_number}: BN '{label}' sees one value per channel (batch of 1 sample without spatial "
+                "positions); batch statistics are undefined -- use a batch size >= 2 that leaves no final batch of 1, "
+                "or --mode sequential"
+            )
+        t0 = time.perf_counter()
+        m = self._moments_cls.from_array(x, axis=1)
+        prev = self.moments[label]
+        self.moments[label] = m if prev is None else prev.merge(m)
+        self.seconds += time.perf_counter() - t0
+        self.samples[label] += x.shape[0]
+
+
+def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=None, progress=False):
+    """Re-estimate the running mean/variance of every main-graph BatchNormalization from data.
+
+    Returns ``(calibrated ModelProto, CalibrationReport)``; the input model is never modified.
+    ``data``: a .npy / .npz path or a directory of them, a dict input name -> array, a single
+    array (single-input model), or an iterable of such dicts. Samples are streamed in batches of
+    ``batch_size`` along axis 0; ``max_batches`` limits the number of batches per pass.
+    ``mode``: "batch" (PreciseBN, statistics of deeper BNs depend on the batch size) or
+    "sequential" (inference-consistent, batch-size independent, one pass per BN level).
+    Raises InputError for unusable data; nothing is returned half-calibrated.
+    """
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, (int, np.integer)) or max_batches < 1):
+        raise InputError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    batch_size = int(batch_size)
+    t_start = time.perf_counter()
+
+    source = load_model(model_or_path)
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
+    specs, optional = _model_input_specs(model)
+    if not specs:
+        raise InputError("model has no inputs to feed calibration data into")
+    dataset = _Dataset(data, specs, optional)
+    for spec in specs.values():
+        if spec.dims and spec.dims[0] is not None and spec.dims[0] != batch_size:
+            raise InputError(f"model input '{spec.name}' has a fixed batch dimension {spec.dims[0]}; use batch size {spec.dims[0]}")
+
+    report = CalibrationReport(mode=mode, batch_size=batch_size)
+    opset = _opset(model)
+    elem_types = _elem_types(model)
+    bns = []
+    for i, node in enumerate(model.graph.node):
+        if not _is_bn(node):
+            continue
+        label = node_label(node, i)
+        entry = BNCalibration(bn=label, epsilon=float(get_attr(node, "epsilon", 1e-5)))
+        reason = _skip_reason(node, opset)
+        if reason:
+            entry.status, entry.reason = "skipped", reason
+        else:
+            entry.old_mean, entry.old_var = _initial_statistics(model, node, elem_types)
+            bns.append(_BN(index=i, label=label, x=node.input[0]))
+        report.entries.append(entry)
+    for label, path in _subgraph_bns(model.graph, ""):
+        report.entries.append(
+            BNCalibration(bn=label, graph=path, status="skipped", reason="subgraph: BNs inside If/Loop/Scan bodies are not calibrated")
+        )
+    if not bns:
+        report.notes.append("no BatchNormalization in the main graph can be calibrated; model unchanged")
+        report.seconds_total = time.perf_counter() - t_start
+        return model, report
+
+    _assign_levels(model, bns)
+    n_batches = dataset.n_batches(batch_size, max_batches)
+    if mode == "batch":
+        groups = [bns]
+    else:
+        levels = sorted({b.level for b in bns})
+        groups = [[b for b in bns if b.level == lv] for lv in levels]
+        if dataset.one_shot and len(groups) > 1:
+            raise InputError(
+                f"sequential mode reads the data once per BN level ({len(groups)} levels); pass a list, dict, array or "
+                "path instead of a one-shot iterator"
+            )
+    total = None if n_batches is None else n_batches * len(groups)
+
+    results = {}
+    released = set()  # statistics tensors replaced by fresh ones (shared or Constant-node outputs)
+    with _progress(progress, total, f"calibrate ({mode})") as bar:
+        for group in groups:
+            work = onnx.ModelProto()
+            work.CopyFrom(model)
+            group_copy = [_BN(b.index, b.label, b.x, b.level) for b in group]
+            fetch = _expose_inputs(work, group_copy, elem_types)
+            if mode == "batch":
+                _rewrite_batch_mode(work, group_copy, elem_types)
+            names = list(dict.fromkeys(fetch.values()))
+            _prune(work, names, elem_types)
+            session = _session(work)
+            acc = _Accumulator([b.label for b in group], one_value_is_error=(mode == "batch"))
+            seen_batches = seen_samples = 0
+            for batch in dataset.batches(batch_size, max_batches):
+                seen_batches += 1
+                t0 = time.perf_counter()
+                outputs = _run(session, batch, seen_batches)
+                report.seconds_forward += time.perf_counter() - t0
+                by_name = dict(zip(names, outputs))
+                for b in group:
+                    acc.add(b.label, by_name[fetch[b.label]], seen_batches)
+                seen_samples += next(iter(batch.values())).shape[0]
+                bar.update(1)
+            report.seconds_statistics += acc.seconds
+            report.n_batches, report.n_samples = seen_batches, seen_samples
+            report.passes += 1
+            for b in group:
+                m = acc.moments[b.label]
+                results[b.label] = (m, acc.samples[b.label])
+                if mode == "sequential":
+                    _write_statistics(model, b.index, b.label, m.mean, m.var(), elem_types, released)
+    if mode == "batch":
+        for b in bns:
+            m, _ = results[b.label]
+            _write_statistics(model, b.index, b.label, m.mean, m.var(), elem_types, released)
+    remove_unused(model, released)
+
+    level_of = {b.label: b.level for b in bns}
+    for entry in report.entries:
+        if entry.status != "calibrated" or entry.graph:
+            continue
+        m, samples = results[entry.bn]
+        entry.new_mean = np.asarray(m.mean, dtype=np.float64)
+        entry.new_var = np.asarray(m.var(), dtype=np.float64)
+        entry.channels = int(entry.new_mean.shape[0])
+        entry.samples = int(samples)
+        entry.values_per_channel = int(m.count)
+        entry.level = level_of[entry.bn]
+    report.seconds_total = time.perf_counter() - t_start
+    return model, report
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,568 @@
+"""Tests of bnfold.calibrate (PreciseBN) against a float64 numpy reference of the same semantics.
+
+The reference evaluates the ONNX graph itself in float64 (Conv, BatchNormalization, Relu, Add,
+GlobalAveragePool, Flatten, Gemm) and implements both modes naively: "batch" concatenates every
+BN input over all batches; "sequential" calibrates one BN at a time in node order, re-running the
+whole data set each time. It shares no code with bnfold.calibration.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import bnfold
+from bnfold.calibration import calibrate
+from bnfold.errors import InputError
+
+OPSET = 15
+
+
+# ------------------------------------------------------------------------------------------------
+# Model builders
+# ------------------------------------------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits = [], []
+        self.count = 0
+
+    def _init(self, name, array):
+        self.inits.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
+        return name
+
+    def conv(self, x, cin, cout, k=3, stride=1, pad=1):
+        i = self.count = self.count + 1
+        w = self._init(f"conv{i}.w", self.rng.normal(0, 1 / np.sqrt(cin * k * k), (cout, cin, k, k)))
+        b = self._init(f"conv{i}.b", self.rng.normal(0, 0.3, cout))
+        self.nodes.append(helper.make_node("Conv", [x, w, b], [f"conv{i}"], name=f"conv{i}", kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4))
+        return f"conv{i}"
+
+    def bn(self, x, c, name=None, shared=None):
+        i = self.count = self.count + 1
+        name = name or f"bn{i}"
+        s = self._init(f"{name}.scale", self.rng.uniform(0.5, 1.5, c))
+        b = self._init(f"{name}.bias", self.rng.normal(0, 0.5, c))
+        if shared:
+            m, v = shared
+        else:
+            m = self._init(f"{name}.mean", self.rng.normal(0, 1, c))
+            v = self._init(f"{name}.var", self.rng.uniform(0.5, 2, c))
+        self.nodes.append(helper.make_node("BatchNormalization", [x, s, b, m, v], [name], name=name, epsilon=1e-3))
+        return name
+
+    def op(self, op, inputs, **attrs):
+        i = self.count = self.count + 1
+        out = f"{op.lower()}{i}"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def gemm(self, x, cin, cout):
+        i = self.count = self.count + 1
+        w = self._init(f"gemm{i}.w", self.rng.normal(0, 1 / np.sqrt(cin), (cout, cin)))
+        b = self._init(f"gemm{i}.b", self.rng.normal(0, 0.3, cout))
+        self.nodes.append(helper.make_node("Gemm", [x, w, b], [f"gemm{i}"], name=f"gemm{i}", transB=1))
+        return f"gemm{i}"
+
+    def model(self, input_shape, output, output_shape):
+        graph = helper.make_graph(
+            self.nodes,
+            "calibration_test",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape)],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        return model
+
+
+def conv_stack(seed=0):
+    """Conv-BN-ReLU x3 (second conv strided), input (N, 3, 8, 8)."""
+    b = _Builder(seed)
+    y = b.op("Relu", [b.bn(b.conv("x", 3, 4), 4)])
+    y = b.op("Relu", [b.bn(b.conv(y, 4, 5, stride=2), 5)])
+    y = b.bn(b.conv(y, 5, 6, k=1, pad=0), 6)
+    return b.model(["N", 3, 8, 8], y, ["N", 6, 4, 4])
+
+
+def residual_net(seed=1):
+    """Two branches from the input joined by Add, then pooling, a BN on (N, C) and a Gemm.
+    BN levels: bn_a=1, bn_c=1, bn_b=2, bn_fc=3."""
+    b = _Builder(seed)
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 4), 4, name="bn_a")])
+    a = b.bn(b.conv(a, 4, 4), 4, name="bn_b")
+    c = b.bn(b.conv("x", 3, 4, k=1, pad=0), 4, name="bn_c")
+    y = b.op("Relu", [b.op("Add", [a, c])])
+    y = b.op("Flatten", [b.op("GlobalAveragePool", [y])])
+    y = b.gemm(b.bn(y, 4, name="bn_fc"), 4, 3)
+    return b.model(["N", 3, 6, 6], y, ["N", 3])
+
+
+def bn_gemm(seed=2):
+    """BN directly on the (N, 6) input, Gemm, ReLU, BN."""
+    b = _Builder(seed)
+    y = b.op("Relu", [b.gemm(b.bn("x", 6, name="bn_in"), 6, 5)])
+    y = b.bn(y, 5, name="bn_out")
+    return b.model(["N", 6], y, ["N", 5])
+
+
+MODELS = {"conv_stack": (conv_stack, (3, 8, 8)), "residual_net": (residual_net, (3, 6, 6)), "bn_gemm": (bn_gemm, (6,))}
+
+
+def make_data(sample_shape, n=20, seed=0):
+    rng = np.random.default_rng(seed)
+    offsets = rng.normal(0, 2, (1, sample_shape[0]) + (1,) * (len(sample_shape) - 1))
+    return (rng.normal(0, 1.5, (n,) + sample_shape) + offsets).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# float64 numpy reference
+# ------------------------------------------------------------------------------------------------
+
+
+def _conv(x, w, b, strides, pads):
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    k_h, k_w = w.shape[2:]
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k_h, k_w), axis=(2, 3))[:, :, :: strides[0], :: strides[1]]
+    return np.einsum("nchwij,ocij->nohw", windows, w) + b[None, :, None, None]
+
+
+def _reduce_axes(x):
+    return (0,) + tuple(range(2, x.ndim))
+
+
+def _bshape(v, x):
+    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def reference_forward(model, x, bn_behaviour):
+    """Evaluate ``model`` in float64. ``bn_behaviour(name, x, scale, bias, mean, var, eps)`` -> y."""
+    consts = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    env = {"x": x.astype(np.float64), **consts}
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        ins = [env[i] for i in node.input]
+        if node.op_type == "Conv":
+            y = _conv(ins[0], ins[1], ins[2], attrs.get("strides", [1, 1]), attrs.get("pads", [0] * 4))
+        elif node.op_type == "BatchNormalization":
+            y = bn_behaviour(node.name, ins[0], *ins[1:], attrs.get("epsilon", 1e-5))
+        elif node.op_type == "Relu":
+            y = np.maximum(ins[0], 0)
+        elif node.op_type == "Add":
+            y = ins[0] + ins[1]
+        elif node.op_type == "GlobalAveragePool":
+            y = ins[0].mean(axis=(2, 3), keepdims=True)
+        elif node.op_type == "Flatten":
+            y = ins[0].reshape(ins[0].shape[0], -1)
+        elif node.op_type == "Gemm":
+            y = ins[0] @ (ins[1].T if attrs.get("transB", 0) else ins[1]) + ins[2]
+        else:
+            raise NotImplementedError(node.op_type)
+        env[node.output[0]] = y
+    return env[model.graph.output[0].name]
+
+
+def _batches(data, batch_size):
+    return [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+
+
+def reference_calibrate(model, data, mode, batch_size):
+    """name -> (mean, var, values per channel) per BN, float64."""
+    bn_names = [n.name for n in model.graph.node if n.op_type == "BatchNormalization"]
+    if mode == "batch":
+        collected = {n: [] for n in bn_names}
+
+        def batch_bn(name, x, scale, bias, mean, var, eps):
+            collected[name].append(np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]))
+            mu, sig2 = x.mean(axis=_reduce_axes(x)), x.var(axis=_reduce_axes(x))
+            return (x - _bshape(mu, x)) / np.sqrt(_bshape(sig2, x) + eps) * _bshape(scale, x) + _bshape(bias, x)
+
+        for batch in _batches(data, batch_size):
+            reference_forward(model, batch, batch_bn)
+        return {n: _moments(np.concatenate(v)) for n, v in collected.items()}
+
+    stats = {}
+    for target in bn_names:
+        seen = []
+
+        def infer_bn(name, x, scale, bias, mean, var, eps):
+            if name == target:
+                seen.append(np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]))
+            mean, var = stats.get(name, (mean, var))[:2]
+            return (x - _bshape(mean, x)) / np.sqrt(_bshape(var, x) + eps) * _bshape(scale, x) + _bshape(bias, x)
+
+        for batch in _batches(data, batch_size):
+            reference_forward(model, batch, infer_bn)
+        stats[target] = _moments(np.concatenate(seen))
+    return stats
+
+
+def _moments(values):
+    """(mean, biased var, number of values) per channel of a (values, C) array."""
+    return values.mean(axis=0), values.var(axis=0), len(values)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def bn_statistics(model):
+    """name -> (running_mean, running_var) as stored in the model."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.name: (inits[n.input[3]], inits[n.input[4]]) for n in model.graph.node if n.op_type == "BatchNormalization"}
+
+
+def assert_stats_close(got, want, rtol=1e-5):
+    for name, (mean, var, *_) in want.items():
+        g_mean, g_var = got[name]
+        scale = np.abs(mean) + np.sqrt(var)
+        assert np.all(np.abs(g_mean - mean) <= rtol * scale), (name, g_mean, mean)
+        np.testing.assert_allclose(g_var, var, rtol=rtol, err_msg=name)
+
+
+def run(model, x):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Correctness against the reference
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_matches_float64_reference(model_name, mode):
+    builder, sample_shape = MODELS[model_name]
+    model = builder()
+    data = make_data(sample_shape, n=22)
+    calibrated, report = calibrate(model, data, mode=mode, batch_size=8)
+    want = reference_calibrate(model, data.astype(np.float64), mode, 8)
+    assert_stats_close(bn_statistics(calibrated), want)
+    assert report.n_calibrated == len(want)
+    for entry in report.entries:
+        assert entry.samples == 22
+        assert entry.values_per_channel == want[entry.bn][2]
+
+
+def test_scale_bias_and_other_weights_untouched():
+    model = residual_net()
+    calibrated, _ = calibrate(model, make_data((3, 6, 6)), mode="batch", batch_size=5)
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in calibrated.graph.initializer}
+    assert set(before) == set(after)
+    changed = {n for n in before if not np.array_equal(before[n], after[n])}
+    assert changed == {f"{bn}.{s}" for bn in ("bn_a", "bn_b", "bn_c", "bn_fc") for s in ("mean", "var")}
+    assert [n.op_type for n in calibrated.graph.node] == [n.op_type for n in model.graph.node]
+    onnx.checker.check_model(calibrated)
+
+
+def test_input_model_not_mutated():
+    model = conv_stack()
+    snapshot = model.SerializeToString()
+    calibrate(model, make_data((3, 8, 8)), mode="sequential", batch_size=7)
+    assert model.SerializeToString() == snapshot
+
+
+def test_levels_group_independent_bns():
+    _, report = calibrate(residual_net(), make_data((3, 6, 6)), mode="sequential", batch_size=10)
+    levels = {e.bn: e.level for e in report.entries}
+    assert levels == {"bn_a": 1, "bn_c": 1, "bn_b": 2, "bn_fc": 3}
+    assert report.passes == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Exactness: batch-size (in)dependence
+# ------------------------------------------------------------------------------------------------
+
+
+def test_batch_mode_first_bn_independent_of_batch_size_deeper_ones_not():
+    model, data = residual_net(), make_data((3, 6, 6), n=24)
+    stats = [bn_statistics(calibrate(model, data, mode="batch", batch_size=bs)[0]) for bs in (3, 8, 24)]
+    for other in stats[1:]:
+        for first in ("bn_a", "bn_c"):  # both read the input directly
+            np.testing.assert_allclose(other[first][0], stats[0][first][0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(other[first][1], stats[0][first][1], rtol=1e-5)
+        # PreciseBN semantics: deeper BNs see per-batch normalized activations.
+        assert not np.allclose(other["bn_b"][1], stats[0]["bn_b"][1], rtol=1e-3)
+
+
+def test_sequential_mode_independent_of_batch_size():
+    model, data = residual_net(), make_data((3, 6, 6), n=24)
+    stats = [bn_statistics(calibrate(model, data, mode="sequential", batch_size=bs)[0]) for bs in (1, 5, 24)]
+    for other in stats[1:]:
+        assert_stats_close(other, stats[0], rtol=1e-5)
+
+
+def test_sequential_recovers_corrupted_statistics():
+    model, data = conv_stack(seed=5), make_data((3, 8, 8), n=16, seed=3)
+    truth = reference_calibrate(model, data.astype(np.float64), "sequential", 16)
+    good = onnx.ModelProto()
+    good.CopyFrom(model)
+    rng = np.random.default_rng(9)
+    corrupted = onnx.ModelProto()
+    corrupted.CopyFrom(model)
+    for m, source in ((good, lambda s: s), (corrupted, lambda s: (s[0] + rng.normal(0, 1, s[0].shape), s[1] * rng.uniform(0.2, 5, s[1].shape)))):
+        inits = {t.name: t for t in m.graph.initializer}
+        for node in m.graph.node:
+            if node.op_type == "BatchNormalization":
+                mean, var = source(truth[node.name][:2])
+                inits[node.input[3]].CopyFrom(numpy_helper.from_array(mean.astype(np.float32), node.input[3]))
+                inits[node.input[4]].CopyFrom(numpy_helper.from_array(var.astype(np.float32), node.input[4]))
+    expected = run(good, data)
+    assert not np.allclose(run(corrupted, data), expected, rtol=1e-2, atol=1e-2)
+    recovered, _ = calibrate(corrupted, data, mode="sequential", batch_size=6)
+    np.testing.assert_allclose(run(recovered, data), expected, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data sources and streaming
+# ------------------------------------------------------------------------------------------------
+
+
+def test_every_data_source_gives_the_same_result(tmp_path):
+    model, data = conv_stack(), make_data((3, 8, 8), n=20)
+    want = bn_statistics(calibrate(model, {"x": data}, mode="batch", batch_size=6)[0])
+    np.save(tmp_path / "all.npy", data)
+    np.savez(tmp_path / "all.npz", x=data)
+    np.savez_compressed(tmp_path / "all_compressed.npz", x=data)
+    np.savez(tmp_path / "unnamed.npz", data)  # arr_0 for a single-input model
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    np.save(parts / "a.npy", data[:7])
+    np.savez_compressed(parts / "b.npz", x=data[7:12])
+    np.savez(parts / "c.npz", x=np.asfortranarray(data[12:]))
+    (parts / "README.txt").write_text("not data")
+    sources = [
+        data,
+        data.astype(np.float64),
+        [{"x": data[:4]}, {"x": data[4:13]}, {"x": data[13:]}],
+        iter([{"x": data[:10]}, {"x": data[10:]}]),
+        str(tmp_path / "all.npy"),
+        tmp_path / "all.npz",
+        tmp_path / "all_compressed.npz",
+        tmp_path / "unnamed.npz",
+        parts,
+    ]
+    for source in sources:
+        got = bn_statistics(calibrate(model, source, mode="batch", batch_size=6)[0])
+        assert_stats_close(got, {k: (v[0].astype(np.float64), v[1].astype(np.float64)) for k, v in want.items()}, rtol=1e-6)
+
+
+def test_compressed_npz_fortran_member(tmp_path):
+    model, data = conv_stack(), make_data((3, 8, 8), n=9)
+    np.savez_compressed(tmp_path / "f.npz", x=np.asfortranarray(data))
+    got = bn_statistics(calibrate(model, tmp_path / "f.npz", batch_size=4)[0])
+    want = bn_statistics(calibrate(model, data, batch_size=4)[0])
+    for k in want:
+        np.testing.assert_allclose(got[k][1], want[k][1], rtol=1e-6)
+
+
+def test_max_batches_limits_samples():
+    model, data = conv_stack(), make_data((3, 8, 8), n=20)
+    calibrated, report = calibrate(model, data, batch_size=4, max_batches=2)
+    assert report.n_batches == 2 and report.n_samples == 8
+    assert all(e.samples == 8 for e in report.entries)
+    want = bn_statistics(calibrate(model, data[:8], batch_size=4)[0])
+    assert_stats_close(bn_statistics(calibrated), {k: (v[0].astype(np.float64), v[1].astype(np.float64)) for k, v in want.items()}, rtol=1e-6)
+
+
+def test_npz_multi_input_model(tmp_path):
+    """Two inputs, each through its own BN, summed: arrays found by input name."""
+    rng = np.random.default_rng(0)
+    inits = []
+    nodes = []
+    for name in ("a", "b"):
+        for role, v in (("s", np.ones(3)), ("bias", np.zeros(3)), ("m", np.zeros(3)), ("v", np.ones(3))):
+            inits.append(numpy_helper.from_array(v.astype(np.float32), f"{name}.{role}"))
+        nodes.append(helper.make_node("BatchNormalization", [name, f"{name}.s", f"{name}.bias", f"{name}.m", f"{name}.v"], [f"bn_{name}"], name=f"bn_{name}"))
+    nodes.append(helper.make_node("Add", ["bn_a", "bn_b"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "two", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 4]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    a = rng.normal(1, 2, (10, 3, 4)).astype(np.float32)
+    b = rng.normal(-3, 0.5, (10, 3, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", b=b, a=a)
+    got = bn_statistics(calibrate(model, tmp_path / "d.npz", batch_size=3)[0])
+    for name, x in (("bn_a", a), ("bn_b", b)):
+        np.testing.assert_allclose(got[name][0], x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-5)
+        np.testing.assert_allclose(got[name][1], x.astype(np.float64).var(axis=(0, 2)), rtol=1e-5)
+    with pytest.raises(InputError, match="several inputs"):
+        np.save(tmp_path / "a.npy", a)
+        calibrate(model, tmp_path / "a.npy")
+    with pytest.raises(InputError, match="single array"):
+        calibrate(model, a)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad data
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda d: {"y": d}, r"missing input\(s\) 'x'; unexpected array\(s\) 'y'"),
+        (lambda d: {"x": d, "extra": d}, r"unexpected array\(s\) 'extra'"),
+        (lambda d: {"x": d[:, :, :4]}, r"axis 2: expected 8, got 4"),
+        (lambda d: {"x": d[:, 0]}, r"rank 3.*expects rank 4"),
+        (lambda d: {"x": d.astype(np.int32)}, r"expected float32, got int32"),
+        (lambda d: {"x": d[:0]}, r"empty"),
+        (lambda d: [], r"empty"),
+        (lambda d: 42, r"expected a path"),
+        (lambda d: np.float32(1.0), r"0-d array|expected a path"),
+    ],
+)
+def test_bad_data_in_memory(make, pattern):
+    with pytest.raises(InputError, match=pattern):
+        calibrate(conv_stack(), make(make_data((3, 8, 8), n=4)))
+
+
+def test_bad_data_files(tmp_path):
+    model, data = conv_stack(), make_data((3, 8, 8), n=4)
+    np.savez(tmp_path / "mismatch.npz", x=data)
+    two = _two_input_model()
+    np.savez(tmp_path / "lengths.npz", a=np.zeros((4, 3, 4), np.float32), b=np.zeros((5, 3, 4), np.float32))
+    with pytest.raises(InputError, match=r"different numbers of samples \('a': 4, 'b': 5\)"):
+        calibrate(two, tmp_path / "lengths.npz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no .npy or .npz files"):
+        calibrate(model, tmp_path / "empty")
+    with pytest.raises(InputError, match="no such file"):
+        calibrate(model, tmp_path / "missing.npz")
+    (tmp_path / "data.csv").write_text("1,2")
+    with pytest.raises(InputError, match="unsupported data file"):
+        calibrate(model, tmp_path / "data.csv")
+    (tmp_path / "broken.npy").write_bytes(b"not numpy")
+    with pytest.raises(InputError, match="not a readable .npy"):
+        calibrate(model, tmp_path / "broken.npy")
+    bad_dir = tmp_path / "bad_dir"
+    bad_dir.mkdir()
+    np.save(bad_dir / "a.npy", data)
+    np.save(bad_dir / "b.npy", data[:, :, :, :5])
+    with pytest.raises(InputError, match=r"b.npy.*axis 3: expected 8, got 5"):
+        calibrate(model, bad_dir)
+
+
+def _two_input_model():
+    nodes = [helper.make_node("Add", ["a", "b"], ["s"])]
+    inits = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in (("sc", np.ones(3)), ("bi", np.zeros(3)), ("m", np.zeros(3)), ("v", np.ones(3)))]
+    nodes.append(helper.make_node("BatchNormalization", ["s", "sc", "bi", "m", "v"], ["y"], name="bn"))
+    graph = helper.make_graph(
+        nodes, "two", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 4]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model
+
+
+def test_one_value_per_channel_is_an_error_in_batch_mode_only():
+    model, data = bn_gemm(), make_data((6,), n=5)
+    with pytest.raises(InputError, match=r"batch 3: BN 'bn_in' sees one value per channel"):
+        calibrate(model, data, mode="batch", batch_size=2)  # batches of 2, 2, 1
+    _, report = calibrate(model, data, mode="sequential", batch_size=2)
+    assert report.n_calibrated == 2
+
+
+def test_sequential_mode_rejects_one_shot_iterator_for_several_levels():
+    data = make_data((3, 8, 8), n=6)
+    with pytest.raises(InputError, match="one-shot iterator"):
+        calibrate(conv_stack(), iter([{"x": data}]), mode="sequential")
+
+
+@pytest.mark.parametrize("kwargs, pattern", [({"mode": "train"}, "mode must be"), ({"batch_size": 0}, "batch_size"), ({"max_batches": 0}, "max_batches")])
+def test_bad_arguments(kwargs, pattern):
+    with pytest.raises(InputError, match=pattern):
+        calibrate(conv_stack(), make_data((3, 8, 8), n=4), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Graph cases: shared statistics, subgraphs, training mode; report
+# ------------------------------------------------------------------------------------------------
+
+
+def test_shared_statistics_tensors_get_their_own_copies():
+    b = _Builder(3)
+    y = b.bn(b.conv("x", 3, 4), 4, name="first")
+    y = b.bn(b.op("Relu", [y]), 4, name="second", shared=("first.mean", "first.var"))
+    model = b.model(["N", 3, 8, 8], y, ["N", 4, 8, 8])
+    data = make_data((3, 8, 8), n=10)
+    calibrated, _ = calibrate(model, data, mode="sequential", batch_size=4)
+    got = bn_statistics(calibrated)
+    want = reference_calibrate(model, data.astype(np.float64), "sequential", 4)
+    assert_stats_close(got, want)
+    assert not np.allclose(got["first"][1], got["second"][1])
+    onnx.checker.check_model(calibrated)
+
+
+def test_subgraph_and_training_mode_bns_are_reported_not_calibrated():
+    rng = np.random.default_rng(0)
+    c = 3
+
+    def params(prefix):
+        return [numpy_helper.from_array(v.astype(np.float32), f"{prefix}.{r}") for r, v in
+                (("s", np.ones(c)), ("b", np.zeros(c)), ("m", rng.normal(0, 1, c)), ("v", np.ones(c)))]
+
+    then_graph = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["main", "t.s", "t.b", "t.m", "t.v"], ["then_out"], name="inner_bn")],
+        "then", [], [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)], params("t"),
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["main"], ["else_out"])], "else", [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "tr.s", "tr.b", "tr.m", "tr.v"], ["trained", "tr_rm", "tr_rv"], name="train_bn", training_mode=1),
+        helper.make_node("BatchNormalization", ["trained", "m.s", "m.b", "m.m", "m.v"], ["main"], name="main_bn"),
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph),
+    ]
+    inits = params("tr") + params("m") + [numpy_helper.from_array(np.array(True), "cond")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    data = rng.normal(2, 3, (8, c, 4)).astype(np.float32)
+    calibrated, report = calibrate(model, data, mode="sequential", batch_size=4)
+    by_name = {e.bn: e for e in report.entries}
+    assert by_name["main_bn"].status == "calibrated"
+    assert by_name["train_bn"].status == "skipped" and "training_mode" in by_name["train_bn"].reason
+    assert by_name["inner_bn"].status == "skipped" and by_name["inner_bn"].graph == "branch/then_branch"
+    # main_bn reads the train-mode BN's output: per-batch standardized values (mean 0, var ~1).
+    np.testing.assert_allclose(bn_statistics(calibrated)["main_bn"][0], 0, atol=1e-5)
+    table = report.format_table()
+    assert "inner_bn [branch/then_branch]" in table and "skipped" in table
+
+
+def test_report_contents_and_json(tmp_path):
+    model, data = conv_stack(), make_data((3, 8, 8), n=12)
+    calibrated, report = calibrate(model, data, mode="batch", batch_size=5)
+    old, new = bn_statistics(model), bn_statistics(calibrated)
+    entry = report.entries[0]
+    assert entry.bn == "bn2" and entry.channels == 4 and entry.samples == 12 and entry.values_per_channel == 12 * 64
+    np.testing.assert_array_equal(entry.old_mean, old["bn2"][0])
+    np.testing.assert_allclose(entry.new_var, new["bn2"][1], rtol=1e-6)
+    expected_change = np.max(np.abs(new["bn2"][1] - old["bn2"][1]) / (np.abs(old["bn2"][1]) + 1e-3))
+    assert entry.max_rel_change_var == pytest.approx(expected_change, rel=1e-5)
+    report.to_json(tmp_path / "r.json")
+    loaded = json.loads((tmp_path / "r.json").read_text())
+    assert loaded["mode"] == "batch" and loaded["n_calibrated"] == 3 and loaded["n_batches"] == 3
+    assert loaded["bn"][0]["new_var"]["max"] == pytest.approx(float(new["bn2"][1].max()), rel=1e-6)
+    assert "bn2" in report.format_table()
+    assert report.seconds_forward > 0 and report.seconds_statistics > 0
+
+
+def test_public_api_exports():
+    assert bnfold.calibrate is calibrate
+    assert bnfold.CalibrationReport.__name__ == "CalibrationReport"
