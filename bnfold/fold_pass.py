@@ -1,0 +1,282 @@
+"""The fold pass: remove every exactly-foldable inference BatchNormalization, report the rest.
+
+``fold(model)`` copies the model, then for the main graph and, recursively, every If/Loop/Scan
+body: reduces each BN to its per-channel affine map (``bnfold.rules.base.BatchNorm``), offers it
+to the rules (backward folds into the producing layer first, then forward folds into the reading
+layer), applies the first exact match, and repeats until nothing changes (a BN can become
+foldable after another fold, e.g. Conv -> BN -> BN). Tensors the folds no longer need are
+deleted. ``FoldReport`` puts every BN in exactly one of ``folded`` / ``remaining`` (with a reason
+code and one sentence) and describes its attachment in ``bn_nodes``; ``inspect`` returns the same
+report without handing out the folded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from bnfold.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_default_domain, node_subgraphs, \
+    remove_unused, to_float64
+from bnfold.model_io import load_model
+from bnfold.rules import bn_conv, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
+from bnfold.rules.base import BatchNorm, Failure, Match
+
+BACKWARD_RULES = (conv_bn, convtranspose_bn, gemm_bn, matmul_bn)
+FORWARD_RULES = (bn_gemm, bn_matmul, bn_conv)
+
+RULE_CODES = tuple(r.RULE for r in BACKWARD_RULES + FORWARD_RULES)
+REASON_CODES = (
+    "training_mode",
+    "non_constant_params",
+    "non_constant_weight",
+    "graph_output",
+    "multiple_consumers",
+    "not_per_channel",
+    "padded_conv",
+    "matmul_layout",
+    "unknown_rank",
+    "spatial_mode",
+    "unsupported_dtype",
+    "no_foldable_neighbour",
+)
+
+GRAPH_OUTPUT_OP = "<graph output>"
+
+
+@dataclass(frozen=True)
+class FoldedBN:
+    """A BN that was folded: ``rule`` code, ``target`` layer label, ``graph`` path ("" = main)."""
+
+    bn: str
+    rule: str
+    target: str
+    graph: str
+    absorbed: tuple = ()  # labels of Add/Mul/Sub/Div nodes folded along with the BN
+
+
+@dataclass(frozen=True)
+class RemainingBN:
+    """A BN that stays, with a machine-readable ``reason`` code and a one-sentence ``message``."""
+
+    bn: str
+    reason: str
+    message: str
+    graph: str
+
+
+@dataclass(frozen=True)
+class BNInfo:
+    """Where a BN sits in the original model and what the pass does with it (for ``inspect``).
+
+    ``producer_op``/``producer`` are "" when the BN input is a graph input, initializer or an
+    outer-scope value; a graph output among the readers appears as op ``"<graph output>"``.
+    """
+
+    bn: str
+    graph: str
+    producer_op: str
+    producer: str
+    consumer_ops: tuple
+    consumers: tuple
+    foldable: bool
+    rule_or_reason: str
+    message: str
+
+
+@dataclass
+class FoldReport:
+    folded: list = field(default_factory=list)
+    remaining: list = field(default_factory=list)
+    bn_nodes: list = field(default_factory=list)
+
+    @property
+    def n_folded(self) -> int:
+        return len(self.folded)
+
+    @property
+    def n_remaining(self) -> int:
+        return len(self.remaining)
+
+    def to_dict(self) -> dict:
+        def plain(entry):
+            d = asdict(entry)
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+        return {
+            "n_folded": self.n_folded,
+            "n_remaining": self.n_remaining,
+            "folded": [plain(e) for e in self.folded],
+            "remaining": [plain(e) for e in self.remaining],
+            "bn_nodes": [plain(e) for e in self.bn_nodes],
+        }
+
+    def to_json(self, path) -> None:
+        with open(os.fspath(path), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+
+def fold(model_or_path, *, forward: bool = True):
+    """Fold every exactly-foldable BatchNormalization; return ``(new ModelProto, FoldReport)``.
+
+    ``model_or_path``: an ``onnx.ModelProto`` (never modified) or a path (loaded with
+    ``bnfold.model_io.load_model``, external data included). ``forward``: also fold a BN into the
+    Gemm/MatMul/unpadded Conv that reads it when nothing before it can take it.
+    """
+    if not isinstance(forward, bool):
+        raise TypeError(f"forward must be a bool, got {type(forward).__name__}")
+    original = load_model(model_or_path)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    report = FoldReport()
+    _run(model, report, forward)
+    return model, report
+
+
+def inspect(model_or_path, *, forward: bool = True) -> FoldReport:
+    """What ``fold`` would do, without writing anything: the report, ``bn_nodes`` included."""
+    return fold(model_or_path, forward=forward)[1]
+
+
+def _run(model: onnx.ModelProto, report: FoldReport, forward: bool) -> None:
+    ctx = ModelContext(model)
+    released, vanished = set(), set()
+    _fold_graph(model.graph, ctx, "", None, forward, report, released, vanished)
+    remove_unused(model, released, vanished)
+
+
+def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished) -> None:
+    view = GraphView(graph, ctx, path, parent)
+    bn_indices = [i for i, n in enumerate(view.nodes) if n.op_type == "BatchNormalization" and is_default_domain(n)]
+    attachments = {i: _attachment(view, i) for i in bn_indices}
+    outcome: dict[int, Match | Failure] = {}
+    pending = list(bn_indices)
+    changed = True
+    while changed and pending:
+        changed = False
+        for i in list(pending):
+            result = _evaluate(view, i, forward)
+            if isinstance(result, Match):
+                result.rewrite()
+                pending.remove(i)
+                changed = True
+            outcome[i] = result
+    for i in bn_indices:
+        label = view.labels[i]
+        result = outcome[i]
+        if isinstance(result, Match):
+            target = view.labels[result.target]
+            report.folded.append(FoldedBN(label, result.rule, target, path,
+                                          tuple(view.labels[k] for k in result.absorbed)))
+            foldable, code = True, result.rule
+            message = f"folded into {view.describe(result.target)} by rule {result.rule}"
+            if result.absorbed:
+                message += " together with " + ", ".join(view.describe(k) for k in result.absorbed)
+        else:
+            report.remaining.append(RemainingBN(label, result.reason, result.message, path))
+            foldable, code, message = False, result.reason, result.message
+        report.bn_nodes.append(BNInfo(label, path, *attachments[i], foldable, code, message))
+    for i, node in enumerate(view.nodes):
+        if i in view.removed:
+            continue
+        for suffix, sub in node_subgraphs(node):
+            sub_path = f"{view.labels[i]}/{suffix}" if not path else f"{path}/{view.labels[i]}/{suffix}"
+            _fold_graph(sub, ctx, sub_path, view, forward, report, released, vanished)
+    released |= view.released
+    vanished |= view.vanished
+    view.commit()
+
+
+def _attachment(view: GraphView, index: int):
+    node = view.nodes[index]
+    producer = view.producer_of(node.input[0]) if node.input else None
+    producer_op = view.nodes[producer].op_type if producer is not None else ""
+    producer_label = view.labels[producer] if producer is not None else ""
+    y = node.output[0] if node.output else ""
+    readers = view.readers(y) if y else []
+    consumer_ops = [view.nodes[r].op_type for r in readers]
+    consumers = [view.labels[r] for r in readers]
+    if y and view.is_graph_output(y):
+        consumer_ops.append(GRAPH_OUTPUT_OP)
+        consumers.append(y)
+    return producer_op, producer_label, tuple(consumer_ops), tuple(consumers)
+
+
+def _evaluate(view: GraphView, index: int, forward: bool):
+    bn = _inference_bn(view, index)
+    if isinstance(bn, Failure):
+        return bn
+    failures = []
+    for rule in BACKWARD_RULES + FORWARD_RULES:
+        result = rule.check(view, bn)
+        if result is None:
+            continue
+        if isinstance(result, Match):
+            if rule in FORWARD_RULES and not forward:
+                failures.append(Failure("no_foldable_neighbour", f"BatchNormalization '{bn.label}' could fold forward "
+                                        f"into {view.describe(result.target)}, but forward folding is disabled"))
+                continue
+            return result
+        failures.append(result)
+    if failures:
+        return failures[0]
+    return Failure("no_foldable_neighbour", _no_neighbour_sentence(view, bn))
+
+
+def _no_neighbour_sentence(view: GraphView, bn: BatchNorm) -> str:
+    producer = view.producer_of(bn.x)
+    before = view.describe(producer) if producer is not None else f"input '{bn.x}'"
+    readers = view.readers(bn.y)
+    after = ", ".join(view.describe(r) for r in readers) or "nothing"
+    if view.is_graph_output(bn.y):
+        after = f"{after} and the graph output" if readers else "the graph output"
+    return (f"BatchNormalization '{bn.label}' follows {before} and feeds {after}; no Conv, ConvTranspose, Gemm "
+            "or MatMul is attached in a foldable way")
+
+
+def _inference_bn(view: GraphView, index: int):
+    """The BN as a float64 affine map ``s*x + t``, or the Failure that rules it out entirely."""
+    node = view.nodes[index]
+    label = view.labels[index]
+    opset = view.ctx.opset
+    if get_attr(node, "training_mode", 0) == 1:
+        return Failure("training_mode", f"BatchNormalization '{label}' has training_mode=1: it normalizes with "
+                       "batch statistics, not the running ones")
+    if any(node.output[1:]):
+        return Failure("training_mode", f"BatchNormalization '{label}' produces running/saved statistics outputs, "
+                       "which only exist in training mode")
+    if opset <= 6 and get_attr(node, "is_test", 0) == 0:
+        return Failure("training_mode", f"BatchNormalization '{label}' (opset {opset}) has is_test=0, which means "
+                       "training mode; set is_test=1 for inference")
+    if get_attr(node, "spatial", 1) == 0:
+        return Failure("spatial_mode", f"BatchNormalization '{label}' has spatial=0 (statistics per activation, "
+                       "not per channel)")
+    if len(node.input) < 5 or not all(node.input[:5]):
+        return Failure("non_constant_params", f"BatchNormalization '{label}' lacks some of scale/B/mean/var")
+    params = []
+    for role, name in zip(("scale", "B", "mean", "var"), node.input[1:5]):
+        value = view.constant(name)
+        if value is None:
+            kind = "a graph input" if name in view.input_names else "computed at run time"
+            return Failure("non_constant_params", f"BatchNormalization '{label}' {role} '{name}' is not a "
+                           f"constant ({kind})")
+        if view.constant_type(name) not in FLOAT_TYPES:
+            return Failure("unsupported_dtype", f"BatchNormalization '{label}' {role} '{name}' is not a float tensor")
+        params.append(to_float64(value))
+    gamma, beta, mean, var = params
+    if any(p.ndim != 1 for p in params) or len({p.shape[0] for p in params}) != 1:
+        shapes = ", ".join(str(p.shape) for p in params)
+        return Failure("not_per_channel", f"BatchNormalization '{label}' parameters have shapes {shapes}, "
+                       "not one (C,) vector each")
+    eps = float(get_attr(node, "epsilon", 1e-5))
+    with np.errstate(all="ignore"):
+        scale = gamma / np.sqrt(var + eps)
+        shift = beta - mean * scale
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        return Failure("unsupported_dtype", f"BatchNormalization '{label}' has non-finite folded parameters "
+                       "(variance + epsilon <= 0 or inf/nan statistics)")
+    return BatchNorm(index, label, node.input[0], node.output[0], scale, shift)

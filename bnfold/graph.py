@@ -1,0 +1,460 @@
+"""A thin, editable view over an ONNX graph for the fold pass.
+
+``GraphView`` answers the questions the fold rules ask — who produces a value, who reads it
+(including nodes whose If/Loop/Scan bodies read it from the outer scope), is it a graph output,
+is it a constant and what is its value, what is its rank — and offers the few edits the rules
+need: replace a constant input (in place when nobody else reads it, otherwise as a fresh copy),
+rename outputs, mark nodes for removal. ``ModelContext`` holds what is shared by every graph of
+one model: the default-domain opset, the set of names used anywhere (for fresh unique names) and
+lazily inferred ranks.
+
+Nodes are addressed by their index in the graph's original node list; nodes are never inserted
+and removed nodes are only marked until ``commit()``, so indices and the labels derived from them
+(``"Conv#3"`` for an unnamed node) stay stable while rules run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+# Tensor element types the fold math can read and write back.
+FLOAT_TYPES = {
+    TensorProto.FLOAT: "float32",
+    TensorProto.DOUBLE: "float64",
+    TensorProto.FLOAT16: "float16",
+    TensorProto.BFLOAT16: "bfloat16",
+}
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+# A "small constant subgraph" (e.g. Cast(initializer) feeding a BN scale) is evaluated only when
+# its inputs are at most this many elements in total, so the pass never does real inference work.
+_MAX_CONSTANT_FOLD_ELEMENTS = 1 << 20
+_MAX_CONSTANT_FOLD_DEPTH = 8
+_NON_DETERMINISTIC_PREFIXES = ("Random", "Multinomial", "Bernoulli")
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """The node's name, or a stable label like ``"Conv#3"`` (op type and index in its graph)."""
+    return node.name or f"{node.op_type}#{index}"
+
+
+def is_default_domain(node: onnx.NodeProto) -> bool:
+    return node.domain in DEFAULT_DOMAINS
+
+
+def node_subgraphs(node: onnx.NodeProto):
+    """Yield ``(label_suffix, GraphProto)`` for every graph attribute (If/Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == AttributeProto.GRAPHS:
+            for k, g in enumerate(attr.graphs):
+                yield f"{attr.name}[{k}]", g
+
+
+def defined_names(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names |= {t.values.name for t in graph.sparse_initializer}
+    for node in graph.node:
+        names.update(o for o in node.output if o)
+    return names
+
+
+def outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph reads, directly or in nested bodies, that it does not define itself."""
+    defined = defined_names(graph)
+    reads = set()
+    for node in graph.node:
+        reads.update(i for i in node.input if i)
+        for _, sub in node_subgraphs(node):
+            reads |= outer_scope_reads(sub)
+    reads.update(o.name for o in graph.output)
+    return reads - defined
+
+
+def all_names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
+    """Every value and node name used in ``graph`` and its nested bodies."""
+    into.update(i.name for i in graph.input)
+    into.update(o.name for o in graph.output)
+    into.update(v.name for v in graph.value_info)
+    into.update(t.name for t in graph.initializer)
+    for node in graph.node:
+        into.update(node.input)
+        into.update(node.output)
+        if node.name:
+            into.add(node.name)
+        for _, sub in node_subgraphs(node):
+            all_names(sub, into)
+    into.discard("")
+    return into
+
+
+def iter_graphs(graph: onnx.GraphProto):
+    """Yield ``graph`` and every nested body, depth first."""
+    yield graph
+    for node in graph.node:
+        for _, sub in node_subgraphs(node):
+            yield from iter_graphs(sub)
+
+
+def to_float64(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array).astype(np.float64)
+
+
+def tensor_from_float64(array: np.ndarray, data_type: int, name: str) -> TensorProto:
+    """Cast float64 ``array`` once to ``data_type`` (float32/64, float16, bfloat16) as a TensorProto."""
+    if data_type == TensorProto.BFLOAT16:
+        import ml_dtypes
+
+        typed = np.asarray(array, dtype=np.float64).astype(ml_dtypes.bfloat16)
+    else:
+        typed = np.asarray(array, dtype=np.float64).astype(FLOAT_TYPES[data_type])
+    return numpy_helper.from_array(np.ascontiguousarray(typed), name)
+
+
+def constant_node_value(node: onnx.NodeProto):
+    """Value of a Constant node as a numpy array, or None for sparse/string values."""
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == AttributeProto.TENSOR:
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
+
+
+def constant_node_type(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == AttributeProto.TENSOR:
+            return attr.t.data_type
+        if attr.name in ("value_float", "value_floats"):
+            return TensorProto.FLOAT
+        if attr.name in ("value_int", "value_ints"):
+            return TensorProto.INT64
+    return None
+
+
+def get_attr(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    """Set (or, with ``value=None``, remove) attribute ``name``."""
+    for k, attr in enumerate(node.attribute):
+        if attr.name == name:
+            del node.attribute[k]
+            break
+    if value is not None:
+        node.attribute.append(helper.make_attribute(name, value))
+
+
+class ModelContext:
+    """What every graph of one model shares: opset, used names, inferred ranks."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.ir_version = model.ir_version
+        self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
+        self.names = all_names(model.graph, set())
+        self._ranks: dict[str, int] | None = None
+
+    def fresh_name(self, base: str) -> str:
+        """A name unused anywhere in the model (main graph and all bodies); reserved on return."""
+        candidate = f"{base}_bnfold"
+        k = 1
+        while candidate in self.names:
+            candidate = f"{base}_bnfold_{k}"
+            k += 1
+        self.names.add(candidate)
+        return candidate
+
+    def inferred_rank(self, name: str):
+        """Rank from onnx shape inference (run once, lazily, on a copy; None when unknown)."""
+        if self._ranks is None:
+            self._ranks = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
+            except Exception:  # noqa: BLE001 - inference is optional help, never required
+                return None
+            for g in iter_graphs(inferred.graph):
+                for vi in list(g.value_info) + list(g.input) + list(g.output):
+                    rank = _value_info_rank(vi)
+                    if rank is not None:
+                        self._ranks.setdefault(vi.name, rank)
+        return self._ranks.get(name)
+
+
+def _value_info_rank(vi: onnx.ValueInfoProto):
+    if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+        return len(vi.type.tensor_type.shape.dim)
+    return None
+
+
+class GraphView:
+    """Producers, consumers, constants and ranks of one graph, plus the edits rules make."""
+
+    def __init__(self, graph: onnx.GraphProto, ctx: ModelContext, path: str = "", parent: GraphView | None = None):
+        self.graph = graph
+        self.ctx = ctx
+        self.path = path
+        self.parent = parent
+        self.nodes = list(graph.node)
+        self.labels = [node_label(n, i) for i, n in enumerate(self.nodes)]
+        self.removed: set[int] = set()
+        self.released: set[str] = set()  # constants that may have become unused (cleanup candidates)
+        self.vanished: set[str] = set()  # values no node produces any more (stale value_info)
+        self._subgraph_reads = [
+            set().union(*(outer_scope_reads(sub) for _, sub in node_subgraphs(n))) for n in self.nodes
+        ]
+        self._constant_cache: dict[str, np.ndarray | None] = {}
+        self.refresh()
+
+    # ----- structure -------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Recompute producers/consumers after an edit (cheap: one pass over the node list)."""
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        self.implicit_consumers: dict[str, list[int]] = defaultdict(list)
+        for i, node in enumerate(self.nodes):
+            if i in self.removed:
+                continue
+            for o in node.output:
+                if o:
+                    self.producer[o] = i
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(i)
+            for name in self._subgraph_reads[i]:
+                self.implicit_consumers[name].append(i)
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.input_names = {i.name for i in self.graph.input}
+        self.output_names = {o.name for o in self.graph.output}
+
+    def readers(self, name: str) -> list[int]:
+        """Every live node that reads ``name``: directly (once per use) or from a nested body."""
+        return self.consumers.get(name, []) + self.implicit_consumers.get(name, [])
+
+    def producer_of(self, name: str):
+        """Index of the live node producing ``name`` in this graph, or None."""
+        return self.producer.get(name)
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self.output_names
+
+    def describe(self, index: int) -> str:
+        return f"{self.nodes[index].op_type} '{self.labels[index]}'"
+
+    # ----- constants -------------------------------------------------------------------------
+    def _overridable(self, name: str) -> bool:
+        # From IR 4 on, an initializer also listed as a graph input is only a default value the
+        # caller may replace at run time, so it is not a constant.
+        return self.ctx.ir_version >= 4 and name in self.input_names
+
+    def constant(self, name: str, _depth: int = 0):
+        """Value of ``name`` when it is a constant (initializer, Constant node, or a small
+        subgraph of constant-only deterministic nodes), else None. Outer scopes are searched too."""
+        if not name:
+            return None
+        if name in self._constant_cache:
+            return self._constant_cache[name]
+        value = self._local_constant(name, _depth)
+        if value is None and self.parent is not None and name not in defined_names_cache(self):
+            value = self.parent.constant(name, _depth)
+        self._constant_cache[name] = value
+        return value
+
+    def _local_constant(self, name: str, depth: int):
+        if name in self.initializers:
+            if self._overridable(name):
+                return None
+            try:
+                return numpy_helper.to_array(self.initializers[name])
+            except Exception:  # noqa: BLE001 - e.g. external data that was never loaded
+                return None
+        index = self.producer.get(name)
+        if index is None:
+            return None
+        node = self.nodes[index]
+        if not is_default_domain(node):
+            return None
+        if node.op_type == "Constant":
+            return constant_node_value(node)
+        return self._evaluate_constant_node(index, name, depth)
+
+    def _evaluate_constant_node(self, index: int, name: str, depth: int):
+        node = self.nodes[index]
+        if depth >= _MAX_CONSTANT_FOLD_DEPTH or self._subgraph_reads[index] or any(
+            a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute
+        ):
+            return None
+        if node.op_type.startswith(_NON_DETERMINISTIC_PREFIXES) or not any(node.input):
+            return None
+        feeds = {}
+        for input_name in node.input:
+            if not input_name:
+                continue
+            value = self.constant(input_name, depth + 1)
+            if value is None:
+                return None
+            feeds[input_name] = value
+        if sum(np.asarray(v).size for v in feeds.values()) > _MAX_CONSTANT_FOLD_ELEMENTS:
+            return None
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), None)
+                      for n, v in feeds.items()]
+            outputs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output if o]
+            g = helper.make_graph([node], "constant", inputs, outputs)
+            evaluator = ReferenceEvaluator(g, opsets={"": self.ctx.opset})
+            results = evaluator.run(None, feeds)
+        except Exception:  # noqa: BLE001 - anything the evaluator cannot do is simply not constant
+            return None
+        values = dict(zip([o for o in node.output if o], (np.asarray(r) for r in results)))
+        self._constant_cache.update(values)
+        return values.get(name)
+
+    def constant_type(self, name: str):
+        """TensorProto element type of a constant input, or None."""
+        view = self
+        while view is not None:
+            if name in view.initializers:
+                return view.initializers[name].data_type
+            index = view.producer.get(name)
+            if index is not None:
+                node = view.nodes[index]
+                if node.op_type == "Constant":
+                    return constant_node_type(node)
+                value = view.constant(name)
+                if value is None:
+                    return None
+                return helper.np_dtype_to_tensor_dtype(value.dtype)
+            view = view.parent
+        return None
+
+    # ----- ranks -----------------------------------------------------------------------------
+    def rank(self, name: str):
+        """Rank of a value from initializers, declared types, constants, else shape inference."""
+        view = self
+        while view is not None:
+            if name in view.initializers:
+                return len(view.initializers[name].dims)
+            for vi in list(view.graph.value_info) + list(view.graph.input) + list(view.graph.output):
+                if vi.name == name:
+                    rank = _value_info_rank(vi)
+                    if rank is not None:
+                        return rank
+            view = view.parent
+        return self.ctx.inferred_rank(name)
+
+    # ----- edits -----------------------------------------------------------------------------
+    def set_constant_input(self, index: int, position: int, value64: np.ndarray, data_type: int, base_name: str) -> str:
+        """Make input ``position`` of node ``index`` a constant with ``value64`` cast to ``data_type``.
+
+        The existing initializer is overwritten only when it lives in this graph, is read by
+        this node alone (once, and by no nested body), is neither a graph input nor output and
+        keeps its type; otherwise a fresh initializer with a unique name is created, so no other
+        reader of the old tensor ever sees a change.
+        """
+        node = self.nodes[index]
+        old = node.input[position] if position < len(node.input) else ""
+        if (
+            old
+            and old in self.initializers
+            and self.readers(old) == [index]
+            and old not in self.input_names
+            and old not in self.output_names
+            and self.initializers[old].data_type == data_type
+        ):
+            self.initializers[old].CopyFrom(tensor_from_float64(value64, data_type, old))
+            self._constant_cache.pop(old, None)
+            return old
+        name = self.ctx.fresh_name(base_name)
+        tensor = tensor_from_float64(value64, data_type, name)
+        self.graph.initializer.append(tensor)
+        if self.ctx.ir_version < 4 and self.parent is None:
+            # IR 3 requires every initializer to be declared as a graph input as well.
+            self.graph.input.append(helper.make_tensor_value_info(name, data_type, list(tensor.dims)))
+        while len(node.input) <= position:
+            node.input.append("")
+        if old:
+            self.released.add(old)
+        node.input[position] = name
+        self.refresh()
+        return name
+
+    def remove_node(self, index: int) -> None:
+        node = self.nodes[index]
+        self.removed.add(index)
+        self.released.update(i for i in node.input if i and self.constant(i) is not None)
+        self.vanished.update(o for o in node.output if o)
+
+    def commit(self) -> None:
+        """Delete the nodes marked removed from the underlying GraphProto (call once, last)."""
+        for index in sorted(self.removed, reverse=True):
+            del self.graph.node[index]
+        self.removed.clear()
+
+
+def defined_names_cache(view: GraphView) -> set[str]:
+    """Names defined by ``view``'s own graph (initializers, inputs, node outputs)."""
+    return {*view.initializers, *view.input_names, *view.producer}
+
+
+def remove_unused(model: onnx.ModelProto, candidates: set[str], vanished: set[str] = frozenset()) -> None:
+    """Delete initializers and constant-only nodes among ``candidates`` that nothing reads any more.
+
+    Only names the pass released are candidates, so tensors the model already carried unused stay.
+    Reads are collected over the whole model (bodies included), which can only keep more.
+    ``value_info`` entries of ``vanished`` values that nothing produces any more are dropped too.
+    """
+    candidates = set(candidates)
+    ir_version = model.ir_version
+    changed = True
+    while changed:
+        changed = False
+        read = set()
+        for g in iter_graphs(model.graph):
+            for node in g.node:
+                read.update(node.input)
+            read.update(o.name for o in g.output)
+        for g in iter_graphs(model.graph):
+            for k in range(len(g.node) - 1, -1, -1):
+                node = g.node[k]
+                outs = [o for o in node.output if o]
+                if (
+                    outs
+                    and all(o in candidates and o not in read for o in outs)
+                    and not any(True for _ in node_subgraphs(node))
+                ):
+                    candidates.update(i for i in node.input if i)
+                    del g.node[k]
+                    changed = True
+            for k in range(len(g.initializer) - 1, -1, -1):
+                name = g.initializer[k].name
+                if name in candidates and name not in read:
+                    del g.initializer[k]
+                    if ir_version < 4:
+                        for j in range(len(g.input) - 1, -1, -1):
+                            if g.input[j].name == name:
+                                del g.input[j]
+                    changed = True
+    for g in iter_graphs(model.graph):
+        produced = defined_names(g)
+        for k in range(len(g.value_info) - 1, -1, -1):
+            name = g.value_info[k].name
+            if (name in vanished or name in candidates) and name not in produced:
+                del g.value_info[k]

@@ -1,0 +1,250 @@
+"""The rule protocol and the math every fold rule shares.
+
+A rule is a module with a ``RULE`` name and ``check(view, bn) -> Match | Failure | None``:
+
+* ``None``     the pattern does not apply (e.g. the BN's producer is not a Conv);
+* ``Failure``  the pattern applies but folding would not be exact or safe: a reason code from
+               the public list plus one sentence naming the nodes involved;
+* ``Match``    folding is exact; ``Match.rewrite()`` performs it on the view.
+
+``BatchNorm`` carries an inference-mode BN reduced to its per-channel affine map
+``y = s * x + t`` with ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``, computed in
+float64 from the BN's constant parameters. Backward rules (layer -> BN) use ``trace_backward``,
+which also walks through a chain of per-channel constant Add/Sub/Mul/Div nodes between the layer
+and the BN and folds that chain into the same affine map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from bnfold.graph import FLOAT_TYPES, GraphView, get_attr, is_default_domain, to_float64
+
+CHAIN_OPS = ("Add", "Sub", "Mul", "Div")
+
+
+@dataclass
+class Failure:
+    reason: str
+    message: str
+
+
+@dataclass
+class Match:
+    rule: str
+    target: int  # index of the layer node the BN folds into
+    rewrite: Callable[[], None]
+    absorbed: list[int] = field(default_factory=list)  # chain nodes folded along with the BN
+
+
+@dataclass
+class BatchNorm:
+    """An inference BN seen by the rules: node index, names and its float64 affine map."""
+
+    index: int
+    label: str
+    x: str
+    y: str
+    scale: np.ndarray  # s, float64 (C,)
+    shift: np.ndarray  # t, float64 (C,)
+
+    @property
+    def channels(self) -> int:
+        return self.scale.shape[0]
+
+
+def float_constant(view: GraphView, name: str):
+    """``(float64 value, TensorProto type)`` of a float constant; None if not constant or not float."""
+    value = view.constant(name)
+    if value is None:
+        return None
+    data_type = view.constant_type(name)
+    if data_type not in FLOAT_TYPES:
+        return None
+    return to_float64(value), data_type
+
+
+def weight_or_failure(view: GraphView, layer: int, position: int, role: str):
+    """The layer's constant float input, or a Failure saying why it cannot be used."""
+    node = view.nodes[layer]
+    name = node.input[position] if position < len(node.input) else ""
+    if view.constant(name) is None:
+        return Failure("non_constant_weight",
+                       f"{view.describe(layer)} {role} '{name}' is not a constant (initializer or Constant node)")
+    if view.constant_type(name) not in FLOAT_TYPES:
+        return Failure("unsupported_dtype", f"{view.describe(layer)} {role} '{name}' is not a float tensor "
+                       "(float32, float64, float16 or bfloat16)")
+    return to_float64(view.constant(name)), view.constant_type(name)
+
+
+def optional_input(node, position: int) -> str:
+    return node.input[position] if position < len(node.input) else ""
+
+
+def sole_reader_failure(view: GraphView, value: str, expected_reader: int, producer: int):
+    """Failure when ``value`` (produced by ``producer``) is a graph output or read by anyone else."""
+    if view.is_graph_output(value):
+        return Failure("graph_output",
+                       f"{view.describe(producer)} output '{value}' is a graph output; folding would change it")
+    others = [r for r in view.readers(value) if r != expected_reader]
+    direct = view.consumers.get(value, [])
+    if others or direct.count(expected_reader) > 1:
+        names = ", ".join(sorted({f"'{view.labels[r]}'" for r in others})) or f"'{view.labels[expected_reader]}' twice"
+        nested = " (from a nested subgraph)" if any(r in view.implicit_consumers.get(value, []) for r in others) else ""
+        return Failure("multiple_consumers",
+                       f"{view.describe(producer)} output is also read by {names}{nested}; "
+                       "folding would change that reader")
+    return None
+
+
+@dataclass
+class BackwardChain:
+    """layer -> [per-channel Add/Sub/Mul/Div ...] -> BN, with the chain's nodes in graph order."""
+
+    layer: int
+    nodes: list[int]  # chain nodes from the layer to the BN
+
+
+def trace_backward(view: GraphView, bn: BatchNorm, layer_ops: tuple[str, ...]):
+    """Find ``layer -> chain -> bn`` where the chain nodes have one constant operand; None if the
+    value feeding the BN (through such a chain) is not produced by one of ``layer_ops``."""
+    chain = []
+    value = bn.x
+    for _ in range(64):
+        index = view.producer_of(value)
+        if index is None:
+            return None
+        node = view.nodes[index]
+        if not is_default_domain(node):
+            return None
+        if node.op_type in layer_ops:
+            return BackwardChain(index, list(reversed(chain)))
+        if node.op_type not in CHAIN_OPS or len(node.input) != 2:
+            return None
+        variable = _chain_variable_operand(view, node)
+        if variable is None:
+            return None
+        chain.append(index)
+        value = node.input[variable]
+    return None
+
+
+def _chain_variable_operand(view: GraphView, node):
+    """Position of the non-constant operand of a chain node, or None if it is not of that form."""
+    a, b = node.input
+    a_const, b_const = view.constant(a) is not None, view.constant(b) is not None
+    if b_const and not a_const:
+        return 0
+    if a_const and not b_const and node.op_type in ("Add", "Mul", "Sub"):
+        return 1
+    return None
+
+
+def check_chain_and_combine(view: GraphView, bn: BatchNorm, chain: BackwardChain, rank: int | None):
+    """Check every value from the layer to the BN is read only by the next node and every chain
+    constant is per-channel; return ``(S, T)`` with ``BN(chain(z)) == S * z + T`` per channel, or
+    a Failure."""
+    path = [chain.layer] + chain.nodes + [bn.index]
+    for producer, reader in zip(path[:-1], path[1:]):
+        value = view.nodes[producer].output[0]
+        failure = sole_reader_failure(view, value, reader, producer)
+        if failure:
+            return failure
+    channels = bn.channels
+    a = np.ones(channels)
+    b = np.zeros(channels)
+    for index in chain.nodes:
+        node = view.nodes[index]
+        if rank is None:
+            return Failure("unknown_rank", f"the rank of {view.describe(chain.layer)} output is unknown, so "
+                           f"whether {view.describe(index)} is per-channel cannot be proven")
+        variable = _chain_variable_operand(view, node)
+        const_name = node.input[1 - variable]
+        c = per_channel_vector(view.constant(const_name), rank, channels)
+        if c is None:
+            shape = tuple(np.shape(view.constant(const_name)))
+            return Failure("not_per_channel",
+                           f"{view.describe(index)} constant '{const_name}' of shape {shape} does not broadcast "
+                           f"along channel axis 1 of a rank-{rank} output with {channels} channels")
+        if view.constant_type(const_name) not in FLOAT_TYPES:
+            return Failure("unsupported_dtype", f"{view.describe(index)} constant '{const_name}' is not a float tensor")
+        op = node.op_type
+        if op == "Add":
+            b = b + c
+        elif op == "Mul":
+            a, b = a * c, b * c
+        elif op == "Sub" and variable == 0:
+            b = b - c
+        elif op == "Sub":
+            a, b = -a, c - b
+        else:  # Div by a constant; a zero divisor has no exact affine form
+            if np.any(c == 0):
+                return Failure("not_per_channel", f"{view.describe(index)} divides by a constant containing zeros")
+            a, b = a / c, b / c
+    return bn.scale * a, bn.scale * b + bn.shift
+
+
+def per_channel_vector(value, rank: int, channels: int):
+    """The (C,) float64 vector a constant contributes along channel axis 1 of a rank-``rank``
+    output, or None when it broadcasts along any other axis (or would grow the output).
+
+    numpy/ONNX broadcasting aligns shapes on the right: (C,) lines up with the LAST axis, so it
+    is per-channel only for rank-2 outputs; (C,1,1) or (1,C,1,1) are per-channel for rank 4.
+    """
+    value = np.asarray(value)
+    if value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + value.shape
+    if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(to_float64(value).reshape(-1), (channels,)).copy() if shape[1] == channels \
+        else np.full(channels, float(to_float64(value).reshape(-1)[0]))
+
+
+def finish_backward(view: GraphView, bn: BatchNorm, chain: BackwardChain) -> None:
+    """The layer now computes the BN's output directly: rename its output, drop chain and BN."""
+    layer = view.nodes[chain.layer]
+    view.vanished.add(layer.output[0])
+    layer.output[0] = bn.y
+    for index in chain.nodes:
+        view.remove_node(index)
+    view.remove_node(bn.index)
+    view.refresh()
+
+
+def forward_consumer(view: GraphView, bn: BatchNorm, layer_ops: tuple[str, ...]):
+    """The single layer reading the BN output as its input 0: index, Failure, or None."""
+    readers = view.readers(bn.y)
+    candidates = [r for r in readers if view.nodes[r].op_type in layer_ops and is_default_domain(view.nodes[r])]
+    if not candidates:
+        return None
+    layer = candidates[0]
+    if view.nodes[layer].input[0] != bn.y:
+        return None
+    if view.is_graph_output(bn.y):
+        return Failure("graph_output", f"BatchNormalization '{bn.label}' output '{bn.y}' is a graph output; "
+                       f"folding it into {view.describe(layer)} would change it")
+    if len(readers) > 1:
+        others = ", ".join(sorted({f"'{view.labels[r]}'" for r in readers if r != layer})) or \
+            f"'{view.labels[layer]}' twice"
+        return Failure("multiple_consumers", f"BatchNormalization '{bn.label}' output is also read by {others}; "
+                       f"folding it into {view.describe(layer)} would change that reader")
+    return layer
+
+
+def finish_forward(view: GraphView, bn: BatchNorm, layer: int) -> None:
+    """The layer now reads the BN's input directly; the BN goes."""
+    view.nodes[layer].input[0] = bn.x
+    view.remove_node(bn.index)
+    view.refresh()
+
+
+def int_attr(node, name: str, default: int) -> int:
+    return int(get_attr(node, name, default))
+
+
+def float_attr(node, name: str, default: float) -> float:
+    return float(get_attr(node, name, default))
