@@ -129,7 +129,8 @@ def test_initializer_names_unique(name, folded_cases):
     for _, graph in iter_graphs(folded.graph):
         produced.update(t.name for t in graph.initializer)
         produced.update(o for n in graph.node for o in n.output if o)
-        produced.update(v.name for v in graph.input)
+        init_names = {t.name for t in graph.initializer}
+        produced.update(v.name for v in graph.input if v.name not in init_names)  # IR < 4 lists weights as inputs
     dupes = [k for k, v in produced.items() if v > 1]
     assert not dupes, f"{name}: names defined more than once in the folded model: {dupes}"
 
@@ -191,7 +192,8 @@ def test_external_data_kept_external(tmp_path):
     assert (tmp_path / "out.onnx.data").exists()
     assert os.path.getsize(out) < 20_000
     reloaded = load_model(str(out))
-    assert_parity(original, reloaded, MM.random_feeds(original, seed=2), name)
+    fresh = MM.CASES[name][0]()  # onnx.save_model(save_as_external_data=True) rewrote `original` in place
+    assert_parity(fresh, reloaded, MM.random_feeds(fresh, seed=2), name)
 
 
 def test_fold_accepts_a_path(tmp_path):

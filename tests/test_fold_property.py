@@ -15,8 +15,6 @@ from fold_testing import assert_parity, count_bn, report_entries, signature
 
 from bnfold.fold_pass import fold
 
-OPS_4D = ["Conv", "ConvTranspose", "AddChannel", "AddScalar", "MulChannel", "MulScalar", "Relu", "BN", "BN", "BN"]
-OPS_2D = ["Gemm", "MatMul", "AddChannel", "MulScalar", "Relu", "BN", "BN", "BN"]
 
 
 class _Chain:
@@ -118,11 +116,24 @@ def _build(mode, ops, marks, seed):
     return model
 
 
+LAYERS = {"4d": ["Conv", "Conv", "ConvTranspose"], "2d": ["Gemm", "MatMul"]}
+CHAIN = {"4d": ["AddChannel", "AddScalar", "MulChannel", "MulScalar"], "2d": ["AddChannel", "MulScalar"]}
+
+
 @st.composite
 def chains(draw):
+    """A few blocks of [layer] [Add/Mul ...] [BN] [Relu]: BN mostly next to a layer (so rules fire),
+    sometimes alone, after Relu, after another BN, or before a layer (forward folds)."""
     mode = draw(st.sampled_from(["4d", "2d"]))
-    ops = draw(st.lists(st.sampled_from(OPS_4D if mode == "4d" else OPS_2D), min_size=1, max_size=7))
-    marks = draw(st.lists(st.sampled_from([0, 0, 0, 1, 2]), min_size=len(ops), max_size=len(ops)))
+    ops = []
+    for _ in range(draw(st.integers(1, 4))):
+        if draw(st.integers(0, 9)) < 8:
+            ops.append(draw(st.sampled_from(LAYERS[mode])))
+        ops += draw(st.lists(st.sampled_from(CHAIN[mode]), max_size=2))
+        ops += ["BN"] * draw(st.sampled_from([0, 1, 1, 1, 2]))
+        if draw(st.booleans()):
+            ops.append("Relu")
+    marks = draw(st.lists(st.sampled_from([0, 0, 0, 0, 1, 2]), min_size=len(ops), max_size=len(ops)))
     seed = draw(st.integers(0, 2**31 - 1))
     return mode, ops, marks, seed
 

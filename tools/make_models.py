@@ -811,6 +811,7 @@ SAVE_WITH_EXTERNAL_DATA = {"conv_bn_external_data"}
 def random_feeds(model: onnx.ModelProto, seed: int = 0, shapes=None) -> list:
     """Feed dicts for the model's real inputs (initializers excluded), random normal values.
 
+    1-D inputs (parameter vectors such as a BN variance fed as an input) are uniform in [0.5, 1.5).
     A boolean input (an If condition) yields one feed per value, so both branches run. ``shapes``
     (name -> tuple) fills dynamic dimensions; otherwise unknown dims are 1.
     """
@@ -829,7 +830,10 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, shapes=None) -> list:
         if tt.elem_type == TensorProto.INT64:
             base[value.name] = np.full(shape, 2, np.int64)
             continue
-        base[value.name] = rng.normal(0.0, 1.0, shape).astype(numpy_dtype(tt.elem_type))
+        if len(shape) == 1:  # a parameter vector fed as input (e.g. BN variance): keep it positive
+            base[value.name] = rng.uniform(0.5, 1.5, shape).astype(numpy_dtype(tt.elem_type))
+        else:
+            base[value.name] = rng.normal(0.0, 1.0, shape).astype(numpy_dtype(tt.elem_type))
     feeds = [base]
     for name in bool_names:
         feeds = [{**f, name: np.array(v)} for f in feeds for v in (True, False)]
