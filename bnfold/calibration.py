@@ -1047,6 +1047,14 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
     return model, report
 
 
+def iter_batches(model_or_path, data, *, batch_size=32, max_batches=None):
+    """Validate ``data`` against the model's inputs and yield it as feed dicts (input name ->
+    array of ``batch_size`` samples in the model's dtype), exactly as ``calibrate`` reads it."""
+    model = load_model(model_or_path)
+    specs, optional = _model_input_specs(model)
+    return _Dataset(data, specs, optional).batches(int(batch_size), max_batches)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]

@@ -1,0 +1,149 @@
+"""`bnfold calibrate`: exit codes, nothing written on error, --report, --fold with parity."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import bnfold
+from bnfold.cli import main
+
+
+def conv_bn_model(seed=0):
+    """input (N, 3, 6, 6) -> Conv -> BN -> Relu -> Conv -> BN, stale statistics."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def t(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
+        return name
+
+    x = "input"
+    for i, (cin, cout) in enumerate(((3, 4), (4, 5))):
+        nodes.append(helper.make_node("Conv", [x, t(f"w{i}", rng.normal(0, 0.4, (cout, cin, 3, 3))), t(f"b{i}", rng.normal(0, 0.2, cout))],
+                                      [f"conv{i}"], name=f"conv{i}", pads=[1, 1, 1, 1], kernel_shape=[3, 3]))
+        nodes.append(helper.make_node("BatchNormalization", [f"conv{i}", t(f"s{i}", rng.uniform(0.5, 1.5, cout)), t(f"beta{i}", rng.normal(0, 0.3, cout)),
+                                      t(f"m{i}", np.zeros(cout)), t(f"v{i}", np.ones(cout))], [f"bn{i}"], name=f"bn{i}"))
+        x = f"bn{i}"
+        if i == 0:
+            nodes.append(helper.make_node("Relu", [x], ["relu0"], name="relu0"))
+            x = "relu0"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 5, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture
+def files(tmp_path):
+    model_path = tmp_path / "model.onnx"
+    onnx.save(conv_bn_model(), model_path)
+    data = np.random.default_rng(1).normal(3, 2, (10, 3, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", input=data)
+    return model_path, tmp_path / "calib.npz", data, tmp_path
+
+
+def stats(model):
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.name: (inits[n.input[3]], inits[n.input[4]]) for n in model.graph.node if n.op_type == "BatchNormalization"}
+
+
+def test_calibrate_writes_the_api_result(files, capsys):
+    model_path, data_path, data, tmp = files
+    out = tmp / "out.onnx"
+    code = main(["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--batch-size", "4", "--mode", "sequential"])
+    assert code == 0
+    written = stats(onnx.load(out))
+    want = stats(bnfold.calibrate(str(model_path), data, mode="sequential", batch_size=4)[0])
+    for name in want:
+        np.testing.assert_array_equal(written[name][1], want[name][1])
+    text = capsys.readouterr().out
+    assert "bn0" in text and "bn1" in text and "wrote" in text
+
+
+def test_report_json(files):
+    model_path, data_path, _, tmp = files
+    out, report = tmp / "out.onnx", tmp / "r.json"
+    assert main(["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--max-batches", "2", "--batch-size", "3", "--report", str(report)]) == 0
+    loaded = json.loads(report.read_text())["calibration"]
+    assert loaded["n_samples"] == 6 and [e["bn"] for e in loaded["bn"]] == ["bn0", "bn1"]
+    assert all(e["samples"] == 6 and e["values_per_channel"] == 6 * 36 for e in loaded["bn"])
+
+
+@pytest.mark.parametrize(
+    "data_maker, message",
+    [
+        (lambda d: {"wrong": d}, "missing input(s) 'input'"),
+        (lambda d: {"input": d[:, :2]}, "axis 1: expected 3, got 2"),
+        (lambda d: {"input": d.astype(np.int64)}, "expected float32, got int64"),
+        (lambda d: {"input": d[:0]}, "empty"),
+    ],
+)
+def test_bad_data_exit_2_nothing_written(files, capsys, data_maker, message):
+    model_path, _, data, tmp = files
+    bad = tmp / "bad.npz"
+    np.savez(bad, **data_maker(data))
+    out = tmp / "out.onnx"
+    assert main(["calibrate", str(model_path), "-o", str(out), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_other_bad_inputs_exit_2(files, capsys):
+    model_path, data_path, _, tmp = files
+    out = tmp / "out.onnx"
+    cases = [
+        ["calibrate", str(model_path), "-o", str(model_path), "--data", str(data_path)],  # overwrite input
+        ["calibrate", str(model_path), "-o", str(out), "--data", str(tmp / "nope.npz")],
+        ["calibrate", str(tmp / "nope.onnx"), "-o", str(out), "--data", str(data_path)],
+        ["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--batch-size", "0"],
+        ["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--fold", "--shape", "input:bad"],
+    ]
+    before = model_path.read_bytes()
+    for argv in cases:
+        assert main(argv) == 2, argv
+    assert not out.exists()
+    assert model_path.read_bytes() == before
+
+
+def test_fold_path(files, capsys):
+    model_path, data_path, data, tmp = files
+    out = tmp / "folded.onnx"
+    assert main(["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--fold", "--report", str(tmp / "r.json")]) == 0
+    folded = onnx.load(out)
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    calibrated, _ = bnfold.calibrate(str(model_path), data)
+    import onnxruntime as ort
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": data})[0]
+
+    np.testing.assert_allclose(run(folded), run(calibrated), rtol=1e-4, atol=1e-4)
+    report = json.loads((tmp / "r.json").read_text())
+    assert report["parity"]["passed"] is True and "fold" in report
+    assert "parity check passed" in capsys.readouterr().out
+
+
+def test_fold_parity_failure_exit_1(files, capsys, monkeypatch):
+    import bnfold.fold_pass
+
+    real_fold = bnfold.fold_pass.fold
+
+    def broken_fold(model, **kwargs):
+        folded, report = real_fold(model, **kwargs)
+        w = folded.graph.initializer[0]
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
+        return folded, report
+
+    monkeypatch.setattr(bnfold.fold_pass, "fold", broken_fold)
+    model_path, data_path, _, tmp = files
+    out = tmp / "folded.onnx"
+    assert main(["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--fold"]) == 1
+    assert "FAILED" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--fold", "--force"]) == 1
+    assert out.exists()
