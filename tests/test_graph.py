@@ -1,0 +1,218 @@
+"""Unit tests of bnfold.graph: producers/consumers (with reads from nested bodies), constants,
+ranks, fresh names, dtype round trips, constant replacement and cleanup."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.graph import (
+    GraphView,
+    ModelContext,
+    node_label,
+    outer_scope_reads,
+    remove_unused,
+    tensor_from_float64,
+)
+
+
+def make_model(nodes, inputs, outputs, inits=(), opset=17, ir_version=8):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
+def vi(name, shape, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def init(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def view_of(model):
+    return GraphView(model.graph, ModelContext(model))
+
+
+def if_model():
+    """x -> Relu -> r; If(cond) whose then-branch reads r and w from the outer scope."""
+    then_branch = helper.make_graph(
+        [helper.make_node("Mul", ["r", "w"], ["t_out"], name="inner_mul")], "then", [], [vi("t_out", [2])]
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e_out"], name="inner_id")], "else", [], [vi("e_out", [2])]
+    )
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Neg", ["r"], ["n"], name="neg"),
+        helper.make_node("If", ["cond"], ["y"], name="if0", then_branch=then_branch, else_branch=else_branch),
+    ]
+    return make_model(nodes, [vi("x", [2]), vi("cond", [], TensorProto.BOOL)], [vi("y", [2]), vi("n", [2])],
+                      [init("w", np.ones(2, np.float32))])
+
+
+def test_consumers_include_reads_from_nested_bodies():
+    model = if_model()
+    view = view_of(model)
+    relu, neg, if0 = 0, 1, 2
+    assert view.producer_of("r") == relu
+    assert sorted(view.readers("r")) == [neg, if0]
+    assert view.implicit_consumers["r"] == [if0]
+    assert view.readers("w") == [if0]  # an initializer read only inside the body
+    assert sorted(view.readers("x")) == [relu, if0]
+    assert view.is_graph_output("n") and not view.is_graph_output("r")
+
+
+def test_outer_scope_reads_excludes_names_the_body_defines():
+    loop_body = helper.make_graph(
+        [helper.make_node("Add", ["v", "outer"], ["v_next"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL), vi("v", [2])],
+        [vi("cond_out", [], TensorProto.BOOL), vi("v_next", [2])],
+    )
+    assert outer_scope_reads(loop_body) == {"outer"}
+
+
+def test_constants_from_initializers_constant_nodes_and_small_subgraphs():
+    nodes = [
+        helper.make_node("Constant", [], ["c_tensor"], value=numpy_helper.from_array(np.arange(3, dtype=np.float32))),
+        helper.make_node("Constant", [], ["c_float"], value_float=2.5),
+        helper.make_node("Constant", [], ["c_floats"], value_floats=[1.0, 2.0]),
+        helper.make_node("Constant", [], ["c_int"], value_int=7),
+        helper.make_node("Constant", [], ["c_ints"], value_ints=[1, 2]),
+        helper.make_node("Cast", ["half"], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["as_float", "c_float"], ["scaled"]),
+        helper.make_node("Add", ["x", "c_float"], ["runtime"]),
+        helper.make_node("RandomNormalLike", ["half"], ["random"]),
+    ]
+    model = make_model(nodes, [vi("x", [3])], [vi("runtime", [3])],
+                       [init("half", np.array([1.0, 2.0, 4.0], np.float16)), init("w", np.ones(3, np.float32))])
+    view = view_of(model)
+    np.testing.assert_array_equal(view.constant("c_tensor"), [0, 1, 2])
+    assert float(view.constant("c_float")) == 2.5
+    np.testing.assert_array_equal(view.constant("c_floats"), [1.0, 2.0])
+    assert int(view.constant("c_int")) == 7
+    np.testing.assert_array_equal(view.constant("c_ints"), [1, 2])
+    np.testing.assert_array_equal(view.constant("scaled"), np.array([2.5, 5.0, 10.0], np.float32))
+    assert view.constant_type("scaled") == TensorProto.FLOAT
+    assert view.constant_type("half") == TensorProto.FLOAT16
+    assert view.constant("runtime") is None  # depends on a graph input
+    assert view.constant("x") is None
+    assert view.constant("random") is None  # never evaluate non-deterministic ops
+    assert view.constant("w").shape == (3,)
+
+
+def test_initializer_listed_as_input_is_overridable_from_ir4_only():
+    nodes = [helper.make_node("Identity", ["w"], ["y"])]
+    for ir_version, expect_constant in ((8, False), (3, True)):
+        model = make_model(nodes, [vi("w", [2])], [vi("y", [2])], [init("w", np.ones(2, np.float32))],
+                           opset=7 if ir_version == 3 else 17, ir_version=ir_version)
+        assert (view_of(model).constant("w") is not None) == expect_constant
+
+
+def test_body_view_finds_outer_scope_constants():
+    model = if_model()
+    parent = view_of(model)
+    then_branch = model.graph.node[2].attribute[0].g
+    body = GraphView(then_branch, parent.ctx, "if0/then_branch", parent)
+    np.testing.assert_array_equal(body.constant("w"), [1.0, 1.0])
+    assert body.constant("r") is None
+    assert body.producer_of("r") is None
+
+
+def test_rank_from_declarations_initializers_and_shape_inference():
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+             helper.make_node("Identity", ["t"], ["y"])]
+    model = make_model(nodes, [vi("x", [2, 3, 4]), vi("u", None)], [vi("y", None)],
+                       [init("w", np.ones((2, 2), np.float32))])
+    view = view_of(model)
+    assert view.rank("x") == 3
+    assert view.rank("w") == 2
+    assert view.rank("t") == 3  # only known through shape inference
+    assert view.rank("u") is None
+
+
+def test_fresh_names_are_unique_over_the_whole_model_and_unnamed_nodes_get_labels():
+    model = if_model()
+    model.graph.node[2].attribute[0].g.node[0].output[0] = "w_bnfold"  # used inside a body only
+    model.graph.node[2].attribute[0].g.output[0].name = "w_bnfold"
+    ctx = ModelContext(model)
+    first = ctx.fresh_name("w")
+    second = ctx.fresh_name("w")
+    assert first == "w_bnfold_1" and second == "w_bnfold_2"
+    unnamed = helper.make_node("Relu", ["a"], ["b"])
+    assert node_label(unnamed, 5) == "Relu#5"
+    assert node_label(model.graph.node[0], 0) == "relu"
+
+
+@pytest.mark.parametrize("elem", [TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16])
+def test_tensor_from_float64_casts_once_to_the_original_type(elem):
+    values = np.array([1.0 / 3.0, -2.75, 1e-3, 65504.0 / 3])
+    tensor = tensor_from_float64(values, elem, "t")
+    assert tensor.data_type == elem and tensor.name == "t"
+    back = numpy_helper.to_array(tensor)
+    np_type = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16,
+               TensorProto.BFLOAT16: ml_dtypes.bfloat16}[elem]
+    np.testing.assert_array_equal(back.astype(np.float64), values.astype(np_type).astype(np.float64))
+
+
+def conv_pair_model(shared_with_body=False):
+    """Two Convs reading W; with ``shared_with_body`` the second reader is an If body instead."""
+    w = init("W", np.ones((2, 2, 1, 1), np.float32))
+    nodes = [helper.make_node("Conv", ["x", "W"], ["a"], name="conv_a")]
+    if shared_with_body:
+        body = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["b_in"])], "then", [], [vi("b_in", None)])
+        nodes.append(helper.make_node("If", ["cond"], ["b"], name="if0", then_branch=body, else_branch=body))
+    else:
+        nodes.append(helper.make_node("Conv", ["x", "W"], ["b"], name="conv_b"))
+    return make_model(nodes, [vi("x", [1, 2, 2, 2]), vi("cond", [], TensorProto.BOOL)],
+                      [vi("a", None), vi("b", None)], [w])
+
+
+@pytest.mark.parametrize("shared_with_body", [False, True])
+def test_set_constant_input_clones_a_tensor_someone_else_reads(shared_with_body):
+    model = conv_pair_model(shared_with_body)
+    view = view_of(model)
+    name = view.set_constant_input(0, 1, np.full((2, 2, 1, 1), 3.0), TensorProto.FLOAT, "W")
+    assert name != "W" and name == "W_bnfold"
+    assert view.nodes[0].input[1] == name
+    np.testing.assert_array_equal(view.constant("W"), np.ones((2, 2, 1, 1)))  # the other reader's tensor
+    np.testing.assert_array_equal(view.constant(name), np.full((2, 2, 1, 1), 3.0))
+
+
+def test_set_constant_input_edits_in_place_for_a_sole_reader_and_appends_missing_inputs():
+    model = conv_pair_model()
+    del model.graph.node[1]
+    view = view_of(model)
+    assert view.set_constant_input(0, 1, np.full((2, 2, 1, 1), 2.0), TensorProto.FLOAT, "W") == "W"
+    np.testing.assert_array_equal(view.constant("W"), np.full((2, 2, 1, 1), 2.0))
+    bias = view.set_constant_input(0, 2, np.zeros(2), TensorProto.FLOAT, "a_bias")
+    assert list(view.nodes[0].input) == ["x", "W", bias]
+    assert len(model.graph.initializer) == 2
+
+
+def test_ir3_new_initializers_are_declared_as_graph_inputs():
+    model = make_model([helper.make_node("Conv", ["x", "W"], ["y"])], [vi("x", [1, 2, 2, 2]), vi("W", [2, 2, 1, 1])],
+                       [vi("y", [1, 2, 2, 2])], [init("W", np.ones((2, 2, 1, 1), np.float32))], opset=7, ir_version=3)
+    view = view_of(model)
+    bias = view.set_constant_input(0, 2, np.zeros(2), TensorProto.FLOAT, "y_bias")
+    assert bias in {i.name for i in model.graph.input}
+    onnx.checker.check_model(model)
+
+
+def test_remove_unused_deletes_only_released_tensors_nothing_reads():
+    nodes = [
+        helper.make_node("Cast", ["half"], ["scale"], to=TensorProto.FLOAT),
+        helper.make_node("Constant", [], ["shift"], value_float=1.0),
+        helper.make_node("Identity", ["x"], ["y"]),
+    ]
+    inits = [init("half", np.ones(2, np.float16)), init("kept_unused", np.ones(2, np.float32))]
+    model = make_model(nodes, [vi("x", [2])], [vi("y", [2])], inits)
+    model.graph.value_info.append(vi("gone", [2]))
+    remove_unused(model, {"scale", "shift", "x"}, {"gone"})
+    assert [n.op_type for n in model.graph.node] == ["Identity"]
+    assert [t.name for t in model.graph.initializer] == ["kept_unused"]  # never released: stays
+    assert len(model.graph.value_info) == 0
