@@ -103,6 +103,7 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
         )
     fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=".onnx.tmp", dir=directory)
     os.close(fd)
+    _default_permissions(tmp_path)
     tmp_data = None
     try:
         if external_data:
@@ -151,6 +152,7 @@ def write_json_atomic(data, path) -> None:
     tmp_path = None
     try:
         fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=".json.tmp", dir=directory)
+        _default_permissions(tmp_path)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp_path, path)
@@ -160,6 +162,13 @@ def write_json_atomic(data, path) -> None:
     finally:
         if tmp_path and os.path.exists(tmp_path):
             os.unlink(tmp_path)
+
+
+def _default_permissions(path) -> None:
+    """mkstemp creates files readable by the owner only; outputs get the usual 0666 & ~umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _relocate_external_data(model, old_location, new_location):

@@ -127,9 +127,8 @@ def test_hand_folded_model_passes(tmp_path, params):
 
 
 def test_folded_with_bnfold_fold_passes(tmp_path, params):
-    fold_pass = pytest.importorskip("bnfold.fold_pass")  # engineer B1's pass; present once merged
     model = conv_bn_model(params)
-    folded, fold_report = fold_pass.fold(model)
+    folded, fold_report = bnfold.fold(model)
     assert fold_report.n_folded == 1
     assert bnfold.check(model, folded).passed
 

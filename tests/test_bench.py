@@ -1,0 +1,109 @@
+"""bnfold.bench / `bnfold bench`: report structure and options (never a time)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from bnfold.bench import BenchReport, benchmark
+from bnfold.cli import main
+from bnfold.errors import InputError
+from bnfold.progress import Progress
+from bnfold.zoo import build_demo_cnn
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return build_demo_cnn(image_size=8, width=4)
+
+
+def test_benchmark_report_structure(demo_model):
+    report = benchmark(
+        {"original": demo_model, "same": demo_model},
+        opt_levels=("disabled", "all"), threads=1, warmup=1, repeat=4, progress=False,
+    )
+    assert isinstance(report, BenchReport)
+    assert report.models == ["original", "same"] and report.opt_levels == ["disabled", "all"]
+    assert report.threads == 1 and report.inputs == {"input": {"dtype": "float32", "shape": [1, 3, 8, 8]}}
+    assert len(report.results) == 4
+    for r in report.results:
+        assert r.runs == 4
+        assert 0 < r.min_ms <= r.p10_ms <= r.median_ms <= r.p90_ms
+    ratio = report.speedup("same", "all")
+    assert ratio == report.result("original", "all").median_ms / report.result("same", "all").median_ms
+    data = report.to_dict()
+    assert set(data["speedup_vs_baseline"]) == {"disabled", "all"}
+    json.dumps(data)  # serialisable
+    table = report.format_table()
+    assert "same speed-up" in table and "disabled" in table and "\x1b" not in table
+
+
+def test_time_budget_runs_at_least_the_minimum(demo_model):
+    report = benchmark({"m": demo_model}, warmup=0, time_budget=0.01, shapes={"input": (2, 3, 8, 8)}, progress=False)
+    assert report.results[0].runs >= 5 and report.inputs["input"]["shape"] == [2, 3, 8, 8]
+    assert "speed-up" not in report.format_table()
+
+
+def test_bad_options(demo_model):
+    with pytest.raises(InputError, match="optimization level"):
+        benchmark({"m": demo_model}, opt_levels=("fast",))
+    with pytest.raises(InputError, match="threads"):
+        benchmark({"m": demo_model}, threads=0)
+    with pytest.raises(InputError, match="either"):
+        benchmark({"m": demo_model}, repeat=3, time_budget=1.0)
+    with pytest.raises(TypeError):
+        benchmark([demo_model])
+
+
+def test_cli_one_model_folds_in_memory(tmp_path, demo_model, capsys):
+    path = tmp_path / "demo.onnx"
+    onnx.save(demo_model, str(path))
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(path), "--repeat", "3", "--warmup", "1", "--threads", "1", "--opt-level", "disabled,all", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "9 BN(s) folded, 1 left" in printed and "folded speed-up" in printed
+    data = json.loads(out.read_text())
+    assert data["models"] == ["original", "folded"] and data["baseline"] == "original"
+    assert {(r["model"], r["opt_level"]) for r in data["results"]} == {
+        (m, level) for m in ("original", "folded") for level in ("disabled", "all")
+    }
+    assert all(r["runs"] == 3 for r in data["results"])
+
+
+def test_cli_two_models_and_errors(tmp_path, demo_model, capsys):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(demo_model, str(a))
+    onnx.save(demo_model, str(b))
+    assert main(["bench", str(a), str(b), "--repeat", "2", "--warmup", "0"]) == 0
+    assert "b.onnx speed-up" in capsys.readouterr().out
+    np.savez(tmp_path / "x.npz", input=np.zeros((3, 3, 8, 8), np.float32))
+    assert main(["bench", str(a), str(b), "--repeat", "2", "--inputs", str(tmp_path / "x.npz")]) == 0
+    assert "input 3x3x8x8" in capsys.readouterr().out
+    (tmp_path / "bad.onnx").write_bytes(b"garbage")
+    assert main(["bench", str(tmp_path / "bad.onnx")]) == 2
+    assert main(["bench", str(a), "--shape", "input:1x3"]) == 2
+    assert main(["bench", str(a), "--opt-level", "turbo"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.onnx" in err and "turbo" in err
+
+
+def test_progress_bar_only_when_enabled():
+    quiet = io.StringIO()  # not a terminal: nothing drawn by default
+    with Progress(10, "work", stream=quiet) as p:
+        p.update(10)
+    assert quiet.getvalue() == ""
+    forced = io.StringIO()
+    with Progress(4, "work", stream=forced, enabled=True) as p:
+        for _ in range(4):
+            p.update(1)
+    text = forced.getvalue()
+    assert "work [" in text and "100%" in text and "\x1b" not in text and text.endswith("\n")
+    unknown = io.StringIO()
+    with Progress(None, "items", stream=unknown, enabled=True) as p:
+        p.update(3)
+    assert "items" in unknown.getvalue()
