@@ -45,13 +45,23 @@ def n_params(model) -> int:
     return total
 
 
-def run_bnfold(src, dst):
+PHASES = ("load", "fold", "save")
+
+
+def run_bnfold(src, dst, phase_times=None):
+    """load + fold + save as `bnfold fold --no-check` does it; appends per-phase seconds."""
     from bnfold.fold_pass import fold
     from bnfold.model_io import load_model, save_model_atomic
 
+    t0 = time.perf_counter()
     model = load_model(src)
+    t1 = time.perf_counter()
     folded, report = fold(model)
+    t2 = time.perf_counter()
     save_model_atomic(folded, dst, source_path=src)
+    t3 = time.perf_counter()
+    if phase_times is not None:
+        phase_times.append((t1 - t0, t2 - t1, t3 - t2))
     return report
 
 
@@ -90,8 +100,9 @@ def main(argv=None) -> int:
         # warm-up of both (imports, page cache), then interleaved repeats
         run_bnfold(src, os.path.join(tmp, "bnfold.onnx"))
         run_ort(src, os.path.join(tmp, "ort.onnx"))
+        phases = []
         for _ in range(args.repeats):
-            t, report = timed(run_bnfold, src, os.path.join(tmp, "bnfold.onnx"))
+            t, report = timed(run_bnfold, src, os.path.join(tmp, "bnfold.onnx"), phases)
             bn_times.append(t)
             t, _ = timed(run_ort, src, os.path.join(tmp, "ort.onnx"))
             ort_times.append(t)
@@ -101,6 +112,8 @@ def main(argv=None) -> int:
         print(f"bnfold load+fold+save : median {statistics.median(bn_times) * 1000:8.1f} ms "
               f"(runs: {', '.join(f'{t * 1000:.0f}' for t in bn_times)}); "
               f"{report.n_folded} folded, {op_counts(ours)['BatchNormalization']} BN left")
+        print("  bnfold phases (median ms): " + ", ".join(
+            f"{name} {statistics.median(p[i] for p in phases) * 1000:.0f}" for i, name in enumerate(PHASES)))
         print(f"onnxruntime BASIC opt : median {statistics.median(ort_times) * 1000:8.1f} ms "
               f"(runs: {', '.join(f'{t * 1000:.0f}' for t in ort_times)}); "
               f"{op_counts(theirs)['BatchNormalization']} BN left")
