@@ -735,6 +735,110 @@ def mixed_small_cnn():
     return b.model()
 
 
+# ==== further edge cases =======================================================================
+
+
+def gemm_scalar_c_bn():
+    """Gemm whose C is a (1,) constant broadcast over the whole (N, M) product."""
+    b = _Builder(111)
+    x = b.input("x", [4, 6])
+    y = b.node("Gemm", [x, b.init("fc_W", b.weight([5, 6])), b.init("fc_C", np.array([0.4]))], "fc_out",
+               name="fc", transB=1, beta=0.5)
+    b.bn(y, 5, "y", "bn")
+    b.output("y")
+    return b.model()
+
+
+def gemm_full_c_bn():
+    """Gemm whose C is a full (N, M) matrix."""
+    b = _Builder(112)
+    x = b.input("x", [4, 6])
+    y = b.node("Gemm", [x, b.init("fc_W", b.weight([6, 5])), b.init("fc_C", b.rng.normal(0, .3, (4, 5)))],
+               "fc_out", name="fc", alpha=1.5)
+    b.bn(y, 5, "y", "bn")
+    b.output("y")
+    return b.model()
+
+
+def conv_add_const_first_bn():
+    """Add(const (1, C, 1, 1), conv_out): the constant is the first operand."""
+    b = _Builder(113)
+    x = b.input("x", [2, 3, 6, 6])
+    y = b.node("Conv", [x, b.init("conv_W", b.weight([4, 3, 3, 3]))], "conv_out", name="conv")
+    y = b.node("Add", [b.init("add_chan", b.rng.normal(0, 1, (1, 4, 1, 1))), y], "add_out", name="add_first")
+    b.bn(y, 4, "y", "bn")
+    b.output("y")
+    return b.model()
+
+
+def conv_bn_bn():
+    """Two BNs in a row after a Conv: the pass folds to a fixed point, both into the Conv."""
+    b = _Builder(114)
+    x = b.input("x", [2, 3, 6, 6])
+    y = b.node("Conv", [x, b.init("conv_W", b.weight([4, 3, 3, 3]))], "conv_out", name="conv")
+    y = b.bn(y, 4, "bn1_out", "bn1")
+    b.bn(y, 4, "y", "bn2")
+    b.output("y")
+    return b.model()
+
+
+def convtranspose_depthwise_bn():
+    b = _Builder(115)
+    x = b.input("x", [2, 4, 5, 5])
+    y = b.node("ConvTranspose", [x, b.init("deconv_W", b.weight([4, 1, 3, 3]))], "deconv_out", name="deconv",
+               group=4, strides=[2, 2])
+    b.bn(y, 4, "y", "bn")
+    b.output("y")
+    return b.model()
+
+
+def bn_gemm_trans_a():
+    """BN -> Gemm(transA=1): the BN channel axis of X becomes the product's row axis, which no
+    weight scales: not foldable forward (and nothing before the BN) -> matmul_layout."""
+    b = _Builder(116)
+    x = b.input("x", [6, 3])  # A = x, Gemm uses x^T of shape (3, 6)
+    y = b.bn(x, 3, "bn_out", "bn")
+    b.node("Gemm", [y, b.init("fc_W", b.weight([6, 5]))], "y", name="fc", transA=1)
+    b.output("y")
+    return b.model()
+
+
+def bn_matmul_rank3():
+    """BN over axis 1 of a (N, C, L) tensor feeding MatMul with W (L, M): MatMul contracts L, not C."""
+    b = _Builder(117)
+    x = b.input("x", [2, 3, 6])
+    y = b.bn(x, 3, "bn_out", "bn")
+    b.node("MatMul", [y, b.init("mm_W", b.weight([6, 4], fan_in=6))], "y", name="matmul")
+    b.output("y")
+    return b.model()
+
+
+def bn_gemm_second_consumer():
+    """BN -> Gemm, but the BN output is also read by a Relu: forward fold would change the Relu's input."""
+    b = _Builder(118)
+    x = b.input("x", [3, 6])
+    y = b.bn(x, 6, "bn_out", "bn")
+    b.node("Gemm", [y, b.init("fc_W", b.weight([5, 6]))], "y", name="fc", transB=1)
+    b.node("Relu", [y], "side", name="side_relu")
+    b.output("y")
+    b.output("side")
+    return b.model()
+
+
+def conv_bn_weight_shared_with_forward_conv():
+    """bn_a folds backward into conv_a; bn_b folds forward into conv_b; both Convs share one weight."""
+    b = _Builder(120)
+    x = b.input("x", [2, 4, 6, 6])
+    w = b.init("shared_W", b.weight([4, 4, 1, 1]))
+    y = b.node("Conv", [x, w], "conv_a_out", name="conv_a")
+    y = b.bn(y, 4, "bn_a_out", "bn_a")
+    y = b.node("Relu", [y], "relu_out", name="relu")
+    y = b.bn(y, 4, "bn_b_out", "bn_b")
+    b.node("Conv", [y, w], "y", name="conv_b")
+    b.output("y")
+    return b.model()
+
+
 # ==== registry ==================================================================================
 
 _T = "if0/then_branch"
@@ -796,6 +900,16 @@ CASES = {
     "training_mode_bn": (training_mode_bn, (Remain("bn", "training_mode"),)),
     "opset9_bn_extra_outputs": (opset9_bn_extra_outputs, (Remain("bn", "training_mode"),)),
     "bn_after_relu": (bn_after_relu, (Remain("bn", "no_foldable_neighbour"),)),
+    "gemm_scalar_c_bn": (gemm_scalar_c_bn, (Fold("bn", "gemm_bn"),)),
+    "gemm_full_c_bn": (gemm_full_c_bn, (Fold("bn", "gemm_bn"),)),
+    "conv_add_const_first_bn": (conv_add_const_first_bn, (Fold("bn", "conv_bn"),)),
+    "conv_bn_bn": (conv_bn_bn, (Fold("bn1", "conv_bn"), Fold("bn2", "conv_bn"))),
+    "convtranspose_depthwise_bn": (convtranspose_depthwise_bn, (Fold("bn", "convtranspose_bn"),)),
+    "bn_gemm_trans_a": (bn_gemm_trans_a, (Remain("bn", "matmul_layout"),)),
+    "bn_matmul_rank3": (bn_matmul_rank3, (Remain("bn", "matmul_layout"),)),
+    "bn_gemm_second_consumer": (bn_gemm_second_consumer, (Remain("bn", "multiple_consumers"),)),
+    "conv_bn_weight_shared_with_forward_conv": (conv_bn_weight_shared_with_forward_conv,
+                                                (Fold("bn_a", "conv_bn"), Fold("bn_b", "bn_conv"))),
     "mixed_small_cnn": (mixed_small_cnn, (
         Fold("bn1", "conv_bn"), Remain("bn2_after_relu", "no_foldable_neighbour"), Fold("bn3", "conv_bn"),
         Fold("bn4_before_fc", "bn_gemm"))),
