@@ -162,7 +162,10 @@ class LoadedModel:
             if self.proto.ByteSize() > _PROTOBUF_LIMIT:
                 self._tmpdir = tempfile.TemporaryDirectory(prefix="bnfold-")
                 big_path = os.path.join(self._tmpdir.name, "model.onnx")
-                onnx.save_model(self.proto, big_path, save_as_external_data=True, location="model.onnx.data")
+                # Saving with external data rewrites the tensors in place: work on a copy.
+                copy = onnx.ModelProto()
+                copy.CopyFrom(self.proto)
+                onnx.save_model(copy, big_path, save_as_external_data=True, location="model.onnx.data")
             else:
                 self._bytes = self.proto.SerializeToString()
         return self._bytes if self._bytes is not None else os.path.join(self._tmpdir.name, "model.onnx")

@@ -312,3 +312,14 @@ def test_json_result(tmp_path, params):
     data = json.loads(out.read_text())
     assert data["passed"] is True and data["samples"] == 2 and data["opt_level"] == "basic"
     assert data["outputs"][0]["name"] == "y" and data["outputs"][0]["elements"] == 2 * 4 * 32 * 32
+
+
+def test_in_memory_model_too_big_for_protobuf_goes_through_a_file(monkeypatch, params):
+    import bnfold.parity as parity
+
+    model = conv_bn_model(params)
+    before = model.SerializeToString()
+    monkeypatch.setattr(parity, "_PROTOBUF_LIMIT", 100)  # pretend the model exceeds 2 GB
+    report = bnfold.check(model, folded_conv_model(params))
+    assert report.passed and report.max_abs_error > 0
+    assert model.SerializeToString() == before  # the caller's model is not modified

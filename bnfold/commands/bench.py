@@ -16,7 +16,7 @@ EXAMPLES = f"""examples:
   bnfold bench model.onnx --shape input:8x3x224x224 --repeat 50 --json bench.json
 
 With one model, bench folds it in memory (bnfold.fold) and compares the original with the folded
-model. Runs of the models are interleaved so machine noise hits both alike. Default optimization
+model. The models take turns in blocks of runs so machine noise hits both alike. Default optimization
 level: all (how onnxruntime runs models in production; onnxruntime then fuses Conv+BN itself, so
 the gain is what it cannot fuse); use --opt-level disabled,all to see both. Default: {DEFAULT_WARMUP}
 warm-up runs, then timed runs for {DEFAULT_TIME_BUDGET:g} s per model and level (at least 5)."""

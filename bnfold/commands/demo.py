@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 EXAMPLES = """examples:
-  bnfold demo                          temporary output directory, about 10-20 seconds
+  bnfold demo                          temporary output directory, a few seconds
   bnfold demo --out demo_out           keep the files in ./demo_out
   bnfold demo --image-size 128 --quick
 
