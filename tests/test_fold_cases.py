@@ -204,3 +204,18 @@ def test_fold_accepts_a_path(tmp_path):
     assert report.n_folded == 1
     assert_parity(original, folded, MM.random_feeds(original), "path")
     assert path.read_bytes() == original.SerializeToString()
+
+
+def _unused_initializers(model):
+    used = set()
+    for _, graph in iter_graphs(model.graph):
+        used.update(i for n in graph.node for i in n.input)
+        used.update(v.name for v in graph.output)
+    return {t.name for _, g in iter_graphs(model.graph) for t in g.initializer if t.name not in used}
+
+
+@pytest.mark.parametrize("name", POSITIVE)
+def test_no_dead_weights_left_behind(name, folded_cases):
+    """Folded BN parameters and replaced weights are dropped, so the model really gets smaller."""
+    original, folded, _, _, _ = folded_cases(name)
+    assert _unused_initializers(folded) <= _unused_initializers(original)

@@ -115,8 +115,9 @@ class _Builder:
         gamma, beta, mean, var = self.bn_stats(channels)
         types = param_types or (None, None, None, None)
         make = self.const_node if as_constant_nodes else self.init
+        prefix = name or f"p{len(self.nodes)}"  # an unnamed BN still needs distinct parameter names
         params = [
-            make(f"{name}_{suffix}", value, t)
+            make(f"{prefix}_{suffix}", value, t)
             for suffix, value, t in zip(("scale", "bias", "mean", "var"), (gamma, beta, mean, var), types)
         ]
         if epsilon is not None:
@@ -600,20 +601,13 @@ def shared_weight_conv_bn_and_plain_conv():
 
 
 def unnamed_nodes_conv_bn():
-    """Two Conv -> BN pairs and no node names at all; parameter names collide-prone ("W_bn")."""
+    """Two Conv -> BN pairs and no node names at all."""
     b = _Builder(94)
     x = b.input("x", [2, 3, 6, 6])
     y = b.node("Conv", [x, b.init("W", b.weight([4, 3, 3, 3]))], "t0", pads=[1, 1, 1, 1])
     y = b.bn(y, 4, "t1", None)
     y = b.node("Conv", [y, b.init("W_bn", b.weight([4, 4, 3, 3]))], "t2")
     b.bn(y, 4, "y", None)
-    # rename the auto-generated BN parameter names ("None_scale") to plain unique ones
-    for i, t in enumerate(b.inits):
-        if t.name.startswith("None_"):
-            old = t.name
-            t.name = f"p{i}"
-            for n in b.nodes:
-                n.input[:] = [t.name if v == old else v for v in n.input]
     b.output("y")
     return b.model()
 
