@@ -833,6 +833,75 @@ def conv_bn_weight_shared_with_forward_conv():
     return b.model()
 
 
+def loop_body_outer_weight_shared():
+    """A Loop body Conv -> BN reads its weight from the outer graph, where a plain Conv reads it too."""
+    c = 3
+    outer = _Builder(121)
+    x = outer.input("x", [1, c, 5, 5])
+    w = outer.init("shared_W", outer.weight([c, c, 3, 3]))
+    trip = outer.init("trip_count", np.array(2), TensorProto.INT64)
+    cond = outer.init("loop_cond", np.array(True), TensorProto.BOOL)
+    body = _Builder(122, name="loop_body")
+    body.input("iter", [], TensorProto.INT64)
+    body.input("cond_in", [], TensorProto.BOOL)
+    body.input("state_in", [1, c, 5, 5])
+    body.node("Identity", ["cond_in"], "cond_out", name="keep_going")
+    _conv_bn_body(body, "body", "state_in", c, "state_out", weight_name=w)
+    body.output("cond_out", TensorProto.BOOL, [])
+    body.output("state_out", shape=[1, c, 5, 5])
+    looped = outer.node("Loop", [trip, cond, x], "looped", name="loop0", body=body.graph())
+    outer.node("Conv", [looped, w], "y", name="main_conv", pads=[1, 1, 1, 1])
+    outer.output("y", shape=[1, c, 5, 5])
+    return outer.model(infer_outputs=False)
+
+
+def bn_in_branch_conv_outside():
+    """The Conv is in the main graph, its BN inside an If branch (reading the outer value)."""
+    c = 3
+    outer = _Builder(123)
+    x = outer.input("x", [1, c, 5, 5])
+    cond = outer.input("cond", [], TensorProto.BOOL)
+    outer.node("Conv", [x, outer.init("conv_W", outer.weight([c, c, 3, 3]))], "conv_out", name="conv",
+               pads=[1, 1, 1, 1])
+    then_b = _Builder(124, name="then_body")
+    then_b.bn("conv_out", c, "then_y", "then_bn")
+    then_b.output("then_y", shape=[1, c, 5, 5])
+    else_b = _Builder(125, name="else_body")
+    else_b.node("Relu", ["conv_out"], "else_y", name="else_relu")
+    else_b.output("else_y", shape=[1, c, 5, 5])
+    outer.node("If", [cond], "y", name="if0", then_branch=then_b.graph(), else_branch=else_b.graph())
+    outer.output("y", shape=[1, c, 5, 5])
+    return outer.model(infer_outputs=False)
+
+
+def names_taken_conv_bn():
+    """Values already carry the names a fold is likely to generate (<value>_bnfold, <value>_bias_bnfold,
+    <weight>_bnfold, with _1 suffixes), in the main graph and in an If branch: new names must avoid all."""
+    c = 4
+    b = _Builder(126)
+    x = b.input("x", [2, 3, 6, 6])
+    cond = b.input("cond", [], TensorProto.BOOL)
+    w = b.init("conv_W", b.weight([c, 3, 3, 3]))
+    shared = b.node("Conv", [x, w], "conv_out", name="conv")
+    b.bn(shared, c, "bn_out", "bn")
+    taken = ["conv_W_bnfold", "conv_out_bias_bnfold", "conv_out_bnfold", "conv_B_bnfold", "bn_bnfold",
+             "conv_W_bnfold_1", "conv_out_bias_bnfold_1"]
+    v = "bn_out"
+    for i, name in enumerate(taken[:4]):
+        v = b.node("Identity", [v], name, name=f"ident{i}")
+    then_b = _Builder(127, name="then_body")
+    t = then_b.node("Identity", [v], taken[4], name="t_ident0")
+    t = then_b.node("Identity", [t], taken[5], name="t_ident1")
+    then_b.node("Identity", [t], taken[6], name="t_ident2")
+    then_b.output(taken[6], shape=[2, c, 4, 4])
+    else_b = _Builder(128, name="else_body")
+    else_b.node("Neg", [v], "else_y", name="else_neg")
+    else_b.output("else_y", shape=[2, c, 4, 4])
+    b.node("If", [cond], "y", name="if0", then_branch=then_b.graph(), else_branch=else_b.graph())
+    b.output("y", shape=[2, c, 4, 4])
+    return b.model(infer_outputs=False)
+
+
 # ==== registry ==================================================================================
 
 _T = "if0/then_branch"
@@ -904,6 +973,9 @@ CASES = {
     "bn_gemm_second_consumer": (bn_gemm_second_consumer, (Remain("bn", "multiple_consumers"),)),
     "conv_bn_weight_shared_with_forward_conv": (conv_bn_weight_shared_with_forward_conv,
                                                 (Fold("bn_a", "conv_bn"), Fold("bn_b", "bn_conv"))),
+    "loop_body_outer_weight_shared": (loop_body_outer_weight_shared, (Fold("body_bn", "conv_bn", "loop0/body"),)),
+    "bn_in_branch_conv_outside": (bn_in_branch_conv_outside, (Remain("then_bn", "no_foldable_neighbour", _T),)),
+    "names_taken_conv_bn": (names_taken_conv_bn, (Fold("bn", "conv_bn"),)),
     "mixed_small_cnn": (mixed_small_cnn, (
         Fold("bn1", "conv_bn"), Remain("bn2_after_relu", "no_foldable_neighbour"), Fold("bn3", "conv_bn"),
         Fold("bn4_before_fc", "bn_gemm"))),
