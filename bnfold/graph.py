@@ -15,6 +15,7 @@ and removed nodes are only marked until ``commit()``, so indices and the labels 
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -108,13 +109,32 @@ def to_float64(array: np.ndarray) -> np.ndarray:
 
 def tensor_from_float64(array: np.ndarray, data_type: int, name: str) -> TensorProto:
     """Cast float64 ``array`` once to ``data_type`` (float32/64, float16, bfloat16) as a TensorProto."""
+    tensor = TensorProto()
+    write_tensor(tensor, array, data_type, name)
+    return tensor
+
+
+def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: str) -> None:
+    """Overwrite ``tensor`` (e.g. an initializer in place) with float64 ``array`` cast once to
+    ``data_type``; the doc string is kept. Writes raw bytes directly: no intermediate proto copy."""
     if data_type == TensorProto.BFLOAT16:
         import ml_dtypes
 
         typed = np.asarray(array, dtype=np.float64).astype(ml_dtypes.bfloat16)
     else:
         typed = np.asarray(array, dtype=np.float64).astype(FLOAT_TYPES[data_type])
-    return numpy_helper.from_array(np.ascontiguousarray(typed), name)
+    typed = np.ascontiguousarray(typed)
+    doc = tensor.doc_string
+    if sys.byteorder != "little":  # ONNX raw_data is little-endian; let onnx handle the swap
+        tensor.CopyFrom(numpy_helper.from_array(typed, name))
+    else:
+        tensor.Clear()
+        tensor.name = name
+        tensor.data_type = data_type
+        tensor.dims.extend(typed.shape)
+        tensor.raw_data = typed.tobytes()
+    if doc:
+        tensor.doc_string = doc
 
 
 def constant_node_value(node: onnx.NodeProto):
@@ -379,12 +399,12 @@ class GraphView:
             and old not in self.output_names
             and self.initializers[old].data_type == data_type
         ):
-            self.initializers[old].CopyFrom(tensor_from_float64(value64, data_type, old))
+            write_tensor(self.initializers[old], value64, data_type, old)
             self._constant_cache.pop(old, None)
             return old
         name = self.ctx.fresh_name(base_name)
-        tensor = tensor_from_float64(value64, data_type, name)
-        self.graph.initializer.append(tensor)
+        tensor = self.graph.initializer.add()
+        write_tensor(tensor, value64, data_type, name)
         if self.ctx.ir_version < 4 and self.parent is None:
             # IR 3 requires every initializer to be declared as a graph input as well.
             self.graph.input.append(helper.make_tensor_value_info(name, data_type, list(tensor.dims)))
@@ -392,8 +412,10 @@ class GraphView:
             node.input.append("")
         if old:
             self.released.add(old)
+            self.consumers[old].remove(index)
         node.input[position] = name
-        self.refresh()
+        self.consumers[name].append(index)
+        self.initializers[name] = tensor
         return name
 
     def remove_node(self, index: int) -> None:

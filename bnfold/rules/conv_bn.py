@@ -68,7 +68,8 @@ def check(view, bn):
 
     def rewrite():
         out = node.output[0]
-        view.set_constant_input(chain.layer, 1, w * scale.reshape((-1,) + (1,) * (w.ndim - 1)), w_type,
+        np.multiply(w, scale.reshape((-1,) + (1,) * (w.ndim - 1)), out=w)  # w: this rule's float64 copy
+        view.set_constant_input(chain.layer, 1, w, w_type,
                                 node.input[1] or f"{out}_weight")
         view.set_constant_input(chain.layer, 2, b * scale + shift, w_type, bias_name or f"{out}_bias")
         finish_backward(view, bn, chain)
