@@ -129,9 +129,11 @@ def fold(model_or_path, *, forward: bool = True):
     """
     if not isinstance(forward, bool):
         raise TypeError(f"forward must be a bool, got {type(forward).__name__}")
-    original = load_model(model_or_path)
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_path)
+    else:
+        model = load_model(model_or_path)  # freshly loaded: ours to edit, no copy needed
     report = FoldReport()
     _run(model, report, forward)
     return model, report
