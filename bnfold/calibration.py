@@ -850,10 +850,12 @@ def _initial_statistics(model, node, elem_types):
 # --------------------------------------------------------------------------------------------
 
 
-def _session(model):
+def _session(model, n_threads):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if n_threads is not None:
+        options.intra_op_num_threads = n_threads
     # Extended fusions (Conv+activation, ...) speed the forward pass up; the layout-changing and
     # pattern-matching transformers of level "all" are not needed and could rewrite the explicit
     # normalization ops.
@@ -899,7 +901,7 @@ def _progress(enabled, total, label):
 class _Accumulator:
     """Per-BN Moments merged across batches, and the time spent on them."""
 
-    def __init__(self, labels, one_value_is_error: bool):
+    def __init__(self, labels, one_value_is_error: bool, n_threads=None):
         from bnfold.kernels import Moments
 
         self._moments_cls = Moments
@@ -907,6 +909,7 @@ class _Accumulator:
         self.samples = {label: 0 for label in labels}
         self.seconds = 0.0
         self._one_value_is_error = one_value_is_error
+        self._n_threads = n_threads
 
     def add(self, label, x, batch_number):
         if x.ndim < 2:
@@ -919,14 +922,14 @@ class _Accumulator:
                 "or --mode sequential"
             )
         t0 = time.perf_counter()
-        m = self._moments_cls.from_array(x, axis=1)
+        m = self._moments_cls.from_array(x, axis=1, n_threads=self._n_threads)
         prev = self.moments[label]
         self.moments[label] = m if prev is None else prev.merge(m)
         self.seconds += time.perf_counter() - t0
         self.samples[label] += x.shape[0]
 
 
-def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=None, progress=False):
+def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=None, progress=False, n_threads=None):
     """Re-estimate the running mean/variance of every main-graph BatchNormalization from data.
 
     Returns ``(calibrated ModelProto, CalibrationReport)``; the input model is never modified.
@@ -935,6 +938,7 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
     ``batch_size`` along axis 0; ``max_batches`` limits the number of batches per pass.
     ``mode``: "batch" (PreciseBN, statistics of deeper BNs depend on the batch size) or
     "sequential" (inference-consistent, batch-size independent, one pass per BN level).
+    ``n_threads``: threads of onnxruntime and of the statistics kernels (None: all cores).
     Raises InputError for unusable data; nothing is returned half-calibrated.
     """
     if mode not in MODES:
@@ -944,6 +948,8 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, (int, np.integer)) or max_batches < 1):
         raise InputError(f"max_batches must be a positive integer or None, got {max_batches!r}")
     batch_size = int(batch_size)
+    if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)) or n_threads < 1):
+        raise InputError(f"n_threads must be a positive integer or None, got {n_threads!r}")
     t_start = time.perf_counter()
 
     source = load_model(model_or_path)
@@ -953,9 +959,12 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
     if not specs:
         raise InputError("model has no inputs to feed calibration data into")
     dataset = _Dataset(data, specs, optional)
+    fixed_batch = False
     for spec in specs.values():
-        if spec.dims and spec.dims[0] is not None and spec.dims[0] != batch_size:
-            raise InputError(f"model input '{spec.name}' has a fixed batch dimension {spec.dims[0]}; use batch size {spec.dims[0]}")
+        if spec.dims and spec.dims[0] is not None:
+            if spec.dims[0] != batch_size:
+                raise InputError(f"model input '{spec.name}' has a fixed batch dimension {spec.dims[0]}; use batch size {spec.dims[0]}")
+            fixed_batch = True
 
     report = CalibrationReport(mode=mode, batch_size=batch_size)
     opset = _opset(model)
@@ -1008,10 +1017,16 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
                 _rewrite_batch_mode(work, group_copy, elem_types)
             names = list(dict.fromkeys(fetch.values()))
             _prune(work, names, elem_types)
-            session = _session(work)
-            acc = _Accumulator([b.label for b in group], one_value_is_error=(mode == "batch"))
+            session = _session(work, n_threads)
+            acc = _Accumulator([b.label for b in group], one_value_is_error=(mode == "batch"), n_threads=n_threads)
             seen_batches = seen_samples = 0
             for batch in dataset.batches(batch_size, max_batches):
+                n_in_batch = next(iter(batch.values())).shape[0]
+                if fixed_batch and n_in_batch != batch_size:
+                    note = f"the final batch of {n_in_batch} sample(s) was skipped: the model's batch dimension is fixed"
+                    if note not in report.notes:
+                        report.notes.append(note)
+                    continue
                 seen_batches += 1
                 t0 = time.perf_counter()
                 outputs = _run(session, batch, seen_batches)
@@ -1019,8 +1034,10 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
                 by_name = dict(zip(names, outputs))
                 for b in group:
                     acc.add(b.label, by_name[fetch[b.label]], seen_batches)
-                seen_samples += next(iter(batch.values())).shape[0]
+                seen_samples += n_in_batch
                 bar.update(1)
+            if seen_batches == 0:
+                raise InputError(f"no complete batch of {batch_size} samples: the model's batch dimension is fixed")
             report.seconds_statistics += acc.seconds
             report.n_batches, report.n_samples = seen_batches, seen_samples
             report.passes += 1

@@ -149,7 +149,9 @@ def reference_forward(model, x, bn_behaviour):
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         ins = [env[i] for i in node.input]
-        if node.op_type == "Conv":
+        if node.op_type == "Constant":
+            y = numpy_helper.to_array(attrs["value"]).astype(np.float64)
+        elif node.op_type == "Conv":
             y = _conv(ins[0], ins[1], ins[2], attrs.get("strides", [1, 1]), attrs.get("pads", [0] * 4))
         elif node.op_type == "BatchNormalization":
             y = bn_behaviour(node.name, ins[0], *ins[1:], attrs.get("epsilon", 1e-5))
@@ -482,7 +484,7 @@ def test_sequential_mode_rejects_one_shot_iterator_for_several_levels():
         calibrate(conv_stack(), iter([{"x": data}]), mode="sequential")
 
 
-@pytest.mark.parametrize("kwargs, pattern", [({"mode": "train"}, "mode must be"), ({"batch_size": 0}, "batch_size"), ({"max_batches": 0}, "max_batches")])
+@pytest.mark.parametrize("kwargs, pattern", [({"mode": "train"}, "mode must be"), ({"batch_size": 0}, "batch_size"), ({"max_batches": 0}, "max_batches"), ({"n_threads": 0}, "n_threads")])
 def test_bad_arguments(kwargs, pattern):
     with pytest.raises(InputError, match=pattern):
         calibrate(conv_stack(), make_data((3, 8, 8), n=4), **kwargs)
@@ -505,6 +507,26 @@ def test_shared_statistics_tensors_get_their_own_copies():
     assert_stats_close(got, want)
     assert not np.allclose(got["first"][1], got["second"][1])
     onnx.checker.check_model(calibrated)
+
+
+def test_statistics_from_constant_nodes_are_replaced():
+    b = _Builder(6)
+    y = b.bn(b.conv("x", 3, 4), 4, name="bn")
+    model = b.model(["N", 3, 8, 8], y, ["N", 4, 8, 8])
+    inits = {t.name: t for t in model.graph.initializer}
+    constants = []
+    for role in ("mean", "var"):
+        tensor = inits.pop(f"bn.{role}")
+        constants.append(helper.make_node("Constant", [], [f"bn.{role}"], value=tensor))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits.values())
+    model.graph.node.insert(0, constants[1])
+    model.graph.node.insert(0, constants[0])
+    data = make_data((3, 8, 8), n=6)
+    calibrated, report = calibrate(model, data, batch_size=3)
+    np.testing.assert_array_equal(report.entries[0].old_var, numpy_helper.to_array(constants[1].attribute[0].t))
+    assert [n.op_type for n in calibrated.graph.node] == ["Conv", "BatchNormalization"]  # orphaned Constants removed
+    assert_stats_close(bn_statistics(calibrated), reference_calibrate(model, data.astype(np.float64), "batch", 3))
 
 
 def test_subgraph_and_training_mode_bns_are_reported_not_calibrated():
@@ -561,6 +583,27 @@ def test_report_contents_and_json(tmp_path):
     assert loaded["bn"][0]["new_var"]["max"] == pytest.approx(float(new["bn2"][1].max()), rel=1e-6)
     assert "bn2" in report.format_table()
     assert report.seconds_forward > 0 and report.seconds_statistics > 0
+
+
+def test_opset_18_reduce_mean_axes_as_input():
+    model = conv_stack()
+    model.opset_import[0].version = 18
+    data = make_data((3, 8, 8), n=10)
+    calibrated, _ = calibrate(model, data, mode="batch", batch_size=4)
+    assert_stats_close(bn_statistics(calibrated), reference_calibrate(model, data.astype(np.float64), "batch", 4))
+
+
+def test_fixed_batch_dimension():
+    b = _Builder(4)
+    model = b.model([4, 6], b.bn("x", 6, name="bn"), [4, 6])
+    data = make_data((6,), n=10)
+    with pytest.raises(InputError, match="fixed batch dimension 4; use batch size 4"):
+        calibrate(model, data, batch_size=5)
+    calibrated, report = calibrate(model, data, batch_size=4, n_threads=1)
+    assert report.n_samples == 8 and "final batch of 2 sample(s) was skipped" in report.notes[0]
+    np.testing.assert_allclose(bn_statistics(calibrated)["bn"][1], data[:8].astype(np.float64).var(axis=0), rtol=1e-5)
+    with pytest.raises(InputError, match="no complete batch"):
+        calibrate(model, data[:3], batch_size=4)
 
 
 def test_public_api_exports():
