@@ -291,10 +291,16 @@ class GraphView:
         if name in self._constant_cache:
             return self._constant_cache[name]
         value = self._local_constant(name, _depth)
-        if value is None and self.parent is not None and name not in defined_names_cache(self):
+        if value is None and self.parent is not None and not self._defines(name):
             value = self.parent.constant(name, _depth)
-        self._constant_cache[name] = value
+        if name not in self.initializers:
+            # Initializer arrays are not kept: holding a second copy of every weight would double
+            # the memory of large models, and reading one again is cheap.
+            self._constant_cache[name] = value
         return value
+
+    def _defines(self, name: str) -> bool:
+        return name in self.initializers or name in self.input_names or name in self.producer
 
     def _local_constant(self, name: str, depth: int):
         if name in self.initializers:
@@ -429,11 +435,6 @@ class GraphView:
         for index in sorted(self.removed, reverse=True):
             del self.graph.node[index]
         self.removed.clear()
-
-
-def defined_names_cache(view: GraphView) -> set[str]:
-    """Names defined by ``view``'s own graph (initializers, inputs, node outputs)."""
-    return {*view.initializers, *view.input_names, *view.producer}
 
 
 def remove_unused(model: onnx.ModelProto, candidates: set[str], vanished: set[str] = frozenset()) -> None:

@@ -56,28 +56,19 @@ class BatchNorm:
         return self.scale.shape[0]
 
 
-def float_constant(view: GraphView, name: str):
-    """``(float64 value, TensorProto type)`` of a float constant; None if not constant or not float."""
-    value = view.constant(name)
-    if value is None:
-        return None
-    data_type = view.constant_type(name)
-    if data_type not in FLOAT_TYPES:
-        return None
-    return to_float64(value), data_type
-
-
 def weight_or_failure(view: GraphView, layer: int, position: int, role: str):
     """The layer's constant float input, or a Failure saying why it cannot be used."""
     node = view.nodes[layer]
     name = node.input[position] if position < len(node.input) else ""
-    if view.constant(name) is None:
+    value = view.constant(name)
+    if value is None:
         return Failure("non_constant_weight",
                        f"{view.describe(layer)} {role} '{name}' is not a constant (initializer or Constant node)")
-    if view.constant_type(name) not in FLOAT_TYPES:
+    data_type = view.constant_type(name)
+    if data_type not in FLOAT_TYPES:
         return Failure("unsupported_dtype", f"{view.describe(layer)} {role} '{name}' is not a float tensor "
                        "(float32, float64, float16 or bfloat16)")
-    return to_float64(view.constant(name)), view.constant_type(name)
+    return to_float64(value), data_type
 
 
 def optional_input(node, position: int) -> str:
