@@ -34,6 +34,10 @@ __all__ = [
 # Below this many elements a single thread wins (starting a parallel region costs ~ microseconds).
 _PARALLEL_MIN_ELEMENTS = 1 << 15
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Rows shorter than this (with enough samples) use the "slabs" reductions, whose partial buffer
+# is per chunk of samples instead of per row.
+_SHORT_ROW = 256
+_SLAB_MIN_OUTER = 8
 
 
 class _Layout(NamedTuple):
@@ -152,11 +156,17 @@ def _tile(values: np.ndarray, C: int, dtype) -> np.ndarray:
     return np.ascontiguousarray(np.tile(values.astype(dtype), _k.cols_segment_rows(C)))
 
 
+def _use_slabs(L: _Layout) -> bool:
+    return 1 < L.inner < _SHORT_ROW and L.outer >= _SLAB_MIN_OUTER
+
+
 def _raw_moments(x: np.ndarray, L: _Layout, nt: int) -> tuple[np.ndarray, np.ndarray]:
     mean = np.empty(L.C, dtype=np.float64)
     m2 = np.empty(L.C, dtype=np.float64)
     flat = x.reshape(-1)
-    if L.inner > 1:
+    if _use_slabs(L):
+        _k.moments_slabs(flat, L.outer, L.C, L.inner, mean, m2, nt)
+    elif L.inner > 1:
         _k.moments_rows(flat, L.outer, L.C, L.inner, mean, m2, nt)
     else:
         _k.moments_cols(flat, L.outer, L.C, mean, m2, nt)
@@ -329,7 +339,9 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=1, n_threads
     sum_dy = np.empty(L.C, dtype=np.float64)
     sum_dyxc = np.empty(L.C, dtype=np.float64)
     gf, xf = g.reshape(-1), arr.reshape(-1)
-    if L.inner > 1:
+    if _use_slabs(L):
+        _k.dot_slabs(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)
+    elif L.inner > 1:
         _k.dot_rows(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)
     else:
         _k.dot_cols(gf, xf, L.outer, L.C, _tile(mean, L.C, np.float64), sum_dy, sum_dyxc, nt)

@@ -38,6 +38,9 @@ cdef enum:
 # A chunk holds at least this many segments so per-chunk folding stays a small cost.
 cdef enum:
     MIN_SEGS_PER_CHUNK = 8
+# Chunks of samples in the short-row ("slabs") kernels.
+cdef enum:
+    MAX_SLAB_CHUNKS = 32
 
 
 def cols_segment_rows(Py_ssize_t C):
@@ -50,72 +53,61 @@ def cols_segment_rows(Py_ssize_t C):
 # compiler pipeline / vectorise float64 reductions without -ffast-math.
 
 cdef inline double _run_sum(const floating* x, Py_ssize_t n) noexcept nogil:
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef Py_ssize_t j = 0
+    cdef double a[8]
+    cdef Py_ssize_t j = 0, t
+    for t in range(8):
+        a[t] = 0
     while j + 8 <= n:
-        a0 += x[j]
-        a1 += x[j + 1]
-        a2 += x[j + 2]
-        a3 += x[j + 3]
-        a4 += x[j + 4]
-        a5 += x[j + 5]
-        a6 += x[j + 6]
-        a7 += x[j + 7]
+        for t in range(8):
+            a[t] += x[j + t]
         j += 8
     while j < n:
-        a0 += x[j]
+        a[0] += x[j]
         j += 1
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 
 
 cdef inline double _run_centred_sq(const floating* x, Py_ssize_t n, double m) noexcept nogil:
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef double d0, d1, d2, d3, d4, d5, d6, d7
-    cdef Py_ssize_t j = 0
+    cdef double a[8]
+    cdef double d
+    cdef Py_ssize_t j = 0, t
+    for t in range(8):
+        a[t] = 0
     while j + 8 <= n:
-        d0 = x[j] - m
-        d1 = x[j + 1] - m
-        d2 = x[j + 2] - m
-        d3 = x[j + 3] - m
-        d4 = x[j + 4] - m
-        d5 = x[j + 5] - m
-        d6 = x[j + 6] - m
-        d7 = x[j + 7] - m
-        a0 += d0 * d0
-        a1 += d1 * d1
-        a2 += d2 * d2
-        a3 += d3 * d3
-        a4 += d4 * d4
-        a5 += d5 * d5
-        a6 += d6 * d6
-        a7 += d7 * d7
+        for t in range(8):
+            d = x[j + t] - m
+            a[t] += d * d
         j += 8
     while j < n:
-        d0 = x[j] - m
-        a0 += d0 * d0
+        d = x[j] - m
+        a[0] += d * d
         j += 1
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 
 
-cdef inline double _run_dot_centred(const floating* dy, const floating* x, Py_ssize_t n,
-                                    double m) noexcept nogil:
-    """sum(dy * (x - m)) in float64."""
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef Py_ssize_t j = 0
+cdef inline double _run_sum_dot_centred(const floating* dy, const floating* x, Py_ssize_t n,
+                                        double m, double* dot) noexcept nogil:
+    """Returns sum(dy) and stores sum(dy * (x - m)) in *dot, both float64, one read of each."""
+    cdef double a[8]
+    cdef double b[8]
+    cdef double g
+    cdef Py_ssize_t j = 0, t
+    for t in range(8):
+        a[t] = 0
+        b[t] = 0
     while j + 8 <= n:
-        a0 += <double>dy[j] * (x[j] - m)
-        a1 += <double>dy[j + 1] * (x[j + 1] - m)
-        a2 += <double>dy[j + 2] * (x[j + 2] - m)
-        a3 += <double>dy[j + 3] * (x[j + 3] - m)
-        a4 += <double>dy[j + 4] * (x[j + 4] - m)
-        a5 += <double>dy[j + 5] * (x[j + 5] - m)
-        a6 += <double>dy[j + 6] * (x[j + 6] - m)
-        a7 += <double>dy[j + 7] * (x[j + 7] - m)
+        for t in range(8):
+            g = dy[j + t]
+            a[t] += g
+            b[t] += g * (x[j + t] - m)
         j += 8
     while j < n:
-        a0 += <double>dy[j] * (x[j] - m)
+        g = dy[j]
+        a[0] += g
+        b[0] += g * (x[j] - m)
         j += 1
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    dot[0] = ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]))
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +192,7 @@ def moments_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize
     cdef Py_ssize_t u, r, b, start, length
     cdef double m
     with nogil:
-        for u in prange(n_units, schedule='static', num_threads=n_threads):
+        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
             r = u // nb
             b = u - r * nb
             start = r * inner + b * BLOCK
@@ -230,9 +222,9 @@ def moments_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
     cdef double* sh
     cdef double* a1
     cdef double* a2
-    cdef double d, S1, S2, cnt
+    cdef double d, e, f, g, S1, S2, cnt
     with nogil:
-        for q in prange(nq, schedule='static', num_threads=n_threads):
+        for q in prange(nq, schedule='dynamic', chunksize=1, num_threads=n_threads):
             sh = &scratch[threadid(), 0]
             a1 = sh + P
             a2 = sh + 2 * P
@@ -246,7 +238,19 @@ def moments_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
                 sh[j] = xp[row0 * C + j % C]
                 a1[j] = 0
                 a2[j] = 0
-            for s in range(s0, s1):
+            s = s0
+            # four full segments per sweep: a quarter of the accumulator loads/stores
+            while s + 4 <= s1 and (s + 4) * P <= rows * C:
+                base = s * P
+                for j in range(P):
+                    d = xp[base + j] - sh[j]
+                    e = xp[base + P + j] - sh[j]
+                    f = xp[base + 2 * P + j] - sh[j]
+                    g = xp[base + 3 * P + j] - sh[j]
+                    a1[j] += (d + e) + (f + g)
+                    a2[j] += (d * d + e * e) + (f * f + g * g)
+                s = s + 4
+            while s < s1:
                 base = s * P
                 length = rows * C - base
                 if length > P:
@@ -255,6 +259,7 @@ def moments_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
                     d = xp[base + j] - sh[j]
                     a1[j] += d
                     a2[j] += d * d
+                s = s + 1
             cnt = <double>(row1 - row0)
             ccount[q] = cnt
             for c in range(C):
@@ -266,6 +271,40 @@ def moments_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
                 cmean[q * C + c] = sh[c] + S1 / cnt
                 d = S2 - S1 * S1 / cnt
                 cm2[q * C + c] = d if d > 0 else 0.0
+        _merge_chunk_moments(cmean, cm2, ccount, nq, C, mean_out, m2_out)
+
+
+def moments_slabs(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                  double[::1] mean_out, double[::1] m2_out, int n_threads):
+    """Rows layout with short rows and many samples (e.g. 256x2048x7x7): one partial per chunk of
+    samples and channel instead of one per row, so the partial buffer stays small. Each row's
+    (mean, M2) comes from an in-cache two-pass and is merged into its channel's chunk partial
+    with Chan's formula (equal row counts)."""
+    cdef Py_ssize_t nq = outer if outer < MAX_SLAB_CHUNKS else MAX_SLAB_CHUNKS
+    cdef double[::1] cmean = np.empty(nq * C, dtype=np.float64)
+    cdef double[::1] cm2 = np.empty(nq * C, dtype=np.float64)
+    cdef double[::1] ccount = np.empty(nq, dtype=np.float64)
+    cdef const floating* xp = &x[0]
+    cdef Py_ssize_t q, n, n0, n1, c, start
+    cdef double m, v, delta, k
+    with nogil:
+        for q in prange(nq, schedule='dynamic', chunksize=1, num_threads=n_threads):
+            n0 = q * outer // nq
+            n1 = (q + 1) * outer // nq
+            for n in range(n0, n1):
+                k = <double>(n - n0)
+                for c in range(C):
+                    start = (n * C + c) * inner
+                    m = _run_sum(xp + start, inner) / inner
+                    v = _run_centred_sq(xp + start, inner, m)
+                    if n == n0:
+                        cmean[q * C + c] = m
+                        cm2[q * C + c] = v
+                    else:
+                        delta = m - cmean[q * C + c]
+                        cmean[q * C + c] = cmean[q * C + c] + delta / (k + 1)
+                        cm2[q * C + c] = cm2[q * C + c] + v + delta * delta * (inner * k / (k + 1))
+            ccount[q] = <double>((n1 - n0) * inner)
         _merge_chunk_moments(cmean, cm2, ccount, nq, C, mean_out, m2_out)
 
 
@@ -282,7 +321,7 @@ def affine_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_
     cdef Py_ssize_t u, r, b, c, start, length, j
     cdef floating mc, sc, tc
     with nogil:
-        for u in prange(n_units, schedule='static', num_threads=n_threads):
+        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
             r = u // nb
             b = u - r * nb
             c = r % C
@@ -312,7 +351,7 @@ def affine_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
     cdef const floating* tp = &t_p[0]
     cdef Py_ssize_t sg, base, length, j
     with nogil:
-        for sg in prange(nseg, schedule='static', num_threads=n_threads):
+        for sg in prange(nseg, schedule='dynamic', chunksize=64, num_threads=n_threads):
             base = sg * P
             length = total - base
             if length > P:
@@ -336,15 +375,14 @@ def dot_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py
     cdef Py_ssize_t u, r, b, c, n, start, length
     cdef double a1, a2
     with nogil:
-        for u in prange(n_units, schedule='static', num_threads=n_threads):
+        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
             r = u // nb
             b = u - r * nb
             start = r * inner + b * BLOCK
             length = inner - b * BLOCK
             if length > BLOCK:
                 length = BLOCK
-            p1[u] = _run_sum(gp + start, length)
-            p2[u] = _run_dot_centred(gp + start, xp + start, length, mean[r % C])
+            p1[u] = _run_sum_dot_centred(gp + start, xp + start, length, mean[r % C], &p2[u])
         for c in prange(C, schedule='static', num_threads=n_threads):
             a1 = 0
             a2 = 0
@@ -352,6 +390,36 @@ def dot_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py
                 for b in range(nb):
                     a1 = a1 + p1[(n * C + c) * nb + b]
                     a2 = a2 + p2[(n * C + c) * nb + b]
+            sum_dy_out[c] = a1
+            sum_dyxc_out[c] = a2
+
+
+def dot_slabs(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py_ssize_t C,
+              Py_ssize_t inner, const double[::1] mean, double[::1] sum_dy_out,
+              double[::1] sum_dyxc_out, int n_threads):
+    """Short-row variant of dot_rows: one partial per (chunk of samples, channel)."""
+    cdef Py_ssize_t nq = outer if outer < MAX_SLAB_CHUNKS else MAX_SLAB_CHUNKS
+    cdef double[::1] c1 = np.zeros(nq * C, dtype=np.float64)
+    cdef double[::1] c2 = np.zeros(nq * C, dtype=np.float64)
+    cdef const floating* xp = &x[0]
+    cdef const floating* gp = &dy[0]
+    cdef Py_ssize_t q, n, c, start
+    cdef double a1, a2
+    with nogil:
+        for q in prange(nq, schedule='dynamic', chunksize=1, num_threads=n_threads):
+            for n in range(q * outer // nq, (q + 1) * outer // nq):
+                for c in range(C):
+                    start = (n * C + c) * inner
+                    a2 = 0  # assigned here so that Cython makes it thread-private
+                    a1 = _run_sum_dot_centred(gp + start, xp + start, inner, mean[c], &a2)
+                    c1[q * C + c] = c1[q * C + c] + a1
+                    c2[q * C + c] = c2[q * C + c] + a2
+        for c in range(C):
+            a1 = 0
+            a2 = 0
+            for q in range(nq):
+                a1 = a1 + c1[q * C + c]
+                a2 = a2 + c2[q * C + c]
             sum_dy_out[c] = a1
             sum_dyxc_out[c] = a2
 
@@ -373,9 +441,9 @@ def dot_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_
     cdef Py_ssize_t q, s, s0, s1, j, t, c, base, length
     cdef double* a1
     cdef double* a2
-    cdef double g, S1, S2
+    cdef double g, g1, g2, g3, S1, S2
     with nogil:
-        for q in prange(nq, schedule='static', num_threads=n_threads):
+        for q in prange(nq, schedule='dynamic', chunksize=1, num_threads=n_threads):
             a1 = &scratch[threadid(), 0]
             a2 = a1 + P
             s0 = q * nseg // nq
@@ -383,7 +451,20 @@ def dot_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_
             for j in range(P):
                 a1[j] = 0
                 a2[j] = 0
-            for s in range(s0, s1):
+            s = s0
+            while s + 4 <= s1 and (s + 4) * P <= rows * C:
+                base = s * P
+                for j in range(P):
+                    g = gp[base + j]
+                    g1 = gp[base + P + j]
+                    g2 = gp[base + 2 * P + j]
+                    g3 = gp[base + 3 * P + j]
+                    a1[j] += (g + g1) + (g2 + g3)
+                    a2[j] += ((g * (xp[base + j] - mp[j]) + g1 * (xp[base + P + j] - mp[j]))
+                              + (g2 * (xp[base + 2 * P + j] - mp[j])
+                                 + g3 * (xp[base + 3 * P + j] - mp[j])))
+                s = s + 4
+            while s < s1:
                 base = s * P
                 length = rows * C - base
                 if length > P:
@@ -392,6 +473,7 @@ def dot_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_
                     g = gp[base + j]
                     a1[j] += g
                     a2[j] += g * (xp[base + j] - mp[j])
+                s = s + 1
             for c in range(C):
                 S1 = 0
                 S2 = 0
@@ -425,7 +507,7 @@ def bwd_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py
     cdef Py_ssize_t u, r, b, c, start, length, j
     cdef floating mc, ac, bc, dc
     with nogil:
-        for u in prange(n_units, schedule='static', num_threads=n_threads):
+        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
             r = u // nb
             b = u - r * nb
             c = r % C
@@ -457,7 +539,7 @@ def bwd_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_
     cdef const floating* dp = &d_p[0]
     cdef Py_ssize_t sg, base, length, j
     with nogil:
-        for sg in prange(nseg, schedule='static', num_threads=n_threads):
+        for sg in prange(nseg, schedule='dynamic', chunksize=64, num_threads=n_threads):
             base = sg * P
             length = total - base
             if length > P:

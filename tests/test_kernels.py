@@ -41,6 +41,8 @@ LAYOUTS = [
     ((600, 130), 1),  # many chunks, C not a divisor of the segment length
     ((2, 1, 9000), 1),
     ((9000, 1), 1),
+    ((9, 4, 7), 1),  # short rows, many samples ("slabs" reductions)
+    ((40, 33, 5, 5), 1),
 ]
 
 
@@ -107,7 +109,9 @@ def test_batch_stats_matches_float64_reference(shape, axis, dtype):
     np.testing.assert_allclose(var, ref_var, **_tol(dtype))
 
 
-@pytest.mark.parametrize("shape,axis", [((2, 3, 67, 71), 1), ((4, 37, 41, 5), -1), ((600, 130), 1)])
+@pytest.mark.parametrize(
+    "shape,axis", [((2, 3, 67, 71), 1), ((4, 37, 41, 5), -1), ((600, 130), 1), ((64, 40, 7, 7), 1)]
+)
 def test_moments_are_bitwise_independent_of_thread_count(shape, axis):
     x = _data(np.random.default_rng(2), shape, np.float32)
     one = Moments.from_array(x, axis=axis, n_threads=1)
@@ -278,7 +282,9 @@ def test_train_infer_backward_match_reference(shape, axis, dtype):
                                atol=_tol(dtype)["atol"] * n)
 
 
-@pytest.mark.parametrize("shape,axis", [((4, 3, 67, 71), 1), ((4, 37, 41, 5), -1), ((300, 130), 1)])
+@pytest.mark.parametrize(
+    "shape,axis", [((4, 3, 67, 71), 1), ((4, 37, 41, 5), -1), ((300, 130), 1), ((64, 40, 7, 7), 1)]
+)
 def test_one_thread_and_all_threads_agree(shape, axis):
     rng = np.random.default_rng(8)
     x = _data(rng, shape, np.float32)
