@@ -114,16 +114,35 @@ def tensor_from_float64(array: np.ndarray, data_type: int, name: str) -> TensorP
     return tensor
 
 
-def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: str) -> None:
-    """Overwrite ``tensor`` (e.g. an initializer in place) with float64 ``array`` cast once to
-    ``data_type``; the doc string is kept. Writes raw bytes directly: no intermediate proto copy."""
+def numpy_type(data_type: int):
+    """numpy dtype of a float TensorProto type (bfloat16 through ml_dtypes)."""
     if data_type == TensorProto.BFLOAT16:
         import ml_dtypes
 
-        typed = np.asarray(array, dtype=np.float64).astype(ml_dtypes.bfloat16)
-    else:
-        typed = np.asarray(array, dtype=np.float64).astype(FLOAT_TYPES[data_type])
-    typed = np.ascontiguousarray(typed)
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(FLOAT_TYPES[data_type])
+
+
+def scale_in_float64(array: np.ndarray, factor: np.ndarray, data_type: int) -> np.ndarray:
+    """``array * factor`` computed in float64 and rounded once to ``data_type``'s numpy type.
+
+    The ufunc works in float64 on buffered chunks and writes the rounded result straight into
+    the output, so a large weight is never materialized in float64 as a whole."""
+    out = np.empty(np.broadcast_shapes(np.shape(array), np.shape(factor)), dtype=numpy_type(data_type))
+    try:
+        np.multiply(array, factor, out=out, dtype=np.float64, casting="unsafe")
+    except TypeError:  # a dtype without a float64 -> type ufunc cast: go through float64 explicitly
+        out[...] = (to_float64(array) * factor).astype(out.dtype)
+    return out
+
+
+def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: str) -> None:
+    """Overwrite ``tensor`` (e.g. an initializer in place) with ``array``: float64 values are cast
+    once to ``data_type``, arrays already of that type are written as they are. The doc string is
+    kept. Writes raw bytes directly: no intermediate proto copy."""
+    target = numpy_type(data_type)
+    typed = np.ascontiguousarray(array if np.asarray(array).dtype == target else
+                                 np.asarray(array, dtype=np.float64).astype(target))
     doc = tensor.doc_string
     if sys.byteorder != "little":  # ONNX raw_data is little-endian; let onnx handle the swap
         tensor.CopyFrom(numpy_helper.from_array(typed, name))
@@ -135,6 +154,18 @@ def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: s
         tensor.raw_data = typed.tobytes()
     if doc:
         tensor.doc_string = doc
+
+
+def read_tensor(tensor: TensorProto) -> np.ndarray:
+    """numpy value of a TensorProto; float raw data is viewed, not copied (read-only result)."""
+    if (
+        sys.byteorder == "little"
+        and tensor.data_type in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
+        and tensor.HasField("raw_data")
+        and tensor.data_location != TensorProto.EXTERNAL
+    ):
+        return np.frombuffer(tensor.raw_data, dtype=FLOAT_TYPES[tensor.data_type]).reshape(tuple(tensor.dims))
+    return numpy_helper.to_array(tensor)
 
 
 def constant_node_value(node: onnx.NodeProto):
@@ -244,7 +275,7 @@ class GraphView:
 
     # ----- structure -------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Recompute producers/consumers after an edit (cheap: one pass over the node list)."""
+        """Recompute producers/consumers from the node list (edits below keep them up to date)."""
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = defaultdict(list)
         self.implicit_consumers: dict[str, list[int]] = defaultdict(list)
@@ -307,7 +338,7 @@ class GraphView:
             if self._overridable(name):
                 return None
             try:
-                return numpy_helper.to_array(self.initializers[name])
+                return read_tensor(self.initializers[name])
             except Exception:  # noqa: BLE001 - e.g. external data that was never loaded
                 return None
         index = self.producer.get(name)
@@ -425,10 +456,34 @@ class GraphView:
         return name
 
     def remove_node(self, index: int) -> None:
+        """Mark node ``index`` removed and drop it from the producer/reader maps."""
         node = self.nodes[index]
-        self.removed.add(index)
         self.released.update(i for i in node.input if i and self.constant(i) is not None)
         self.vanished.update(o for o in node.output if o)
+        self.removed.add(index)
+        for name in node.input:
+            if name and index in self.consumers.get(name, ()):
+                self.consumers[name].remove(index)
+        for name in self._subgraph_reads[index]:
+            self.implicit_consumers[name].remove(index)
+        for name in node.output:
+            if self.producer.get(name) == index:
+                del self.producer[name]
+
+    def rename_output(self, index: int, position: int, new_name: str) -> None:
+        node = self.nodes[index]
+        old = node.output[position]
+        self.vanished.add(old)
+        if self.producer.get(old) == index:
+            del self.producer[old]
+        node.output[position] = new_name
+        self.producer[new_name] = index
+
+    def redirect_input(self, index: int, position: int, new_name: str) -> None:
+        node = self.nodes[index]
+        self.consumers[node.input[position]].remove(index)
+        node.input[position] = new_name
+        self.consumers[new_name].append(index)
 
     def commit(self) -> None:
         """Delete the nodes marked removed from the underlying GraphProto (call once, last)."""

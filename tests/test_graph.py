@@ -216,3 +216,31 @@ def test_remove_unused_deletes_only_released_tensors_nothing_reads():
     assert [n.op_type for n in model.graph.node] == ["Identity"]
     assert [t.name for t in model.graph.initializer] == ["kept_unused"]  # never released: stays
     assert len(model.graph.value_info) == 0
+
+
+def test_incremental_edits_keep_producer_and_reader_maps_exact():
+    from bnfold.fold_pass import _inference_bn
+    from bnfold.rules import bn_gemm, conv_bn
+
+    rng = np.random.default_rng(0)
+    params = lambda p, c: [init(f"{p}_{k}", np.abs(rng.standard_normal(c)).astype(np.float32) + 0.5)  # noqa: E731
+                           for k in ("s", "b", "m", "v")]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node("Add", ["c", "k"], ["c2"], name="add"),
+        helper.make_node("BatchNormalization", ["c2", "p_s", "p_b", "p_m", "p_v"], ["y"], name="bn"),
+        helper.make_node("Flatten", ["y"], ["f"], name="flat"),
+        helper.make_node("BatchNormalization", ["f", "q_s", "q_b", "q_m", "q_v"], ["n"], name="bn2"),
+        helper.make_node("Gemm", ["n", "B"], ["out"], name="fc"),
+    ]
+    inits = [init("W", rng.standard_normal((3, 3, 1, 1)).astype(np.float32)), init("k", np.ones((3, 1, 1), np.float32)),
+             init("B", rng.standard_normal((12, 2)).astype(np.float32)), *params("p", 3), *params("q", 12)]
+    model = make_model(nodes, [vi("x", [1, 3, 2, 2])], [vi("out", [1, 2])], inits)
+    view = view_of(model)
+    for rule, bn_index in ((conv_bn, 2), (bn_gemm, 4)):
+        match = rule.check(view, _inference_bn(view, bn_index))
+        match.rewrite()
+        snapshot = (dict(view.producer), {k: sorted(v) for k, v in view.consumers.items() if v})
+        view.refresh()
+        assert snapshot == (dict(view.producer), {k: sorted(v) for k, v in view.consumers.items() if v})
+    assert view.producer_of("y") == 0 and view.readers("f") == [5]

@@ -57,7 +57,8 @@ class BatchNorm:
 
 
 def weight_or_failure(view: GraphView, layer: int, position: int, role: str):
-    """The layer's constant float input, or a Failure saying why it cannot be used."""
+    """``(value in its own dtype, TensorProto type)`` of the layer's constant float input, or a
+    Failure saying why it cannot be used. The value may be read-only: compute new arrays."""
     node = view.nodes[layer]
     name = node.input[position] if position < len(node.input) else ""
     value = view.constant(name)
@@ -68,7 +69,7 @@ def weight_or_failure(view: GraphView, layer: int, position: int, role: str):
     if data_type not in FLOAT_TYPES:
         return Failure("unsupported_dtype", f"{view.describe(layer)} {role} '{name}' is not a float tensor "
                        "(float32, float64, float16 or bfloat16)")
-    return to_float64(value), data_type
+    return np.asarray(value), data_type
 
 
 def optional_input(node, position: int) -> str:
@@ -197,13 +198,10 @@ def per_channel_vector(value, rank: int, channels: int):
 
 def finish_backward(view: GraphView, bn: BatchNorm, chain: BackwardChain) -> None:
     """The layer now computes the BN's output directly: rename its output, drop chain and BN."""
-    layer = view.nodes[chain.layer]
-    view.vanished.add(layer.output[0])
-    layer.output[0] = bn.y
     for index in chain.nodes:
         view.remove_node(index)
     view.remove_node(bn.index)
-    view.refresh()
+    view.rename_output(chain.layer, 0, bn.y)
 
 
 def forward_consumer(view: GraphView, bn: BatchNorm, layer_ops: tuple[str, ...]):
@@ -228,9 +226,8 @@ def forward_consumer(view: GraphView, bn: BatchNorm, layer_ops: tuple[str, ...])
 
 def finish_forward(view: GraphView, bn: BatchNorm, layer: int) -> None:
     """The layer now reads the BN's input directly; the BN goes."""
-    view.nodes[layer].input[0] = bn.x
+    view.redirect_input(layer, 0, bn.x)
     view.remove_node(bn.index)
-    view.refresh()
 
 
 def int_attr(node, name: str, default: int) -> int:

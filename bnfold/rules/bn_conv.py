@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnfold.graph import get_attr
+from bnfold.graph import to_float64
 from bnfold.rules.base import Failure, Match, finish_forward, forward_consumer, int_attr, optional_input, \
     weight_or_failure
 
@@ -49,7 +50,7 @@ def check(view, bn):
     weight = weight_or_failure(view, layer, 1, "weight")
     if isinstance(weight, Failure):
         return weight
-    w, w_type = weight
+    w, w_type = to_float64(weight[0]), weight[1]
     group = int_attr(node, "group", 1)
     if w.ndim < 3 or w.shape[0] % group or w.shape[1] * group != bn.channels:
         return Failure("not_per_channel", f"{view.describe(layer)} weight shape {w.shape} with group={group} does not "
@@ -59,7 +60,7 @@ def check(view, bn):
         bias = weight_or_failure(view, layer, 2, "bias")
         if isinstance(bias, Failure):
             return bias
-        b = bias[0]
+        b = to_float64(bias[0])
     else:
         b = np.zeros(w.shape[0])
 

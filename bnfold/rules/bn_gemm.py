@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnfold.graph import set_attr
+from bnfold.graph import to_float64
 from bnfold.rules.base import Failure, Match, finish_forward, float_attr, forward_consumer, int_attr, \
     optional_input, weight_or_failure
 
@@ -45,7 +46,7 @@ def check(view, bn):
     weight = weight_or_failure(view, layer, 1, "B matrix")
     if isinstance(weight, Failure):
         return weight
-    w, w_type = weight
+    w, w_type = to_float64(weight[0]), weight[1]
     trans_b = int_attr(node, "transB", 0)
     if w.ndim != 2 or w.shape[1 if trans_b else 0] != bn.channels:
         return Failure("not_per_channel", f"{view.describe(layer)} B of shape {w.shape} (transB={trans_b}) does not "
@@ -56,7 +57,7 @@ def check(view, bn):
         c_value = weight_or_failure(view, layer, 2, "C bias")
         if isinstance(c_value, Failure):
             return c_value
-        c = c_value[0]
+        c = to_float64(c_value[0])
     else:
         c = np.zeros(())
 

@@ -23,6 +23,7 @@ Math (float64, cast once)::
 from __future__ import annotations
 
 from bnfold.graph import set_attr
+from bnfold.graph import to_float64
 from bnfold.rules.base import Failure, Match, finish_forward, forward_consumer, weight_or_failure
 
 RULE = "bn_matmul"
@@ -36,7 +37,7 @@ def check(view, bn):
     weight = weight_or_failure(view, layer, 1, "second input")
     if isinstance(weight, Failure):
         return weight
-    w, w_type = weight
+    w, w_type = to_float64(weight[0]), weight[1]
     if w.ndim != 2:
         return Failure("matmul_layout", f"{view.describe(layer)} multiplies by a rank-{w.ndim} constant; only a "
                        "2-D matrix can absorb the BN")

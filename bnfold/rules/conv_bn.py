@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnfold.graph import scale_in_float64, to_float64
 from bnfold.rules.base import (
     Failure,
     Match,
@@ -58,7 +59,7 @@ def check(view, bn):
         bias = weight_or_failure(view, chain.layer, 2, "bias")
         if isinstance(bias, Failure):
             return bias
-        b = bias[0]
+        b = to_float64(bias[0])
     else:
         b = np.zeros(w.shape[0])
     combined = check_chain_and_combine(view, bn, chain, w.ndim)
@@ -68,9 +69,8 @@ def check(view, bn):
 
     def rewrite():
         out = node.output[0]
-        np.multiply(w, scale.reshape((-1,) + (1,) * (w.ndim - 1)), out=w)  # w: this rule's float64 copy
-        view.set_constant_input(chain.layer, 1, w, w_type,
-                                node.input[1] or f"{out}_weight")
+        new_w = scale_in_float64(w, scale.reshape((-1,) + (1,) * (w.ndim - 1)), w_type)
+        view.set_constant_input(chain.layer, 1, new_w, w_type, node.input[1] or f"{out}_weight")
         view.set_constant_input(chain.layer, 2, b * scale + shift, w_type, bias_name or f"{out}_bias")
         finish_backward(view, bn, chain)
 

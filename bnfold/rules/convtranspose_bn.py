@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnfold.graph import scale_in_float64, to_float64
 from bnfold.rules.base import (
     Failure,
     Match,
@@ -59,7 +60,7 @@ def check(view, bn):
         bias = weight_or_failure(view, chain.layer, 2, "bias")
         if isinstance(bias, Failure):
             return bias
-        b = bias[0]
+        b = to_float64(bias[0])
     else:
         b = np.zeros(bn.channels)
     combined = check_chain_and_combine(view, bn, chain, w.ndim)
@@ -73,7 +74,7 @@ def check(view, bn):
         kernel = w.shape[2:]
         grouped = w.reshape((group, cin // group, cout_g) + kernel)
         factor = scale.reshape((group, 1, cout_g) + (1,) * len(kernel))
-        view.set_constant_input(chain.layer, 1, (grouped * factor).reshape(w.shape), w_type,
+        view.set_constant_input(chain.layer, 1, scale_in_float64(grouped, factor, w_type).reshape(w.shape), w_type,
                                 node.input[1] or f"{out}_weight")
         view.set_constant_input(chain.layer, 2, b * scale + shift, w_type, bias_name or f"{out}_bias")
         finish_backward(view, bn, chain)

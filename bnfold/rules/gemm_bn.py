@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnfold.graph import to_float64
 from bnfold.rules.base import (
     Failure,
     Match,
@@ -50,7 +51,7 @@ def check(view, bn):
     weight = weight_or_failure(view, chain.layer, 1, "B matrix")
     if isinstance(weight, Failure):
         return weight
-    w, w_type = weight
+    w, w_type = to_float64(weight[0]), weight[1]
     trans_b = int_attr(node, "transB", 0)
     if w.ndim != 2 or w.shape[0 if trans_b else 1] != bn.channels:
         return Failure("not_per_channel", f"{view.describe(chain.layer)} has B of shape {w.shape} (transB={trans_b}), "
@@ -61,7 +62,7 @@ def check(view, bn):
         c_value = weight_or_failure(view, chain.layer, 2, "C bias")
         if isinstance(c_value, Failure):
             return c_value
-        c = c_value[0]
+        c = to_float64(c_value[0])
         if c.ndim > 2:
             return Failure("not_per_channel", f"{view.describe(chain.layer)} C has rank {c.ndim} > 2")
     else:
