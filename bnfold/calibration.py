@@ -176,7 +176,7 @@ class CalibrationReport:
             f.write("\n")
 
     def format_table(self) -> str:
-        header = ("BN", "level", "samples", "values/ch", "mean old->new (avg)", "var old->new (avg)", "max dmean", "max dvar")
+        header = ("BN", "level", "samples", "values/ch", "mean old->new (avg)", "var old->new (avg)", "max rel chg mean", "max rel chg var")
         rows = []
         for e in self.entries:
             if e.status != "calibrated":
