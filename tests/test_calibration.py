@@ -359,6 +359,27 @@ def test_every_data_source_gives_the_same_result(tmp_path):
         assert_stats_close(got, {k: (v[0].astype(np.float64), v[1].astype(np.float64)) for k, v in want.items()}, rtol=1e-6)
 
 
+@pytest.mark.parametrize("writer", ["npy", "savez", "savez_compressed"])
+def test_files_are_streamed_not_loaded_whole(tmp_path, writer):
+    """Peak Python-side memory stays far below the data set size (tracemalloc sees numpy buffers)."""
+    import tracemalloc
+
+    b = _Builder(7)
+    model = b.model(["N", 3, 16, 16], b.bn("x", 3, name="bn"), ["N", 3, 16, 16])
+    data = np.random.default_rng(0).standard_normal((2000, 3, 16, 16), dtype=np.float32)  # 6.1 MB
+    path = tmp_path / ("d.npy" if writer == "npy" else "d.npz")
+    np.save(path, data) if writer == "npy" else getattr(np, writer)(path, x=data)
+    tracemalloc.start()
+    try:
+        calibrated, report = calibrate(model, path, batch_size=8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.n_samples == 2000
+    assert peak < data.nbytes / 4, peak
+    np.testing.assert_allclose(bn_statistics(calibrated)["bn"][1], data.astype(np.float64).var(axis=(0, 2, 3)), rtol=1e-5)
+
+
 def test_compressed_npz_fortran_member(tmp_path):
     model, data = conv_stack(), make_data((3, 8, 8), n=9)
     np.savez_compressed(tmp_path / "f.npz", x=np.asfortranarray(data))
