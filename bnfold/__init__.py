@@ -6,6 +6,7 @@ PreciseBN calibration. Everything a user needs is importable from ``bnfold`` dir
 
 from bnfold._openmp import openmp_enabled
 from bnfold._version import __version__
+from bnfold.calibration import CalibrationReport, calibrate
 from bnfold.errors import BnfoldError, InputError, ParityError
 from bnfold.fold_pass import FoldReport, fold, inspect
 from bnfold.kernels import (
@@ -25,4 +26,5 @@ __all__ += [
     "Moments", "batch_stats", "batch_norm_train", "batch_norm_infer", "batch_norm_backward",
     "batch_renorm_train", "onnx_momentum",
 ]
+__all__ += ["calibrate", "CalibrationReport"]
 __all__ += ["fold", "inspect", "FoldReport"]
