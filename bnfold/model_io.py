@@ -37,9 +37,13 @@ def load_model(model_or_path, *, check: bool = True) -> onnx.ModelProto:
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory, expected an .onnx file")
     try:
-        # Parse without external data first: that tells (for free) whether the file keeps tensors
-        # outside, which savers need later to keep them outside.
-        model = onnx.load(path, load_external_data=False)
+        # Read the bytes once: they are parsed here and handed to the checker as they are, which
+        # saves re-reading the file or re-serializing the proto (half the load time on 100 MB).
+        # Parsing without external data first tells whether the file keeps tensors outside,
+        # which savers need later to keep them outside.
+        with open(path, "rb") as f:
+            raw = f.read()
+        model = onnx.load_model_from_string(raw)
         external = model_uses_external_data(model)
         if external:
             load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
@@ -54,9 +58,7 @@ def load_model(model_or_path, *, check: bool = True) -> onnx.ModelProto:
     _remember_external_data(path, external)
     if check:
         try:
-            # Checking the file lets the C++ checker read it directly instead of re-serializing
-            # the in-memory proto (about half the time on a 100 MB model).
-            onnx.checker.check_model(path)
+            onnx.checker.check_model(path if external else raw)
         except Exception as e:
             raise InputError(f"{path}: invalid ONNX model ({_first_line(e)})") from None
     return model
