@@ -88,26 +88,30 @@ cdef inline double _run_centred_sq(const floating* x, Py_ssize_t n, double m) no
 cdef inline double _run_sum_dot_centred(const floating* dy, const floating* x, Py_ssize_t n,
                                         double m, double* dot) noexcept nogil:
     """Returns sum(dy) and stores sum(dy * (x - m)) in *dot, both float64, one read of each."""
-    cdef double a[8]
-    cdef double b[8]
-    cdef double g
-    cdef Py_ssize_t j = 0, t
-    for t in range(8):
-        a[t] = 0
-        b[t] = 0
-    while j + 8 <= n:
-        for t in range(8):
-            g = dy[j + t]
-            a[t] += g
-            b[t] += g * (x[j + t] - m)
-        j += 8
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0
+    cdef double g0, g1, g2, g3
+    cdef Py_ssize_t j = 0
+    while j + 4 <= n:
+        g0 = dy[j]
+        g1 = dy[j + 1]
+        g2 = dy[j + 2]
+        g3 = dy[j + 3]
+        a0 += g0
+        a1 += g1
+        a2 += g2
+        a3 += g3
+        b0 += g0 * (x[j] - m)
+        b1 += g1 * (x[j + 1] - m)
+        b2 += g2 * (x[j + 2] - m)
+        b3 += g3 * (x[j + 3] - m)
+        j += 4
     while j < n:
-        g = dy[j]
-        a[0] += g
-        b[0] += g * (x[j] - m)
+        g0 = dy[j]
+        a0 += g0
+        b0 += g0 * (x[j] - m)
         j += 1
-    dot[0] = ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]))
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+    dot[0] = (b0 + b1) + (b2 + b3)
+    return (a0 + a1) + (a2 + a3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,15 +135,16 @@ cdef inline Py_ssize_t _n_chunks(Py_ssize_t nseg) noexcept nogil:
 
 cdef void _merge_rows_moments(const double[::1] pmean, const double[::1] pm2,
                               Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                              double[::1] mean_out, double[::1] m2_out,
-                              int n_threads) noexcept nogil:
-    """Exact two-pass merge of unit (count, mean, m2) partials of every channel."""
+                              double[::1] mean_out, double[::1] m2_out) noexcept nogil:
+    """Exact two-pass merge of unit (count, mean, m2) partials of every channel. Serial: there
+    is at most one partial per 256 input values, and one parallel region fewer per call matters
+    more (waking threads) than the merge itself."""
     cdef Py_ssize_t nb = _blocks_per_row(inner)
     cdef Py_ssize_t last = inner - (nb - 1) * BLOCK
     cdef double total = <double>outer * <double>inner
     cdef Py_ssize_t c, n, b, u
     cdef double cnt, s, m, d, q
-    for c in prange(C, schedule='static', num_threads=n_threads):
+    for c in range(C):
         s = 0
         for n in range(outer):
             u = (n * C + c) * nb
@@ -202,7 +207,7 @@ def moments_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize
             m = _run_sum(xp + start, length) / length
             pmean[u] = m
             pm2[u] = _run_centred_sq(xp + start, length, m)
-        _merge_rows_moments(pmean, pm2, outer, C, inner, mean_out, m2_out, n_threads)
+        _merge_rows_moments(pmean, pm2, outer, C, inner, mean_out, m2_out)
 
 
 def moments_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
@@ -383,7 +388,7 @@ def dot_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py
             if length > BLOCK:
                 length = BLOCK
             p1[u] = _run_sum_dot_centred(gp + start, xp + start, length, mean[r % C], &p2[u])
-        for c in prange(C, schedule='static', num_threads=n_threads):
+        for c in range(C):
             a1 = 0
             a2 = 0
             for n in range(outer):
