@@ -170,7 +170,7 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
             os.replace(tmp_data, os.path.join(directory, data_name))
             tmp_data = None
         else:
-            onnx.save_model(model, tmp_path)
+            _write_model_streaming(model, tmp_path)
         os.replace(tmp_path, path)
     except OSError as e:
         raise InputError(f"{path}: cannot write output ({e.strerror or e})") from None
@@ -178,6 +178,61 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
         for leftover in (tmp_path, tmp_data):
             if leftover and os.path.exists(leftover):
                 os.unlink(leftover)
+
+
+# Field numbers and wire tags from onnx.proto: ModelProto.graph = 7, GraphProto.initializer = 5,
+# TensorProto.raw_data = 9; all length-delimited (wire type 2), so tag = field << 3 | 2.
+_TAG_MODEL_GRAPH = b"\x3a"
+_TAG_GRAPH_INITIALIZER = b"\x2a"
+_TAG_TENSOR_RAW_DATA = b"\x4a"
+_STREAM_THRESHOLD = 1 << 16
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _write_model_streaming(model: onnx.ModelProto, path) -> None:
+    """Write ``model`` to ``path`` as ONNX protobuf without serializing it in one piece.
+
+    SerializeToString on a 100 MB model costs more than writing it; here the big raw_data
+    payloads go to the file as they are and protobuf encodes only the small rest. The bytes are a
+    valid encoding of the same message (protobuf readers accept fields in any order: the graph's
+    initializers come after its other fields). The caller's model is not modified.
+    """
+    shell = onnx.ModelProto()
+    shell.CopyFrom(model)
+    graph = shell.graph
+    initializer_parts = []
+    for source, tensor in zip(model.graph.initializer, graph.initializer):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= _STREAM_THRESHOLD:
+            raw = source.raw_data
+            tensor.ClearField("raw_data")
+            head = tensor.SerializeToString()
+            raw_len = _varint(len(raw))
+            tensor_len = len(head) + len(_TAG_TENSOR_RAW_DATA) + len(raw_len) + len(raw)
+            initializer_parts += [_TAG_GRAPH_INITIALIZER + _varint(tensor_len), head, _TAG_TENSOR_RAW_DATA + raw_len, raw]
+        else:
+            body = tensor.SerializeToString()
+            initializer_parts += [_TAG_GRAPH_INITIALIZER + _varint(len(body)), body]
+    graph.ClearField("initializer")
+    graph_rest = graph.SerializeToString()
+    shell.ClearField("graph")
+    model_rest = shell.SerializeToString()
+    graph_len = len(graph_rest) + sum(len(part) for part in initializer_parts)
+    with open(path, "wb") as f:
+        f.write(model_rest)
+        f.write(_TAG_MODEL_GRAPH + _varint(graph_len))
+        f.write(graph_rest)
+        for part in initializer_parts:
+            f.write(part)
 
 
 def write_json_atomic(data, path) -> None:

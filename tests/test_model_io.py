@@ -1,0 +1,106 @@
+"""model_io: one-line errors for unusable files, atomic writes that never touch the input, the
+streaming writer's bytes decode to the same model, external data stays external."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.errors import InputError
+from bnfold.model_io import (
+    check_output_path,
+    file_uses_external_data,
+    load_model,
+    save_model_atomic,
+)
+
+
+def _matmul_model(k=300, with_small=True):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((k, k)).astype(np.float32), "W")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm")]
+    if with_small:
+        inits.append(numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), "b"))
+        nodes.append(helper.make_node("Add", ["h", "b"], ["y"], name="add"))
+    else:
+        nodes.append(helper.make_node("Identity", ["h"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", k])],
+        inits,
+    )
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)],
+                              producer_name="test")
+    model.metadata_props.add(key="k", value="v")
+    return model
+
+
+def test_streaming_save_round_trips_exactly(tmp_path):
+    model = _matmul_model()
+    before = model.SerializeToString()
+    out = tmp_path / "m.onnx"
+    save_model_atomic(model, out)
+    assert model.SerializeToString() == before  # the caller's model is untouched
+    loaded = onnx.load(str(out))
+    assert loaded == model
+    onnx.checker.check_model(str(out), full_check=True)
+    assert not file_uses_external_data(out)
+
+
+def test_save_keeps_external_data_of_the_source(tmp_path):
+    model = _matmul_model()
+    src = tmp_path / "src.onnx"
+    save_model_atomic(model, src, external_data=True)
+    assert (tmp_path / "src.onnx.data").exists()
+    assert file_uses_external_data(src)
+    loaded = load_model(src)
+    out = tmp_path / "out.onnx"
+    save_model_atomic(loaded, out, source_path=src)
+    assert (tmp_path / "out.onnx.data").exists()
+    assert file_uses_external_data(out)
+    again = load_model(out)
+    w0 = numpy_helper.to_array(model.graph.initializer[0])
+    assert np.array_equal(numpy_helper.to_array(again.graph.initializer[0]), w0)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".bnfold-")]  # no temp leftovers
+
+
+def test_refuses_to_overwrite_the_input(tmp_path):
+    src = tmp_path / "m.onnx"
+    save_model_atomic(_matmul_model(), src)
+    before = src.read_bytes()
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        save_model_atomic(_matmul_model(k=8), src, source_path=src)
+    assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "no such file"), (b"", "not"), (os.urandom(4096), "not"), (b"hello world\n", "not")],
+)
+def test_unusable_files_give_one_line_input_errors(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputError, match=message) as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_invalid_model_is_reported(tmp_path):
+    model = _matmul_model()
+    model.graph.node[0].input[1] = "missing"
+    path = tmp_path / "invalid.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(InputError, match="invalid ONNX model"):
+        load_model(path)
+
+
+def test_output_path_checks(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        check_output_path(tmp_path / "nope" / "m.onnx")
+    with pytest.raises(InputError, match="is a directory"):
+        check_output_path(tmp_path)
+    assert check_output_path(tmp_path / "m.onnx") == str(tmp_path)
