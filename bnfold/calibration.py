@@ -732,7 +732,8 @@ def _rewrite_batch_mode(model, bns: list[_BN], elem_types: dict) -> None:
     """Replace every BN in ``bns`` with explicit batch-statistics normalization, in place.
 
     x (N, C, ...) -> reshape (N, C, S) -> mean/biased var over axes (0, 2) -> (x - mean) /
-    sqrt(var + eps) * scale + bias -> reshape back. Reshape keeps it rank-agnostic.
+    sqrt(var + eps) * scale + bias (the per-channel factor scale / sqrt(var + eps) computed first)
+    -> reshape back. Reshape keeps it rank-agnostic.
     """
     graph = model.graph
     opset = _opset(model)
@@ -772,7 +773,6 @@ def _rewrite_batch_mode(model, bns: list[_BN], elem_types: dict) -> None:
             reduce_mean(f"{q}/sq", f"{q}/var", f"{q}/var"),
             helper.make_node("Add", [f"{q}/var", f"{q}/eps"], [f"{q}/var_eps"], name=f"{q}/var_eps"),
             helper.make_node("Sqrt", [f"{q}/var_eps"], [f"{q}/std"], name=f"{q}/std"),
-            helper.make_node("Div", [f"{q}/centered", f"{q}/std"], [f"{q}/normed"], name=f"{q}/normed"),
         ]
         for role, name in (("scale", scale), ("bias", bias)):
             src = name
@@ -780,8 +780,10 @@ def _rewrite_batch_mode(model, bns: list[_BN], elem_types: dict) -> None:
                 src = f"{q}/{role}_cast"
                 ops.append(helper.make_node("Cast", [name], [src], name=src, to=x_type))
             ops.append(helper.make_node("Reshape", [src, f"{p}/shape_1c1"], [f"{q}/{role}_1c1"], name=f"{q}/{role}_1c1"))
+        # scale / std is per channel: one full-size Mul instead of a Div and a Mul.
         ops += [
-            helper.make_node("Mul", [f"{q}/normed", f"{q}/scale_1c1"], [f"{q}/scaled"], name=f"{q}/scaled"),
+            helper.make_node("Div", [f"{q}/scale_1c1", f"{q}/std"], [f"{q}/gain"], name=f"{q}/gain"),
+            helper.make_node("Mul", [f"{q}/centered", f"{q}/gain"], [f"{q}/scaled"], name=f"{q}/scaled"),
             helper.make_node("Add", [f"{q}/scaled", f"{q}/bias_1c1"], [f"{q}/y3"], name=f"{q}/y3"),
             helper.make_node("Shape", [x], [f"{q}/x_shape"], name=f"{q}/x_shape"),
             helper.make_node("Reshape", [f"{q}/y3", f"{q}/x_shape"], [node.output[0]], name=f"{q}/y"),
