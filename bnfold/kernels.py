@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bnfold import _bn_kernels as _k
+from bnfold import _bn_kernels as _k_baseline
 from bnfold._threads import effective_n_threads
 
 __all__ = [
@@ -38,6 +38,35 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # is per chunk of samples instead of per row.
 _SHORT_ROW = 256
 _SLAB_MIN_OUTER = 8
+
+
+def _cpu_has_avx2_fma() -> bool:
+    """Whether this CPU runs AVX2 + FMA code (numpy's runtime CPU detection; False if unknown)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2 or a different layout: stay on the portable build
+        return False
+    return bool(features.get("AVX2")) and bool(features.get("FMA3"))
+
+
+def _select_kernels():
+    """The compiled kernel module to use: the AVX2 + FMA build on CPUs that support it (about
+    1.5-2x faster in the float64 reductions), otherwise the portable build. Set
+    BNFOLD_KERNELS=baseline to force the portable one."""
+    import os
+
+    if os.environ.get("BNFOLD_KERNELS", "").lower() == "baseline" or not _cpu_has_avx2_fma():
+        return _k_baseline
+    try:
+        from bnfold import _bn_kernels_avx2 as k_avx2
+    except ImportError:
+        return _k_baseline
+    return k_avx2 if k_avx2.TARGET_AVX2 else _k_baseline
+
+
+_k = _select_kernels()
+#: Name of the compiled kernel module in use ("bnfold._bn_kernels" or "bnfold._bn_kernels_avx2").
+KERNEL_MODULE = _k.__name__
 
 
 class _Layout(NamedTuple):

@@ -513,3 +513,33 @@ def test_public_names_exported():
     for name in ("Moments", "batch_stats", "batch_norm_train", "batch_norm_infer",
                  "batch_norm_backward", "batch_renorm_train", "onnx_momentum"):
         assert name in bnfold.__all__ and hasattr(bnfold, name)
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 3, 67, 71), 1), ((40, 33, 5, 5), 1), ((4, 37, 41, 5), -1)])
+def test_portable_and_avx2_builds_agree(shape, axis, monkeypatch):
+    from bnfold import _bn_kernels, kernels
+
+    if not kernels._cpu_has_avx2_fma():
+        pytest.skip("this CPU has no AVX2/FMA, the AVX2 build is never used here")
+    from bnfold import _bn_kernels_avx2
+
+    rng = np.random.default_rng(19)
+    x = _data(rng, shape, np.float64)
+    dy = _data(rng, shape, np.float64)
+    results = []
+    for module in (_bn_kernels, _bn_kernels_avx2):
+        monkeypatch.setattr(kernels, "_k", module)
+        y, m, s = batch_norm_train(x, None, None, None, None, axis=axis)
+        results.append((y, m, s, *batch_norm_backward(dy, x, None, m, s, axis=axis)))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_module_choice_follows_cpu(monkeypatch):
+    from bnfold import kernels
+
+    monkeypatch.delenv("BNFOLD_KERNELS", raising=False)
+    expected = "bnfold._bn_kernels_avx2" if kernels._cpu_has_avx2_fma() else "bnfold._bn_kernels"
+    assert kernels._select_kernels().__name__ == expected
+    monkeypatch.setenv("BNFOLD_KERNELS", "baseline")
+    assert kernels._select_kernels().__name__ == "bnfold._bn_kernels"

@@ -1,0 +1,538 @@
+# Shared body of bnfold._bn_kernels and bnfold._bn_kernels_avx2 (included by both .pyx files).
+# See _bn_kernels.pyx for the design notes.
+
+from cython cimport floating
+from cython.parallel cimport prange, threadid
+
+import numpy as np
+
+# Elements per unit in the rows layout: a unit (float64 worst case 32 KiB) stays in L1/L2 between
+# the two passes of the statistics kernel.
+cdef enum:
+    BLOCK = 4096
+# Upper bound on chunks in the cols layout (bounds the partial buffer; plenty for load balance).
+cdef enum:
+    MAX_CHUNKS = 128
+# A chunk holds at least this many segments so per-chunk folding stays a small cost.
+cdef enum:
+    MIN_SEGS_PER_CHUNK = 8
+# Chunks of samples in the short-row ("slabs") kernels.
+cdef enum:
+    MAX_SLAB_CHUNKS = 32
+
+
+def cols_segment_rows(Py_ssize_t C):
+    """Rows per segment in the cols layout (so a segment has >= 256 elements)."""
+    return max(1, (256 + C - 1) // C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small inner helpers (one contiguous run of n elements). Compilers do not vectorise a float64
+# reduction `s += x[j]` without -ffast-math (it would reorder the sum), so the reductions keep
+# LANES independent accumulators in a small array: the inner `for t in range(LANES)` loop is then
+# an element-wise loop that vectorises, and the lanes are added at the end in a fixed order.
+
+cdef enum:
+    LANES = 32
+
+
+cdef inline double _sum_lanes(const double* a) noexcept nogil:
+    cdef double s = 0
+    cdef Py_ssize_t t
+    for t in range(LANES):
+        s = s + a[t]
+    return s
+
+
+cdef inline double _run_sum(const floating* x, Py_ssize_t n) noexcept nogil:
+    cdef double a[LANES]
+    cdef Py_ssize_t j = 0, t
+    for t in range(LANES):
+        a[t] = 0
+    while j + LANES <= n:
+        for t in range(LANES):
+            a[t] += x[j + t]
+        j += LANES
+    for t in range(n - j):
+        a[t] += x[j + t]
+    return _sum_lanes(a)
+
+
+cdef inline double _run_centred_sq(const floating* x, Py_ssize_t n, double m) noexcept nogil:
+    cdef double a[LANES]
+    cdef double d
+    cdef Py_ssize_t j = 0, t
+    for t in range(LANES):
+        a[t] = 0
+    while j + LANES <= n:
+        for t in range(LANES):
+            d = x[j + t] - m
+            a[t] += d * d
+        j += LANES
+    for t in range(n - j):
+        d = x[j + t] - m
+        a[t] += d * d
+    return _sum_lanes(a)
+
+
+cdef inline double _run_sum_dot_centred(const floating* dy, const floating* x, Py_ssize_t n,
+                                        double m, double* dot) noexcept nogil:
+    """Returns sum(dy) and stores sum(dy * (x - m)) in *dot, both float64, one read of each."""
+    cdef double a[LANES]
+    cdef double b[LANES]
+    cdef double g
+    cdef Py_ssize_t j = 0, t
+    for t in range(LANES):
+        a[t] = 0
+        b[t] = 0
+    while j + LANES <= n:
+        for t in range(LANES):
+            g = dy[j + t]
+            a[t] += g
+            b[t] += g * (x[j + t] - m)
+        j += LANES
+    for t in range(n - j):
+        g = dy[j + t]
+        a[t] += g
+        b[t] += g * (x[j + t] - m)
+    dot[0] = _sum_lanes(b)
+    return _sum_lanes(a)
+
+
+# ----------------------------------------------------------------------------------------------
+# Partition helpers (shape-only, so results do not depend on the thread count).
+
+cdef inline Py_ssize_t _blocks_per_row(Py_ssize_t inner) noexcept nogil:
+    return (inner + BLOCK - 1) // BLOCK
+
+
+cdef inline Py_ssize_t _n_chunks(Py_ssize_t nseg) noexcept nogil:
+    cdef Py_ssize_t q = nseg // MIN_SEGS_PER_CHUNK
+    if q < 1:
+        q = 1
+    if q > MAX_CHUNKS:
+        q = MAX_CHUNKS
+    return q
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging per-unit partials into per-channel results.
+
+cdef void _merge_rows_moments(const double[::1] pmean, const double[::1] pm2,
+                              Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                              double[::1] mean_out, double[::1] m2_out) noexcept nogil:
+    """Exact two-pass merge of unit (count, mean, m2) partials of every channel. Serial: there
+    is at most one partial per 256 input values, and one parallel region fewer per call matters
+    more (waking threads) than the merge itself."""
+    cdef Py_ssize_t nb = _blocks_per_row(inner)
+    cdef Py_ssize_t last = inner - (nb - 1) * BLOCK
+    cdef double total = <double>outer * <double>inner
+    cdef Py_ssize_t c, n, b, u
+    cdef double cnt, s, m, d, q
+    for c in range(C):
+        s = 0
+        for n in range(outer):
+            u = (n * C + c) * nb
+            for b in range(nb):
+                cnt = BLOCK if b < nb - 1 else last
+                s = s + cnt * pmean[u + b]
+        m = s / total
+        q = 0
+        for n in range(outer):
+            u = (n * C + c) * nb
+            for b in range(nb):
+                cnt = BLOCK if b < nb - 1 else last
+                d = pmean[u + b] - m
+                q = q + pm2[u + b] + cnt * d * d
+        mean_out[c] = m
+        m2_out[c] = q
+
+
+cdef void _merge_chunk_moments(const double[::1] cmean, const double[::1] cm2,
+                               const double[::1] ccount, Py_ssize_t nq, Py_ssize_t C,
+                               double[::1] mean_out, double[::1] m2_out) noexcept nogil:
+    cdef Py_ssize_t c, q
+    cdef double total, s, m, d, acc
+    for c in range(C):
+        total = 0
+        s = 0
+        for q in range(nq):
+            total = total + ccount[q]
+            s = s + ccount[q] * cmean[q * C + c]
+        m = s / total
+        acc = 0
+        for q in range(nq):
+            d = cmean[q * C + c] - m
+            acc = acc + cm2[q * C + c] + ccount[q] * d * d
+        mean_out[c] = m
+        m2_out[c] = acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics: per-channel mean and M2 (sum of squared deviations), float64.
+
+def moments_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                 double[::1] mean_out, double[::1] m2_out, int n_threads):
+    """Rows layout (inner > 1). mean_out / m2_out: (C,) float64, OUT."""
+    cdef Py_ssize_t nb = _blocks_per_row(inner)
+    cdef Py_ssize_t n_units = outer * C * nb
+    cdef double[::1] pmean = np.empty(n_units, dtype=np.float64)
+    cdef double[::1] pm2 = np.empty(n_units, dtype=np.float64)
+    cdef const floating* xp = &x[0]
+    cdef Py_ssize_t u, r, b, start, length
+    cdef double m
+    with nogil:
+        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
+            r = u // nb
+            b = u - r * nb
+            start = r * inner + b * BLOCK
+            length = inner - b * BLOCK
+            if length > BLOCK:
+                length = BLOCK
+            m = _run_sum(xp + start, length) / length
+            pmean[u] = m
+            pm2[u] = _run_centred_sq(xp + start, length, m)
+        _merge_rows_moments(pmean, pm2, outer, C, inner, mean_out, m2_out)
+
+
+def moments_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
+                 double[::1] mean_out, double[::1] m2_out, int n_threads):
+    """Cols layout (inner == 1): x is (rows, C). Shifted float64 sums per chunk (shift = the
+    chunk's first row, so a constant channel gives exactly 0), merged across chunks."""
+    cdef Py_ssize_t k = cols_segment_rows(C)
+    cdef Py_ssize_t P = k * C
+    cdef Py_ssize_t nseg = (rows + k - 1) // k
+    cdef Py_ssize_t nq = _n_chunks(nseg)
+    cdef double[:, ::1] scratch = np.empty((max(n_threads, 1), 3 * P), dtype=np.float64)
+    cdef double[::1] cmean = np.empty(nq * C, dtype=np.float64)
+    cdef double[::1] cm2 = np.empty(nq * C, dtype=np.float64)
+    cdef double[::1] ccount = np.empty(nq, dtype=np.float64)
+    cdef const floating* xp = &x[0]
+    cdef Py_ssize_t q, s, s0, s1, j, t, c, row0, row1, base, length
+    cdef double* sh
+    cdef double* a1
+    cdef double* a2
+    cdef double d, e, f, g, S1, S2, cnt
+    with nogil:
+        for q in prange(nq, schedule='dynamic', chunksize=1, num_threads=n_threads):
+            sh = &scratch[threadid(), 0]
+            a1 = sh + P
+            a2 = sh + 2 * P
+            s0 = q * nseg // nq
+            s1 = (q + 1) * nseg // nq
+            row0 = s0 * k
+            row1 = s1 * k
+            if row1 > rows:
+                row1 = rows
+            for j in range(P):
+                sh[j] = xp[row0 * C + j % C]
+                a1[j] = 0
+                a2[j] = 0
+            s = s0
+            # four full segments per sweep: a quarter of the accumulator loads/stores
+            while s + 4 <= s1 and (s + 4) * P <= rows * C:
+                base = s * P
+                for j in range(P):
+                    d = xp[base + j] - sh[j]
+                    e = xp[base + P + j] - sh[j]
+                    f = xp[base + 2 * P + j] - sh[j]
+                    g = xp[base + 3 * P + j] - sh[j]
+                    a1[j] += (d + e) + (f + g)
+                    a2[j] += (d * d + e * e) + (f * f + g * g)
+                s = s + 4
+            while s < s1:
+                base = s * P
+                length = rows * C - base
+                if length > P:
+                    length = P
+                for j in range(length):
+                    d = xp[base + j] - sh[j]
+                    a1[j] += d
+                    a2[j] += d * d
+                s = s + 1
+            cnt = <double>(row1 - row0)
+            ccount[q] = cnt
+            for c in range(C):
+                S1 = 0
+                S2 = 0
+                for t in range(k):
+                    S1 = S1 + a1[t * C + c]
+                    S2 = S2 + a2[t * C + c]
+                cmean[q * C + c] = sh[c] + S1 / cnt
+                d = S2 - S1 * S1 / cnt
+                cm2[q * C + c] = d if d > 0 else 0.0
+        _merge_chunk_moments(cmean, cm2, ccount, nq, C, mean_out, m2_out)
+
+
+def moments_slabs(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                  double[::1] mean_out, double[::1] m2_out, int n_threads):
+    """Rows layout with short rows and many samples (e.g. 256x2048x7x7): one partial per chunk of
+    samples and channel instead of one per row, so the partial buffer stays small. Each row's
+    (mean, M2) comes from an in-cache two-pass and is merged into its channel's chunk partial
+    with Chan's formula (equal row counts)."""
+    cdef Py_ssize_t nq = outer if outer < MAX_SLAB_CHUNKS else MAX_SLAB_CHUNKS
+    cdef double[::1] cmean = np.empty(nq * C, dtype=np.float64)
+    cdef double[::1] cm2 = np.empty(nq * C, dtype=np.float64)
+    cdef double[::1] ccount = np.empty(nq, dtype=np.float64)
+    cdef const floating* xp = &x[0]
+    cdef Py_ssize_t q, n, n0, n1, c, start
+    cdef double m, v, delta, k
+    with nogil:
+        for q in prange(nq, schedule='dynamic', chunksize=1, num_threads=n_threads):
+            n0 = q * outer // nq
+            n1 = (q + 1) * outer // nq
+            for n in range(n0, n1):
+                k = <double>(n - n0)
+                for c in range(C):
+                    start = (n * C + c) * inner
+                    m = _run_sum(xp + start, inner) / inner
+                    v = _run_centred_sq(xp + start, inner, m)
+                    if n == n0:
+                        cmean[q * C + c] = m
+                        cm2[q * C + c] = v
+                    else:
+                        delta = m - cmean[q * C + c]
+                        cmean[q * C + c] = cmean[q * C + c] + delta / (k + 1)
+                        cm2[q * C + c] = cm2[q * C + c] + v + delta * delta * (inner * k / (k + 1))
+            ccount[q] = <double>((n1 - n0) * inner)
+        _merge_chunk_moments(cmean, cm2, ccount, nq, C, mean_out, m2_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Element-wise affine pass: y = (x - m_hi[c]) * s[c] + t[c]  (one read, one write).
+
+def affine_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                const floating[::1] m_hi, const floating[::1] s, const floating[::1] t,
+                floating[::1] out, int n_threads):
+    cdef Py_ssize_t nb = _blocks_per_row(inner)
+    cdef Py_ssize_t n_units = outer * C * nb
+    cdef const floating* xp = &x[0]
+    cdef floating* yp = &out[0]
+    cdef Py_ssize_t u, r, b, c, start, length, j
+    cdef floating mc, sc, tc
+    with nogil:
+        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
+            r = u // nb
+            b = u - r * nb
+            c = r % C
+            start = r * inner + b * BLOCK
+            length = inner - b * BLOCK
+            if length > BLOCK:
+                length = BLOCK
+            mc = m_hi[c]
+            sc = s[c]
+            tc = t[c]
+            for j in range(start, start + length):
+                yp[j] = (xp[j] - mc) * sc + tc
+
+
+def affine_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
+                const floating[::1] m_hi_p, const floating[::1] s_p, const floating[::1] t_p,
+                floating[::1] out, int n_threads):
+    """m_hi_p / s_p / t_p are the per-channel values tiled to one segment (length k*C)."""
+    cdef Py_ssize_t k = cols_segment_rows(C)
+    cdef Py_ssize_t P = k * C
+    cdef Py_ssize_t total = rows * C
+    cdef Py_ssize_t nseg = (rows + k - 1) // k
+    cdef const floating* xp = &x[0]
+    cdef floating* yp = &out[0]
+    cdef const floating* mp = &m_hi_p[0]
+    cdef const floating* sp = &s_p[0]
+    cdef const floating* tp = &t_p[0]
+    cdef Py_ssize_t sg, base, length, j
+    with nogil:
+        for sg in prange(nseg, schedule='dynamic', chunksize=64, num_threads=n_threads):
+            base = sg * P
+            length = total - base
+            if length > P:
+                length = P
+            for j in range(length):
+                yp[base + j] = (xp[base + j] - mp[j]) * sp[j] + tp[j]
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward reductions: per channel sum(dy) and sum(dy * (x - mean)), float64.
+
+def dot_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py_ssize_t C,
+             Py_ssize_t inner, const double[::1] mean, double[::1] sum_dy_out,
+             double[::1] sum_dyxc_out, int n_threads):
+    cdef Py_ssize_t nb = _blocks_per_row(inner)
+    cdef Py_ssize_t n_units = outer * C * nb
+    cdef double[::1] p1 = np.empty(n_units, dtype=np.float64)
+    cdef double[::1] p2 = np.empty(n_units, dtype=np.float64)
+    cdef const floating* xp = &x[0]
+    cdef const floating* gp = &dy[0]
+    cdef Py_ssize_t u, r, b, c, n, start, length
+    cdef double a1, a2
+    with nogil:
+        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
+            r = u // nb
+            b = u - r * nb
+            start = r * inner + b * BLOCK
+            length = inner - b * BLOCK
+            if length > BLOCK:
+                length = BLOCK
+            p1[u] = _run_sum_dot_centred(gp + start, xp + start, length, mean[r % C], &p2[u])
+        for c in range(C):
+            a1 = 0
+            a2 = 0
+            for n in range(outer):
+                for b in range(nb):
+                    a1 = a1 + p1[(n * C + c) * nb + b]
+                    a2 = a2 + p2[(n * C + c) * nb + b]
+            sum_dy_out[c] = a1
+            sum_dyxc_out[c] = a2
+
+
+def dot_slabs(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py_ssize_t C,
+              Py_ssize_t inner, const double[::1] mean, double[::1] sum_dy_out,
+              double[::1] sum_dyxc_out, int n_threads):
+    """Short-row variant of dot_rows: one partial per (chunk of samples, channel)."""
+    cdef Py_ssize_t nq = outer if outer < MAX_SLAB_CHUNKS else MAX_SLAB_CHUNKS
+    cdef double[::1] c1 = np.zeros(nq * C, dtype=np.float64)
+    cdef double[::1] c2 = np.zeros(nq * C, dtype=np.float64)
+    cdef const floating* xp = &x[0]
+    cdef const floating* gp = &dy[0]
+    cdef Py_ssize_t q, n, c, start
+    cdef double a1, a2
+    with nogil:
+        for q in prange(nq, schedule='dynamic', chunksize=1, num_threads=n_threads):
+            for n in range(q * outer // nq, (q + 1) * outer // nq):
+                for c in range(C):
+                    start = (n * C + c) * inner
+                    a2 = 0  # assigned here so that Cython makes it thread-private
+                    a1 = _run_sum_dot_centred(gp + start, xp + start, inner, mean[c], &a2)
+                    c1[q * C + c] = c1[q * C + c] + a1
+                    c2[q * C + c] = c2[q * C + c] + a2
+        for c in range(C):
+            a1 = 0
+            a2 = 0
+            for q in range(nq):
+                a1 = a1 + c1[q * C + c]
+                a2 = a2 + c2[q * C + c]
+            sum_dy_out[c] = a1
+            sum_dyxc_out[c] = a2
+
+
+def dot_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
+             const double[::1] mean_p, double[::1] sum_dy_out, double[::1] sum_dyxc_out,
+             int n_threads):
+    """mean_p: the float64 channel means tiled to one segment (length k*C)."""
+    cdef Py_ssize_t k = cols_segment_rows(C)
+    cdef Py_ssize_t P = k * C
+    cdef Py_ssize_t nseg = (rows + k - 1) // k
+    cdef Py_ssize_t nq = _n_chunks(nseg)
+    cdef double[:, ::1] scratch = np.empty((max(n_threads, 1), 2 * P), dtype=np.float64)
+    cdef double[::1] c1 = np.empty(nq * C, dtype=np.float64)
+    cdef double[::1] c2 = np.empty(nq * C, dtype=np.float64)
+    cdef const floating* xp = &x[0]
+    cdef const floating* gp = &dy[0]
+    cdef const double* mp = &mean_p[0]
+    cdef Py_ssize_t q, s, s0, s1, j, t, c, base, length
+    cdef double* a1
+    cdef double* a2
+    cdef double g, g1, g2, g3, S1, S2
+    with nogil:
+        for q in prange(nq, schedule='dynamic', chunksize=1, num_threads=n_threads):
+            a1 = &scratch[threadid(), 0]
+            a2 = a1 + P
+            s0 = q * nseg // nq
+            s1 = (q + 1) * nseg // nq
+            for j in range(P):
+                a1[j] = 0
+                a2[j] = 0
+            s = s0
+            while s + 4 <= s1 and (s + 4) * P <= rows * C:
+                base = s * P
+                for j in range(P):
+                    g = gp[base + j]
+                    g1 = gp[base + P + j]
+                    g2 = gp[base + 2 * P + j]
+                    g3 = gp[base + 3 * P + j]
+                    a1[j] += (g + g1) + (g2 + g3)
+                    a2[j] += ((g * (xp[base + j] - mp[j]) + g1 * (xp[base + P + j] - mp[j]))
+                              + (g2 * (xp[base + 2 * P + j] - mp[j])
+                                 + g3 * (xp[base + 3 * P + j] - mp[j])))
+                s = s + 4
+            while s < s1:
+                base = s * P
+                length = rows * C - base
+                if length > P:
+                    length = P
+                for j in range(length):
+                    g = gp[base + j]
+                    a1[j] += g
+                    a2[j] += g * (xp[base + j] - mp[j])
+                s = s + 1
+            for c in range(C):
+                S1 = 0
+                S2 = 0
+                for t in range(k):
+                    S1 = S1 + a1[t * C + c]
+                    S2 = S2 + a2[t * C + c]
+                c1[q * C + c] = S1
+                c2[q * C + c] = S2
+        for c in range(C):
+            S1 = 0
+            S2 = 0
+            for q in range(nq):
+                S1 = S1 + c1[q * C + c]
+                S2 = S2 + c2[q * C + c]
+            sum_dy_out[c] = S1
+            sum_dyxc_out[c] = S2
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward element-wise pass: dx = dy * a[c] + (x - m_hi[c]) * b[c] + d[c].
+
+def bwd_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py_ssize_t C,
+             Py_ssize_t inner, const floating[::1] m_hi, const floating[::1] a,
+             const floating[::1] bcoef, const floating[::1] d, floating[::1] out,
+             int n_threads):
+    cdef Py_ssize_t nb = _blocks_per_row(inner)
+    cdef Py_ssize_t n_units = outer * C * nb
+    cdef const floating* xp = &x[0]
+    cdef const floating* gp = &dy[0]
+    cdef floating* op = &out[0]
+    cdef Py_ssize_t u, r, b, c, start, length, j
+    cdef floating mc, ac, bc, dc
+    with nogil:
+        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
+            r = u // nb
+            b = u - r * nb
+            c = r % C
+            start = r * inner + b * BLOCK
+            length = inner - b * BLOCK
+            if length > BLOCK:
+                length = BLOCK
+            mc = m_hi[c]
+            ac = a[c]
+            bc = bcoef[c]
+            dc = d[c]
+            for j in range(start, start + length):
+                op[j] = gp[j] * ac + (xp[j] - mc) * bc + dc
+
+
+def bwd_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
+             const floating[::1] m_hi_p, const floating[::1] a_p, const floating[::1] b_p,
+             const floating[::1] d_p, floating[::1] out, int n_threads):
+    cdef Py_ssize_t k = cols_segment_rows(C)
+    cdef Py_ssize_t P = k * C
+    cdef Py_ssize_t total = rows * C
+    cdef Py_ssize_t nseg = (rows + k - 1) // k
+    cdef const floating* xp = &x[0]
+    cdef const floating* gp = &dy[0]
+    cdef floating* op = &out[0]
+    cdef const floating* mp = &m_hi_p[0]
+    cdef const floating* ap = &a_p[0]
+    cdef const floating* bp = &b_p[0]
+    cdef const floating* dp = &d_p[0]
+    cdef Py_ssize_t sg, base, length, j
+    with nogil:
+        for sg in prange(nseg, schedule='dynamic', chunksize=64, num_threads=n_threads):
+            base = sg * P
+            length = total - base
+            if length > P:
+                length = P
+            for j in range(length):
+                op[base + j] = gp[base + j] * ap[j] + (xp[base + j] - mp[j]) * bp[j] + dp[j]
