@@ -38,6 +38,10 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # is per chunk of samples instead of per row.
 _SHORT_ROW = 256
 _SLAB_MIN_OUTER = 8
+# Fused train/backward kernels work on groups of channels whose inputs fit in this many bytes
+# (half of a 1 MiB-class L2, leaving room for the output stream). 0 disables fusion.
+_FUSED_GROUP_BYTES = 1 << 19
+_FUSED_MIN_GROUPS = 4
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -185,6 +189,21 @@ def _tile(values: np.ndarray, C: int, dtype) -> np.ndarray:
     return np.ascontiguousarray(np.tile(values.astype(dtype), _k.cols_segment_rows(C)))
 
 
+def _fused_group(L: _Layout, itemsize: int, n_inputs: int) -> int:
+    """Channels per group for the fused (reduce, then transform from cache) kernels, or 0 when
+    the unfused two-pass kernels are used. Depends on the shape only, so the choice (and hence
+    every bit of the result) is the same for every thread count."""
+    if L.inner <= 1:
+        return 0
+    per_channel = L.count * itemsize * n_inputs
+    if per_channel > _FUSED_GROUP_BYTES:
+        return 0
+    group = min(_FUSED_GROUP_BYTES // per_channel, max(1, L.C // 8))
+    if -(-L.C // group) < _FUSED_MIN_GROUPS:
+        return 0
+    return int(group)
+
+
 def _use_slabs(L: _Layout) -> bool:
     return 1 < L.inner < _SHORT_ROW and L.outer >= _SLAB_MIN_OUTER
 
@@ -326,10 +345,18 @@ def batch_norm_train(x, weight, bias, running_mean, running_var, momentum=0.1, e
     y = _out_array(out, arr)
     nt = _threads_for(arr.size, n_threads)
 
-    mean, m2 = _raw_moments(arr, L, nt)
-    var = m2 / count
-    invstd = 1.0 / np.sqrt(var + eps)
-    _affine(arr, L, mean, w * invstd, b, y, nt)
+    group = _fused_group(L, arr.itemsize, 1)
+    if group:
+        mean = np.empty(L.C, dtype=np.float64)
+        var = np.empty(L.C, dtype=np.float64)
+        _k.train_rows_fused(arr.reshape(-1), L.outer, L.C, L.inner, group, w, b, eps,
+                            y.reshape(-1), mean, var, nt)
+        invstd = 1.0 / np.sqrt(var + eps)
+    else:
+        mean, m2 = _raw_moments(arr, L, nt)
+        var = m2 / count
+        invstd = 1.0 / np.sqrt(var + eps)
+        _affine(arr, L, mean, w * invstd, b, y, nt)
     _update_running(rm, rv, mean, var, count, momentum, running_var_ddof)
     return y, mean.astype(arr.dtype), invstd.astype(arr.dtype)
 
@@ -368,20 +395,26 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=1, n_threads
     sum_dy = np.empty(L.C, dtype=np.float64)
     sum_dyxc = np.empty(L.C, dtype=np.float64)
     gf, xf = g.reshape(-1), arr.reshape(-1)
+    n = float(L.count)
+    dt = arr.dtype
+    group = _fused_group(L, arr.itemsize, 2)
+    if group:
+        dx = np.empty_like(arr)
+        _k.backward_rows_fused(gf, xf, L.outer, L.C, L.inner, group, w, mean, invstd,
+                               dx.reshape(-1), sum_dy, sum_dyxc, nt)
+        return dx, (sum_dyxc * invstd).astype(dt), sum_dy.astype(dt)
     if _use_slabs(L):
         _k.dot_slabs(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)
     elif L.inner > 1:
         _k.dot_rows(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)
     else:
         _k.dot_cols(gf, xf, L.outer, L.C, _tile(mean, L.C, np.float64), sum_dy, sum_dyxc, nt)
-    n = float(L.count)
     dweight = sum_dyxc * invstd
     a = w * invstd
     bcoef = -a * invstd * (dweight / n)
     # dx = a*dy + bcoef*(x - mean) - a*mean(dy); the kernel subtracts the dtype-rounded mean.
     m_hi = mean.astype(arr.dtype)
     d = -a * (sum_dy / n) + bcoef * (m_hi.astype(np.float64) - mean)
-    dt = arr.dtype
     dx = np.empty_like(arr)
     if L.inner > 1:
         _k.bwd_rows(gf, xf, L.outer, L.C, L.inner, m_hi, a.astype(dt), bcoef.astype(dt),

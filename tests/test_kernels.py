@@ -43,6 +43,7 @@ LAYOUTS = [
     ((9000, 1), 1),
     ((9, 4, 7), 1),  # short rows, many samples ("slabs" reductions)
     ((40, 33, 5, 5), 1),
+    ((6, 16, 9, 11), 1),  # fused (reduce, then transform from cache) train / backward
 ]
 
 
@@ -543,3 +544,22 @@ def test_kernel_module_choice_follows_cpu(monkeypatch):
     assert kernels._select_kernels().__name__ == expected
     monkeypatch.setenv("BNFOLD_KERNELS", "baseline")
     assert kernels._select_kernels().__name__ == "bnfold._bn_kernels"
+
+
+@pytest.mark.parametrize("shape", [(6, 16, 9, 11), (40, 33, 5, 5), (3, 12, 70, 70)])
+def test_fused_and_unfused_paths_agree(shape, monkeypatch):
+    from bnfold import kernels
+
+    rng = np.random.default_rng(20)
+    x = _data(rng, shape, np.float32, loc=30.0)
+    dy = _data(rng, shape, np.float32)
+    w, b = rng.uniform(0.5, 2, shape[1]), rng.standard_normal(shape[1])
+    assert kernels._fused_group(kernels._layout(x, 1), 4, 1) > 0
+    results = []
+    for group_bytes in (kernels._FUSED_GROUP_BYTES, 0):
+        monkeypatch.setattr(kernels, "_FUSED_GROUP_BYTES", group_bytes)
+        rm, rv = np.zeros(shape[1]), np.ones(shape[1])
+        y, m, s = batch_norm_train(x, w, b, rm, rv)
+        results.append((y, m, s, rm, rv, *batch_norm_backward(dy, x, w, m, s)))
+    for a, b_ in zip(*results):
+        np.testing.assert_allclose(a, b_, rtol=2e-6, atol=2e-6)

@@ -128,7 +128,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 9)
     torch.set_num_threads(args.threads)
-    print(f"bnfold {bnfold.__version__} (OpenMP: {bnfold.openmp_enabled()}), torch "
+    from bnfold.kernels import KERNEL_MODULE
+
+    print(f"bnfold {bnfold.__version__} ({KERNEL_MODULE}, OpenMP: {bnfold.openmp_enabled()}), torch "
           f"{torch.__version__}, {args.threads} threads, float32, median of {repeats}")
     print("ratios are torch time / bnfold time (higher is better for bnfold); "
           "stats/floor = bnfold stats / numpy x.sum()")
