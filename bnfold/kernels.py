@@ -42,6 +42,10 @@ _SLAB_MIN_OUTER = 8
 # (half of a 1 MiB-class L2, leaving room for the output stream). 0 disables fusion.
 _FUSED_GROUP_BYTES = 1 << 19
 _FUSED_MIN_GROUPS = 4
+# When channels are too big for one thread's cache, all threads work on a group of channels at
+# a time (static schedule: each thread re-reads in the second pass what it read in the first).
+# Group inputs up to this many bytes per thread. 0 disables.
+_COOP_BYTES_PER_THREAD = 1 << 20
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -204,6 +208,24 @@ def _fused_group(L: _Layout, itemsize: int, n_inputs: int) -> int:
     return int(group)
 
 
+def _coop_group(L: _Layout, itemsize: int, n_inputs: int, nt: int) -> int:
+    """Channels per group for the cooperative two-pass mode (all threads on one group of
+    channels at a time), or 0. Only for rows of >= _SHORT_ROW values, whose statistics come from
+    moments_rows either way, so the result does not depend on this choice."""
+    if L.inner < _SHORT_ROW or _COOP_BYTES_PER_THREAD <= 0:
+        return 0
+    per_channel = L.count * itemsize * n_inputs
+    budget = nt * _COOP_BYTES_PER_THREAD
+    if per_channel * L.C <= budget or per_channel > budget:
+        return 0
+    return int(budget // per_channel)
+
+
+def _channel_groups(C: int, group: int):
+    for c0 in range(0, C, group):
+        yield c0, min(C, c0 + group)
+
+
 def _use_slabs(L: _Layout) -> bool:
     return 1 < L.inner < _SHORT_ROW and L.outer >= _SLAB_MIN_OUTER
 
@@ -215,29 +237,73 @@ def _raw_moments(x: np.ndarray, L: _Layout, nt: int) -> tuple[np.ndarray, np.nda
     if _use_slabs(L):
         _k.moments_slabs(flat, L.outer, L.C, L.inner, mean, m2, nt)
     elif L.inner > 1:
-        _k.moments_rows(flat, L.outer, L.C, L.inner, mean, m2, nt)
+        _k.moments_rows(flat, L.outer, L.C, L.inner, 0, L.C, mean, m2, nt)
     else:
         _k.moments_cols(flat, L.outer, L.C, mean, m2, nt)
     return mean, m2
 
 
-def _affine(x, L: _Layout, mean, scale, bias, out, nt) -> None:
-    """out = (x - mean) * scale + bias per channel, float64 parameters, exact-ish in float32.
-
-    The kernel subtracts m_hi = mean rounded to x's dtype (exact for x near the mean) and the
-    rounding residue goes into the additive term computed here in float64."""
-    m_hi = mean.astype(x.dtype)
+def _affine_params(mean, scale, bias, dtype):
+    """(m_hi, s, t) in ``dtype`` for the kernels' out = (x - m_hi) * s + t, equal to
+    (x - mean) * scale + bias: m_hi is the mean rounded to dtype (so x - m_hi is exact for x near
+    the mean) and the rounding residue goes into t, computed in float64."""
+    m_hi = mean.astype(dtype)
     shift = bias + (m_hi.astype(np.float64) - mean) * scale
-    s = scale.astype(x.dtype)
-    t = shift.astype(x.dtype)
+    return m_hi, scale.astype(dtype), shift.astype(dtype)
+
+
+def _affine(x, L: _Layout, mean, scale, bias, out, nt) -> None:
+    """out = (x - mean) * scale + bias per channel (float64 parameters)."""
+    m_hi, s, t = _affine_params(mean, scale, bias, x.dtype)
     xf, of = x.reshape(-1), out.reshape(-1)
     if L.inner > 1:
-        _k.affine_rows(xf, L.outer, L.C, L.inner, m_hi, s, t, of, nt)
+        _k.affine_rows(xf, L.outer, L.C, L.inner, 0, L.C, m_hi, s, t, of, nt)
     else:
         dt = x.dtype
         _k.affine_cols(
             xf, L.outer, L.C, _tile(m_hi, L.C, dt), _tile(s, L.C, dt), _tile(t, L.C, dt), of, nt
         )
+
+
+def _train_forward(x, L: _Layout, w, b, eps, y, nt):
+    """Training forward into y; returns the batch (mean, biased var), float64."""
+    count = L.count
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    group = _fused_group(L, x.itemsize, 1)
+    if group:
+        mean = np.empty(L.C, dtype=np.float64)
+        var = np.empty(L.C, dtype=np.float64)
+        _k.train_rows_fused(xf, L.outer, L.C, L.inner, group, w, b, eps, yf, mean, var, nt)
+        return mean, var
+    group = _coop_group(L, x.itemsize, 1, nt)
+    if group:
+        mean = np.zeros(L.C, dtype=np.float64)
+        m2 = np.zeros(L.C, dtype=np.float64)
+        m_hi = np.zeros(L.C, dtype=x.dtype)
+        s = np.zeros(L.C, dtype=x.dtype)
+        t = np.zeros(L.C, dtype=x.dtype)
+        for c0, c1 in _channel_groups(L.C, group):
+            _k.moments_rows(xf, L.outer, L.C, L.inner, c0, c1, mean, m2, nt)
+            g = slice(c0, c1)
+            invstd = 1.0 / np.sqrt(m2[g] / count + eps)
+            m_hi[g], s[g], t[g] = _affine_params(mean[g], w[g] * invstd, b[g], x.dtype)
+            _k.affine_rows(xf, L.outer, L.C, L.inner, c0, c1, m_hi, s, t, yf, nt)
+        return mean, m2 / count
+    mean, m2 = _raw_moments(x, L, nt)
+    var = m2 / count
+    _affine(x, L, mean, w * (1.0 / np.sqrt(var + eps)), b, y, nt)
+    return mean, var
+
+
+def _backward_coefficients(sum_dy, sum_dyxc, w, mean, invstd, n, dtype):
+    """dx = a*dy + bcoef*(x - m_hi) + d, with the float64 math done here; returns
+    (m_hi, a, bcoef, d) in dtype and dweight (float64)."""
+    dweight = sum_dyxc * invstd
+    a = w * invstd
+    bcoef = -a * invstd * (dweight / n)
+    m_hi = mean.astype(dtype)
+    d = -a * (sum_dy / n) + bcoef * (m_hi.astype(np.float64) - mean)
+    return (m_hi, a.astype(dtype), bcoef.astype(dtype), d.astype(dtype)), dweight
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum, ddof) -> None:
@@ -345,18 +411,8 @@ def batch_norm_train(x, weight, bias, running_mean, running_var, momentum=0.1, e
     y = _out_array(out, arr)
     nt = _threads_for(arr.size, n_threads)
 
-    group = _fused_group(L, arr.itemsize, 1)
-    if group:
-        mean = np.empty(L.C, dtype=np.float64)
-        var = np.empty(L.C, dtype=np.float64)
-        _k.train_rows_fused(arr.reshape(-1), L.outer, L.C, L.inner, group, w, b, eps,
-                            y.reshape(-1), mean, var, nt)
-        invstd = 1.0 / np.sqrt(var + eps)
-    else:
-        mean, m2 = _raw_moments(arr, L, nt)
-        var = m2 / count
-        invstd = 1.0 / np.sqrt(var + eps)
-        _affine(arr, L, mean, w * invstd, b, y, nt)
+    mean, var = _train_forward(arr, L, w, b, eps, y, nt)
+    invstd = 1.0 / np.sqrt(var + eps)
     _update_running(rm, rv, mean, var, count, momentum, running_var_ddof)
     return y, mean.astype(arr.dtype), invstd.astype(arr.dtype)
 
@@ -397,31 +453,35 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=1, n_threads
     gf, xf = g.reshape(-1), arr.reshape(-1)
     n = float(L.count)
     dt = arr.dtype
+    dx = np.empty_like(arr)
+    dxf = dx.reshape(-1)
     group = _fused_group(L, arr.itemsize, 2)
     if group:
-        dx = np.empty_like(arr)
-        _k.backward_rows_fused(gf, xf, L.outer, L.C, L.inner, group, w, mean, invstd,
-                               dx.reshape(-1), sum_dy, sum_dyxc, nt)
+        _k.backward_rows_fused(gf, xf, L.outer, L.C, L.inner, group, w, mean, invstd, dxf,
+                               sum_dy, sum_dyxc, nt)
+        return dx, (sum_dyxc * invstd).astype(dt), sum_dy.astype(dt)
+    if L.inner > 1 and not _use_slabs(L):
+        group = _coop_group(L, arr.itemsize, 2, nt) or L.C
+        coef = [np.zeros(L.C, dtype=dt) for _ in range(4)]
+        for c0, c1 in _channel_groups(L.C, group):
+            _k.dot_rows(gf, xf, L.outer, L.C, L.inner, c0, c1, mean, sum_dy, sum_dyxc, nt)
+            g = slice(c0, c1)
+            parts, _ = _backward_coefficients(sum_dy[g], sum_dyxc[g], w[g], mean[g], invstd[g],
+                                              n, dt)
+            for full, part in zip(coef, parts):
+                full[g] = part
+            _k.bwd_rows(gf, xf, L.outer, L.C, L.inner, c0, c1, *coef, dxf, nt)
         return dx, (sum_dyxc * invstd).astype(dt), sum_dy.astype(dt)
     if _use_slabs(L):
         _k.dot_slabs(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)
-    elif L.inner > 1:
-        _k.dot_rows(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)
     else:
         _k.dot_cols(gf, xf, L.outer, L.C, _tile(mean, L.C, np.float64), sum_dy, sum_dyxc, nt)
-    dweight = sum_dyxc * invstd
-    a = w * invstd
-    bcoef = -a * invstd * (dweight / n)
-    # dx = a*dy + bcoef*(x - mean) - a*mean(dy); the kernel subtracts the dtype-rounded mean.
-    m_hi = mean.astype(arr.dtype)
-    d = -a * (sum_dy / n) + bcoef * (m_hi.astype(np.float64) - mean)
-    dx = np.empty_like(arr)
+    (m_hi, a, bcoef, d), dweight = _backward_coefficients(sum_dy, sum_dyxc, w, mean, invstd, n, dt)
     if L.inner > 1:
-        _k.bwd_rows(gf, xf, L.outer, L.C, L.inner, m_hi, a.astype(dt), bcoef.astype(dt),
-                    d.astype(dt), dx.reshape(-1), nt)
+        _k.bwd_rows(gf, xf, L.outer, L.C, L.inner, 0, L.C, m_hi, a, bcoef, d, dxf, nt)
     else:
         _k.bwd_cols(gf, xf, L.outer, L.C, _tile(m_hi, L.C, dt), _tile(a, L.C, dt),
-                    _tile(bcoef, L.C, dt), _tile(d, L.C, dt), dx.reshape(-1), nt)
+                    _tile(bcoef, L.C, dt), _tile(d, L.C, dt), dxf, nt)
     return dx, dweight.astype(dt), sum_dy.astype(dt)
 
 

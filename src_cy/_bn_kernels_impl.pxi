@@ -116,6 +116,21 @@ cdef inline Py_ssize_t _n_chunks(Py_ssize_t nseg) noexcept nogil:
     return q
 
 
+cdef inline Py_ssize_t _unit_span(Py_ssize_t u, Py_ssize_t nb, Py_ssize_t c0, Py_ssize_t nc,
+                                  Py_ssize_t C, Py_ssize_t inner, Py_ssize_t* c,
+                                  Py_ssize_t* length) noexcept nogil:
+    """Rows layout, channels [c0, c0 + nc): unit u is block b of row (n, c) with
+    u = (n * nc + (c - c0)) * nb + b. Returns the unit's start; sets *c and *length."""
+    cdef Py_ssize_t b = u % nb
+    cdef Py_ssize_t t = u // nb
+    cdef Py_ssize_t cc = t % nc
+    cdef Py_ssize_t n = t // nc
+    cdef Py_ssize_t ln = inner - b * BLOCK
+    c[0] = c0 + cc
+    length[0] = ln if ln < BLOCK else BLOCK
+    return (n * C + c0 + cc) * inner + b * BLOCK
+
+
 # ----------------------------------------------------------------------------------------------
 # Merging per-unit partials into per-channel results.
 
@@ -142,18 +157,6 @@ cdef inline void _merge_channel_units(const double* pmean, const double* pm2, Py
     m2[0] = q
 
 
-cdef void _merge_rows_moments(const double[::1] pmean, const double[::1] pm2,
-                              Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                              double[::1] mean_out, double[::1] m2_out) noexcept nogil:
-    """Merge unit partials of every channel. Serial: there is at most one partial per 256 input
-    values, and one parallel region fewer per call matters more (waking threads) than the merge."""
-    cdef Py_ssize_t nb = _blocks_per_row(inner)
-    cdef Py_ssize_t c
-    for c in range(C):
-        _merge_channel_units(&pmean[c * nb], &pm2[c * nb], outer, C * nb, nb, inner,
-                             &mean_out[c], &m2_out[c])
-
-
 cdef void _merge_chunk_moments(const double[::1] cmean, const double[::1] cm2,
                                const double[::1] ccount, Py_ssize_t nq, Py_ssize_t C,
                                double[::1] mean_out, double[::1] m2_out) noexcept nogil:
@@ -178,27 +181,30 @@ cdef void _merge_chunk_moments(const double[::1] cmean, const double[::1] cm2,
 # Statistics: per-channel mean and M2 (sum of squared deviations), float64.
 
 def moments_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                 double[::1] mean_out, double[::1] m2_out, int n_threads):
-    """Rows layout (inner > 1). mean_out / m2_out: (C,) float64, OUT."""
+                 Py_ssize_t c0, Py_ssize_t c1, double[::1] mean_out, double[::1] m2_out,
+                 int n_threads):
+    """Rows layout (inner > 1), channels [c0, c1). mean_out / m2_out: (C,) float64, OUT
+    (entries c0..c1-1 written). Static schedule: a following affine_rows / bwd_rows over the
+    same channels gives each thread the units it has just read (still in its cache)."""
     cdef Py_ssize_t nb = _blocks_per_row(inner)
-    cdef Py_ssize_t n_units = outer * C * nb
+    cdef Py_ssize_t nc = c1 - c0
+    cdef Py_ssize_t n_units = outer * nc * nb
     cdef double[::1] pmean = np.empty(n_units, dtype=np.float64)
     cdef double[::1] pm2 = np.empty(n_units, dtype=np.float64)
     cdef const floating* xp = &x[0]
-    cdef Py_ssize_t u, r, b, start, length
+    cdef Py_ssize_t u, c, cc, start, length
     cdef double m
     with nogil:
-        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
-            r = u // nb
-            b = u - r * nb
-            start = r * inner + b * BLOCK
-            length = inner - b * BLOCK
-            if length > BLOCK:
-                length = BLOCK
+        for u in prange(n_units, schedule='static', num_threads=n_threads):
+            c = 0  # assigned in the loop body so that Cython makes c / length thread-private
+            length = 0
+            start = _unit_span(u, nb, c0, nc, C, inner, &c, &length)
             m = _run_sum(xp + start, length) / length
             pmean[u] = m
             pm2[u] = _run_centred_sq(xp + start, length, m)
-        _merge_rows_moments(pmean, pm2, outer, C, inner, mean_out, m2_out)
+        for cc in range(nc):
+            _merge_channel_units(&pmean[cc * nb], &pm2[cc * nb], outer, nc * nb, nb, inner,
+                                 &mean_out[c0 + cc], &m2_out[c0 + cc])
 
 
 def moments_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
@@ -308,23 +314,20 @@ def moments_slabs(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssiz
 # Element-wise affine pass: y = (x - m_hi[c]) * s[c] + t[c]  (one read, one write).
 
 def affine_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                const floating[::1] m_hi, const floating[::1] s, const floating[::1] t,
-                floating[::1] out, int n_threads):
+                Py_ssize_t c0, Py_ssize_t c1, const floating[::1] m_hi, const floating[::1] s,
+                const floating[::1] t, floating[::1] out, int n_threads):
     cdef Py_ssize_t nb = _blocks_per_row(inner)
-    cdef Py_ssize_t n_units = outer * C * nb
+    cdef Py_ssize_t nc = c1 - c0
+    cdef Py_ssize_t n_units = outer * nc * nb
     cdef const floating* xp = &x[0]
     cdef floating* yp = &out[0]
-    cdef Py_ssize_t u, r, b, c, start, length, j
+    cdef Py_ssize_t u, c, start, length, j
     cdef floating mc, sc, tc
     with nogil:
-        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
-            r = u // nb
-            b = u - r * nb
-            c = r % C
-            start = r * inner + b * BLOCK
-            length = inner - b * BLOCK
-            if length > BLOCK:
-                length = BLOCK
+        for u in prange(n_units, schedule='static', num_threads=n_threads):
+            c = 0  # assigned in the loop body so that Cython makes c / length thread-private
+            length = 0
+            start = _unit_span(u, nb, c0, nc, C, inner, &c, &length)
             mc = m_hi[c]
             sc = s[c]
             tc = t[c]
@@ -360,34 +363,32 @@ def affine_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
 # Backward reductions: per channel sum(dy) and sum(dy * (x - mean)), float64.
 
 def dot_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py_ssize_t C,
-             Py_ssize_t inner, const double[::1] mean, double[::1] sum_dy_out,
-             double[::1] sum_dyxc_out, int n_threads):
+             Py_ssize_t inner, Py_ssize_t c0, Py_ssize_t c1, const double[::1] mean,
+             double[::1] sum_dy_out, double[::1] sum_dyxc_out, int n_threads):
     cdef Py_ssize_t nb = _blocks_per_row(inner)
-    cdef Py_ssize_t n_units = outer * C * nb
+    cdef Py_ssize_t nc = c1 - c0
+    cdef Py_ssize_t n_units = outer * nc * nb
     cdef double[::1] p1 = np.empty(n_units, dtype=np.float64)
     cdef double[::1] p2 = np.empty(n_units, dtype=np.float64)
     cdef const floating* xp = &x[0]
     cdef const floating* gp = &dy[0]
-    cdef Py_ssize_t u, r, b, c, n, start, length
+    cdef Py_ssize_t u, c, cc, n, b, start, length
     cdef double a1, a2
     with nogil:
-        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
-            r = u // nb
-            b = u - r * nb
-            start = r * inner + b * BLOCK
-            length = inner - b * BLOCK
-            if length > BLOCK:
-                length = BLOCK
-            p1[u] = _run_sum_dot_centred(gp + start, xp + start, length, mean[r % C], &p2[u])
-        for c in range(C):
+        for u in prange(n_units, schedule='static', num_threads=n_threads):
+            c = 0  # assigned in the loop body so that Cython makes c / length thread-private
+            length = 0
+            start = _unit_span(u, nb, c0, nc, C, inner, &c, &length)
+            p1[u] = _run_sum_dot_centred(gp + start, xp + start, length, mean[c], &p2[u])
+        for cc in range(nc):
             a1 = 0
             a2 = 0
             for n in range(outer):
                 for b in range(nb):
-                    a1 = a1 + p1[(n * C + c) * nb + b]
-                    a2 = a2 + p2[(n * C + c) * nb + b]
-            sum_dy_out[c] = a1
-            sum_dyxc_out[c] = a2
+                    a1 = a1 + p1[(n * nc + cc) * nb + b]
+                    a2 = a2 + p2[(n * nc + cc) * nb + b]
+            sum_dy_out[c0 + cc] = a1
+            sum_dyxc_out[c0 + cc] = a2
 
 
 def dot_slabs(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py_ssize_t C,
@@ -492,25 +493,22 @@ def dot_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_
 # Backward element-wise pass: dx = dy * a[c] + (x - m_hi[c]) * b[c] + d[c].
 
 def bwd_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py_ssize_t C,
-             Py_ssize_t inner, const floating[::1] m_hi, const floating[::1] a,
-             const floating[::1] bcoef, const floating[::1] d, floating[::1] out,
-             int n_threads):
+             Py_ssize_t inner, Py_ssize_t c0, Py_ssize_t c1, const floating[::1] m_hi,
+             const floating[::1] a, const floating[::1] bcoef, const floating[::1] d,
+             floating[::1] out, int n_threads):
     cdef Py_ssize_t nb = _blocks_per_row(inner)
-    cdef Py_ssize_t n_units = outer * C * nb
+    cdef Py_ssize_t nc = c1 - c0
+    cdef Py_ssize_t n_units = outer * nc * nb
     cdef const floating* xp = &x[0]
     cdef const floating* gp = &dy[0]
     cdef floating* op = &out[0]
-    cdef Py_ssize_t u, r, b, c, start, length, j
+    cdef Py_ssize_t u, c, start, length, j
     cdef floating mc, ac, bc, dc
     with nogil:
-        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
-            r = u // nb
-            b = u - r * nb
-            c = r % C
-            start = r * inner + b * BLOCK
-            length = inner - b * BLOCK
-            if length > BLOCK:
-                length = BLOCK
+        for u in prange(n_units, schedule='static', num_threads=n_threads):
+            c = 0  # assigned in the loop body so that Cython makes c / length thread-private
+            length = 0
+            start = _unit_span(u, nb, c0, nc, C, inner, &c, &length)
             mc = m_hi[c]
             ac = a[c]
             bc = bcoef[c]

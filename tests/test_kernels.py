@@ -563,3 +563,24 @@ def test_fused_and_unfused_paths_agree(shape, monkeypatch):
         results.append((y, m, s, rm, rv, *batch_norm_backward(dy, x, w, m, s)))
     for a, b_ in zip(*results):
         np.testing.assert_allclose(a, b_, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_cooperative_channel_groups_give_identical_results(n_threads, monkeypatch):
+    from bnfold import kernels
+
+    rng = np.random.default_rng(21)
+    shape = (4, 6, 20, 20)
+    x = _data(rng, shape, np.float32, loc=-7.0)
+    dy = _data(rng, shape, np.float32)
+    w, b = rng.uniform(0.5, 2, 6), rng.standard_normal(6)
+    monkeypatch.setattr(kernels, "_FUSED_GROUP_BYTES", 0)
+    results = []
+    for per_thread in (8192, 0):  # groups of 1-2 channels, then everything at once
+        monkeypatch.setattr(kernels, "_COOP_BYTES_PER_THREAD", per_thread)
+        L = kernels._layout(x, 1)
+        assert (kernels._coop_group(L, 4, 1, n_threads) > 0) == (per_thread > 0)
+        y, m, s = batch_norm_train(x, w, b, None, None, n_threads=n_threads)
+        results.append((y, m, s, *batch_norm_backward(dy, x, w, m, s, n_threads=n_threads)))
+    for a, b_ in zip(*results):
+        np.testing.assert_array_equal(a, b_)
