@@ -101,13 +101,38 @@ def file_uses_external_data(path) -> bool:
     return _external_data_seen[key]
 
 
-def _tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of tensor payload in the model: a cheap lower bound of its serialized size."""
+def tensor_payload_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor payload in the model: a cheap estimate (lower bound) of its serialized
+    size; ``ByteSize()`` walks the whole proto and costs as much as serializing it."""
     total = 0
     for t in _all_initializers(model):
         total += len(t.raw_data) if t.HasField("raw_data") else 4 * (
             len(t.float_data) + len(t.int32_data) + len(t.int64_data) * 2 + len(t.double_data) * 2
         )
+    return total
+
+
+def fits_in_one_message(model: onnx.ModelProto) -> bool:
+    """Whether the model can be serialized as one protobuf message (< 2 GiB), judged by its
+    tensor payload plus a margin for the graph."""
+    return tensor_payload_bytes(model) < _PROTOBUF_LIMIT - (64 << 20)
+
+
+def files_size(path) -> int:
+    """Bytes on disk of an ONNX file plus the external data files it refers to."""
+    path = os.fspath(path)
+    total = os.path.getsize(path)
+    if file_uses_external_data(path):
+        directory = os.path.dirname(os.path.abspath(path))
+        model = onnx.load(path, load_external_data=False)
+        locations = {
+            entry.value
+            for tensor in _all_initializers(model)
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+        total += sum(os.path.getsize(os.path.join(directory, loc)) for loc in locations
+                     if os.path.exists(os.path.join(directory, loc)))
     return total
 
 
@@ -141,8 +166,7 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
         external_data = (
             model_uses_external_data(model)
             or (source_path is not None and file_uses_external_data(source_path))
-            # ByteSize() walks the whole proto; tensor payload plus a margin for the graph is enough.
-            or _tensor_bytes(model) > _PROTOBUF_LIMIT - (64 << 20)
+            or not fits_in_one_message(model)
         )
     fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=".onnx.tmp", dir=directory)
     os.close(fd)
@@ -205,27 +229,21 @@ def _write_model_streaming(model: onnx.ModelProto, path) -> None:
     SerializeToString on a 100 MB model costs more than writing it; here the big raw_data
     payloads go to the file as they are and protobuf encodes only the small rest. The bytes are a
     valid encoding of the same message (protobuf readers accept fields in any order: the graph's
-    initializers come after its other fields). The caller's model is not modified.
+    initializers come after its other fields). The caller's model is not modified or copied.
     """
-    shell = onnx.ModelProto()
-    shell.CopyFrom(model)
-    graph = shell.graph
     initializer_parts = []
-    for source, tensor in zip(model.graph.initializer, graph.initializer):
+    for tensor in model.graph.initializer:
         if tensor.HasField("raw_data") and len(tensor.raw_data) >= _STREAM_THRESHOLD:
-            raw = source.raw_data
-            tensor.ClearField("raw_data")
-            head = tensor.SerializeToString()
+            raw = tensor.raw_data
+            head = _copy_without(tensor, "raw_data").SerializeToString()
             raw_len = _varint(len(raw))
             tensor_len = len(head) + len(_TAG_TENSOR_RAW_DATA) + len(raw_len) + len(raw)
             initializer_parts += [_TAG_GRAPH_INITIALIZER + _varint(tensor_len), head, _TAG_TENSOR_RAW_DATA + raw_len, raw]
         else:
             body = tensor.SerializeToString()
             initializer_parts += [_TAG_GRAPH_INITIALIZER + _varint(len(body)), body]
-    graph.ClearField("initializer")
-    graph_rest = graph.SerializeToString()
-    shell.ClearField("graph")
-    model_rest = shell.SerializeToString()
+    graph_rest = _copy_without(model.graph, "initializer").SerializeToString()
+    model_rest = _copy_without(model, "graph").SerializeToString()
     graph_len = len(graph_rest) + sum(len(part) for part in initializer_parts)
     with open(path, "wb") as f:
         f.write(model_rest)
@@ -233,6 +251,28 @@ def _write_model_streaming(model: onnx.ModelProto, path) -> None:
         f.write(graph_rest)
         for part in initializer_parts:
             f.write(part)
+
+
+def _is_repeated(field) -> bool:
+    # protobuf 6 has FieldDescriptor.is_repeated; older releases only have .label
+    if hasattr(field, "is_repeated"):
+        return field.is_repeated
+    return field.label == field.LABEL_REPEATED
+
+
+def _copy_without(message, skipped_field: str):
+    """A new message of the same type holding every set field of ``message`` but one."""
+    copy = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skipped_field:
+            continue
+        if _is_repeated(field):
+            getattr(copy, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(copy, field.name).CopyFrom(value)
+        else:
+            setattr(copy, field.name, value)
+    return copy
 
 
 def write_json_atomic(data, path) -> None:

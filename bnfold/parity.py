@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import InputError
-from bnfold.model_io import _first_line, load_model, write_json_atomic
+from bnfold.model_io import _first_line, fits_in_one_message, load_model, write_json_atomic
 
 OPT_LEVELS = ("disabled", "basic", "extended", "all")
 
@@ -67,10 +67,6 @@ _ORT_TYPES = {
     "tensor(uint64)": "uint64",
     "tensor(bool)": "bool",
 }
-
-# protobuf cannot serialize a message above 2 GiB: such models go to onnxruntime as files.
-_PROTOBUF_LIMIT = 2**31 - 1
-
 
 # --------------------------------------------------------------------------------------------
 # Shapes
@@ -159,7 +155,7 @@ class LoadedModel:
         if self.path is not None:
             return self.path
         if self._bytes is None and self._tmpdir is None:
-            if self.proto.ByteSize() > _PROTOBUF_LIMIT:
+            if not fits_in_one_message(self.proto):
                 self._tmpdir = tempfile.TemporaryDirectory(prefix="bnfold-")
                 big_path = os.path.join(self._tmpdir.name, "model.onnx")
                 # Saving with external data rewrites the tensors in place: work on a copy.

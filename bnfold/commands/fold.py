@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from bnfold.fold_pass import fold
-    from bnfold.model_io import check_output_path, load_model, save_model_atomic, write_json_atomic
+    from bnfold.model_io import check_output_path, files_size, load_model, save_model_atomic, write_json_atomic
 
     shapes = {}
     if args.shape:
@@ -87,6 +87,7 @@ def run(args) -> int:
     save_model_atomic(folded, args.output, source_path=args.input)
     if args.report:
         write_json_atomic(report.to_dict(), args.report)
+    print(f"model size: {_size(files_size(args.input))} -> {_size(files_size(args.output))}", file=out)
     print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""), file=out)
     return 1 if check_report is not None and not check_report.passed else 0
 
@@ -130,7 +131,8 @@ def _size(nbytes: int) -> str:
 
 
 def format_summary(original, folded, report, fold_seconds, check_report) -> str:
-    """The text the command prints: op-count changes, BN outcome, size, time, parity."""
+    """The text the command prints before writing: op-count changes, BN outcome, time, parity
+    (file sizes are printed once the output exists)."""
     before, after = _op_counts(original), _op_counts(folded)
     changed = sorted(op for op in set(before) | set(after) if before[op] != after[op])
     width = max([len("op type"), len("total")] + [len(op) for op in changed])
@@ -144,7 +146,6 @@ def format_summary(original, folded, report, fold_seconds, check_report) -> str:
     for r in report.remaining:
         where = f" (in {r.graph})" if r.graph else ""
         lines.append(f"  remaining {r.bn}{where}: {r.reason}: {r.message}")
-    lines.append(f"model size: {_size(original.ByteSize())} -> {_size(folded.ByteSize())}")
     lines.append(f"fold time: {fold_seconds * 1000:.1f} ms")
     if check_report is None:
         lines.append("parity check: skipped (--no-check)")
