@@ -261,17 +261,24 @@ def _is_repeated(field) -> bool:
 
 
 def _copy_without(message, skipped_field: str):
-    """A new message of the same type holding every set field of ``message`` but one."""
+    """A new message of the same type holding every set field of ``message`` but one.
+
+    Walks the descriptor rather than ListFields(), which would materialize the skipped field
+    (a copy of a large raw_data) just to ignore it."""
     copy = type(message)()
-    for field, value in message.ListFields():
-        if field.name == skipped_field:
+    for field in message.DESCRIPTOR.fields:
+        name = field.name
+        if name == skipped_field:
             continue
         if _is_repeated(field):
-            getattr(copy, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(copy, field.name).CopyFrom(value)
-        else:
-            setattr(copy, field.name, value)
+            values = getattr(message, name)
+            if len(values):
+                getattr(copy, name).extend(values)
+        elif message.HasField(name):
+            if field.message_type is not None:
+                getattr(copy, name).CopyFrom(getattr(message, name))
+            else:
+                setattr(copy, name, getattr(message, name))
     return copy
 
 
