@@ -38,14 +38,7 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # is per chunk of samples instead of per row.
 _SHORT_ROW = 256
 _SLAB_MIN_OUTER = 8
-# Fused train/backward kernels work on groups of channels whose inputs fit in this many bytes
-# (half of a 1 MiB-class L2, leaving room for the output stream). 0 disables fusion.
-_FUSED_GROUP_BYTES = 1 << 19
-_FUSED_MIN_GROUPS = 4
-# When channels are too big for one thread's cache, all threads work on a group of channels at
-# a time (static schedule: each thread re-reads in the second pass what it read in the first).
-# Group inputs up to this many bytes per thread. 0 disables.
-_COOP_BYTES_PER_THREAD = 1 << 20
+
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -193,39 +186,6 @@ def _tile(values: np.ndarray, C: int, dtype) -> np.ndarray:
     return np.ascontiguousarray(np.tile(values.astype(dtype), _k.cols_segment_rows(C)))
 
 
-def _fused_group(L: _Layout, itemsize: int, n_inputs: int) -> int:
-    """Channels per group for the fused (reduce, then transform from cache) kernels, or 0 when
-    the unfused two-pass kernels are used. Depends on the shape only, so the choice (and hence
-    every bit of the result) is the same for every thread count."""
-    if L.inner <= 1:
-        return 0
-    per_channel = L.count * itemsize * n_inputs
-    if per_channel > _FUSED_GROUP_BYTES:
-        return 0
-    group = min(_FUSED_GROUP_BYTES // per_channel, max(1, L.C // 8))
-    if -(-L.C // group) < _FUSED_MIN_GROUPS:
-        return 0
-    return int(group)
-
-
-def _coop_group(L: _Layout, itemsize: int, n_inputs: int, nt: int) -> int:
-    """Channels per group for the cooperative two-pass mode (all threads on one group of
-    channels at a time), or 0. Only for rows of >= _SHORT_ROW values, whose statistics come from
-    moments_rows either way, so the result does not depend on this choice."""
-    if L.inner < _SHORT_ROW or _COOP_BYTES_PER_THREAD <= 0:
-        return 0
-    per_channel = L.count * itemsize * n_inputs
-    budget = nt * _COOP_BYTES_PER_THREAD
-    if per_channel * L.C <= budget or per_channel > budget:
-        return 0
-    return int(budget // per_channel)
-
-
-def _channel_groups(C: int, group: int):
-    for c0 in range(0, C, group):
-        yield c0, min(C, c0 + group)
-
-
 def _use_slabs(L: _Layout) -> bool:
     return 1 < L.inner < _SHORT_ROW and L.outer >= _SLAB_MIN_OUTER
 
@@ -266,31 +226,10 @@ def _affine(x, L: _Layout, mean, scale, bias, out, nt) -> None:
 
 
 def _train_forward(x, L: _Layout, w, b, eps, y, nt):
-    """Training forward into y; returns the batch (mean, biased var), float64."""
-    count = L.count
-    xf, yf = x.reshape(-1), y.reshape(-1)
-    group = _fused_group(L, x.itemsize, 1)
-    if group:
-        mean = np.empty(L.C, dtype=np.float64)
-        var = np.empty(L.C, dtype=np.float64)
-        _k.train_rows_fused(xf, L.outer, L.C, L.inner, group, w, b, eps, yf, mean, var, nt)
-        return mean, var
-    group = _coop_group(L, x.itemsize, 1, nt)
-    if group:
-        mean = np.zeros(L.C, dtype=np.float64)
-        m2 = np.zeros(L.C, dtype=np.float64)
-        m_hi = np.zeros(L.C, dtype=x.dtype)
-        s = np.zeros(L.C, dtype=x.dtype)
-        t = np.zeros(L.C, dtype=x.dtype)
-        for c0, c1 in _channel_groups(L.C, group):
-            _k.moments_rows(xf, L.outer, L.C, L.inner, c0, c1, mean, m2, nt)
-            g = slice(c0, c1)
-            invstd = 1.0 / np.sqrt(m2[g] / count + eps)
-            m_hi[g], s[g], t[g] = _affine_params(mean[g], w[g] * invstd, b[g], x.dtype)
-            _k.affine_rows(xf, L.outer, L.C, L.inner, c0, c1, m_hi, s, t, yf, nt)
-        return mean, m2 / count
+    """Training forward into y: statistics pass, then one affine pass. Returns the batch
+    (mean, biased var), float64."""
     mean, m2 = _raw_moments(x, L, nt)
-    var = m2 / count
+    var = m2 / L.count
     _affine(x, L, mean, w * (1.0 / np.sqrt(var + eps)), b, y, nt)
     return mean, var
 
@@ -455,25 +394,10 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=1, n_threads
     dt = arr.dtype
     dx = np.empty_like(arr)
     dxf = dx.reshape(-1)
-    group = _fused_group(L, arr.itemsize, 2)
-    if group:
-        _k.backward_rows_fused(gf, xf, L.outer, L.C, L.inner, group, w, mean, invstd, dxf,
-                               sum_dy, sum_dyxc, nt)
-        return dx, (sum_dyxc * invstd).astype(dt), sum_dy.astype(dt)
-    if L.inner > 1 and not _use_slabs(L):
-        group = _coop_group(L, arr.itemsize, 2, nt) or L.C
-        coef = [np.zeros(L.C, dtype=dt) for _ in range(4)]
-        for c0, c1 in _channel_groups(L.C, group):
-            _k.dot_rows(gf, xf, L.outer, L.C, L.inner, c0, c1, mean, sum_dy, sum_dyxc, nt)
-            g = slice(c0, c1)
-            parts, _ = _backward_coefficients(sum_dy[g], sum_dyxc[g], w[g], mean[g], invstd[g],
-                                              n, dt)
-            for full, part in zip(coef, parts):
-                full[g] = part
-            _k.bwd_rows(gf, xf, L.outer, L.C, L.inner, c0, c1, *coef, dxf, nt)
-        return dx, (sum_dyxc * invstd).astype(dt), sum_dy.astype(dt)
     if _use_slabs(L):
         _k.dot_slabs(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)
+    elif L.inner > 1:
+        _k.dot_rows(gf, xf, L.outer, L.C, L.inner, 0, L.C, mean, sum_dy, sum_dyxc, nt)
     else:
         _k.dot_cols(gf, xf, L.outer, L.C, _tile(mean, L.C, np.float64), sum_dy, sum_dyxc, nt)
     (m_hi, a, bcoef, d), dweight = _backward_coefficients(sum_dy, sum_dyxc, w, mean, invstd, n, dt)

@@ -3,7 +3,6 @@
 
 from cython cimport floating
 from cython.parallel cimport prange, threadid
-from libc.math cimport sqrt
 
 import numpy as np
 
@@ -143,7 +142,7 @@ cdef inline void _merge_channel_units(const double* pmean, const double* pm2, Py
                                      Py_ssize_t stride, Py_ssize_t nb, Py_ssize_t inner,
                                      double* mean, double* m2) noexcept nogil:
     """Exact two-pass merge of one channel's unit partials; unit (n, b) is at n * stride + b.
-    Fixed order (n, then b), so fused and unfused kernels give identical bits."""
+    Fixed order (n, then b), whatever thread computed which unit."""
     cdef Py_ssize_t last = inner - (nb - 1) * BLOCK
     cdef double total = <double>outer * <double>inner
     cdef Py_ssize_t n, b
@@ -188,9 +187,8 @@ cdef void _merge_chunk_moments(const double[::1] cmean, const double[::1] cm2,
 def moments_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                  Py_ssize_t c0, Py_ssize_t c1, double[::1] mean_out, double[::1] m2_out,
                  int n_threads):
-    """Rows layout (inner > 1), channels [c0, c1). mean_out / m2_out: (C,) float64, OUT
-    (entries c0..c1-1 written). Static schedule: a following affine_rows / bwd_rows over the
-    same channels gives each thread the units it has just read (still in its cache)."""
+    """Rows layout (inner > 1), channels [c0, c1) (the Python layer passes all channels).
+    mean_out / m2_out: (C,) float64, OUT (entries c0..c1-1 written)."""
     cdef Py_ssize_t nb = _blocks_per_row(inner)
     cdef Py_ssize_t nc = c1 - c0
     cdef Py_ssize_t n_units = outer * nc * nb
@@ -200,7 +198,7 @@ def moments_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize
     cdef Py_ssize_t u, c, cc, start, length
     cdef double m
     with nogil:
-        for u in prange(n_units, schedule='static', num_threads=n_threads):
+        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
             c = 0  # assigned in the loop body so that Cython makes c / length thread-private
             length = 0
             start = _unit_span(u, nb, c0, nc, C, inner, &c, &length)
@@ -329,7 +327,7 @@ def affine_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_
     cdef Py_ssize_t u, c, start, length, j
     cdef floating mc, sc, tc
     with nogil:
-        for u in prange(n_units, schedule='static', num_threads=n_threads):
+        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
             c = 0  # assigned in the loop body so that Cython makes c / length thread-private
             length = 0
             start = _unit_span(u, nb, c0, nc, C, inner, &c, &length)
@@ -380,7 +378,7 @@ def dot_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py
     cdef Py_ssize_t u, c, cc, n, b, start, length
     cdef double a1, a2
     with nogil:
-        for u in prange(n_units, schedule='static', num_threads=n_threads):
+        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
             c = 0  # assigned in the loop body so that Cython makes c / length thread-private
             length = 0
             start = _unit_span(u, nb, c0, nc, C, inner, &c, &length)
@@ -513,7 +511,7 @@ def bwd_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py
     cdef Py_ssize_t u, c, start, length, j
     cdef floating mc, ac, bc, dc
     with nogil:
-        for u in prange(n_units, schedule='static', num_threads=n_threads):
+        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
             c = 0  # assigned in the loop body so that Cython makes c / length thread-private
             length = 0
             start = _unit_span(u, nb, c0, nc, C, inner, &c, &length)
@@ -548,122 +546,3 @@ def bwd_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_
                 length = P
             for j in range(length):
                 op[base + j] = gp[base + j] * ap[j] + (xp[base + j] - mp[j]) * bp[j] + dp[j]
-
-
-# ----------------------------------------------------------------------------------------------
-# Fused per-channel-group kernels (rows layout). A group of G channels whose data fits in L2 is
-# reduced and then transformed before moving on, so the second pass reads from cache instead of
-# memory: training forward and backward each read their inputs from memory once. Partials and
-# their merge order are those of moments_rows / dot_rows, so the statistics are bit-identical.
-
-def train_rows_fused(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                     Py_ssize_t G, const double[::1] weight, const double[::1] bias, double eps,
-                     floating[::1] out, double[::1] mean_out, double[::1] var_out,
-                     int n_threads):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias with batch statistics; mean_out /
-    var_out (biased) OUT."""
-    cdef Py_ssize_t nb = _blocks_per_row(inner)
-    cdef Py_ssize_t n_groups = (C + G - 1) // G
-    cdef Py_ssize_t per = outer * G * nb
-    cdef double[:, ::1] scratch = np.empty((max(n_threads, 1), 2 * per), dtype=np.float64)
-    cdef const floating* xp = &x[0]
-    cdef floating* yp = &out[0]
-    cdef Py_ssize_t grp, c0, c1, n, c, b, j, start, length, idx
-    cdef double* pm
-    cdef double* pq
-    cdef double m, m2, sc, tc64
-    cdef floating mh, scf, tcf
-    with nogil:
-        for grp in prange(n_groups, schedule='dynamic', chunksize=1, num_threads=n_threads):
-            pm = &scratch[threadid(), 0]
-            pq = pm + per
-            c0 = grp * G
-            c1 = c0 + G
-            if c1 > C:
-                c1 = C
-            for n in range(outer):
-                for c in range(c0, c1):
-                    for b in range(nb):
-                        start = (n * C + c) * inner + b * BLOCK
-                        length = inner - b * BLOCK
-                        if length > BLOCK:
-                            length = BLOCK
-                        idx = ((c - c0) * outer + n) * nb + b
-                        m = _run_sum(xp + start, length) / length
-                        pm[idx] = m
-                        pq[idx] = _run_centred_sq(xp + start, length, m)
-            m2 = 0  # assigned here so that Cython makes it thread-private
-            for c in range(c0, c1):
-                _merge_channel_units(pm + (c - c0) * outer * nb, pq + (c - c0) * outer * nb,
-                                     outer, nb, nb, inner, &m, &m2)
-                mean_out[c] = m
-                var_out[c] = m2 / (<double>outer * <double>inner)
-            for n in range(outer):
-                for c in range(c0, c1):
-                    sc = weight[c] * (1.0 / sqrt(var_out[c] + eps))  # as kernels.py rounds it
-                    mh = <floating>mean_out[c]
-                    tc64 = bias[c] + (<double>mh - mean_out[c]) * sc
-                    scf = <floating>sc
-                    tcf = <floating>tc64
-                    start = (n * C + c) * inner
-                    for j in range(start, start + inner):
-                        yp[j] = (xp[j] - mh) * scf + tcf
-
-
-def backward_rows_fused(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer,
-                        Py_ssize_t C, Py_ssize_t inner, Py_ssize_t G, const double[::1] weight,
-                        const double[::1] mean, const double[::1] invstd, floating[::1] dx,
-                        double[::1] sum_dy_out, double[::1] sum_dyxc_out, int n_threads):
-    """dx of training-mode BN; sum(dy) and sum(dy * (x - mean)) per channel OUT."""
-    cdef Py_ssize_t nb = _blocks_per_row(inner)
-    cdef Py_ssize_t n_groups = (C + G - 1) // G
-    cdef Py_ssize_t per = outer * G * nb
-    cdef double[:, ::1] scratch = np.empty((max(n_threads, 1), 2 * per), dtype=np.float64)
-    cdef const floating* xp = &x[0]
-    cdef const floating* gp = &dy[0]
-    cdef floating* op = &dx[0]
-    cdef Py_ssize_t grp, c0, c1, n, c, b, j, start, length, idx
-    cdef double* p1
-    cdef double* p2
-    cdef double a1, a2, cnt, a, bc, d64
-    cdef floating mh, af, bf, df
-    cnt = <double>outer * <double>inner
-    with nogil:
-        for grp in prange(n_groups, schedule='dynamic', chunksize=1, num_threads=n_threads):
-            p1 = &scratch[threadid(), 0]
-            p2 = p1 + per
-            c0 = grp * G
-            c1 = c0 + G
-            if c1 > C:
-                c1 = C
-            for n in range(outer):
-                for c in range(c0, c1):
-                    for b in range(nb):
-                        start = (n * C + c) * inner + b * BLOCK
-                        length = inner - b * BLOCK
-                        if length > BLOCK:
-                            length = BLOCK
-                        idx = ((c - c0) * outer + n) * nb + b
-                        p1[idx] = _run_sum_dot_centred(gp + start, xp + start, length, mean[c],
-                                                       &p2[idx])
-            for c in range(c0, c1):
-                a1 = 0
-                a2 = 0
-                for idx in range((c - c0) * outer * nb, (c - c0 + 1) * outer * nb):
-                    a1 = a1 + p1[idx]
-                    a2 = a2 + p2[idx]
-                sum_dy_out[c] = a1
-                sum_dyxc_out[c] = a2
-            for n in range(outer):
-                for c in range(c0, c1):
-                    # the same coefficients as kernels.batch_norm_backward's unfused path
-                    a = weight[c] * invstd[c]
-                    bc = -a * invstd[c] * (sum_dyxc_out[c] * invstd[c] / cnt)
-                    mh = <floating>mean[c]
-                    d64 = -a * (sum_dy_out[c] / cnt) + bc * (<double>mh - mean[c])
-                    af = <floating>a
-                    bf = <floating>bc
-                    df = <floating>d64
-                    start = (n * C + c) * inner
-                    for j in range(start, start + inner):
-                        op[j] = gp[j] * af + (xp[j] - mh) * bf + df

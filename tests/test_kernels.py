@@ -43,7 +43,7 @@ LAYOUTS = [
     ((9000, 1), 1),
     ((9, 4, 7), 1),  # short rows, many samples ("slabs" reductions)
     ((40, 33, 5, 5), 1),
-    ((6, 16, 9, 11), 1),  # fused (reduce, then transform from cache) train / backward
+    ((6, 16, 9, 11), 1),
 ]
 
 
@@ -544,43 +544,3 @@ def test_kernel_module_choice_follows_cpu(monkeypatch):
     assert kernels._select_kernels().__name__ == expected
     monkeypatch.setenv("BNFOLD_KERNELS", "baseline")
     assert kernels._select_kernels().__name__ == "bnfold._bn_kernels"
-
-
-@pytest.mark.parametrize("shape", [(6, 16, 9, 11), (40, 33, 5, 5), (3, 12, 70, 70)])
-def test_fused_and_unfused_paths_agree(shape, monkeypatch):
-    from bnfold import kernels
-
-    rng = np.random.default_rng(20)
-    x = _data(rng, shape, np.float32, loc=30.0)
-    dy = _data(rng, shape, np.float32)
-    w, b = rng.uniform(0.5, 2, shape[1]), rng.standard_normal(shape[1])
-    assert kernels._fused_group(kernels._layout(x, 1), 4, 1) > 0
-    results = []
-    for group_bytes in (kernels._FUSED_GROUP_BYTES, 0):
-        monkeypatch.setattr(kernels, "_FUSED_GROUP_BYTES", group_bytes)
-        rm, rv = np.zeros(shape[1]), np.ones(shape[1])
-        y, m, s = batch_norm_train(x, w, b, rm, rv)
-        results.append((y, m, s, rm, rv, *batch_norm_backward(dy, x, w, m, s)))
-    for a, b_ in zip(*results):
-        np.testing.assert_allclose(a, b_, rtol=2e-6, atol=2e-6)
-
-
-@pytest.mark.parametrize("n_threads", [1, 2])
-def test_cooperative_channel_groups_give_identical_results(n_threads, monkeypatch):
-    from bnfold import kernels
-
-    rng = np.random.default_rng(21)
-    shape = (4, 6, 20, 20)
-    x = _data(rng, shape, np.float32, loc=-7.0)
-    dy = _data(rng, shape, np.float32)
-    w, b = rng.uniform(0.5, 2, 6), rng.standard_normal(6)
-    monkeypatch.setattr(kernels, "_FUSED_GROUP_BYTES", 0)
-    results = []
-    for per_thread in (8192, 0):  # groups of 1-2 channels, then everything at once
-        monkeypatch.setattr(kernels, "_COOP_BYTES_PER_THREAD", per_thread)
-        L = kernels._layout(x, 1)
-        assert (kernels._coop_group(L, 4, 1, n_threads) > 0) == (per_thread > 0)
-        y, m, s = batch_norm_train(x, w, b, None, None, n_threads=n_threads)
-        results.append((y, m, s, *batch_norm_backward(dy, x, w, m, s, n_threads=n_threads)))
-    for a, b_ in zip(*results):
-        np.testing.assert_array_equal(a, b_)
