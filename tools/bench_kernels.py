@@ -16,6 +16,7 @@ Usage:  python tools/bench_kernels.py [--quick] [--threads 2] [--repeats N]
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -55,6 +56,14 @@ def median_times(fns, repeats: int, setups=None) -> list[float]:
             if i:
                 times[k].append(t)
     return [statistics.median(ts) for ts in times]
+
+
+def load_average() -> str:
+    """The 1-minute load average (timings of a 2-thread run are only meaningful when it is low)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "unknown"
 
 
 def torch_view(a: np.ndarray, axis: int):
@@ -126,7 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     parser.add_argument("--only", default=None, help="run only shapes whose label contains this")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 9)
+    repeats = args.repeats or (3 if args.quick else 15)
     torch.set_num_threads(args.threads)
     from bnfold.kernels import KERNEL_MODULE
 
@@ -134,6 +143,7 @@ def main(argv=None) -> int:
           f"{torch.__version__}, {args.threads} threads, float32, median of {repeats}")
     print("ratios are torch time / bnfold time (higher is better for bnfold); "
           "stats/floor = bnfold stats / numpy x.sum()")
+    print(f"load average before: {load_average()}")
     header = (f"{'shape':<20}{'x.sum ms':>9}{'stats':>8}{'fwd-train':>10}{'backward':>10}"
               f"{'infer':>8}{'stats/floor':>12}   bnfold ms: stats/fwd/bwd/infer")
     print(header)
@@ -153,6 +163,7 @@ def main(argv=None) -> int:
             f"{ms('inf_bnfold'):.2f}",
             flush=True,
         )
+    print(f"load average after: {load_average()}")
     return 0
 
 
