@@ -13,6 +13,7 @@ Conventions (PyTorch's, see ``onnx_momentum`` for ONNX):
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -110,8 +111,8 @@ def _layout(x: np.ndarray, axis, name: str = "x") -> _Layout:
     axis = int(axis) % x.ndim
     if x.size == 0:
         raise ValueError(f"{name} is empty (shape {x.shape}): need at least one value per channel")
-    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
-    inner = int(np.prod(x.shape[axis + 1 :], dtype=np.int64))
+    outer = math.prod(x.shape[:axis])
+    inner = math.prod(x.shape[axis + 1 :])
     return _Layout(outer, int(x.shape[axis]), inner, axis)
 
 

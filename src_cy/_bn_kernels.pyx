@@ -13,7 +13,7 @@ Three loop families:
   (chunk of samples, channel) instead of one per short row, merging rows into it with Chan's
   formula, so the partial buffer stays small; element-wise passes use the rows loops.
 * "cols" (inner == 1, e.g. NHWC and (N, C)): the flat array is cut into *segments* of ``k`` whole
-  rows (P = k*C elements, P >= ~256) so the innermost loop is long and vectorises even for C = 3;
+  rows (P = k*C elements, P >= ~960) so the innermost loop is long and vectorises even for C = 3;
   per-position accumulators of length P are folded into channels at the end. Segments are grouped
   into a fixed number of chunks (again independent of the thread count), each chunk producing
   per-channel partials that are merged in order.

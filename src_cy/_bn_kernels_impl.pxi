@@ -27,8 +27,9 @@ cdef enum:
 
 
 def cols_segment_rows(Py_ssize_t C):
-    """Rows per segment in the cols layout (so a segment has >= 256 elements)."""
-    return max(1, (256 + C - 1) // C)
+    """Rows per segment in the cols layout: a segment has >= 960 elements, so the fixed cost of
+    each inner loop is small, and its length is not a power of two for small C (see PAD)."""
+    return max(1, (960 + C - 1) // C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +328,7 @@ def affine_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_
     cdef Py_ssize_t u, c, start, length, j
     cdef floating mc, sc, tc
     with nogil:
-        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
+        for u in prange(n_units, schedule='static', num_threads=n_threads):
             c = 0  # assigned in the loop body so that Cython makes c / length thread-private
             length = 0
             start = _unit_span(u, nb, c0, nc, C, inner, &c, &length)
@@ -353,7 +354,7 @@ def affine_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
     cdef const floating* tp = &t_p[0]
     cdef Py_ssize_t sg, base, length, j
     with nogil:
-        for sg in prange(nseg, schedule='dynamic', chunksize=64, num_threads=n_threads):
+        for sg in prange(nseg, schedule='static', num_threads=n_threads):
             base = sg * P
             length = total - base
             if length > P:
@@ -511,7 +512,7 @@ def bwd_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py
     cdef Py_ssize_t u, c, start, length, j
     cdef floating mc, ac, bc, dc
     with nogil:
-        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
+        for u in prange(n_units, schedule='static', num_threads=n_threads):
             c = 0  # assigned in the loop body so that Cython makes c / length thread-private
             length = 0
             start = _unit_span(u, nb, c0, nc, C, inner, &c, &length)
@@ -539,7 +540,7 @@ def bwd_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_
     cdef const floating* dp = &d_p[0]
     cdef Py_ssize_t sg, base, length, j
     with nogil:
-        for sg in prange(nseg, schedule='dynamic', chunksize=64, num_threads=n_threads):
+        for sg in prange(nseg, schedule='static', num_threads=n_threads):
             base = sg * P
             length = total - base
             if length > P:
