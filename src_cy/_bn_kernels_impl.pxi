@@ -39,15 +39,19 @@ def cols_segment_rows(Py_ssize_t C):
 # an element-wise loop that vectorises, and the lanes are added at the end in a fixed order.
 
 cdef enum:
-    LANES = 32
+    LANES = 16
 
 
-cdef inline double _sum_lanes(const double* a) noexcept nogil:
-    cdef double s = 0
-    cdef Py_ssize_t t
-    for t in range(LANES):
-        s = s + a[t]
-    return s
+cdef inline double _sum_lanes(double* a) noexcept nogil:
+    """Sum of the LANES accumulators by halving (fixed order; short dependency chains, which
+    matters for 7x7 rows where a serial 32-term sum would cost more than the row itself).
+    Overwrites a."""
+    cdef Py_ssize_t w = LANES // 2, t
+    while w > 0:
+        for t in range(w):
+            a[t] = a[t] + a[t + w]
+        w = w // 2
+    return a[0]
 
 
 cdef inline double _run_sum(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -78,6 +82,31 @@ cdef inline double _run_centred_sq(const floating* x, Py_ssize_t n, double m) no
     for t in range(n - j):
         d = x[j + t] - m
         a[t] += d * d
+    return _sum_lanes(a)
+
+
+cdef inline double _run_shifted_sums(const floating* x, Py_ssize_t n, double shift,
+                                     double* sq) noexcept nogil:
+    """One pass: returns sum(x - shift) and stores sum((x - shift)^2) in *sq. Accurate when the
+    shift is close to the run's mean (the cancellation in sq - s^2/n is then small)."""
+    cdef double a[LANES]
+    cdef double b[LANES]
+    cdef double d
+    cdef Py_ssize_t j = 0, t
+    for t in range(LANES):
+        a[t] = 0
+        b[t] = 0
+    while j + LANES <= n:
+        for t in range(LANES):
+            d = x[j + t] - shift
+            a[t] += d
+            b[t] += d * d
+        j += LANES
+    for t in range(n - j):
+        d = x[j + t] - shift
+        a[t] += d
+        b[t] += d * d
+    sq[0] = _sum_lanes(b)
     return _sum_lanes(a)
 
 
@@ -283,33 +312,41 @@ def moments_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
 def moments_slabs(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                   double[::1] mean_out, double[::1] m2_out, int n_threads):
     """Rows layout with short rows and many samples (e.g. 256x2048x7x7): one partial per chunk of
-    samples and channel instead of one per row, so the partial buffer stays small. Each row's
-    (mean, M2) comes from an in-cache two-pass and is merged into its channel's chunk partial
-    with Chan's formula (equal row counts)."""
+    samples and channel instead of one per row, so the partial buffer stays small. A chunk's
+    first row per channel gets a two-pass (mean, M2); every later row one pass of sums shifted by
+    the channel's running mean, and is merged in with Chan's formula (equal row counts)."""
     cdef Py_ssize_t nq = outer if outer < MAX_SLAB_CHUNKS else MAX_SLAB_CHUNKS
     cdef double[::1] cmean = np.empty(nq * C, dtype=np.float64)
     cdef double[::1] cm2 = np.empty(nq * C, dtype=np.float64)
     cdef double[::1] ccount = np.empty(nq, dtype=np.float64)
     cdef const floating* xp = &x[0]
     cdef Py_ssize_t q, n, n0, n1, c, start
-    cdef double m, v, delta, k
+    cdef double m, v, s1, delta, k, wk, wm
     with nogil:
         for q in prange(nq, schedule='dynamic', chunksize=1, num_threads=n_threads):
             n0 = q * outer // nq
             n1 = (q + 1) * outer // nq
             for n in range(n0, n1):
                 k = <double>(n - n0)
+                # Chan's weights for merging row n into the chunk (hoisted: divisions are slow)
+                wk = 1.0 / (k + 1)
+                wm = inner * k / (k + 1)
                 for c in range(C):
                     start = (n * C + c) * inner
-                    m = _run_sum(xp + start, inner) / inner
-                    v = _run_centred_sq(xp + start, inner, m)
                     if n == n0:
+                        m = _run_sum(xp + start, inner) / inner
                         cmean[q * C + c] = m
-                        cm2[q * C + c] = v
+                        cm2[q * C + c] = _run_centred_sq(xp + start, inner, m)
                     else:
-                        delta = m - cmean[q * C + c]
-                        cmean[q * C + c] = cmean[q * C + c] + delta / (k + 1)
-                        cm2[q * C + c] = cm2[q * C + c] + v + delta * delta * (inner * k / (k + 1))
+                        # one pass, shifted by the channel's running mean (close to this row's)
+                        v = 0  # assigned here so that Cython makes it thread-private
+                        s1 = _run_shifted_sums(xp + start, inner, cmean[q * C + c], &v)
+                        delta = s1 / inner
+                        v = v - s1 * delta
+                        if v < 0:
+                            v = 0
+                        cmean[q * C + c] = cmean[q * C + c] + delta * wk
+                        cm2[q * C + c] = cm2[q * C + c] + v + delta * delta * wm
             ccount[q] = <double>((n1 - n0) * inner)
         _merge_chunk_moments(cmean, cm2, ccount, nq, C, mean_out, m2_out)
 
