@@ -120,35 +120,61 @@ def fits_in_one_message(model: onnx.ModelProto) -> bool:
 
 def files_size(path) -> int:
     """Bytes on disk of an ONNX file plus the external data files it refers to."""
-    path = os.fspath(path)
-    total = os.path.getsize(path)
-    if file_uses_external_data(path):
-        directory = os.path.dirname(os.path.abspath(path))
-        model = onnx.load(path, load_external_data=False)
-        locations = {
-            entry.value
-            for tensor in _all_initializers(model)
-            for entry in tensor.external_data
-            if entry.key == "location"
-        }
-        total += sum(os.path.getsize(os.path.join(directory, loc)) for loc in locations
-                     if os.path.exists(os.path.join(directory, loc)))
-    return total
+    return sum(os.path.getsize(f) for f in source_files(path) if os.path.exists(f))
 
 
-def check_output_path(path, *, source_path=None) -> str:
-    """Raise a one-line InputError unless a file can be written at ``path`` without touching
-    ``source_path``; return the destination directory. Commands call it before doing any work."""
+def external_data_path(path) -> str:
+    """Where ``save_model_atomic`` puts the external data of a model written to ``path``."""
+    return os.fspath(path) + ".data"
+
+
+def source_files(source_path) -> set:
+    """Real paths of the files a model on disk consists of: the .onnx file and every external
+    data file it refers to. Outputs must never land on any of them."""
+    source_path = os.fspath(source_path)
+    files = {os.path.realpath(source_path)}
+    if file_uses_external_data(source_path):
+        directory = os.path.dirname(os.path.abspath(source_path))
+        model = onnx.load(source_path, load_external_data=False)
+        for tensor in _all_initializers(model):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    files.add(os.path.realpath(os.path.join(directory, entry.value)))
+    return files
+
+
+def check_output_path(path, *, source_path=None, external_data=None) -> str:
+    """Raise a one-line InputError unless a file can be written at ``path`` without touching the
+    model at ``source_path`` (its .onnx file or its external data); return the destination
+    directory. Commands call it before doing any work.
+
+    ``external_data``: whether ``<path>.data`` will be written too; None = when the source keeps
+    its tensors outside (as ``save_model_atomic`` then does)."""
     path = os.fspath(path)
-    if source_path is not None and _same_file(path, os.fspath(source_path)):
-        raise InputError(f"{path}: refusing to overwrite the input model; choose another output path")
+    if source_path is not None:
+        protected = source_files(source_path)
+        if os.path.realpath(path) == os.path.realpath(os.fspath(source_path)) or _same_file(path, source_path):
+            raise InputError(f"{path}: refusing to overwrite the input model; choose another output path")
+        if os.path.realpath(path) in protected:
+            raise InputError(f"{path}: refusing to overwrite the input model's external data file; "
+                             "choose another output path")
+        if external_data is None:
+            external_data = file_uses_external_data(source_path)
+        if external_data and os.path.realpath(external_data_path(path)) in protected:
+            raise InputError(f"{path}: its external data would go to {external_data_path(path)}, which holds "
+                             "the input model's external data; choose another output path")
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(directory):
         raise InputError(f"{path}: output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise InputError(f"{path}: output directory {directory} is not writable")
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory, expected a file path")
+    # os.access says yes to root everywhere (even /sys, read-only mounts): try for real.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bnfold-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write in {directory} ({e.strerror or e})") from None
     return directory
 
 
@@ -158,23 +184,23 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
     ``external_data``: True stores tensors in ``<name>.data`` beside the file; None means "as the
     source was": external when the model (or the file at ``source_path`` it was loaded from) uses
     external data, or when the model is too big for one protobuf message. Refuses to write over
-    ``source_path``.
+    ``source_path`` or any external data file it refers to.
     """
     path = os.fspath(path)
-    directory = check_output_path(path, source_path=source_path)
     if external_data is None:
         external_data = (
             model_uses_external_data(model)
             or (source_path is not None and file_uses_external_data(source_path))
             or not fits_in_one_message(model)
         )
-    fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=".onnx.tmp", dir=directory)
-    os.close(fd)
-    _default_permissions(tmp_path)
-    tmp_data = None
+    directory = check_output_path(path, source_path=source_path, external_data=external_data)
+    tmp_path = tmp_data = None
     try:
+        fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=".onnx.tmp", dir=directory)
+        os.close(fd)
+        _default_permissions(tmp_path)
         if external_data:
-            data_name = os.path.basename(path) + ".data"
+            data_name = os.path.basename(external_data_path(path))
             tmp_data_name = f".bnfold-{uuid.uuid4().hex}.data.tmp"
             tmp_data = os.path.join(directory, tmp_data_name)
             to_save = onnx.ModelProto()
@@ -187,6 +213,7 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
                 location=tmp_data_name,
                 size_threshold=1024,
             )
+            _default_permissions(tmp_data)
             # The model refers to its data file by name: rewrite the reference to the final name
             # before the renames so the pair is consistent once both are in place.
             _relocate_external_data(to_save, tmp_data_name, data_name)
@@ -196,8 +223,9 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
         else:
             _write_model_streaming(model, tmp_path)
         os.replace(tmp_path, path)
+        tmp_path = None
     except OSError as e:
-        raise InputError(f"{path}: cannot write output ({e.strerror or e})") from None
+        raise InputError(f"{path}: cannot write output ({e.strerror or type(e).__name__})") from None
     finally:
         for leftover in (tmp_path, tmp_data):
             if leftover and os.path.exists(leftover):

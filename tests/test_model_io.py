@@ -104,3 +104,57 @@ def test_output_path_checks(tmp_path):
     with pytest.raises(InputError, match="is a directory"):
         check_output_path(tmp_path)
     assert check_output_path(tmp_path / "m.onnx") == str(tmp_path)
+
+
+def _external_model(tmp_path, name, location):
+    """(weight W, path) of a model saved with its tensors in ``location`` (relative to tmp_path)."""
+    model = _matmul_model()
+    weight = numpy_helper.to_array(model.graph.initializer[0])
+    path = tmp_path / name
+    # onnx.save_model moves the tensors of ``model`` itself to external data
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    return weight, path
+
+
+def test_output_whose_data_file_is_the_inputs_data_is_refused(tmp_path):
+    # in.onnx keeps its weights in out.onnx.data: writing out.onnx (+ out.onnx.data) would
+    # destroy the input
+    _, src = _external_model(tmp_path, "in.onnx", "out.onnx.data")
+    data_before = (tmp_path / "out.onnx.data").read_bytes()
+    loaded = load_model(src)
+    with pytest.raises(InputError, match="external data"):
+        save_model_atomic(loaded, tmp_path / "out.onnx", source_path=src)
+    assert (tmp_path / "out.onnx.data").read_bytes() == data_before
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_output_on_the_inputs_data_file_is_refused(tmp_path):
+    weight, src = _external_model(tmp_path, "m.onnx", "m.onnx.data")
+    data_before = (tmp_path / "m.onnx.data").read_bytes()
+    with pytest.raises(InputError, match="external data file"):
+        check_output_path(tmp_path / "m.onnx.data", source_path=src)
+    with pytest.raises(InputError, match="external data file"):
+        save_model_atomic(load_model(src), tmp_path / "m.onnx.data", source_path=src)
+    assert (tmp_path / "m.onnx.data").read_bytes() == data_before
+    assert np.array_equal(numpy_helper.to_array(load_model(src).graph.initializer[0]), weight)
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "ext.onnx"
+        save_model_atomic(_matmul_model(), out, external_data=True)
+    finally:
+        os.umask(umask)
+    assert (os.stat(out).st_mode & 0o777) == 0o644
+    assert (os.stat(tmp_path / "ext.onnx.data").st_mode & 0o777) == 0o644
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (a directory nobody can create files in)")
+def test_unwritable_directory_is_reported_before_any_work():
+    with pytest.raises(InputError) as info:
+        check_output_path("/proc/bnfold-out.onnx")
+    message = str(info.value)
+    assert message.startswith("/proc/bnfold-out.onnx: cannot write")
+    assert ".bnfold-" not in message  # no temporary file names leak into the message
