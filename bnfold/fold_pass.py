@@ -41,6 +41,7 @@ REASON_CODES = (
     "unknown_rank",
     "spatial_mode",
     "unsupported_dtype",
+    "invalid_statistics",
     "no_foldable_neighbour",
 )
 
@@ -279,6 +280,6 @@ def _inference_bn(view: GraphView, index: int):
         scale = gamma / np.sqrt(var + eps)
         shift = beta - mean * scale
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
-        return Failure("unsupported_dtype", f"BatchNormalization '{label}' has non-finite folded parameters "
-                       "(variance + epsilon <= 0 or inf/nan statistics)")
+        return Failure("invalid_statistics", f"BatchNormalization '{label}' has non-finite folded parameters "
+                       "(variance + epsilon <= 0, or NaN/Inf in its statistics or scale)")
     return BatchNorm(index, label, node.input[0], node.output[0], scale, shift)
