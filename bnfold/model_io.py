@@ -103,13 +103,9 @@ def file_uses_external_data(path) -> bool:
 
 def tensor_payload_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor payload in the model: a cheap estimate (lower bound) of its serialized
-    size; ``ByteSize()`` walks the whole proto and costs as much as serializing it."""
-    total = 0
-    for t in _all_initializers(model):
-        total += len(t.raw_data) if t.HasField("raw_data") else 4 * (
-            len(t.float_data) + len(t.int32_data) + len(t.int64_data) * 2 + len(t.double_data) * 2
-        )
-    return total
+    size; ``ByteSize()`` of the whole model walks the whole proto and costs as much as
+    serializing it. (Per tensor ByteSize() is used because reading ``raw_data`` copies it.)"""
+    return sum(t.ByteSize() for t in _all_initializers(model))
 
 
 def fits_in_one_message(model: onnx.ModelProto) -> bool:
@@ -259,26 +255,25 @@ def _write_model_streaming(model: onnx.ModelProto, path) -> None:
     valid encoding of the same message (protobuf readers accept fields in any order: the graph's
     initializers come after its other fields). The caller's model is not modified or copied.
     """
-    initializer_parts = []
-    for tensor in model.graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= _STREAM_THRESHOLD:
-            raw = tensor.raw_data
-            head = _copy_without(tensor, "raw_data").SerializeToString()
-            raw_len = _varint(len(raw))
-            tensor_len = len(head) + len(_TAG_TENSOR_RAW_DATA) + len(raw_len) + len(raw)
-            initializer_parts += [_TAG_GRAPH_INITIALIZER + _varint(tensor_len), head, _TAG_TENSOR_RAW_DATA + raw_len, raw]
-        else:
-            body = tensor.SerializeToString()
-            initializer_parts += [_TAG_GRAPH_INITIALIZER + _varint(len(body)), body]
     graph_rest = _copy_without(model.graph, "initializer").SerializeToString()
     model_rest = _copy_without(model, "graph").SerializeToString()
-    graph_len = len(graph_rest) + sum(len(part) for part in initializer_parts)
+    # ByteSize() of a tensor is its encoded length whatever the field order, and is cheap;
+    # reading raw_data copies it, so each payload is read once, just before it is written.
+    sizes = [tensor.ByteSize() for tensor in model.graph.initializer]
+    graph_len = len(graph_rest) + sum(len(_TAG_GRAPH_INITIALIZER) + len(_varint(n)) + n for n in sizes)
     with open(path, "wb") as f:
         f.write(model_rest)
         f.write(_TAG_MODEL_GRAPH + _varint(graph_len))
         f.write(graph_rest)
-        for part in initializer_parts:
-            f.write(part)
+        for tensor, size in zip(model.graph.initializer, sizes):
+            f.write(_TAG_GRAPH_INITIALIZER + _varint(size))
+            if size >= _STREAM_THRESHOLD and tensor.HasField("raw_data"):
+                raw = tensor.raw_data
+                f.write(_copy_without(tensor, "raw_data").SerializeToString())
+                f.write(_TAG_TENSOR_RAW_DATA + _varint(len(raw)))
+                f.write(raw)
+            else:
+                f.write(tensor.SerializeToString())
 
 
 def _is_repeated(field) -> bool:
