@@ -126,14 +126,66 @@ def numpy_type(data_type: int):
 def scale_in_float64(array: np.ndarray, factor: np.ndarray, data_type: int) -> np.ndarray:
     """``array * factor`` computed in float64 and rounded once to ``data_type``'s numpy type.
 
-    The ufunc works in float64 on buffered chunks and writes the rounded result straight into
-    the output, so a large weight is never materialized in float64 as a whole."""
-    out = np.empty(np.broadcast_shapes(np.shape(array), np.shape(factor)), dtype=numpy_type(data_type))
+    A float32/float64 weight scaled along one axis (the common case) goes through the compiled
+    loop of bnfold._fold_math, whose result is a read-only array over a bytes object that
+    ``write_tensor`` stores without another copy. Otherwise the numpy ufunc works in float64 on
+    buffered chunks, so a large weight is never materialized in float64 as a whole."""
+    target = numpy_type(data_type)
+    axis = _single_scaled_axis(np.shape(array), np.shape(factor))
+    if (
+        axis is not None
+        and target in (np.float32, np.float64)
+        and isinstance(array, np.ndarray)
+        and array.dtype == target
+        and array.flags.c_contiguous
+        and array.size
+    ):
+        from bnfold._fold_math import scale_channels_to_bytes
+        from bnfold._threads import effective_n_threads
+
+        shape = array.shape
+        outer = int(np.prod(shape[:axis], dtype=np.int64))
+        inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+        per_channel = np.ascontiguousarray(np.broadcast_to(np.asarray(factor, dtype=np.float64),
+                                                           np.shape(factor)).reshape(-1))
+        if per_channel.size == 1:
+            per_channel = np.full(shape[axis], per_channel[0])
+        raw = scale_channels_to_bytes(array.reshape(-1).view(np.uint8), outer, shape[axis], inner,
+                                      per_channel, target == np.float64, effective_n_threads(None))
+        return np.frombuffer(raw, dtype=target).reshape(shape)
+    out = np.empty(np.broadcast_shapes(np.shape(array), np.shape(factor)), dtype=target)
     try:
         np.multiply(array, factor, out=out, dtype=np.float64, casting="unsafe")
     except TypeError:  # a dtype without a float64 -> type ufunc cast: go through float64 explicitly
         out[...] = (to_float64(array) * factor).astype(out.dtype)
     return out
+
+
+def _single_scaled_axis(shape, factor_shape):
+    """The axis along which ``factor`` (broadcast against ``shape``) varies, if it varies along
+    at most one axis and does not enlarge the result; None otherwise."""
+    if len(factor_shape) > len(shape):
+        return None
+    padded = (1,) * (len(shape) - len(factor_shape)) + tuple(factor_shape)
+    varying = [k for k, n in enumerate(padded) if n != 1]
+    if len(varying) > 1 or any(padded[k] != shape[k] for k in varying) or not shape:
+        return None
+    return varying[0] if varying else 0
+
+
+def _bytes_behind(array: np.ndarray):
+    """The bytes object ``array`` views in full (as made by scale_in_float64), else None."""
+    root = array
+    while isinstance(root, np.ndarray) and root.base is not None:
+        root = root.base
+    if (
+        isinstance(root, bytes)
+        and array.flags.c_contiguous
+        and array.nbytes == len(root)
+        and array.__array_interface__["data"][0] == np.frombuffer(root, np.uint8).__array_interface__["data"][0]
+    ):
+        return root
+    return None
 
 
 def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: str) -> None:
@@ -151,7 +203,8 @@ def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: s
         tensor.name = name
         tensor.data_type = data_type
         tensor.dims.extend(typed.shape)
-        tensor.raw_data = typed.tobytes()
+        raw = _bytes_behind(typed)
+        tensor.raw_data = raw if raw is not None else typed.tobytes()
     if doc:
         tensor.doc_string = doc
 

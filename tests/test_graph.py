@@ -244,3 +244,28 @@ def test_incremental_edits_keep_producer_and_reader_maps_exact():
         view.refresh()
         assert snapshot == (dict(view.producer), {k: sorted(v) for k, v in view.consumers.items() if v})
     assert view.producer_of("y") == 0 and view.readers("f") == [5]
+
+
+@pytest.mark.parametrize("dtype, data_type", [(np.float32, TensorProto.FLOAT), (np.float64, TensorProto.DOUBLE),
+                                              (np.float16, TensorProto.FLOAT16)])
+@pytest.mark.parametrize("shape, factor_shape", [
+    ((8, 3, 3, 3), (8, 1, 1, 1)),      # Conv: output channel axis 0
+    ((4, 2, 5, 3, 3), (1, 1, 5, 1, 1)),  # grouped ConvTranspose: channel axis 2
+    ((7, 6), (6,)),                     # Gemm/MatMul weight: last axis
+    ((7, 6), (7, 1)),                   # transB Gemm: first axis
+    ((5, 4), (1,)),                     # one factor for all
+    ((5, 4), (3, 5, 4)),                # factor enlarges the result: general path
+])
+def test_scale_in_float64_rounds_the_float64_product_once(dtype, data_type, shape, factor_shape):
+    from bnfold.graph import scale_in_float64, write_tensor
+
+    rng = np.random.default_rng(1)
+    array = rng.standard_normal(shape).astype(dtype)
+    factor = rng.uniform(0.1, 3.0, factor_shape)
+    expected = (array.astype(np.float64) * factor).astype(dtype)
+    got = scale_in_float64(array, factor, data_type)
+    assert got.dtype == dtype and got.shape == expected.shape
+    assert np.array_equal(got, expected)
+    tensor = TensorProto()
+    write_tensor(tensor, got, data_type, "w")
+    assert np.array_equal(numpy_helper.to_array(tensor), expected)
