@@ -21,7 +21,7 @@ import onnx
 
 from bnfold.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_default_domain, node_subgraphs, \
     remove_unused, to_float64
-from bnfold.model_io import load_model
+from bnfold.model_io import load_model_checked_in_background
 from bnfold.rules import bn_conv, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
 from bnfold.rules.base import BatchNorm, Failure, Match
 
@@ -133,10 +133,16 @@ def fold(model_or_path, *, forward: bool = True):
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
+        wait_for_check = None
     else:
-        model = load_model(model_or_path)  # freshly loaded: ours to edit, no copy needed
+        # freshly loaded: ours to edit, no copy needed; the checker runs while we fold
+        model, wait_for_check = load_model_checked_in_background(model_or_path)
     report = FoldReport()
-    _run(model, report, forward)
+    try:
+        _run(model, report, forward)
+    finally:
+        if wait_for_check is not None:
+            wait_for_check()  # an invalid model is reported as such, whatever folding made of it
     return model, report
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import uuid
 
 import onnx
@@ -27,8 +28,17 @@ def load_model(model_or_path, *, check: bool = True) -> onnx.ModelProto:
     External data next to the file is loaded. With ``check`` the model goes through
     ``onnx.checker.check_model`` so that later passes can rely on a well-formed graph.
     """
+    model, wait_for_check = load_model_checked_in_background(model_or_path, check=check)
+    wait_for_check()
+    return model
+
+
+def load_model_checked_in_background(model_or_path, *, check: bool = True):
+    """``(model, wait_for_check)``: like ``load_model``, but the checker runs in a thread (it
+    releases the GIL) while the caller starts working on the model; ``wait_for_check()`` raises
+    the InputError of an invalid model. Call it before trusting or writing any result."""
     if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path
+        return model_or_path, lambda: None
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise TypeError(f"model must be a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
     path = os.fspath(model_or_path)
@@ -56,12 +66,25 @@ def load_model(model_or_path, *, check: bool = True) -> onnx.ModelProto:
     if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
         raise InputError(f"{path}: not an ONNX model (no graph)")
     _remember_external_data(path, external)
-    if check:
+    if not check:
+        return model, lambda: None
+    failure = []
+
+    def run_checker():
         try:
             onnx.checker.check_model(path if external else raw)
         except Exception as e:
-            raise InputError(f"{path}: invalid ONNX model ({_first_line(e)})") from None
-    return model
+            failure.append(e)
+
+    thread = threading.Thread(target=run_checker, name="bnfold-onnx-checker", daemon=True)
+    thread.start()
+
+    def wait_for_check():
+        thread.join()
+        if failure:
+            raise InputError(f"{path}: invalid ONNX model ({_first_line(failure[0])})") from None
+
+    return model, wait_for_check
 
 
 def model_uses_external_data(model: onnx.ModelProto) -> bool:

@@ -158,3 +158,15 @@ def test_unwritable_directory_is_reported_before_any_work():
     message = str(info.value)
     assert message.startswith("/proc/bnfold-out.onnx: cannot write")
     assert ".bnfold-" not in message  # no temporary file names leak into the message
+
+
+def test_fold_of_an_invalid_file_reports_the_checker_error(tmp_path):
+    # fold(path) runs the checker in the background while it folds; the error must still surface
+    import bnfold
+
+    model = _matmul_model()
+    model.graph.node[0].input[1] = "missing"
+    path = tmp_path / "invalid.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(InputError, match="invalid ONNX model"):
+        bnfold.fold(path)
