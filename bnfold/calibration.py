@@ -924,6 +924,10 @@ class _Accumulator:
                 "or --mode sequential"
             )
         t0 = time.perf_counter()
+        if x.dtype not in (np.float32, np.float64):
+            # float16 (and other narrow float) activations: the kernels take float32/float64 and
+            # accumulate in float64, so upcasting first is exact.
+            x = x.astype(np.float32)
         m = self._moments_cls.from_array(x, axis=1, n_threads=self._n_threads)
         prev = self.moments[label]
         self.moments[label] = m if prev is None else prev.merge(m)

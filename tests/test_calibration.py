@@ -630,3 +630,43 @@ def test_fixed_batch_dimension():
 def test_public_api_exports():
     assert bnfold.calibrate is calibrate
     assert bnfold.CalibrationReport.__name__ == "CalibrationReport"
+
+
+# ------------------------------------------------------------------------------------------------
+# float16 models
+# ------------------------------------------------------------------------------------------------
+
+
+def to_float16(model, statistics_dtype=np.float16):
+    """Copy of a float32 model with initializers and I/O in float16; BN running mean/var in
+    ``statistics_dtype`` (opset 15 lets them differ from X's type)."""
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    stats_names = {n.input[i] for n in half.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)}
+    for t in half.graph.initializer:
+        dtype = statistics_dtype if t.name in stats_names else np.float16
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dtype), t.name))
+    for vi in list(half.graph.input) + list(half.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(half)
+    return half
+
+
+@pytest.mark.parametrize("statistics_dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_float16_model_matches_float64_reference(mode, statistics_dtype):
+    model = to_float16(conv_stack(), statistics_dtype)
+    data = make_data((3, 8, 8), n=22)
+    calibrated, report = calibrate(model, data, mode=mode, batch_size=8)
+    assert report.n_calibrated == 3
+    got = bn_statistics(calibrated)
+    assert all(m.dtype == statistics_dtype and v.dtype == statistics_dtype for m, v in got.values())
+    # The reference runs the same float16 weights and float16-rounded data in float64; onnxruntime's
+    # float16 forward pass rounds every activation to 11 significant bits.
+    want = reference_calibrate(model, data.astype(np.float16).astype(np.float64), mode, 8)
+    assert_stats_close({n: (m.astype(np.float64), v.astype(np.float64)) for n, (m, v) in got.items()}, want, rtol=4e-3)
+    # Not merely "close": stale statistics are far off this tolerance.
+    with pytest.raises(AssertionError):
+        assert_stats_close({n: (m.astype(np.float64), v.astype(np.float64)) for n, (m, v) in bn_statistics(model).items()}, want, rtol=4e-3)
+    y = run(calibrated, data[:4].astype(np.float16))
+    assert y.dtype == np.float16 and np.isfinite(y).all()
