@@ -520,11 +520,11 @@ class _Dataset:
         for part in self._iter_parts():
             readers = {n: part[n].open() for n in self.specs}
             try:
-                left = part[next(iter(self.specs))].shape[0]
+                rows = left = part[next(iter(self.specs))].shape[0]
                 while left > 0:
                     take = min(batch_size - pending_rows, left)
                     for n, r in readers.items():
-                        pending[n].append(r.read(take))
+                        pending[n].append(self._converted(r.read(take), n, part[n].origin, rows - left))
                     pending_rows += take
                     left -= take
                     seen_any = True
@@ -542,6 +542,24 @@ class _Dataset:
             yield self._assemble(pending)
         elif not seen_any:
             raise InputError("calibration data is empty (0 samples)")
+
+    def _converted(self, rows, name, origin, first_row):
+        """``rows`` in the model input's dtype, checked for NaN/Inf: they would silently turn
+        every downstream statistic into NaN."""
+        dtype = self.specs[name].dtype
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by sample
+            converted = rows.astype(dtype, copy=False)
+        if converted.dtype.kind in "fc":
+            finite = np.isfinite(converted)
+            if not finite.all():
+                bad_row = int(np.argmin(finite.reshape(len(rows), -1).all(axis=1)))
+                sample = first_row + bad_row
+                if np.isfinite(rows[bad_row]).all():
+                    raise InputError(f"{origin}: sample {sample} holds values out of the {dtype} range of model input '{name}' (Inf after conversion from {rows.dtype})")
+                bad = rows[bad_row]
+                kinds = " and ".join(k for k, present in (("NaN", np.isnan(bad).any()), ("Inf", np.isinf(bad).any())) if present)
+                raise InputError(f"{origin}: non-finite values ({kinds}) in sample {sample}; calibration data must be finite")
+        return converted
 
     def _assemble(self, pending):
         batch = {}
@@ -807,7 +825,12 @@ def _write_statistics(model, bn_index: int, label: str, mean: np.ndarray, var: n
         dtype = helper.tensor_dtype_to_np_dtype(elem_types.get(name, onnx.TensorProto.FLOAT))
         if name in inits:
             dtype = helper.tensor_dtype_to_np_dtype(inits[name].data_type)
-        new = numpy_helper.from_array(np.asarray(values, dtype=np.float64).astype(dtype), name)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by BN
+            stored = np.asarray(values, dtype=np.float64).astype(dtype)
+        if not np.isfinite(stored).all():
+            problem = "is non-finite (NaN/Inf)" if not np.isfinite(values).all() else f"exceeds the {np.dtype(dtype).name} range of the tensor it replaces"
+            raise InputError(f"BN '{label}': the calibrated {role} {problem}; nothing written")
+        new = numpy_helper.from_array(stored, name)
         if name in inits and name not in graph_inputs and _uses(model, name) == 1:
             inits[name].CopyFrom(new)
             continue
@@ -924,11 +947,18 @@ class _Accumulator:
                 "or --mode sequential"
             )
         t0 = time.perf_counter()
+        activation_dtype = x.dtype
         if x.dtype not in (np.float32, np.float64):
             # float16 (and other narrow float) activations: the kernels take float32/float64 and
             # accumulate in float64, so upcasting first is exact.
             x = x.astype(np.float32)
         m = self._moments_cls.from_array(x, axis=1, n_threads=self._n_threads)
+        if not (np.isfinite(m.mean).all() and np.isfinite(m.m2).all()):
+            # The data was checked finite as it was read: the network itself overflowed.
+            raise InputError(
+                f"batch {batch_number}: BN '{label}' gets non-finite inputs (NaN/Inf) from finite calibration data; "
+                f"the network overflows {activation_dtype} or produces NaN on this data"
+            )
         prev = self.moments[label]
         self.moments[label] = m if prev is None else prev.merge(m)
         self.seconds += time.perf_counter() - t0

@@ -670,3 +670,62 @@ def test_float16_model_matches_float64_reference(mode, statistics_dtype):
         assert_stats_close({n: (m.astype(np.float64), v.astype(np.float64)) for n, (m, v) in bn_statistics(model).items()}, want, rtol=4e-3)
     y = run(calibrated, data[:4].astype(np.float16))
     assert y.dtype == np.float16 and np.isfinite(y).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite values
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_value, kind", [(np.nan, "NaN"), (np.inf, "Inf"), (-np.inf, "Inf")])
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_non_finite_data_is_an_error_naming_input_and_sample(mode, bad_value, kind):
+    data = make_data((3, 8, 8), n=20)
+    data[13, 1, 2, 3] = bad_value
+    with pytest.raises(InputError, match=rf"data\['x'\]: non-finite values \({kind}\) in sample 13"):
+        calibrate(conv_stack(), {"x": data}, mode=mode, batch_size=8)
+
+
+def test_non_finite_data_in_files_names_the_file(tmp_path):
+    data = make_data((3, 8, 8), n=20)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    np.savez(parts / "a.npz", x=data[:10])
+    bad = data[10:].copy()
+    bad[4, 0, 0, 0] = np.nan
+    np.savez_compressed(parts / "b.npz", x=bad)
+    with pytest.raises(InputError, match=r"b\.npz:x: non-finite values \(NaN\) in sample 4"):
+        calibrate(conv_stack(), parts, batch_size=6)
+    np.save(tmp_path / "bad.npy", np.concatenate([data[:10], bad]))
+    with pytest.raises(InputError, match=r"bad\.npy: non-finite values \(NaN\) in sample 14"):
+        calibrate(conv_stack(), tmp_path / "bad.npy", batch_size=6)
+
+
+def test_data_overflowing_the_model_dtype_is_an_error():
+    data = make_data((3, 8, 8), n=6).astype(np.float64)
+    data[2, 0, 0, 0] = 1e6  # finite in float64, Inf once converted to the model's float16
+    with pytest.raises(InputError, match=r"sample 2.*out of the float16 range"):
+        calibrate(to_float16(conv_stack()), {"x": data}, batch_size=4)
+
+
+def _overflowing_model():
+    """x -> x * x * 1e38 -> BN: finite data, Inf inside the network."""
+    b = _Builder(7)
+    square = b.op("Mul", ["x", "x"])
+    big = b._init("big", np.float32(1e38))
+    y = b.bn(b.op("Mul", [square, big]), 6, name="bn_overflow")
+    return b.model(["N", 6], y, ["N", 6])
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_non_finite_statistics_from_finite_data_is_an_error_naming_the_bn(mode):
+    data = make_data((6,), n=10) * 3
+    with pytest.raises(InputError, match=r"BN 'bn_overflow'.*non-finite"):
+        calibrate(_overflowing_model(), data, mode=mode, batch_size=5)
+
+
+def test_statistics_out_of_the_float16_range_are_an_error():
+    model = to_float16(conv_stack())
+    data = make_data((3, 8, 8), n=8) * 2000  # BN inputs finite in float16, variance above 65504
+    with pytest.raises(InputError, match=r"BN 'bn2': the calibrated running_var exceeds the float16 range"):
+        calibrate(model, data, mode="sequential", batch_size=4)

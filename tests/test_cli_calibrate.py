@@ -147,3 +147,15 @@ def test_fold_parity_failure_exit_1(files, capsys, monkeypatch):
     assert not out.exists()
     assert main(["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--fold", "--force"]) == 1
     assert out.exists()
+
+
+def test_non_finite_data_exit_2_nothing_written(files, capsys):
+    model_path, _, data, tmp = files
+    bad = data.copy()
+    bad[7, 2, 1, 1] = np.nan
+    np.savez(tmp / "nan.npz", input=bad)
+    out = tmp / "out.onnx"
+    assert main(["calibrate", str(model_path), "-o", str(out), "--data", str(tmp / "nan.npz"), "--fold"]) == 2
+    err = capsys.readouterr().err
+    assert "nan.npz:input: non-finite values (NaN) in sample 7" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
