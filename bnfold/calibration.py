@@ -391,6 +391,8 @@ def _stored_member_data_offset(path, info) -> int:
 def _file_part(path, single_input) -> dict:
     if path.endswith(".npz"):
         part = _npz_sources(path)
+        if not part:
+            raise InputError(f"{path}: the archive holds no arrays (no samples)")
         if single_input is not None and single_input not in part and list(part) == ["arr_0"]:
             part = {single_input: part["arr_0"]}  # np.savez(f, array) for a single-input model
         return part
@@ -413,7 +415,9 @@ class _Dataset:
         self._single = names[0] if len(names) == 1 else None
         self._lazy = None  # a user iterable of dicts, read part by part
         self.one_shot = False
+        where = "calibration data"
         if isinstance(data, (str, os.PathLike)):
+            where = f"{os.fspath(data)}: calibration data"
             self.parts = self._path_parts(os.fspath(data))
         elif isinstance(data, Mapping):
             self.parts = [self._mapping_part(data, "data")]
@@ -431,7 +435,7 @@ class _Dataset:
             for part in self.parts:
                 self._validate(part)
             if self.total_samples == 0:
-                raise InputError("calibration data is empty (0 samples)")
+                raise InputError(f"{where} is empty (0 samples)")
 
     # -- construction ----------------------------------------------------------------------
     def _path_parts(self, path):

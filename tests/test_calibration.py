@@ -729,3 +729,19 @@ def test_statistics_out_of_the_float16_range_are_an_error():
     data = make_data((3, 8, 8), n=8) * 2000  # BN inputs finite in float16, variance above 65504
     with pytest.raises(InputError, match=r"BN 'bn2': the calibrated running_var exceeds the float16 range"):
         calibrate(model, data, mode="sequential", batch_size=4)
+
+
+def test_empty_files_are_named(tmp_path):
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(InputError, match=r"empty\.npz: the archive holds no arrays \(no samples\)"):
+        calibrate(conv_stack(), tmp_path / "empty.npz")
+    np.savez(tmp_path / "zero.npz", x=np.zeros((0, 3, 8, 8), np.float32))
+    with pytest.raises(InputError, match=r"zero\.npz: calibration data is empty \(0 samples\)"):
+        calibrate(conv_stack(), tmp_path / "zero.npz")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    np.savez(parts / "a.npz", x=make_data((3, 8, 8), n=4))
+    np.savez(parts / "b.npz")
+    with pytest.raises(InputError, match=r"b\.npz: the archive holds no arrays"):
+        calibrate(conv_stack(), parts)
+

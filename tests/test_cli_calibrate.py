@@ -79,7 +79,8 @@ def test_report_json(files):
         (lambda d: {"wrong": d}, "missing input(s) 'input'"),
         (lambda d: {"input": d[:, :2]}, "axis 1: expected 3, got 2"),
         (lambda d: {"input": d.astype(np.int64)}, "expected float32, got int64"),
-        (lambda d: {"input": d[:0]}, "empty"),
+        (lambda d: {"input": d[:0]}, "bad.npz: calibration data is empty (0 samples)"),
+        (lambda d: {}, "bad.npz: the archive holds no arrays (no samples)"),
     ],
 )
 def test_bad_data_exit_2_nothing_written(files, capsys, data_maker, message):
