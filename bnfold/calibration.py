@@ -55,6 +55,13 @@ _PREFIX = "bnfold_calib"
 # --------------------------------------------------------------------------------------------
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 batch', '3 batches', '0 samples'."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {noun}es" if noun.endswith(("s", "sh", "ch", "x")) else f"{n} {noun}s"
+
+
 def _summary(values) -> dict | None:
     if values is None:
         return None
@@ -202,7 +209,8 @@ class CalibrationReport:
         stat_share = self.seconds_statistics / self.seconds_total if self.seconds_total > 0 else 0.0
         lines.append(
             f"{self.n_calibrated} BN calibrated, {len(self.skipped)} skipped; mode={self.mode}, "
-            f"{self.n_samples} samples in {self.n_batches} batches of {self.batch_size}, {self.passes} pass(es), "
+            f"{_count(self.n_samples, 'sample')} in {_count(self.n_batches, 'batch')} of {self.batch_size}, "
+            f"{_count(self.passes, 'pass')}, "
             f"{self.seconds_total:.2f} s ({100 * stat_share:.1f}% statistics)"
         )
         lines += [f"note: {n}" for n in self.notes]
@@ -1063,7 +1071,7 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
             for batch in dataset.batches(batch_size, max_batches):
                 n_in_batch = next(iter(batch.values())).shape[0]
                 if fixed_batch and n_in_batch != batch_size:
-                    note = f"the final batch of {n_in_batch} sample(s) was skipped: the model's batch dimension is fixed"
+                    note = f"the final batch of {_count(n_in_batch, 'sample')} was skipped: the model's batch dimension is fixed"
                     if note not in report.notes:
                         report.notes.append(note)
                     continue

@@ -621,7 +621,7 @@ def test_fixed_batch_dimension():
     with pytest.raises(InputError, match="fixed batch dimension 4; use batch size 4"):
         calibrate(model, data, batch_size=5)
     calibrated, report = calibrate(model, data, batch_size=4, n_threads=1)
-    assert report.n_samples == 8 and "final batch of 2 sample(s) was skipped" in report.notes[0]
+    assert report.n_samples == 8 and "final batch of 2 samples was skipped" in report.notes[0]
     np.testing.assert_allclose(bn_statistics(calibrated)["bn"][1], data[:8].astype(np.float64).var(axis=0), rtol=1e-5)
     with pytest.raises(InputError, match="no complete batch"):
         calibrate(model, data[:3], batch_size=4)
@@ -745,3 +745,15 @@ def test_empty_files_are_named(tmp_path):
     with pytest.raises(InputError, match=r"b\.npz: the archive holds no arrays"):
         calibrate(conv_stack(), parts)
 
+
+@pytest.mark.parametrize(
+    "n, batch_size, mode, summary",
+    [
+        (1, 4, "sequential", "1 sample in 1 batch of 4, 3 passes"),
+        (10, 32, "batch", "10 samples in 1 batch of 32, 1 pass,"),
+        (10, 4, "batch", "10 samples in 3 batches of 4, 1 pass,"),
+    ],
+)
+def test_summary_line_singular_and_plural(n, batch_size, mode, summary):
+    _, report = calibrate(conv_stack(), make_data((3, 8, 8), n=n), mode=mode, batch_size=batch_size)
+    assert summary in report.format_table()
