@@ -89,15 +89,26 @@ def parse_shape_specs(specs) -> dict:
         match = _SHAPE_SPEC.match(spec.strip())
         if not match:
             raise InputError(
-                f"--shape {spec!r}: expected NAME:D1xD2x... with non-negative integer dimensions, "
+                f"--shape {spec!r}: expected NAME:D1xD2x... with positive integer dimensions, "
                 "e.g. input:1x3x224x224"
             )
         name = match.group("name")
         dims = tuple(int(d) for d in re.split("[xX]", match.group("dims")))
+        _reject_zero_dims(name, dims, f"--shape {spec.strip()!r}")
         if name in shapes and shapes[name] != dims:
             raise InputError(f"--shape: input {name!r} given twice with different shapes")
         shapes[name] = dims
     return shapes
+
+
+def _reject_zero_dims(name: str, dims, where: str) -> None:
+    """A 0-sized dimension makes every output empty: a parity check on it compares nothing."""
+    for i, d in enumerate(dims):
+        if d == 0:
+            raise InputError(
+                f"{where}: input {name!r} has size 0 in dimension {i}; zero-size inputs compare nothing, "
+                "every dimension must be >= 1"
+            )
 
 
 def _format_shape(shape) -> str:
@@ -257,6 +268,7 @@ def resolve_shapes(input_specs, shapes=None) -> dict:
     for spec in ordered:
         if spec.name in shapes:
             given = tuple(int(d) for d in shapes[spec.name])
+            _reject_zero_dims(spec.name, given, "shapes")
             if spec.shape is not None:
                 if len(given) != len(spec.shape):
                     raise InputError(
@@ -375,6 +387,7 @@ def load_inputs(inputs, input_specs) -> dict:
                     f"{where}: input {spec.name!r} has shape {_format_shape(array.shape)}, "
                     f"the model expects {_format_shape(spec.shape)}"
                 )
+        _reject_zero_dims(spec.name, array.shape, where)
     return {s.name: arrays[s.name] for s in input_specs}
 
 
@@ -665,6 +678,12 @@ def check(
                 ref_value = np.asarray(ref_out[result.name])
                 result.shape = tuple(ref_value.shape)
                 _compare_into(result, ref_value, np.asarray(cand_out[result.name]), base_atols[result.name], scaled[result.name])
+        if results and all(r.elements == 0 and r.passed for r in results):
+            shapes_text = ", ".join(f"{r.name!r} {_format_shape(r.shape)}" for r in results)
+            raise InputError(
+                f"nothing was compared: every output has zero elements ({shapes_text}); "
+                "give inputs whose outputs are not empty"
+            )
         input_info = {
             name: {"dtype": str(array.dtype), "shape": list(array.shape)} for name, array in input_sets[0].items()
         }

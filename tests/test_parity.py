@@ -206,6 +206,50 @@ def test_parse_shape_specs():
             parse_shape_specs(bad)
 
 
+def empty_output_model():
+    """y = x[0:0]: an empty output whatever the input, so no element can ever be compared."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [0, 5])
+    inits = [nh.from_array(np.array([0], np.int64), n) for n in ("start", "end", "axis")]
+    return _model([helper.make_node("Slice", ["x", "start", "end", "axis"], ["y"])], [x], [y], inits)
+
+
+def test_zero_size_inputs_are_rejected_not_passed(tmp_path, params, capsys):
+    reference = _save(conv_bn_model(params), tmp_path / "a.onnx")
+    broken = dict(params)
+    broken["w"] = params["w"] * 0 + 7  # differs on every element with real inputs
+    candidate = _save(conv_bn_model(broken), tmp_path / "b.onnx")
+    assert main(["check", reference, candidate]) == 1
+    capsys.readouterr()
+    with pytest.raises(InputError, match=r"'x' has size 0 in dimension 0"):
+        parse_shape_specs(["x:0x3x8x8"])
+    assert main(["check", reference, candidate, "--shape", "x:0x3x8x8"]) == 2
+    err = capsys.readouterr().err
+    assert "'x'" in err and "dimension 0" in err and "PASS" not in err
+    with pytest.raises(InputError, match=r"'x' has size 0 in dimension 2"):
+        bnfold.check(reference, candidate, shapes={"x": (1, 3, 0, 8)})
+    np.savez(tmp_path / "n0.npz", x=np.zeros((0, 3, 8, 8), np.float32))
+    assert main(["check", reference, candidate, "--inputs", str(tmp_path / "n0.npz")]) == 2
+    captured = capsys.readouterr()
+    assert "n0.npz" in captured.err and "'x'" in captured.err and "dimension 0" in captured.err
+    assert "PASS" not in captured.out
+    with pytest.raises(InputError, match="dimension 3"):
+        bnfold.check(reference, candidate, inputs={"x": np.zeros((1, 3, 8, 0), np.float32)})
+    # fold's automatic check takes its --shape through the same parser.
+    assert main(["fold", reference, "-o", str(tmp_path / "f.onnx"), "--shape", "x:0x3x8x8"]) == 2
+    assert not (tmp_path / "f.onnx").exists()
+
+
+def test_outputs_all_empty_is_not_a_pass(tmp_path, capsys):
+    model = empty_output_model()
+    with pytest.raises(InputError, match="nothing was compared"):
+        bnfold.check(model, model)
+    path = _save(model, tmp_path / "e.onnx")
+    assert main(["check", path, path]) == 2
+    captured = capsys.readouterr()
+    assert "nothing was compared" in captured.err and "PASS" not in captured.out
+
+
 # ---------------------------------------------------------------- inputs
 
 
