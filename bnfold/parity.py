@@ -24,6 +24,9 @@ Tolerances (``DEFAULT_TOLERANCES``) are per output dtype. An element passes when
 (multiplied by ``max(1, max|ref|)``) because folding changes rounding in proportion to the
 magnitudes of the values involved; explicit ``atol`` values are taken literally. Integer and bool
 outputs must match exactly. NaN or Inf on one side only (or a different Inf) is always a mismatch.
+NaN (or the same Inf) at the same position on both sides is agreement, but it is counted
+(``shared_nan`` / ``shared_inf``) and reported as a warning; an output that is non-finite at every
+element on both sides does not pass, since no real value was compared.
 """
 
 from __future__ import annotations
@@ -419,12 +422,28 @@ class OutputResult:
     mismatches: int = 0
     elements: int = 0
     nonfinite_mismatch: int = 0
+    shared_nan: int = 0  # positions where both models output NaN (agreement, but worth a warning)
+    shared_inf: int = 0  # positions where both models output the same Inf
     passed: bool = True
     message: str = ""
+
+    @property
+    def shared_nonfinite(self) -> int:
+        return self.shared_nan + self.shared_inf
+
+    @property
+    def warning(self) -> str:
+        """'' unless both models output NaN/Inf at the same positions (counted as agreement)."""
+        if not self.shared_nonfinite:
+            return ""
+        parts = [f"{kind} at {n}" for kind, n in (("NaN", self.shared_nan), ("Inf", self.shared_inf)) if n]
+        positions = "position" if self.shared_nonfinite == 1 else "positions"
+        return f"both models output {' and '.join(parts)} {positions}"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
+        d["warning"] = self.warning
         for key in ("max_abs", "max_rel", "atol", "rtol", "mismatch_fraction"):
             d[key] = _json_float(d[key])
         return d
@@ -452,6 +471,11 @@ class CheckReport:
         return [o.name for o in self.outputs if not o.passed]
 
     @property
+    def warnings(self) -> list:
+        """One line per output where both models output NaN/Inf at the same positions."""
+        return [f"output {o.name!r}: {o.warning}" for o in self.outputs if o.warning]
+
+    @property
     def max_abs_error(self) -> float:
         return max((o.max_abs for o in self.outputs), default=0.0)
 
@@ -472,6 +496,7 @@ class CheckReport:
             "samples": self.samples,
             "seed": self.seed,
             "inputs": self.inputs,
+            "warnings": self.warnings,
             "outputs": [o.to_dict() for o in self.outputs],
         }
 
@@ -479,20 +504,21 @@ class CheckReport:
         write_json_atomic(self.to_dict(), path)
 
     def summary(self) -> str:
+        warnings = "".join(f"; warning: {w}" for w in self.warnings)
         if self.passed:
             return (
                 f"PASS: {len(self.outputs)} output(s) match "
-                f"(max abs error {self.max_abs_error:.3g}, max rel error {self.max_rel_error:.3g})"
+                f"(max abs error {self.max_abs_error:.3g}, max rel error {self.max_rel_error:.3g}){warnings}"
             )
         details = []
         for o in self.outputs:
             if not o.passed:
                 why = o.message or f"{o.mismatch_fraction:.2%} of elements differ, max abs error {o.max_abs:.3g}"
                 details.append(f"{o.name!r} ({why})")
-        return f"FAIL: output {', '.join(details)}"
+        return f"FAIL: output {', '.join(details)}{warnings}"
 
     def format_table(self) -> str:
-        header = ("output", "dtype", "shape", "max abs err", "max rel err", "mismatch", "non-finite", "tol (rtol/atol)", "result")
+        header = ("output", "dtype", "shape", "max abs err", "max rel err", "mismatch", "non-finite (one side/both)", "tol (rtol/atol)", "result")
         rows = [
             (
                 o.name,
@@ -501,7 +527,7 @@ class CheckReport:
                 f"{o.max_abs:.3g}",
                 f"{o.max_rel:.3g}",
                 f"{o.mismatch_fraction:.2%}",
-                str(o.nonfinite_mismatch),
+                f"{o.nonfinite_mismatch}/{o.shared_nonfinite}",
                 f"{o.rtol:.0e}/{o.atol:.1e}" if o.dtype in DEFAULT_TOLERANCES else "exact",
                 "ok" if o.passed else "FAIL",
             )
@@ -569,10 +595,13 @@ def _compare_into(result: OutputResult, ref: np.ndarray, cand: np.ndarray, base_
         c = cand.astype(np.float64)
         finite_r, finite_c = np.isfinite(r), np.isfinite(c)
         both_finite = finite_r & finite_c
-        same_nonfinite = (np.isnan(r) & np.isnan(c)) | (np.isinf(r) & np.isinf(c) & (r == c))
+        shared_nan = np.isnan(r) & np.isnan(c)
+        shared_inf = np.isinf(r) & np.isinf(c) & (r == c)
+        same_nonfinite = shared_nan | shared_inf
         nonfinite_bad = ~both_finite & ~same_nonfinite
-        err = np.abs(r - c)
-        err[~both_finite] = 0.0
+        err = np.zeros_like(r)
+        np.subtract(r, c, out=err, where=both_finite)  # inf - inf would warn; non-finite pairs judged above
+        np.abs(err, out=err)
         abs_ref = np.where(finite_r, np.abs(r), 0.0)
         atol = base_atol * max(1.0, float(abs_ref.max())) if scaled_atol else base_atol
         result.atol = max(result.atol, atol)
@@ -588,6 +617,8 @@ def _compare_into(result: OutputResult, ref: np.ndarray, cand: np.ndarray, base_
             )
             result.message = result.message or note
         result.nonfinite_mismatch += n_nonfinite
+        result.shared_nan += int(shared_nan.sum())
+        result.shared_inf += int(shared_inf.sum())
     else:
         diff = ref.astype(np.int64) != cand.astype(np.int64) if ref.dtype != np.uint64 else ref != cand
         err = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
@@ -678,6 +709,12 @@ def check(
                 ref_value = np.asarray(ref_out[result.name])
                 result.shape = tuple(ref_value.shape)
                 _compare_into(result, ref_value, np.asarray(cand_out[result.name]), base_atols[result.name], scaled[result.name])
+        for result in results:
+            if result.passed and result.elements and result.shared_nonfinite == result.elements:
+                result.passed = False
+                result.message = (
+                    f"all {result.elements} elements are NaN/Inf in both models: nothing real was compared"
+                )
         if results and all(r.elements == 0 and r.passed for r in results):
             shapes_text = ", ".join(f"{r.name!r} {_format_shape(r.shape)}" for r in results)
             raise InputError(

@@ -348,6 +348,43 @@ def test_nan_on_one_side_fails_and_is_reported(tmp_path):
     assert bnfold.check(candidate, unary_model(["Sqrt"])).passed
 
 
+def test_nan_on_both_sides_is_agreement_but_counted_and_warned(tmp_path, capsys):
+    sqrt = unary_model(["Sqrt"])  # NaN exactly where x < 0, in both models
+    x = np.random.default_rng(5).standard_normal((4, 6)).astype(np.float32)
+    report = bnfold.check(sqrt, unary_model(["Sqrt"]), inputs={"x": x})
+    result = report.outputs[0]
+    n_negative = int((x < 0).sum())
+    assert report.passed and 0 < n_negative < x.size
+    assert result.shared_nan == n_negative and result.shared_inf == 0
+    assert result.nonfinite_mismatch == 0
+    warning = f"both models output NaN at {n_negative} positions"
+    assert report.warnings == [f"output 'y': {warning}"]
+    assert warning in report.summary() and warning in report.format_table()
+    data = report.to_dict()
+    assert data["outputs"][0]["shared_nan"] == n_negative and data["outputs"][0]["warning"] == warning
+    assert data["warnings"] == report.warnings
+    # The same Inf on both sides: counted as Inf.
+    x[0, :3] = 0.0
+    inf_report = bnfold.check(unary_model(["Reciprocal"]), unary_model(["Reciprocal"]), inputs={"x": x})
+    assert inf_report.passed and inf_report.outputs[0].shared_inf == 3
+    assert "both models output Inf at 3 positions" in inf_report.summary()
+    path = _save(sqrt, tmp_path / "sqrt.onnx")
+    assert main(["check", path, path]) == 0
+    assert "both models output NaN at" in capsys.readouterr().out
+
+
+def test_output_non_finite_everywhere_on_both_sides_does_not_pass(tmp_path, capsys):
+    all_nan = unary_model(["Abs", "Reciprocal", "Neg", "Sqrt"])  # sqrt(-1/|x|): NaN at every element
+    report = bnfold.check(all_nan, unary_model(["Abs", "Reciprocal", "Neg", "Sqrt"]))
+    result = report.outputs[0]
+    assert not report.passed and report.failed_outputs == ["y"]
+    assert result.shared_nan == result.elements == 24 and result.mismatches == 0
+    assert "nothing real was compared" in result.message
+    path = _save(all_nan, tmp_path / "nan.onnx")
+    assert main(["check", path, path]) == 1
+    assert "nothing real was compared" in capsys.readouterr().err
+
+
 def test_json_result(tmp_path, params):
     a = _save(conv_bn_model(params), tmp_path / "a.onnx")
     b = _save(folded_conv_model(params), tmp_path / "b.onnx")
