@@ -19,6 +19,7 @@ fully connected layer) and a smaller model; ``"disabled"`` shows the full cost o
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 
@@ -182,8 +183,8 @@ def benchmark(
     _check_count("repeat", repeat, 1)
     if repeat is not None and time_budget is not None:
         raise InputError("give either repeat or time_budget, not both")
-    if time_budget is not None and not (float(time_budget) > 0):
-        raise InputError(f"time_budget must be > 0 seconds, got {time_budget!r}")
+    if time_budget is not None and not (math.isfinite(float(time_budget)) and float(time_budget) > 0):
+        raise InputError(f"time_budget must be a finite number of seconds > 0, got {time_budget!r}")
     budget = float(time_budget) if time_budget is not None else DEFAULT_TIME_BUDGET
     n_threads = threads or os.cpu_count() or 1
 

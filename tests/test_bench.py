@@ -92,6 +92,34 @@ def test_cli_two_models_and_errors(tmp_path, demo_model, capsys):
     assert "bad.onnx" in err and "turbo" in err
 
 
+def test_cli_options_rejected_under_their_cli_names_before_any_work(tmp_path, demo_model, capsys, monkeypatch):
+    import bnfold.commands.bench as bench_command
+
+    path = tmp_path / "demo.onnx"
+    onnx.save(demo_model, str(path))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("benchmark ran although an option was bad")
+
+    monkeypatch.setattr(bench_command, "benchmark", must_not_run)
+    cases = {
+        ("--time", "0"): "--time must be a finite number of seconds > 0, got 0",
+        ("--time", "-1"): "--time must be",
+        ("--time", "inf"): "--time must be",
+        ("--threads", "0"): "--threads must be >= 1, got 0",
+        ("--warmup", "-1"): "--warmup must be >= 0, got -1",
+        ("--repeat", "0"): "--repeat must be >= 1, got 0",
+        ("--json", str(tmp_path / "missing" / "b.json")): "does not exist",
+    }
+    for option, expected in cases.items():
+        assert main(["bench", str(path), *option]) == 2, option
+        captured = capsys.readouterr()
+        assert expected in captured.err, option
+        assert "time_budget" not in captured.err and "folded in memory" not in captured.out, option
+    with pytest.raises(InputError, match="time_budget"):
+        benchmark({"m": demo_model}, time_budget=float("inf"))
+
+
 def test_progress_bar_only_when_enabled():
     quiet = io.StringIO()  # not a terminal: nothing drawn by default
     with Progress(10, "work", stream=quiet) as p:

@@ -395,6 +395,21 @@ def test_json_result(tmp_path, params):
     assert data["outputs"][0]["name"] == "y" and data["outputs"][0]["elements"] == 2 * 4 * 32 * 32
 
 
+def test_bad_json_path_fails_before_the_check(tmp_path, params, capsys, monkeypatch):
+    import bnfold.commands.check as check_command
+
+    path = _save(conv_bn_model(params), tmp_path / "a.onnx")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the check ran although --json cannot be written")
+
+    monkeypatch.setattr(check_command, "check", must_not_run)
+    assert main(["check", path, path, "--json", str(tmp_path / "missing" / "x.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "does not exist" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
 def test_in_memory_model_too_big_for_protobuf_goes_through_a_file(monkeypatch, params):
     import bnfold.parity as parity
 

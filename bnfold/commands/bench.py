@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from bnfold.bench import DEFAULT_TIME_BUDGET, DEFAULT_WARMUP, benchmark
 from bnfold.commands.check import add_input_options
 from bnfold.errors import InputError
+from bnfold.model_io import check_output_path
 from bnfold.parity import OPT_LEVELS, parse_shape_specs
 
 EXAMPLES = f"""examples:
@@ -49,7 +51,22 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _check_options(args) -> None:
+    """Validate the numeric options under their CLI names (the API's messages name its arguments)."""
+    if args.time is not None and not (math.isfinite(args.time) and args.time > 0):
+        raise InputError(f"--time must be a finite number of seconds > 0, got {args.time:g}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if args.warmup < 0:
+        raise InputError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.repeat is not None and args.repeat < 1:
+        raise InputError(f"--repeat must be >= 1, got {args.repeat}")
+
+
 def run(args) -> int:
+    _check_options(args)
+    if args.json:
+        check_output_path(args.json)  # before folding and timing: a bad path must not cost the run
     shapes = parse_shape_specs(args.shape)
     if args.inputs and shapes:
         raise InputError("--shape cannot be combined with --inputs (the arrays' shapes are used)")

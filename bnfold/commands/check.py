@@ -69,7 +69,10 @@ def add_input_options(parser) -> None:
 
 def run(args) -> int:
     from bnfold.errors import InputError
+    from bnfold.model_io import check_output_path
 
+    if args.json:
+        check_output_path(args.json)  # before the work: a bad path must not cost a whole check
     if args.samples < 1:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
     shapes = parse_shape_specs(args.shape)
