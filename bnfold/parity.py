@@ -347,21 +347,55 @@ def synthesize_inputs(input_specs, shapes: dict, rng: np.random.Generator, index
     return feeds
 
 
+def _read_npz(path: str) -> dict:
+    """The arrays of an .npz archive by name; anything else is a one-line InputError.
+
+    The file type is decided from its first bytes before numpy sees it: numpy takes any file that
+    is neither zip nor .npy for a pickle and answers with a hint about ``allow_pickle``, which
+    would send the user the wrong way (bnfold never loads pickles).
+    """
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    if magic.startswith(b"\x93NUMPY"):
+        raise InputError(f"{path}: expected an .npz archive of arrays named by input, got a single .npy array")
+    if not magic:
+        raise InputError(f"{path}: not a valid .npz file (the file is empty)")
+    if not magic.startswith(b"PK"):
+        raise InputError(f"{path}: not a valid .npz file (not a zip archive of .npy arrays)")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise InputError(f"{path}: not a valid .npz file ({_first_line(e)})") from None
+    arrays = {}
+    with npz:
+        for name in npz.files:
+            try:
+                value = npz[name]
+            except ValueError as e:
+                if "allow_pickle" in str(e):
+                    raise InputError(
+                        f"{path}: not a valid .npz file (array {name!r} holds Python objects; "
+                        "inputs must be numeric or bool arrays)"
+                    ) from None
+                raise InputError(f"{path}: not a valid .npz file (array {name!r}: {_first_line(e)})") from None
+            except Exception as e:
+                raise InputError(f"{path}: not a valid .npz file (array {name!r}: {_first_line(e)})") from None
+            if not isinstance(value, np.ndarray):
+                raise InputError(f"{path}: not a valid .npz file (member {name!r} is not an .npy array)")
+            arrays[name] = value
+    return arrays
+
+
 def load_inputs(inputs, input_specs) -> dict:
     """Validate user-given inputs (dict name -> array, or a path to an .npz) against the specs."""
     if isinstance(inputs, (str, os.PathLike)):
         path = os.fspath(inputs)
         if not os.path.isfile(path):
             raise InputError(f"{path}: no such file")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                if not hasattr(npz, "files"):
-                    raise InputError(f"{path}: expected an .npz archive of arrays named by input, got a single array")
-                arrays = {name: npz[name] for name in npz.files}
-        except InputError:
-            raise
-        except Exception as e:
-            raise InputError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+        arrays = _read_npz(path)
         where = path
     elif isinstance(inputs, dict):
         arrays = {name: np.asarray(a) for name, a in inputs.items()}

@@ -284,6 +284,33 @@ def test_bad_npz_inputs(tmp_path, params, capsys):
     assert "junk.npz" in capsys.readouterr().err
 
 
+def test_invalid_npz_files_say_so_in_one_line(tmp_path, params, capsys):
+    import zipfile
+
+    path = _save(conv_bn_model(params), tmp_path / "a.onnx")
+    (tmp_path / "text.npz").write_text("x = 1, 2, 3\n")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}], dtype=object))
+    with zipfile.ZipFile(tmp_path / "plain.npz", "w") as archive:
+        archive.writestr("x.txt", "hello")
+    np.save(tmp_path / "single.npy", np.zeros((1, 3, 8, 8), np.float32))
+    (tmp_path / "single.npy").rename(tmp_path / "single.npz")
+    cases = {
+        "text.npz": "not a valid .npz file (not a zip archive",
+        "empty.npz": "not a valid .npz file (the file is empty)",
+        "objects.npz": "not a valid .npz file (array 'x' holds Python objects",
+        "plain.npz": "not a valid .npz file (member 'x.txt' is not an .npy array)",
+        "single.npz": "expected an .npz archive of arrays named by input, got a single .npy array",
+    }
+    for filename, expected in cases.items():
+        file = str(tmp_path / filename)
+        assert main(["check", path, path, "--inputs", file]) == 2, filename
+        err = capsys.readouterr().err
+        assert f"{file}: {expected}" in err, (filename, err)
+        assert "allow_pickle" not in err and "pickled" not in err, filename
+        assert len(err.strip().splitlines()) == 1, filename
+
+
 def test_int_and_bool_inputs_get_valid_values(tmp_path):
     model = gather_where_model(table_rows=5)
     report = bnfold.check(model, model, shapes={"idx": (4, 3)}, samples=4)
