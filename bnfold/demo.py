@@ -116,6 +116,7 @@ def format_summary(result: DemoResult, *, image_size: int, batch: int) -> str:
         f"{check_report.max_rel_error:.2g} on {check_report.samples} random input(s) "
         f"(onnxruntime, reference unoptimized)"
     )
+    lines += [f"           warning: {w}" for w in check_report.warnings]
     if not check_report.passed:
         lines.append(f"           {check_report.summary()}")
     lines.append(f"latency  median of onnxruntime runs, {bench_report.threads} thread(s):")

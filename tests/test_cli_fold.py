@@ -250,3 +250,24 @@ def test_inspect_bad_file_exit_2(tmp_path, capsys):
     bad.write_bytes(b"\x00\x01garbage")
     code, _, err = _run(capsys, "inspect", bad)
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_fold_shows_the_parity_checks_nan_warning(tmp_path, capsys):
+    # Log of a folded Conv+BN output: NaN wherever the output is negative, on both sides
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 3, 1, 1)).astype(np.float32), "W")]
+    inits += [numpy_helper.from_array(a.astype(np.float32), n) for a, n in
+              [(np.ones(3), "g"), (np.zeros(3), "b"), (np.zeros(3), "m"), (np.ones(3), "v")]]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"]),
+         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["d"]),
+         helper.make_node("Log", ["d"], ["y"])],
+        "log_of_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+    path = tmp_path / "log.onnx"
+    onnx.save_model(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+    code, stdout, err = _run(capsys, "fold", path, "-o", tmp_path / "out.onnx")
+    assert code == 0, err
+    assert "warning: output 'y': both models output NaN" in stdout

@@ -106,6 +106,8 @@ def run(args) -> int:
         verdict = "passed" if check_report.passed else "FAILED"
         print(f"fold: {fold_report.n_folded} BatchNormalization folded, {fold_report.n_remaining} remaining; "
               f"parity check {verdict} (max abs error {check_report.max_abs_error:.3g})")
+        for warning in check_report.warnings:
+            print(f"  warning: {warning}")
         report_data["fold"] = fold_report.to_dict()
         report_data["parity"] = check_report.to_dict()
         result = folded

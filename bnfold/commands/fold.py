@@ -152,4 +152,5 @@ def format_summary(original, folded, report, fold_seconds, check_report) -> str:
     else:
         verdict = "passed" if check_report.passed else "FAILED"
         lines.append(f"parity check: {verdict} (max abs error {check_report.max_abs_error:.3g})")
+        lines += [f"  warning: {w}" for w in check_report.warnings]
     return "\n".join(lines)
