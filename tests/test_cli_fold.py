@@ -99,6 +99,7 @@ def test_fold_bad_shape_spec_is_exit_2(tmp_path, model_path, capsys):
 class _FailedCheck:
     passed = False
     max_abs_error = 0.5
+    warnings = []
 
 
 def test_parity_failure_exit_1_nothing_written(tmp_path, model_path, capsys, monkeypatch):
