@@ -265,6 +265,72 @@ cdef void _merge_chunk_moments(const double[::1] cmean, const double[::1] cm2,
         m2_out[c] = acc
 
 
+# Wide channels-last rows (C >= 960, one row per segment): per-position accumulators in memory
+# would be stored once per element, and with a row stride of 4 KiB (C = 1024 float32) each store
+# 4K-aliases the next rows' loads. Instead a block of 16 channels is reduced over all rows of a
+# chunk with the sums held in registers (column-block order), prefetching a few rows ahead.
+cdef extern from *:
+    """
+    /* rows per register pass: all of the chunk (groups of 8 rows measured slower) */
+    #define BNF_CB_ROWS ((Py_ssize_t)1 << 40)
+    #if defined(__GNUC__) || defined(__clang__)
+    #define BNF_CB_FNS(SUF, T, LD)                                                       \
+    static void bnf_cb_mom_##SUF(const T* x, Py_ssize_t nr, Py_ssize_t C, double* s1,    \
+                                 double* s2) {                                           \
+        Py_ssize_t c, r, r0, r1;                                                         \
+        memset(s1, 0, C * sizeof(double)); memset(s2, 0, C * sizeof(double));            \
+        for (r0 = 1; r0 < nr; r0 += BNF_CB_ROWS) {                                       \
+            r1 = r0 + BNF_CB_ROWS < nr ? r0 + BNF_CB_ROWS : nr;                          \
+            for (c = 0; c + 16 <= C; c += 16) {                                          \
+                bnf_v4d h0 = LD(x + c), h1 = LD(x + c + 4), h2 = LD(x + c + 8);          \
+                bnf_v4d h3 = LD(x + c + 12), d;                                          \
+                bnf_v4d a0 = {0, 0, 0, 0}, a1 = a0, a2 = a0, a3 = a0;                    \
+                bnf_v4d b0 = a0, b1 = a0, b2 = a0, b3 = a0;                              \
+                for (r = r0; r < r1; r++) {                                              \
+                    const T* p = x + r * C + c;                                          \
+                    __builtin_prefetch(p + 32, 0);                                       \
+                    d = LD(p) - h0;      a0 += d; b0 += d * d;                           \
+                    d = LD(p + 4) - h1;  a1 += d; b1 += d * d;                           \
+                    d = LD(p + 8) - h2;  a2 += d; b2 += d * d;                           \
+                    d = LD(p + 12) - h3; a3 += d; b3 += d * d;                           \
+                }                                                                        \
+                a0 += bnf_ld_d(s1 + c); a1 += bnf_ld_d(s1 + c + 4);                      \
+                a2 += bnf_ld_d(s1 + c + 8); a3 += bnf_ld_d(s1 + c + 12);                 \
+                b0 += bnf_ld_d(s2 + c); b1 += bnf_ld_d(s2 + c + 4);                      \
+                b2 += bnf_ld_d(s2 + c + 8); b3 += bnf_ld_d(s2 + c + 12);                 \
+                memcpy(s1 + c, &a0, 32); memcpy(s1 + c + 4, &a1, 32);                    \
+                memcpy(s1 + c + 8, &a2, 32); memcpy(s1 + c + 12, &a3, 32);               \
+                memcpy(s2 + c, &b0, 32); memcpy(s2 + c + 4, &b1, 32);                    \
+                memcpy(s2 + c + 8, &b2, 32); memcpy(s2 + c + 12, &b3, 32);               \
+            }                                                                            \
+            for (; c < C; c++) {                                                         \
+                double h = x[c], a = 0, b = 0, d;                                        \
+                for (r = r0; r < r1; r++) { d = x[r * C + c] - h; a += d; b += d * d; }  \
+                s1[c] += a; s2[c] += b;                                                  \
+            }                                                                            \
+        }                                                                                \
+    }
+    #else
+    #define BNF_CB_FNS(SUF, T, LD)                                                       \
+    static void bnf_cb_mom_##SUF(const T* x, Py_ssize_t nr, Py_ssize_t C, double* s1,    \
+                                 double* s2) {                                           \
+        Py_ssize_t c, r;                                                                 \
+        for (c = 0; c < C; c++) {                                                        \
+            double h = x[c], a = 0, b = 0, d;                                            \
+            for (r = 1; r < nr; r++) { d = x[r * C + c] - h; a += d; b += d * d; }       \
+            s1[c] = a; s2[c] = b;                                                        \
+        }                                                                                \
+    }
+    #endif
+    BNF_CB_FNS(f, float, bnf_ld_f)
+    BNF_CB_FNS(d, double, bnf_ld_d)
+    """
+    void bnf_cb_mom_f(const float* x, Py_ssize_t nr, Py_ssize_t C, double* s1,
+                      double* s2) noexcept nogil
+    void bnf_cb_mom_d(const double* x, Py_ssize_t nr, Py_ssize_t C, double* s1,
+                      double* s2) noexcept nogil
+
+
 # ----------------------------------------------------------------------------------------------
 # Statistics: per-channel mean and M2 (sum of squared deviations), float64.
 
@@ -323,6 +389,20 @@ def moments_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
             row1 = s1 * k
             if row1 > rows:
                 row1 = rows
+            cnt = <double>(row1 - row0)
+            ccount[q] = cnt
+            if k == 1:
+                # column-block order, sums in registers (see bnf_cb_mom)
+                if floating is float:
+                    bnf_cb_mom_f(xp + row0 * C, row1 - row0, C, a1, a2)
+                else:
+                    bnf_cb_mom_d(xp + row0 * C, row1 - row0, C, a1, a2)
+                for c in range(C):
+                    S1 = a1[c]
+                    cmean[q * C + c] = xp[row0 * C + c] + S1 / cnt
+                    d = a2[c] - S1 * S1 / cnt
+                    cm2[q * C + c] = d if d > 0 else 0.0
+                continue
             for j in range(P):
                 sh[j] = xp[row0 * C + j % C]
                 a1[j] = 0
