@@ -44,6 +44,9 @@ LAYOUTS = [
     ((9, 4, 7), 1),  # short rows, many samples ("slabs" reductions)
     ((40, 33, 5, 5), 1),
     ((6, 16, 9, 11), 1),
+    ((300, 1024), 1),  # wide channels-last: channel blocks kept in registers (C >= 960)
+    ((37, 1037), 1),
+    ((5, 7, 1000), -1),
 ]
 
 
@@ -141,10 +144,10 @@ def test_float64_statistics_are_accurate_to_float64_precision():
     np.testing.assert_allclose(var_l, true_var, rtol=1e-12)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "wide2d"])
 def test_constant_channel_of_1e7_has_exactly_zero_variance(layout):
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((8, 3, 20, 30)).astype(np.float32)
+    x = rng.standard_normal((600, 1024) if layout == "wide2d" else (8, 3, 20, 30)).astype(np.float32)
     x[:, 1] = 1e7
     axis = 1
     if layout == "nhwc":
@@ -157,10 +160,10 @@ def test_constant_channel_of_1e7_has_exactly_zero_variance(layout):
         assert np.all(y.take(1, axis=axis % x.ndim) == 0.0)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nhwc", "2d"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "2d", "wide2d"])
 def test_large_offset_small_spread_normalises_to_unit_variance(layout):
     rng = np.random.default_rng(5)
-    shape = {"nchw": (16, 3, 24, 24), "nhwc": (16, 24, 24, 3), "2d": (5000, 3)}[layout]
+    shape = {"nchw": (16, 3, 24, 24), "nhwc": (16, 24, 24, 3), "2d": (5000, 3), "wide2d": (3000, 1024)}[layout]
     axis = -1 if layout == "nhwc" else 1
     x = (3e4 + 1e-3 * rng.standard_normal(shape)).astype(np.float32)
     # naive float32 E[x^2] - E[x]^2 is useless here (float32 spacing at 3e4 is ~2e-3, so x
@@ -284,7 +287,8 @@ def test_train_infer_backward_match_reference(shape, axis, dtype):
 
 
 @pytest.mark.parametrize(
-    "shape,axis", [((4, 3, 67, 71), 1), ((4, 37, 41, 5), -1), ((300, 130), 1), ((64, 40, 7, 7), 1)]
+    "shape,axis", [((4, 3, 67, 71), 1), ((4, 37, 41, 5), -1), ((300, 130), 1), ((64, 40, 7, 7), 1),
+                   ((300, 1024), 1)]
 )
 def test_one_thread_and_all_threads_agree(shape, axis):
     rng = np.random.default_rng(8)
