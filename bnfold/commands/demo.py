@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", metavar="DIR", help="directory for the files (default: a new temporary directory)")
     parser.add_argument("--image-size", type=int, default=64, metavar="N", help="input height and width (default 64)")
     parser.add_argument("--width", type=int, default=16, help="channels of the first stage (default 16)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="onnxruntime threads for the latency comparison (default 1: stable figures for a small model)")
     parser.add_argument("--quick", action="store_true", help="one parity sample and 5 timed runs (seconds, not minutes)")
     parser.set_defaults(func=run)
 
@@ -38,6 +40,8 @@ def run(args) -> int:
         raise InputError(f"--image-size must be >= 8, got {args.image_size}")
     if args.width < 2:
         raise InputError(f"--width must be >= 2, got {args.width}")
-    result = run_demo(args.out, image_size=args.image_size, width=args.width, quick=args.quick)
+    if args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    result = run_demo(args.out, image_size=args.image_size, width=args.width, quick=args.quick, threads=args.threads)
     print(result.summary)
     return 0 if result.passed else 1
