@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -145,9 +147,58 @@ def _running_stat(p, name: str, C: int) -> np.ndarray | None:
     return p
 
 
+# ----------------------------------------------------------------------------------------------
+# Output buffers
+#
+# A fresh output of tens of MB costs a page fault per page (or per 2 MB huge page) on its first
+# write, and on a VM whose free memory is handed back to the host (virtio-balloon free page
+# reporting) that first touch costs several times the kernel itself (256x2048x7x7 backward: ~25 ms
+# of work, 70-140 ms with a fresh dx). Large outputs therefore come from a small cache of flat
+# buffers: a buffer that only the cache still references (its caller dropped every array made
+# from it) is handed out again, already resident. The cache holds at most _CACHE_MAX_BYTES.
+
+_CACHE_MIN_BYTES = 16 << 20
+_CACHE_MAX_BYTES = 256 << 20
+_cache: list[np.ndarray] = []
+_cache_lock = threading.Lock()
+
+
+def _cached_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array, from the output cache when it is large."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _CACHE_MIN_BYTES:
+        return np.empty(shape, dtype)
+    with _cache_lock:
+        # refcount 2 = the cache's list entry + getrefcount's argument: nobody else holds it
+        for i in range(len(_cache)):
+            if _cache[i].nbytes == nbytes and sys.getrefcount(_cache[i]) == 2:
+                buf = _cache.pop(i)
+                _cache.append(buf)  # most recently used last
+                return buf.view(dtype).reshape(shape)
+        total = sum(b.nbytes for b in _cache)
+        i = 0
+        while total + nbytes > _CACHE_MAX_BYTES and i < len(_cache):
+            if sys.getrefcount(_cache[i]) == 2:
+                total -= _cache.pop(i).nbytes
+            else:
+                i += 1
+        if total + nbytes > _CACHE_MAX_BYTES:
+            return np.empty(shape, dtype)
+        buf = np.empty(nbytes, np.uint8)
+        _cache.append(buf)
+        return buf.view(dtype).reshape(shape)
+
+
+def clear_output_cache() -> None:
+    """Drop the cached output buffers that no array refers to any more (returns their memory)."""
+    with _cache_lock:
+        _cache[:] = [b for b in _cache if sys.getrefcount(b) > 3]
+
+
 def _out_array(out, x: np.ndarray) -> np.ndarray:
     if out is None:
-        return np.empty_like(x)
+        return _cached_empty(x.shape, x.dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
     if out.shape != x.shape or out.dtype != x.dtype:
@@ -393,7 +444,7 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=1, n_threads
     gf, xf = g.reshape(-1), arr.reshape(-1)
     n = float(L.count)
     dt = arr.dtype
-    dx = np.empty_like(arr)
+    dx = _cached_empty(arr.shape, dt)
     dxf = dx.reshape(-1)
     if _use_slabs(L):
         _k.dot_slabs(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)
