@@ -348,7 +348,7 @@ def moments_rows(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize
     cdef Py_ssize_t u, c, cc, start, length
     cdef double m
     with nogil:
-        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
+        for u in prange(n_units, schedule='static', num_threads=n_threads):
             c = 0  # assigned in the loop body so that Cython makes c / length thread-private
             length = 0
             start = _unit_span(u, nb, c0, nc, C, inner, &c, &length)
@@ -647,7 +647,7 @@ def dot_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, Py
     cdef Py_ssize_t u, c, cc, n, b, start, length
     cdef double a1, a2
     with nogil:
-        for u in prange(n_units, schedule='dynamic', chunksize=4, num_threads=n_threads):
+        for u in prange(n_units, schedule='static', num_threads=n_threads):
             c = 0  # assigned in the loop body so that Cython makes c / length thread-private
             length = 0
             start = _unit_span(u, nb, c0, nc, C, inner, &c, &length)
