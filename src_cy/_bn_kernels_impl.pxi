@@ -248,21 +248,28 @@ cdef inline void _merge_channel_units(const double* pmean, const double* pm2, Py
 cdef void _merge_chunk_moments(const double[::1] cmean, const double[::1] cm2,
                                const double[::1] ccount, Py_ssize_t nq, Py_ssize_t C,
                                double[::1] mean_out, double[::1] m2_out) noexcept nogil:
+    """Exact two-pass merge of the chunk partials (chunk q, channel c at q * C + c), chunks in
+    order. Loops run chunk-major so the inner loop is contiguous over channels (it vectorises;
+    a channel-major loop strides by C and cost ~0.3 ms for 128 chunks x 1024 channels); every
+    channel still adds its chunks in the same order, so the results are unchanged."""
     cdef Py_ssize_t c, q
-    cdef double total, s, m, d, acc
+    cdef double total = 0, w, d
+    for q in range(nq):
+        total = total + ccount[q]
     for c in range(C):
-        total = 0
-        s = 0
-        for q in range(nq):
-            total = total + ccount[q]
-            s = s + ccount[q] * cmean[q * C + c]
-        m = s / total
-        acc = 0
-        for q in range(nq):
-            d = cmean[q * C + c] - m
-            acc = acc + cm2[q * C + c] + ccount[q] * d * d
-        mean_out[c] = m
-        m2_out[c] = acc
+        mean_out[c] = 0
+        m2_out[c] = 0
+    for q in range(nq):
+        w = ccount[q]
+        for c in range(C):
+            mean_out[c] = mean_out[c] + w * cmean[q * C + c]
+    for c in range(C):
+        mean_out[c] = mean_out[c] / total
+    for q in range(nq):
+        w = ccount[q]
+        for c in range(C):
+            d = cmean[q * C + c] - mean_out[c]
+            m2_out[c] = m2_out[c] + cm2[q * C + c] + w * d * d
 
 
 # Wide channels-last rows (C >= 960, one row per segment): per-position accumulators in memory
