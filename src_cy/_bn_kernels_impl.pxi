@@ -272,6 +272,20 @@ cdef void _merge_chunk_moments(const double[::1] cmean, const double[::1] cm2,
             m2_out[c] = m2_out[c] + cm2[q * C + c] + w * d * d
 
 
+cdef void _merge_chunk_sums(const double[::1] c1, const double[::1] c2, Py_ssize_t nq,
+                           Py_ssize_t C, double[::1] out1, double[::1] out2) noexcept nogil:
+    """out[c] = sum over chunks q (in order) of c[q * C + c], chunk-major like
+    _merge_chunk_moments."""
+    cdef Py_ssize_t c, q
+    for c in range(C):
+        out1[c] = 0
+        out2[c] = 0
+    for q in range(nq):
+        for c in range(C):
+            out1[c] = out1[c] + c1[q * C + c]
+            out2[c] = out2[c] + c2[q * C + c]
+
+
 # Wide channels-last rows (C >= 960, one row per segment): per-position accumulators in memory
 # would be stored once per element, and with a row stride of 4 KiB (C = 1024 float32) each store
 # 4K-aliases the next rows' loads. Instead a block of 16 channels is reduced over all rows of a
@@ -690,14 +704,7 @@ def dot_slabs(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, P
                     a1 = _run_sum_dot_centred(gp + start, xp + start, inner, mean[c], &a2)
                     c1[q * C + c] = c1[q * C + c] + a1
                     c2[q * C + c] = c2[q * C + c] + a2
-        for c in range(C):
-            a1 = 0
-            a2 = 0
-            for q in range(nq):
-                a1 = a1 + c1[q * C + c]
-                a2 = a2 + c2[q * C + c]
-            sum_dy_out[c] = a1
-            sum_dyxc_out[c] = a2
+        _merge_chunk_sums(c1, c2, nq, C, sum_dy_out, sum_dyxc_out)
 
 
 def dot_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
@@ -761,14 +768,7 @@ def dot_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_
                     S2 = S2 + a2[t * C + c]
                 c1[q * C + c] = S1
                 c2[q * C + c] = S2
-        for c in range(C):
-            S1 = 0
-            S2 = 0
-            for q in range(nq):
-                S1 = S1 + c1[q * C + c]
-                S2 = S2 + c2[q * C + c]
-            sum_dy_out[c] = S1
-            sum_dyxc_out[c] = S2
+        _merge_chunk_sums(c1, c2, nq, C, sum_dy_out, sum_dyxc_out)
 
 
 # ----------------------------------------------------------------------------------------------
