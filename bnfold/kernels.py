@@ -32,6 +32,7 @@ __all__ = [
     "batch_norm_backward",
     "batch_renorm_train",
     "onnx_momentum",
+    "clear_output_cache",
 ]
 
 # Below this many elements a single thread wins (starting a parallel region costs ~ microseconds).
