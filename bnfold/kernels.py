@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
 import threading
 from typing import NamedTuple
@@ -58,8 +59,6 @@ def _select_kernels():
     """The compiled kernel module to use: the AVX2 + FMA build on CPUs that support it (about
     1.5-2x faster in the float64 reductions), otherwise the portable build. Set
     BNFOLD_KERNELS=baseline to force the portable one."""
-    import os
-
     if os.environ.get("BNFOLD_KERNELS", "").lower() == "baseline" or not _cpu_has_avx2_fma():
         return _k_baseline
     try:
@@ -159,28 +158,48 @@ def _running_stat(p, name: str, C: int) -> np.ndarray | None:
 # from it) is handed out again, already resident. The cache holds at most _CACHE_MAX_BYTES.
 
 _CACHE_MIN_BYTES = 16 << 20
-_CACHE_MAX_BYTES = 256 << 20
+# BNFOLD_OUTPUT_CACHE_MB=0 turns the cache off (every output a fresh np.empty).
+_CACHE_MAX_BYTES = int(float(os.environ.get("BNFOLD_OUTPUT_CACHE_MB", "256")) * (1 << 20))
 _cache: list[np.ndarray] = []
 _cache_lock = threading.Lock()
+
+
+def _measure_free_refcount():
+    """sys.getrefcount of a cache entry nobody else holds, as this interpreter reports it, or
+    None when a held view does not show up in the count (then "free" cannot be told apart from
+    "in use" and the cache stays off). Measured, not assumed: how getrefcount counts its own
+    argument and borrowed references differs between Python versions."""
+    probe = [np.empty(8, np.uint8)]
+    free = sys.getrefcount(probe[0])
+    held = probe[0].view(np.float32)
+    in_use = sys.getrefcount(probe[0])
+    del held
+    return free if in_use > free and sys.getrefcount(probe[0]) == free else None
+
+
+_FREE_REFCOUNT = _measure_free_refcount()
+
+
+def _is_free(i: int) -> bool:
+    return sys.getrefcount(_cache[i]) == _FREE_REFCOUNT
 
 
 def _cached_empty(shape, dtype) -> np.ndarray:
     """An uninitialised C-contiguous array, from the output cache when it is large."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < _CACHE_MIN_BYTES:
+    if nbytes < _CACHE_MIN_BYTES or _FREE_REFCOUNT is None or nbytes > _CACHE_MAX_BYTES:
         return np.empty(shape, dtype)
     with _cache_lock:
-        # refcount 2 = the cache's list entry + getrefcount's argument: nobody else holds it
         for i in range(len(_cache)):
-            if _cache[i].nbytes == nbytes and sys.getrefcount(_cache[i]) == 2:
+            if _cache[i].nbytes == nbytes and _is_free(i):
                 buf = _cache.pop(i)
                 _cache.append(buf)  # most recently used last
                 return buf.view(dtype).reshape(shape)
         total = sum(b.nbytes for b in _cache)
         i = 0
         while total + nbytes > _CACHE_MAX_BYTES and i < len(_cache):
-            if sys.getrefcount(_cache[i]) == 2:
+            if _is_free(i):
                 total -= _cache.pop(i).nbytes
             else:
                 i += 1
@@ -194,7 +213,12 @@ def _cached_empty(shape, dtype) -> np.ndarray:
 def clear_output_cache() -> None:
     """Drop the cached output buffers that no array refers to any more (returns their memory)."""
     with _cache_lock:
-        _cache[:] = [b for b in _cache if sys.getrefcount(b) > 3]
+        i = 0
+        while i < len(_cache):
+            if _is_free(i):
+                _cache.pop(i)
+            else:
+                i += 1
 
 
 def _out_array(out, x: np.ndarray) -> np.ndarray:

@@ -548,3 +548,41 @@ def test_kernel_module_choice_follows_cpu(monkeypatch):
     assert kernels._select_kernels().__name__ == expected
     monkeypatch.setenv("BNFOLD_KERNELS", "baseline")
     assert kernels._select_kernels().__name__ == "bnfold._bn_kernels"
+
+
+def test_large_outputs_never_share_memory_with_arrays_still_held():
+    # outputs >= 16 MiB come from a cache of reusable buffers: a buffer may be handed out again
+    # only once nothing refers to it any more (not even a view of a previous output)
+    from bnfold import kernels
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 64, 128, 128)).astype(np.float32)  # 16.8 MB
+    C = x.shape[1]
+    w, b, m, v = np.ones(C), np.zeros(C), np.zeros(C), np.ones(C)
+    y1 = batch_norm_infer(x, w, b, m, v)
+    expected = y1.copy()
+    y2 = batch_norm_infer(x * 2, w, b, m, v)
+    assert not np.shares_memory(y1, y2)
+    view = y2[1:3]
+    view_expected = view.copy()
+    del y2
+    y3, _, _ = batch_norm_train(x * 3, None, None, None, None)
+    dx, _, _ = batch_norm_backward(x, x, w, np.zeros(C), np.ones(C))
+    for held, value in ((y1, expected), (view, view_expected)):
+        assert not np.shares_memory(held, y3) and not np.shares_memory(held, dx)
+        np.testing.assert_array_equal(held, value)
+    # once dropped, a buffer is reused and the new result is still right
+    del y1, view
+    y4 = batch_norm_infer(x, w, b, m, v)
+    np.testing.assert_array_equal(y4, expected)
+    kernels.clear_output_cache()
+
+
+def test_output_cache_can_be_off(monkeypatch):
+    from bnfold import kernels
+
+    monkeypatch.setattr(kernels, "_CACHE_MAX_BYTES", 0)
+    x = np.ones((4, 64, 128, 128), np.float32)
+    C = x.shape[1]
+    y = batch_norm_infer(x, None, None, np.zeros(C), np.ones(C))
+    assert y.flags.owndata  # a plain np.empty, not a view of a cached buffer
