@@ -9,30 +9,20 @@ No validation here: bnfold.graph checks shapes and dtypes.
 """
 
 cimport cython
+from cython cimport floating
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cython.parallel cimport prange
 
 
-cdef void _scale_f32(const float* src, float* dst, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                     const double* factor, int n_threads) noexcept nogil:
+cdef void _scale(const floating* src, floating* dst, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                 const double* factor, int n_threads) noexcept nogil:
     cdef Py_ssize_t row, j, base
     cdef double f
     for row in prange(outer * C, nogil=True, schedule="static", num_threads=n_threads):
         f = factor[row % C]
         base = row * inner
         for j in range(inner):
-            dst[base + j] = <float>(<double>src[base + j] * f)
-
-
-cdef void _scale_f64(const double* src, double* dst, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                     const double* factor, int n_threads) noexcept nogil:
-    cdef Py_ssize_t row, j, base
-    cdef double f
-    for row in prange(outer * C, nogil=True, schedule="static", num_threads=n_threads):
-        f = factor[row % C]
-        base = row * inner
-        for j in range(inner):
-            dst[base + j] = src[base + j] * f
+            dst[base + j] = <floating>(<double>src[base + j] * f)
 
 
 @cython.boundscheck(False)
@@ -48,7 +38,7 @@ def scale_channels_to_bytes(const unsigned char[::1] src, Py_ssize_t outer, Py_s
         return out
     with nogil:
         if is_double:
-            _scale_f64(<const double*>&src[0], <double*>dst, outer, C, inner, &factor[0], n_threads)
+            _scale(<const double*>&src[0], <double*>dst, outer, C, inner, &factor[0], n_threads)
         else:
-            _scale_f32(<const float*>&src[0], <float*>dst, outer, C, inner, &factor[0], n_threads)
+            _scale(<const float*>&src[0], <float*>dst, outer, C, inner, &factor[0], n_threads)
     return out

@@ -76,6 +76,18 @@ def optional_input(node, position: int) -> str:
     return node.input[position] if position < len(node.input) else ""
 
 
+def bias_or_failure(view: GraphView, layer: int, position: int, channels: int):
+    """``(input name or "", float64 bias)`` of the layer's optional per-channel bias input (zeros
+    when absent), or a Failure saying why it cannot be used."""
+    name = optional_input(view.nodes[layer], position)
+    if not name:
+        return "", np.zeros(channels)
+    bias = weight_or_failure(view, layer, position, "bias")
+    if isinstance(bias, Failure):
+        return bias
+    return name, to_float64(bias[0])
+
+
 def sole_reader_failure(view: GraphView, value: str, expected_reader: int, producer: int):
     """Failure when ``value`` (produced by ``producer``) is a graph output or read by anyone else."""
     if view.is_graph_output(value):

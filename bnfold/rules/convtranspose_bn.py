@@ -25,16 +25,14 @@ Math (float64, cast once). The weight is (Cin, Cout/group, k...); output channel
 
 from __future__ import annotations
 
-import numpy as np
-
-from bnfold.graph import scale_in_float64, to_float64
+from bnfold.graph import scale_in_float64
 from bnfold.rules.base import (
     Failure,
     Match,
+    bias_or_failure,
     check_chain_and_combine,
     finish_backward,
     int_attr,
-    optional_input,
     trace_backward,
     weight_or_failure,
 )
@@ -55,14 +53,10 @@ def check(view, bn):
     if w.ndim < 3 or w.shape[0] % group or w.shape[1] * group != bn.channels:
         return Failure("not_per_channel", f"{view.describe(chain.layer)} has weight shape {w.shape} with group={group}, "
                        f"which does not match the {bn.channels} channels of BatchNormalization '{bn.label}'")
-    bias_name = optional_input(node, 2)
-    if bias_name:
-        bias = weight_or_failure(view, chain.layer, 2, "bias")
-        if isinstance(bias, Failure):
-            return bias
-        b = to_float64(bias[0])
-    else:
-        b = np.zeros(bn.channels)
+    bias = bias_or_failure(view, chain.layer, 2, bn.channels)
+    if isinstance(bias, Failure):
+        return bias
+    bias_name, b = bias
     combined = check_chain_and_combine(view, bn, chain, w.ndim)
     if isinstance(combined, Failure):
         return combined
