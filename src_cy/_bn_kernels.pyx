@@ -10,8 +10,9 @@ Three loop families:
   merged per channel in a fixed order. The split depends on the shape only, never on the thread
   count, so every thread count gives bit-identical results.
 * "slabs" (1 < inner < 256 with >= 8 samples, e.g. 7x7 maps): the reductions keep one partial per
-  (chunk of samples, channel) instead of one per short row, merging rows into it with Chan's
-  formula, so the partial buffer stays small; element-wise passes use the rows loops.
+  (chunk of samples, channel) instead of one per short row (statistics: sums shifted by the mean of
+  the channel's first row in the chunk), so the partial buffer stays small; element-wise passes
+  use the rows loops.
 * "cols" (inner == 1, e.g. NHWC and (N, C)): the flat array is cut into *segments* of ``k`` whole
   rows (P = k*C elements, P >= ~960) so the innermost loop is long and vectorises even for C = 3;
   per-position accumulators of length P are folded into channels at the end. Segments are grouped

@@ -85,31 +85,6 @@ cdef inline double _run_centred_sq(const floating* x, Py_ssize_t n, double m) no
     return _sum_lanes(a)
 
 
-cdef inline double _run_shifted_sums(const floating* x, Py_ssize_t n, double shift,
-                                     double* sq) noexcept nogil:
-    """One pass: returns sum(x - shift) and stores sum((x - shift)^2) in *sq. Accurate when the
-    shift is close to the run's mean (the cancellation in sq - s^2/n is then small)."""
-    cdef double a[LANES]
-    cdef double b[LANES]
-    cdef double d
-    cdef Py_ssize_t j = 0, t
-    for t in range(LANES):
-        a[t] = 0
-        b[t] = 0
-    while j + LANES <= n:
-        for t in range(LANES):
-            d = x[j + t] - shift
-            a[t] += d
-            b[t] += d * d
-        j += LANES
-    for t in range(n - j):
-        d = x[j + t] - shift
-        a[t] += d
-        b[t] += d * d
-    sq[0] = _sum_lanes(b)
-    return _sum_lanes(a)
-
-
 # The backward reduction reads two streams and does the most float64 work per element; GCC's
 # vectoriser leaves the lane loop above partly scalar there, so it is written out with GCC/Clang
 # vector extensions (4 x float64 per vector, the same 16 lanes and lane-sum order as the scalar
@@ -464,45 +439,112 @@ def moments_cols(const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
         _merge_chunk_moments(cmean, cm2, ccount, nq, C, mean_out, m2_out)
 
 
+# Short rows (e.g. 7x7): per chunk of samples and channel, float64 sums of x - K and (x - K)^2,
+# with K the mean of the channel's first row in the chunk (two passes over that one row), so the
+# remaining rows need one vectorised pass and no per-row merge; (mean, M2) come out once per chunk.
+# K is within about a row's spread of the chunk mean, so S2 - S1^2/cnt cancels little; a constant
+# channel gives x - K == 0 exactly.
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    static inline double bnf_hsum4(bnf_v4d v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+    #define BNF_SLAB_FNS(SUF, T, LD)                                                     \
+    static void bnf_slab_mom_##SUF(const T* x, Py_ssize_t nr, Py_ssize_t C,              \
+                                   Py_ssize_t inner, double* k, double* s1,              \
+                                   double* s2) {                                         \
+        Py_ssize_t n, c, j;                                                              \
+        for (n = 0; n < nr; n++) {                                                       \
+            const T* r = x + n * C * inner;                                              \
+            for (c = 0; c < C; c++, r += inner) {                                        \
+                bnf_v4d a0 = {0, 0, 0, 0}, a1 = a0, b0 = a0, b1 = a0, d, e, kv;          \
+                double sa = 0, sb = 0, dd, kk;                                           \
+                __builtin_prefetch((const char*)r + BNF_PF_DIST);                        \
+                __builtin_prefetch((const char*)r + BNF_PF_DIST + 64);                   \
+                __builtin_prefetch((const char*)r + BNF_PF_DIST + 128);                  \
+                if (n == 0) {                                                            \
+                    for (j = 0; j + 8 <= inner; j += 8) {                                \
+                        a0 += LD(r + j); a1 += LD(r + j + 4);                            \
+                    }                                                                    \
+                    for (; j < inner; j++) sa += r[j];                                   \
+                    kk = (bnf_hsum4(a0 + a1) + sa) / (double)inner;                      \
+                    k[c] = kk; s1[c] = 0; s2[c] = 0;                                     \
+                    a0 = a1 = b0;                                                        \
+                    sa = 0;                                                              \
+                } else {                                                                 \
+                    kk = k[c];                                                           \
+                }                                                                        \
+                kv = (bnf_v4d){kk, kk, kk, kk};                                          \
+                for (j = 0; j + 8 <= inner; j += 8) {                                    \
+                    d = LD(r + j) - kv;     a0 += d; b0 += d * d;                        \
+                    e = LD(r + j + 4) - kv; a1 += e; b1 += e * e;                        \
+                }                                                                        \
+                for (; j < inner; j++) { dd = r[j] - kk; sa += dd; sb += dd * dd; }      \
+                s1[c] += bnf_hsum4(a0 + a1) + sa;                                        \
+                s2[c] += bnf_hsum4(b0 + b1) + sb;                                        \
+            }                                                                            \
+        }                                                                                \
+    }
+    #else
+    #define BNF_SLAB_FNS(SUF, T, LD)                                                     \
+    static void bnf_slab_mom_##SUF(const T* x, Py_ssize_t nr, Py_ssize_t C,              \
+                                   Py_ssize_t inner, double* k, double* s1,              \
+                                   double* s2) {                                         \
+        Py_ssize_t n, c, j;                                                              \
+        for (n = 0; n < nr; n++) {                                                       \
+            const T* r = x + n * C * inner;                                              \
+            for (c = 0; c < C; c++, r += inner) {                                        \
+                double sa = 0, sb = 0, dd, kk;                                           \
+                if (n == 0) {                                                            \
+                    for (j = 0; j < inner; j++) sa += r[j];                              \
+                    kk = sa / (double)inner;                                             \
+                    k[c] = kk; s1[c] = 0; s2[c] = 0; sa = 0;                             \
+                } else {                                                                 \
+                    kk = k[c];                                                           \
+                }                                                                        \
+                for (j = 0; j < inner; j++) { dd = r[j] - kk; sa += dd; sb += dd * dd; } \
+                s1[c] += sa; s2[c] += sb;                                                \
+            }                                                                            \
+        }                                                                                \
+    }
+    #endif
+    BNF_SLAB_FNS(f, float, bnf_ld_f)
+    BNF_SLAB_FNS(d, double, bnf_ld_d)
+    """
+    void bnf_slab_mom_f(const float* x, Py_ssize_t nr, Py_ssize_t C, Py_ssize_t inner,
+                        double* k, double* s1, double* s2) noexcept nogil
+    void bnf_slab_mom_d(const double* x, Py_ssize_t nr, Py_ssize_t C, Py_ssize_t inner,
+                        double* k, double* s1, double* s2) noexcept nogil
+
+
 def moments_slabs(const floating[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
                   double[::1] mean_out, double[::1] m2_out, int n_threads):
     """Rows layout with short rows and many samples (e.g. 256x2048x7x7): one partial per chunk of
-    samples and channel instead of one per row, so the partial buffer stays small. A chunk's
-    first row per channel gets a two-pass (mean, M2); every later row one pass of sums shifted by
-    the channel's running mean, and is merged in with Chan's formula (equal row counts)."""
+    samples and channel (shifted sums, see bnf_slab_mom), chunks merged with Chan's formula."""
     cdef Py_ssize_t nq = outer if outer < MAX_SLAB_CHUNKS else MAX_SLAB_CHUNKS
     cdef double[::1] cmean = np.empty(nq * C, dtype=np.float64)
     cdef double[::1] cm2 = np.empty(nq * C, dtype=np.float64)
+    cdef double[::1] cs1 = np.empty(nq * C, dtype=np.float64)
     cdef double[::1] ccount = np.empty(nq, dtype=np.float64)
     cdef const floating* xp = &x[0]
-    cdef Py_ssize_t q, n, n0, n1, c, start
-    cdef double m, v, s1, delta, k, wk, wm
+    cdef Py_ssize_t q, n0, n1, c
+    cdef double cnt, s1, v
     with nogil:
         for q in prange(nq, schedule='dynamic', chunksize=1, num_threads=n_threads):
             n0 = q * outer // nq
             n1 = (q + 1) * outer // nq
-            for n in range(n0, n1):
-                k = <double>(n - n0)
-                # Chan's weights for merging row n into the chunk (hoisted: divisions are slow)
-                wk = 1.0 / (k + 1)
-                wm = inner * k / (k + 1)
-                for c in range(C):
-                    start = (n * C + c) * inner
-                    if n == n0:
-                        m = _run_sum(xp + start, inner) / inner
-                        cmean[q * C + c] = m
-                        cm2[q * C + c] = _run_centred_sq(xp + start, inner, m)
-                    else:
-                        # one pass, shifted by the channel's running mean (close to this row's)
-                        v = 0  # assigned here so that Cython makes it thread-private
-                        s1 = _run_shifted_sums(xp + start, inner, cmean[q * C + c], &v)
-                        delta = s1 / inner
-                        v = v - s1 * delta
-                        if v < 0:
-                            v = 0
-                        cmean[q * C + c] = cmean[q * C + c] + delta * wk
-                        cm2[q * C + c] = cm2[q * C + c] + v + delta * delta * wm
-            ccount[q] = <double>((n1 - n0) * inner)
+            if floating is float:
+                bnf_slab_mom_f(xp + n0 * C * inner, n1 - n0, C, inner, &cmean[q * C],
+                               &cs1[q * C], &cm2[q * C])
+            else:
+                bnf_slab_mom_d(xp + n0 * C * inner, n1 - n0, C, inner, &cmean[q * C],
+                               &cs1[q * C], &cm2[q * C])
+            cnt = <double>((n1 - n0) * inner)
+            ccount[q] = cnt
+            for c in range(C):
+                s1 = cs1[q * C + c]
+                cmean[q * C + c] = cmean[q * C + c] + s1 / cnt
+                v = cm2[q * C + c] - s1 * s1 / cnt
+                cm2[q * C + c] = v if v > 0 else 0.0
         _merge_chunk_moments(cmean, cm2, ccount, nq, C, mean_out, m2_out)
 
 

@@ -125,11 +125,12 @@ def test_moments_are_bitwise_independent_of_thread_count(shape, axis):
         np.testing.assert_array_equal(one.m2, many.m2)
 
 
-def test_float64_statistics_are_accurate_to_float64_precision():
+@pytest.mark.parametrize("shape", [(16, 4, 33, 17), (64, 4, 7, 7)])  # rows, slabs
+def test_float64_statistics_are_accurate_to_float64_precision(shape):
     rng = np.random.default_rng(3)
     # exact reference: integer-valued data scaled by a power of two, so the true mean and
     # variance are computable exactly with Python fractions-free integer arithmetic.
-    ints = rng.integers(-(2**20), 2**20, size=(16, 4, 33, 17))
+    ints = rng.integers(-(2**20), 2**20, size=shape)
     x = ints.astype(np.float64) * 2.0**-10 + 1e3
     n = ints.size // 4
     s = ints.sum(axis=(0, 2, 3), dtype=np.int64)
@@ -144,10 +145,11 @@ def test_float64_statistics_are_accurate_to_float64_precision():
     np.testing.assert_allclose(var_l, true_var, rtol=1e-12)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nhwc", "wide2d"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "wide2d", "slabs"])
 def test_constant_channel_of_1e7_has_exactly_zero_variance(layout):
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((600, 1024) if layout == "wide2d" else (8, 3, 20, 30)).astype(np.float32)
+    shape = {"wide2d": (600, 1024), "slabs": (70, 3, 7, 7)}.get(layout, (8, 3, 20, 30))
+    x = rng.standard_normal(shape).astype(np.float32)
     x[:, 1] = 1e7
     axis = 1
     if layout == "nhwc":
@@ -160,10 +162,11 @@ def test_constant_channel_of_1e7_has_exactly_zero_variance(layout):
         assert np.all(y.take(1, axis=axis % x.ndim) == 0.0)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nhwc", "2d", "wide2d"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "2d", "wide2d", "slabs"])
 def test_large_offset_small_spread_normalises_to_unit_variance(layout):
     rng = np.random.default_rng(5)
-    shape = {"nchw": (16, 3, 24, 24), "nhwc": (16, 24, 24, 3), "2d": (5000, 3), "wide2d": (3000, 1024)}[layout]
+    shape = {"nchw": (16, 3, 24, 24), "nhwc": (16, 24, 24, 3), "2d": (5000, 3),
+             "wide2d": (3000, 1024), "slabs": (300, 3, 7, 7)}[layout]
     axis = -1 if layout == "nhwc" else 1
     x = (3e4 + 1e-3 * rng.standard_normal(shape)).astype(np.float32)
     # naive float32 E[x^2] - E[x]^2 is useless here (float32 spacing at 3e4 is ~2e-3, so x
