@@ -8,7 +8,7 @@ from bnfold._openmp import openmp_enabled
 from bnfold._version import __version__
 from bnfold.calibration import CalibrationReport, calibrate
 from bnfold.errors import BnfoldError, InputError, ParityError
-from bnfold.fold_pass import FoldReport, fold, inspect
+from bnfold.fold_pass import FoldReport, fold, fold_file, inspect
 from bnfold.kernels import (
     Moments,
     batch_norm_backward,
@@ -27,4 +27,4 @@ __all__ += [
     "batch_renorm_train", "onnx_momentum",
 ]
 __all__ += ["calibrate", "CalibrationReport"]
-__all__ += ["fold", "inspect", "FoldReport"]
+__all__ += ["fold", "fold_file", "inspect", "FoldReport"]

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from bnfold.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_default_domain, node_subgraphs, \
-    remove_unused, to_float64
+from bnfold.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_default_domain, iter_graphs, \
+    node_subgraphs, remove_unused, to_float64
 from bnfold.model_io import load_model_checked_in_background
 from bnfold.rules import bn_conv, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
 from bnfold.rules.base import BatchNorm, Failure, Match
@@ -93,6 +93,8 @@ class FoldReport:
     folded: list = field(default_factory=list)
     remaining: list = field(default_factory=list)
     bn_nodes: list = field(default_factory=list)
+    ops_before: dict = field(default_factory=dict)  # op type -> count, all graphs, before folding
+    ops_after: dict = field(default_factory=dict)
 
     @property
     def n_folded(self) -> int:
@@ -113,6 +115,8 @@ class FoldReport:
             "folded": [plain(e) for e in self.folded],
             "remaining": [plain(e) for e in self.remaining],
             "bn_nodes": [plain(e) for e in self.bn_nodes],
+            "ops_before": dict(self.ops_before),
+            "ops_after": dict(self.ops_after),
         }
 
     def to_json(self, path) -> None:
@@ -146,16 +150,64 @@ def fold(model_or_path, *, forward: bool = True):
     return model, report
 
 
+def fold_file(input_path, output_path, *, forward: bool = True, verify=None) -> FoldReport:
+    """Fold the model at ``input_path`` and write the result to ``output_path``; return the report.
+
+    What ``bnfold fold`` does, and the fastest way to fold a file: the weights are never copied
+    into protobuf (they are read from the memory-mapped input and the new ones written straight
+    to the output, see ``bnfold.payloads``). The output is written atomically and never over the
+    input or its external data. ``verify(tmp_path) -> bool`` is called with the complete result
+    in a temporary file before it is moved into place; when it returns False nothing is written
+    (``bnfold fold`` runs its parity check there).
+    """
+    from bnfold.model_io import check_output_path, load_model_deferred, save_model_atomic
+
+    if not isinstance(forward, bool):
+        raise TypeError(f"forward must be a bool, got {type(forward).__name__}")
+    check_output_path(output_path, source_path=input_path)
+    model, payloads, wait_for_check = load_model_deferred(input_path)
+    try:
+        report = FoldReport()
+        try:
+            _run(model, report, forward, payloads)
+        except BaseException:
+            wait_for_check()  # an invalid model is reported as such, whatever folding made of it
+            raise
+
+        def checked_then_verified(tmp_path):
+            # The checker of the input runs on while the result is written to a temporary file;
+            # nothing reaches output_path before it has passed.
+            wait_for_check()
+            return verify is None or verify(tmp_path)
+
+        save_model_atomic(model, output_path, source_path=input_path, payloads=payloads,
+                          verify=checked_then_verified)
+    finally:
+        payloads.close()
+    return report
+
+
 def inspect(model_or_path, *, forward: bool = True) -> FoldReport:
     """What ``fold`` would do, without writing anything: the report, ``bn_nodes`` included."""
     return fold(model_or_path, forward=forward)[1]
 
 
-def _run(model: onnx.ModelProto, report: FoldReport, forward: bool) -> None:
-    ctx = ModelContext(model)
+def _run(model: onnx.ModelProto, report: FoldReport, forward: bool, payloads=None) -> None:
+    report.ops_before = op_counts(model)
+    ctx = ModelContext(model, payloads)
     released, vanished = set(), set()
     _fold_graph(model.graph, ctx, "", None, forward, report, released, vanished)
     remove_unused(model, released, vanished)
+    report.ops_after = op_counts(model)
+
+
+def op_counts(model: onnx.ModelProto) -> dict:
+    """Number of nodes of each op type in the model, nested bodies included."""
+    counts: dict = {}
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
 
 def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished) -> None:

@@ -127,38 +127,94 @@ def scale_in_float64(array: np.ndarray, factor: np.ndarray, data_type: int) -> n
     """``array * factor`` computed in float64 and rounded once to ``data_type``'s numpy type.
 
     A float32/float64 weight scaled along one axis (the common case) goes through the compiled
-    loop of bnfold._fold_math, whose result is a read-only array over a bytes object that
-    ``write_tensor`` stores without another copy. Otherwise the numpy ufunc works in float64 on
-    buffered chunks, so a large weight is never materialized in float64 as a whole."""
+    loop of bnfold._fold_math (``ScaledWeight``), whose result is a read-only array over a bytes
+    object that ``write_tensor`` stores without another copy. Otherwise the numpy ufunc works in
+    float64 on buffered chunks, so a large weight is never materialized in float64 as a whole."""
+    scaled = ScaledWeight.of(array, factor, data_type)
+    if scaled is not None:
+        return np.frombuffer(scaled.to_bytes(), dtype=scaled.dtype).reshape(scaled.shape)
     target = numpy_type(data_type)
-    axis = _single_scaled_axis(np.shape(array), np.shape(factor))
-    if (
-        axis is not None
-        and target in (np.float32, np.float64)
-        and isinstance(array, np.ndarray)
-        and array.dtype == target
-        and array.flags.c_contiguous
-        and array.size
-    ):
-        from bnfold._fold_math import scale_channels_to_bytes
-        from bnfold._threads import effective_n_threads
-
-        shape = array.shape
-        outer = int(np.prod(shape[:axis], dtype=np.int64))
-        inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
-        per_channel = np.ascontiguousarray(np.broadcast_to(np.asarray(factor, dtype=np.float64),
-                                                           np.shape(factor)).reshape(-1))
-        if per_channel.size == 1:
-            per_channel = np.full(shape[axis], per_channel[0])
-        raw = scale_channels_to_bytes(array.reshape(-1).view(np.uint8), outer, shape[axis], inner,
-                                      per_channel, target == np.float64, effective_n_threads(None))
-        return np.frombuffer(raw, dtype=target).reshape(shape)
     out = np.empty(np.broadcast_shapes(np.shape(array), np.shape(factor)), dtype=target)
     try:
         np.multiply(array, factor, out=out, dtype=np.float64, casting="unsafe")
     except TypeError:  # a dtype without a float64 -> type ufunc cast: go through float64 explicitly
         out[...] = (to_float64(array) * factor).astype(out.dtype)
     return out
+
+
+class ScaledWeight:
+    """``weight * factor`` for a float32/float64 weight and a factor varying along one axis,
+    computed in float64 and rounded once to the weight's type — only when asked for: whole by
+    ``to_bytes()``, or chunk by chunk while it is written (``write_to``), so that folding a big
+    model never holds a second full copy of its weights (``bnfold.payloads`` stores these)."""
+
+    CHUNK_BYTES = 1 << 20
+
+    def __init__(self, weight: np.ndarray, axis: int, per_channel: np.ndarray):
+        self.weight = weight
+        self.shape = weight.shape
+        self.dtype = weight.dtype
+        self.nbytes = weight.nbytes
+        self.channels = weight.shape[axis]
+        self.inner = int(np.prod(weight.shape[axis + 1:], dtype=np.int64))
+        self.rows = int(np.prod(weight.shape[:axis + 1], dtype=np.int64))
+        self.per_channel = per_channel
+
+    @classmethod
+    def of(cls, array, factor, data_type: int):
+        """The lazy product, or None when the compiled loop does not apply (other types, a
+        factor varying along several axes or enlarging the result, an empty weight)."""
+        target = numpy_type(data_type)
+        axis = _single_scaled_axis(np.shape(array), np.shape(factor))
+        if not (
+            axis is not None
+            and target in (np.float32, np.float64)
+            and isinstance(array, np.ndarray)
+            and array.dtype == target
+            and array.flags.c_contiguous
+            and array.size
+        ):
+            return None
+        per_channel = np.ascontiguousarray(np.broadcast_to(np.asarray(factor, dtype=np.float64),
+                                                           np.shape(factor)).reshape(-1))
+        if per_channel.size == 1:
+            per_channel = np.full(array.shape[axis], per_channel[0])
+        return cls(array, axis, per_channel)
+
+    def reshape(self, shape) -> "ScaledWeight":
+        """The same product seen with another shape of as many elements (C order)."""
+        if int(np.prod(shape, dtype=np.int64)) != self.weight.size:
+            raise ValueError(f"cannot reshape {self.shape} to {tuple(shape)}")
+        copy = object.__new__(ScaledWeight)
+        copy.__dict__.update(self.__dict__)
+        copy.shape = tuple(shape)
+        return copy
+
+    def _n_threads(self) -> int:
+        from bnfold._threads import effective_n_threads
+
+        return effective_n_threads(None)
+
+    def to_bytes(self) -> bytes:
+        from bnfold._fold_math import scale_channels_to_bytes
+
+        return scale_channels_to_bytes(self.weight.reshape(-1).view(np.uint8), self.rows // self.channels,
+                                       self.channels, self.inner, self.per_channel, self.dtype == np.float64,
+                                       self._n_threads())
+
+    def write_to(self, file) -> None:
+        from bnfold._fold_math import scale_rows_into
+
+        source = self.weight.reshape(-1).view(np.uint8)
+        row_bytes = self.inner * self.dtype.itemsize
+        rows_per_chunk = max(1, self.CHUNK_BYTES // row_bytes)
+        chunk = memoryview(bytearray(min(self.rows, rows_per_chunk) * row_bytes))
+        n_threads = self._n_threads()
+        for first in range(0, self.rows, rows_per_chunk):
+            n = min(rows_per_chunk, self.rows - first) * row_bytes
+            scale_rows_into(source[first * row_bytes:first * row_bytes + n], chunk[:n], first, self.channels,
+                            self.inner, self.per_channel, self.dtype == np.float64, n_threads)
+            file.write(chunk[:n])
 
 
 def _single_scaled_axis(shape, factor_shape):
@@ -188,14 +244,28 @@ def _bytes_behind(array: np.ndarray):
     return None
 
 
-def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: str) -> None:
+def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: str, payloads=None) -> None:
     """Overwrite ``tensor`` (e.g. an initializer in place) with ``array``: float64 values are cast
     once to ``data_type``, arrays already of that type are written as they are. The doc string is
-    kept. Writes raw bytes directly: no intermediate proto copy."""
+    kept. Writes raw bytes directly: no intermediate proto copy. With ``payloads`` (a
+    ``bnfold.payloads.TensorPayloads``) a big result stays there, not in the proto."""
+    if isinstance(array, ScaledWeight) and (payloads is None or sys.byteorder != "little"):
+        array = np.frombuffer(array.to_bytes(), dtype=array.dtype).reshape(array.shape)
+    doc = tensor.doc_string
+    if payloads is not None:
+        payloads.release(tensor)
+    if isinstance(array, ScaledWeight):  # computed when written
+        tensor.Clear()
+        tensor.name = name
+        tensor.data_type = data_type
+        tensor.dims.extend(array.shape)
+        payloads.put(tensor, array)
+        if doc:
+            tensor.doc_string = doc
+        return
     target = numpy_type(data_type)
     typed = np.ascontiguousarray(array if np.asarray(array).dtype == target else
                                  np.asarray(array, dtype=np.float64).astype(target))
-    doc = tensor.doc_string
     if sys.byteorder != "little":  # ONNX raw_data is little-endian; let onnx handle the swap
         tensor.CopyFrom(numpy_helper.from_array(typed, name))
     else:
@@ -204,13 +274,19 @@ def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: s
         tensor.data_type = data_type
         tensor.dims.extend(typed.shape)
         raw = _bytes_behind(typed)
-        tensor.raw_data = raw if raw is not None else typed.tobytes()
+        if payloads is not None and typed.nbytes >= payloads.threshold:
+            payloads.put(tensor, raw if raw is not None else typed.reshape(-1).view(np.uint8))
+        else:
+            tensor.raw_data = raw if raw is not None else typed.tobytes()
     if doc:
         tensor.doc_string = doc
 
 
-def read_tensor(tensor: TensorProto) -> np.ndarray:
-    """numpy value of a TensorProto; float raw data is viewed, not copied (read-only result)."""
+def read_tensor(tensor: TensorProto, payloads=None) -> np.ndarray:
+    """numpy value of a TensorProto; float raw data is viewed, not copied (read-only result).
+    Tensors whose data ``payloads`` holds are read from there."""
+    if payloads is not None and payloads.holds(tensor):
+        return payloads.array(tensor)
     if (
         sys.byteorder == "little"
         and tensor.data_type in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
@@ -268,8 +344,9 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
 class ModelContext:
     """What every graph of one model shares: opset, used names, inferred ranks."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, payloads=None):
         self.model = model
+        self.payloads = payloads  # TensorPayloads holding some initializers' data, or None
         self.ir_version = model.ir_version
         self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
         self.names = all_names(model.graph, set())
@@ -324,6 +401,8 @@ class GraphView:
             set().union(*(outer_scope_reads(sub) for _, sub in node_subgraphs(n))) for n in self.nodes
         ]
         self._constant_cache: dict[str, np.ndarray | None] = {}
+        # Payloads are kept apart for the main graph's initializers only (the writer streams those).
+        self.payloads = ctx.payloads if parent is None else None
         self.refresh()
 
     # ----- structure -------------------------------------------------------------------------
@@ -391,7 +470,7 @@ class GraphView:
             if self._overridable(name):
                 return None
             try:
-                return read_tensor(self.initializers[name])
+                return read_tensor(self.initializers[name], self.ctx.payloads)
             except Exception:  # noqa: BLE001 - e.g. external data that was never loaded
                 return None
         index = self.producer.get(name)
@@ -471,6 +550,20 @@ class GraphView:
         return self.ctx.inferred_rank(name)
 
     # ----- edits -----------------------------------------------------------------------------
+    def set_scaled_constant_input(self, index: int, position: int, weight: np.ndarray, factor: np.ndarray,
+                                  data_type: int, base_name: str, shape=None) -> str:
+        """``set_constant_input`` with ``weight * factor`` (``factor`` broadcasting against
+        ``weight``, the product reshaped to ``shape`` if given), computed in float64 and rounded
+        once to ``data_type``. When the model's big payloads are kept apart
+        (``ModelContext.payloads``), the product of a float32/float64 weight is computed only as
+        the model is written."""
+        value = ScaledWeight.of(weight, factor, data_type) if self.payloads is not None else None
+        if value is None or value.nbytes < self.payloads.threshold:
+            value = scale_in_float64(weight, factor, data_type)
+        if shape is not None:
+            value = value.reshape(shape)
+        return self.set_constant_input(index, position, value, data_type, base_name)
+
     def set_constant_input(self, index: int, position: int, value64: np.ndarray, data_type: int, base_name: str) -> str:
         """Make input ``position`` of node ``index`` a constant with ``value64`` cast to ``data_type``.
 
@@ -489,12 +582,12 @@ class GraphView:
             and old not in self.output_names
             and self.initializers[old].data_type == data_type
         ):
-            write_tensor(self.initializers[old], value64, data_type, old)
+            write_tensor(self.initializers[old], value64, data_type, old, self.payloads)
             self._constant_cache.pop(old, None)
             return old
         name = self.ctx.fresh_name(base_name)
         tensor = self.graph.initializer.add()
-        write_tensor(tensor, value64, data_type, name)
+        write_tensor(tensor, value64, data_type, name, self.payloads)
         if self.ctx.ir_version < 4 and self.parent is None:
             # IR 3 requires every initializer to be declared as a graph input as well.
             self.graph.input.append(helper.make_tensor_value_info(name, data_type, list(tensor.dims)))

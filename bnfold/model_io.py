@@ -16,6 +16,7 @@ import uuid
 import onnx
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
+from bnfold import proto_wire as wire
 from bnfold.errors import InputError
 
 # protobuf refuses to serialize a single message above 2 GiB; large models must go external.
@@ -39,13 +40,7 @@ def load_model_checked_in_background(model_or_path, *, check: bool = True):
     the InputError of an invalid model. Call it before trusting or writing any result."""
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path, lambda: None
-    if not isinstance(model_or_path, (str, os.PathLike)):
-        raise TypeError(f"model must be a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
-    path = os.fspath(model_or_path)
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory, expected an .onnx file")
+    path = _existing_model_path(model_or_path)
     try:
         # Read the bytes once: they are parsed here and handed to the checker as they are, which
         # saves re-reading the file or re-serializing the proto (half the load time on 100 MB).
@@ -63,16 +58,90 @@ def load_model_checked_in_background(model_or_path, *, check: bool = True):
         raise InputError(f"{path}: external data file missing ({e.filename or e})") from None
     except Exception as e:  # protobuf DecodeError and friends: the file is not an ONNX model
         raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from None
+    _require_graph(model, path)
+    _remember_external_data(path, external)
+    return model, (_check_in_background(path, path if external else raw) if check else (lambda: None))
+
+
+def load_model_deferred(path, *, check: bool = True):
+    """``(model, payloads, wait_for_check)``: load the ONNX file at ``path`` for editing and
+    saving, with the big initializer payloads left in the memory-mapped file (see
+    ``bnfold.payloads``): ``model`` holds everything else, ``payloads`` (a TensorPayloads) the
+    tensor data; no copy of the weights is made. Files this does not suit (external data, not
+    mappable) are loaded whole, with an empty ``payloads``. Errors and the background checker
+    are as in ``load_model_checked_in_background``; close ``payloads`` when done."""
+    from bnfold.payloads import TensorPayloads, map_file, split_serialized_model
+
+    path = _existing_model_path(path)
+    try:
+        mapped = map_file(path)
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    if mapped is not None:
+        payloads = TensorPayloads(source=mapped)
+        try:
+            rest = split_serialized_model(mapped[1], payloads)
+            model = None if rest is None else onnx.load_model_from_string(rest)
+        except Exception:  # not protobuf: the whole-file loader below words the error
+            model = None
+        if model is not None:
+            _require_graph(model, path)
+            _remember_external_data(path, False)
+            marker = payloads.marker
+            wait = _check_in_background(path, lambda: _without_kept_apart_initializers(rest, marker)) if check \
+                else (lambda: None)
+            return model, payloads, wait
+        payloads.close()
+    model, wait_for_check = load_model_checked_in_background(path, check=check)
+    return model, TensorPayloads(), wait_for_check
+
+
+def _existing_model_path(model_or_path) -> str:
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise TypeError(f"model must be a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
+    path = os.fspath(model_or_path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, expected an .onnx file")
+    return path
+
+
+def _require_graph(model: onnx.ModelProto, path) -> None:
     if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
         raise InputError(f"{path}: not an ONNX model (no graph)")
-    _remember_external_data(path, external)
-    if not check:
-        return model, lambda: None
+
+
+def _without_kept_apart_initializers(rest: bytes, marker: str) -> bytes:
+    """The model ``rest`` (a model whose big initializers' payloads are kept apart, marked with
+    ``marker``) as the checker should see it: those initializers become graph inputs of the same
+    type and shape. Their own checks (known element type, payload size matching the shape) were
+    done when they were set apart; everything else the checker looks at is unchanged."""
+    model = onnx.load_model_from_string(rest)
+    graph = model.graph
+    input_names = {i.name for i in graph.input}
+    kept, moved = [], []
+    for tensor in graph.initializer:
+        apart = any(e.key == "location" and e.value == marker for e in tensor.external_data)
+        (moved if apart else kept).append(tensor)
+    if moved:
+        new_inputs = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                      for t in moved if t.name not in input_names]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        graph.input.extend(new_inputs)
+    return model.SerializeToString()
+
+
+def _check_in_background(path, what):
+    """Run onnx.checker.check_model on ``what`` (a path, serialized bytes, or a function that
+    returns either, called in the thread) in a thread; return the function that waits for it and
+    raises the one-line InputError of an invalid model."""
     failure = []
 
     def run_checker():
         try:
-            onnx.checker.check_model(path if external else raw)
+            onnx.checker.check_model(what() if callable(what) else what)
         except Exception as e:
             failure.append(e)
 
@@ -84,11 +153,14 @@ def load_model_checked_in_background(model_or_path, *, check: bool = True):
         if failure:
             raise InputError(f"{path}: invalid ONNX model ({_first_line(failure[0])})") from None
 
-    return model, wait_for_check
+    return wait_for_check
 
 
-def model_uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(uses_external_data(t) for t in _all_initializers(model))
+def model_uses_external_data(model: onnx.ModelProto, payloads=None) -> bool:
+    """Whether some tensor of ``model`` refers to an external data file (tensors whose payload
+    ``payloads`` holds are not external data)."""
+    return any(uses_external_data(t) and not (payloads is not None and payloads.holds(t))
+               for t in _all_initializers(model))
 
 
 # (realpath, mtime_ns, size) of files load_model read -> whether they used external data.
@@ -124,17 +196,19 @@ def file_uses_external_data(path) -> bool:
     return _external_data_seen[key]
 
 
-def tensor_payload_bytes(model: onnx.ModelProto) -> int:
+def tensor_payload_bytes(model: onnx.ModelProto, payloads=None) -> int:
     """Bytes of tensor payload in the model: a cheap estimate (lower bound) of its serialized
     size; ``ByteSize()`` of the whole model walks the whole proto and costs as much as
     serializing it. (Per tensor ByteSize() is used because reading ``raw_data`` copies it.)"""
-    return sum(t.ByteSize() for t in _all_initializers(model))
+    tensors = list(_all_initializers(model))
+    kept_apart = payloads.total_bytes(tensors) if payloads is not None else 0
+    return sum(t.ByteSize() for t in tensors) + kept_apart
 
 
-def fits_in_one_message(model: onnx.ModelProto) -> bool:
+def fits_in_one_message(model: onnx.ModelProto, payloads=None) -> bool:
     """Whether the model can be serialized as one protobuf message (< 2 GiB), judged by its
     tensor payload plus a margin for the graph."""
-    return tensor_payload_bytes(model) < _PROTOBUF_LIMIT - (64 << 20)
+    return tensor_payload_bytes(model, payloads) < _PROTOBUF_LIMIT - (64 << 20)
 
 
 def files_size(path) -> int:
@@ -197,20 +271,25 @@ def check_output_path(path, *, source_path=None, external_data=None) -> str:
     return directory
 
 
-def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, external_data=None) -> None:
-    """Write ``model`` to ``path`` atomically.
+def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, external_data=None, payloads=None,
+                      verify=None) -> bool:
+    """Write ``model`` to ``path`` atomically; return whether it was written.
 
     ``external_data``: True stores tensors in ``<name>.data`` beside the file; None means "as the
     source was": external when the model (or the file at ``source_path`` it was loaded from) uses
     external data, or when the model is too big for one protobuf message. Refuses to write over
-    ``source_path`` or any external data file it refers to.
+    ``source_path`` or any external data file it refers to. ``payloads``: the TensorPayloads
+    holding the data of some of the model's tensors (see ``load_model_deferred``).
+    ``verify(tmp_path) -> bool``: called with the complete model written to a temporary file
+    beside ``path`` (its external data, if any, beside it too) before anything is moved into
+    place; when it returns False nothing is written.
     """
     path = os.fspath(path)
     if external_data is None:
         external_data = (
-            model_uses_external_data(model)
+            model_uses_external_data(model, payloads)
             or (source_path is not None and file_uses_external_data(source_path))
-            or not fits_in_one_message(model)
+            or not fits_in_one_message(model, payloads)
         )
     directory = check_output_path(path, source_path=source_path, external_data=external_data)
     tmp_path = tmp_data = None
@@ -224,6 +303,8 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
             tmp_data = os.path.join(directory, tmp_data_name)
             to_save = onnx.ModelProto()
             to_save.CopyFrom(model)
+            if payloads is not None:
+                payloads.materialize(_all_initializers(to_save))
             onnx.save_model(
                 to_save,
                 tmp_path,
@@ -233,6 +314,8 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
                 size_threshold=1024,
             )
             _default_permissions(tmp_data)
+            if verify is not None and not verify(tmp_path):
+                return False
             # The model refers to its data file by name: rewrite the reference to the final name
             # before the renames so the pair is consistent once both are in place.
             _relocate_external_data(to_save, tmp_data_name, data_name)
@@ -240,9 +323,12 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
             os.replace(tmp_data, os.path.join(directory, data_name))
             tmp_data = None
         else:
-            _write_model_streaming(model, tmp_path)
+            _write_model_streaming(model, tmp_path, payloads)
+            if verify is not None and not verify(tmp_path):
+                return False
         os.replace(tmp_path, path)
         tmp_path = None
+        return True
     except OSError as e:
         raise InputError(f"{path}: cannot write output ({e.strerror or type(e).__name__})") from None
     finally:
@@ -251,52 +337,58 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
                 os.unlink(leftover)
 
 
-# Field numbers and wire tags from onnx.proto: ModelProto.graph = 7, GraphProto.initializer = 5,
-# TensorProto.raw_data = 9; all length-delimited (wire type 2), so tag = field << 3 | 2.
-_TAG_MODEL_GRAPH = b"\x3a"
-_TAG_GRAPH_INITIALIZER = b"\x2a"
-_TAG_TENSOR_RAW_DATA = b"\x4a"
 _STREAM_THRESHOLD = 1 << 16
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def _write_model_streaming(model: onnx.ModelProto, path) -> None:
+def _write_model_streaming(model: onnx.ModelProto, path, payloads=None) -> None:
     """Write ``model`` to ``path`` as ONNX protobuf without serializing it in one piece.
 
     SerializeToString on a 100 MB model costs more than writing it; here the big raw_data
-    payloads go to the file as they are and protobuf encodes only the small rest. The bytes are a
+    payloads go to the file as they are and protobuf encodes only the small rest. Payloads kept
+    in ``payloads`` (a ``TensorPayloads``) are written straight from there. The bytes are a
     valid encoding of the same message (protobuf readers accept fields in any order: the graph's
     initializers come after its other fields). The caller's model is not modified or copied.
     """
     graph_rest = _copy_without(model.graph, "initializer").SerializeToString()
     model_rest = _copy_without(model, "graph").SerializeToString()
-    # ByteSize() of a tensor is its encoded length whatever the field order, and is cheap;
-    # reading raw_data copies it, so each payload is read once, just before it is written.
-    sizes = [tensor.ByteSize() for tensor in model.graph.initializer]
-    graph_len = len(graph_rest) + sum(len(_TAG_GRAPH_INITIALIZER) + len(_varint(n)) + n for n in sizes)
+    # Each initializer as (encoded fields other than raw_data, raw payload or None); ByteSize()
+    # and the payload length give the encoded sizes without reading raw_data, which copies it:
+    # each payload is read once, just before it is written.
+    pieces = []
+    for tensor in model.graph.initializer:
+        if payloads is not None and payloads.holds(tensor):
+            rest = payloads.tensor_without_payload(tensor).SerializeToString()
+            pieces.append((tensor, rest, payloads.nbytes(tensor)))
+        elif tensor.ByteSize() >= _STREAM_THRESHOLD and tensor.HasField("raw_data"):
+            rest = _copy_without(tensor, "raw_data").SerializeToString()
+            pieces.append((tensor, rest, tensor.ByteSize() - len(rest) - _raw_data_prefix_length(tensor, rest)))
+        else:
+            pieces.append((tensor, tensor.SerializeToString(), None))
+    sizes = [len(rest) if n is None else len(rest) + len(wire.length_delimited(wire.TENSOR_RAW_DATA, n)) + n
+             for _, rest, n in pieces]
+    graph_len = len(graph_rest) + sum(len(wire.length_delimited(wire.GRAPH_INITIALIZER, n)) + n for n in sizes)
     with open(path, "wb") as f:
         f.write(model_rest)
-        f.write(_TAG_MODEL_GRAPH + _varint(graph_len))
+        f.write(wire.length_delimited(wire.MODEL_GRAPH, graph_len))
         f.write(graph_rest)
-        for tensor, size in zip(model.graph.initializer, sizes):
-            f.write(_TAG_GRAPH_INITIALIZER + _varint(size))
-            if size >= _STREAM_THRESHOLD and tensor.HasField("raw_data"):
-                raw = tensor.raw_data
-                f.write(_copy_without(tensor, "raw_data").SerializeToString())
-                f.write(_TAG_TENSOR_RAW_DATA + _varint(len(raw)))
-                f.write(raw)
-            else:
-                f.write(tensor.SerializeToString())
+        for (tensor, rest, n), size in zip(pieces, sizes):
+            f.write(wire.length_delimited(wire.GRAPH_INITIALIZER, size))
+            f.write(rest)
+            if n is not None:
+                f.write(wire.length_delimited(wire.TENSOR_RAW_DATA, n))
+                if payloads is not None and payloads.holds(tensor):
+                    payloads.write(tensor, f)
+                else:
+                    f.write(tensor.raw_data)
+
+
+def _raw_data_prefix_length(tensor, rest: bytes) -> int:
+    """Bytes of the raw_data field's key and length prefix, from the tensor's encoded size."""
+    total = tensor.ByteSize() - len(rest)  # key + length prefix + payload
+    for prefix in range(2, 12):
+        if len(wire.length_delimited(wire.TENSOR_RAW_DATA, total - prefix)) == prefix:
+            return prefix
+    raise AssertionError("inconsistent tensor size")
 
 
 def _is_repeated(field) -> bool:

@@ -681,13 +681,15 @@ def check(
     atol=None,
     opt_level="disabled",
     candidate_opt_level="all",
+    candidate_label=None,
 ) -> CheckReport:
     """Run ``reference`` and ``candidate`` (paths or ModelProtos) in onnxruntime on the same inputs
     and compare every output by name. See the module docstring for inputs and tolerances.
 
     Raises InputError when a model is unreadable, the two models' interfaces disagree, or the
     inputs/options are unusable. A numerical difference is not an exception: it is
-    ``report.passed == False`` with the failing outputs named.
+    ``report.passed == False`` with the failing outputs named. ``candidate_label``: how messages
+    name the candidate (default: its path).
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise InputError(f"samples must be a positive integer, got {samples!r}")
@@ -696,7 +698,7 @@ def check(
     for level in (opt_level, candidate_opt_level):
         _ort_level(level)
     ref_model = LoadedModel(reference, _label(reference, "reference"))
-    cand_model = LoadedModel(candidate, _label(candidate, "candidate"))
+    cand_model = LoadedModel(candidate, candidate_label or _label(candidate, "candidate"))
     try:
         ref_session = ref_model.session(opt_level)
         cand_session = cand_model.session(candidate_opt_level)

@@ -14,12 +14,13 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cython.parallel cimport prange
 
 
-cdef void _scale(const floating* src, floating* dst, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                 const double* factor, int n_threads) noexcept nogil:
+cdef void _scale(const floating* src, floating* dst, Py_ssize_t first_row, Py_ssize_t n_rows, Py_ssize_t C,
+                 Py_ssize_t inner, const double* factor, int n_threads) noexcept nogil:
+    # rows of ``inner`` values; row r (counted from first_row) belongs to channel r % C
     cdef Py_ssize_t row, j, base
     cdef double f
-    for row in prange(outer * C, nogil=True, schedule="static", num_threads=n_threads):
-        f = factor[row % C]
+    for row in prange(n_rows, nogil=True, schedule="static", num_threads=n_threads):
+        f = factor[(first_row + row) % C]
         base = row * inner
         for j in range(inner):
             dst[base + j] = <floating>(<double>src[base + j] * f)
@@ -38,7 +39,29 @@ def scale_channels_to_bytes(const unsigned char[::1] src, Py_ssize_t outer, Py_s
         return out
     with nogil:
         if is_double:
-            _scale(<const double*>&src[0], <double*>dst, outer, C, inner, &factor[0], n_threads)
+            _scale(<const double*>&src[0], <double*>dst, 0, outer * C, C, inner, &factor[0], n_threads)
         else:
-            _scale(<const float*>&src[0], <float*>dst, outer, C, inner, &factor[0], n_threads)
+            _scale(<const float*>&src[0], <float*>dst, 0, outer * C, C, inner, &factor[0], n_threads)
     return out
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def scale_rows_into(const unsigned char[::1] src, unsigned char[::1] dst, Py_ssize_t first_row, Py_ssize_t C,
+                    Py_ssize_t inner, const double[::1] factor, bint is_double, int n_threads):
+    """Like ``scale_channels_to_bytes`` for a slice of whole rows: ``src`` holds rows
+    ``first_row, first_row + 1, ...`` of ``inner`` values each (row r is channel r % C); their
+    scaled values go to ``dst`` (same size)."""
+    cdef Py_ssize_t nbytes = src.shape[0]
+    cdef Py_ssize_t row_bytes = inner * (8 if is_double else 4)
+    if dst.shape[0] != nbytes or row_bytes == 0 or nbytes % row_bytes:
+        raise ValueError("src and dst must hold the same whole rows")
+    if nbytes == 0:
+        return
+    with nogil:
+        if is_double:
+            _scale(<const double*>&src[0], <double*>&dst[0], first_row, nbytes // row_bytes, C, inner,
+                   &factor[0], n_threads)
+        else:
+            _scale(<const float*>&src[0], <float*>&dst[0], first_row, nbytes // row_bytes, C, inner,
+                   &factor[0], n_threads)

@@ -71,9 +71,8 @@ def check(view, bn):
         grouped = w.reshape((group, cout // group, cin_g) + kernel)
         s = bn.scale.reshape((group, 1, cin_g) + (1,) * len(kernel))
         t = bn.shift.reshape((group, 1, cin_g) + (1,) * len(kernel))
-        new_w = (grouped * s).reshape(w.shape)
         new_b = b + (grouped * t).reshape(cout, -1).sum(axis=1)
-        view.set_constant_input(layer, 1, new_w, w_type, node.input[1] or f"{out}_weight")
+        view.set_scaled_constant_input(layer, 1, grouped, s, w_type, node.input[1] or f"{out}_weight", shape=w.shape)
         view.set_constant_input(layer, 2, new_b, w_type, bias_name or f"{out}_bias")
         finish_forward(view, bn, layer)
 

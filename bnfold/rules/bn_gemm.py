@@ -65,8 +65,8 @@ def check(view, bn):
         out = node.output[0]
         b_tilde = w.T if trans_b else w
         new_c = beta * c + alpha * (bn.shift @ b_tilde)
-        new_w = alpha * (w * bn.scale[None, :] if trans_b else w * bn.scale[:, None])
-        view.set_constant_input(layer, 1, new_w, w_type, node.input[1] or f"{out}_weight")
+        factor = alpha * (bn.scale[None, :] if trans_b else bn.scale[:, None])
+        view.set_scaled_constant_input(layer, 1, w, factor, w_type, node.input[1] or f"{out}_weight")
         view.set_constant_input(layer, 2, new_c, w_type, c_name or f"{out}_bias")
         set_attr(node, "alpha", None)
         set_attr(node, "beta", None)

@@ -55,7 +55,7 @@ def check(view, bn):
     def rewrite():
         out = node.output[0]
         new_c = bn.shift @ w
-        view.set_constant_input(layer, 1, w * bn.scale[:, None], w_type, node.input[1] or f"{out}_weight")
+        view.set_scaled_constant_input(layer, 1, w, bn.scale[:, None], w_type, node.input[1] or f"{out}_weight")
         view.set_constant_input(layer, 2, new_c, w_type, f"{out}_bias")
         node.op_type = "Gemm"
         if view.ctx.opset < 7:

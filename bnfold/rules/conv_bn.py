@@ -26,7 +26,6 @@ output channel o (for a bare BN ``S = s = gamma / sqrt(var + eps)``, ``T = beta 
 
 from __future__ import annotations
 
-from bnfold.graph import scale_in_float64
 from bnfold.rules.base import (
     Failure,
     Match,
@@ -63,8 +62,8 @@ def check(view, bn):
 
     def rewrite():
         out = node.output[0]
-        new_w = scale_in_float64(w, scale.reshape((-1,) + (1,) * (w.ndim - 1)), w_type)
-        view.set_constant_input(chain.layer, 1, new_w, w_type, node.input[1] or f"{out}_weight")
+        view.set_scaled_constant_input(chain.layer, 1, w, scale.reshape((-1,) + (1,) * (w.ndim - 1)), w_type,
+                                       node.input[1] or f"{out}_weight")
         view.set_constant_input(chain.layer, 2, b * scale + shift, w_type, bias_name or f"{out}_bias")
         finish_backward(view, bn, chain)
 

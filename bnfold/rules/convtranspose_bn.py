@@ -25,7 +25,6 @@ Math (float64, cast once). The weight is (Cin, Cout/group, k...); output channel
 
 from __future__ import annotations
 
-from bnfold.graph import scale_in_float64
 from bnfold.rules.base import (
     Failure,
     Match,
@@ -68,8 +67,8 @@ def check(view, bn):
         kernel = w.shape[2:]
         grouped = w.reshape((group, cin // group, cout_g) + kernel)
         factor = scale.reshape((group, 1, cout_g) + (1,) * len(kernel))
-        view.set_constant_input(chain.layer, 1, scale_in_float64(grouped, factor, w_type).reshape(w.shape), w_type,
-                                node.input[1] or f"{out}_weight")
+        view.set_scaled_constant_input(chain.layer, 1, grouped, factor, w_type, node.input[1] or f"{out}_weight",
+                                       shape=w.shape)
         view.set_constant_input(chain.layer, 2, b * scale + shift, w_type, bias_name or f"{out}_bias")
         finish_backward(view, bn, chain)
 

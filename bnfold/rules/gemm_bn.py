@@ -74,8 +74,8 @@ def check(view, bn):
 
     def rewrite():
         out = node.output[0]
-        new_w = alpha * (w * scale[:, None] if trans_b else w * scale[None, :])
-        view.set_constant_input(chain.layer, 1, new_w, w_type, node.input[1] or f"{out}_weight")
+        factor = alpha * (scale[:, None] if trans_b else scale[None, :])
+        view.set_scaled_constant_input(chain.layer, 1, w, factor, w_type, node.input[1] or f"{out}_weight")
         view.set_constant_input(chain.layer, 2, beta * c * scale + shift, w_type, c_name or f"{out}_bias")
         set_attr(node, "alpha", None)
         set_attr(node, "beta", None)

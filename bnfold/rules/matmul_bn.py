@@ -59,7 +59,7 @@ def check(view, bn):
 
     def rewrite():
         out = node.output[0]
-        view.set_constant_input(chain.layer, 1, w * scale[None, :], w_type, node.input[1] or f"{out}_weight")
+        view.set_scaled_constant_input(chain.layer, 1, w, scale[None, :], w_type, node.input[1] or f"{out}_weight")
         view.set_constant_input(chain.layer, 2, shift, w_type, f"{out}_bias")
         node.op_type = "Gemm"
         if view.ctx.opset < 7:
