@@ -190,10 +190,14 @@ class ScaledWeight:
         copy.shape = tuple(shape)
         return copy
 
+    # Below this a parallel region costs more than it saves: waking the OpenMP team can take a
+    # scheduler time slice when another thread (the input checker) holds the other core.
+    PARALLEL_BYTES = 16 << 20
+
     def _n_threads(self) -> int:
         from bnfold._threads import effective_n_threads
 
-        return effective_n_threads(None)
+        return effective_n_threads(None) if self.nbytes >= self.PARALLEL_BYTES else 1
 
     def to_bytes(self) -> bytes:
         from bnfold._fold_math import scale_channels_to_bytes
@@ -209,7 +213,9 @@ class ScaledWeight:
         row_bytes = self.inner * self.dtype.itemsize
         rows_per_chunk = max(1, self.CHUNK_BYTES // row_bytes)
         chunk = memoryview(bytearray(min(self.rows, rows_per_chunk) * row_bytes))
-        n_threads = self._n_threads()
+        # One thread: a 1 MiB chunk is ~0.1 ms of work, less than a parallel region costs when
+        # another thread (the input checker, another process) holds the second core.
+        n_threads = 1
         for first in range(0, self.rows, rows_per_chunk):
             n = min(rows_per_chunk, self.rows - first) * row_bytes
             scale_rows_into(source[first * row_bytes:first * row_bytes + n], chunk[:n], first, self.channels,

@@ -271,3 +271,27 @@ def test_fold_shows_the_parity_checks_nan_warning(tmp_path, capsys):
     code, stdout, err = _run(capsys, "fold", path, "-o", tmp_path / "out.onnx")
     assert code == 0, err
     assert "warning: output 'y': both models output NaN" in stdout
+
+
+def test_parity_runs_on_the_written_file_before_it_is_moved_into_place(tmp_path, capsys, monkeypatch):
+    import bnfold.parity
+
+    seen = {}
+    real_check = bnfold.parity.check
+    out = tmp_path / "o.onnx"
+
+    def spy(reference, candidate, **kwargs):
+        seen["candidate"] = candidate
+        seen["out_existed"] = out.exists()
+        seen["candidate_model"] = onnx.load(candidate)
+        return real_check(reference, candidate, **kwargs)
+
+    monkeypatch.setattr(bnfold.parity, "check", spy)
+    src = tmp_path / "m.onnx"
+    onnx.save_model(MM.conv2d_bn(), str(src))
+    code, stdout, err = _run(capsys, "fold", src, "-o", out)
+    assert code == 0, err
+    assert os.path.dirname(seen["candidate"]) == str(tmp_path) and seen["candidate"] != str(out)
+    assert not seen["out_existed"]
+    assert onnx.load(str(out)) == seen["candidate_model"]  # what was checked is what was written
+    assert not os.path.exists(seen["candidate"])
