@@ -21,7 +21,7 @@ import onnx
 
 from bnfold.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_default_domain, iter_graphs, \
     node_subgraphs, remove_unused, to_float64
-from bnfold.model_io import load_model_checked_in_background
+from bnfold.model_io import load_model_deferred
 from bnfold.rules import bn_conv, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
 from bnfold.rules.base import BatchNorm, Failure, Match
 
@@ -137,14 +137,19 @@ def fold(model_or_path, *, forward: bool = True):
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
-        wait_for_check = None
+        payloads, wait_for_check = None, None
     else:
-        # freshly loaded: ours to edit, no copy needed; the checker runs while we fold
-        model, wait_for_check = load_model_checked_in_background(model_or_path)
+        # Freshly loaded: ours to edit, no copy needed; the checker runs while we fold, and the
+        # weights are copied into the proto once, after folding (see fold_file for no copy).
+        model, payloads, wait_for_check = load_model_deferred(model_or_path)
     report = FoldReport()
     try:
-        _run(model, report, forward)
+        _run(model, report, forward, payloads)
+        if payloads is not None:
+            payloads.materialize(model.graph.initializer)
     finally:
+        if payloads is not None:
+            payloads.close()
         if wait_for_check is not None:
             wait_for_check()  # an invalid model is reported as such, whatever folding made of it
     return model, report
@@ -160,7 +165,7 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None) -> 
     in a temporary file before it is moved into place; when it returns False nothing is written
     (``bnfold fold`` runs its parity check there).
     """
-    from bnfold.model_io import check_output_path, load_model_deferred, save_model_atomic
+    from bnfold.model_io import check_output_path, save_model_atomic
 
     if not isinstance(forward, bool):
         raise TypeError(f"forward must be a bool, got {type(forward).__name__}")

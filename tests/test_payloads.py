@@ -42,7 +42,7 @@ def _save(model, path):
 @pytest.mark.parametrize("name", list(MM.CASES))
 def test_fold_file_gives_the_model_fold_gives(name, tmp_path, defer_everything):
     src = _save(MM.CASES[name][0](), tmp_path / "in.onnx")
-    expected, expected_report = fold(src)
+    expected, expected_report = fold(onnx.load(src))  # the in-memory route, nothing kept apart
     report = fold_file(src, str(tmp_path / "out.onnx"))
     written = onnx.load(str(tmp_path / "out.onnx"))
     assert written == expected
@@ -100,7 +100,7 @@ def test_conv_bn_bn_reads_the_weight_the_first_fold_wrote(tmp_path):
     src = _save(model, tmp_path / "in.onnx")
     out = str(tmp_path / "out.onnx")
     assert fold_file(src, out).n_folded == 2
-    expected, _ = fold(src)
+    expected, _ = fold(onnx.load(src))
     assert onnx.load(out) == expected
     assert_parity(onnx.load(src), onnx.load(out))
 
@@ -152,6 +152,14 @@ def test_verify_false_writes_nothing_and_sees_a_complete_model(tmp_path):
     fold_file(src, str(out), verify=verify)
     assert len(seen) == 1 and not out.exists() and not os.path.exists(seen[0])
     assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
+
+
+@pytest.mark.parametrize("name", ["conv2d_bn", "gemm_bn_bfloat16", "if_branches_bn", "shared_weight_two_conv_bn"])
+def test_fold_of_a_path_gives_a_complete_model(name, tmp_path, defer_everything):
+    src = _save(MM.CASES[name][0](), tmp_path / "in.onnx")
+    from_path, _ = fold(src)
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in from_path.graph.initializer)
+    assert from_path == fold(onnx.load(src))[0]
 
 
 def test_materialize_gives_a_complete_model(tmp_path, defer_everything):
