@@ -207,20 +207,21 @@ class ScaledWeight:
                                        self._n_threads())
 
     def write_to(self, file) -> None:
+        """Compute the product a chunk at a time and ``file.write`` each chunk; every chunk is a
+        new buffer, so ``file`` may keep it and write it later (bnfold's writer does)."""
         from bnfold._fold_math import scale_rows_into
 
         source = self.weight.reshape(-1).view(np.uint8)
         row_bytes = self.inner * self.dtype.itemsize
         rows_per_chunk = max(1, self.CHUNK_BYTES // row_bytes)
-        chunk = memoryview(bytearray(min(self.rows, rows_per_chunk) * row_bytes))
-        # One thread: a 1 MiB chunk is ~0.1 ms of work, less than a parallel region costs when
-        # another thread (the input checker, another process) holds the second core.
-        n_threads = 1
         for first in range(0, self.rows, rows_per_chunk):
             n = min(rows_per_chunk, self.rows - first) * row_bytes
-            scale_rows_into(source[first * row_bytes:first * row_bytes + n], chunk[:n], first, self.channels,
-                            self.inner, self.per_channel, self.dtype == np.float64, n_threads)
-            file.write(chunk[:n])
+            chunk = np.empty(n, dtype=np.uint8)
+            # One thread: a 1 MiB chunk is ~0.1 ms of work, less than a parallel region costs
+            # when another thread (the writer, the input checker) holds the second core.
+            scale_rows_into(source[first * row_bytes:first * row_bytes + n], chunk, first, self.channels,
+                            self.inner, self.per_channel, self.dtype == np.float64, 1)
+            file.write(chunk)
 
 
 def _single_scaled_axis(shape, factor_shape):

@@ -367,7 +367,7 @@ def _write_model_streaming(model: onnx.ModelProto, path, payloads=None) -> None:
     sizes = [len(rest) if n is None else len(rest) + len(wire.length_delimited(wire.TENSOR_RAW_DATA, n)) + n
              for _, rest, n in pieces]
     graph_len = len(graph_rest) + sum(len(wire.length_delimited(wire.GRAPH_INITIALIZER, n)) + n for n in sizes)
-    with open(path, "wb") as f:
+    with open(path, "wb") as raw_file, _BackgroundWriter(raw_file) as f:
         f.write(model_rest)
         f.write(wire.length_delimited(wire.MODEL_GRAPH, graph_len))
         f.write(graph_rest)
@@ -380,6 +380,47 @@ def _write_model_streaming(model: onnx.ModelProto, path, payloads=None) -> None:
                     payloads.write(tensor, f)
                 else:
                     f.write(tensor.raw_data)
+
+
+class _BackgroundWriter:
+    """A file-like ``write`` that hands the data to a thread, so that computing the next piece
+    (e.g. a ScaledWeight chunk) overlaps writing the last. Data given to ``write`` must not change
+    afterwards. An error of the thread is raised by the next ``write`` or on exit."""
+
+    def __init__(self, file, depth: int = 4):
+        import queue
+
+        self._file = file
+        self._queue = queue.Queue(maxsize=depth)
+        self._error = None
+        self._thread = threading.Thread(target=self._drain, name="bnfold-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self):
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            if self._error is None:
+                try:
+                    self._file.write(data)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = e
+
+    def write(self, data) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
+        return False
 
 
 def _raw_data_prefix_length(tensor, rest: bytes) -> int:

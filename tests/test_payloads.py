@@ -265,3 +265,39 @@ def test_split_declines_repeated_graph_fields():
     doubled = buf + wire.length_delimited(wire.MODEL_GRAPH, len(graph)) + graph
     assert split_serialized_model(doubled, TensorPayloads()) is None
     assert split_serialized_model(buf, TensorPayloads()) is not None
+
+
+def test_background_writer_writes_in_order_and_reports_errors():
+    import io
+
+    from bnfold.model_io import _BackgroundWriter
+
+    target = io.BytesIO()
+    with _BackgroundWriter(target, depth=2) as w:
+        for k in range(100):
+            w.write(bytes([k]) * 3)
+    assert target.getvalue() == b"".join(bytes([k]) * 3 for k in range(100))
+
+    class Full(io.RawIOBase):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        with _BackgroundWriter(Full()) as w:
+            for _ in range(10):
+                w.write(b"data")
+
+
+def test_write_error_becomes_one_input_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import bnfold.model_io as model_io
+
+    src = _save(_model_with_big_weight(), tmp_path / "in.onnx")
+
+    class FullDisk(model_io._BackgroundWriter):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_io, "_BackgroundWriter", FullDisk)
+    with pytest.raises(InputError, match="cannot write output"):
+        fold_file(src, str(tmp_path / "out.onnx"))
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
