@@ -132,6 +132,10 @@ def fold(model_or_path, *, forward: bool = True):
     ``bnfold.model_io.load_model``, external data included). ``forward``: also fold a BN into the
     Gemm/MatMul/unpadded Conv that reads it when nothing before it can take it.
     """
+    return _fold(model_or_path, forward, complete_model=True)
+
+
+def _fold(model_or_path, forward: bool, complete_model: bool):
     if not isinstance(forward, bool):
         raise TypeError(f"forward must be a bool, got {type(forward).__name__}")
     if isinstance(model_or_path, onnx.ModelProto):
@@ -145,7 +149,7 @@ def fold(model_or_path, *, forward: bool = True):
     report = FoldReport()
     try:
         _run(model, report, forward, payloads)
-        if payloads is not None:
+        if payloads is not None and complete_model:
             payloads.materialize(model.graph.initializer)
     finally:
         if payloads is not None:
@@ -194,7 +198,7 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None) -> 
 
 def inspect(model_or_path, *, forward: bool = True) -> FoldReport:
     """What ``fold`` would do, without writing anything: the report, ``bn_nodes`` included."""
-    return fold(model_or_path, forward=forward)[1]
+    return _fold(model_or_path, forward, complete_model=False)[1]
 
 
 def _run(model: onnx.ModelProto, report: FoldReport, forward: bool, payloads=None) -> None:
