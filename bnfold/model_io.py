@@ -70,30 +70,48 @@ def load_model_deferred(path, *, check: bool = True):
     tensor data; no copy of the weights is made. Files this does not suit (external data, not
     mappable) are loaded whole, with an empty ``payloads``. Errors and the background checker
     are as in ``load_model_checked_in_background``; close ``payloads`` when done."""
-    from bnfold.payloads import TensorPayloads, map_file, split_serialized_model
+    from bnfold.payloads import TensorPayloads
 
     path = _existing_model_path(path)
     try:
-        mapped = map_file(path)
+        split = _load_split(path)
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
-    if mapped is not None:
-        payloads = TensorPayloads(source=mapped)
+    if split is not None:
+        model, payloads, rest = split
         try:
-            rest = split_serialized_model(mapped[1], payloads)
-            model = None if rest is None else onnx.load_model_from_string(rest)
-        except Exception:  # not protobuf: the whole-file loader below words the error
-            model = None
-        if model is not None:
             _require_graph(model, path)
-            _remember_external_data(path, False)
-            marker = payloads.marker
-            wait = _check_in_background(path, lambda: _without_kept_apart_initializers(rest, marker)) if check \
-                else (lambda: None)
-            return model, payloads, wait
-        payloads.close()
+        except InputError:
+            payloads.close()
+            raise
+        _remember_external_data(path, False)
+        marker = payloads.marker
+        wait = _check_in_background(path, lambda: _without_kept_apart_initializers(rest, marker)) if check \
+            else (lambda: None)
+        return model, payloads, wait
     model, wait_for_check = load_model_checked_in_background(path, check=check)
     return model, TensorPayloads(), wait_for_check
+
+
+def _load_split(path):
+    """``(model, payloads, rest bytes)`` of the file at ``path`` with its big main-graph payloads
+    kept apart, or None when the file does not suit that (not mappable, not protobuf, external
+    data anywhere, a repeated graph field)."""
+    from bnfold.payloads import TensorPayloads, map_file, split_serialized_model
+
+    mapped = map_file(path)
+    if mapped is None:
+        return None
+    payloads = TensorPayloads(source=mapped)
+    try:
+        rest = split_serialized_model(mapped[1], payloads)
+        model = None if rest is None else onnx.load_model_from_string(rest)
+    except Exception:  # not protobuf: callers fall back to the whole-file loader, which words the error
+        model = None
+    if model is None or model_uses_external_data(model, payloads):
+        payloads.close()
+        return None
+    return model, payloads, rest
 
 
 def _existing_model_path(model_or_path) -> str:
@@ -183,14 +201,20 @@ def file_uses_external_data(path) -> bool:
     """True when the ONNX file at ``path`` keeps some tensors in external data files.
 
     ``load_model`` pulls external data into memory, so the loaded model no longer says so; savers
-    ask here. Files load_model has read are answered from memory; others are parsed."""
+    ask here. Files load_model has read are answered from memory; others are parsed without their
+    big payloads (a file that keeps data external is small and parsed whole)."""
     try:
         key = _file_key(path)
     except OSError:
         return False
     if key not in _external_data_seen:
         try:
-            _external_data_seen[key] = model_uses_external_data(onnx.load(key[0], load_external_data=False))
+            split = _load_split(key[0])
+            if split is not None:
+                split[1].close()
+                _external_data_seen[key] = False
+            else:
+                _external_data_seen[key] = model_uses_external_data(onnx.load(key[0], load_external_data=False))
         except Exception:
             return False
     return _external_data_seen[key]

@@ -301,3 +301,33 @@ def test_write_error_becomes_one_input_error_and_leaves_nothing(tmp_path, monkey
     with pytest.raises(InputError, match="cannot write output"):
         fold_file(src, str(tmp_path / "out.onnx"))
     assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
+
+
+def test_external_data_only_inside_a_body_is_noticed(tmp_path):
+    """Only main-graph initializers are kept apart; a file whose external data sits in an If
+    body is loaded whole (its data read) and saved with external data again."""
+    rng = np.random.default_rng(0)
+    body_w = numpy_helper.from_array(rng.standard_normal((64, 8)).astype(np.float32), "body_w")  # 2 KiB
+    then_graph = helper.make_graph([helper.make_node("MatMul", ["x", "body_w"], ["t"])], "then", [],
+                                   [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 8])], [body_w])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["z"], ["e"])], "else", [],
+                                   [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 8])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                                           helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
+    src = str(tmp_path / "in.onnx")
+    onnx.save_model(model, src, save_as_external_data=True, location="in.data", size_threshold=1024)
+    from bnfold.model_io import file_uses_external_data
+
+    assert file_uses_external_data(src)
+    loaded, payloads, wait = load_model_deferred(src)
+    wait()
+    body_tensor = loaded.graph.node[0].attribute[0].g.initializer[0]
+    assert body_tensor.HasField("raw_data") and len(body_tensor.raw_data) == 64 * 8 * 4
+    payloads.close()
+    out = str(tmp_path / "out.onnx")
+    fold_file(src, out)
+    assert os.path.exists(out + ".data")
