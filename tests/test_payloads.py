@@ -325,7 +325,8 @@ def test_external_data_only_inside_a_body_is_noticed(tmp_path):
     assert file_uses_external_data(src)
     loaded, payloads, wait = load_model_deferred(src)
     wait()
-    body_tensor = loaded.graph.node[0].attribute[0].g.initializer[0]
+    then_branch = next(a.g for a in loaded.graph.node[0].attribute if a.name == "then_branch")
+    body_tensor = then_branch.initializer[0]
     assert body_tensor.HasField("raw_data") and len(body_tensor.raw_data) == 64 * 8 * 4
     payloads.close()
     out = str(tmp_path / "out.onnx")
