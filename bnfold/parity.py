@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import InputError
-from bnfold.model_io import _first_line, fits_in_one_message, load_model, write_json_atomic
+from bnfold.model_io import _first_line, fits_in_one_message, load_model, load_model_deferred, write_json_atomic
 
 OPT_LEVELS = ("disabled", "basic", "extended", "all")
 
@@ -161,7 +161,15 @@ class LoadedModel:
     def __init__(self, model_or_path, label: str):
         self.label = label
         self.path = None if isinstance(model_or_path, onnx.ModelProto) else os.fspath(model_or_path)
-        self.proto = load_model(model_or_path)
+        if self.path is None:
+            self.proto = load_model(model_or_path)
+        else:
+            # onnxruntime reads the file itself; here only the graph's structure is needed (value
+            # specs, table shapes), so the weights stay on disk and ``proto`` has no tensor data
+            # for the big initializers (see bnfold.payloads).
+            self.proto, payloads, wait_for_check = load_model_deferred(self.path)
+            payloads.close()
+            wait_for_check()
         self._bytes = None
         self._tmpdir = None
 
