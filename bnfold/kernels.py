@@ -312,14 +312,11 @@ def _train_forward(x, L: _Layout, w, b, eps, y, nt):
 
 
 def _backward_coefficients(sum_dy, sum_dyxc, w, mean, invstd, n, dtype):
-    """dx = a*dy + bcoef*(x - m_hi) + d, with the float64 math done here; returns
-    (m_hi, a, bcoef, d) in dtype and dweight (float64)."""
-    dweight = sum_dyxc * invstd
-    a = w * invstd
-    bcoef = -a * invstd * (dweight / n)
-    m_hi = mean.astype(dtype)
-    d = -a * (sum_dy / n) + bcoef * (m_hi.astype(np.float64) - mean)
-    return (m_hi, a.astype(dtype), bcoef.astype(dtype), d.astype(dtype)), dweight
+    """(m_hi, a, bcoef, d) in dtype for dx = a*dy + bcoef*(x - m_hi) + d (float64 math in the
+    compiled bwd_coefficients, the same code the fused rows backward uses)."""
+    m_hi, a, bcoef, d = (np.empty(len(mean), dtype) for _ in range(4))
+    _k.bwd_coefficients(sum_dy, sum_dyxc, w, mean, invstd, n, m_hi, a, bcoef, d)
+    return m_hi, a, bcoef, d
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum, ddof) -> None:
@@ -471,19 +468,22 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=1, n_threads
     dt = arr.dtype
     dx = _cached_empty(arr.shape, dt)
     dxf = dx.reshape(-1)
-    if _use_slabs(L):
-        _k.dot_slabs(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)
-    elif L.inner > 1:
-        _k.dot_rows(gf, xf, L.outer, L.C, L.inner, 0, L.C, mean, sum_dy, sum_dyxc, nt)
+    if L.inner > 1 and not _use_slabs(L):
+        # reduction and dx pass per channel in one parallel region (dx while dy, x are cached)
+        _k.bwd_fused_rows(gf, xf, L.outer, L.C, L.inner, mean, w, invstd, dxf, sum_dy, sum_dyxc,
+                          nt)
     else:
-        _k.dot_cols(gf, xf, L.outer, L.C, _tile(mean, L.C, np.float64), sum_dy, sum_dyxc, nt)
-    (m_hi, a, bcoef, d), dweight = _backward_coefficients(sum_dy, sum_dyxc, w, mean, invstd, n, dt)
-    if L.inner > 1:
-        _k.bwd_rows(gf, xf, L.outer, L.C, L.inner, 0, L.C, m_hi, a, bcoef, d, dxf, nt)
-    else:
-        _k.bwd_cols(gf, xf, L.outer, L.C, _tile(m_hi, L.C, dt), _tile(a, L.C, dt),
-                    _tile(bcoef, L.C, dt), _tile(d, L.C, dt), dxf, nt)
-    return dx, dweight.astype(dt), sum_dy.astype(dt)
+        if _use_slabs(L):
+            _k.dot_slabs(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)
+        else:
+            _k.dot_cols(gf, xf, L.outer, L.C, _tile(mean, L.C, np.float64), sum_dy, sum_dyxc, nt)
+        m_hi, a, bcoef, d = _backward_coefficients(sum_dy, sum_dyxc, w, mean, invstd, n, dt)
+        if L.inner > 1:
+            _k.bwd_rows(gf, xf, L.outer, L.C, L.inner, 0, L.C, m_hi, a, bcoef, d, dxf, nt)
+        else:
+            _k.bwd_cols(gf, xf, L.outer, L.C, _tile(m_hi, L.C, dt), _tile(a, L.C, dt),
+                        _tile(bcoef, L.C, dt), _tile(d, L.C, dt), dxf, nt)
+    return dx, (sum_dyxc * invstd).astype(dt), sum_dy.astype(dt)
 
 
 def batch_renorm_train(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5,

@@ -309,6 +309,23 @@ def test_one_thread_and_all_threads_agree(shape, axis):
         np.testing.assert_allclose(a, b_, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "shape", [(4, 3, 67, 71), (4, 1, 9000), (6, 16, 40, 40), (1, 5, 90, 90), (2, 9, 5000)]
+)
+def test_backward_is_bitwise_independent_of_thread_count(shape):
+    # rows layout: channels owned by threads (C >= 4 * threads) or shared by all of them
+    rng = np.random.default_rng(18)
+    x = _data(rng, shape, np.float32)
+    dy = _data(rng, shape, np.float32)
+    w = rng.uniform(0.5, 2, shape[1])
+    _, m, s = batch_norm_train(x, w, None, None, None, n_threads=1)
+    one = batch_norm_backward(dy, x, w, m, s, n_threads=1)
+    for n in {2, 3, ALL_THREADS}:
+        many = batch_norm_backward(dy, x, w, m, s, n_threads=n)
+        for a, b_ in zip(one, many):
+            np.testing.assert_array_equal(a, b_)
+
+
 def test_backward_offset_data_stays_accurate_in_float32():
     rng = np.random.default_rng(9)
     x = (3e4 + 1e-3 * rng.standard_normal((8, 3, 16, 16))).astype(np.float32)
