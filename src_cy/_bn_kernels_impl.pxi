@@ -721,6 +721,65 @@ def dot_slabs(const floating[::1] dy, const floating[::1] x, Py_ssize_t outer, P
         _merge_chunk_sums(c1, c2, nq, C, sum_dy_out, sum_dyxc_out)
 
 
+# One sweep of the cols backward reduction over four consecutive segments (4P values of dy and x):
+# per position, a1 += sum of the four dy, a2 += sum of the four dy * (x - mean). Each segment is
+# its own stream, and for C = 1024 each is exactly one 4 KiB page, where hardware prefetchers
+# stop; so the next sweep's four segments are prefetched in software while this one runs
+# (reduction after torch's backward: 32x56x56x64 NHWC 2.4-3.0 -> 2.2-2.5 ms, 32x224x224x3
+# 2.1-2.3 -> 1.9-2.0 ms; 4096x1024 unchanged; without the prefetch the C loop is no faster than
+# the Cython one).
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define BNF_SWEEP_FNS(SUF, T, LD)                                                    \
+    static void bnf_dot_sweep4_##SUF(const T* g, const T* x, Py_ssize_t P,               \
+                                     const double* mt, double* a1, double* a2) {         \
+        Py_ssize_t j = 0, r;                                                             \
+        for (; j + 4 <= P; j += 4) {                                                     \
+            bnf_v4d m, g0, g1, g2, g3, s, d;                                             \
+            if ((j & 15) == 0)                                                           \
+                for (r = 4; r < 8; r++) {                                                \
+                    __builtin_prefetch(g + r * P + j); __builtin_prefetch(x + r * P + j); \
+                }                                                                        \
+            m = bnf_ld_d(mt + j);                                                        \
+            g0 = LD(g + j); g1 = LD(g + P + j); g2 = LD(g + 2 * P + j);                  \
+            g3 = LD(g + 3 * P + j);                                                      \
+            s = bnf_ld_d(a1 + j) + ((g0 + g1) + (g2 + g3));                              \
+            memcpy(a1 + j, &s, 32);                                                      \
+            d = bnf_ld_d(a2 + j) + ((g0 * (LD(x + j) - m) + g1 * (LD(x + P + j) - m))     \
+                                    + (g2 * (LD(x + 2 * P + j) - m)                      \
+                                       + g3 * (LD(x + 3 * P + j) - m)));                 \
+            memcpy(a2 + j, &d, 32);                                                      \
+        }                                                                                \
+        for (; j < P; j++) {                                                             \
+            double h0 = g[j], h1 = g[P + j], h2 = g[2 * P + j], h3 = g[3 * P + j];       \
+            a1[j] += (h0 + h1) + (h2 + h3);                                              \
+            a2[j] += (h0 * (x[j] - mt[j]) + h1 * (x[P + j] - mt[j]))                     \
+                     + (h2 * (x[2 * P + j] - mt[j]) + h3 * (x[3 * P + j] - mt[j]));      \
+        }                                                                                \
+    }
+    #else
+    #define BNF_SWEEP_FNS(SUF, T, LD)                                                    \
+    static void bnf_dot_sweep4_##SUF(const T* g, const T* x, Py_ssize_t P,               \
+                                     const double* mt, double* a1, double* a2) {         \
+        Py_ssize_t j;                                                                    \
+        for (j = 0; j < P; j++) {                                                        \
+            double h0 = g[j], h1 = g[P + j], h2 = g[2 * P + j], h3 = g[3 * P + j];       \
+            a1[j] += (h0 + h1) + (h2 + h3);                                              \
+            a2[j] += (h0 * (x[j] - mt[j]) + h1 * (x[P + j] - mt[j]))                     \
+                     + (h2 * (x[2 * P + j] - mt[j]) + h3 * (x[3 * P + j] - mt[j]));      \
+        }                                                                                \
+    }
+    #endif
+    BNF_SWEEP_FNS(f, float, bnf_ld_f)
+    BNF_SWEEP_FNS(d, double, bnf_ld_d)
+    """
+    void bnf_dot_sweep4_f(const float* g, const float* x, Py_ssize_t P, const double* mt,
+                          double* a1, double* a2) noexcept nogil
+    void bnf_dot_sweep4_d(const double* g, const double* x, Py_ssize_t P, const double* mt,
+                          double* a1, double* a2) noexcept nogil
+
+
 def dot_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
              const double[::1] mean_p, double[::1] sum_dy_out, double[::1] sum_dyxc_out,
              int n_threads):
@@ -754,15 +813,10 @@ def dot_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_
             s = s0
             while s + 4 <= s1 and (s + 4) * P <= rows * C:
                 base = s * P
-                for j in range(P):
-                    g = gp[base + j]
-                    g1 = gp[base + P + j]
-                    g2 = gp[base + 2 * P + j]
-                    g3 = gp[base + 3 * P + j]
-                    a1[j] += (g + g1) + (g2 + g3)
-                    a2[j] += ((g * (xp[base + j] - mt[j]) + g1 * (xp[base + P + j] - mt[j]))
-                              + (g2 * (xp[base + 2 * P + j] - mt[j])
-                                 + g3 * (xp[base + 3 * P + j] - mt[j])))
+                if floating is float:
+                    bnf_dot_sweep4_f(gp + base, xp + base, P, mt, a1, a2)
+                else:
+                    bnf_dot_sweep4_d(gp + base, xp + base, P, mt, a1, a2)
                 s = s + 4
             while s < s1:
                 base = s * P
