@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from fold_testing import assert_parity, count_bn, report_entries, signature
+from fold_testing import assert_parity, count_bn, report_entries, run_model, signature
 
 from bnfold.fold_pass import fold
 
@@ -139,6 +139,42 @@ def chains(draw):
     return mode, ops, marks, seed
 
 
+def _float64_copy(model):
+    """The same model computing in float64 (float32 initializers and values widened)."""
+    wide = onnx.ModelProto()
+    wide.CopyFrom(model)
+    for t in wide.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+    for v in list(wide.graph.input) + list(wide.graph.output) + list(wide.graph.value_info):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = TensorProto.DOUBLE
+    return wide
+
+
+def _assert_fold_accurate(model, folded, feeds, label):
+    """Folded and original agree to 1e-5 of the output's scale — or, where the original's own
+    float32 rounding is larger than that (large intermediates cancelling into a small output),
+    the folded model is at most twice as far from the float64 result as the original is."""
+    try:
+        assert_parity(model, folded, feeds, label)
+        return
+    except AssertionError as parity_failure:
+        from onnx.reference import ReferenceEvaluator
+
+        for feed in feeds:
+            exact = ReferenceEvaluator(_float64_copy(model)).run(None, {k: v.astype(np.float64) for k, v in feed.items()})
+            original, _ = run_model(model, feed)
+            candidate, _ = run_model(folded, feed)
+            for e, r, c in zip(exact, original, candidate):
+                scale = float(np.max(np.abs(e))) if e.size else 0.0
+                err_original = float(np.max(np.abs(r - e))) if e.size else 0.0
+                err_folded = float(np.max(np.abs(c - e))) if e.size else 0.0
+                assert err_folded <= 1e-5 * scale + 2 * err_original, (
+                    f"{parity_failure}; against float64: folded error {err_folded:.3g}, original's own float32 "
+                    f"error {err_original:.3g}")
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chains())
 def test_fold_random_chains(chain):
@@ -161,7 +197,7 @@ def test_fold_random_chains(chain):
     assert signature(folded) == signature(model)
     feeds = [{"x": np.random.default_rng(seed).normal(0, 1, [d.dim_value for d in
                                                             model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)}]
-    assert_parity(model, folded, feeds, f"{mode} {ops} {marks} seed={seed}")
+    _assert_fold_accurate(model, folded, feeds, f"{mode} {ops} {marks} seed={seed}")
     again, report2 = fold(folded)
     assert report2.n_folded == 0, report_entries(report2)
     assert again.graph.SerializeToString() == folded.graph.SerializeToString() or \
