@@ -10,7 +10,12 @@ onnxruntime's baseline: an InferenceSession created with ``graph_optimization_le
 and ``optimized_model_filepath`` set, i.e. load + basic graph rewrites (including its Conv+BN
 fusion) + writing the optimized model; the time is the session creation.
 
-    python tools/bench_fold.py                 # 5 repeats, median
+Each tool runs in blocks of consecutive runs (``--block``, default 3), the blocks of the three
+alternating, so machine-wide noise hits all of them alike while no tool times its run right after
+another tool's ~300 MB of memory and page-cache churn (on this VM freed memory is handed back to
+the host and the next first touch is slow, which made interleaved single runs bimodal).
+
+    python tools/bench_fold.py                 # 9 runs of each, median
     python tools/bench_fold.py --repeats 3 --profile   # also cProfile one bnfold run
 """
 
@@ -83,7 +88,8 @@ def timed(fn, *args):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs of each tool")
+    parser.add_argument("--block", type=int, default=3, help="consecutive runs of one tool per block")
     parser.add_argument("--profile", action="store_true", help="cProfile one bnfold run, print the top entries")
     args = parser.parse_args(argv)
     ort.set_default_logger_severity(3)
@@ -99,17 +105,19 @@ def main(argv=None) -> int:
 
         bn_times, api_times, ort_times = [], [], []
         report = None
-        # warm-up of all (imports, page cache), then interleaved repeats
-        run_bnfold(src, os.path.join(tmp, "bnfold.onnx"))
-        run_bnfold_api(src, os.path.join(tmp, "bnfold-api.onnx"))
-        run_ort(src, os.path.join(tmp, "ort.onnx"))
-        for _ in range(args.repeats):
-            t, report = timed(run_bnfold, src, os.path.join(tmp, "bnfold.onnx"))
-            bn_times.append(t)
-            t, _ = timed(run_bnfold_api, src, os.path.join(tmp, "bnfold-api.onnx"))
-            api_times.append(t)
-            t, _ = timed(run_ort, src, os.path.join(tmp, "ort.onnx"))
-            ort_times.append(t)
+        # warm-up of all (imports, page cache), then alternating blocks of consecutive runs
+        tools = [(run_bnfold, "bnfold.onnx", bn_times), (run_bnfold_api, "bnfold-api.onnx", api_times),
+                 (run_ort, "ort.onnx", ort_times)]
+        for fn, out, _ in tools:
+            fn(src, os.path.join(tmp, out))
+        while len(bn_times) < args.repeats:
+            n = min(args.block, args.repeats - len(bn_times))
+            for fn, out, times in tools:
+                for _ in range(n):
+                    t, result = timed(fn, src, os.path.join(tmp, out))
+                    times.append(t)
+                    if fn is run_bnfold:
+                        report = result
 
         ours = onnx.load(os.path.join(tmp, "bnfold.onnx"))
         theirs = onnx.load(os.path.join(tmp, "ort.onnx"))
