@@ -9,6 +9,7 @@ files keep them external.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import threading
 import uuid
@@ -260,6 +261,32 @@ def source_files(source_path) -> set:
     return files
 
 
+def resolve_output_path(path) -> str:
+    """The file an output named ``path`` really replaces: symbolic links are followed (the file a
+    link points to is rewritten, the link stays, as ``cp`` does). An existing directory or
+    non-regular file (device, FIFO, socket) is refused with a one-line InputError — renaming a
+    model over ``/dev/null`` would replace the device."""
+    shown = os.fspath(path)
+    real = os.path.realpath(shown)
+    if os.path.isdir(real):
+        raise InputError(f"{shown}: is a directory, expected a file path")
+    if os.path.exists(real) and not os.path.isfile(real):
+        raise InputError(f"{shown}: exists and is not a regular file (a device, FIFO or socket); "
+                         "choose another output path")
+    return real
+
+
+def check_distinct_outputs(report_path, model_path) -> None:
+    """One-line InputError when a report would land on the model output or its external data."""
+    report_real = os.path.realpath(os.fspath(report_path))
+    model_real = os.path.realpath(os.fspath(model_path))
+    if report_real == model_real or _same_file(report_path, model_path):
+        raise InputError(f"{report_path}: --report and -o name the same file")
+    if report_real == os.path.realpath(external_data_path(model_real)):
+        raise InputError(f"{report_path}: is where the external data of {model_path} goes; choose another "
+                         "report path")
+
+
 def check_output_path(path, *, source_path=None, external_data=None) -> str:
     """Raise a one-line InputError unless a file can be written at ``path`` without touching the
     model at ``source_path`` (its .onnx file or its external data); return the destination
@@ -283,8 +310,7 @@ def check_output_path(path, *, source_path=None, external_data=None) -> str:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(directory):
         raise InputError(f"{path}: output directory {directory} does not exist")
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory, expected a file path")
+    directory = os.path.dirname(resolve_output_path(path))
     # os.access says yes to root everywhere (even /sys, read-only mounts): try for real.
     try:
         fd, probe = tempfile.mkstemp(prefix=".bnfold-probe-", dir=directory)
@@ -308,19 +334,20 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
     beside ``path`` (its external data, if any, beside it too) before anything is moved into
     place; when it returns False nothing is written.
     """
-    path = os.fspath(path)
+    shown = os.fspath(path)
     if external_data is None:
         external_data = (
             model_uses_external_data(model, payloads)
             or (source_path is not None and file_uses_external_data(source_path))
             or not fits_in_one_message(model, payloads)
         )
-    directory = check_output_path(path, source_path=source_path, external_data=external_data)
+    directory = check_output_path(shown, source_path=source_path, external_data=external_data)
+    path = resolve_output_path(shown)
     tmp_path = tmp_data = None
     try:
         fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=".onnx.tmp", dir=directory)
         os.close(fd)
-        _default_permissions(tmp_path)
+        _default_permissions(tmp_path, like=path)
         if external_data:
             data_name = os.path.basename(external_data_path(path))
             tmp_data_name = f".bnfold-{uuid.uuid4().hex}.data.tmp"
@@ -337,7 +364,7 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
                 location=tmp_data_name,
                 size_threshold=1024,
             )
-            _default_permissions(tmp_data)
+            _default_permissions(tmp_data, like=external_data_path(path))
             if verify is not None and not verify(tmp_path):
                 return False
             # The model refers to its data file by name: rewrite the reference to the final name
@@ -354,7 +381,7 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
         tmp_path = None
         return True
     except OSError as e:
-        raise InputError(f"{path}: cannot write output ({e.strerror or type(e).__name__})") from None
+        raise InputError(f"{shown}: cannot write output ({e.strerror or type(e).__name__})") from None
     finally:
         for leftover in (tmp_path, tmp_data):
             if leftover and os.path.exists(leftover):
@@ -492,28 +519,34 @@ def write_json_atomic(data, path) -> None:
     """
     import json
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path)) or "."
+    shown = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(shown)) or "."
     if not os.path.isdir(directory):
-        raise InputError(f"{path}: output directory {directory} does not exist")
+        raise InputError(f"{shown}: output directory {directory} does not exist")
+    path = resolve_output_path(shown)
+    directory = os.path.dirname(path)
     text = json.dumps(data, indent=2, allow_nan=True) + "\n"
     tmp_path = None
     try:
         fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=".json.tmp", dir=directory)
-        _default_permissions(tmp_path)
+        _default_permissions(tmp_path, like=path)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp_path, path)
         tmp_path = None
     except OSError as e:
-        raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise InputError(f"{shown}: cannot write ({e.strerror or e})") from None
     finally:
         if tmp_path and os.path.exists(tmp_path):
             os.unlink(tmp_path)
 
 
-def _default_permissions(path) -> None:
-    """mkstemp creates files readable by the owner only; outputs get the usual 0666 & ~umask."""
+def _default_permissions(path, like=None) -> None:
+    """mkstemp creates files readable by the owner only; outputs get the permissions of the file
+    they replace (``like``), else the usual 0666 & ~umask."""
+    if like is not None and os.path.isfile(like):
+        os.chmod(path, stat.S_IMODE(os.stat(like).st_mode))
+        return
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

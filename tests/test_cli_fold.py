@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -295,3 +296,37 @@ def test_parity_runs_on_the_written_file_before_it_is_moved_into_place(tmp_path,
     assert not seen["out_existed"]
     assert onnx.load(str(out)) == seen["candidate_model"]  # what was checked is what was written
     assert not os.path.exists(seen["candidate"])
+
+
+def test_special_file_outputs_are_refused(tmp_path, model_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, _, err = _run(capsys, "fold", model_path, "-o", fifo)
+    assert code == 2 and "not a regular file" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "fold", model_path, "-o", tmp_path / "o.onnx", "--report", fifo)
+    assert code == 2 and "not a regular file" in err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_symlinked_output_rewrites_the_target_and_keeps_the_link(tmp_path, model_path, capsys):
+    target = tmp_path / "real.onnx"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    link = tmp_path / "link.onnx"
+    link.symlink_to(target)
+    code, _, err = _run(capsys, "fold", model_path, "-o", link)
+    assert code == 0, err
+    assert link.is_symlink() and onnx.load(str(target)).graph.node
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640  # the replaced file's permissions are kept
+
+
+def test_report_aliasing_the_model_is_refused(tmp_path, model_path, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real)
+    code, _, err = _run(capsys, "fold", model_path, "-o", tmp_path / "alias" / "o.onnx", "--report", real / "o.onnx")
+    assert code == 2 and "same file" in err
+    code, _, err = _run(capsys, "fold", model_path, "-o", real / "o.onnx", "--report", real / "o.onnx.data")
+    assert code == 2 and "external data" in err
+    assert os.listdir(real) == []

@@ -10,7 +10,6 @@ model fails parity (exit 1) unless --force.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 EXAMPLES = """examples:
@@ -63,7 +62,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from bnfold.calibration import calibrate, iter_batches
     from bnfold.errors import InputError
-    from bnfold.model_io import check_output_path, load_model, save_model_atomic, write_json_atomic
+    from bnfold.model_io import check_distinct_outputs, check_output_path, load_model, save_model_atomic, \
+        write_json_atomic
 
     shapes = {}
     if args.shape:
@@ -77,8 +77,7 @@ def run(args) -> int:
     check_output_path(args.output, source_path=args.input)
     if args.report:
         check_output_path(args.report, source_path=args.input)
-        if os.path.abspath(args.report) == os.path.abspath(args.output):
-            raise InputError(f"{args.report}: --report and -o name the same file")
+        check_distinct_outputs(args.report, args.output)
 
     original = load_model(args.input)
     calibrated, report = calibrate(

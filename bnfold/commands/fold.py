@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 import time
 
@@ -49,7 +48,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from bnfold.fold_pass import fold_file
-    from bnfold.model_io import check_output_path, files_size, write_json_atomic
+    from bnfold.model_io import check_distinct_outputs, check_output_path, files_size, write_json_atomic
 
     shapes = {}
     if args.shape:
@@ -60,10 +59,7 @@ def run(args) -> int:
     check_output_path(args.output, source_path=args.input)
     if args.report:
         check_output_path(args.report, source_path=args.input)
-        if _same_path(args.report, args.output):
-            from bnfold.errors import InputError
-
-            raise InputError(f"{args.report}: --report and -o name the same file")
+        check_distinct_outputs(args.report, args.output)
 
     outcome = {"check": None}
 
@@ -105,10 +101,6 @@ def _parity(original, folded, label, shapes, seed):
         return check(original, folded, shapes=shapes or None, seed=seed, candidate_label=label)
     except InputError as e:
         raise InputError(f"parity check could not run: {e} (use --no-check to skip it)") from None
-
-
-def _same_path(a, b) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _size(nbytes: int) -> str:
