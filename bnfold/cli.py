@@ -3,14 +3,17 @@
 Every subcommand module exposes ``register(subparsers)``, which adds its parser and sets
 ``func(args) -> int`` as the handler. This module owns what all commands share: ``--version``,
 ``--verbose``, and turning errors into one line on stderr with the documented exit codes
-(0 ok, 1 parity failure, 2 bad input).
+(0 ok, 1 parity failure, 2 bad input, 130 Ctrl-C, 143 SIGTERM; temporary files are removed
+on both).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from bnfold._version import __version__
 from bnfold.errors import InputError, ParityError
@@ -50,14 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (``timeout``, ``kill``, a cancelled CI job): unwinds like Ctrl-C, so that
+    temporary files are removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print("bnfold: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except InputError as e:
         return _fail(args, e, 2)
     except ParityError as e:
@@ -69,6 +87,9 @@ def main(argv=None) -> int:
         return 130
     except Exception as e:  # an internal error: still one line unless --verbose
         return _fail(args, e, 3, internal=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(args, error: BaseException, code: int, internal: bool = False) -> int:

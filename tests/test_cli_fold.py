@@ -330,3 +330,22 @@ def test_report_aliasing_the_model_is_refused(tmp_path, model_path, capsys):
     code, _, err = _run(capsys, "fold", model_path, "-o", real / "o.onnx", "--report", real / "o.onnx.data")
     assert code == 2 and "external data" in err
     assert os.listdir(real) == []
+
+
+def test_sigterm_during_the_check_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import bnfold.parity
+
+    def terminated_during_check(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM should have unwound the command")
+
+    monkeypatch.setattr(bnfold.parity, "check", terminated_during_check)
+    src = tmp_path / "m.onnx"
+    onnx.save_model(MM.conv2d_bn(), str(src))
+    previous = signal.getsignal(signal.SIGTERM)
+    code, _, err = _run(capsys, "fold", src, "-o", tmp_path / "o.onnx")
+    assert code == 143 and "terminated" in err
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    assert signal.getsignal(signal.SIGTERM) == previous  # the command's handler is gone again
