@@ -346,12 +346,14 @@ def synthesize_inputs(input_specs, shapes: dict, rng: np.random.Generator, index
         shape = shapes[spec.name]
         dtype = np.dtype(spec.dtype)
         if dtype == np.bool_:
-            feeds[spec.name] = rng.random(shape) < 0.5
+            value = rng.random(shape) < 0.5
         elif dtype.kind in "iu":
             high = min(DEFAULT_INT_HIGH, index_bounds.get(spec.name, DEFAULT_INT_HIGH))
-            feeds[spec.name] = rng.integers(0, max(high, 1), size=shape).astype(dtype)
+            value = rng.integers(0, max(high, 1), size=shape)
         else:
-            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+            value = rng.standard_normal(shape)
+        # numpy hands back scalars, not 0-d arrays, for shape (): onnxruntime wants arrays
+        feeds[spec.name] = np.asarray(value, dtype=dtype)
     return feeds
 
 

@@ -446,3 +446,26 @@ def test_in_memory_model_too_big_for_protobuf_goes_through_a_file(monkeypatch, p
     report = bnfold.check(model, folded_conv_model(params))
     assert report.passed and report.max_abs_error > 0
     assert model.SerializeToString() == before  # the caller's model is not modified
+
+
+def test_scalar_inputs_are_synthesized_as_arrays(tmp_path):
+    """A rank-0 bool (an If condition) and rank-0 float/int inputs get 0-d arrays onnxruntime takes."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    then_g = helper.make_graph([helper.make_node("Neg", ["x"], ["t"])], "t", [],
+                              [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
+    else_g = helper.make_graph([helper.make_node("Abs", ["x"], ["e"])], "e", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Mul", ["y", "s"], ["z"]), helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["z", "kf"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [x, helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                                           helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+                                           helper.make_tensor_value_info("k", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    path = str(tmp_path / "scalar.onnx")
+    onnx.save_model(model, path)
+    report = bnfold.check(path, path)
+    assert report.passed
