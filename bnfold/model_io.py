@@ -134,18 +134,23 @@ def _require_graph(model: onnx.ModelProto, path) -> None:
 def _without_kept_apart_initializers(rest: bytes, marker: str) -> bytes:
     """The model ``rest`` (a model whose big initializers' payloads are kept apart, marked with
     ``marker``) as the checker should see it: those initializers become graph inputs of the same
-    type and shape. Their own checks (known element type, payload size matching the shape) were
-    done when they were set apart; everything else the checker looks at is unchanged."""
+    type and shape. Their own checks (known element type, payload size matching the shape, no
+    second data field) were done when they were set apart; everything else the checker looks at
+    is unchanged. Below IR 4 every initializer must already be a graph input: none is added, so
+    a missing one still fails (as an undefined value)."""
     model = onnx.load_model_from_string(rest)
     graph = model.graph
     input_names = {i.name for i in graph.input}
+    if model.ir_version < 4:
+        input_names = None
     kept, moved = [], []
     for tensor in graph.initializer:
         apart = any(e.key == "location" and e.value == marker for e in tensor.external_data)
         (moved if apart else kept).append(tensor)
     if moved:
-        new_inputs = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                      for t in moved if t.name not in input_names]
+        new_inputs = [] if input_names is None else [
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved
+            if t.name not in input_names]
         del graph.initializer[:]
         graph.initializer.extend(kept)
         graph.input.extend(new_inputs)

@@ -172,13 +172,16 @@ def split_serialized_model(buf, payloads: TensorPayloads):
     for field, wire_type, field_start, start, stop, _ in wire.fields(buf, graph_start, graph_end):
         if field != wire.GRAPH_INITIALIZER or wire_type != wire.LENGTH_DELIMITED:
             continue
-        raw_fields = []
+        raw_fields, typed_data = [], False
         for t_field, _, t_field_start, t_start, t_stop, t_value in wire.fields(buf, start, stop):
             if t_field == wire.TENSOR_RAW_DATA:
                 raw_fields.append((t_field_start, t_start, t_stop))
             elif t_field == wire.TENSOR_EXTERNAL_DATA or (t_field == wire.TENSOR_DATA_LOCATION and t_value):
                 return None
-        if len(raw_fields) != 1 or raw_fields[0][2] - raw_fields[0][1] < payloads.threshold:
+            elif t_field in wire.TENSOR_TYPED_DATA:
+                typed_data = True
+        if len(raw_fields) != 1 or typed_data or raw_fields[0][2] - raw_fields[0][1] < payloads.threshold:
+            # (raw_data next to a typed data field is invalid: left in the proto for the checker)
             continue
         raw_field_start, raw_start, raw_stop = raw_fields[0]
         tensor = TensorProto()

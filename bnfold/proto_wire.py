@@ -19,6 +19,8 @@ TENSOR_DIMS = 1
 TENSOR_DATA_TYPE = 2
 TENSOR_NAME = 8
 TENSOR_RAW_DATA = 9
+# float_data, int32_data, string_data, int64_data, double_data, uint64_data
+TENSOR_TYPED_DATA = (4, 5, 6, 7, 10, 11)
 TENSOR_EXTERNAL_DATA = 13
 TENSOR_DATA_LOCATION = 14
 STRING_ENTRY_KEY = 1

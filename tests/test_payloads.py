@@ -332,3 +332,18 @@ def test_external_data_only_inside_a_body_is_noticed(tmp_path):
     out = str(tmp_path / "out.onnx")
     fold_file(src, out)
     assert os.path.exists(out + ".data")
+
+
+def test_checker_still_rejects_what_it_rejects_for_small_tensors(tmp_path):
+    """IR 3 initializer missing from the graph inputs; raw_data next to float_data."""
+    model = _model_with_big_weight()
+    model.ir_version = 3
+    model.opset_import[0].version = 8
+    src = _save(model, tmp_path / "ir3.onnx")
+    with pytest.raises(InputError, match="invalid ONNX model"):
+        fold_file(src, str(tmp_path / "out.onnx"))
+    model = _model_with_big_weight()
+    model.graph.initializer[0].float_data.append(1.0)
+    src = _save(model, tmp_path / "two.onnx")
+    with pytest.raises(InputError, match="one and only one value field"):
+        fold_file(src, str(tmp_path / "out.onnx"))
