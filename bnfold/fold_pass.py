@@ -173,6 +173,9 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None) -> 
 
     if not isinstance(forward, bool):
         raise TypeError(f"forward must be a bool, got {type(forward).__name__}")
+    for name, value in (("input_path", input_path), ("output_path", output_path)):
+        if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str):
+            raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
     check_output_path(output_path, source_path=input_path)
     model, payloads, wait_for_check = load_model_deferred(input_path)
     try:

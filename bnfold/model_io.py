@@ -52,7 +52,14 @@ def load_model_checked_in_background(model_or_path, *, check: bool = True):
         model = onnx.load_model_from_string(raw)
         external = model_uses_external_data(model)
         if external:
-            load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+            try:
+                load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+            except (FileNotFoundError, PermissionError):
+                raise
+            except Exception as e:  # onnx words a missing/short data file as a ValidationError
+                raise InputError(f"{path}: external data missing or unreadable ({_first_line(e)})") from None
+    except InputError:
+        raise
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
     except FileNotFoundError as e:  # a missing external-data file
@@ -115,10 +122,11 @@ def _load_split(path):
     return model, payloads, rest
 
 
-def _existing_model_path(model_or_path) -> str:
-    if not isinstance(model_or_path, (str, os.PathLike)):
-        raise TypeError(f"model must be a path or an onnx.ModelProto, got {type(model_or_path).__name__}")
-    path = os.fspath(model_or_path)
+def _existing_model_path(model_or_path, argument: str = "model") -> str:
+    path = os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
+    if not isinstance(path, str):
+        raise TypeError(f"{argument} must be a path (str or os.PathLike of str) or an onnx.ModelProto, got "
+                        f"{type(model_or_path).__name__}")
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
     if os.path.isdir(path):

@@ -167,6 +167,9 @@ class LoadedModel:
             # onnxruntime reads the file itself; here only the graph's structure is needed (value
             # specs, table shapes), so the weights stay on disk and ``proto`` has no tensor data
             # for the big initializers (see bnfold.payloads).
+            if os.path.exists(self.path) and not (os.path.isfile(self.path) or os.path.isdir(self.path)):
+                raise InputError(f"{self.path}: not a regular file (onnxruntime reads the model again after "
+                                 "bnfold has); save it to a file first")
             self.proto, payloads, wait_for_check = load_model_deferred(self.path)
             payloads.close()
             wait_for_check()

@@ -347,3 +347,32 @@ def test_checker_still_rejects_what_it_rejects_for_small_tensors(tmp_path):
     src = _save(model, tmp_path / "two.onnx")
     with pytest.raises(InputError, match="one and only one value field"):
         fold_file(src, str(tmp_path / "out.onnx"))
+
+
+def test_fold_file_arguments_are_named_in_type_errors(tmp_path):
+    src = _save(_model_with_big_weight(), tmp_path / "in.onnx")
+    with pytest.raises(TypeError, match="input_path"):
+        fold_file(onnx.load(src), str(tmp_path / "out.onnx"))
+    with pytest.raises(TypeError, match="output_path"):
+        fold_file(src, None)
+    with pytest.raises(TypeError, match="input_path"):
+        fold_file(src.encode(), str(tmp_path / "out.onnx"))
+
+
+def test_missing_external_data_file_is_named(tmp_path):
+    src = str(tmp_path / "in.onnx")
+    onnx.save_model(_model_with_big_weight(), src, save_as_external_data=True, location="in.data",
+                    size_threshold=1024)
+    os.unlink(tmp_path / "in.data")
+    with pytest.raises(InputError, match="external data"):
+        fold_file(src, str(tmp_path / "out.onnx"))
+
+
+def test_a_pipe_cannot_be_checked_and_says_why(tmp_path):
+    from bnfold.parity import check
+
+    fifo = str(tmp_path / "pipe.onnx")
+    os.mkfifo(fifo)
+    src = _save(_model_with_big_weight(), tmp_path / "in.onnx")
+    with pytest.raises(InputError, match="not a regular file"):
+        check(src, fifo)
