@@ -19,7 +19,10 @@ The reference runs with onnxruntime's graph optimizations disabled (``opt_level=
 onnxruntime's own Conv+BN fusion cannot hide a difference; the candidate runs at ``"all"``, as it
 would be deployed.
 
-Tolerances (``DEFAULT_TOLERANCES``) are per output dtype. An element passes when
+Tolerances (``DEFAULT_TOLERANCES``) are per output dtype, loosened to the lowest float precision
+either model computes in (initializers, Constant values, Cast targets, declared value types): a
+mixed-precision model — float16 inside, float32 inputs and outputs — is compared with float16
+tolerances, since its own rounding is float16's. An element passes when
 ``|cand - ref| <= atol + rtol * |ref|``. The *default* ``atol`` is relative to the output's scale
 (multiplied by ``max(1, max|ref|)``) because folding changes rounding in proportion to the
 magnitudes of the values involved; explicit ``atol`` values are taken literally. Integer and bool
@@ -54,7 +57,12 @@ DEFAULT_TOLERANCES = {
     "float64": (1e-9, 1e-10),
     "float32": (1e-4, 1e-5),
     "float16": (1e-2, 1e-3),
+    "bfloat16": (5e-2, 5e-3),
 }
+
+# TensorProto float element types by precision, lowest first.
+_FLOAT_PRECISIONS = ((onnx.TensorProto.BFLOAT16, "bfloat16"), (onnx.TensorProto.FLOAT16, "float16"),
+                     (onnx.TensorProto.FLOAT, "float32"), (onnx.TensorProto.DOUBLE, "float64"))
 
 _ORT_TYPES = {
     "tensor(float)": "float32",
@@ -599,15 +607,42 @@ def _json_float(x):
     return x if math.isfinite(x) else str(x)
 
 
-def _tolerance_for(name: str, dtype: str, value, kind: str):
-    """(value, is_default) for one output from a float, a dict {name: float} or None."""
+def _tolerance_for(name: str, dtype: str, value, kind: str, working_precision=None):
+    """(value, is_default) for one output from a float, a dict {name: float} or None; the default
+    is the looser of the output dtype's and the models' working precision's."""
     if isinstance(value, dict):
         value = value.get(name)
     if value is None:
         if dtype not in DEFAULT_TOLERANCES:
             return 0.0, True
-        return DEFAULT_TOLERANCES[dtype][0 if kind == "rtol" else 1], True
+        k = 0 if kind == "rtol" else 1
+        default = DEFAULT_TOLERANCES[dtype][k]
+        if working_precision in DEFAULT_TOLERANCES:
+            default = max(default, DEFAULT_TOLERANCES[working_precision][k])
+        return default, True
     return float(value), False
+
+
+def working_precision(model: onnx.ModelProto):
+    """Name of the lowest float precision the model computes in (see the module docstring), or
+    None when it has no float tensors."""
+    from bnfold.graph import iter_graphs
+
+    seen = set()
+    for graph in iter_graphs(model.graph):
+        seen.update(t.data_type for t in graph.initializer)
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            seen.add(vi.type.tensor_type.elem_type)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.name == "to" and node.op_type in ("Cast", "CastLike", "RandomNormal", "RandomUniform"):
+                    seen.add(attr.i)
+                elif attr.type == onnx.AttributeProto.TENSOR:
+                    seen.add(attr.t.data_type)
+    for data_type, name in _FLOAT_PRECISIONS:
+        if data_type in seen:
+            return name
+    return None
 
 
 def _validate_tolerance(value, kind: str, output_names) -> None:
@@ -743,9 +778,11 @@ def check(
 
         results = []
         scaled, base_atols = {}, {}
+        precisions = [p for p in (working_precision(ref_model.proto), working_precision(cand_model.proto)) if p]
+        lowest = min(precisions, key=[name for _, name in _FLOAT_PRECISIONS].index) if precisions else None
         for spec in output_specs:
-            r, r_default = _tolerance_for(spec.name, spec.dtype, rtol, "rtol")
-            a, a_default = _tolerance_for(spec.name, spec.dtype, atol, "atol")
+            r, r_default = _tolerance_for(spec.name, spec.dtype, rtol, "rtol", lowest)
+            a, a_default = _tolerance_for(spec.name, spec.dtype, atol, "atol", lowest)
             if spec.dtype not in DEFAULT_TOLERANCES:
                 r, a, a_default = 0.0, 0.0, False  # integers and bools compare exactly
             results.append(OutputResult(spec.name, spec.dtype, (), r, a))

@@ -469,3 +469,39 @@ def test_scalar_inputs_are_synthesized_as_arrays(tmp_path):
     onnx.save_model(model, path)
     report = bnfold.check(path, path)
     assert report.passed
+
+
+def _mixed_precision_model(seed=5):
+    """float32 in/out, float16 inside (as converters write with keep_io_types)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    bn = [numpy_helper.from_array(v.astype(np.float16), n) for v, n in
+          zip((rng.uniform(.5, 1.5, 128), rng.uniform(-1, 1, 128), rng.uniform(-1, 1, 128), rng.uniform(.5, 2, 128)),
+              ("s", "b", "m", "v"))]
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+             helper.make_node("Conv", ["x16", "W"], ["c"], pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["b16"]),
+             helper.make_node("Cast", ["b16"], ["y"], to=TensorProto.FLOAT)]
+    w = numpy_helper.from_array((rng.standard_normal((128, 64, 3, 3)) * .05).astype(np.float16), "W")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128, 8, 8])], [w] + bn)
+    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_mixed_precision_model_is_judged_by_its_float16_rounding(tmp_path):
+    from bnfold.parity import working_precision
+
+    model = _mixed_precision_model()
+    assert working_precision(model) == "float16"
+    folded, report = bnfold.fold(model)
+    assert report.n_folded == 1
+    result = bnfold.check(model, folded)
+    assert result.passed, result.summary()
+    assert result.outputs[0].rtol == 1e-2  # float16's, not float32's 1e-4
+    broken = onnx.ModelProto()
+    broken.CopyFrom(folded)
+    for t in broken.graph.initializer:
+        if len(t.dims) == 4:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * np.float16(1.1), t.name))
+    assert not bnfold.check(model, broken).passed  # float16 tolerance still catches a wrong fold
