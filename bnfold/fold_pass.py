@@ -42,6 +42,7 @@ REASON_CODES = (
     "spatial_mode",
     "unsupported_dtype",
     "invalid_statistics",
+    "would_overflow",
     "no_foldable_neighbour",
 )
 

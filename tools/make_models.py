@@ -419,6 +419,26 @@ def conv_bn_float16():
     return _conv_bn(61, spatial=[6, 6], elem_type=TensorProto.FLOAT16, pads=[1, 1, 1, 1])
 
 
+def conv_bn_float16_overflow():
+    """float16 Conv -> BN whose scale (gamma / sqrt(var + eps)) is ~3e4 on weights of ~2-3: the
+    folded weights (~9e4) would not fit float16 (largest finite 65504)."""
+    model = _conv_bn(64, spatial=[6, 6], elem_type=TensorProto.FLOAT16, pads=[1, 1, 1, 1])
+    for t in model.graph.initializer:
+        if t.name == "conv_W":
+            w = numpy_helper.to_array(t).astype(np.float32)
+            t.CopyFrom(numpy_helper.from_array((np.sign(w) + w * 0.1 + 2.0).astype(np.float16), t.name))
+        if t.name == "bn_scale":
+            t.CopyFrom(numpy_helper.from_array(np.full(t.dims, 100.0, np.float16), t.name))
+        if t.name == "bn_var":
+            t.CopyFrom(numpy_helper.from_array(np.zeros(t.dims, np.float16), t.name))
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            for a in node.attribute:
+                if a.name == "epsilon":
+                    a.f = 1e-5
+    return model
+
+
 def conv_bn_float64():
     """Whole model in float64 (onnxruntime has no double Conv on CPU: parity via onnx.reference)."""
     return _conv_bn(62, spatial=[6, 6], elem_type=TensorProto.DOUBLE, pads=[1, 1, 1, 1])
@@ -921,6 +941,7 @@ CASES = {
     "convtranspose1d_bn": (convtranspose1d_bn, (Fold("bn", "convtranspose_bn"),)),
     "convtranspose2d_add_bias_bn": (convtranspose2d_add_bias_bn, (Fold("bn", "convtranspose_bn"),)),
     "conv_add_vector_bn": (conv_add_vector_bn, (Remain("bn", "not_per_channel"),)),
+    "conv_bn_float16_overflow": (conv_bn_float16_overflow, (Remain("bn", "would_overflow"),)),
     "conv_mul_add_bn": (conv_mul_add_bn, (Fold("bn", "conv_bn"),)),
     "gemm_bn": (gemm_bn, (Fold("bn", "gemm_bn"),)),
     "gemm_transa_alpha_beta_row_c_bn": (gemm_transa_alpha_beta_row_c_bn, (Fold("bn", "gemm_bn"),)),

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+from onnx import TensorProto
 
 from bnfold.graph import FLOAT_TYPES, GraphView, get_attr, is_default_domain, to_float64
 
@@ -70,6 +71,29 @@ def weight_or_failure(view: GraphView, layer: int, position: int, role: str):
         return Failure("unsupported_dtype", f"{view.describe(layer)} {role} '{name}' is not a float tensor "
                        "(float32, float64, float16 or bfloat16)")
     return np.asarray(value), data_type
+
+
+# Largest finite values of the float types whose range a fold can realistically exceed.
+_FLOAT_LIMITS = {TensorProto.FLOAT16: 65504.0, TensorProto.BFLOAT16: 3.3895313892515355e38}
+
+
+def overflow_failure(view: GraphView, bn: BatchNorm, layer: int, data_type: int, *values):
+    """Failure("would_overflow") when a folded value would not fit ``data_type`` (float16 and
+    bfloat16; float32/float64 cannot realistically overflow), else None. ``values``: float64
+    arrays (e.g. the new bias), or ``(weight, factor)`` pairs whose product is the new weight."""
+    limit = _FLOAT_LIMITS.get(data_type)
+    if limit is None:
+        return None
+    worst = 0.0
+    for value in values:
+        product = np.abs(to_float64(value[0])) * np.abs(value[1]) if isinstance(value, tuple) else np.abs(value)
+        if np.size(product):
+            worst = max(worst, float(np.max(product)))
+    if not worst <= limit:
+        type_name = FLOAT_TYPES[data_type]
+        return Failure("would_overflow", f"folding BatchNormalization '{bn.label}' into {view.describe(layer)} would "
+                       f"give values up to {worst:.3g}, beyond the largest {type_name} ({limit:.5g}); left unfolded")
+    return None
 
 
 def optional_input(node, position: int) -> str:

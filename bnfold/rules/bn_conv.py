@@ -30,7 +30,7 @@ import numpy as np
 from bnfold.graph import get_attr
 from bnfold.graph import to_float64
 from bnfold.rules.base import Failure, Match, finish_forward, forward_consumer, int_attr, optional_input, \
-    weight_or_failure
+    overflow_failure, weight_or_failure
 
 RULE = "bn_conv"
 
@@ -64,14 +64,18 @@ def check(view, bn):
     else:
         b = np.zeros(w.shape[0])
 
+    cout, cin_g = w.shape[0], w.shape[1]
+    kernel = w.shape[2:]
+    grouped = w.reshape((group, cout // group, cin_g) + kernel)
+    s = bn.scale.reshape((group, 1, cin_g) + (1,) * len(kernel))
+    t = bn.shift.reshape((group, 1, cin_g) + (1,) * len(kernel))
+    new_b = b + (grouped * t).reshape(cout, -1).sum(axis=1)
+    too_big = overflow_failure(view, bn, layer, w_type, (grouped, s), new_b)
+    if too_big is not None:
+        return too_big
+
     def rewrite():
         out = node.output[0]
-        cout, cin_g = w.shape[0], w.shape[1]
-        kernel = w.shape[2:]
-        grouped = w.reshape((group, cout // group, cin_g) + kernel)
-        s = bn.scale.reshape((group, 1, cin_g) + (1,) * len(kernel))
-        t = bn.shift.reshape((group, 1, cin_g) + (1,) * len(kernel))
-        new_b = b + (grouped * t).reshape(cout, -1).sum(axis=1)
         view.set_scaled_constant_input(layer, 1, grouped, s, w_type, node.input[1] or f"{out}_weight", shape=w.shape)
         view.set_constant_input(layer, 2, new_b, w_type, bias_name or f"{out}_bias")
         finish_forward(view, bn, layer)

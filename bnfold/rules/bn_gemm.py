@@ -30,7 +30,7 @@ import numpy as np
 from bnfold.graph import set_attr
 from bnfold.graph import to_float64
 from bnfold.rules.base import Failure, Match, finish_forward, float_attr, forward_consumer, int_attr, \
-    optional_input, weight_or_failure
+    optional_input, overflow_failure, weight_or_failure
 
 RULE = "bn_gemm"
 
@@ -61,11 +61,15 @@ def check(view, bn):
     else:
         c = np.zeros(())
 
+    b_tilde = w.T if trans_b else w
+    new_c = beta * c + alpha * (bn.shift @ b_tilde)
+    factor = alpha * (bn.scale[None, :] if trans_b else bn.scale[:, None])
+    too_big = overflow_failure(view, bn, layer, w_type, (w, factor), new_c)
+    if too_big is not None:
+        return too_big
+
     def rewrite():
         out = node.output[0]
-        b_tilde = w.T if trans_b else w
-        new_c = beta * c + alpha * (bn.shift @ b_tilde)
-        factor = alpha * (bn.scale[None, :] if trans_b else bn.scale[:, None])
         view.set_scaled_constant_input(layer, 1, w, factor, w_type, node.input[1] or f"{out}_weight")
         view.set_constant_input(layer, 2, new_c, w_type, c_name or f"{out}_bias")
         set_attr(node, "alpha", None)

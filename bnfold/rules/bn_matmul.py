@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from bnfold.graph import set_attr
 from bnfold.graph import to_float64
-from bnfold.rules.base import Failure, Match, finish_forward, forward_consumer, weight_or_failure
+from bnfold.rules.base import Failure, Match, finish_forward, forward_consumer, overflow_failure, weight_or_failure
 
 RULE = "bn_matmul"
 
@@ -51,10 +51,13 @@ def check(view, bn):
     if w.shape[0] != bn.channels:
         return Failure("not_per_channel", f"{view.describe(layer)} has {w.shape[0]} rows but BatchNormalization "
                        f"'{bn.label}' has {bn.channels} channels")
+    new_c = bn.shift @ w
+    too_big = overflow_failure(view, bn, layer, w_type, (w, bn.scale[:, None]), new_c)
+    if too_big is not None:
+        return too_big
 
     def rewrite():
         out = node.output[0]
-        new_c = bn.shift @ w
         view.set_scaled_constant_input(layer, 1, w, bn.scale[:, None], w_type, node.input[1] or f"{out}_weight")
         view.set_constant_input(layer, 2, new_c, w_type, f"{out}_bias")
         node.op_type = "Gemm"

@@ -32,6 +32,7 @@ from bnfold.rules.base import (
     bias_or_failure,
     check_chain_and_combine,
     finish_backward,
+    overflow_failure,
     trace_backward,
     weight_or_failure,
 )
@@ -59,11 +60,14 @@ def check(view, bn):
     if isinstance(combined, Failure):
         return combined
     scale, shift = combined
+    factor = scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    too_big = overflow_failure(view, bn, chain.layer, w_type, (w, factor), b * scale + shift)
+    if too_big is not None:
+        return too_big
 
     def rewrite():
         out = node.output[0]
-        view.set_scaled_constant_input(chain.layer, 1, w, scale.reshape((-1,) + (1,) * (w.ndim - 1)), w_type,
-                                       node.input[1] or f"{out}_weight")
+        view.set_scaled_constant_input(chain.layer, 1, w, factor, w_type, node.input[1] or f"{out}_weight")
         view.set_constant_input(chain.layer, 2, b * scale + shift, w_type, bias_name or f"{out}_bias")
         finish_backward(view, bn, chain)
 

@@ -32,6 +32,7 @@ from bnfold.rules.base import (
     check_chain_and_combine,
     finish_backward,
     int_attr,
+    overflow_failure,
     trace_backward,
     weight_or_failure,
 )
@@ -60,13 +61,16 @@ def check(view, bn):
     if isinstance(combined, Failure):
         return combined
     scale, shift = combined
+    cin, cout_g = w.shape[0], w.shape[1]
+    kernel = w.shape[2:]
+    grouped = w.reshape((group, cin // group, cout_g) + kernel)
+    factor = scale.reshape((group, 1, cout_g) + (1,) * len(kernel))
+    too_big = overflow_failure(view, bn, chain.layer, w_type, (grouped, factor), b * scale + shift)
+    if too_big is not None:
+        return too_big
 
     def rewrite():
         out = node.output[0]
-        cin, cout_g = w.shape[0], w.shape[1]
-        kernel = w.shape[2:]
-        grouped = w.reshape((group, cin // group, cout_g) + kernel)
-        factor = scale.reshape((group, 1, cout_g) + (1,) * len(kernel))
         view.set_scaled_constant_input(chain.layer, 1, grouped, factor, w_type, node.input[1] or f"{out}_weight",
                                        shape=w.shape)
         view.set_constant_input(chain.layer, 2, b * scale + shift, w_type, bias_name or f"{out}_bias")

@@ -35,6 +35,7 @@ from bnfold.rules.base import (
     float_attr,
     int_attr,
     optional_input,
+    overflow_failure,
     trace_backward,
     weight_or_failure,
 )
@@ -71,10 +72,13 @@ def check(view, bn):
     if isinstance(combined, Failure):
         return combined
     scale, shift = combined
+    factor = alpha * (scale[:, None] if trans_b else scale[None, :])
+    too_big = overflow_failure(view, bn, chain.layer, w_type, (w, factor), beta * c * scale + shift)
+    if too_big is not None:
+        return too_big
 
     def rewrite():
         out = node.output[0]
-        factor = alpha * (scale[:, None] if trans_b else scale[None, :])
         view.set_scaled_constant_input(chain.layer, 1, w, factor, w_type, node.input[1] or f"{out}_weight")
         view.set_constant_input(chain.layer, 2, beta * c * scale + shift, w_type, c_name or f"{out}_bias")
         set_attr(node, "alpha", None)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from bnfold.graph import set_attr
 from bnfold.graph import to_float64
-from bnfold.rules.base import Failure, Match, check_chain_and_combine, finish_backward, trace_backward, weight_or_failure
+from bnfold.rules.base import Failure, Match, check_chain_and_combine, finish_backward, overflow_failure, \
+    trace_backward, weight_or_failure
 
 RULE = "matmul_bn"
 
@@ -56,6 +57,9 @@ def check(view, bn):
     if isinstance(combined, Failure):
         return combined
     scale, shift = combined
+    too_big = overflow_failure(view, bn, chain.layer, w_type, (w, scale[None, :]), shift)
+    if too_big is not None:
+        return too_big
 
     def rewrite():
         out = node.output[0]
