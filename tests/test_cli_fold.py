@@ -102,6 +102,9 @@ class _FailedCheck:
     max_abs_error = 0.5
     warnings = []
 
+    def summary(self):
+        return "FAIL: output 'y' (1.00% of elements differ, max abs error 0.5)"
+
 
 def test_parity_failure_exit_1_nothing_written(tmp_path, model_path, capsys, monkeypatch):
     import bnfold.parity

@@ -81,8 +81,8 @@ def run(args) -> int:
 
     if check_report is not None and not check_report.passed:
         if not args.force:
-            print(f"bnfold fold: parity check FAILED (max abs error {check_report.max_abs_error:.3g}); "
-                  f"nothing written (use --force to write {args.output} anyway)", file=sys.stderr)
+            print(f"bnfold fold: parity check FAILED; nothing written (use --force to write {args.output} "
+                  "anyway)", file=sys.stderr)
             return 1
         print(f"bnfold fold: parity check FAILED; wrote {args.output} anyway (--force)", file=sys.stderr)
 
@@ -131,7 +131,9 @@ def format_summary(report, fold_seconds, check_report) -> str:
     if check_report is None:
         lines.append("parity check: skipped (--no-check)")
     else:
-        verdict = "passed" if check_report.passed else "FAILED"
-        lines.append(f"parity check: {verdict} (max abs error {check_report.max_abs_error:.3g})")
+        if check_report.passed:
+            lines.append(f"parity check: passed (max abs error {check_report.max_abs_error:.3g})")
+        else:  # the check's own one-line verdict names the outputs and why (e.g. NaN on one side)
+            lines.append(f"parity check: FAILED: {check_report.summary().removeprefix('FAIL: ')}")
         lines += [f"  warning: {w}" for w in check_report.warnings]
     return "\n".join(lines)
