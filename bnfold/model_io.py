@@ -496,6 +496,14 @@ def _raw_data_prefix_length(tensor, rest: bytes) -> int:
     raise AssertionError("inconsistent tensor size")
 
 
+def _has_unknown_fields(message) -> bool:
+    try:
+        from google.protobuf.unknown_fields import UnknownFieldSet
+    except ImportError:  # protobuf < 4.22: cannot tell; the fields are dropped
+        return False
+    return len(UnknownFieldSet(message)) > 0
+
+
 def _is_repeated(field) -> bool:
     # protobuf 6 has FieldDescriptor.is_repeated; older releases only have .label
     if hasattr(field, "is_repeated"):
@@ -507,8 +515,13 @@ def _copy_without(message, skipped_field: str):
     """A new message of the same type holding every set field of ``message`` but one.
 
     Walks the descriptor rather than ListFields(), which would materialize the skipped field
-    (a copy of a large raw_data) just to ignore it."""
+    (a copy of a large raw_data) just to ignore it. A message carrying fields this onnx version
+    does not know (written by a newer one) is copied whole instead, so they are kept."""
     copy = type(message)()
+    if _has_unknown_fields(message):
+        copy.CopyFrom(message)
+        copy.ClearField(skipped_field)
+        return copy
     for field in message.DESCRIPTOR.fields:
         name = field.name
         if name == skipped_field:

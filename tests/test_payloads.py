@@ -376,3 +376,23 @@ def test_a_pipe_cannot_be_checked_and_says_why(tmp_path):
     src = _save(_model_with_big_weight(), tmp_path / "in.onnx")
     with pytest.raises(InputError, match="not a regular file"):
         check(src, fifo)
+
+
+def test_fields_unknown_to_this_onnx_survive_fold_file(tmp_path):
+    """A newer onnx may write fields this one does not know: the streaming writer keeps them."""
+    model = _model_with_big_weight()
+    model.graph.node[1].output[0] = "z"  # BN output feeds a Relu, so the model stays foldable
+    model.graph.node.append(helper.make_node("Relu", ["z"], ["y"]))
+    data = model.SerializeToString()
+    unknown_model = wire.key(900, wire.VARINT) + wire.encode_varint(7)
+    unknown_graph = wire.length_delimited(901, 5) + b"hello"
+    parsed = onnx.load_model_from_string(data)
+    parsed.graph.MergeFromString(unknown_graph)
+    parsed.MergeFromString(unknown_model)
+    src = str(tmp_path / "in.onnx")
+    with open(src, "wb") as f:
+        f.write(parsed.SerializeToString())
+    out = str(tmp_path / "out.onnx")
+    assert fold_file(src, out).n_folded == 1
+    written = open(out, "rb").read()
+    assert unknown_model in written and unknown_graph in written
