@@ -14,11 +14,33 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cython.parallel cimport prange
 
 
+cdef void _scale_last_axis(const floating* src, floating* dst, Py_ssize_t first, Py_ssize_t n, Py_ssize_t C,
+                           const double* factor, int n_threads) noexcept nogil:
+    # inner == 1: element i (global index first + i) is channel (first + i) % C; whole rows of C
+    # elements get a vectorisable loop over the factors instead of a modulo per element
+    cdef Py_ssize_t i, r, c, base
+    cdef Py_ssize_t head = (C - first % C) % C
+    if head > n:
+        head = n
+    for i in range(head):
+        dst[i] = <floating>(<double>src[i] * factor[(first + i) % C])
+    cdef Py_ssize_t n_full = (n - head) // C
+    for r in prange(n_full, nogil=True, schedule="static", num_threads=n_threads):
+        base = head + r * C
+        for c in range(C):
+            dst[base + c] = <floating>(<double>src[base + c] * factor[c])
+    for i in range(head + n_full * C, n):
+        dst[i] = <floating>(<double>src[i] * factor[(first + i) % C])
+
+
 cdef void _scale(const floating* src, floating* dst, Py_ssize_t first_row, Py_ssize_t n_rows, Py_ssize_t C,
                  Py_ssize_t inner, const double* factor, int n_threads) noexcept nogil:
     # rows of ``inner`` values; row r (counted from first_row) belongs to channel r % C
     cdef Py_ssize_t row, j, base
     cdef double f
+    if inner == 1 and C > 1:
+        _scale_last_axis(src, dst, first_row, n_rows, C, factor, n_threads)
+        return
     for row in prange(n_rows, nogil=True, schedule="static", num_threads=n_threads):
         f = factor[(first_row + row) % C]
         base = row * inner

@@ -96,6 +96,23 @@ def overflow_failure(view: GraphView, bn: BatchNorm, layer: int, data_type: int,
     return None
 
 
+def vector_times_matrix(vector: np.ndarray, matrix: np.ndarray, transposed: bool = False,
+                        block_rows: int = 1024) -> np.ndarray:
+    """``vector @ matrix`` (``vector @ matrix.T`` when ``transposed``) in float64, converting the
+    (possibly float32/float16, possibly large) matrix a block of rows at a time instead of as a
+    whole float64 copy."""
+    rows = matrix.shape[0]
+    if transposed:
+        out = np.empty(rows, dtype=np.float64)
+        for start in range(0, rows, block_rows):
+            out[start:start + block_rows] = to_float64(matrix[start:start + block_rows]) @ vector
+        return out
+    out = np.zeros(matrix.shape[1], dtype=np.float64)
+    for start in range(0, rows, block_rows):
+        out += vector[start:start + block_rows] @ to_float64(matrix[start:start + block_rows])
+    return out
+
+
 def optional_input(node, position: int) -> str:
     return node.input[position] if position < len(node.input) else ""
 

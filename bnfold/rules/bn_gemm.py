@@ -30,7 +30,7 @@ import numpy as np
 from bnfold.graph import set_attr
 from bnfold.graph import to_float64
 from bnfold.rules.base import Failure, Match, finish_forward, float_attr, forward_consumer, int_attr, \
-    optional_input, overflow_failure, weight_or_failure
+    optional_input, overflow_failure, vector_times_matrix, weight_or_failure
 
 RULE = "bn_gemm"
 
@@ -46,7 +46,7 @@ def check(view, bn):
     weight = weight_or_failure(view, layer, 1, "B matrix")
     if isinstance(weight, Failure):
         return weight
-    w, w_type = to_float64(weight[0]), weight[1]
+    w, w_type = weight  # the stored type: float64 only where the math needs it
     trans_b = int_attr(node, "transB", 0)
     if w.ndim != 2 or w.shape[1 if trans_b else 0] != bn.channels:
         return Failure("not_per_channel", f"{view.describe(layer)} B of shape {w.shape} (transB={trans_b}) does not "
@@ -61,8 +61,7 @@ def check(view, bn):
     else:
         c = np.zeros(())
 
-    b_tilde = w.T if trans_b else w
-    new_c = beta * c + alpha * (bn.shift @ b_tilde)
+    new_c = beta * c + alpha * vector_times_matrix(bn.shift, w, transposed=trans_b)
     factor = alpha * (bn.scale[None, :] if trans_b else bn.scale[:, None])
     too_big = overflow_failure(view, bn, layer, w_type, (w, factor), new_c)
     if too_big is not None:

@@ -23,8 +23,8 @@ Math (float64, cast once)::
 from __future__ import annotations
 
 from bnfold.graph import set_attr
-from bnfold.graph import to_float64
-from bnfold.rules.base import Failure, Match, finish_forward, forward_consumer, overflow_failure, weight_or_failure
+from bnfold.rules.base import Failure, Match, finish_forward, forward_consumer, overflow_failure, \
+    vector_times_matrix, weight_or_failure
 
 RULE = "bn_matmul"
 
@@ -37,7 +37,7 @@ def check(view, bn):
     weight = weight_or_failure(view, layer, 1, "second input")
     if isinstance(weight, Failure):
         return weight
-    w, w_type = to_float64(weight[0]), weight[1]
+    w, w_type = weight  # the stored type: float64 only where the math needs it
     if w.ndim != 2:
         return Failure("matmul_layout", f"{view.describe(layer)} multiplies by a rank-{w.ndim} constant; only a "
                        "2-D matrix can absorb the BN")
@@ -51,7 +51,7 @@ def check(view, bn):
     if w.shape[0] != bn.channels:
         return Failure("not_per_channel", f"{view.describe(layer)} has {w.shape[0]} rows but BatchNormalization "
                        f"'{bn.label}' has {bn.channels} channels")
-    new_c = bn.shift @ w
+    new_c = vector_times_matrix(bn.shift, w)
     too_big = overflow_failure(view, bn, layer, w_type, (w, bn.scale[:, None]), new_c)
     if too_big is not None:
         return too_big

@@ -52,7 +52,7 @@ def check(view, bn):
     weight = weight_or_failure(view, chain.layer, 1, "B matrix")
     if isinstance(weight, Failure):
         return weight
-    w, w_type = to_float64(weight[0]), weight[1]
+    w, w_type = weight  # the stored type: float64 only where the math needs it
     trans_b = int_attr(node, "transB", 0)
     if w.ndim != 2 or w.shape[0 if trans_b else 1] != bn.channels:
         return Failure("not_per_channel", f"{view.describe(chain.layer)} has B of shape {w.shape} (transB={trans_b}), "

@@ -24,7 +24,6 @@ Math (float64, cast once), with the chain + BN reduced to ``S * y + T`` per colu
 from __future__ import annotations
 
 from bnfold.graph import set_attr
-from bnfold.graph import to_float64
 from bnfold.rules.base import Failure, Match, check_chain_and_combine, finish_backward, overflow_failure, \
     trace_backward, weight_or_failure
 
@@ -39,7 +38,7 @@ def check(view, bn):
     weight = weight_or_failure(view, chain.layer, 1, "second input")
     if isinstance(weight, Failure):
         return weight
-    w, w_type = to_float64(weight[0]), weight[1]
+    w, w_type = weight  # the stored type: float64 only where the math needs it
     if w.ndim != 2:
         return Failure("matmul_layout", f"{view.describe(chain.layer)} multiplies by a rank-{w.ndim} constant; "
                        "only a 2-D matrix keeps the BN channel on the product's last axis")
