@@ -262,29 +262,24 @@ def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: s
     if payloads is not None:
         payloads.release(tensor)
     if isinstance(array, ScaledWeight):  # computed when written
-        tensor.Clear()
-        tensor.name = name
-        tensor.data_type = data_type
-        tensor.dims.extend(array.shape)
-        payloads.put(tensor, array)
-        if doc:
-            tensor.doc_string = doc
-        return
-    target = numpy_type(data_type)
-    typed = np.ascontiguousarray(array if np.asarray(array).dtype == target else
-                                 np.asarray(array, dtype=np.float64).astype(target))
+        data, shape, nbytes = array, array.shape, array.nbytes
+    else:
+        target = numpy_type(data_type)
+        typed = np.ascontiguousarray(array if np.asarray(array).dtype == target else
+                                     np.asarray(array, dtype=np.float64).astype(target))
+        raw = _bytes_behind(typed)
+        data, shape, nbytes = (raw if raw is not None else typed.reshape(-1).view(np.uint8)), typed.shape, typed.nbytes
     if sys.byteorder != "little":  # ONNX raw_data is little-endian; let onnx handle the swap
         tensor.CopyFrom(numpy_helper.from_array(typed, name))
     else:
         tensor.Clear()
         tensor.name = name
         tensor.data_type = data_type
-        tensor.dims.extend(typed.shape)
-        raw = _bytes_behind(typed)
-        if payloads is not None and typed.nbytes >= payloads.threshold:
-            payloads.put(tensor, raw if raw is not None else typed.reshape(-1).view(np.uint8))
+        tensor.dims.extend(shape)
+        if payloads is not None and (isinstance(data, ScaledWeight) or nbytes >= payloads.threshold):
+            payloads.put(tensor, data)
         else:
-            tensor.raw_data = raw if raw is not None else typed.tobytes()
+            tensor.raw_data = bytes(data)
     if doc:
         tensor.doc_string = doc
 
