@@ -43,6 +43,8 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # is per chunk of samples instead of per row.
 _SHORT_ROW = 256
 _SLAB_MIN_OUTER = 8
+# A thread's share of one stage of the pipelined rows backward (see _bwd_stage_channels).
+_BWD_STAGE_BYTES = 256 << 10
 
 
 
@@ -263,6 +265,13 @@ def _tile(values: np.ndarray, C: int, dtype) -> np.ndarray:
     return np.ascontiguousarray(np.tile(values.astype(dtype), _k.cols_segment_rows(C)))
 
 
+def _bwd_stage_channels(L: _Layout, itemsize: int, nt: int) -> int:
+    """Channels per stage of the pipelined rows backward: a thread's share of a stage's dy and x
+    is about _BWD_STAGE_BYTES, so two stages and the dx being written stay in a core's L2."""
+    per_channel = 2 * itemsize * L.outer * L.inner / nt
+    return int(min(_k.MAX_STAGE_CHANNELS, max(1, _BWD_STAGE_BYTES // per_channel)))
+
+
 def _use_slabs(L: _Layout) -> bool:
     return 1 < L.inner < _SHORT_ROW and L.outer >= _SLAB_MIN_OUTER
 
@@ -471,7 +480,7 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=1, n_threads
     if L.inner > 1 and not _use_slabs(L):
         # reduction and dx pass per channel in one parallel region (dx while dy, x are cached)
         _k.bwd_fused_rows(gf, xf, L.outer, L.C, L.inner, mean, w, invstd, dxf, sum_dy, sum_dyxc,
-                          nt)
+                          nt, _bwd_stage_channels(L, dt.itemsize, nt))
     else:
         if _use_slabs(L):
             _k.dot_slabs(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)

@@ -326,6 +326,61 @@ def test_backward_is_bitwise_independent_of_thread_count(shape):
             np.testing.assert_array_equal(a, b_)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 7, 41, 103), (5, 10, 17, 19), (2, 3, 300)])
+def test_pipelined_backward_is_bitwise_independent_of_stage_size_and_threads(shape, dtype):
+    # The rows backward reduces stage k while writing the dx of stage k - 1, with work taken
+    # between threads. Any stage size (C not a multiple of it; 41 x 103 rows are longer than one
+    # unit, so items of two stages can differ in length) and any thread count, including more
+    # threads than cores, must give the same bits, and match the float64 formula.
+    from bnfold.kernels import _k
+
+    rng = np.random.default_rng(21)
+    x = _data(rng, shape, dtype)
+    dy = _data(rng, shape, dtype)
+    outer, C, inner = shape[0], shape[1], int(np.prod(shape[2:]))
+    w = rng.uniform(0.5, 2, C)
+    _, m, s = batch_norm_train(x, w, None, None, None, n_threads=1)
+    mean, invstd = m.astype(np.float64), s.astype(np.float64)
+
+    def run(stage, n_threads):
+        dx = np.full(x.size, np.nan, dtype)
+        s1, s2 = np.full(C, np.nan), np.full(C, np.nan)
+        _k.bwd_fused_rows(dy.reshape(-1), x.reshape(-1), outer, C, inner, mean, w, invstd, dx,
+                          s1, s2, n_threads, stage)
+        return dx, s1, s2
+
+    ref = run(1, 1)
+    for stage in (1, 2, 3, C, 64):
+        for n_threads in (1, 2, 3, 8):
+            for a, b_ in zip(ref, run(stage, n_threads)):
+                np.testing.assert_array_equal(a, b_)
+    x64, g64 = x.astype(np.float64), dy.astype(np.float64)
+    axes = (0, 2) if x.ndim == 3 else (0, 2, 3)
+    bshape = (1, C) + (1,) * (x.ndim - 2)
+    xc = x64 - mean.reshape(bshape)
+    sum_dy, sum_dyxc = g64.sum(axis=axes), (g64 * xc).sum(axis=axes)
+    np.testing.assert_allclose(ref[1], sum_dy, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(ref[2], sum_dyxc, rtol=1e-10, atol=1e-9)
+    n = outer * inner
+    k = (w * invstd).reshape(bshape)
+    expected = k * (g64 - (sum_dy / n).reshape(bshape)
+                    - xc * (invstd**2 * sum_dyxc / n).reshape(bshape))
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(ref[0].reshape(shape), expected, rtol=tol, atol=tol)
+
+
+def test_pipelined_backward_rejects_a_bad_stage_size():
+    from bnfold.kernels import _k
+
+    x = np.ones((2, 3, 300), np.float32)
+    args = (x.reshape(-1), x.reshape(-1), 2, 3, 300, np.zeros(3), np.ones(3), np.ones(3),
+            np.empty(x.size, np.float32), np.empty(3), np.empty(3), 2)
+    for bad in (0, _k.MAX_STAGE_CHANNELS + 1):
+        with pytest.raises(ValueError, match="stage_channels"):
+            _k.bwd_fused_rows(*args, bad)
+
+
 def test_backward_offset_data_stays_accurate_in_float32():
     rng = np.random.default_rng(9)
     x = (3e4 + 1e-3 * rng.standard_normal((8, 3, 16, 16))).astype(np.float32)
