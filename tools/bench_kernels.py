@@ -3,12 +3,15 @@
 For every shape (float32) it prints, as torch time / bnfold time (> 1 means bnfold is faster):
   stats     torch.var_mean over the non-channel dims  vs  bnfold.batch_stats
   fwd-train F.batch_norm(training=True)               vs  bnfold.batch_norm_train
-  backward  autograd backward of F.batch_norm (only the backward is timed)
-                                                      vs  bnfold.batch_norm_backward
+  backward  autograd backward of F.batch_norm         vs  bnfold.batch_norm_backward
+            (only the backward is timed; each library's training forward runs untimed right
+            before its own backward, as in a training step)
   infer     F.batch_norm(training=False)              vs  bnfold.batch_norm_infer
 and "stats/floor" = bnfold.batch_stats time / numpy x.sum() time (the one-read floor; target <= 2).
 Channels-last shapes are given to torch as channels_last tensors (a permuted view of the NHWC
-array), so both libraries read the same memory.
+array), so both libraries read the same memory. The absolute medians follow the ratios:
+torch's time swings with whether its allocator hands it fresh pages (a page fault per 4 KiB of
+output on first write), which bnfold's output cache avoids.
 
 Usage:  python tools/bench_kernels.py [--quick] [--threads 2] [--repeats N]
 """
@@ -100,7 +103,8 @@ def bench_shape(label, shape, axis, repeats, n_threads):
          lambda: bnfold.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, axis, n_threads=n_threads)],
         repeats)
 
-    # backward: the forward graph is rebuilt untimed before each timed backward
+    # backward: before each timed backward its own library's forward runs untimed (torch: the
+    # autograd graph is rebuilt; bnfold: batch_norm_train gives save_mean / save_invstd)
     txg = tx.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
     twg, tbg = tw.clone().requires_grad_(True), tb.clone().requires_grad_(True)
     graph = {}
@@ -109,12 +113,17 @@ def bench_shape(label, shape, axis, repeats, n_threads):
         txg.grad = twg.grad = tbg.grad = None
         graph["y"] = F.batch_norm(txg, None, None, twg, tbg, training=True)
 
-    _, save_mean, save_invstd = bnfold.batch_norm_train(x, w, b, None, None, axis=axis)
+    saved = {}
+
+    def forward():
+        _, saved["mean"], saved["invstd"] = bnfold.batch_norm_train(
+            x, w, b, None, None, axis=axis, n_threads=n_threads)
+
     t["bwd_torch"], t["bwd_bnfold"] = median_times(
         [lambda: graph["y"].backward(tdy),
-         lambda: bnfold.batch_norm_backward(dy, x, w, save_mean, save_invstd, axis,
+         lambda: bnfold.batch_norm_backward(dy, x, w, saved["mean"], saved["invstd"], axis,
                                             n_threads=n_threads)],
-        repeats, setups=[build, None])
+        repeats, setups=[build, forward])
     graph.clear()
 
     def torch_infer():
@@ -145,7 +154,8 @@ def main(argv=None) -> int:
           "stats/floor = bnfold stats / numpy x.sum()")
     print(f"load average before: {load_average()}")
     header = (f"{'shape':<20}{'x.sum ms':>9}{'stats':>8}{'fwd-train':>10}{'backward':>10}"
-              f"{'infer':>8}{'stats/floor':>12}   bnfold ms: stats/fwd/bwd/infer")
+              f"{'infer':>8}{'stats/floor':>12}   bnfold ms: stats/fwd/bwd/infer"
+              "   torch ms: stats/fwd/bwd/infer")
     print(header)
     for label, shape, axis in SHAPES:
         if args.only and args.only not in label:
@@ -160,7 +170,8 @@ def main(argv=None) -> int:
             f"{t['inf_torch'] / t['inf_bnfold']:>8.2f}"
             f"{t['stats_bnfold'] / t['floor']:>12.2f}"
             f"   {ms('stats_bnfold'):.2f}/{ms('fwd_bnfold'):.2f}/{ms('bwd_bnfold'):.2f}/"
-            f"{ms('inf_bnfold'):.2f}",
+            f"{ms('inf_bnfold'):.2f}   {ms('stats_torch'):.2f}/{ms('fwd_torch'):.2f}/"
+            f"{ms('bwd_torch'):.2f}/{ms('inf_torch'):.2f}",
             flush=True,
         )
     print(f"load average after: {load_average()}")
