@@ -626,7 +626,7 @@ def test_kernel_module_choice_follows_cpu(monkeypatch):
 
 
 def test_large_outputs_never_share_memory_with_arrays_still_held():
-    # outputs >= 16 MiB come from a cache of reusable buffers: a buffer may be handed out again
+    # outputs >= 1 MiB come from a cache of reusable buffers: a buffer may be handed out again
     # only once nothing refers to it any more (not even a view of a previous output)
     from bnfold import kernels
 
