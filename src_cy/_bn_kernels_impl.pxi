@@ -994,11 +994,11 @@ cdef extern from *:
             sd = ((ud / nb) * C + (k - 1) * G + cd) * inner + (ud % nb) * block;         \
         }                                                                                \
         if (red && tr && ln == lnd)                                                      \
-            p1[c * nu + u] = bnf_sumdot_bwd_##SUF(g + st, x + st, ln, mean[c],           \
-                &p2[c * nu + u], g + sd, x + sd, y + sd, mh[cd], a[cd], b[cd], d[cd]);   \
+            p1[u * C + c] = bnf_sumdot_bwd_##SUF(g + st, x + st, ln, mean[c],            \
+                &p2[u * C + c], g + sd, x + sd, y + sd, mh[cd], a[cd], b[cd], d[cd]);    \
         else {                                                                           \
-            if (red) p1[c * nu + u] = bnf_sum_dot_##SUF(g + st, x + st, ln, mean[c],     \
-                                                        &p2[c * nu + u]);                \
+            if (red) p1[u * C + c] = bnf_sum_dot_##SUF(g + st, x + st, ln, mean[c],      \
+                                                        &p2[u * C + c]);                 \
             if (tr) bnf_bwd_##SUF(g + sd, x + sd, y + sd, lnd, mh[cd], a[cd], b[cd],     \
                                   d[cd]);                                                \
         }                                                                                \
@@ -1010,6 +1010,9 @@ cdef extern from *:
             long long* done, int nt) {                                                   \
         Py_ssize_t nb = (inner + block - 1) / block, nu = outer * nb;                    \
         Py_ssize_t ns = (C + G - 1) / G;                                                 \
+        /* items per claim: a claim covers >= 4096 values, so short rows (16 x 16) do not    \
+           pay an atomic per row */                                                       \
+        Py_ssize_t per = (inner < block ? (block + inner - 1) / inner : 1);              \
         BNF_OMP_PARALLEL                                                                 \
         {                                                                                \
             int nth = 1, t = 0, o, q, spins;                                             \
@@ -1029,7 +1032,7 @@ cdef extern from *:
                     for (j = 0; j < gd; j++) {                                           \
                         cd = (k - 1) * G + j; s1 = 0; s2 = 0;                            \
                         for (u = 0; u < nu; u++) {                                       \
-                            s1 = s1 + p1[cd * nu + u]; s2 = s2 + p2[cd * nu + u]; }      \
+                            s1 = s1 + p1[u * C + cd]; s2 = s2 + p2[u * C + cd]; }        \
                         if (t == 0) { out1[cd] = s1; out2[cd] = s2; }                    \
                         bnf_bwd_coef_##SUF(s1, s2, w[cd], mean[cd], invstd[cd], cnt,     \
                                            &mh[j], &a[j], &b[j], &d[j]);                 \
@@ -1040,11 +1043,11 @@ cdef extern from *:
                     o = (t + q) % nth;                                                   \
                     r0 = o * n / nth; r1 = (o + 1) * n / nth;                            \
                     for (;;) {                                                           \
-                        got = BNF_CLAIM(&claim[(k * nth + o) * BNF_CLAIM_STRIDE]);       \
-                        if (r0 + got >= r1) break;                                       \
-                        bnf_pipe_item_##SUF(g, x, y, C, inner, block, nb, nu, G, k,      \
-                                            r0 + got, gk, gd, mean, p1, p2, mh, a, b, d); \
-                        mine++;                                                          \
+                        got = r0 + per * BNF_CLAIM(&claim[(k * nth + o) * BNF_CLAIM_STRIDE]); \
+                        if (got >= r1) break;                                            \
+                        for (j = got; j < got + per && j < r1; j++, mine++)              \
+                            bnf_pipe_item_##SUF(g, x, y, C, inner, block, nb, nu, G, k,  \
+                                                j, gk, gd, mean, p1, p2, mh, a, b, d);   \
                     }                                                                    \
                 }                                                                        \
                 BNF_PUBLISH(&done[k], mine);                                             \
