@@ -43,7 +43,7 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # is per chunk of samples instead of per row.
 _SHORT_ROW = 256
 _SLAB_MIN_OUTER = 8
-# A thread's share of one stage of the pipelined rows backward (see _bwd_stage_channels).
+# A thread's share of one stage of the rows backward (see _bwd_schedule).
 _BWD_STAGE_BYTES = 256 << 10
 
 
@@ -268,11 +268,36 @@ def _tile(values: np.ndarray, C: int, dtype) -> np.ndarray:
     return np.ascontiguousarray(np.tile(values.astype(dtype), _k.cols_segment_rows(C)))
 
 
-def _bwd_stage_channels(L: _Layout, itemsize: int, nt: int) -> int:
-    """Channels per stage of the pipelined rows backward: a thread's share of a stage's dy and x
-    is about _BWD_STAGE_BYTES, so two stages and the dx being written stay in a core's L2."""
+def _l2_cache_bytes() -> int:
+    """Size of one core's L2 cache as Linux reports it, else 1 MiB (a common size today)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in sorted(os.listdir(base)):
+            d = os.path.join(base, index)
+            with open(os.path.join(d, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(d, "type")) as f:
+                kind = f.read().strip()
+            if level == "2" and kind in ("Unified", "Data"):
+                with open(os.path.join(d, "size")) as f:
+                    text = f.read().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+                return int(text.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return 1 << 20
+
+
+_L2_BYTES = _l2_cache_bytes()
+
+
+def _bwd_schedule(L: _Layout, itemsize: int, nt: int) -> tuple[int, bool]:
+    """(channels per stage, overlap) for the rows backward. A thread's share of a stage's dy and
+    x is about _BWD_STAGE_BYTES (at least one channel). Overlapping a stage's reduction with the
+    previous stage's dx keeps two stages in L2 at once, so it is used only where they fit."""
     per_channel = 2 * itemsize * L.outer * L.inner / nt
-    return int(min(_k.MAX_STAGE_CHANNELS, max(1, _BWD_STAGE_BYTES // per_channel)))
+    stage = int(min(_k.MAX_STAGE_CHANNELS, max(1, _BWD_STAGE_BYTES // per_channel)))
+    return stage, 2 * stage * per_channel <= _L2_BYTES
 
 
 def _use_slabs(L: _Layout) -> bool:
@@ -483,7 +508,7 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=1, n_threads
     if L.inner > 1 and not _use_slabs(L):
         # reduction and dx pass per channel in one parallel region (dx while dy, x are cached)
         _k.bwd_fused_rows(gf, xf, L.outer, L.C, L.inner, mean, w, invstd, dxf, sum_dy, sum_dyxc,
-                          nt, _bwd_stage_channels(L, dt.itemsize, nt))
+                          nt, *_bwd_schedule(L, dt.itemsize, nt))
     else:
         if _use_slabs(L):
             _k.dot_slabs(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)

@@ -973,25 +973,26 @@ cdef extern from *:
         *m_hi = mh; *a = (T)aa; *b = (T)bb;                                              \
         *d = (T)(-aa * (s1 / cnt) + bb * ((double)mh - mean));                           \
     }                                                                                    \
-    /* Item i of stage k: unit i of the reduction of stage k (gk channels, item -> unit    \
-       i / gk of channel kG + i % gk, so a thread's share is contiguous in memory) and      \
-       unit i of the dx of stage k - 1 (gd channels), each if it exists. */                 \
+    /* Item i of a step: unit i of the reduction of stage kr (gk channels, item -> unit    \
+       i / gk of channel kr G + i % gk, so a thread's share is contiguous in memory) and    \
+       unit i of the dx of stage kd (gd channels), each if it exists. */                    \
     static void bnf_pipe_item_##SUF(const T* g, const T* x, T* y, Py_ssize_t C,          \
             Py_ssize_t inner, Py_ssize_t block, Py_ssize_t nb, Py_ssize_t nu,            \
-            Py_ssize_t G, Py_ssize_t k, Py_ssize_t i, Py_ssize_t gk, Py_ssize_t gd,      \
-            const double* mean, double* p1, double* p2, const T* mh, const T* a,         \
+            Py_ssize_t G, Py_ssize_t kr, Py_ssize_t kd, Py_ssize_t i, Py_ssize_t gk,     \
+            Py_ssize_t gd, const double* mean, double* p1, double* p2, const T* mh,      \
+            const T* a,                                                                  \
             const T* b, const T* d) {                                                    \
         int red = i < gk * nu, tr = i < gd * nu;                                         \
         Py_ssize_t c = 0, cd = 0, u = 0, ud, st = 0, sd = 0, ln = 0, lnd = -1;           \
         if (red) {                                                                       \
-            u = i / gk; c = k * G + i % gk;                                              \
+            u = i / gk; c = kr * G + i % gk;                                             \
             ln = inner - (u % nb) * block; if (ln > block) ln = block;                   \
             st = ((u / nb) * C + c) * inner + (u % nb) * block;                          \
         }                                                                                \
         if (tr) {                                                                        \
             ud = i / gd; cd = i % gd;                                                    \
             lnd = inner - (ud % nb) * block; if (lnd > block) lnd = block;               \
-            sd = ((ud / nb) * C + (k - 1) * G + cd) * inner + (ud % nb) * block;         \
+            sd = ((ud / nb) * C + kd * G + cd) * inner + (ud % nb) * block;              \
         }                                                                                \
         if (red && tr && ln == lnd)                                                      \
             p1[u * C + c] = bnf_sumdot_bwd_##SUF(g + st, x + st, ln, mean[c],            \
@@ -1007,30 +1008,35 @@ cdef extern from *:
             Py_ssize_t C, Py_ssize_t inner, Py_ssize_t block, Py_ssize_t G,              \
             const double* mean, const double* w, const double* invstd, double cnt,       \
             double* p1, double* p2, double* out1, double* out2, long long* claim,        \
-            long long* done, int nt) {                                                   \
+            long long* done, int overlap, int nt) {                                      \
         Py_ssize_t nb = (inner + block - 1) / block, nu = outer * nb;                    \
-        Py_ssize_t ns = (C + G - 1) / G;                                                 \
+        Py_ssize_t ns = (C + G - 1) / G, nsteps = overlap ? ns + 1 : 2 * ns;             \
         /* items per claim: a claim covers >= 4096 values, so short rows (16 x 16) do not    \
            pay an atomic per row */                                                       \
         Py_ssize_t per = (inner < block ? (block + inner - 1) / inner : 1);              \
         BNF_OMP_PARALLEL                                                                 \
         {                                                                                \
             int nth = 1, t = 0, o, q, spins;                                             \
-            Py_ssize_t k, j, cd, u, gk = 0, gd = 0, n = 0, nprev, r0, r1;                \
+            Py_ssize_t k, kr, kd, j, cd, u, gk, gd, n = 0, nprev, r0, r1;                \
             long long got, mine;                                                         \
             double s1, s2;                                                               \
             T mh[BNF_MAX_STAGE], a[BNF_MAX_STAGE], b[BNF_MAX_STAGE], d[BNF_MAX_STAGE];   \
             BNF_OMP_IDS(nth, t)                                                          \
-            for (k = 0; k <= ns; k++) {                                                  \
-                gd = gk; nprev = n;                                                      \
-                gk = k < ns ? (C - k * G < G ? C - k * G : G) : 0;                       \
-                n = (gk > gd ? gk : gd) * nu;                                            \
-                if (k > 0) {                                                             \
+            /* step k: overlapped, reduce stage k and dx of stage k - 1; otherwise the    \
+               reduction of stage k / 2 (k even), then its dx (k odd) */                  \
+            for (k = 0; k < nsteps; k++) {                                               \
+                kr = overlap ? (k < ns ? k : -1) : (k % 2 ? -1 : k / 2);                 \
+                kd = overlap ? k - 1 : (k % 2 ? k / 2 : -1);                             \
+                gk = kr < 0 ? 0 : (C - kr * G < G ? C - kr * G : G);                     \
+                gd = kd < 0 ? 0 : (C - kd * G < G ? C - kd * G : G);                     \
+                nprev = n; n = (gk > gd ? gk : gd) * nu;                                 \
+                if (k > 0)                                                               \
                     for (spins = 0; !BNF_STAGE_DONE(&done[k - 1], nprev); spins++) {     \
                         if (spins < 4096) BNF_PAUSE(); else BNF_YIELD();                 \
                     }                                                                    \
+                if (gd > 0) {                                                            \
                     for (j = 0; j < gd; j++) {                                           \
-                        cd = (k - 1) * G + j; s1 = 0; s2 = 0;                            \
+                        cd = kd * G + j; s1 = 0; s2 = 0;                                 \
                         for (u = 0; u < nu; u++) {                                       \
                             s1 = s1 + p1[u * C + cd]; s2 = s2 + p2[u * C + cd]; }        \
                         if (t == 0) { out1[cd] = s1; out2[cd] = s2; }                    \
@@ -1046,8 +1052,9 @@ cdef extern from *:
                         got = r0 + per * BNF_CLAIM(&claim[(k * nth + o) * BNF_CLAIM_STRIDE]); \
                         if (got >= r1) break;                                            \
                         for (j = got; j < got + per && j < r1; j++, mine++)              \
-                            bnf_pipe_item_##SUF(g, x, y, C, inner, block, nb, nu, G, k,  \
-                                                j, gk, gd, mean, p1, p2, mh, a, b, d);   \
+                            bnf_pipe_item_##SUF(g, x, y, C, inner, block, nb, nu, G, kr, \
+                                                kd, j, gk, gd, mean, p1, p2, mh, a, b,   \
+                                                d);                                      \
                     }                                                                    \
                 }                                                                        \
                 BNF_PUBLISH(&done[k], mine);                                             \
@@ -1077,12 +1084,12 @@ cdef extern from *:
                          Py_ssize_t C, Py_ssize_t inner, Py_ssize_t block, Py_ssize_t G,
                          const double* mean, const double* w, const double* invstd, double cnt,
                          double* p1, double* p2, double* out1, double* out2, long long* claim,
-                         long long* done, int nt) noexcept nogil
+                         long long* done, int overlap, int nt) noexcept nogil
     void bnf_bwd_fused_d(const double* g, const double* x, double* y, Py_ssize_t outer,
                          Py_ssize_t C, Py_ssize_t inner, Py_ssize_t block, Py_ssize_t G,
                          const double* mean, const double* w, const double* invstd, double cnt,
                          double* p1, double* p2, double* out1, double* out2, long long* claim,
-                         long long* done, int nt) noexcept nogil
+                         long long* done, int overlap, int nt) noexcept nogil
 
 
 MAX_STAGE_CHANNELS = BNF_MAX_STAGE
@@ -1108,32 +1115,34 @@ def bwd_fused_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t out
                    Py_ssize_t C, Py_ssize_t inner, const double[::1] mean,
                    const double[::1] weight, const double[::1] invstd, floating[::1] out,
                    double[::1] sum_dy_out, double[::1] sum_dyxc_out, int n_threads,
-                   Py_ssize_t stage_channels):
-    """Rows-layout backward in one parallel region, pipelined over stages of stage_channels
-    channels (see bnf_bwd_fused): dx into out, per-channel sum(dy) and sum(dy * (x - mean))
-    into the two (C,) float64 outputs."""
+                   Py_ssize_t stage_channels, bint overlap):
+    """Rows-layout backward in one parallel region over stages of stage_channels channels, each
+    stage's reduction overlapped with the previous stage's dx or not (see bnf_bwd_fused): dx
+    into out, per-channel sum(dy) and sum(dy * (x - mean)) into the two (C,) float64 outputs."""
     if not 1 <= stage_channels <= BNF_MAX_STAGE:
         raise ValueError(f"stage_channels must be in [1, {BNF_MAX_STAGE}], got {stage_channels}")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")
     cdef Py_ssize_t n_units = outer * _blocks_per_row(inner)
-    cdef Py_ssize_t n_stages = (C + stage_channels - 1) // stage_channels + 1
+    cdef Py_ssize_t n_steps = 2 * ((C + stage_channels - 1) // stage_channels) + 1
     cdef double[::1] p1 = np.empty(C * n_units, dtype=np.float64)
     cdef double[::1] p2 = np.empty(C * n_units, dtype=np.float64)
     # OpenMP may start fewer threads than asked for, never more: sized for n_threads.
-    cdef long long[::1] claim = np.zeros(n_stages * n_threads * BNF_CLAIM_STRIDE,
+    cdef long long[::1] claim = np.zeros(n_steps * n_threads * BNF_CLAIM_STRIDE,
                                             dtype=np.longlong)
-    cdef long long[::1] done = np.zeros(n_stages, dtype=np.longlong)
+    cdef long long[::1] done = np.zeros(n_steps, dtype=np.longlong)
     cdef double cnt = <double>outer * <double>inner
     with nogil:
         if floating is float:
             bnf_bwd_fused_f(&dy[0], &x[0], &out[0], outer, C, inner, BLOCK, stage_channels,
                             &mean[0], &weight[0], &invstd[0], cnt, &p1[0], &p2[0],
-                            &sum_dy_out[0], &sum_dyxc_out[0], &claim[0], &done[0], n_threads)
+                            &sum_dy_out[0], &sum_dyxc_out[0], &claim[0], &done[0], overlap,
+                            n_threads)
         else:
             bnf_bwd_fused_d(&dy[0], &x[0], &out[0], outer, C, inner, BLOCK, stage_channels,
                             &mean[0], &weight[0], &invstd[0], cnt, &p1[0], &p2[0],
-                            &sum_dy_out[0], &sum_dyxc_out[0], &claim[0], &done[0], n_threads)
+                            &sum_dy_out[0], &sum_dyxc_out[0], &claim[0], &done[0], overlap,
+                            n_threads)
 
 
 def bwd_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,

@@ -329,8 +329,8 @@ def test_backward_is_bitwise_independent_of_thread_count(shape):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(3, 7, 41, 103), (5, 10, 17, 19), (2, 3, 300)])
 def test_pipelined_backward_is_bitwise_independent_of_stage_size_and_threads(shape, dtype):
-    # The rows backward reduces stage k while writing the dx of stage k - 1, with work taken
-    # between threads. Any stage size (C not a multiple of it; 41 x 103 rows are longer than one
+    # The rows backward reduces stage k while writing the dx of stage k - 1 (or reduces, then
+    # transforms, each stage), with work taken between threads. Any stage size (C not a multiple of it; 41 x 103 rows are longer than one
     # unit, so items of two stages can differ in length) and any thread count, including more
     # threads than cores, must give the same bits, and match the float64 formula.
     from bnfold.kernels import _k
@@ -343,18 +343,19 @@ def test_pipelined_backward_is_bitwise_independent_of_stage_size_and_threads(sha
     _, m, s = batch_norm_train(x, w, None, None, None, n_threads=1)
     mean, invstd = m.astype(np.float64), s.astype(np.float64)
 
-    def run(stage, n_threads):
+    def run(stage, n_threads, overlap):
         dx = np.full(x.size, np.nan, dtype)
         s1, s2 = np.full(C, np.nan), np.full(C, np.nan)
         _k.bwd_fused_rows(dy.reshape(-1), x.reshape(-1), outer, C, inner, mean, w, invstd, dx,
-                          s1, s2, n_threads, stage)
+                          s1, s2, n_threads, stage, overlap)
         return dx, s1, s2
 
-    ref = run(1, 1)
+    ref = run(1, 1, False)
     for stage in (1, 2, 3, C, 64):
         for n_threads in (1, 2, 3, 8):
-            for a, b_ in zip(ref, run(stage, n_threads)):
-                np.testing.assert_array_equal(a, b_)
+            for overlap in (False, True):
+                for a, b_ in zip(ref, run(stage, n_threads, overlap)):
+                    np.testing.assert_array_equal(a, b_)
     x64, g64 = x.astype(np.float64), dy.astype(np.float64)
     axes = (0, 2) if x.ndim == 3 else (0, 2, 3)
     bshape = (1, C) + (1,) * (x.ndim - 2)
@@ -378,7 +379,7 @@ def test_pipelined_backward_rejects_a_bad_stage_size():
             np.empty(x.size, np.float32), np.empty(3), np.empty(3), 2)
     for bad in (0, _k.MAX_STAGE_CHANNELS + 1):
         with pytest.raises(ValueError, match="stage_channels"):
-            _k.bwd_fused_rows(*args, bad)
+            _k.bwd_fused_rows(*args, bad, True)
 
 
 def test_backward_offset_data_stays_accurate_in_float32():
