@@ -948,7 +948,7 @@ cdef extern from *:
     #define BNF_STEALING 0
     #define BNF_CLAIM(p) ((*(p))++)
     #define BNF_PUBLISH(p, n) ((void)(n))
-    #define BNF_STAGE_DONE(p, n) 1
+    #define BNF_STAGE_DONE(p, n) ((void)(p), (void)(n), 1)
     #define BNF_PAUSE() ((void)0)
     #endif
     #if defined(__unix__) || defined(__APPLE__)
