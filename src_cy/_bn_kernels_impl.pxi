@@ -980,7 +980,7 @@ cdef extern from *:
             Py_ssize_t inner, Py_ssize_t block, Py_ssize_t nb, Py_ssize_t nu,            \
             Py_ssize_t G, Py_ssize_t kr, Py_ssize_t kd, Py_ssize_t i, Py_ssize_t gk,     \
             Py_ssize_t gd, const double* mean, double* p1, double* p2, const T* mh,      \
-            const T* a, const T* b, const T* d) {                                \
+            const T* a, const T* b, const T* d) {                                        \
         int red = i < gk * nu, tr = i < gd * nu;                                         \
         Py_ssize_t c = 0, cd = 0, u = 0, ud, st = 0, sd = 0, ln = 0, lnd = -1;           \
         if (red) {                                                                       \
