@@ -296,7 +296,7 @@ def _bwd_schedule(L: _Layout, itemsize: int, nt: int) -> tuple[int, bool]:
     x is about _BWD_STAGE_BYTES (at least one channel). Overlapping a stage's reduction with the
     previous stage's dx keeps two stages in L2 at once, so it is used only where they fit."""
     per_channel = 2 * itemsize * L.outer * L.inner / nt
-    stage = int(min(_k.MAX_STAGE_CHANNELS, max(1, _BWD_STAGE_BYTES // per_channel)))
+    stage = int(min(L.C, max(1, _BWD_STAGE_BYTES // per_channel)))
     return stage, 2 * stage * per_channel <= _L2_BYTES
 
 

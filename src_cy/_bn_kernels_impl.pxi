@@ -959,8 +959,8 @@ cdef extern from *:
     #endif
     BNF_SUMDOT_BWD_FN(f, float, bnf_ld_f)
     BNF_SUMDOT_BWD_FN(d, double, bnf_ld_d)
-    /* Most channels per stage (per-thread coefficient arrays live on the stack). */
-    #define BNF_MAX_STAGE 64
+    /* Elements from one thread's coefficient scratch to the next beyond 4 G (no false sharing). */
+    #define BNF_COEF_PAD 16
     /* Counters from one thread's claim counter to the next (128 bytes: no false sharing). */
     #define BNF_CLAIM_STRIDE 16
     #define BNF_FUSED_FNS(SUF, T)                                                        \
@@ -1007,7 +1007,7 @@ cdef extern from *:
             Py_ssize_t C, Py_ssize_t inner, Py_ssize_t block, Py_ssize_t G,              \
             const double* mean, const double* w, const double* invstd, double cnt,       \
             double* p1, double* p2, double* out1, double* out2, long long* claim,        \
-            long long* done, int overlap, int nt) {                                      \
+            long long* done, T* coef, int overlap, int nt) {                             \
         Py_ssize_t nb = (inner + block - 1) / block, nu = outer * nb;                    \
         Py_ssize_t ns = (C + G - 1) / G, nsteps = overlap ? ns + 1 : 2 * ns;             \
         /* items per claim: a claim covers >= 4096 values, so short rows (16 x 16) do not    \
@@ -1019,8 +1019,9 @@ cdef extern from *:
             Py_ssize_t k, kr, kd, j, cd, u, gk, gd, n = 0, nprev, r0, r1;                \
             long long got, mine;                                                         \
             double s1, s2;                                                               \
-            T mh[BNF_MAX_STAGE], a[BNF_MAX_STAGE], b[BNF_MAX_STAGE], d[BNF_MAX_STAGE];   \
+            T *mh, *a, *b, *d;                                                           \
             BNF_OMP_IDS(nth, t)                                                          \
+            mh = coef + t * (4 * G + BNF_COEF_PAD); a = mh + G; b = a + G; d = b + G;    \
             /* step k: overlapped, reduce stage k and dx of stage k - 1; otherwise the    \
                reduction of stage k / 2 (k even), then its dx (k odd) */                  \
             for (k = 0; k < nsteps; k++) {                                               \
@@ -1073,7 +1074,7 @@ cdef extern from *:
     BNF_FUSED_FNS(f, float)
     BNF_FUSED_FNS(d, double)
     """
-    int BNF_MAX_STAGE
+    int BNF_COEF_PAD
     int BNF_CLAIM_STRIDE
     void bnf_bwd_coef_f(double s1, double s2, double w, double mean, double invstd, double cnt,
                         float* m_hi, float* a, float* b, float* d) noexcept nogil
@@ -1083,15 +1084,13 @@ cdef extern from *:
                          Py_ssize_t C, Py_ssize_t inner, Py_ssize_t block, Py_ssize_t G,
                          const double* mean, const double* w, const double* invstd, double cnt,
                          double* p1, double* p2, double* out1, double* out2, long long* claim,
-                         long long* done, int overlap, int nt) noexcept nogil
+                         long long* done, float* coef, int overlap, int nt) noexcept nogil
     void bnf_bwd_fused_d(const double* g, const double* x, double* y, Py_ssize_t outer,
                          Py_ssize_t C, Py_ssize_t inner, Py_ssize_t block, Py_ssize_t G,
                          const double* mean, const double* w, const double* invstd, double cnt,
                          double* p1, double* p2, double* out1, double* out2, long long* claim,
-                         long long* done, int overlap, int nt) noexcept nogil
+                         long long* done, double* coef, int overlap, int nt) noexcept nogil
 
-
-MAX_STAGE_CHANNELS = BNF_MAX_STAGE
 
 
 def bwd_coefficients(const double[::1] sum_dy, const double[::1] sum_dyxc,
@@ -1118,8 +1117,8 @@ def bwd_fused_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t out
     """Rows-layout backward in one parallel region over stages of stage_channels channels, each
     stage's reduction overlapped with the previous stage's dx or not (see bnf_bwd_fused): dx
     into out, per-channel sum(dy) and sum(dy * (x - mean)) into the two (C,) float64 outputs."""
-    if not 1 <= stage_channels <= BNF_MAX_STAGE:
-        raise ValueError(f"stage_channels must be in [1, {BNF_MAX_STAGE}], got {stage_channels}")
+    if not 1 <= stage_channels <= C:
+        raise ValueError(f"stage_channels must be in [1, C={C}], got {stage_channels}")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")
     cdef Py_ssize_t n_units = outer * _blocks_per_row(inner)
@@ -1130,18 +1129,21 @@ def bwd_fused_rows(const floating[::1] dy, const floating[::1] x, Py_ssize_t out
     cdef long long[::1] claim = np.zeros(n_steps * n_threads * BNF_CLAIM_STRIDE,
                                             dtype=np.longlong)
     cdef long long[::1] done = np.zeros(n_steps, dtype=np.longlong)
+    # per thread: m_hi, a, b, d for the channels of one stage
+    cdef floating[::1] coef = np.empty(n_threads * (4 * stage_channels + BNF_COEF_PAD),
+                                       dtype=np.float32 if floating is float else np.float64)
     cdef double cnt = <double>outer * <double>inner
     with nogil:
         if floating is float:
             bnf_bwd_fused_f(&dy[0], &x[0], &out[0], outer, C, inner, BLOCK, stage_channels,
                             &mean[0], &weight[0], &invstd[0], cnt, &p1[0], &p2[0],
-                            &sum_dy_out[0], &sum_dyxc_out[0], &claim[0], &done[0], overlap,
-                            n_threads)
+                            &sum_dy_out[0], &sum_dyxc_out[0], &claim[0], &done[0], &coef[0],
+                            overlap, n_threads)
         else:
             bnf_bwd_fused_d(&dy[0], &x[0], &out[0], outer, C, inner, BLOCK, stage_channels,
                             &mean[0], &weight[0], &invstd[0], cnt, &p1[0], &p2[0],
-                            &sum_dy_out[0], &sum_dyxc_out[0], &claim[0], &done[0], overlap,
-                            n_threads)
+                            &sum_dy_out[0], &sum_dyxc_out[0], &claim[0], &done[0], &coef[0],
+                            overlap, n_threads)
 
 
 def bwd_cols(const floating[::1] dy, const floating[::1] x, Py_ssize_t rows, Py_ssize_t C,
