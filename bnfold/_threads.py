@@ -20,7 +20,7 @@ def effective_n_threads(n_threads) -> int:
     """None -> all available threads (OMP_NUM_THREADS respected); a positive int is taken as is;
     0, negatives and non-integers are rejected. Either way no more than the CPUs the process may
     run on: the kernels are bound by memory, so extra threads only wait for each other (the
-    backward's stages slowed 5-10x at 32-64 threads on 2 cores), and a huge count could make
+    staged backward was 5-20x slower at 32-64 threads on 2 cores), and a huge count could make
     the OpenMP runtime fail to start its threads. Without OpenMP every call is serial."""
     if n_threads is None:
         n = max_threads()

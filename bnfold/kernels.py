@@ -506,7 +506,7 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=1, n_threads
     dx = _cached_empty(arr.shape, dt)
     dxf = dx.reshape(-1)
     if L.inner > 1 and not _use_slabs(L):
-        # reduction and dx pass per channel in one parallel region (dx while dy, x are cached)
+        # reduction and dx in one parallel region, by stages of channels (dx while dy, x are cached)
         _k.bwd_fused_rows(gf, xf, L.outer, L.C, L.inner, mean, w, invstd, dxf, sum_dy, sum_dyxc,
                           nt, *_bwd_schedule(L, dt.itemsize, nt))
     else:

@@ -105,7 +105,8 @@ cdef extern from *:
     #define BNF_PF_DIST 2048
     #endif
 
-    #define BNF_SUMDOT_MAIN(LD)                                                          \
+    /* EXTRA runs once per 16 values (index j): the pipelined backward writes dx there. */
+    #define BNF_SUMDOT_MAIN(LD, EXTRA)                                                   \
         bnf_v4d mv = {m, m, m, m};                                                       \
         bnf_v4d a0 = {0, 0, 0, 0}, a1 = a0, a2 = a0, a3 = a0;                            \
         bnf_v4d b0 = a0, b1 = a0, b2 = a0, b3 = a0, g;                                   \
@@ -116,18 +117,21 @@ cdef extern from *:
             g = LD(dy + j + 4);  a1 += g; b1 += g * (LD(x + j + 4) - mv);                \
             g = LD(dy + j + 8);  a2 += g; b2 += g * (LD(x + j + 8) - mv);                \
             g = LD(dy + j + 12); a3 += g; b3 += g * (LD(x + j + 12) - mv);               \
+            EXTRA;                                                                       \
         }                                                                                \
         memcpy(a, &a0, 32); memcpy(a + 4, &a1, 32); memcpy(a + 8, &a2, 32);              \
         memcpy(a + 12, &a3, 32);                                                         \
         memcpy(b, &b0, 32); memcpy(b + 4, &b1, 32); memcpy(b + 8, &b2, 32);              \
         memcpy(b + 12, &b3, 32);
     #else
-    #define BNF_SUMDOT_MAIN(LD)                                                          \
+    #define BNF_SUMDOT_MAIN(LD, EXTRA)                                                   \
         for (t = 0; t < 16; t++) { a[t] = 0; b[t] = 0; }                                 \
-        for (; j + 16 <= n; j += 16)                                                     \
+        for (; j + 16 <= n; j += 16) {                                                   \
             for (t = 0; t < 16; t++) {                                                   \
                 double gg = dy[j + t]; a[t] += gg; b[t] += gg * ((double)x[j + t] - m);  \
-            }
+            }                                                                            \
+            EXTRA;                                                                       \
+        }
     #endif
     static inline double bnf_sum16(double* a) {
         int w, t;
@@ -135,16 +139,22 @@ cdef extern from *:
             for (t = 0; t < w; t++) a[t] = a[t] + a[t + w];
         return a[0];
     }
-    #define BNF_SUMDOT_FN(NAME, T, LD)                                                   \
-    static double NAME(const T* dy, const T* x, Py_ssize_t n, double m, double* dot) {   \
+    /* sum(dy) into *sum and sum(dy * (x - m)) into *dot over dy[0:n], x[0:n]; afterwards j is
+       where the last, partial block of 16 starts. */
+    #define BNF_SUMDOT_BODY(LD, EXTRA, sum)                                              \
         double a[16], b[16];                                                             \
         Py_ssize_t j = 0, t;                                                             \
-        BNF_SUMDOT_MAIN(LD)                                                              \
+        BNF_SUMDOT_MAIN(LD, EXTRA)                                                       \
         for (t = 0; t < n - j; t++) {                                                    \
             double gg = dy[j + t]; a[t] += gg; b[t] += gg * ((double)x[j + t] - m);      \
         }                                                                                \
         *dot = bnf_sum16(b);                                                             \
-        return bnf_sum16(a);                                                             \
+        sum = bnf_sum16(a);
+    #define BNF_SUMDOT_FN(NAME, T, LD)                                                   \
+    static double NAME(const T* dy, const T* x, Py_ssize_t n, double m, double* dot) {   \
+        double s;                                                                        \
+        BNF_SUMDOT_BODY(LD, (void)0, s)                                                  \
+        return s;                                                                        \
     }
     BNF_SUMDOT_FN(bnf_sum_dot_f, float, bnf_ld_f)
     BNF_SUMDOT_FN(bnf_sum_dot_d, double, bnf_ld_d)
@@ -893,38 +903,24 @@ cdef extern from *:
     /* sum(dy), sum(dy * (x - m)) over one unit (bit-identical to bnf_sum_dot) while writing
        the dx of another unit of the same length (bit-identical to bnf_bwd). */
     #define BNF_SUMDOT_BWD_FN(SUF, T, LD)                                                \
+    static inline void bnf_dx16_##SUF(const T* g, const T* x, T* y, bnf_vec_##SUF m,     \
+            bnf_vec_##SUF a, bnf_vec_##SUF b, bnf_vec_##SUF d) {                         \
+        Py_ssize_t h;                                                                    \
+        BNF_PF_W(y);                                                                     \
+        for (h = 0; h < 16; h += BNF_HALF_##SUF)                                         \
+            bnf_stv_##SUF(y + h, bnf_ldv_##SUF(g + h) * a + (bnf_ldv_##SUF(x + h) - m) * b \
+                          + d);                                                          \
+    }                                                                                    \
     static double bnf_sumdot_bwd_##SUF(const T* dy, const T* x, Py_ssize_t n, double m,  \
             double* dot, const T* g2, const T* x2, T* y2, T m2, T ca, T cb, T cd) {      \
-        double a[16], b[16];                                                             \
-        Py_ssize_t j = 0, t, h;                                                          \
+        double s;                                                                        \
+        Py_ssize_t h;                                                                    \
         bnf_vec_##SUF mv2, av, bv, dv;                                                   \
         for (h = 0; h < BNF_HALF_##SUF; h++) {                                           \
             mv2[h] = m2; av[h] = ca; bv[h] = cb; dv[h] = cd; }                           \
-        bnf_v4d mv = {m, m, m, m};                                                       \
-        bnf_v4d a0 = {0, 0, 0, 0}, a1 = a0, a2 = a0, a3 = a0;                            \
-        bnf_v4d b0 = a0, b1 = a0, b2 = a0, b3 = a0, g;                                   \
-        for (; j + 16 <= n; j += 16) {                                                   \
-            __builtin_prefetch((const char*)(dy + j) + BNF_PF_DIST);                     \
-            __builtin_prefetch((const char*)(x + j) + BNF_PF_DIST);                      \
-            BNF_PF_W(y2 + j);                                                            \
-            g = LD(dy + j);      a0 += g; b0 += g * (LD(x + j) - mv);                    \
-            g = LD(dy + j + 4);  a1 += g; b1 += g * (LD(x + j + 4) - mv);                \
-            g = LD(dy + j + 8);  a2 += g; b2 += g * (LD(x + j + 8) - mv);                \
-            g = LD(dy + j + 12); a3 += g; b3 += g * (LD(x + j + 12) - mv);               \
-            for (h = j; h < j + 16; h += BNF_HALF_##SUF)                                 \
-                bnf_stv_##SUF(y2 + h, bnf_ldv_##SUF(g2 + h) * av                         \
-                              + (bnf_ldv_##SUF(x2 + h) - mv2) * bv + dv);                \
-        }                                                                                \
-        memcpy(a, &a0, 32); memcpy(a + 4, &a1, 32); memcpy(a + 8, &a2, 32);              \
-        memcpy(a + 12, &a3, 32);                                                         \
-        memcpy(b, &b0, 32); memcpy(b + 4, &b1, 32); memcpy(b + 8, &b2, 32);              \
-        memcpy(b + 12, &b3, 32);                                                         \
-        for (t = 0; t < n - j; t++) {                                                    \
-            double gg = dy[j + t]; a[t] += gg; b[t] += gg * ((double)x[j + t] - m);      \
-        }                                                                                \
+        BNF_SUMDOT_BODY(LD, bnf_dx16_##SUF(g2 + j, x2 + j, y2 + j, mv2, av, bv, dv), s)  \
         for (; j < n; j++) y2[j] = g2[j] * ca + (x2[j] - m2) * cb + cd;                  \
-        *dot = bnf_sum16(b);                                                             \
-        return bnf_sum16(a);                                                             \
+        return s;                                                                        \
     }
     /* Work sharing: claim a unit from a counter, publish a finished stage, wait for one. */
     #define BNF_STEALING 1
