@@ -409,41 +409,47 @@ def _write_model_streaming(model: onnx.ModelProto, path, payloads=None) -> None:
 
     SerializeToString on a 100 MB model costs more than writing it; here the big raw_data
     payloads go to the file as they are and protobuf encodes only the small rest. Payloads kept
-    in ``payloads`` (a ``TensorPayloads``) are written straight from there. The bytes are a
-    valid encoding of the same message (protobuf readers accept fields in any order: the graph's
-    initializers come after its other fields). The caller's model is not modified or copied.
+    in ``payloads`` (a ``TensorPayloads``) are written straight from there. Every message's fields
+    are written in field-number order, as ``SerializeToString`` writes them: protobuf readers accept
+    any order, but other ONNX readers do not (OpenVINO misreads a model whose ``opset_import``
+    precedes its ``graph``). The caller's model is not modified or copied.
     """
-    graph_rest = _copy_without(model.graph, "initializer").SerializeToString()
-    model_rest = _copy_without(model, "graph").SerializeToString()
-    # Each initializer as (encoded fields other than raw_data, raw payload or None); ByteSize()
-    # and the payload length give the encoded sizes without reading raw_data, which copies it:
-    # each payload is read once, just before it is written.
+    model_head, model_tail = _encode_around(model, "graph")
+    graph_head, graph_tail = _encode_around(model.graph, "initializer")
+    # Each initializer as (fields before raw_data, fields after it, raw payload length or None);
+    # ByteSize() and the payload length give the encoded sizes without reading raw_data, which
+    # copies it: each payload is read once, just before it is written.
     pieces = []
     for tensor in model.graph.initializer:
         if payloads is not None and payloads.holds(tensor):
-            rest = payloads.tensor_without_payload(tensor).SerializeToString()
-            pieces.append((tensor, rest, payloads.nbytes(tensor)))
+            head, tail = _encode_around(payloads.tensor_without_payload(tensor), "raw_data")
+            pieces.append((tensor, head, tail, payloads.nbytes(tensor)))
         elif tensor.ByteSize() >= _STREAM_THRESHOLD and tensor.HasField("raw_data"):
-            rest = _copy_without(tensor, "raw_data").SerializeToString()
-            pieces.append((tensor, rest, tensor.ByteSize() - len(rest) - _raw_data_prefix_length(tensor, rest)))
+            head, tail = _encode_around(tensor, "raw_data")
+            rest = len(head) + len(tail)
+            pieces.append((tensor, head, tail, tensor.ByteSize() - rest - _raw_data_prefix_length(tensor, rest)))
         else:
-            pieces.append((tensor, tensor.SerializeToString(), None))
-    sizes = [len(rest) if n is None else len(rest) + len(wire.length_delimited(wire.TENSOR_RAW_DATA, n)) + n
-             for _, rest, n in pieces]
-    graph_len = len(graph_rest) + sum(len(wire.length_delimited(wire.GRAPH_INITIALIZER, n)) + n for n in sizes)
+            pieces.append((tensor, tensor.SerializeToString(), b"", None))
+    sizes = [len(head) + len(tail) + (0 if n is None else len(wire.length_delimited(wire.TENSOR_RAW_DATA, n)) + n)
+             for _, head, tail, n in pieces]
+    graph_len = len(graph_head) + len(graph_tail) + sum(
+        len(wire.length_delimited(wire.GRAPH_INITIALIZER, n)) + n for n in sizes)
     with open(path, "wb") as raw_file, _BackgroundWriter(raw_file) as f:
-        f.write(model_rest)
+        f.write(model_head)
         f.write(wire.length_delimited(wire.MODEL_GRAPH, graph_len))
-        f.write(graph_rest)
-        for (tensor, rest, n), size in zip(pieces, sizes):
+        f.write(graph_head)
+        for (tensor, head, tail, n), size in zip(pieces, sizes):
             f.write(wire.length_delimited(wire.GRAPH_INITIALIZER, size))
-            f.write(rest)
+            f.write(head)
             if n is not None:
                 f.write(wire.length_delimited(wire.TENSOR_RAW_DATA, n))
                 if payloads is not None and payloads.holds(tensor):
                     payloads.write(tensor, f)
                 else:
                     f.write(tensor.raw_data)
+            f.write(tail)
+        f.write(graph_tail)
+        f.write(model_tail)
 
 
 class _BackgroundWriter:
@@ -487,9 +493,10 @@ class _BackgroundWriter:
         return False
 
 
-def _raw_data_prefix_length(tensor, rest: bytes) -> int:
-    """Bytes of the raw_data field's key and length prefix, from the tensor's encoded size."""
-    total = tensor.ByteSize() - len(rest)  # key + length prefix + payload
+def _raw_data_prefix_length(tensor, rest_length: int) -> int:
+    """Bytes of the raw_data field's key and length prefix, from the tensor's encoded size and the
+    encoded length of its other fields."""
+    total = tensor.ByteSize() - rest_length  # key + length prefix + payload
     for prefix in range(2, 12):
         if len(wire.length_delimited(wire.TENSOR_RAW_DATA, total - prefix)) == prefix:
             return prefix
@@ -511,31 +518,39 @@ def _is_repeated(field) -> bool:
     return field.label == field.LABEL_REPEATED
 
 
-def _copy_without(message, skipped_field: str):
-    """A new message of the same type holding every set field of ``message`` but one.
+def _encode_around(message, split_field: str):
+    """``(head, tail)``: the encoding of every set field of ``message`` numbered below
+    ``split_field`` and of every field numbered above it (plus fields this onnx version does not
+    know, written by a newer one), so that ``head + <split_field> + tail`` is the encoding
+    ``SerializeToString`` would produce, in field-number order.
 
-    Walks the descriptor rather than ListFields(), which would materialize the skipped field
-    (a copy of a large raw_data) just to ignore it. A message carrying fields this onnx version
-    does not know (written by a newer one) is copied whole instead, so they are kept."""
-    copy = type(message)()
-    if _has_unknown_fields(message):
-        copy.CopyFrom(message)
-        copy.ClearField(skipped_field)
-        return copy
+    Walks the descriptor rather than ListFields() or CopyFrom(), which would materialize the
+    split field (a copy of a large raw_data) just to leave it out."""
+    number = message.DESCRIPTOR.fields_by_name[split_field].number
+    head, tail = type(message)(), type(message)()
+    unknown = _has_unknown_fields(message)
+    if unknown:
+        # Unknown fields can only be carried by copying the message whole; they go last, as
+        # protobuf itself writes them.
+        tail.CopyFrom(message)
+        for field in message.DESCRIPTOR.fields:
+            if field.number <= number:
+                tail.ClearField(field.name)
     for field in message.DESCRIPTOR.fields:
-        name = field.name
-        if name == skipped_field:
+        if field.number == number or (unknown and field.number > number):
             continue
+        target = head if field.number < number else tail
+        name = field.name
         if _is_repeated(field):
             values = getattr(message, name)
             if len(values):
-                getattr(copy, name).extend(values)
+                getattr(target, name).extend(values)
         elif message.HasField(name):
             if field.message_type is not None:
-                getattr(copy, name).CopyFrom(getattr(message, name))
+                getattr(target, name).CopyFrom(getattr(message, name))
             else:
-                setattr(copy, name, getattr(message, name))
-    return copy
+                setattr(target, name, getattr(message, name))
+    return head.SerializeToString(), tail.SerializeToString()
 
 
 def write_json_atomic(data, path) -> None:
