@@ -7,7 +7,7 @@ PreciseBN calibration. Everything a user needs is importable from ``bnfold`` dir
 from bnfold._openmp import openmp_enabled
 from bnfold._version import __version__
 from bnfold.calibration import CalibrationReport, calibrate
-from bnfold.errors import BnfoldError, InputError, ParityError
+from bnfold.errors import BnfoldError, BnfoldWarning, InputError, ParityError
 from bnfold.fold_pass import FoldReport, fold, fold_file, inspect
 from bnfold.kernels import (
     Moments,
@@ -20,7 +20,7 @@ from bnfold.kernels import (
 )
 from bnfold.parity import CheckReport, check
 
-__all__ = ["__version__", "openmp_enabled", "BnfoldError", "InputError", "ParityError"]
+__all__ = ["__version__", "openmp_enabled", "BnfoldError", "BnfoldWarning", "InputError", "ParityError"]
 __all__ += ["check", "CheckReport"]
 __all__ += [
     "Moments", "batch_stats", "batch_norm_train", "batch_norm_infer", "batch_norm_backward",

@@ -14,9 +14,10 @@ import importlib
 import signal
 import sys
 import threading
+import warnings
 
 from bnfold._version import __version__
-from bnfold.errors import InputError, ParityError
+from bnfold.errors import BnfoldWarning, InputError, ParityError
 
 # Order is the order shown in --help.
 COMMAND_MODULES = ("fold", "inspect", "check", "bench", "calibrate", "demo")
@@ -72,7 +73,9 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            _show_bnfold_warnings_as_lines(args)
+            return int(args.func(args) or 0)
     except Terminated:
         print("bnfold: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
@@ -90,6 +93,25 @@ def main(argv=None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _show_bnfold_warnings_as_lines(args) -> None:
+    """bnfold's own warnings become one ``bnfold CMD: warning: ...`` line each (once per message);
+    other libraries' warnings keep Python's format."""
+    shown = set()
+    default_show = warnings.showwarning
+    prefix = f"bnfold {args.command}: " if getattr(args, "command", None) else "bnfold: "
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, BnfoldWarning):
+            return default_show(message, category, filename, lineno, file, line)
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            print(f"{prefix}warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", BnfoldWarning)
 
 
 def _fail(args, error: BaseException, code: int, internal: bool = False) -> int:

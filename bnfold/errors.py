@@ -3,6 +3,8 @@
 The CLI maps them to exit codes: InputError -> 2 (bad file, bad argument, bad data),
 ParityError -> 1 (the folded/calibrated model does not compute what the original does).
 Kernels raise the built-in TypeError / ValueError directly, as numpy users expect.
+``BnfoldWarning`` is what bnfold says about an input it accepted but had to read generously (the
+CLI prints it as one ``warning:`` line).
 """
 
 
@@ -16,3 +18,8 @@ class InputError(BnfoldError, ValueError):
 
 class ParityError(BnfoldError):
     """A transformed model failed its onnxruntime parity check."""
+
+
+class BnfoldWarning(UserWarning):
+    """An input was accepted as onnxruntime accepts it, though it breaks a rule of the ONNX spec;
+    the message says what bnfold did about it (one line)."""

@@ -21,7 +21,7 @@ import onnx
 
 from bnfold.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_default_domain, iter_graphs, \
     node_subgraphs, remove_unused, to_float64
-from bnfold.model_io import load_model_deferred
+from bnfold.model_io import load_model_deferred, read_as_ir4_if_initializers_unlisted
 from bnfold.rules import bn_conv, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
 from bnfold.rules.base import BatchNorm, Failure, Match
 
@@ -142,6 +142,7 @@ def _fold(model_or_path, forward: bool, complete_model: bool):
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
+        read_as_ir4_if_initializers_unlisted(model, "the model")
         payloads, wait_for_check = None, None
     else:
         # Freshly loaded: ours to edit, no copy needed; the checker runs while we fold, and the

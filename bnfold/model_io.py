@@ -13,12 +13,13 @@ import stat
 import tempfile
 import threading
 import uuid
+import warnings
 
 import onnx
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from bnfold import proto_wire as wire
-from bnfold.errors import InputError
+from bnfold.errors import BnfoldWarning, InputError
 
 # protobuf refuses to serialize a single message above 2 GiB; large models must go external.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -68,7 +69,11 @@ def load_model_checked_in_background(model_or_path, *, check: bool = True):
         raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from None
     _require_graph(model, path)
     _remember_external_data(path, external)
-    return model, (_check_in_background(path, path if external else raw) if check else (lambda: None))
+    if read_as_ir4_if_initializers_unlisted(model, path):
+        # The checker must judge the model as it will be used, not the file's IR-3 reading of it.
+        raw = model if external else model.SerializeToString()
+    return model, (_check_in_background(path, path if external and not isinstance(raw, onnx.ModelProto) else raw)
+                   if check else (lambda: None))
 
 
 def load_model_deferred(path, *, check: bool = True):
@@ -93,6 +98,7 @@ def load_model_deferred(path, *, check: bool = True):
             payloads.close()
             raise
         _remember_external_data(path, False)
+        read_as_ir4_if_initializers_unlisted(model, path)
         marker = payloads.marker
         wait = _check_in_background(path, lambda: _without_kept_apart_initializers(rest, marker)) if check \
             else (lambda: None)
@@ -147,6 +153,7 @@ def _without_kept_apart_initializers(rest: bytes, marker: str) -> bytes:
     is unchanged. Below IR 4 every initializer must already be a graph input: none is added, so
     a missing one still fails (as an undefined value)."""
     model = onnx.load_model_from_string(rest)
+    read_as_ir4_if_initializers_unlisted(model, None)
     graph = model.graph
     input_names = {i.name for i in graph.input}
     if model.ir_version < 4:
@@ -163,6 +170,38 @@ def _without_kept_apart_initializers(rest: bytes, marker: str) -> bytes:
         graph.initializer.extend(kept)
         graph.input.extend(new_inputs)
     return model.SerializeToString()
+
+
+def read_as_ir4_if_initializers_unlisted(model: onnx.ModelProto, path) -> bool:
+    """Make an IR < 4 model whose initializers are not all listed as graph inputs an IR 4 model
+    that means what onnxruntime runs; return whether it was changed.
+
+    IR 3 requires every initializer to be a graph input too, and the checker refuses a model that
+    breaks that rule, but exporters write such files and onnxruntime (like OpenVINO and the other
+    ONNX optimizers) runs them, treating every initializer as a constant. IR 4 is the first
+    version that allows unlisted initializers; it also makes a *listed* initializer an input the
+    caller may override, so the listed ones are unlisted: every initializer stays the constant it
+    was in onnxruntime, and the interface onnxruntime shows (inputs without initializers) does
+    not change. (onnxruntime refuses unlisted initializers in If/Loop/Scan bodies, so only the
+    main graph is looked at.) ``path``: named in the one-line ``BnfoldWarning`` (None: no warning)."""
+    if model.ir_version >= 4 or not model.HasField("graph"):
+        return False
+    listed = {i.name for i in model.graph.input}
+    unlisted = sum(1 for t in model.graph.initializer if t.name not in listed)
+    if not unlisted:
+        return False
+    initializer_names = {t.name for t in model.graph.initializer}
+    kept_inputs = [i for i in model.graph.input if i.name not in initializer_names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept_inputs)
+    old_version = model.ir_version
+    model.ir_version = 4
+    if path is not None:
+        warnings.warn(
+            f"{os.fspath(path)}: IR version {old_version} model with {unlisted} initializer(s) not listed as graph "
+            "inputs, which IR 3 requires; read as IR 4 with every initializer a constant, as onnxruntime "
+            "runs it (models written from it are IR 4)", BnfoldWarning, stacklevel=3)
+    return True
 
 
 def _check_in_background(path, what):

@@ -196,3 +196,72 @@ def test_fold_of_an_invalid_file_reports_the_checker_error(tmp_path):
     onnx.save(model, str(path))
     with pytest.raises(InputError, match="invalid ONNX model"):
         bnfold.fold(path)
+
+
+def _ir3_conv_bn(list_initializers: bool):
+    """An IR 3 / opset 8 Conv -> BN model (what old exporters write); with ``list_initializers``
+    False its initializers are not graph inputs, which IR 3 requires but onnxruntime ignores."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "g"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "m"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "v"),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])]
+    if list_initializers:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 3
+    return model
+
+
+def test_ir3_model_with_unlisted_initializers_is_read_as_ir4(tmp_path):
+    import onnxruntime as ort
+
+    from bnfold.errors import BnfoldWarning
+    from bnfold.fold_pass import fold_file
+
+    model = _ir3_conv_bn(list_initializers=False)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)  # what the spec says...
+    src, out = tmp_path / "ir3.onnx", tmp_path / "folded.onnx"
+    onnx.save(model, str(src))
+    ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])  # ...and what onnxruntime runs
+    with pytest.warns(BnfoldWarning, match="IR version 3 .* not listed as graph inputs"):
+        loaded = load_model(src)
+    assert loaded.ir_version == 4 and [i.name for i in loaded.graph.input] == [i.name for i in model.graph.input]
+    with pytest.warns(BnfoldWarning):
+        report = fold_file(src, out)
+    assert report.n_folded == 1
+    folded = onnx.load(str(out))
+    onnx.checker.check_model(folded, full_check=True)
+    assert folded.ir_version == 4
+
+
+def test_ir3_model_that_lists_its_initializers_stays_ir3(tmp_path, recwarn):
+    from bnfold.fold_pass import fold_file
+
+    src, out = tmp_path / "ir3.onnx", tmp_path / "folded.onnx"
+    onnx.save(_ir3_conv_bn(list_initializers=True), str(src))
+    assert fold_file(src, out).n_folded == 1
+    folded = onnx.load(str(out))
+    onnx.checker.check_model(folded, full_check=True)
+    assert folded.ir_version == 3
+    assert not [w for w in recwarn if "IR version" in str(w.message)]
+
+
+def test_cli_folds_an_ir3_model_with_one_warning_line(tmp_path, capsys):
+    from bnfold.cli import main
+
+    src, out = tmp_path / "ir3.onnx", tmp_path / "folded.onnx"
+    onnx.save(_ir3_conv_bn(list_initializers=False), str(src))
+    assert main(["fold", str(src), "-o", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bnfold fold: warning: ") and "IR 4" in err[0]
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)

@@ -334,14 +334,25 @@ def test_external_data_only_inside_a_body_is_noticed(tmp_path):
     assert os.path.exists(out + ".data")
 
 
-def test_checker_still_rejects_what_it_rejects_for_small_tensors(tmp_path):
-    """IR 3 initializer missing from the graph inputs; raw_data next to float_data."""
+def test_ir3_model_with_a_big_unlisted_initializer_is_read_as_ir4(tmp_path):
+    """The payload path reads an IR 3 model whose (big, kept apart) initializer is not a graph
+    input as onnxruntime does, like the whole-file loader (see test_model_io)."""
+    from bnfold.errors import BnfoldWarning
+
     model = _model_with_big_weight()
     model.ir_version = 3
     model.opset_import[0].version = 8
     src = _save(model, tmp_path / "ir3.onnx")
-    with pytest.raises(InputError, match="invalid ONNX model"):
-        fold_file(src, str(tmp_path / "out.onnx"))
+    out = str(tmp_path / "out.onnx")
+    with pytest.warns(BnfoldWarning, match="IR version 3"):
+        fold_file(src, out)
+    written = onnx.load(out)
+    assert written.ir_version == 4
+    onnx.checker.check_model(written, full_check=True)
+
+
+def test_checker_still_rejects_what_it_rejects_for_small_tensors(tmp_path):
+    """raw_data next to float_data is refused for a big tensor kept apart too."""
     model = _model_with_big_weight()
     model.graph.initializer[0].float_data.append(1.0)
     src = _save(model, tmp_path / "two.onnx")
