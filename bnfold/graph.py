@@ -352,7 +352,7 @@ class ModelContext:
         self.ir_version = model.ir_version
         self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
         self.names = all_names(model.graph, set())
-        self._ranks: dict[str, int] | None = None
+        self._types: dict | None = None
 
     def fresh_name(self, base: str) -> str:
         """A name unused anywhere in the model (main graph and all bodies); reserved on return."""
@@ -366,24 +366,43 @@ class ModelContext:
 
     def inferred_rank(self, name: str):
         """Rank from onnx shape inference (run once, lazily, on a copy; None when unknown)."""
-        if self._ranks is None:
-            self._ranks = {}
+        inferred = self.inferred_type(name)
+        return None if inferred is None or inferred[1] is None else len(inferred[1])
+
+    def inferred_type(self, name: str):
+        """``(elem_type, dims)`` of a value from onnx shape inference (run once, lazily, on a
+        copy), ``dims`` a tuple of ints (None where unknown) or None when even the rank is
+        unknown; None when inference says nothing about the value."""
+        if self._types is None:
+            self._types = {}
             try:
                 inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
             except Exception:  # noqa: BLE001 - inference is optional help, never required
                 return None
             for g in iter_graphs(inferred.graph):
                 for vi in list(g.value_info) + list(g.input) + list(g.output):
-                    rank = _value_info_rank(vi)
-                    if rank is not None:
-                        self._ranks.setdefault(vi.name, rank)
-        return self._ranks.get(name)
+                    described = value_info_type(vi)
+                    if described is not None:
+                        self._types.setdefault(vi.name, described)
+        return self._types.get(name)
+
+
+def value_info_type(vi: onnx.ValueInfoProto):
+    """``(elem_type, dims)`` a ValueInfoProto declares for a tensor (dims: a tuple of ints, None
+    for a symbolic or unknown dimension; None when no shape is declared), or None."""
+    if not vi.type.HasField("tensor_type"):
+        return None
+    tensor_type = vi.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return tensor_type.elem_type, None
+    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                 for d in tensor_type.shape.dim)
+    return tensor_type.elem_type, dims
 
 
 def _value_info_rank(vi: onnx.ValueInfoProto):
-    if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-        return len(vi.type.tensor_type.shape.dim)
-    return None
+    described = value_info_type(vi)
+    return None if described is None or described[1] is None else len(described[1])
 
 
 class GraphView:
@@ -493,11 +512,19 @@ class GraphView:
             return None
         if node.op_type.startswith(_NON_DETERMINISTIC_PREFIXES) or not any(node.input):
             return None
+        if node.op_type in ("Shape", "Size"):
+            # Only the shape matters (exporters build a bias-less Conv's zero bias from
+            # Shape(weight)): constant whenever the shape is static, whatever the values.
+            return self._shape_node_value(index, name)
         feeds = {}
-        for input_name in node.input:
+        for position, input_name in enumerate(node.input):
             if not input_name:
                 continue
             value = self.constant(input_name, depth + 1)
+            if value is None and node.op_type == "CastLike" and position == 1:
+                # CastLike reads only the element type of its second input.
+                target = self.elem_type(input_name)
+                value = None if target is None else np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(target))
             if value is None:
                 return None
             feeds[input_name] = value
@@ -517,6 +544,64 @@ class GraphView:
         values = dict(zip([o for o in node.output if o], (np.asarray(r) for r in results)))
         self._constant_cache.update(values)
         return values.get(name)
+
+    def _shape_node_value(self, index: int, name: str):
+        node = self.nodes[index]
+        shape = self.static_shape(node.input[0])
+        if shape is None:
+            return None
+        if node.op_type == "Shape":
+            # Shape-15's start/end are clamped like Python slice bounds; only the dimensions
+            # kept need to be known.
+            shape = shape[get_attr(node, "start", 0):get_attr(node, "end", None)]
+        if any(d is None for d in shape):
+            return None
+        if node.op_type == "Size":
+            value = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+        else:
+            value = np.array(shape, dtype=np.int64)
+        self._constant_cache[node.output[0]] = value
+        return value if name == node.output[0] else None
+
+    def static_shape(self, name: str):
+        """Shape of a value as a tuple (entries None where not known), or None: initializers and
+        Constant nodes, the declared shape of a graph input (onnxruntime enforces it), otherwise
+        what onnx shape inference finds (main graph only)."""
+        view = self
+        while view is not None:
+            if name in view.initializers:
+                return tuple(int(d) for d in view.initializers[name].dims)
+            index = view.producer.get(name)
+            if index is not None:
+                node = view.nodes[index]
+                if node.op_type == "Constant" and is_default_domain(node):
+                    value = constant_node_value(node)
+                    return None if value is None else tuple(value.shape)
+                break
+            if name in view.input_names:
+                declared = next((value_info_type(i) for i in view.graph.input if i.name == name), None)
+                return None if declared is None else declared[1]
+            view = view.parent
+        if view is None or view.parent is not None:
+            return None
+        inferred = self.ctx.inferred_type(name)
+        return None if inferred is None else inferred[1]
+
+    def elem_type(self, name: str):
+        """TensorProto element type of any value (constant or not) when known, else None."""
+        known = self.constant_type(name)
+        if known is not None:
+            return known
+        view = self
+        while view is not None:
+            for vi in list(view.graph.input) + list(view.graph.value_info) + list(view.graph.output):
+                if vi.name == name and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                    return vi.type.tensor_type.elem_type
+            if view._defines(name):
+                break
+            view = view.parent
+        inferred = self.ctx.inferred_type(name)
+        return inferred[0] if inferred is not None and inferred[0] else None
 
     def constant_type(self, name: str):
         """TensorProto element type of a constant input, or None."""

@@ -113,6 +113,33 @@ def test_initializer_listed_as_input_is_overridable_from_ir4_only():
         assert (view_of(model).constant("w") is not None) == expect_constant
 
 
+def test_shape_subgraphs_are_constant_when_the_shape_is_static():
+    # torch's dynamo exporter (optimize=False) builds a bias-less Conv's zero bias as
+    # Expand(CastLike(0, x), Expand(Shape(weight, end=1), [1])): constant, although x is an input.
+    big = np.zeros((512, 256, 3, 3), np.float32)  # far above the evaluator's element budget
+    nodes = [
+        helper.make_node("Shape", ["w"], ["w_shape"], end=1),
+        helper.make_node("Expand", ["w_shape", "one"], ["bias_shape"]),
+        helper.make_node("CastLike", ["zero", "x"], ["zero_like_x"]),
+        helper.make_node("Expand", ["zero_like_x", "bias_shape"], ["bias"]),
+        helper.make_node("Size", ["w"], ["w_size"]),
+        helper.make_node("Shape", ["x"], ["x_shape"], start=-2),
+        helper.make_node("Shape", ["d"], ["d_shape"]),
+        helper.make_node("Shape", ["d"], ["d_tail"], start=1),
+    ]
+    model = make_model(nodes, [vi("x", [1, 256, 8, 8]), vi("d", ["N", 3])],
+                       [vi(o, None) for o in ("bias", "w_size", "x_shape", "d_shape", "d_tail")],
+                       [init("w", big), init("one", np.array([1], np.int64)), init("zero", np.array(0.0, np.float64))])
+    view = view_of(model)
+    bias = view.constant("bias")
+    assert bias.dtype == np.float32 and bias.shape == (512,) and not bias.any()
+    assert int(view.constant("w_size")) == big.size
+    assert view.constant("x_shape").tolist() == [8, 8]
+    assert view.constant("d_shape") is None  # a symbolic dimension: not constant
+    assert view.constant("d_tail").tolist() == [3]  # ... unless the slice leaves it out
+    assert view.static_shape("d") == (None, 3) and view.elem_type("x") == TensorProto.FLOAT
+
+
 def test_body_view_finds_outer_scope_constants():
     model = if_model()
     parent = view_of(model)

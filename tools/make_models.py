@@ -412,6 +412,28 @@ def conv_bn_constant_subgraph():
     return b.model()
 
 
+def conv_bn_bias_from_shape():
+    """What torch's dynamo exporter writes with optimize=False: a bias-less Conv gets a zero bias
+    Expand(CastLike(0, x), Expand(Shape(W, end=1), [1])) and BN parameters behind Identity."""
+    b = _Builder(53)
+    c = 4
+    x = b.input("x", [1, 3, 6, 6])
+    w = b.init("conv_W", b.weight([c, 3, 3, 3]))
+    channels = b.node("Shape", [w], "w_channels", name="shape_w", end=1)
+    one = b.const_node("one", np.array([1]), TensorProto.INT64)
+    bias_shape = b.node("Expand", [channels, one], "bias_shape", name="expand_shape")
+    zero = b.const_node("zero", np.array(0.0))
+    zero_like_x = b.node("CastLike", [zero, x], "zero_like_x", name="castlike")
+    bias = b.node("Expand", [zero_like_x, bias_shape], "conv_bias", name="expand_bias")
+    y = b.node("Conv", [x, w, bias], "conv_out", name="conv", pads=[1, 1, 1, 1])
+    gamma, beta, mean, var = b.bn_stats(c)
+    scale = b.node("Identity", [b.init("bn_scale_stored", gamma)], "bn_scale", name="identity_scale")
+    b.node("BatchNormalization", [y, scale, b.init("bn_bias", beta), b.init("bn_mean", mean), b.init("bn_var", var)],
+           "y", name="bn")
+    b.output("y")
+    return b.model(opset=18)
+
+
 # ==== dtypes ====================================================================================
 
 
@@ -956,6 +978,7 @@ CASES = {
     "bn_conv_padded": (bn_conv_padded, (Remain("bn", "padded_conv"),)),
     "conv_bn_constant_nodes": (conv_bn_constant_nodes, (Fold("bn", "conv_bn"),)),
     "conv_bn_constant_subgraph": (conv_bn_constant_subgraph, (Fold("bn", "conv_bn"),)),
+    "conv_bn_bias_from_shape": (conv_bn_bias_from_shape, (Fold("bn", "conv_bn"),)),
     "conv_bn_float16": (conv_bn_float16, (Fold("bn", "conv_bn"),)),
     "conv_bn_float64": (conv_bn_float64, (Fold("bn", "conv_bn"),)),
     "gemm_bn_float64": (gemm_bn_float64, (Fold("bn", "gemm_bn"),)),
