@@ -43,6 +43,7 @@ REASON_CODES = (
     "unsupported_dtype",
     "invalid_statistics",
     "would_overflow",
+    "would_lose_precision",
     "no_foldable_neighbour",
 )
 

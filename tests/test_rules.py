@@ -61,6 +61,9 @@ class G:
         graph = helper.make_graph(self.nodes, "g", self.inputs, outs, self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         model.ir_version = ir_version
+        if ir_version < 4:  # IR 3 lists every initializer as a graph input too
+            model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                                     for t in model.graph.initializer)
         # The full checker wants output shapes: take the ones onnx infers where none were given.
         inferred = onnx.shape_inference.infer_shapes(model)
         known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)
@@ -533,9 +536,6 @@ def test_bn_opsets(opset, ir_version, engine):
     attrs = dict(is_test=1) if opset <= 6 else {}
     conv_then_bn(g, **attrs)  # no epsilon attribute: 1e-5 by default
     model = g.model([("y", [1, 3, 4, 4])], opset=opset, ir_version=ir_version)
-    if ir_version < 4:
-        model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
-                                 for t in model.graph.initializer)
     folded, _ = fold_and_check(model, n_folded=1, rule="conv_bn", engine=engine)
     if ir_version < 4:
         declared = {i.name for i in folded.graph.input}

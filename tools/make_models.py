@@ -461,6 +461,26 @@ def conv_bn_float16_overflow():
     return model
 
 
+def conv_bn_float16_underflow():
+    """Two float16 Conv -> BN pairs. The first BN's scale is ~4e-6 (gamma ~1e-3 on a variance of
+    6e4): its folded weights (~1e-6) would be float16 subnormals, rounded with a few % error where
+    the original multiplies by the stored weights exactly, so it stays (would_lose_precision). The
+    second, ordinary one folds."""
+    b = _Builder(65, TensorProto.FLOAT16)
+    c = 4
+    x = b.input("x", [1, 3, 6, 6])
+    h = b.node("Conv", [x, b.init("conv1_W", b.weight([c, 3, 3, 3]))], "conv1_out", name="conv1",
+               pads=[1, 1, 1, 1])
+    gamma, beta, mean, _ = b.bn_stats(c)
+    params = [b.init("bn1_scale", np.abs(gamma) * 1e-3), b.init("bn1_bias", beta), b.init("bn1_mean", mean),
+              b.init("bn1_var", np.full(c, 6e4))]
+    h = b.node("BatchNormalization", [h, *params], "bn1_out", name="bn1")
+    h = b.node("Conv", [h, b.init("conv2_W", b.weight([c, c, 3, 3]))], "conv2_out", name="conv2", pads=[1, 1, 1, 1])
+    b.bn(h, c, "y", "bn2")
+    b.output("y")
+    return b.model()
+
+
 def conv_bn_float64():
     """Whole model in float64 (onnxruntime has no double Conv on CPU: parity via onnx.reference)."""
     return _conv_bn(62, spatial=[6, 6], elem_type=TensorProto.DOUBLE, pads=[1, 1, 1, 1])
@@ -964,6 +984,8 @@ CASES = {
     "convtranspose2d_add_bias_bn": (convtranspose2d_add_bias_bn, (Fold("bn", "convtranspose_bn"),)),
     "conv_add_vector_bn": (conv_add_vector_bn, (Remain("bn", "not_per_channel"),)),
     "conv_bn_float16_overflow": (conv_bn_float16_overflow, (Remain("bn", "would_overflow"),)),
+    "conv_bn_float16_underflow": (conv_bn_float16_underflow,
+                                  (Remain("bn1", "would_lose_precision"), Fold("bn2", "conv_bn"))),
     "conv_mul_add_bn": (conv_mul_add_bn, (Fold("bn", "conv_bn"),)),
     "gemm_bn": (gemm_bn, (Fold("bn", "gemm_bn"),)),
     "gemm_transa_alpha_beta_row_c_bn": (gemm_transa_alpha_beta_row_c_bn, (Fold("bn", "gemm_bn"),)),

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 from onnx import TensorProto
 
-from bnfold.graph import FLOAT_TYPES, GraphView, get_attr, is_default_domain, to_float64
+from bnfold.graph import FLOAT_TYPES, GraphView, get_attr, is_default_domain, numpy_type, to_float64
 
 CHAIN_OPS = ("Add", "Sub", "Mul", "Div")
 
@@ -73,14 +73,27 @@ def weight_or_failure(view: GraphView, layer: int, position: int, role: str):
     return np.asarray(value), data_type
 
 
-# Largest finite values of the float types whose range a fold can realistically exceed.
+# Largest finite values and unit roundoffs of the float types a fold can realistically push out of
+# range or into their subnormals; float32/float64 weights would need factors beyond 1e30.
 _FLOAT_LIMITS = {TensorProto.FLOAT16: 65504.0, TensorProto.BFLOAT16: 3.3895313892515355e38}
+_UNIT_ROUNDOFF = {TensorProto.FLOAT16: 2.0**-11, TensorProto.BFLOAT16: 2.0**-8}
+# A folded weight may lose this many unit roundoffs (norm-relative) before its BN is left: rounding
+# to a normal number costs at most one, so only underflow into subnormals or zero gets past it.
+LOST_PRECISION_LIMIT = 4.0
 
 
-def overflow_failure(view: GraphView, bn: BatchNorm, layer: int, data_type: int, *values):
-    """Failure("would_overflow") when a folded value would not fit ``data_type`` (float16 and
-    bfloat16; float32/float64 cannot realistically overflow), else None. ``values``: float64
-    arrays (e.g. the new bias), or ``(weight, factor)`` pairs whose product is the new weight."""
+def representation_failure(view: GraphView, bn: BatchNorm, layer: int, data_type: int, *values):
+    """Failure when the folded values cannot be stored in ``data_type`` faithfully (float16 and
+    bfloat16), else None. ``values``: float64 arrays (e.g. the new bias), or ``(weight, factor)``
+    pairs whose product is a new weight.
+
+    * ``would_overflow``: a value beyond the type's largest finite number.
+    * ``would_lose_precision``: a new weight whose rounding to the type loses more than
+      ``LOST_PRECISION_LIMIT`` unit roundoffs relative to its norm (``||round(P) - P|| / ||P||``),
+      which only underflow does (scaled weights that become subnormal or zero). The original model
+      multiplies by the stored weights exactly, so such a fold would make that layer measurably
+      less precise. Biases are not judged this way: a bias is added, so a subnormal one is off by
+      less than 1e-7 in absolute terms."""
     limit = _FLOAT_LIMITS.get(data_type)
     if limit is None:
         return None
@@ -89,10 +102,24 @@ def overflow_failure(view: GraphView, bn: BatchNorm, layer: int, data_type: int,
         product = np.abs(to_float64(value[0])) * np.abs(value[1]) if isinstance(value, tuple) else np.abs(value)
         if np.size(product):
             worst = max(worst, float(np.max(product)))
+    type_name = FLOAT_TYPES[data_type]
     if not worst <= limit:
-        type_name = FLOAT_TYPES[data_type]
         return Failure("would_overflow", f"folding BatchNormalization '{bn.label}' into {view.describe(layer)} would "
                        f"give values up to {worst:.3g}, beyond the largest {type_name} ({limit:.5g}); left unfolded")
+    unit = _UNIT_ROUNDOFF[data_type]
+    for value in values:
+        if not isinstance(value, tuple):
+            continue
+        product = to_float64(value[0]) * value[1]
+        norm = float(np.linalg.norm(product))
+        if norm == 0.0:
+            continue
+        lost = float(np.linalg.norm(to_float64(product.astype(numpy_type(data_type))) - product)) / norm / unit
+        if lost > LOST_PRECISION_LIMIT:
+            return Failure("would_lose_precision",
+                           f"folding BatchNormalization '{bn.label}' into {view.describe(layer)} would round its "
+                           f"scaled {type_name} weights with a relative error of {lost * unit:.2g} ({lost:.0f}x the "
+                           f"{type_name} unit roundoff; many would become subnormal or zero); left unfolded")
     return None
 
 

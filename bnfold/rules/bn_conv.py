@@ -30,7 +30,7 @@ import numpy as np
 from bnfold.graph import get_attr
 from bnfold.graph import to_float64
 from bnfold.rules.base import Failure, Match, finish_forward, forward_consumer, int_attr, optional_input, \
-    overflow_failure, weight_or_failure
+    representation_failure, weight_or_failure
 
 RULE = "bn_conv"
 
@@ -70,9 +70,9 @@ def check(view, bn):
     s = bn.scale.reshape((group, 1, cin_g) + (1,) * len(kernel))
     t = bn.shift.reshape((group, 1, cin_g) + (1,) * len(kernel))
     new_b = b + (grouped * t).reshape(cout, -1).sum(axis=1)
-    too_big = overflow_failure(view, bn, layer, w_type, (grouped, s), new_b)
-    if too_big is not None:
-        return too_big
+    unrepresentable = representation_failure(view, bn, layer, w_type, (grouped, s), new_b)
+    if unrepresentable is not None:
+        return unrepresentable
 
     def rewrite():
         out = node.output[0]

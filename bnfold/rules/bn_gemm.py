@@ -30,7 +30,7 @@ import numpy as np
 from bnfold.graph import set_attr
 from bnfold.graph import to_float64
 from bnfold.rules.base import Failure, Match, finish_forward, float_attr, forward_consumer, int_attr, \
-    optional_input, overflow_failure, vector_times_matrix, weight_or_failure
+    optional_input, representation_failure, vector_times_matrix, weight_or_failure
 
 RULE = "bn_gemm"
 
@@ -63,9 +63,9 @@ def check(view, bn):
 
     new_c = beta * c + alpha * vector_times_matrix(bn.shift, w, transposed=trans_b)
     factor = alpha * (bn.scale[None, :] if trans_b else bn.scale[:, None])
-    too_big = overflow_failure(view, bn, layer, w_type, (w, factor), new_c)
-    if too_big is not None:
-        return too_big
+    unrepresentable = representation_failure(view, bn, layer, w_type, (w, factor), new_c)
+    if unrepresentable is not None:
+        return unrepresentable
 
     def rewrite():
         out = node.output[0]

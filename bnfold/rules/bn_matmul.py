@@ -23,7 +23,7 @@ Math (float64, cast once)::
 from __future__ import annotations
 
 from bnfold.graph import set_attr
-from bnfold.rules.base import Failure, Match, finish_forward, forward_consumer, overflow_failure, \
+from bnfold.rules.base import Failure, Match, finish_forward, forward_consumer, representation_failure, \
     vector_times_matrix, weight_or_failure
 
 RULE = "bn_matmul"
@@ -52,9 +52,9 @@ def check(view, bn):
         return Failure("not_per_channel", f"{view.describe(layer)} has {w.shape[0]} rows but BatchNormalization "
                        f"'{bn.label}' has {bn.channels} channels")
     new_c = vector_times_matrix(bn.shift, w)
-    too_big = overflow_failure(view, bn, layer, w_type, (w, bn.scale[:, None]), new_c)
-    if too_big is not None:
-        return too_big
+    unrepresentable = representation_failure(view, bn, layer, w_type, (w, bn.scale[:, None]), new_c)
+    if unrepresentable is not None:
+        return unrepresentable
 
     def rewrite():
         out = node.output[0]

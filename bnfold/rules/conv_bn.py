@@ -32,7 +32,7 @@ from bnfold.rules.base import (
     bias_or_failure,
     check_chain_and_combine,
     finish_backward,
-    overflow_failure,
+    representation_failure,
     trace_backward,
     weight_or_failure,
 )
@@ -61,9 +61,9 @@ def check(view, bn):
         return combined
     scale, shift = combined
     factor = scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    too_big = overflow_failure(view, bn, chain.layer, w_type, (w, factor), b * scale + shift)
-    if too_big is not None:
-        return too_big
+    unrepresentable = representation_failure(view, bn, chain.layer, w_type, (w, factor), b * scale + shift)
+    if unrepresentable is not None:
+        return unrepresentable
 
     def rewrite():
         out = node.output[0]

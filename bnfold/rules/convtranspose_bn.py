@@ -32,7 +32,7 @@ from bnfold.rules.base import (
     check_chain_and_combine,
     finish_backward,
     int_attr,
-    overflow_failure,
+    representation_failure,
     trace_backward,
     weight_or_failure,
 )
@@ -65,9 +65,9 @@ def check(view, bn):
     kernel = w.shape[2:]
     grouped = w.reshape((group, cin // group, cout_g) + kernel)
     factor = scale.reshape((group, 1, cout_g) + (1,) * len(kernel))
-    too_big = overflow_failure(view, bn, chain.layer, w_type, (grouped, factor), b * scale + shift)
-    if too_big is not None:
-        return too_big
+    unrepresentable = representation_failure(view, bn, chain.layer, w_type, (grouped, factor), b * scale + shift)
+    if unrepresentable is not None:
+        return unrepresentable
 
     def rewrite():
         out = node.output[0]

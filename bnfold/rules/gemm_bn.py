@@ -35,7 +35,7 @@ from bnfold.rules.base import (
     float_attr,
     int_attr,
     optional_input,
-    overflow_failure,
+    representation_failure,
     trace_backward,
     weight_or_failure,
 )
@@ -73,9 +73,9 @@ def check(view, bn):
         return combined
     scale, shift = combined
     factor = alpha * (scale[:, None] if trans_b else scale[None, :])
-    too_big = overflow_failure(view, bn, chain.layer, w_type, (w, factor), beta * c * scale + shift)
-    if too_big is not None:
-        return too_big
+    unrepresentable = representation_failure(view, bn, chain.layer, w_type, (w, factor), beta * c * scale + shift)
+    if unrepresentable is not None:
+        return unrepresentable
 
     def rewrite():
         out = node.output[0]

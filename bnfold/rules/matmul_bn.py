@@ -24,7 +24,7 @@ Math (float64, cast once), with the chain + BN reduced to ``S * y + T`` per colu
 from __future__ import annotations
 
 from bnfold.graph import set_attr
-from bnfold.rules.base import Failure, Match, check_chain_and_combine, finish_backward, overflow_failure, \
+from bnfold.rules.base import Failure, Match, check_chain_and_combine, finish_backward, representation_failure, \
     trace_backward, weight_or_failure
 
 RULE = "matmul_bn"
@@ -56,9 +56,9 @@ def check(view, bn):
     if isinstance(combined, Failure):
         return combined
     scale, shift = combined
-    too_big = overflow_failure(view, bn, chain.layer, w_type, (w, scale[None, :]), shift)
-    if too_big is not None:
-        return too_big
+    unrepresentable = representation_failure(view, bn, chain.layer, w_type, (w, scale[None, :]), shift)
+    if unrepresentable is not None:
+        return unrepresentable
 
     def rewrite():
         out = node.output[0]
