@@ -25,7 +25,7 @@ Both models run at the same onnxruntime graph optimization level, ``"disabled"``
 * the candidate runs the same kernels, so the only difference between the two runs is what the
   candidate changed, and a model checked against itself agrees bit for bit. With the reference at
   ``"disabled"`` and the candidate at ``"all"`` (the old defaults), deep float32 networks
-  differed from *themselves* by more than the fixed tolerance: 5 of 62 real torch exports failed
+  differed from *themselves* by more than the fixed tolerance: 8 of 49 real torch exports failed
   ``check M M``.
 
 What a user deploys, ``"all"``, is where the noise is measured. Per sample, the reference runs a
@@ -37,14 +37,15 @@ reference's own float32 noise: onnxruntime's deployment optimizations round ever
 differently (including its own Conv+BN fusion, a fold in float32) and the ulp moves measure how
 much the network amplifies rounding at its input - the same kind of error a correct fold makes.
 A *default* atol becomes ``max(default, NOISE_FACTOR x noise)``; ``NOISE_FACTOR = 4`` because on
-real exports and the suite's deep model a correct fold's error was 0.3-1.5 times the noise, and
-every wrong fold tried (one Conv's weights x 1.01, a bias shifted, one BN's variance x 1.1) was
-more than 100 times it. The measured atol is capped at ``NOISE_CAP_OVER_DEFAULT`` (100) times the
-dtype's default atol and at ``NOISE_CAP_OF_SCALE`` (1%) of the output's scale, so a reference that
-is not reproducible (random ops, an optimizer bug) cannot open the check to anything; the report
-says when the cap applied. ``measure_noise=False`` keeps the fixed defaults. The noise run costs
-one session and one run of the reference per sample; it is skipped when every float output's
-atol is given.
+49 real torch exports and the suite's deep model a correct fold's error was 0.24-1.72 times the
+noise, and every wrong fold tried (one Conv's weights x 1.01, a bias shifted by 0.01, one BN's
+variance x 1.1) was at least 6 times the resulting atol, usually over 36 times
+(docs/check-bench-demo.md has the table). The measured atol is capped at
+``NOISE_CAP_OVER_DEFAULT`` (100) times the dtype's default atol and at ``NOISE_CAP_OF_SCALE``
+(1%) of the output's scale, so a reference that is not reproducible (random ops, an optimizer
+bug) cannot open the check to anything; the report says when the cap applied.
+``measure_noise=False`` keeps the fixed defaults. The noise run costs one session and one run of
+the reference per sample; it is skipped when every float output's atol is given.
 
 Tolerances (``DEFAULT_TOLERANCES``) are per output dtype, loosened to the lowest float precision
 either model computes in (initializers, Constant values, Cast targets, declared value types): a
@@ -726,7 +727,7 @@ class CheckReport:
         if not floats:
             return "exact comparison"
         if all(o.atol_source == "given" for o in floats):
-            return "tolerances as given"
+            return "atol as given for every float output (no noise run)"
         from_noise = sum(o.atol_source == "noise" for o in floats)
         if from_noise:
             return (f"atol raised to {self.noise_factor:g} x the reference's own float noise on "
@@ -740,19 +741,20 @@ class CheckReport:
         if not floats:
             return "integer and bool outputs compared exactly"
         if all(o.atol_source == "given" for o in floats):
-            return "tolerances as given"
+            return "atol as given for every float output (no noise run)"
         if self.noise_opt_level is None:
             why = f" ({self.noise_note})" if self.noise_note else ""
-            return f"default atol = per-dtype default x max(1, max|ref|); noise not measured{why}"
+            return f"default atol = dtype default x max(1, max|ref|); noise not measured{why}"
         from_noise = sum(o.atol_source == "noise" for o in floats)
         capped = sum(o.noise_capped for o in floats)
         text = (
-            f"default atol = max(per-dtype default x max(1, max|ref|), {self.noise_factor:g} x noise), "
-            f"noise = max |reference - reference at opt level {self.noise_opt_level} on inputs moved by one ulp|; "
-            f"the noise set the atol of {from_noise} of {len(floats)} float output(s)"
+            f"default atol = max(dtype default x max(1, max|ref|), {self.noise_factor:g} x ref noise), "
+            f"ref noise = max |reference - reference at opt level {self.noise_opt_level}, inputs moved by one ulp|; "
+            f"set by the noise for {from_noise} of {len(floats)} float output(s)"
         )
         if capped:
-            text += f"; {capped} capped (the reference's own noise is too large for a meaningful default: give --atol)"
+            text += (f"; capped for {capped} (the reference's own noise exceeds what a default may accept; "
+                     "give --atol to accept more)")
         return text
 
     def format_table(self) -> str:
@@ -1001,7 +1003,7 @@ def check(
             except InputError as e:
                 noise_level, noise_note = None, f"the noise run failed: {e}"
         elif noisy_outputs:
-            noise_note = "measure_noise=False"
+            noise_note = "switched off: measure_noise=False / --no-noise"
         spread = dict.fromkeys(noisy_outputs, 0.0)
         ref_outs = []
         for i, feeds in enumerate(input_sets):

@@ -612,7 +612,7 @@ def test_report_says_where_the_tolerance_came_from(deep, tmp_path, capsys):
     out_json = tmp_path / "r.json"
     assert main(["check", a, b, "--json", str(out_json)]) == 0
     table = capsys.readouterr().out
-    assert "(noise)" in table and "reference at opt level all on inputs moved by one ulp" in table
+    assert "(noise)" in table and "reference at opt level all, inputs moved by one ulp" in table
     assert "reference disabled, candidate disabled" in table
     data = json.loads(out_json.read_text())
     assert data["noise"]["measured"] is True and data["noise"]["opt_level"] == "all"
