@@ -31,11 +31,11 @@ def register(subparsers) -> None:
         "check",
         help="compare two models' outputs in onnxruntime",
         description="Run REFERENCE and CANDIDATE in onnxruntime on the same inputs and compare every "
-        "output by name. Both run with onnxruntime's graph optimizations disabled, so the reference is "
-        "the model as written (onnxruntime's own BN fusion cannot stand in for it) and the only "
-        "difference is the candidate's. The reference runs once more, at level all on inputs moved by "
-        "one ulp, to measure its own float noise: a default atol is at least "
-        f"{NOISE_FACTOR:g} x that noise.",
+        "output by name. By default both run with onnxruntime's graph optimizations disabled, so the "
+        "reference is the model as written (onnxruntime's own BN fusion cannot stand in for it) and the "
+        "only difference is the candidate's. The reference runs once more, at level all (disabled when "
+        "--opt-level is all) on inputs moved by one ulp, to measure its own float noise: a default atol "
+        f"is at least {NOISE_FACTOR:g} x that noise.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
