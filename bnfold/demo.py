@@ -116,7 +116,7 @@ def format_summary(result: DemoResult, *, image_size: int, batch: int) -> str:
     lines.append(
         f"parity   {verdict}: max abs error {check_report.max_abs_error:.2g}, max rel error "
         f"{check_report.max_rel_error:.2g} on {check_report.samples} random input(s) "
-        f"(onnxruntime, reference unoptimized)"
+        f"(onnxruntime, both at opt level {check_report.opt_level}; {check_report.tolerance_brief})"
     )
     lines += [f"           warning: {w}" for w in check_report.warnings]
     if not check_report.passed:

@@ -160,3 +160,21 @@ def test_non_finite_data_exit_2_nothing_written(files, capsys):
     err = capsys.readouterr().err
     assert "nan.npz:input: non-finite values (NaN) in sample 7" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_fold_of_a_deep_noisy_model_passes_its_parity_check(tmp_path, capsys):
+    """calibrate --fold uses the same parity semantics as check: a deep float32 chain whose own
+    rounding exceeds the fixed tolerance (tests/noisy_models.py) is calibrated, folded and written."""
+    from noisy_models import deep_offset_chain
+
+    path, out, data_path = tmp_path / "deep.onnx", tmp_path / "folded.onnx", tmp_path / "data.npy"
+    onnx.save_model(deep_offset_chain(), str(path))
+    np.save(data_path, np.random.default_rng(3).standard_normal((4, 3, 16, 16)).astype(np.float32))
+    argv = ["calibrate", str(path), "-o", str(out), "--data", str(data_path), "--batch-size", "1",
+            "--mode", "sequential", "--fold", "--report", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    assert "parity check passed" in capsys.readouterr().out
+    parity = json.loads((tmp_path / "r.json").read_text())["parity"]
+    assert parity["passed"] is True and parity["noise"]["measured"] is True
+    out = parity["outputs"][0]
+    assert out["atol_source"] == "noise" and out["noise"] > 0  # the measured noise set the atol

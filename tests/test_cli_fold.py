@@ -352,3 +352,19 @@ def test_sigterm_during_the_check_leaves_no_temporary_file(tmp_path, capsys, mon
     assert code == 143 and "terminated" in err
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
     assert signal.getsignal(signal.SIGTERM) == previous  # the command's handler is gone again
+
+
+def test_fold_writes_a_correct_fold_of_a_deep_noisy_model(tmp_path, capsys):
+    """A deep float32 chain whose own rounding exceeds the fixed tolerance (tests/noisy_models.py):
+    the fold is correct, so ``bnfold fold`` must write it, with the tolerance's origin printed."""
+    import bnfold
+    from noisy_models import deep_offset_chain
+
+    path, out = tmp_path / "deep.onnx", tmp_path / "folded.onnx"
+    onnx.save_model(deep_offset_chain(), str(path))
+    code, stdout, err = _run(capsys, "fold", path, "-o", out)
+    assert code == 0, err
+    assert out.exists() and count_bn(onnx.load(str(out))) == 0
+    assert "parity check: passed" in stdout and "the reference's own float noise on 1 of 1 output(s)" in stdout
+    # The fixed tolerance alone would have refused this correct fold.
+    assert not bnfold.check(str(path), str(out), measure_noise=False).passed

@@ -505,3 +505,230 @@ def test_mixed_precision_model_is_judged_by_its_float16_rounding(tmp_path):
         if len(t.dims) == 4:
             t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * np.float16(1.1), t.name))
     assert not bnfold.check(model, broken).passed  # float16 tolerance still catches a wrong fold
+
+
+# ---------------------------------------------------------------- the reference's own float noise
+#
+# tests/noisy_models.py builds a deep chain whose float32 rounding exceeds the fixed default
+# tolerance, as deep real exports do: a correct fold differs from the reference by more than
+# 1e-5 x scale, and so does the reference from itself between onnxruntime's levels.
+
+
+@pytest.fixture(scope="module")
+def deep():
+    from noisy_models import deep_offset_chain
+
+    model = deep_offset_chain()
+    folded, fold_report = bnfold.fold(model)
+    assert fold_report.n_folded == 12 and fold_report.n_remaining == 0
+    return model, folded
+
+
+def test_deep_model_is_noisier_than_the_fixed_tolerance(deep):
+    model, folded = deep
+    # The old semantics (reference disabled, candidate all, fixed tolerance): the model fails
+    # against itself ...
+    old = bnfold.check(model, model, opt_level="disabled", candidate_opt_level="all", measure_noise=False)
+    assert not old.passed and old.outputs[0].atol_source == "default"
+    # ... and at one level with the fixed tolerance, the correct fold still fails: the same level
+    # alone is not enough.
+    fixed = bnfold.check(model, folded, measure_noise=False)
+    assert not fixed.passed and fixed.noise_opt_level is None
+    assert fixed.max_abs_error > fixed.outputs[0].atol
+
+
+def test_model_against_itself_passes_at_one_level(deep, tmp_path, capsys):
+    model, _ = deep
+    report = bnfold.check(model, model)
+    assert report.passed and report.opt_level == report.candidate_opt_level == "disabled"
+    assert report.max_abs_error == 0.0  # the same session kind on the same inputs: the same bits
+    path = _save(model, tmp_path / "deep.onnx")
+    assert main(["check", path, path]) == 0
+    # The old pair of levels with the fixed tolerance is the false failure real models showed.
+    assert main(["check", path, path, "--candidate-opt-level", "all", "--no-noise"]) == 1
+    assert "FAIL" in capsys.readouterr().err
+
+
+def test_correct_fold_of_deep_model_passes_by_its_measured_noise(deep):
+    model, folded = deep
+    report = bnfold.check(model, folded)
+    assert report.passed, report.format_table()
+    out = report.outputs[0]
+    assert report.noise_opt_level == "all" and out.atol_source == "noise" and not out.noise_capped
+    # The fold's error is of the order of the reference's own noise, well inside k x noise.
+    assert out.noise > 0 and out.max_abs < out.atol == pytest.approx(bnfold.parity.NOISE_FACTOR * out.noise)
+    fixed_atol = bnfold.check(model, folded, measure_noise=False).outputs[0].atol
+    assert fixed_atol < out.max_abs  # above the fixed default: the noise floor was needed
+
+
+def _folded_perturbation(model, folded, kind, layer):
+    """A wrong fold of ``model``: ``folded`` with one layer changed, or ``model`` folded after one
+    BN's variance was changed."""
+    from noisy_models import conv_inputs, initializer, with_initializer
+
+    conv = f"conv{layer}"
+    weight, bias = conv_inputs(folded, conv)
+    if kind == "weight x 1.01":
+        return with_initializer(folded, weight, initializer(folded, weight) * 1.01)
+    if kind == "bias + 0.01":
+        return with_initializer(folded, bias, initializer(folded, bias) + 0.01)
+    if kind == "variance x 1.1":
+        wrong_var = with_initializer(model, f"bn{layer}.var", initializer(model, f"bn{layer}.var") * 1.1)
+        return bnfold.fold(wrong_var)[0]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("layer", [0, 6, 11])
+@pytest.mark.parametrize("kind", ["weight x 1.01", "bias + 0.01", "variance x 1.1"])
+def test_wrong_folds_of_deep_model_fail_with_the_noise_tolerance(deep, kind, layer):
+    model, folded = deep
+    wrong = _folded_perturbation(model, folded, kind, layer)
+    report = bnfold.check(model, wrong)
+    out = report.outputs[0]
+    assert not report.passed, f"{kind} at layer {layer} passed: {report.summary()}"
+    assert out.atol_source == "noise"  # failing although the tolerance was raised to the noise floor
+    assert out.max_abs > 5 * out.atol  # not a near miss
+    assert "tolerance" in report.summary() and "(noise)" in report.summary()
+
+
+def test_explicit_tolerances_are_literal(deep):
+    model, folded = deep
+    given = bnfold.check(model, folded, atol=1e-5)
+    out = given.outputs[0]
+    assert out.atol == 1e-5 and out.atol_source == "given" and out.noise is None
+    assert given.noise_opt_level is None  # every float atol given: the noise run is skipped
+    assert not given.passed
+    # rtol given, atol defaulted: the rtol is literal, the default atol still follows the noise.
+    mixed = bnfold.check(model, folded, rtol=1e-6)
+    out = mixed.outputs[0]
+    assert out.rtol == 1e-6 and out.rtol_source == "given" and out.atol_source == "noise"
+    assert "rtol given, atol noise" in out.tolerance_text
+    assert bnfold.check(model, folded, atol=1e-3).passed
+
+
+def test_report_says_where_the_tolerance_came_from(deep, tmp_path, capsys):
+    model, folded = deep
+    a, b = _save(model, tmp_path / "a.onnx"), _save(folded, tmp_path / "b.onnx")
+    out_json = tmp_path / "r.json"
+    assert main(["check", a, b, "--json", str(out_json)]) == 0
+    table = capsys.readouterr().out
+    assert "(noise)" in table and "reference at opt level all, inputs moved by one ulp" in table
+    assert "reference disabled, candidate disabled" in table
+    data = json.loads(out_json.read_text())
+    assert data["noise"]["measured"] is True and data["noise"]["opt_level"] == "all"
+    assert data["noise"]["factor"] == bnfold.parity.NOISE_FACTOR
+    o = data["outputs"][0]
+    assert o["atol_source"] == "noise" and o["rtol_source"] == "default" and o["noise"] > 0
+    assert o["atol"] == pytest.approx(o["noise_atol"]) and "noise" in data["tolerance"]
+    assert main(["check", a, b, "--no-noise", "--json", str(out_json)]) == 1
+    data = json.loads(out_json.read_text())
+    assert data["noise"]["measured"] is False and data["outputs"][0]["atol_source"] == "default"
+    assert "noise not measured" in data["tolerance"]
+
+
+def test_noise_check_is_deterministic(deep):
+    model, folded = deep
+    first = bnfold.check(model, folded, samples=2).to_dict()
+    assert first == bnfold.check(model, folded, samples=2).to_dict()
+
+
+def test_shallow_model_keeps_the_default_tolerance(params):
+    # The hand-folded Conv+BN: onnxruntime's levels differ by far less than the default atol.
+    report = bnfold.check(conv_bn_model(params), folded_conv_model(params))
+    out = report.outputs[0]
+    assert report.passed and report.noise_opt_level == "all"
+    assert out.atol_source == "default" and out.noise is not None and out.noise_atol < out.atol
+
+
+def test_noise_run_at_all_uses_disabled_instead(params):
+    report = bnfold.check(conv_bn_model(params), folded_conv_model(params), opt_level="all")
+    assert report.opt_level == report.candidate_opt_level == "all" and report.noise_opt_level == "disabled"
+    assert report.passed
+
+
+def test_nudge_moves_float_inputs_by_one_ulp_only():
+    from bnfold.parity import nudge_inputs
+
+    rng_values = np.random.default_rng(0)
+    feeds = {
+        "f32": rng_values.standard_normal((50, 40)).astype(np.float32),
+        "f16": rng_values.standard_normal(300).astype(np.float16),
+        "special": np.array([0.0, np.inf, -np.inf, np.nan, 1.0], np.float32),
+        "idx": np.arange(6, dtype=np.int64),
+        "mask": np.array([True, False]),
+    }
+    moved = nudge_inputs(feeds, np.random.default_rng(1))
+    for name in ("f32", "f16"):
+        x, y = feeds[name], moved[name]
+        assert y.dtype == x.dtype and y.shape == x.shape
+        assert np.all((y == np.nextafter(x, x.dtype.type(np.inf))) | (y == np.nextafter(x, x.dtype.type(-np.inf))))
+        assert np.all(y != x)
+        up = (y > x).mean()
+        assert 0.3 < up < 0.7  # both directions, not a bias in one
+    s = moved["special"]
+    assert s[0] != 0.0 and abs(s[0]) < 1e-44  # zero moves to the smallest subnormal
+    assert s[1] == np.inf and s[2] == -np.inf and np.isnan(s[3])
+    assert np.array_equal(moved["idx"], feeds["idx"]) and np.array_equal(moved["mask"], feeds["mask"])
+    again = nudge_inputs(feeds, np.random.default_rng(1))
+    assert all(np.array_equal(again[k], moved[k], equal_nan=True) for k in feeds)
+
+
+def test_noise_tolerance_is_capped():
+    from bnfold.parity import NOISE_CAP_OF_SCALE, NOISE_CAP_OVER_DEFAULT, NOISE_FACTOR, noise_tolerance
+
+    assert noise_tolerance(1e-6, 1e-5, 1.0) == (NOISE_FACTOR * 1e-6, False)
+    atol, capped = noise_tolerance(1.0, 1e-5, 2.0)
+    assert capped and atol == NOISE_CAP_OVER_DEFAULT * 1e-5 * 2.0
+    atol, capped = noise_tolerance(1.0, 1e-3, 3.0)  # float16's default: 1% of the scale is the cap
+    assert capped and atol == NOISE_CAP_OF_SCALE * 3.0
+
+
+def _chaotic_model(shift=0.0):
+    """y = sin(x * 1e6) + shift: a one-ulp change of x moves y by up to ~0.1."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])
+    inits = [nh.from_array(np.array(1e6, np.float32), "k"), nh.from_array(np.array(shift, np.float32), "s")]
+    nodes = [helper.make_node("Mul", ["x", "k"], ["t"]), helper.make_node("Sin", ["t"], ["u"]),
+             helper.make_node("Add", ["u", "s"], ["y"])]
+    return _model(nodes, [x], [y], inits)
+
+
+def test_a_reference_too_noisy_to_trust_gets_a_capped_tolerance():
+    reference = _chaotic_model()
+    itself = bnfold.check(reference, _chaotic_model())
+    out = itself.outputs[0]
+    assert itself.passed and out.noise_capped and out.noise > 0.01
+    assert out.atol == pytest.approx(bnfold.parity.NOISE_CAP_OVER_DEFAULT * 1e-5)  # scale 1: |sin| <= 1
+    assert "capped" in itself.tolerance_note and "capped" in out.tolerance_text
+    # A 5% shift passes no check, however noisy the reference is.
+    assert not bnfold.check(reference, _chaotic_model(shift=0.05)).passed
+
+
+def test_failed_noise_run_falls_back_to_the_defaults(monkeypatch, params):
+    from bnfold import parity
+
+    real_session = parity.LoadedModel.session
+
+    def no_all_level(self, opt_level, **kwargs):
+        if opt_level == "all":
+            raise InputError(f"{self.label}: onnxruntime cannot load the model (injected)")
+        return real_session(self, opt_level, **kwargs)
+
+    monkeypatch.setattr(parity.LoadedModel, "session", no_all_level)
+    report = bnfold.check(conv_bn_model(params), folded_conv_model(params))
+    assert report.passed and report.noise_opt_level is None
+    assert "the noise run failed" in report.noise_note and "injected" in report.tolerance_note
+    assert report.outputs[0].atol_source == "default" and report.outputs[0].noise is None
+
+
+def test_integer_outputs_stay_exact_and_unmeasured(tmp_path):
+    report = bnfold.check(gather_where_model(), gather_where_model())
+    assert report.passed and report.outputs[0].atol_source == "default"  # float output y
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])
+    idx = helper.make_tensor_value_info("i", TensorProto.INT64, [3])
+    argmax = _model([helper.make_node("ArgMax", ["x"], ["i"], axis=1, keepdims=0)], [x], [idx])
+    report = bnfold.check(argmax, argmax)
+    out = report.outputs[0]
+    assert report.passed and out.atol_source == out.rtol_source == "exact" and out.noise is None
+    assert report.noise_opt_level is None and report.tolerance_note == "integer and bool outputs compared exactly"
+    assert "exact" in report.format_table()

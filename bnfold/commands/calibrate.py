@@ -104,7 +104,7 @@ def run(args) -> int:
             raise InputError(f"parity check could not run: {e}") from None
         verdict = "passed" if check_report.passed else "FAILED"
         print(f"fold: {fold_report.n_folded} BatchNormalization folded, {fold_report.n_remaining} remaining; "
-              f"parity check {verdict} (max abs error {check_report.max_abs_error:.3g})")
+              f"parity check {verdict} (max abs error {check_report.max_abs_error:.3g}; {check_report.tolerance_brief})")
         for warning in check_report.warnings:
             print(f"  warning: {warning}")
         report_data["fold"] = fold_report.to_dict()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bnfold.parity import OPT_LEVELS, check, parse_shape_specs, parse_tolerance_specs
+from bnfold.parity import DEFAULT_OPT_LEVEL, NOISE_FACTOR, OPT_LEVELS, check, parse_shape_specs, parse_tolerance_specs
 
 EXAMPLES = """examples:
   bnfold check model.onnx folded.onnx
@@ -17,7 +17,10 @@ standard normal, integer inputs small non-negative values, bool inputs random. D
 default to 1 for the leading (batch) dimension and 32 for the others; set them with --shape.
 Default tolerances per output dtype (|cand - ref| <= atol + rtol*|ref|, default atol scaled by
 max(1, max|ref|)): float32 rtol 1e-4 atol 1e-5, float16 rtol 1e-2 atol 1e-3, float64 rtol 1e-9
-atol 1e-10; integer and bool outputs must match exactly.
+atol 1e-10, and a default atol is raised to the measured noise floor (the reference's own spread
+between optimization levels on inputs moved by one ulp, times the noise factor; see
+docs/check-bench-demo.md). --atol/--rtol values are taken literally. Integer and bool outputs
+must match exactly.
 
 exit status: 0 all outputs match, 1 an output differs, 2 bad input (unreadable model, models
 whose input/output names, dtypes or shapes disagree, bad option or --inputs file)."""
@@ -28,8 +31,11 @@ def register(subparsers) -> None:
         "check",
         help="compare two models' outputs in onnxruntime",
         description="Run REFERENCE and CANDIDATE in onnxruntime on the same inputs and compare every "
-        "output by name. The reference runs with onnxruntime's graph optimizations disabled so its "
-        "own BN fusion cannot hide a difference.",
+        "output by name. By default both run with onnxruntime's graph optimizations disabled, so the "
+        "reference is the model as written (onnxruntime's own BN fusion cannot stand in for it) and the "
+        "only difference is the candidate's. The reference runs once more, at level all (disabled when "
+        "--opt-level is all) on inputs moved by one ulp, to measure its own float noise: a default atol "
+        f"is at least {NOISE_FACTOR:g} x that noise.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -47,12 +53,16 @@ def register(subparsers) -> None:
         help="absolute tolerance, for all outputs or (NAME:VALUE, repeatable) for one output",
     )
     parser.add_argument(
-        "--opt-level", choices=OPT_LEVELS, default="disabled",
-        help="onnxruntime graph optimization level for the reference (default: disabled)",
+        "--opt-level", choices=OPT_LEVELS, default=DEFAULT_OPT_LEVEL,
+        help=f"onnxruntime graph optimization level for both models (default: {DEFAULT_OPT_LEVEL})",
     )
     parser.add_argument(
-        "--candidate-opt-level", choices=OPT_LEVELS, default="all",
-        help="onnxruntime graph optimization level for the candidate (default: all)",
+        "--candidate-opt-level", choices=OPT_LEVELS, default=None,
+        help="a different optimization level for the candidate (default: the same as --opt-level)",
+    )
+    parser.add_argument(
+        "--no-noise", action="store_true",
+        help="do not measure the reference's own float noise: fixed default tolerances only",
     )
     parser.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     parser.set_defaults(func=run)
@@ -89,6 +99,7 @@ def run(args) -> int:
         atol=parse_tolerance_specs(args.atol, "atol"),
         opt_level=args.opt_level,
         candidate_opt_level=args.candidate_opt_level,
+        measure_noise=not args.no_noise,
     )
     print(report.format_table())
     if args.json:

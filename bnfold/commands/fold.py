@@ -132,7 +132,8 @@ def format_summary(report, fold_seconds, check_report) -> str:
         lines.append("parity check: skipped (--no-check)")
     else:
         if check_report.passed:
-            lines.append(f"parity check: passed (max abs error {check_report.max_abs_error:.3g})")
+            lines.append(f"parity check: passed (max abs error {check_report.max_abs_error:.3g}; "
+                         f"{check_report.tolerance_brief})")
         else:  # the check's own one-line verdict names the outputs and why (e.g. NaN on one side)
             lines.append(f"parity check: FAILED: {check_report.summary().removeprefix('FAIL: ')}")
         lines += [f"  warning: {w}" for w in check_report.warnings]
