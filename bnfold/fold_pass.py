@@ -59,6 +59,7 @@ class FoldedBN:
     target: str
     graph: str
     absorbed: tuple = ()  # labels of Add/Mul/Sub/Div nodes folded along with the BN
+    weight_type: str = ""  # element type of the target layer's weight ("float32", "float16", ...)
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,16 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None) -> 
     input or its external data. ``verify(tmp_path) -> bool`` is called with the complete result
     in a temporary file before it is moved into place; when it returns False nothing is written
     (``bnfold fold`` runs its parity check there).
+
+    When ``verify`` refuses a result in which BNs were folded into float16 / bfloat16 weights,
+    the fold is tried again leaving the first k of those BNs (in graph order) unfolded, for the
+    smallest k that ``verify`` accepts (bisection, assuming that leaving more BNs unfolded never
+    hurts): each folded weight is rounded once to its type, and in a deep network the rounding
+    of early layers is amplified by every layer after them. Those BNs are reported as remaining
+    with reason ``would_lose_precision``; the rest are folded. If no k helps, the result of
+    folding everything is the one verify saw last (and refused).
     """
-    from bnfold.model_io import check_output_path, save_model_atomic
+    from bnfold.model_io import check_output_path
 
     if not isinstance(forward, bool):
         raise TypeError(f"forward must be a bool, got {type(forward).__name__}")
@@ -180,11 +189,52 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None) -> 
         if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str):
             raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
     check_output_path(output_path, source_path=input_path)
+    verdicts = []
+
+    def recording(tmp_path):
+        verdicts.append(verify is None or bool(verify(tmp_path)))
+        return verdicts[-1]
+
+    report = _fold_file_once(input_path, output_path, forward, recording, {})
+    if verdicts[-1]:
+        return report
+    low_precision = [(f.graph, f.bn) for f in report.folded if f.weight_type in ("float16", "bfloat16")]
+    if not low_precision:
+        return report
+
+    def kept(k):
+        def message(bn, n_before):
+            others = f" and the {n_before} BN(s) before it" if n_before else ""
+            return (f"with BatchNormalization '{bn}'{others} folded into float16/bfloat16 weights the model failed "
+                    "the parity check: each folded weight is rounded once to its type, and the rounding of early "
+                    "layers is amplified by the layers after them; left unfolded (the later BNs are folded)")
+        return {key: Failure("would_lose_precision", message(key[1], n)) for n, key in enumerate(low_precision[:k])}
+
+    def passes(k):  # verify's verdict on the fold that keeps the first k, without writing it
+        _fold_file_once(input_path, output_path, forward, lambda tmp: recording(tmp) and False, kept(k))
+        return verdicts[-1]
+
+    if not passes(len(low_precision)):
+        # Folding is not what fails: give verify the full fold again, as the caller's last word.
+        return _fold_file_once(input_path, output_path, forward, recording, {})
+    failing, passing = 0, len(low_precision)
+    while passing - failing > 1:
+        middle = (failing + passing) // 2
+        if passes(middle):
+            passing = middle
+        else:
+            failing = middle
+    return _fold_file_once(input_path, output_path, forward, recording, kept(passing))
+
+
+def _fold_file_once(input_path, output_path, forward, verify, keep) -> FoldReport:
+    from bnfold.model_io import save_model_atomic
+
     model, payloads, wait_for_check = load_model_deferred(input_path)
     try:
         report = FoldReport()
         try:
-            _run(model, report, forward, payloads)
+            _run(model, report, forward, payloads, keep)
         except BaseException:
             wait_for_check()  # an invalid model is reported as such, whatever folding made of it
             raise
@@ -193,7 +243,7 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None) -> 
             # The checker of the input runs on while the result is written to a temporary file;
             # nothing reaches output_path before it has passed.
             wait_for_check()
-            return verify is None or verify(tmp_path)
+            return verify(tmp_path)
 
         save_model_atomic(model, output_path, source_path=input_path, payloads=payloads,
                           verify=checked_then_verified)
@@ -207,11 +257,13 @@ def inspect(model_or_path, *, forward: bool = True) -> FoldReport:
     return _fold(model_or_path, forward, complete_model=False)[1]
 
 
-def _run(model: onnx.ModelProto, report: FoldReport, forward: bool, payloads=None) -> None:
+def _run(model: onnx.ModelProto, report: FoldReport, forward: bool, payloads=None, keep=None) -> None:
+    """Fold ``model`` in place into ``report``. ``keep``: {(graph path, BN label): Failure} of BNs
+    to leave as they are, with that outcome (see ``fold_file``'s precision search)."""
     report.ops_before = op_counts(model)
     ctx = ModelContext(model, payloads)
     released, vanished = set(), set()
-    _fold_graph(model.graph, ctx, "", None, forward, report, released, vanished)
+    _fold_graph(model.graph, ctx, "", None, forward, report, released, vanished, keep or {})
     remove_unused(model, released, vanished)
     report.ops_after = op_counts(model)
 
@@ -225,12 +277,18 @@ def op_counts(model: onnx.ModelProto) -> dict:
     return counts
 
 
-def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished) -> None:
+def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, keep) -> None:
     view = GraphView(graph, ctx, path, parent)
     bn_indices = [i for i, n in enumerate(view.nodes) if n.op_type == "BatchNormalization" and is_default_domain(n)]
     attachments = {i: _attachment(view, i) for i in bn_indices}
     outcome: dict[int, Match | Failure] = {}
-    pending = list(bn_indices)
+    pending = []
+    for i in bn_indices:
+        kept = keep.get((path, view.labels[i]))
+        if kept is not None:
+            outcome[i] = kept
+        else:
+            pending.append(i)
     changed = True
     while changed and pending:
         changed = False
@@ -246,8 +304,9 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished) -
         result = outcome[i]
         if isinstance(result, Match):
             target = view.labels[result.target]
+            weight_type = FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
             report.folded.append(FoldedBN(label, result.rule, target, path,
-                                          tuple(view.labels[k] for k in result.absorbed)))
+                                          tuple(view.labels[k] for k in result.absorbed), weight_type))
             foldable, code = True, result.rule
             message = f"folded into {view.describe(result.target)} by rule {result.rule}"
             if result.absorbed:
@@ -261,7 +320,7 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished) -
             continue
         for suffix, sub in node_subgraphs(node):
             sub_path = f"{view.labels[i]}/{suffix}" if not path else f"{path}/{view.labels[i]}/{suffix}"
-            _fold_graph(sub, ctx, sub_path, view, forward, report, released, vanished)
+            _fold_graph(sub, ctx, sub_path, view, forward, report, released, vanished, keep)
     released |= view.released
     vanished |= view.vanished
     view.commit()

@@ -136,8 +136,8 @@ def test_parity_failure_real_check(tmp_path, capsys, monkeypatch):
 
     real_run = bnfold.fold_pass._run
 
-    def broken_run(model, report, forward, payloads=None):
-        real_run(model, report, forward, payloads)
+    def broken_run(model, report, forward, payloads=None, keep=None):
+        real_run(model, report, forward, payloads, keep)
         for t in model.graph.initializer:
             if len(t.dims) == 4:
                 write_tensor(t, read_tensor(t, payloads) * 1.5, t.data_type, t.name, payloads)
@@ -368,3 +368,74 @@ def test_fold_writes_a_correct_fold_of_a_deep_noisy_model(tmp_path, capsys):
     assert "parity check: passed" in stdout and "the reference's own float noise on 1 of 1 output(s)" in stdout
     # The fixed tolerance alone would have refused this correct fold.
     assert not bnfold.check(str(path), str(out), measure_noise=False).passed
+
+
+def _float16_chain(n_layers=6):
+    """n float16 Conv -> BN pairs in a row (names bn0, bn1, ...)."""
+    rng = np.random.default_rng(7)
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, x = [], [], "x"
+    for k in range(n_layers):
+        w = numpy_helper.from_array((rng.standard_normal((4, 4, 3, 3)) / 6).astype(np.float16), f"w{k}")
+        params = [numpy_helper.from_array(a.astype(np.float16), f"{p}{k}") for p, a in (
+            ("g", rng.uniform(0.5, 1.5, 4)), ("b", rng.normal(0, 0.2, 4)), ("m", rng.normal(0, 0.2, 4)),
+            ("v", rng.uniform(0.5, 1.5, 4)))]
+        inits += [w, *params]
+        nodes += [helper.make_node("Conv", [x, w.name], [f"c{k}"], name=f"conv{k}", pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [f"c{k}", *[p.name for p in params]], [f"y{k}"], name=f"bn{k}")]
+        x = f"y{k}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT16, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
+
+
+@pytest.mark.parametrize("needed", [1, 3, 6])
+def test_float16_folds_that_fail_verify_leave_the_fewest_early_bns(tmp_path, needed):
+    """fold_file bisects for the smallest prefix of float16 folds to leave unfolded: here a
+    verify that accepts a result only when bn0..bn{needed-1} are still BatchNormalization nodes."""
+    from bnfold.fold_pass import fold_file
+
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(_float16_chain(), str(src))
+    seen = []
+
+    def verify(tmp):
+        kept = {n.name for n in onnx.load(tmp).graph.node if n.op_type == "BatchNormalization"}
+        seen.append(len(kept))
+        return {f"bn{k}" for k in range(needed)} <= kept
+
+    report = fold_file(src, out, verify=verify)
+    left = sorted(r.bn for r in report.remaining)
+    assert left == [f"bn{k}" for k in range(needed)]
+    assert {r.reason for r in report.remaining} == {"would_lose_precision"}
+    assert report.n_folded == 6 - needed and all(f.weight_type == "float16" for f in report.folded)
+    assert count_bn(onnx.load(str(out))) == needed
+    assert len(seen) <= 2 + 3 + 1  # all, none, bisection of 6, the final write
+
+
+def test_float16_fold_left_whole_when_unfolding_does_not_help(tmp_path):
+    from bnfold.fold_pass import fold_file
+
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(_float16_chain(), str(src))
+    report = fold_file(src, out, verify=lambda tmp: False)
+    assert report.n_folded == 6 and not report.remaining
+    assert not out.exists()
+
+
+def test_float32_folds_are_never_searched(tmp_path):
+    from bnfold.fold_pass import fold_file
+
+    model = _float16_chain()
+    from onnx import TensorProto, numpy_helper
+
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    for v in list(model.graph.input) + list(model.graph.output):
+        v.type.tensor_type.elem_type = TensorProto.FLOAT
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(src))
+    calls = []
+    report = fold_file(src, out, verify=lambda tmp: calls.append(tmp) and False)
+    assert len(calls) == 1 and report.n_folded == 6
