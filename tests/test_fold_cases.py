@@ -135,11 +135,13 @@ def test_initializer_names_unique(name, folded_cases):
     assert not dupes, f"{name}: names defined more than once in the folded model: {dupes}"
 
 
-@pytest.mark.parametrize("name", ["conv_mul_add_bn", "convtranspose2d_add_bias_bn"])
+@pytest.mark.parametrize("name", ["conv_mul_add_bn", "convtranspose2d_add_bias_bn",
+                                  "convtranspose2d_identity_add_identity_bn"])
 def test_add_mul_chain_absorbed(name, folded_cases):
     original, folded, _, _, _ = folded_cases(name)
     counts = op_counts(folded)
     assert counts["Add"] == 0 and counts["Mul"] == 0 and counts["BatchNormalization"] == 0, counts
+    assert counts["Identity"] == 0, counts
 
 
 def test_not_per_channel_add_kept(folded_cases):

@@ -204,7 +204,8 @@ def conv2d_strided_dilated_bn():
 # ==== ConvTranspose -> BN =======================================================================
 
 
-def _convtranspose_bn(seed, *, spatial, cin=4, cout=6, group=1, bias=True, add_bias=False, **attrs):
+def _convtranspose_bn(seed, *, spatial, cin=4, cout=6, group=1, bias=True, add_bias=False, identities=False,
+                      **attrs):
     b = _Builder(seed)
     x = b.input("x", [2, cin, *spatial])
     k = [3] * len(spatial)
@@ -216,9 +217,13 @@ def _convtranspose_bn(seed, *, spatial, cin=4, cout=6, group=1, bias=True, add_b
     if group != 1:
         attrs["group"] = group
     y = b.node("ConvTranspose", inputs, "deconv_out", name="deconv", **attrs)
+    if identities:
+        y = b.node("Identity", [y], "identity1_out", name="identity1")
     if add_bias:  # as PyTorch exporters emit it: a separate Add of a (C, 1, 1) bias
         bias_shape = [cout] + [1] * len(spatial)
         y = b.node("Add", [y, b.init("deconv_add_bias", b.rng.normal(0, 0.3, bias_shape))], "add_out", name="bias_add")
+    if identities:
+        y = b.node("Identity", [y], "identity2_out", name="identity2")
     b.bn(y, cout, "y", "bn")
     b.output("y")
     return b.model()
@@ -238,6 +243,11 @@ def convtranspose1d_bn():
 
 def convtranspose2d_add_bias_bn():
     return _convtranspose_bn(14, spatial=[4, 4], bias=False, add_bias=True, strides=[2, 2])
+
+
+def convtranspose2d_identity_add_identity_bn():
+    """As paddle2onnx writes it (PP-OCRv5 det): ConvTranspose -> Identity -> Add -> Identity -> BN."""
+    return _convtranspose_bn(15, spatial=[4, 4], bias=False, add_bias=True, identities=True, strides=[2, 2])
 
 
 # ==== Add / Mul chains between layer and BN =====================================================
@@ -1001,6 +1011,8 @@ CASES = {
     "conv_bn_constant_nodes": (conv_bn_constant_nodes, (Fold("bn", "conv_bn"),)),
     "conv_bn_constant_subgraph": (conv_bn_constant_subgraph, (Fold("bn", "conv_bn"),)),
     "conv_bn_bias_from_shape": (conv_bn_bias_from_shape, (Fold("bn", "conv_bn"),)),
+    "convtranspose2d_identity_add_identity_bn": (convtranspose2d_identity_add_identity_bn,
+                                                 (Fold("bn", "convtranspose_bn"),)),
     "conv_bn_float16": (conv_bn_float16, (Fold("bn", "conv_bn"),)),
     "conv_bn_float64": (conv_bn_float64, (Fold("bn", "conv_bn"),)),
     "gemm_bn_float64": (gemm_bn_float64, (Fold("bn", "gemm_bn"),)),

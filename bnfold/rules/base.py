@@ -174,15 +174,16 @@ def sole_reader_failure(view: GraphView, value: str, expected_reader: int, produ
 
 @dataclass
 class BackwardChain:
-    """layer -> [per-channel Add/Sub/Mul/Div ...] -> BN, with the chain's nodes in graph order."""
+    """layer -> [per-channel Add/Sub/Mul/Div or Identity ...] -> BN, with the chain's nodes in graph order."""
 
     layer: int
     nodes: list[int]  # chain nodes from the layer to the BN
 
 
 def trace_backward(view: GraphView, bn: BatchNorm, layer_ops: tuple[str, ...]):
-    """Find ``layer -> chain -> bn`` where the chain nodes have one constant operand; None if the
-    value feeding the BN (through such a chain) is not produced by one of ``layer_ops``."""
+    """Find ``layer -> chain -> bn`` where the chain nodes are Identity or have one constant
+    operand; None if the value feeding the BN (through such a chain) is not produced by one of
+    ``layer_ops``."""
     chain = []
     value = bn.x
     for _ in range(64):
@@ -194,6 +195,12 @@ def trace_backward(view: GraphView, bn: BatchNorm, layer_ops: tuple[str, ...]):
             return None
         if node.op_type in layer_ops:
             return BackwardChain(index, list(reversed(chain)))
+        if node.op_type == "Identity" and len(node.input) == 1:
+            # Exporters leave Identity nodes on the data path (paddle2onnx: ConvTranspose ->
+            # Identity -> Add -> Identity -> BN); they fold away with the chain.
+            chain.append(index)
+            value = node.input[0]
+            continue
         if node.op_type not in CHAIN_OPS or len(node.input) != 2:
             return None
         variable = _chain_variable_operand(view, node)
@@ -230,6 +237,8 @@ def check_chain_and_combine(view: GraphView, bn: BatchNorm, chain: BackwardChain
     b = np.zeros(channels)
     for index in chain.nodes:
         node = view.nodes[index]
+        if node.op_type == "Identity":
+            continue
         if rank is None:
             return Failure("unknown_rank", f"the rank of {view.describe(chain.layer)} output is unknown, so "
                            f"whether {view.describe(index)} is per-channel cannot be proven")
