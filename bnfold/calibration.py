@@ -41,8 +41,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bnfold.errors import InputError
-from bnfold.graph import constant_node_value, get_attr, node_label, node_subgraphs, outer_scope_reads, remove_unused
+from bnfold.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_batch_norm, node_label, node_subgraphs, \
+    numpy_type, outer_scope_reads, read_tensor, remove_unused
 from bnfold.model_io import load_model
+from bnfold.rules.base import inference_mode_failure
 
 MODES = ("batch", "sequential")
 
@@ -183,6 +185,13 @@ class CalibrationReport:
             f.write("\n")
 
     def format_table(self) -> str:
+        def average(values) -> str:
+            # Old statistics are unknown when they are not constant (e.g. fed as a graph input).
+            return "?" if values is None else f"{np.mean(values):.4g}"
+
+        def change(value) -> str:
+            return "-" if value is None else f"{value:.3g}"
+
         header = ("BN", "level", "samples", "values/ch", "mean old->new (avg)", "var old->new (avg)", "max rel chg mean", "max rel chg var")
         rows = []
         for e in self.entries:
@@ -196,10 +205,10 @@ class CalibrationReport:
                     "-" if e.level is None else str(e.level),
                     str(e.samples),
                     str(e.values_per_channel),
-                    f"{np.mean(e.old_mean):.4g} -> {np.mean(e.new_mean):.4g}",
-                    f"{np.mean(e.old_var):.4g} -> {np.mean(e.new_var):.4g}",
-                    f"{e.max_rel_change_mean:.3g}",
-                    f"{e.max_rel_change_var:.3g}",
+                    f"{average(e.old_mean)} -> {average(e.new_mean)}",
+                    f"{average(e.old_var)} -> {average(e.new_var)}",
+                    change(e.max_rel_change_mean),
+                    change(e.max_rel_change_var),
                 )
             )
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
@@ -622,30 +631,6 @@ class _BN:
     level: int = 0
 
 
-def _is_bn(node) -> bool:
-    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
-
-
-def _opset(model) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 1
-
-
-def _skip_reason(node, opset) -> str:
-    """Why a main-graph BN is not calibrated ("" when it is)."""
-    if get_attr(node, "training_mode", 0) == 1 or any(o for o in node.output[1:]):
-        return "training_mode: BN is in training mode already (normalizes by batch statistics); left alone"
-    if opset <= 6 and get_attr(node, "is_test", 0) == 0:
-        return "training_mode: opset <= 6 BN with is_test=0; left alone"
-    if get_attr(node, "spatial", 1) == 0:
-        return "spatial_mode: per-activation statistics (spatial=0) are not supported"
-    if len(node.input) < 5 or not node.input[0]:
-        return "malformed: BatchNormalization needs 5 inputs"
-    return ""
-
-
 def _subgraph_bns(graph, path):
     """(label, graph path) of every BN inside the subgraphs of ``graph``'s nodes, recursively."""
     found = []
@@ -654,7 +639,7 @@ def _subgraph_bns(graph, path):
         for attr_label, sub in node_subgraphs(node):
             sub_path = f"{path}/{owner}/{attr_label}" if path else f"{owner}/{attr_label}"
             for j, inner in enumerate(sub.node):
-                if _is_bn(inner):
+                if is_batch_norm(inner):
                     found.append((node_label(inner, j), sub_path))
             found += _subgraph_bns(sub, sub_path)
     return found
@@ -758,7 +743,7 @@ def _elem_types(model) -> dict:
     return types
 
 
-def _rewrite_batch_mode(model, bns: list[_BN], elem_types: dict) -> None:
+def _rewrite_batch_mode(model, bns: list[_BN], elem_types: dict, opset: int) -> None:
     """Replace every BN in ``bns`` with explicit batch-statistics normalization, in place.
 
     x (N, C, ...) -> reshape (N, C, S) -> mean/biased var over axes (0, 2) -> (x - mean) /
@@ -766,7 +751,6 @@ def _rewrite_batch_mode(model, bns: list[_BN], elem_types: dict) -> None:
     -> reshape back. Reshape keeps it rank-agnostic.
     """
     graph = model.graph
-    opset = _opset(model)
     p = _PREFIX
     consts = [
         numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{p}/shape_ncs"),
@@ -824,60 +808,39 @@ def _rewrite_batch_mode(model, bns: list[_BN], elem_types: dict) -> None:
     graph.node.extend(new_nodes)
 
 
-def _write_statistics(model, bn_index: int, label: str, mean: np.ndarray, var: np.ndarray, elem_types: dict, released: set) -> None:
-    """Set the BN's running mean/var. An initializer only this BN reads is updated in place
-    (keeping its name and dtype); otherwise (shared, Constant node, graph input) the BN gets a
-    fresh initializer so nothing else in the model changes."""
-    graph = model.graph
-    node = graph.node[bn_index]
-    inits = {t.name: t for t in graph.initializer}
-    graph_inputs = {i.name for i in graph.input}
+def _write_statistics(view: GraphView, bn_index: int, label: str, mean: np.ndarray, var: np.ndarray, elem_types: dict) -> None:
+    """Set the BN's running mean/var with ``GraphView.set_constant_input``: an initializer only
+    this BN reads is overwritten in place (name and dtype kept); otherwise -- a tensor another node
+    also reads, the output of an Identity / Cast / Constant node or of a constant subgraph, a graph
+    input -- that value is left as it is and the BN gets a fresh initializer, so nothing else in the
+    model changes. The tensors it no longer reads are in ``view.released`` for ``remove_unused``."""
+    node = view.nodes[bn_index]
     for slot, values, role in ((3, mean, "running_mean"), (4, var, "running_var")):
         name = node.input[slot]
-        dtype = helper.tensor_dtype_to_np_dtype(elem_types.get(name, onnx.TensorProto.FLOAT))
-        if name in inits:
-            dtype = helper.tensor_dtype_to_np_dtype(inits[name].data_type)
+        # The type the BN reads: the initializer's, a Cast's target type, the declared input type.
+        data_type = view.constant_type(name) or elem_types.get(name, onnx.TensorProto.FLOAT)
+        if data_type not in FLOAT_TYPES:
+            raise InputError(f"BN '{label}': {role} '{name}' is not a float tensor; nothing written")
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by BN
-            stored = np.asarray(values, dtype=np.float64).astype(dtype)
-        if not np.isfinite(stored).all():
-            problem = "is non-finite (NaN/Inf)" if not np.isfinite(values).all() else f"exceeds the {np.dtype(dtype).name} range of the tensor it replaces"
+            stored = np.asarray(values, dtype=np.float64).astype(numpy_type(data_type))
+        if not np.isfinite(stored.astype(np.float64)).all():
+            problem = "is non-finite (NaN/Inf)" if not np.isfinite(values).all() else f"exceeds the {FLOAT_TYPES[data_type]} range of the tensor it replaces"
             raise InputError(f"BN '{label}': the calibrated {role} {problem}; nothing written")
-        new = numpy_helper.from_array(stored, name)
-        if name in inits and name not in graph_inputs and _uses(model, name) == 1:
-            inits[name].CopyFrom(new)
-            continue
-        existing = set(inits) | {o for n in graph.node for o in n.output} | graph_inputs
-        fresh = f"{label}.{role}.calibrated"
-        k = 1
-        while fresh in existing:
-            k += 1
-            fresh = f"{label}.{role}.calibrated.{k}"
-        new.name = fresh
-        graph.initializer.append(new)
-        inits[fresh] = new
-        released.add(name)
-        node.input[slot] = fresh
+        view.set_constant_input(bn_index, slot, stored, data_type, f"{label}.{role}")
 
 
-def _uses(model, name) -> int:
-    count = sum(1 for n in model.graph.node for i in n.input if i == name)
-    count += sum(1 for n in model.graph.node if name in _outer_references(n))
-    count += sum(1 for o in model.graph.output if o.name == name)
-    return count
+def _initial_statistics(view: GraphView, node):
+    """Current running mean/var of a BN (float64, flat) for the report; None where not constant.
 
-
-def _initial_statistics(model, node, elem_types):
-    """Current running mean/var of a BN when they are constants (for the report), else None."""
-    inits = {t.name: t for t in model.graph.initializer}
-    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
+    Read as the fold pass reads BN parameters (``GraphView.constant``: initializers, Constant
+    nodes, Identity / Cast / small constant subgraphs). An initializer that is also a graph input
+    (IR >= 4) is only a default the caller may override, so GraphView does not call it constant;
+    its stored value is still what the model computes with, so the report shows it."""
     out = []
-    for slot in (3, 4):
-        name = node.input[slot]
-        value = None
-        if name in inits:
-            value = numpy_helper.to_array(inits[name])
-        elif name in constants:
-            value = constant_node_value(constants[name])
+    for name in node.input[3:5]:
+        value = view.constant(name)
+        if value is None and name in view.initializers:
+            value = read_tensor(view.initializers[name])
         out.append(None if value is None else np.asarray(value, dtype=np.float64).reshape(-1))
     return out
 
@@ -1015,19 +978,20 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
             fixed_batch = True
 
     report = CalibrationReport(mode=mode, batch_size=batch_size)
-    opset = _opset(model)
+    # The main graph seen as the fold pass sees it: BN parameters are read and written through it.
+    view = GraphView(model.graph, ModelContext(model))
     elem_types = _elem_types(model)
     bns = []
-    for i, node in enumerate(model.graph.node):
-        if not _is_bn(node):
+    for i, node in enumerate(view.nodes):
+        if not is_batch_norm(node):
             continue
-        label = node_label(node, i)
+        label = view.labels[i]
         entry = BNCalibration(bn=label, epsilon=float(get_attr(node, "epsilon", 1e-5)))
-        reason = _skip_reason(node, opset)
-        if reason:
-            entry.status, entry.reason = "skipped", reason
+        failure = inference_mode_failure(node, label, view.ctx.opset)
+        if failure is not None:
+            entry.status, entry.reason = "skipped", f"{failure.reason}: {failure.message}; left alone"
         else:
-            entry.old_mean, entry.old_var = _initial_statistics(model, node, elem_types)
+            entry.old_mean, entry.old_var = _initial_statistics(view, node)
             bns.append(_BN(index=i, label=label, x=node.input[0]))
         report.entries.append(entry)
     for label, path in _subgraph_bns(model.graph, ""):
@@ -1054,7 +1018,6 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
     total = None if n_batches is None else n_batches * len(groups)
 
     results = {}
-    released = set()  # statistics tensors replaced by fresh ones (shared or Constant-node outputs)
     with _progress(progress, total, f"calibrate ({mode})") as bar:
         for group in groups:
             work = onnx.ModelProto()
@@ -1062,7 +1025,7 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
             group_copy = [_BN(b.index, b.label, b.x, b.level) for b in group]
             fetch = _expose_inputs(work, group_copy, elem_types)
             if mode == "batch":
-                _rewrite_batch_mode(work, group_copy, elem_types)
+                _rewrite_batch_mode(work, group_copy, elem_types, view.ctx.opset)
             names = list(dict.fromkeys(fetch.values()))
             _prune(work, names, elem_types)
             session = _session(work, n_threads)
@@ -1093,12 +1056,12 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
                 m = acc.moments[b.label]
                 results[b.label] = (m, acc.samples[b.label])
                 if mode == "sequential":
-                    _write_statistics(model, b.index, b.label, m.mean, m.var(), elem_types, released)
+                    _write_statistics(view, b.index, b.label, m.mean, m.var(), elem_types)
     if mode == "batch":
         for b in bns:
             m, _ = results[b.label]
-            _write_statistics(model, b.index, b.label, m.mean, m.var(), elem_types, released)
-    remove_unused(model, released)
+            _write_statistics(view, b.index, b.label, m.mean, m.var(), elem_types)
+    remove_unused(model, view.released)
 
     level_of = {b.label: b.level for b in bns}
     for entry in report.entries:

@@ -151,6 +151,8 @@ def reference_forward(model, x, bn_behaviour):
         ins = [env[i] for i in node.input]
         if node.op_type == "Constant":
             y = numpy_helper.to_array(attrs["value"]).astype(np.float64)
+        elif node.op_type in ("Identity", "Cast"):  # everything is float64 here
+            y = ins[0]
         elif node.op_type == "Conv":
             y = _conv(ins[0], ins[1], ins[2], attrs.get("strides", [1, 1]), attrs.get("pads", [0] * 4))
         elif node.op_type == "BatchNormalization":
@@ -548,6 +550,77 @@ def test_statistics_from_constant_nodes_are_replaced():
     np.testing.assert_array_equal(report.entries[0].old_var, numpy_helper.to_array(constants[1].attribute[0].t))
     assert [n.op_type for n in calibrated.graph.node] == ["Conv", "BatchNormalization"]  # orphaned Constants removed
     assert_stats_close(bn_statistics(calibrated), reference_calibrate(model, data.astype(np.float64), "batch", 3))
+
+
+def _behind(model, bn, slot, op, **attrs):
+    """Feed input ``slot`` of BN ``bn`` through a new ``op`` node (Identity, Cast) reading the tensor."""
+    node = next(n for n in model.graph.node if n.name == bn)
+    source = node.input[slot]
+    out = f"{source}.{op.lower()}"
+    index = list(model.graph.node).index(node)
+    model.graph.node.insert(index, helper.make_node(op, [source], [out], name=out, **attrs))
+    node.input[slot] = out
+    return out
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_parameters_behind_identity_and_cast(mode):
+    """torch's TorchScript exporter writes BN statistics as Identity(initializer); converters put
+    parameters behind Cast. Old statistics are read through them (report), new ones written as
+    fresh initializers, and the nodes nobody reads any more are removed."""
+    model = conv_stack(seed=4)
+    old = bn_statistics(model)
+    _behind(model, "bn2", 3, "Identity")
+    _behind(model, "bn2", 4, "Identity")
+    inits = {t.name: t for t in model.graph.initializer}
+    for name in ("bn5.var", "bn5.scale"):  # stored as float64, cast to the float32 the BN reads
+        inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float64), name))
+    _behind(model, "bn5", 4, "Cast", to=TensorProto.FLOAT)
+    _behind(model, "bn5", 1, "Cast", to=TensorProto.FLOAT)
+    onnx.checker.check_model(model, full_check=True)
+    data = make_data((3, 8, 8), n=12)
+    calibrated, report = calibrate(model, data, mode=mode, batch_size=5)
+    for bn in ("bn2", "bn5"):
+        np.testing.assert_allclose(report.entry(bn).old_mean, old[bn][0], rtol=1e-7)
+        np.testing.assert_allclose(report.entry(bn).old_var, old[bn][1], rtol=1e-7)
+        assert report.entry(bn).max_rel_change_var is not None
+    assert_stats_close(bn_statistics(calibrated), reference_calibrate(model, data.astype(np.float64), mode, 5))
+    got = bn_statistics(calibrated)
+    assert got["bn5"][1].dtype == np.float32  # the type the BN read, not the float64 behind the Cast
+    ops = [n.op_type for n in calibrated.graph.node]
+    assert ops.count("Identity") == 0 and ops.count("Cast") == 1  # the scale's Cast is still read
+    names = {t.name for t in calibrated.graph.initializer}
+    assert "bn2.mean" not in names and "bn5.var" not in names and "bn5.scale" in names
+    assert "bn2" in report.format_table()
+    onnx.checker.check_model(calibrated, full_check=True)
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_two_bns_sharing_one_identity_running_var(mode):
+    """The exporter's dedup: two BNs read one Identity(initializer) as running_var, which here is
+    also a graph output. Each BN gets its own statistics; the shared value never changes."""
+    b = _Builder(8)
+    y = b.bn(b.conv("x", 3, 4), 4, name="first")
+    y = b.bn(b.op("Relu", [y]), 4, name="second")
+    shared = b._init("shared.var", np.full(4, 0.75))
+    b.nodes.insert(0, helper.make_node("Identity", [shared], ["shared.var.id"], name="dedup"))
+    for node in b.nodes:
+        if node.op_type == "BatchNormalization":
+            node.input[4] = "shared.var.id"
+    model = b.model(["N", 3, 8, 8], y, ["N", 4, 8, 8])
+    model.graph.output.append(helper.make_tensor_value_info("shared.var.id", TensorProto.FLOAT, [4]))
+    data = make_data((3, 8, 8), n=11)
+    calibrated, report = calibrate(model, data, mode=mode, batch_size=4)
+    np.testing.assert_array_equal(report.entry("second").old_var, np.full(4, 0.75))
+    want = reference_calibrate(model, data.astype(np.float64), mode, 4)
+    got = bn_statistics(calibrated)
+    assert_stats_close(got, want)
+    assert not np.allclose(got["first"][1], got["second"][1], rtol=1e-2)
+    bns = [n for n in calibrated.graph.node if n.op_type == "BatchNormalization"]
+    assert bns[0].input[4] != bns[1].input[4] and "shared.var.id" not in (bns[0].input[4], bns[1].input[4])
+    session = ort.InferenceSession(calibrated.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(["shared.var.id"], {"x": data[:2]})[0], np.full(4, 0.75, np.float32))
+    onnx.checker.check_model(calibrated, full_check=True)
 
 
 def test_subgraph_and_training_mode_bns_are_reported_not_calibrated():

@@ -150,6 +150,37 @@ def test_fold_parity_failure_exit_1(files, capsys, monkeypatch):
     assert out.exists()
 
 
+def test_parameters_behind_identity_and_cast(tmp_path, capsys):
+    """torch's TorchScript exporter writes deduplicated BN statistics as Identity(initializer); the
+    report's table of old statistics used to average None (exit 3)."""
+    model = conv_bn_model()
+    inits = {t.name: t for t in model.graph.initializer}
+    inits["v1"].CopyFrom(numpy_helper.from_array(np.full(5, 2.5), "v1"))  # float64 behind a Cast
+    model.graph.node.insert(0, helper.make_node("Identity", ["m0"], ["m0.id"], name="m0.id"))
+    model.graph.node.insert(0, helper.make_node("Identity", ["v0"], ["v0.id"], name="v0.id"))
+    model.graph.node.insert(0, helper.make_node("Cast", ["v1"], ["v1.cast"], name="v1.cast", to=TensorProto.FLOAT))
+    bn0, bn1 = (n for n in model.graph.node if n.op_type == "BatchNormalization")
+    bn0.input[3], bn0.input[4], bn1.input[4] = "m0.id", "v0.id", "v1.cast"
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    data = np.random.default_rng(1).normal(3, 2, (10, 3, 6, 6)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", data)
+    for mode in ("batch", "sequential"):
+        out, report = tmp_path / f"{mode}.onnx", tmp_path / f"{mode}.json"
+        assert main(["calibrate", str(path), "-o", str(out), "--data", str(tmp_path / "calib.npy"), "--mode", mode,
+                     "--report", str(report)]) == 0
+        table = capsys.readouterr().out
+        assert "0 -> " in table and "2.5 -> " in table  # old averages of bn0's mean and bn1's var
+        entries = {e["bn"]: e for e in json.loads(report.read_text())["calibration"]["bn"]}
+        assert entries["bn0"]["old_mean"] == {"min": 0.0, "mean": 0.0, "max": 0.0}
+        assert entries["bn1"]["old_var"] == {"min": 2.5, "mean": 2.5, "max": 2.5}
+        written = stats(onnx.load(out))
+        want = stats(bnfold.calibrate(model, data, mode=mode)[0])
+        for name in want:
+            np.testing.assert_allclose(written[name][1], want[name][1], rtol=1e-6)
+        assert written["bn1"][1].dtype == np.float32
+
+
 def test_non_finite_data_exit_2_nothing_written(files, capsys):
     model_path, _, data, tmp = files
     bad = data.copy()
