@@ -161,6 +161,9 @@ def reference_forward(model, x, bn_behaviour):
             y = np.maximum(ins[0], 0)
         elif node.op_type == "Add":
             y = ins[0] + ins[1]
+        elif node.op_type == "Concat":  # a constant of batch 1 joins every sample (a dynamic twin's semantics)
+            n = max(i.shape[0] for i in ins)
+            y = np.concatenate([np.broadcast_to(i, (n,) + i.shape[1:]) for i in ins], axis=attrs["axis"])
         elif node.op_type == "GlobalAveragePool":
             y = ins[0].mean(axis=(2, 3), keepdims=True)
         elif node.op_type == "Flatten":
@@ -687,17 +690,179 @@ def test_opset_18_reduce_mean_axes_as_input():
     assert_stats_close(bn_statistics(calibrated), reference_calibrate(model, data.astype(np.float64), "batch", 4))
 
 
-def test_fixed_batch_dimension():
-    b = _Builder(4)
-    model = b.model([4, 6], b.bn("x", 6, name="bn"), [4, 6])
-    data = make_data((6,), n=10)
-    with pytest.raises(InputError, match="fixed batch dimension 4; use batch size 4"):
-        calibrate(model, data, batch_size=5)
-    calibrated, report = calibrate(model, data, batch_size=4, n_threads=1)
-    assert report.n_samples == 8 and "final batch of 2 samples was skipped" in report.notes[0]
-    np.testing.assert_allclose(bn_statistics(calibrated)["bn"][1], data[:8].astype(np.float64).var(axis=0), rtol=1e-5)
-    with pytest.raises(InputError, match="no complete batch"):
-        calibrate(model, data[:3], batch_size=4)
+# ------------------------------------------------------------------------------------------------
+# Fixed batch dimension (torch.onnx.export's default: batch 1)
+# ------------------------------------------------------------------------------------------------
+
+
+def with_fixed_batch(model, batch):
+    """Copy of ``model`` whose input and output declare batch dimension ``batch``."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for vi in list(fixed.graph.input) + list(fixed.graph.output):
+        dim = vi.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_value = batch
+    return fixed
+
+
+def token_net(batch):
+    """An exporter-style graph with batch 1 spelled out (``batch=1``) or its dynamic twin
+    (``batch=None``): Conv -> Reshape (B, 4, 64) -> Relu -> Reshape (B, 4, 8, 8) -> Concat with a
+    constant map Expand'ed to (B, 1, 8, 8) -> BN -> Reshape (B, 320) -> BN on (N, C), whose batch
+    statistics need more than one sample per batch."""
+    b = _Builder(11)
+
+    def shape(name, values):
+        b.inits.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    lead = batch if batch else -1
+    y = b.op("Reshape", [b.conv("x", 3, 4), shape("s_flat", [lead, 4, 64])])
+    y = b.op("Reshape", [b.op("Relu", [y]), shape("s_map", [lead, 4, 8, 8])])
+    token = b._init("token", b.rng.normal(0, 1, (1, 1, 8, 8)))
+    if batch:
+        expand_to = shape("s_token", [batch, 1, 8, 8])
+    else:
+        n = b.op("Gather", [b.op("Shape", ["x"]), shape("first", [0])], axis=0)
+        expand_to = b.op("Concat", [n, shape("s_rest", [1, 8, 8])], axis=0)
+    y = b.op("Concat", [y, b.op("Expand", [token, expand_to])], axis=1)
+    y = b.op("Reshape", [b.bn(y, 5, name="bn_map"), shape("s_vec", [lead, 320])])
+    y = b.bn(y, 320, name="bn_vec")
+    return b.model([batch or "N", 3, 8, 8], y, [batch or "N", 320])
+
+
+def stats_of(model):
+    return {k: (m.astype(np.float64), v.astype(np.float64)) for k, (m, v) in bn_statistics(model).items()}
+
+
+@pytest.mark.parametrize("model_maker", [lambda: with_fixed_batch(conv_stack(), 1), lambda: token_net(1)])
+def test_fixed_batch_sequential_runs_at_the_fixed_batch(model_maker):
+    """Sequential statistics do not depend on the batch size: a batch-1 model runs one sample at a
+    time and gives the dynamic twin's statistics."""
+    fixed = model_maker()
+    twin = token_net(None) if "bn_vec" in bn_statistics(fixed) else conv_stack()
+    data = make_data((3, 8, 8), n=11)
+    calibrated, report = calibrate(fixed, data, mode="sequential", batch_size=4)
+    assert report.fixed_batch == 1 and report.run_batch_size == 1 and report.n_batches == 11 and report.n_samples == 11
+    assert any("fixed at 1: sequential mode ran it 1 sample at a time" in n for n in report.notes)
+    assert "11 samples in 11 batches of 1" in report.format_table()
+    want = stats_of(calibrate(twin, data, mode="sequential", batch_size=4)[0])
+    assert_stats_close(stats_of(calibrated), want, rtol=1e-5)
+    assert_stats_close(stats_of(calibrated), stats_of(calibrate(twin, data, mode="sequential", batch_size=11)[0]), rtol=1e-5)
+    assert [d.dim_value for d in calibrated.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]  # still fixed
+
+
+def test_fixed_batch_batch_mode_made_symbolic_equals_dynamic_twin():
+    """Batch 1 spelled out in three Reshapes and an Expand: the calibration graph gets a symbolic
+    batch, is checked by running it, and gives the dynamic twin's batch-mode statistics at the same
+    batch size, final smaller batch included."""
+    data = make_data((3, 8, 8), n=10)
+    calibrated, report = calibrate(token_net(1), data, mode="batch", batch_size=4)
+    assert report.run_batch_size == 4 and report.n_batches == 3 and report.n_samples == 10
+    assert any("made symbolic (4 shapes rewritten" in n for n in report.notes), report.notes
+    want = stats_of(calibrate(token_net(None), data, mode="batch", batch_size=4)[0])
+    assert_stats_close(stats_of(calibrated), want, rtol=1e-5)
+    # Batch statistics over 4 samples are not those over 1 (what running at the fixed batch gives).
+    with pytest.raises(AssertionError):
+        assert_stats_close(stats_of(calibrated), stats_of(calibrate(token_net(None), data, mode="batch", batch_size=2)[0]),
+                           rtol=1e-3)
+    assert [d.dim_value for d in calibrated.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]
+    assert [n.op_type for n in calibrated.graph.node] == [n.op_type for n in token_net(1).graph.node]
+    np.testing.assert_array_equal(  # the model's own shape constants are untouched
+        numpy_helper.to_array(next(t for t in calibrated.graph.initializer if t.name == "s_vec")), [1, 320])
+
+
+def test_fixed_batch_3_batch_mode_symbolic_uses_every_sample():
+    data = make_data((3, 8, 8), n=11)
+    calibrated, report = calibrate(with_fixed_batch(conv_stack(), 3), data, mode="batch", batch_size=6)
+    assert report.run_batch_size == 6 and report.n_samples == 11 and "made symbolic (0 shapes" in report.notes[0]
+    assert_stats_close(stats_of(calibrated), stats_of(calibrate(conv_stack(), data, mode="batch", batch_size=6)[0]), rtol=1e-5)
+
+
+def concat_constant_net(batch=1):
+    """Conv output concatenated along channels with a constant map of batch 1 (no Expand): nothing
+    to rewrite, so at batch > 1 the Concat fails and batch mode runs at the fixed batch."""
+    b = _Builder(12)
+    token = b._init("token", b.rng.normal(0, 1, (1, 1, 8, 8)))
+    y = b.bn(b.op("Concat", [b.conv("x", 3, 4), token], axis=1), 5, name="bn_a")
+    y = b.bn(b.op("Relu", [y]), 5, name="bn_b")
+    return b.model([batch, 3, 8, 8], y, [batch, 5, 8, 8])
+
+
+def test_fixed_batch_that_cannot_be_made_symbolic_falls_back_with_a_note():
+    data = make_data((3, 8, 8), n=6)
+    calibrated, report = calibrate(concat_constant_net(), data, mode="batch", batch_size=4)
+    assert report.run_batch_size == 1 and report.n_batches == 6 and report.n_samples == 6
+    (note,) = report.notes
+    assert note.startswith("batch mode ran at the model's fixed batch 1, not 4: its batch dimension could not be made symbolic (")
+    assert "Concat" in note and "\n" not in note
+    assert "note: batch mode ran at the model's fixed batch 1" in report.format_table()
+    # What it computed is batch mode at batch 1 (each sample normalized by its own statistics).
+    assert_stats_close(stats_of(calibrated), reference_calibrate(concat_constant_net(), data.astype(np.float64), "batch", 1))
+    with pytest.raises(AssertionError):
+        assert_stats_close(stats_of(calibrated), reference_calibrate(concat_constant_net(), data.astype(np.float64), "batch", 2),
+                           rtol=1e-3)
+
+
+def test_fixed_batch_symbolic_graph_that_runs_but_mixes_samples_is_refused():
+    """A mean over axis 0 is a per-sample mean at the fixed batch 1 but mixes samples at batch 4:
+    onnxruntime runs the symbolic graph happily, the sample-for-sample comparison refuses it."""
+    b = _Builder(14)
+    x = b.conv("x", 3, 4)
+    centered = b.op("Sub", [x, b.op("ReduceMean", [x], axes=[0], keepdims=1)])
+    y = b.bn(b.op("Add", [centered, x]), 4, name="bn_mixed")
+    model = b.model([1, 3, 8, 8], y, [1, 4, 8, 8])
+    data = make_data((3, 8, 8), n=8)
+    calibrated, report = calibrate(model, data, mode="batch", batch_size=4)
+    assert report.run_batch_size == 1 and len(report.notes) == 1
+    assert "BN 'bn_mixed' input differs from the fixed-batch model's" in report.notes[0]
+    # At batch 1 the mean over axis 0 is the sample itself: bn_mixed reads the conv output.
+    b.nodes = b.nodes[:1]
+    conv_out = run(b.model(["N", 3, 8, 8], x, ["N", 4, 8, 8]), data).astype(np.float64)
+    np.testing.assert_allclose(bn_statistics(calibrated)["bn_mixed"][0], conv_out.mean(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(bn_statistics(calibrated)["bn_mixed"][1], conv_out.var(axis=(0, 2, 3)), rtol=1e-4)
+
+
+def test_fixed_batch_1_fallback_with_one_value_per_channel_is_an_error_pointing_to_sequential():
+    b = _Builder(13)
+    pad = b._init("pad", np.zeros((1, 2)))
+    y = b.bn(b.op("Concat", ["x", pad], axis=1), 8, name="bn_vec")
+    model = b.model([1, 6], y, [1, 8])
+    data = make_data((6,), n=5)
+    with pytest.raises(InputError, match=r"BN 'bn_vec' sees one value per channel at the model's fixed batch 1.*--mode sequential"):
+        calibrate(model, data, mode="batch", batch_size=4)
+    calibrated, _ = calibrate(model, data, mode="sequential", batch_size=4)
+    np.testing.assert_allclose(bn_statistics(calibrated)["bn_vec"][1][:6], data.astype(np.float64).var(axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode, batch_size", [("batch", 3), ("sequential", 4), ("sequential", 3)])
+def test_fixed_batch_remainder_is_dropped_with_a_note(mode, batch_size):
+    """Running at a fixed batch of 3, 11 samples fill 3 batches: the last 2 are not used (padding
+    would need to know which BN-input rows belong to which sample) and the report says so."""
+    data = make_data((3, 8, 8), n=11)
+    calibrated, report = calibrate(with_fixed_batch(conv_stack(), 3), data, mode=mode, batch_size=batch_size)
+    assert report.n_samples == 9 and report.n_batches == 3 and all(e.samples == 9 for e in report.entries)
+    assert any(n == "the last 2 samples of the data were not used: the model's batch dimension is fixed at 3 and they do "
+               "not fill a batch" for n in report.notes), report.notes
+    want = stats_of(calibrate(conv_stack(), data[:9], mode=mode, batch_size=3)[0])
+    assert_stats_close(stats_of(calibrated), want, rtol=1e-5)
+    with pytest.raises(InputError, match=r"no complete batch: the model's batch dimension is fixed at 3 and the data holds 2 samples"):
+        calibrate(with_fixed_batch(conv_stack(), 3), data[:2], mode=mode, batch_size=batch_size)
+
+
+def test_fixed_batch_max_batches_counts_data_batches():
+    data = make_data((3, 8, 8), n=20)
+    _, report = calibrate(with_fixed_batch(conv_stack(), 1), data, mode="sequential", batch_size=4, max_batches=2)
+    assert report.n_samples == 8 and report.n_batches == 8
+
+
+def test_inputs_with_different_fixed_batches_are_an_error():
+    model = _two_input_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    model.graph.input[1].type.tensor_type.shape.dim[0].dim_value = 2
+    with pytest.raises(InputError, match=r"different fixed batch dimensions \('a': 1, 'b': 2\)"):
+        calibrate(model, {"a": np.zeros((4, 3, 4), np.float32), "b": np.zeros((4, 3, 4), np.float32)})
 
 
 def test_public_api_exports():

@@ -181,6 +181,40 @@ def test_parameters_behind_identity_and_cast(tmp_path, capsys):
         assert written["bn1"][1].dtype == np.float32
 
 
+@pytest.mark.parametrize("mode_args", [[], ["--mode", "sequential"]])
+def test_fixed_batch_model_with_default_options(tmp_path, capsys, mode_args):
+    """torch.onnx.export's default fixes the batch at 1; default options used to exit 2 ("use batch
+    size 1"). Now: exit 0, a note, statistics of the dynamic model, and --fold's parity check fed
+    batches the model accepts."""
+    dynamic = conv_bn_model()
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(dynamic)
+    for vi in list(fixed.graph.input) + list(fixed.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    path = tmp_path / "fixed.onnx"
+    onnx.save(fixed, path)
+    data = np.random.default_rng(2).normal(1, 2, (12, 3, 6, 6)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", data)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    assert main(["calibrate", str(path), "-o", str(out), "--data", str(tmp_path / "calib.npy"), "--fold",
+                 "--report", str(report), *mode_args]) == 0
+    text = capsys.readouterr().out
+    assert "note: the model's batch dimension is fixed at 1: " in text and "parity check passed" in text
+    loaded = json.loads(report.read_text())["calibration"]
+    assert loaded["fixed_batch"] == 1 and loaded["n_samples"] == 12
+    assert loaded["run_batch_size"] == (1 if mode_args else 32)
+    mode = "sequential" if mode_args else "batch"
+    calibrated, _ = bnfold.calibrate(dynamic, data, mode=mode)
+    folded = onnx.load(out)
+    assert folded.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    import onnxruntime as ort
+
+    def run(m, x):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+    np.testing.assert_allclose(run(folded, data[:1]), run(calibrated, data[:1]), rtol=1e-4, atol=1e-4)
+
+
 def test_non_finite_data_exit_2_nothing_written(files, capsys):
     model_path, _, data, tmp = files
     bad = data.copy()
