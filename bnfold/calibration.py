@@ -966,7 +966,7 @@ def _symbolic_batch_model(model, view: GraphView, fixed: int, shapes: dict, ops=
     * every value_info and output shape is dropped (onnxruntime infers them again).
 
     Anything else that bakes the batch in (a Concat with a constant of batch 1, a Squeeze of axis
-    0, ...) is not recognized; ``_check_symbolic_batch`` finds those by running the result.
+    0, ...) is not recognized; ``_SymbolicBatchCheck`` finds those by running the result.
     """
     work = onnx.ModelProto()
     work.CopyFrom(model)
@@ -1055,7 +1055,7 @@ def _bn_input_session(model, bns: list[_BN], shift: int, elem_types: dict, n_thr
     label_of = {}
     for label, name in fetch.items():
         label_of.setdefault(name, label)
-    return _session(work, n_threads), names, label_of
+    return _session(work, n_threads, quiet=True), names, label_of
 
 
 class _SymbolicBatchCheck:
@@ -1130,7 +1130,7 @@ def _symbolic_batch(model, view: GraphView, bns: list[_BN], elem_types: dict, sh
 # --------------------------------------------------------------------------------------------
 
 
-def _session(model, n_threads):
+def _session(model, n_threads, quiet=False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -1140,7 +1140,9 @@ def _session(model, n_threads):
     # pattern-matching transformers of level "all" are not needed and could rewrite the explicit
     # normalization ops.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.log_severity_level = 3
+    # quiet: a trial run (the symbolic-batch check) whose failure is an expected answer, which
+    # onnxruntime would otherwise also log to stderr as an error.
+    options.log_severity_level = 4 if quiet else 3
     # onnxruntime's idle threads otherwise spin after every run and steal the cores bnfold's
     # OpenMP statistics kernels run on (measured: statistics 4x slower with spinning).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
