@@ -694,10 +694,16 @@ def _prune(model, outputs: list[str], elem_types: dict) -> None:
             needed |= _node_inputs(node)
     keep.reverse()
     kept_inits = [t for t in graph.initializer if t.name in needed]
+    # IR 3 lists every initializer as a graph input too: one pruned away must not stay behind as
+    # an input onnxruntime then requires a feed for.
+    pruned = {t.name for t in graph.initializer} - needed
+    kept_inputs = [vi for vi in graph.input if vi.name not in pruned]
     del graph.node[:]
     graph.node.extend(keep)
     del graph.initializer[:]
     graph.initializer.extend(kept_inits)
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
     known = {vi.name: vi for vi in list(graph.value_info) + list(graph.output) + list(graph.input)}
     del graph.output[:]
     for name in outputs:

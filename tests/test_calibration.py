@@ -598,6 +598,23 @@ def test_parameters_behind_identity_and_cast(mode):
     onnx.checker.check_model(calibrated, full_check=True)
 
 
+def test_fresh_statistics_of_an_ir3_model_are_listed_as_graph_inputs():
+    """IR 3 requires every initializer to be a graph input too; statistics written as a fresh
+    initializer (here: behind an Identity) are declared so the result still passes the checker."""
+    model = conv_stack(seed=6)
+    _behind(model, "bn5", 4, "Identity")
+    model.ir_version = 3
+    model.opset_import[0].version = 8
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer)
+    onnx.checker.check_model(model)
+    data = make_data((3, 8, 8), n=8)
+    calibrated, _ = calibrate(model, data, mode="sequential", batch_size=4)
+    onnx.checker.check_model(calibrated)
+    var_name = next(n for n in calibrated.graph.node if n.name == "bn5").input[4]
+    assert var_name != "bn5.var.identity" and var_name in {i.name for i in calibrated.graph.input}
+    assert_stats_close(bn_statistics(calibrated), reference_calibrate(model, data.astype(np.float64), "sequential", 4))
+
+
 @pytest.mark.parametrize("mode", ["batch", "sequential"])
 def test_two_bns_sharing_one_identity_running_var(mode):
     """The exporter's dedup: two BNs read one Identity(initializer) as running_var, which here is
