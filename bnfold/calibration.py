@@ -1131,6 +1131,76 @@ def _symbolic_batch(model, view: GraphView, bns: list[_BN], elem_types: dict, sh
     return None, 0, 0, problem
 
 
+@dataclass
+class _RunPlan:
+    """Where the calibration graphs come from and at which batch onnxruntime runs them."""
+
+    mode: str
+    base: onnx.ModelProto  # the model the calibration graphs are built from
+    shift: int = 0  # nodes ``base`` has before the model's own (BN indices move by this much)
+    run_at: int | None = None  # exact samples per run (a fixed batch), None = any
+    first_pass: Iterator | None = None  # the first pass's data stream when its first batch was read
+    batch_mode_at_fixed: bool = False  # batch mode wanted batch_size but runs at the fixed batch
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # onnxruntime time of the symbolic-batch check
+
+
+def _plan_runs(model, view, bns, dataset, mode, batch_size, max_batches, fixed, elem_types, shapes, n_threads) -> _RunPlan:
+    """How to run a model whose batch dimension is ``fixed`` (None: dynamic, nothing to plan).
+
+    Sequential mode runs at the fixed batch. Batch mode tries a symbolic batch on the first data
+    batch (``_symbolic_batch``) and otherwise runs at the fixed batch -- unless some BN would then
+    see one value per channel, where batch statistics are undefined: then sequential mode."""
+    plan = _RunPlan(mode=mode, base=model)
+    if fixed is None:
+        return plan
+    plan.run_at = fixed
+    if mode == "batch" and batch_size != fixed:
+        stream = dataset.batches(batch_size, max_batches)
+        first = next(stream)
+        plan.first_pass = itertools.chain([first], stream)
+        # A first batch of at most `fixed` samples means the data fills at most one fixed batch:
+        # running at it is what batch_size would give.
+        if len(next(iter(first.values()))) > fixed:
+            t0 = time.perf_counter()
+            symbolic, shift, rewritten, problem = _symbolic_batch(model, view, bns, elem_types, shapes, first, fixed, n_threads)
+            plan.seconds = time.perf_counter() - t0
+            if symbolic is not None:
+                plan.base, plan.shift, plan.run_at = symbolic, shift, None
+                plan.notes.append(
+                    f"the model's batch dimension is fixed at {fixed}: batch mode ran a calibration graph with it made "
+                    f"symbolic ({_count(rewritten, 'shape')} rewritten; checked against the fixed-batch model on the first batch)")
+                return plan
+            degenerate = _one_value_per_channel(bns, shapes)
+            if degenerate is not None:
+                # Batch statistics of one value per channel are undefined; sequential statistics are
+                # not, and they are what this BN's input becomes at inference time.
+                plan.mode = "sequential"
+                plan.notes.append(
+                    f"calibrated in sequential mode, not batch mode: the model's batch dimension is fixed at {fixed} and "
+                    f"could not be made symbolic ({problem}), and at that batch BN '{degenerate}' sees one value per "
+                    "channel (undefined batch statistics)")
+            else:
+                plan.batch_mode_at_fixed = True
+                plan.notes.append(
+                    f"batch mode ran at the model's fixed batch {fixed}, not {batch_size}: its batch dimension could not be "
+                    f"made symbolic ({problem}); batch statistics are over {_count(fixed, 'sample')} at a time")
+    if plan.mode == "sequential" and batch_size != fixed:
+        plan.notes.append(f"the model's batch dimension is fixed at {fixed}: sequential mode ran it "
+                          f"{_count(fixed, 'sample')} at a time (its statistics do not depend on the batch size)")
+    return plan
+
+
+def _one_value_per_channel(bns: list[_BN], shapes: dict):
+    """Label of the first BN whose input has one value per channel at the fixed batch (from the
+    fixed-batch model's static shapes), else None."""
+    for b in bns:
+        shape = _static(shapes, b.x)
+        if shape is not None and len(shape) >= 2 and shape[1] > 0 and int(np.prod(shape, dtype=np.int64)) == shape[1]:
+            return b.label
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
@@ -1298,53 +1368,26 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
         return model, report
 
     _assign_levels(model, bns)
-    n_batches = dataset.n_batches(batch_size, max_batches)
+    plan = _plan_runs(model, view, bns, dataset, mode, batch_size, max_batches, fixed, elem_types, shapes, n_threads)
+    switched = plan.mode != mode  # batch mode impossible at the fixed batch: sequential instead
+    mode = report.mode = plan.mode
+    report.notes += plan.notes
+    report.run_batch_size = plan.run_at or batch_size
+    report.seconds_forward += plan.seconds
+    base, shift, run_at, first_pass = plan.base, plan.shift, plan.run_at, plan.first_pass
     if mode == "batch":
         groups = [bns]
     else:
         levels = sorted({b.level for b in bns})
         groups = [[b for b in bns if b.level == lv] for lv in levels]
         if dataset.one_shot and len(groups) > 1:
+            why = f"{plan.notes[0]}; " if switched else ""
             raise InputError(
-                f"sequential mode reads the data once per BN level ({len(groups)} levels); pass a list, dict, array or "
-                "path instead of a one-shot iterator"
+                f"{why}sequential mode reads the data once per BN level ({len(groups)} levels); pass a list, dict, array "
+                "or path instead of a one-shot iterator"
             )
+    n_batches = dataset.n_batches(batch_size, max_batches)
     total = None if n_batches is None else n_batches * len(groups)
-
-    # Where the calibration graphs come from and at which batch onnxruntime runs them.
-    base, shift, run_at = model, 0, None  # run_at: exact samples per run (a fixed batch), None = any
-    first_pass = None  # batch mode's data stream, when its first batch was already read
-    batch_mode_at_fixed = False  # batch mode wanted batch_size but runs at the fixed batch
-    if fixed is not None and mode == "sequential":
-        run_at = fixed
-        if batch_size != fixed:
-            report.notes.append(f"the model's batch dimension is fixed at {fixed}: sequential mode ran it "
-                                f"{_count(fixed, 'sample')} at a time (its statistics do not depend on the batch size)")
-    elif fixed is not None:
-        run_at = fixed
-        stream = dataset.batches(batch_size, max_batches)
-        first = next(stream)
-        first_pass = itertools.chain([first], stream)
-        first_size = len(next(iter(first.values())))
-        # A first batch of at most `fixed` samples means the data fills at most one fixed batch:
-        # running at it is what batch_size would give.
-        if batch_size != fixed and first_size > fixed:
-            t0 = time.perf_counter()
-            symbolic, prologue, rewritten, problem = _symbolic_batch(model, view, bns, elem_types, shapes, first, fixed,
-                                                                     n_threads)
-            report.seconds_forward += time.perf_counter() - t0
-            if symbolic is not None:
-                base, shift, run_at = symbolic, prologue, None
-                report.notes.append(
-                    f"the model's batch dimension is fixed at {fixed}: batch mode ran a calibration graph with it made "
-                    f"symbolic ({_count(rewritten, 'shape')} rewritten; checked against the fixed-batch model on the first batch)")
-            else:
-                batch_mode_at_fixed = True
-                report.notes.append(
-                    f"batch mode ran at the model's fixed batch {fixed}, not {batch_size}: its batch dimension could not be "
-                    f"made symbolic ({problem}); batch statistics are over {fixed} sample(s) at a time")
-    if run_at is not None:
-        report.run_batch_size = run_at
 
     results = {}
     with _progress(progress, total, f"calibrate ({mode})") as bar:
@@ -1359,7 +1402,7 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
             _prune(work, names, elem_types)
             session = _session(work, n_threads)
             acc = _Accumulator([b.label for b in group], one_value_is_error=(mode == "batch"), n_threads=n_threads,
-                               fixed_batch=fixed if batch_mode_at_fixed else None)
+                               fixed_batch=fixed if plan.batch_mode_at_fixed else None)
             runs = seen_samples = 0
             feeds = _FixedSizeFeeds(run_at) if run_at is not None else None
             batches = first_pass if group_number == 0 and first_pass is not None else dataset.batches(batch_size, max_batches)

@@ -842,16 +842,42 @@ def test_fixed_batch_symbolic_graph_that_runs_but_mixes_samples_is_refused():
     np.testing.assert_allclose(bn_statistics(calibrated)["bn_mixed"][1], conv_out.var(axis=(0, 2, 3)), rtol=1e-4)
 
 
-def test_fixed_batch_1_fallback_with_one_value_per_channel_is_an_error_pointing_to_sequential():
+def _padded_vector_net():
+    """(1, 6) input padded with a batch-1 constant to (1, 8) -> BN -> Relu -> BN: nothing to make
+    symbolic (Concat with a constant), and at batch 1 each BN sees one value per channel."""
     b = _Builder(13)
     pad = b._init("pad", np.zeros((1, 2)))
     y = b.bn(b.op("Concat", ["x", pad], axis=1), 8, name="bn_vec")
-    model = b.model([1, 6], y, [1, 8])
+    y = b.bn(b.op("Relu", [y]), 8, name="bn_out")
+    return b.model([1, 6], y, [1, 8])
+
+
+def test_fixed_batch_1_batch_mode_with_one_value_per_channel_calibrates_sequentially_with_a_note():
+    """Batch statistics of one value per channel are undefined: default options still work, in
+    sequential mode, and the report says so."""
     data = make_data((6,), n=5)
-    with pytest.raises(InputError, match=r"BN 'bn_vec' sees one value per channel at the model's fixed batch 1.*--mode sequential"):
-        calibrate(model, data, mode="batch", batch_size=4)
-    calibrated, _ = calibrate(model, data, mode="sequential", batch_size=4)
+    calibrated, report = calibrate(_padded_vector_net(), data, mode="batch", batch_size=4)
+    assert report.mode == "sequential" and report.run_batch_size == 1 and report.passes == 2
+    assert report.notes[0].startswith("calibrated in sequential mode, not batch mode: the model's batch dimension is fixed "
+                                      "at 1 and could not be made symbolic (")
+    assert "BN 'bn_vec' sees one value per channel" in report.notes[0]
+    want = stats_of(calibrate(_padded_vector_net(), data, mode="sequential", batch_size=4)[0])
+    assert_stats_close(stats_of(calibrated), want, rtol=1e-6)
     np.testing.assert_allclose(bn_statistics(calibrated)["bn_vec"][1][:6], data.astype(np.float64).var(axis=0), rtol=1e-5)
+    with pytest.raises(InputError, match=r"^calibrated in sequential mode, not batch mode.*one-shot iterator"):
+        calibrate(_padded_vector_net(), iter([{"x": data}]), mode="batch", batch_size=4)
+
+
+def test_fixed_batch_1_fallback_with_unknown_shapes_and_one_value_per_channel_is_an_error(monkeypatch):
+    """Without static shapes (shape inference blind, as on a model with unknown ops) the degenerate
+    BN shows only while running: a one-line error that points to --mode sequential instead of a
+    batch size the model cannot take."""
+    import bnfold.calibration as calibration
+
+    real = calibration._value_types
+    monkeypatch.setattr(calibration, "_value_types", lambda m: (real(m)[0], {}))
+    with pytest.raises(InputError, match=r"BN 'bn_vec' sees one value per channel at the model's fixed batch 1.*--mode sequential"):
+        calibrate(_padded_vector_net(), make_data((6,), n=5), mode="batch", batch_size=4)
 
 
 @pytest.mark.parametrize("mode, batch_size", [("batch", 3), ("sequential", 4), ("sequential", 3)])
