@@ -20,6 +20,11 @@ Two modes:
   the longest path from the inputs to the BN, itself included); the BNs of one level do not depend
   on each other and share one pass over the data, on a graph pruned to the nodes they need.
 
+A model whose inputs fix the batch dimension (``torch.onnx.export``'s default) runs at that batch
+in sequential mode (the data fed in chunks of it); batch mode runs a calibration graph with the
+batch made symbolic when running it checks out, else the fixed batch too (see "Fixed batch
+dimension" below). The report's notes say what was done.
+
 Data flows: data source -> ``_Dataset`` (validated parts, streamed and re-batched along axis 0) ->
 onnxruntime run of the calibration graph -> ``Moments.from_array`` per BN input -> merge -> model.
 Memory stays bounded by one batch plus its activations (see ``_Dataset`` for how .npy/.npz files
@@ -28,6 +33,7 @@ are read without loading them whole).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -41,8 +47,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bnfold.errors import InputError
-from bnfold.graph import constant_node_value, get_attr, node_label, node_subgraphs, outer_scope_reads, remove_unused
+from bnfold.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_batch_norm, node_label, node_subgraphs, \
+    numpy_type, outer_scope_reads, read_tensor, remove_unused
 from bnfold.model_io import load_model
+from bnfold.rules.base import inference_mode_failure
 
 MODES = ("batch", "sequential")
 
@@ -133,9 +141,11 @@ class CalibrationReport:
     """Per-BN results of ``calibrate`` plus run totals and where the time went."""
 
     mode: str
-    batch_size: int
+    batch_size: int  # samples per batch read from the data (the batch_size argument)
     entries: list[BNCalibration] = field(default_factory=list)
-    n_batches: int = 0  # batches per pass over the data
+    fixed_batch: int | None = None  # the model inputs' fixed batch dimension, None when dynamic
+    run_batch_size: int = 0  # samples per onnxruntime run: batch_size, or fixed_batch when run at it
+    n_batches: int = 0  # onnxruntime runs per pass over the data
     n_samples: int = 0  # samples per pass over the data
     passes: int = 0
     seconds_total: float = 0.0
@@ -165,6 +175,8 @@ class CalibrationReport:
         return {
             "mode": self.mode,
             "batch_size": self.batch_size,
+            "fixed_batch": self.fixed_batch,
+            "run_batch_size": self.run_batch_size,
             "n_batches": self.n_batches,
             "n_samples": self.n_samples,
             "passes": self.passes,
@@ -183,6 +195,13 @@ class CalibrationReport:
             f.write("\n")
 
     def format_table(self) -> str:
+        def average(values) -> str:
+            # Old statistics are unknown when they are not constant (e.g. fed as a graph input).
+            return "?" if values is None else f"{np.mean(values):.4g}"
+
+        def change(value) -> str:
+            return "-" if value is None else f"{value:.3g}"
+
         header = ("BN", "level", "samples", "values/ch", "mean old->new (avg)", "var old->new (avg)", "max rel chg mean", "max rel chg var")
         rows = []
         for e in self.entries:
@@ -196,10 +215,10 @@ class CalibrationReport:
                     "-" if e.level is None else str(e.level),
                     str(e.samples),
                     str(e.values_per_channel),
-                    f"{np.mean(e.old_mean):.4g} -> {np.mean(e.new_mean):.4g}",
-                    f"{np.mean(e.old_var):.4g} -> {np.mean(e.new_var):.4g}",
-                    f"{e.max_rel_change_mean:.3g}",
-                    f"{e.max_rel_change_var:.3g}",
+                    f"{average(e.old_mean)} -> {average(e.new_mean)}",
+                    f"{average(e.old_var)} -> {average(e.new_var)}",
+                    change(e.max_rel_change_mean),
+                    change(e.max_rel_change_var),
                 )
             )
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
@@ -209,7 +228,7 @@ class CalibrationReport:
         stat_share = self.seconds_statistics / self.seconds_total if self.seconds_total > 0 else 0.0
         lines.append(
             f"{self.n_calibrated} BN calibrated, {len(self.skipped)} skipped; mode={self.mode}, "
-            f"{_count(self.n_samples, 'sample')} in {_count(self.n_batches, 'batch')} of {self.batch_size}, "
+            f"{_count(self.n_samples, 'sample')} in {_count(self.n_batches, 'batch')} of {self.run_batch_size or self.batch_size}, "
             f"{_count(self.passes, 'pass')}, "
             f"{self.seconds_total:.2f} s ({100 * stat_share:.1f}% statistics)"
         )
@@ -622,30 +641,6 @@ class _BN:
     level: int = 0
 
 
-def _is_bn(node) -> bool:
-    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
-
-
-def _opset(model) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 1
-
-
-def _skip_reason(node, opset) -> str:
-    """Why a main-graph BN is not calibrated ("" when it is)."""
-    if get_attr(node, "training_mode", 0) == 1 or any(o for o in node.output[1:]):
-        return "training_mode: BN is in training mode already (normalizes by batch statistics); left alone"
-    if opset <= 6 and get_attr(node, "is_test", 0) == 0:
-        return "training_mode: opset <= 6 BN with is_test=0; left alone"
-    if get_attr(node, "spatial", 1) == 0:
-        return "spatial_mode: per-activation statistics (spatial=0) are not supported"
-    if len(node.input) < 5 or not node.input[0]:
-        return "malformed: BatchNormalization needs 5 inputs"
-    return ""
-
-
 def _subgraph_bns(graph, path):
     """(label, graph path) of every BN inside the subgraphs of ``graph``'s nodes, recursively."""
     found = []
@@ -654,7 +649,7 @@ def _subgraph_bns(graph, path):
         for attr_label, sub in node_subgraphs(node):
             sub_path = f"{path}/{owner}/{attr_label}" if path else f"{owner}/{attr_label}"
             for j, inner in enumerate(sub.node):
-                if _is_bn(inner):
+                if is_batch_norm(inner):
                     found.append((node_label(inner, j), sub_path))
             found += _subgraph_bns(sub, sub_path)
     return found
@@ -699,10 +694,16 @@ def _prune(model, outputs: list[str], elem_types: dict) -> None:
             needed |= _node_inputs(node)
     keep.reverse()
     kept_inits = [t for t in graph.initializer if t.name in needed]
+    # IR 3 lists every initializer as a graph input too: one pruned away must not stay behind as
+    # an input onnxruntime then requires a feed for.
+    pruned = {t.name for t in graph.initializer} - needed
+    kept_inputs = [vi for vi in graph.input if vi.name not in pruned]
     del graph.node[:]
     graph.node.extend(keep)
     del graph.initializer[:]
     graph.initializer.extend(kept_inits)
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
     known = {vi.name: vi for vi in list(graph.value_info) + list(graph.output) + list(graph.input)}
     del graph.output[:]
     for name in outputs:
@@ -742,23 +743,31 @@ def _expose_inputs(model, bns: list[_BN], elem_types: dict) -> dict:
     return fetch
 
 
-def _elem_types(model) -> dict:
-    """name -> ONNX element type for every tensor shape inference can type (best effort)."""
-    types = {}
+def _value_types(model) -> tuple[dict, dict]:
+    """(name -> ONNX element type, name -> static shape) for every tensor shape inference can
+    type (best effort). A shape is a tuple of ints, None for a dimension that is not a number."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:
-        inferred = model
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        except Exception:
+            inferred = model
+    types, shapes = {}, {}
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.elem_type:
+            types[vi.name] = tt.elem_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
     for t in g.initializer:
         types[t.name] = t.data_type
-    return types
+        shapes[t.name] = tuple(t.dims)
+    return types, shapes
 
 
-def _rewrite_batch_mode(model, bns: list[_BN], elem_types: dict) -> None:
+def _rewrite_batch_mode(model, bns: list[_BN], elem_types: dict, opset: int) -> None:
     """Replace every BN in ``bns`` with explicit batch-statistics normalization, in place.
 
     x (N, C, ...) -> reshape (N, C, S) -> mean/biased var over axes (0, 2) -> (x - mean) /
@@ -766,7 +775,6 @@ def _rewrite_batch_mode(model, bns: list[_BN], elem_types: dict) -> None:
     -> reshape back. Reshape keeps it rank-agnostic.
     """
     graph = model.graph
-    opset = _opset(model)
     p = _PREFIX
     consts = [
         numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{p}/shape_ncs"),
@@ -824,62 +832,373 @@ def _rewrite_batch_mode(model, bns: list[_BN], elem_types: dict) -> None:
     graph.node.extend(new_nodes)
 
 
-def _write_statistics(model, bn_index: int, label: str, mean: np.ndarray, var: np.ndarray, elem_types: dict, released: set) -> None:
-    """Set the BN's running mean/var. An initializer only this BN reads is updated in place
-    (keeping its name and dtype); otherwise (shared, Constant node, graph input) the BN gets a
-    fresh initializer so nothing else in the model changes."""
-    graph = model.graph
-    node = graph.node[bn_index]
-    inits = {t.name: t for t in graph.initializer}
-    graph_inputs = {i.name for i in graph.input}
+def _write_statistics(view: GraphView, bn_index: int, label: str, mean: np.ndarray, var: np.ndarray, elem_types: dict) -> None:
+    """Set the BN's running mean/var with ``GraphView.set_constant_input``: an initializer only
+    this BN reads is overwritten in place (name and dtype kept); otherwise -- a tensor another node
+    also reads, the output of an Identity / Cast / Constant node or of a constant subgraph, a graph
+    input -- that value is left as it is and the BN gets a fresh initializer, so nothing else in the
+    model changes. The tensors it no longer reads are in ``view.released`` for ``remove_unused``."""
+    node = view.nodes[bn_index]
     for slot, values, role in ((3, mean, "running_mean"), (4, var, "running_var")):
         name = node.input[slot]
-        dtype = helper.tensor_dtype_to_np_dtype(elem_types.get(name, onnx.TensorProto.FLOAT))
-        if name in inits:
-            dtype = helper.tensor_dtype_to_np_dtype(inits[name].data_type)
+        # The type the BN reads: the initializer's, a Cast's target type, the declared input type.
+        data_type = view.constant_type(name) or elem_types.get(name, onnx.TensorProto.FLOAT)
+        if data_type not in FLOAT_TYPES:
+            raise InputError(f"BN '{label}': {role} '{name}' is not a float tensor; nothing written")
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by BN
-            stored = np.asarray(values, dtype=np.float64).astype(dtype)
-        if not np.isfinite(stored).all():
-            problem = "is non-finite (NaN/Inf)" if not np.isfinite(values).all() else f"exceeds the {np.dtype(dtype).name} range of the tensor it replaces"
+            stored = np.asarray(values, dtype=np.float64).astype(numpy_type(data_type))
+        if not np.isfinite(stored.astype(np.float64)).all():
+            problem = "is non-finite (NaN/Inf)" if not np.isfinite(values).all() else f"exceeds the {FLOAT_TYPES[data_type]} range of the tensor it replaces"
             raise InputError(f"BN '{label}': the calibrated {role} {problem}; nothing written")
-        new = numpy_helper.from_array(stored, name)
-        if name in inits and name not in graph_inputs and _uses(model, name) == 1:
-            inits[name].CopyFrom(new)
-            continue
-        existing = set(inits) | {o for n in graph.node for o in n.output} | graph_inputs
-        fresh = f"{label}.{role}.calibrated"
-        k = 1
-        while fresh in existing:
-            k += 1
-            fresh = f"{label}.{role}.calibrated.{k}"
-        new.name = fresh
-        graph.initializer.append(new)
-        inits[fresh] = new
-        released.add(name)
-        node.input[slot] = fresh
+        view.set_constant_input(bn_index, slot, stored, data_type, f"{label}.{role}")
 
 
-def _uses(model, name) -> int:
-    count = sum(1 for n in model.graph.node for i in n.input if i == name)
-    count += sum(1 for n in model.graph.node if name in _outer_references(n))
-    count += sum(1 for o in model.graph.output if o.name == name)
-    return count
+def _initial_statistics(view: GraphView, node):
+    """Current running mean/var of a BN (float64, flat) for the report; None where not constant.
 
-
-def _initial_statistics(model, node, elem_types):
-    """Current running mean/var of a BN when they are constants (for the report), else None."""
-    inits = {t.name: t for t in model.graph.initializer}
-    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
+    Read as the fold pass reads BN parameters (``GraphView.constant``: initializers, Constant
+    nodes, Identity / Cast / small constant subgraphs). An initializer that is also a graph input
+    (IR >= 4) is only a default the caller may override, so GraphView does not call it constant;
+    its stored value is still what the model computes with, so the report shows it."""
     out = []
-    for slot in (3, 4):
-        name = node.input[slot]
-        value = None
-        if name in inits:
-            value = numpy_helper.to_array(inits[name])
-        elif name in constants:
-            value = constant_node_value(constants[name])
+    for name in node.input[3:5]:
+        value = view.constant(name)
+        if value is None and name in view.initializers:
+            value = read_tensor(view.initializers[name])
         out.append(None if value is None else np.asarray(value, dtype=np.float64).reshape(-1))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed batch dimension
+# --------------------------------------------------------------------------------------------
+#
+# torch.onnx.export fixes the batch at the example's (usually 1) unless told otherwise; the tf2onnx
+# exports measured in issue 10 are fixed-batch too. Sequential statistics do not depend on the batch size, so sequential mode runs such a model
+# at its fixed batch, feeding the data in chunks of that size. Batch mode needs batches of
+# batch_size: the calibration graph gets a symbolic batch dimension (inputs, and the Reshape /
+# Expand shape constants that spell the batch out) and is used only after onnxruntime, run on the
+# first data batch, reproduces the fixed-batch model's BN inputs sample for sample; otherwise batch
+# mode runs at the fixed batch too, with a note.
+
+_BATCH_DIM = "bnfold_batch"
+# Relative tolerance of the symbolic-batch check: far above float rounding (the two runs differ
+# only in how onnxruntime blocks its loops), far below what a wrong shape does (samples mixed up).
+_SYMBOLIC_RTOL = {onnx.TensorProto.FLOAT16: 1e-2, onnx.TensorProto.BFLOAT16: 5e-2}
+_SYMBOLIC_RTOL_DEFAULT = 1e-3
+
+
+def _fixed_batch(specs: dict) -> int | None:
+    """The fixed batch dimension shared by the model's inputs, None when every one is dynamic."""
+    fixed = {spec.name: spec.dims[0] for spec in specs.values() if spec.dims and spec.dims[0] is not None}
+    if len(set(fixed.values())) > 1:
+        listed = ", ".join(f"'{name}': {dim}" for name, dim in fixed.items())
+        raise InputError(f"model inputs have different fixed batch dimensions ({listed}); calibration needs one batch axis")
+    return next(iter(fixed.values()), None)
+
+
+class _FixedSizeFeeds:
+    """Re-cuts a stream of data batches into feeds of exactly ``size`` samples, for a model run at
+    its fixed batch: samples carry over from one data batch into the next, and the samples left at
+    the end that do not fill a feed are counted in ``dropped`` (padding them would need the BN
+    inputs' rows to be attributable to samples, which a reshape can hide)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.dropped = 0
+        self._pending: list[dict] = []
+        self._rows = 0
+
+    def cut(self, batch: dict) -> list[dict]:
+        self._pending.append(batch)
+        self._rows += len(next(iter(batch.values())))
+        if self._rows < self.size:
+            return []
+        merged = {n: np.concatenate([p[n] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][n]
+                  for n in batch}
+        used = self._rows - self._rows % self.size
+        feeds = [{n: np.ascontiguousarray(v[i:i + self.size]) for n, v in merged.items()} for i in range(0, used, self.size)]
+        self._rows -= used
+        self._pending = [{n: v[used:] for n, v in merged.items()}] if self._rows else []
+        return feeds
+
+    def finish(self) -> None:
+        self.dropped, self._rows, self._pending = self._rows, 0, []
+
+
+def _reshape_result(target, in_shape, allowzero: bool):
+    """Output shape of Reshape(x of ``in_shape``, ``target``), or None when it cannot be known."""
+    out = []
+    for k, d in enumerate(int(v) for v in target):
+        if d == 0 and not allowzero:
+            if in_shape is None or k >= len(in_shape) or in_shape[k] is None:
+                return None
+            d = in_shape[k]
+        out.append(d)
+    if out.count(-1) == 1:
+        if in_shape is None or any(d is None for d in in_shape):
+            return None
+        known = int(np.prod([d for d in out if d != -1], dtype=np.int64))
+        total = int(np.prod(in_shape, dtype=np.int64))
+        if known <= 0 or total % known:
+            return None
+        out[out.index(-1)] = total // known
+    return tuple(out) if all(d >= 0 for d in out) else None
+
+
+def _static(shapes: dict, name: str):
+    shape = shapes.get(name)
+    return shape if shape is not None and all(d is not None for d in shape) else None
+
+
+# What _symbolic_batch_model may rewrite, tried in this order (the first variant that passes the
+# check is used): a rewrite the model does not need can break it (an Expand building a Conv's zero
+# bias of 512 channels is no batch even when the batch is 1), so the fewer the better.
+_SYMBOLIC_VARIANTS = ((), ("Reshape",), ("Reshape", "Expand"))
+
+
+def _symbolic_batch_model(model, view: GraphView, fixed: int, shapes: dict, ops=("Reshape", "Expand")):
+    """A copy of ``model`` whose inputs' fixed batch dimension ``fixed`` is symbolic.
+
+    Returns ``(model, shift, rewritten)``: ``shift`` nodes computing the runtime batch were put
+    before the original nodes (which keep their order), ``rewritten`` shape constants were
+    replaced. What is rewritten (op types in ``ops``), from the shapes of the fixed-batch model,
+    for results of rank >= 2 whose leading dimension is ``fixed * k`` (k rows per sample, the
+    batch on axis 0):
+
+    * Reshape to a constant shape -> ``[-1, *rest]``, the leading dimension following the data;
+    * Expand to a constant shape that spells out the leading dimension -> the same shape with
+      ``batch * k`` computed from the first input's runtime shape;
+    * every value_info and output shape is dropped (onnxruntime infers them again).
+
+    Anything else that bakes the batch in (a Concat with a constant of batch 1, a Squeeze of axis
+    0, ...) is not recognized; ``_SymbolicBatchCheck`` finds those by running the result.
+    """
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    graph = work.graph
+    initializers = {t.name for t in graph.initializer}
+    batch_inputs = []
+    for vi in graph.input:
+        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []
+        if vi.name not in initializers and len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == fixed:
+            dims[0].Clear()
+            dims[0].dim_param = _BATCH_DIM
+            batch_inputs.append(vi.name)
+    del graph.value_info[:]
+    for vi in graph.output:
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
+
+    p = f"{_PREFIX}/batch"
+    prologue = []  # nodes computing runtime shapes; they read only the input's shape and constants
+    runtime_batch = None
+
+    def constant(name, values):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+        return name
+
+    def batch_times(k: int) -> str:
+        """Name of a (1,) int64 tensor holding runtime batch * k / fixed."""
+        nonlocal runtime_batch
+        if runtime_batch is None:
+            runtime_batch = f"{p}/n"
+            prologue.append(helper.make_node("Shape", [batch_inputs[0]], [f"{p}/input_shape"], name=f"{p}/input_shape"))
+            prologue.append(helper.make_node("Gather", [f"{p}/input_shape", constant(f"{p}/axis0", [0])], [runtime_batch],
+                                             name=runtime_batch, axis=0))
+        if k == fixed:
+            return runtime_batch
+        scaled = f"{p}/n_times_{k}"
+        if scaled not in {o for n in prologue for o in n.output}:
+            prologue.append(helper.make_node("Mul", [runtime_batch, constant(f"{scaled}/k", [k])], [f"{scaled}/mul"], name=f"{scaled}/mul"))
+            prologue.append(helper.make_node("Div", [f"{scaled}/mul", constant(f"{scaled}/fixed", [fixed])], [scaled], name=scaled))
+        return scaled
+
+    rewritten = 0
+    for i, node in enumerate(graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ops or len(node.input) < 2:
+            continue
+        data, target_name, out = node.input[0], node.input[1], node.output[0]
+        target = view.constant(target_name)
+        if target is None:
+            continue  # computed at run time: follows the runtime batch by itself
+        target = np.asarray(target).astype(np.int64).reshape(-1)
+        if node.op_type == "Reshape":
+            if view.constant(data) is not None:
+                continue  # a constant reshaped: no batch in it
+            result = _static(shapes, out) or _reshape_result(target, _static(shapes, data), bool(get_attr(node, "allowzero", 0)))
+            if not result or len(result) < 2 or result[0] % fixed or any(d <= 0 for d in result[1:]):
+                continue
+            new = [-1, *result[1:]]
+            if list(target) == new:
+                continue
+            node.input[1] = constant(f"{p}/reshape_{i}", new)
+        else:
+            result = _static(shapes, out)
+            if not batch_inputs or not result or len(result) < 2 or len(target) != len(result) or target[0] != result[0] \
+                    or result[0] % fixed:
+                continue
+            prologue.append(helper.make_node("Concat", [batch_times(int(result[0])), constant(f"{p}/expand_{i}/rest", result[1:])],
+                                             [f"{p}/expand_{i}"], name=f"{p}/expand_{i}", axis=0))
+            node.input[1] = f"{p}/expand_{i}"
+        rewritten += 1
+    nodes = prologue + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return work, len(prologue), rewritten
+
+
+def _bn_input_session(model, bns: list[_BN], shift: int, elem_types: dict, n_threads):
+    """An onnxruntime session computing only the inputs of ``bns`` (inference-mode BNs before
+    them), and the output names in the order it returns them, with BN labels."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    copies = [_BN(b.index + shift, b.label, b.x, b.level) for b in bns]
+    types = dict(elem_types)
+    fetch = _expose_inputs(work, copies, types)
+    names = list(dict.fromkeys(fetch.values()))
+    _prune(work, names, types)
+    label_of = {}
+    for label, name in fetch.items():
+        label_of.setdefault(name, label)
+    return _session(work, n_threads, quiet=True), names, label_of
+
+
+class _SymbolicBatchCheck:
+    """Whether a calibration graph with a symbolic batch is the fixed-batch model on ``batch``.
+
+    Every BN input of the symbolic graph, run on the whole batch, must equal sample for sample the
+    fixed-batch model's, run on chunks of ``fixed`` samples (in inference mode samples are
+    independent, so any difference is a shape that still spells out the batch). The fixed-batch
+    chunks are compared as they come, so memory holds one batch of BN inputs plus one chunk's, as
+    a calibration run does."""
+
+    def __init__(self, model, bns: list[_BN], elem_types: dict, batch: dict, fixed: int, n_threads):
+        self.model, self.bns, self.elem_types, self.batch, self.fixed, self.n_threads = model, bns, elem_types, batch, fixed, n_threads
+        self.n = len(next(iter(batch.values())))
+        self._fixed_session = None
+
+    def problem(self, symbolic, shift: int) -> str:
+        """"" when ``symbolic`` passes, else why not (one line)."""
+        n, fixed = self.n, self.fixed
+        try:
+            session, names, label_of = _bn_input_session(symbolic, self.bns, shift, self.elem_types, self.n_threads)
+            got = session.run(None, self.batch)
+        except Exception as e:  # noqa: BLE001 - any failure means: not usable at this batch size
+            return f"onnxruntime cannot run it at batch {n}: {_first_line(e, 160)}"
+        del session
+        if self._fixed_session is None:
+            self._fixed_session = _bn_input_session(self.model, self.bns, 0, self.elem_types, self.n_threads)
+        fixed_session, fixed_names, _ = self._fixed_session
+        if fixed_names != names:
+            return "its BN inputs are not the fixed-batch model's"
+        errors = [0.0] * len(names)
+        scales = [0.0] * len(names)
+        for start in range(0, n - n % fixed, fixed):
+            want = _run(fixed_session, {k: v[start:start + fixed] for k, v in self.batch.items()}, start // fixed + 1)
+            for j, name in enumerate(names):
+                label, chunk, value = label_of[name], want[j], got[j]
+                rows = chunk.shape[0] if chunk.ndim else 0
+                if chunk.ndim == 0 or (rows * n) % fixed or value.shape != ((rows * n) // fixed,) + chunk.shape[1:]:
+                    return f"BN '{label}' input has shape {value.shape} at batch {n}, the fixed-batch model's {chunk.shape} at {fixed}"
+                first = start // fixed * rows
+                have = value[first:first + rows].astype(np.float64)
+                errors[j] = max(errors[j], float(np.max(np.abs(have - chunk))) if chunk.size else 0.0)
+                scales[j] = max(scales[j], float(np.max(np.abs(chunk))) if chunk.size else 0.0)
+        for j, name in enumerate(names):
+            rtol = _SYMBOLIC_RTOL.get(self.elem_types.get(name), _SYMBOLIC_RTOL_DEFAULT)
+            if not errors[j] <= rtol * scales[j] + 1e-30:  # NaN fails too
+                return (f"BN '{label_of[name]}' input differs from the fixed-batch model's (max abs error {errors[j]:.3g} "
+                        f"of {scales[j]:.3g})")
+        return ""
+
+
+def _symbolic_batch(model, view: GraphView, bns: list[_BN], elem_types: dict, shapes: dict, batch: dict, fixed: int,
+                    n_threads):
+    """``(symbolic model, shift, shapes rewritten, "")`` for the first variant of
+    ``_SYMBOLIC_VARIANTS`` that passes ``_SymbolicBatchCheck`` on ``batch``, else
+    ``(None, 0, 0, why the last one failed)``."""
+    check = _SymbolicBatchCheck(model, bns, elem_types, batch, fixed, n_threads)
+    problem, previous = "", None
+    for ops in _SYMBOLIC_VARIANTS:
+        symbolic, shift, rewritten = _symbolic_batch_model(model, view, fixed, shapes, ops)
+        if rewritten == previous:
+            continue  # each variant rewrites a superset of the one before: nothing new, same graph
+        previous = rewritten
+        problem = check.problem(symbolic, shift)
+        if not problem:
+            return symbolic, shift, rewritten, ""
+    return None, 0, 0, problem
+
+
+@dataclass
+class _RunPlan:
+    """Where the calibration graphs come from and at which batch onnxruntime runs them."""
+
+    mode: str
+    base: onnx.ModelProto  # the model the calibration graphs are built from
+    shift: int = 0  # nodes ``base`` has before the model's own (BN indices move by this much)
+    run_at: int | None = None  # exact samples per run (a fixed batch), None = any
+    first_pass: Iterator | None = None  # the first pass's data stream when its first batch was read
+    batch_mode_at_fixed: bool = False  # batch mode wanted batch_size but runs at the fixed batch
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # onnxruntime time of the symbolic-batch check
+
+
+def _plan_runs(model, view, bns, dataset, mode, batch_size, max_batches, fixed, elem_types, shapes, n_threads) -> _RunPlan:
+    """How to run a model whose batch dimension is ``fixed`` (None: dynamic, nothing to plan).
+
+    Sequential mode runs at the fixed batch. Batch mode tries a symbolic batch on the first data
+    batch (``_symbolic_batch``) and otherwise runs at the fixed batch -- unless some BN would then
+    see one value per channel, where batch statistics are undefined: then sequential mode."""
+    plan = _RunPlan(mode=mode, base=model)
+    if fixed is None:
+        return plan
+    plan.run_at = fixed
+    if mode == "batch" and batch_size != fixed:
+        stream = dataset.batches(batch_size, max_batches)
+        first = next(stream)
+        plan.first_pass = itertools.chain([first], stream)
+        # A first batch of at most `fixed` samples means the data fills at most one fixed batch:
+        # running at it is what batch_size would give.
+        if len(next(iter(first.values()))) > fixed:
+            t0 = time.perf_counter()
+            symbolic, shift, rewritten, problem = _symbolic_batch(model, view, bns, elem_types, shapes, first, fixed, n_threads)
+            plan.seconds = time.perf_counter() - t0
+            if symbolic is not None:
+                plan.base, plan.shift, plan.run_at = symbolic, shift, None
+                plan.notes.append(
+                    f"the model's batch dimension is fixed at {fixed}: batch mode ran a calibration graph with it made "
+                    f"symbolic ({_count(rewritten, 'shape')} rewritten; checked against the fixed-batch model on the first batch)")
+                return plan
+            degenerate = _one_value_per_channel(bns, shapes)
+            if degenerate is not None:
+                # Batch statistics of one value per channel are undefined; sequential statistics are
+                # not, and they are what this BN's input becomes at inference time.
+                plan.mode = "sequential"
+                plan.notes.append(
+                    f"calibrated in sequential mode, not batch mode: the model's batch dimension is fixed at {fixed} and "
+                    f"could not be made symbolic ({problem}), and at that batch BN '{degenerate}' sees one value per "
+                    "channel (undefined batch statistics)")
+            else:
+                plan.batch_mode_at_fixed = True
+                plan.notes.append(
+                    f"batch mode ran at the model's fixed batch {fixed}, not {batch_size}: its batch dimension could not be "
+                    f"made symbolic ({problem}); batch statistics are over {_count(fixed, 'sample')} at a time")
+    if plan.mode == "sequential" and batch_size != fixed:
+        plan.notes.append(f"the model's batch dimension is fixed at {fixed}: sequential mode ran it "
+                          f"{_count(fixed, 'sample')} at a time (its statistics do not depend on the batch size)")
+    return plan
+
+
+def _one_value_per_channel(bns: list[_BN], shapes: dict):
+    """Label of the first BN whose input has one value per channel at the fixed batch (from the
+    fixed-batch model's static shapes), else None."""
+    for b in bns:
+        shape = _static(shapes, b.x)
+        if shape is not None and len(shape) >= 2 and shape[1] > 0 and int(np.prod(shape, dtype=np.int64)) == shape[1]:
+            return b.label
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -887,7 +1206,7 @@ def _initial_statistics(model, node, elem_types):
 # --------------------------------------------------------------------------------------------
 
 
-def _session(model, n_threads):
+def _session(model, n_threads, quiet=False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -897,7 +1216,9 @@ def _session(model, n_threads):
     # pattern-matching transformers of level "all" are not needed and could rewrite the explicit
     # normalization ops.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.log_severity_level = 3
+    # quiet: a trial run (the symbolic-batch check) whose failure is an expected answer, which
+    # onnxruntime would otherwise also log to stderr as an error.
+    options.log_severity_level = 4 if quiet else 3
     # onnxruntime's idle threads otherwise spin after every run and steal the cores bnfold's
     # OpenMP statistics kernels run on (measured: statistics 4x slower with spinning).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -938,7 +1259,7 @@ def _progress(enabled, total, label):
 class _Accumulator:
     """Per-BN Moments merged across batches, and the time spent on them."""
 
-    def __init__(self, labels, one_value_is_error: bool, n_threads=None):
+    def __init__(self, labels, one_value_is_error: bool, n_threads=None, fixed_batch=None):
         from bnfold.kernels import Moments
 
         self._moments_cls = Moments
@@ -947,11 +1268,18 @@ class _Accumulator:
         self.seconds = 0.0
         self._one_value_is_error = one_value_is_error
         self._n_threads = n_threads
+        self._fixed_batch = fixed_batch  # the model runs at this fixed batch; batch_size cannot help
 
     def add(self, label, x, batch_number):
         if x.ndim < 2:
             raise InputError(f"BN '{label}': input of rank {x.ndim}; BatchNormalization needs (N, C, ...)")
         per_channel = x.size // x.shape[1] if x.shape[1] else 0
+        if self._one_value_is_error and per_channel == 1 and self._fixed_batch is not None:
+            raise InputError(
+                f"batch {batch_number}: BN '{label}' sees one value per channel at the model's fixed batch "
+                f"{self._fixed_batch}, whose batch dimension could not be made symbolic (see the note); batch statistics "
+                "are undefined there -- use --mode sequential"
+            )
         if self._one_value_is_error and per_channel == 1:
             raise InputError(
                 f"batch {batch_number}: BN '{label}' sees one value per channel (batch of 1 sample without spatial "
@@ -986,6 +1314,10 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
     ``batch_size`` along axis 0; ``max_batches`` limits the number of batches per pass.
     ``mode``: "batch" (PreciseBN, statistics of deeper BNs depend on the batch size) or
     "sequential" (inference-consistent, batch-size independent, one pass per BN level).
+    A model with a fixed batch dimension F works with any ``batch_size``: sequential mode runs it
+    F samples at a time; batch mode at ``batch_size`` with the batch made symbolic when that is
+    verified on the first batch, else at F (``report.notes`` says which; samples that do not fill a
+    last batch of F are not used, and a note says how many).
     ``n_threads``: threads of onnxruntime and of the statistics kernels (None: all cores).
     Raises InputError for unusable data; nothing is returned half-calibrated.
     """
@@ -1007,27 +1339,23 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
     if not specs:
         raise InputError("model has no inputs to feed calibration data into")
     dataset = _Dataset(data, specs, optional)
-    fixed_batch = False
-    for spec in specs.values():
-        if spec.dims and spec.dims[0] is not None:
-            if spec.dims[0] != batch_size:
-                raise InputError(f"model input '{spec.name}' has a fixed batch dimension {spec.dims[0]}; use batch size {spec.dims[0]}")
-            fixed_batch = True
+    fixed = _fixed_batch(specs)
 
-    report = CalibrationReport(mode=mode, batch_size=batch_size)
-    opset = _opset(model)
-    elem_types = _elem_types(model)
+    report = CalibrationReport(mode=mode, batch_size=batch_size, fixed_batch=fixed, run_batch_size=batch_size)
+    # The main graph seen as the fold pass sees it: BN parameters are read and written through it.
+    view = GraphView(model.graph, ModelContext(model))
+    elem_types, shapes = _value_types(model)
     bns = []
-    for i, node in enumerate(model.graph.node):
-        if not _is_bn(node):
+    for i, node in enumerate(view.nodes):
+        if not is_batch_norm(node):
             continue
-        label = node_label(node, i)
+        label = view.labels[i]
         entry = BNCalibration(bn=label, epsilon=float(get_attr(node, "epsilon", 1e-5)))
-        reason = _skip_reason(node, opset)
-        if reason:
-            entry.status, entry.reason = "skipped", reason
+        failure = inference_mode_failure(node, label, view.ctx.opset)
+        if failure is not None:
+            entry.status, entry.reason = "skipped", f"{failure.reason}: {failure.message}; left alone"
         else:
-            entry.old_mean, entry.old_var = _initial_statistics(model, node, elem_types)
+            entry.old_mean, entry.old_var = _initial_statistics(view, node)
             bns.append(_BN(index=i, label=label, x=node.input[0]))
         report.entries.append(entry)
     for label, path in _subgraph_bns(model.graph, ""):
@@ -1040,65 +1368,78 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
         return model, report
 
     _assign_levels(model, bns)
-    n_batches = dataset.n_batches(batch_size, max_batches)
+    plan = _plan_runs(model, view, bns, dataset, mode, batch_size, max_batches, fixed, elem_types, shapes, n_threads)
+    switched = plan.mode != mode  # batch mode impossible at the fixed batch: sequential instead
+    mode = report.mode = plan.mode
+    report.notes += plan.notes
+    report.run_batch_size = plan.run_at or batch_size
+    report.seconds_forward += plan.seconds
+    base, shift, run_at, first_pass = plan.base, plan.shift, plan.run_at, plan.first_pass
     if mode == "batch":
         groups = [bns]
     else:
         levels = sorted({b.level for b in bns})
         groups = [[b for b in bns if b.level == lv] for lv in levels]
         if dataset.one_shot and len(groups) > 1:
+            why = f"{plan.notes[0]}; " if switched else ""
             raise InputError(
-                f"sequential mode reads the data once per BN level ({len(groups)} levels); pass a list, dict, array or "
-                "path instead of a one-shot iterator"
+                f"{why}sequential mode reads the data once per BN level ({len(groups)} levels); pass a list, dict, array "
+                "or path instead of a one-shot iterator"
             )
+    n_batches = dataset.n_batches(batch_size, max_batches)
     total = None if n_batches is None else n_batches * len(groups)
 
     results = {}
-    released = set()  # statistics tensors replaced by fresh ones (shared or Constant-node outputs)
     with _progress(progress, total, f"calibrate ({mode})") as bar:
-        for group in groups:
+        for group_number, group in enumerate(groups):
             work = onnx.ModelProto()
-            work.CopyFrom(model)
-            group_copy = [_BN(b.index, b.label, b.x, b.level) for b in group]
+            work.CopyFrom(base)
+            group_copy = [_BN(b.index + shift, b.label, b.x, b.level) for b in group]
             fetch = _expose_inputs(work, group_copy, elem_types)
             if mode == "batch":
-                _rewrite_batch_mode(work, group_copy, elem_types)
+                _rewrite_batch_mode(work, group_copy, elem_types, view.ctx.opset)
             names = list(dict.fromkeys(fetch.values()))
             _prune(work, names, elem_types)
             session = _session(work, n_threads)
-            acc = _Accumulator([b.label for b in group], one_value_is_error=(mode == "batch"), n_threads=n_threads)
-            seen_batches = seen_samples = 0
-            for batch in dataset.batches(batch_size, max_batches):
-                n_in_batch = next(iter(batch.values())).shape[0]
-                if fixed_batch and n_in_batch != batch_size:
-                    note = f"the final batch of {_count(n_in_batch, 'sample')} was skipped: the model's batch dimension is fixed"
+            acc = _Accumulator([b.label for b in group], one_value_is_error=(mode == "batch"), n_threads=n_threads,
+                               fixed_batch=fixed if plan.batch_mode_at_fixed else None)
+            runs = seen_samples = 0
+            feeds = _FixedSizeFeeds(run_at) if run_at is not None else None
+            batches = first_pass if group_number == 0 and first_pass is not None else dataset.batches(batch_size, max_batches)
+            for batch in batches:
+                for feed in feeds.cut(batch) if feeds is not None else [batch]:
+                    runs += 1
+                    t0 = time.perf_counter()
+                    outputs = _run(session, feed, runs)
+                    report.seconds_forward += time.perf_counter() - t0
+                    by_name = dict(zip(names, outputs))
+                    for b in group:
+                        acc.add(b.label, by_name[fetch[b.label]], runs)
+                    seen_samples += len(next(iter(feed.values())))
+                bar.update(1)
+            if feeds is not None:
+                feeds.finish()
+                if runs == 0:
+                    raise InputError(f"no complete batch: the model's batch dimension is fixed at {fixed} and the data holds "
+                                     f"{_count(feeds.dropped, 'sample')}")
+                if feeds.dropped:
+                    note = (f"the last {_count(feeds.dropped, 'sample')} of the data were not used: the model's batch "
+                            f"dimension is fixed at {fixed} and they do not fill a batch")
                     if note not in report.notes:
                         report.notes.append(note)
-                    continue
-                seen_batches += 1
-                t0 = time.perf_counter()
-                outputs = _run(session, batch, seen_batches)
-                report.seconds_forward += time.perf_counter() - t0
-                by_name = dict(zip(names, outputs))
-                for b in group:
-                    acc.add(b.label, by_name[fetch[b.label]], seen_batches)
-                seen_samples += n_in_batch
-                bar.update(1)
-            if seen_batches == 0:
-                raise InputError(f"no complete batch of {batch_size} samples: the model's batch dimension is fixed")
             report.seconds_statistics += acc.seconds
-            report.n_batches, report.n_samples = seen_batches, seen_samples
+            report.n_batches, report.n_samples = runs, seen_samples
             report.passes += 1
             for b in group:
                 m = acc.moments[b.label]
                 results[b.label] = (m, acc.samples[b.label])
                 if mode == "sequential":
-                    _write_statistics(model, b.index, b.label, m.mean, m.var(), elem_types, released)
+                    _write_statistics(view, b.index, b.label, m.mean, m.var(), elem_types)
     if mode == "batch":
         for b in bns:
             m, _ = results[b.label]
-            _write_statistics(model, b.index, b.label, m.mean, m.var(), elem_types, released)
-    remove_unused(model, released)
+            _write_statistics(view, b.index, b.label, m.mean, m.var(), elem_types)
+    remove_unused(model, view.released)
 
     level_of = {b.label: b.level for b in bns}
     for entry in report.entries:
@@ -1123,6 +1464,6 @@ def iter_batches(model_or_path, data, *, batch_size=32, max_batches=None):
     return _Dataset(data, specs, optional).batches(int(batch_size), max_batches)
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int = 300) -> str:
     text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
+    return text.splitlines()[0][:limit]

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from bnfold.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_default_domain, iter_graphs, \
-    node_subgraphs, remove_unused, to_float64
+from bnfold.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_batch_norm, iter_graphs, node_subgraphs, \
+    remove_unused, to_float64
 from bnfold.model_io import load_model_deferred, read_as_ir4_if_initializers_unlisted
 from bnfold.rules import bn_conv, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
-from bnfold.rules.base import BatchNorm, Failure, Match
+from bnfold.rules.base import BatchNorm, Failure, Match, inference_mode_failure
 
 BACKWARD_RULES = (conv_bn, convtranspose_bn, gemm_bn, matmul_bn)
 FORWARD_RULES = (bn_gemm, bn_matmul, bn_conv)
@@ -279,7 +279,7 @@ def op_counts(model: onnx.ModelProto) -> dict:
 
 def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, keep) -> None:
     view = GraphView(graph, ctx, path, parent)
-    bn_indices = [i for i, n in enumerate(view.nodes) if n.op_type == "BatchNormalization" and is_default_domain(n)]
+    bn_indices = [i for i, n in enumerate(view.nodes) if is_batch_norm(n)]
     attachments = {i: _attachment(view, i) for i in bn_indices}
     outcome: dict[int, Match | Failure] = {}
     pending = []
@@ -377,21 +377,9 @@ def _inference_bn(view: GraphView, index: int):
     """The BN as a float64 affine map ``s*x + t``, or the Failure that rules it out entirely."""
     node = view.nodes[index]
     label = view.labels[index]
-    opset = view.ctx.opset
-    if get_attr(node, "training_mode", 0) == 1:
-        return Failure("training_mode", f"BatchNormalization '{label}' has training_mode=1: it normalizes with "
-                       "batch statistics, not the running ones")
-    if any(node.output[1:]):
-        return Failure("training_mode", f"BatchNormalization '{label}' produces running/saved statistics outputs, "
-                       "which only exist in training mode")
-    if opset <= 6 and get_attr(node, "is_test", 0) == 0:
-        return Failure("training_mode", f"BatchNormalization '{label}' (opset {opset}) has is_test=0, which means "
-                       "training mode; set is_test=1 for inference")
-    if get_attr(node, "spatial", 1) == 0:
-        return Failure("spatial_mode", f"BatchNormalization '{label}' has spatial=0 (statistics per activation, "
-                       "not per channel)")
-    if len(node.input) < 5 or not all(node.input[:5]):
-        return Failure("non_constant_params", f"BatchNormalization '{label}' lacks some of scale/B/mean/var")
+    failure = inference_mode_failure(node, label, view.ctx.opset)
+    if failure is not None:
+        return failure
     params = []
     for role, name in zip(("scale", "B", "mean", "var"), node.input[1:5]):
         value = view.constant(name)

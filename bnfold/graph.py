@@ -48,6 +48,11 @@ def is_default_domain(node: onnx.NodeProto) -> bool:
     return node.domain in DEFAULT_DOMAINS
 
 
+def is_batch_norm(node: onnx.NodeProto) -> bool:
+    """A standard ONNX BatchNormalization node (not a custom domain's op of the same name)."""
+    return node.op_type == "BatchNormalization" and is_default_domain(node)
+
+
 def node_subgraphs(node: onnx.NodeProto):
     """Yield ``(label_suffix, GraphProto)`` for every graph attribute (If/Loop/Scan bodies)."""
     for attr in node.attribute:

@@ -151,6 +151,8 @@ def reference_forward(model, x, bn_behaviour):
         ins = [env[i] for i in node.input]
         if node.op_type == "Constant":
             y = numpy_helper.to_array(attrs["value"]).astype(np.float64)
+        elif node.op_type in ("Identity", "Cast"):  # everything is float64 here
+            y = ins[0]
         elif node.op_type == "Conv":
             y = _conv(ins[0], ins[1], ins[2], attrs.get("strides", [1, 1]), attrs.get("pads", [0] * 4))
         elif node.op_type == "BatchNormalization":
@@ -159,6 +161,9 @@ def reference_forward(model, x, bn_behaviour):
             y = np.maximum(ins[0], 0)
         elif node.op_type == "Add":
             y = ins[0] + ins[1]
+        elif node.op_type == "Concat":  # a constant of batch 1 joins every sample (a dynamic twin's semantics)
+            n = max(i.shape[0] for i in ins)
+            y = np.concatenate([np.broadcast_to(i, (n,) + i.shape[1:]) for i in ins], axis=attrs["axis"])
         elif node.op_type == "GlobalAveragePool":
             y = ins[0].mean(axis=(2, 3), keepdims=True)
         elif node.op_type == "Flatten":
@@ -550,6 +555,94 @@ def test_statistics_from_constant_nodes_are_replaced():
     assert_stats_close(bn_statistics(calibrated), reference_calibrate(model, data.astype(np.float64), "batch", 3))
 
 
+def _behind(model, bn, slot, op, **attrs):
+    """Feed input ``slot`` of BN ``bn`` through a new ``op`` node (Identity, Cast) reading the tensor."""
+    node = next(n for n in model.graph.node if n.name == bn)
+    source = node.input[slot]
+    out = f"{source}.{op.lower()}"
+    index = list(model.graph.node).index(node)
+    model.graph.node.insert(index, helper.make_node(op, [source], [out], name=out, **attrs))
+    node.input[slot] = out
+    return out
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_parameters_behind_identity_and_cast(mode):
+    """torch's TorchScript exporter writes BN statistics as Identity(initializer); converters put
+    parameters behind Cast. Old statistics are read through them (report), new ones written as
+    fresh initializers, and the nodes nobody reads any more are removed."""
+    model = conv_stack(seed=4)
+    old = bn_statistics(model)
+    _behind(model, "bn2", 3, "Identity")
+    _behind(model, "bn2", 4, "Identity")
+    inits = {t.name: t for t in model.graph.initializer}
+    for name in ("bn5.var", "bn5.scale"):  # stored as float64, cast to the float32 the BN reads
+        inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float64), name))
+    _behind(model, "bn5", 4, "Cast", to=TensorProto.FLOAT)
+    _behind(model, "bn5", 1, "Cast", to=TensorProto.FLOAT)
+    onnx.checker.check_model(model, full_check=True)
+    data = make_data((3, 8, 8), n=12)
+    calibrated, report = calibrate(model, data, mode=mode, batch_size=5)
+    for bn in ("bn2", "bn5"):
+        np.testing.assert_allclose(report.entry(bn).old_mean, old[bn][0], rtol=1e-7)
+        np.testing.assert_allclose(report.entry(bn).old_var, old[bn][1], rtol=1e-7)
+        assert report.entry(bn).max_rel_change_var is not None
+    assert_stats_close(bn_statistics(calibrated), reference_calibrate(model, data.astype(np.float64), mode, 5))
+    got = bn_statistics(calibrated)
+    assert got["bn5"][1].dtype == np.float32  # the type the BN read, not the float64 behind the Cast
+    ops = [n.op_type for n in calibrated.graph.node]
+    assert ops.count("Identity") == 0 and ops.count("Cast") == 1  # the scale's Cast is still read
+    names = {t.name for t in calibrated.graph.initializer}
+    assert "bn2.mean" not in names and "bn5.var" not in names and "bn5.scale" in names
+    assert "bn2" in report.format_table()
+    onnx.checker.check_model(calibrated, full_check=True)
+
+
+def test_fresh_statistics_of_an_ir3_model_are_listed_as_graph_inputs():
+    """IR 3 requires every initializer to be a graph input too; statistics written as a fresh
+    initializer (here: behind an Identity) are declared so the result still passes the checker."""
+    model = conv_stack(seed=6)
+    _behind(model, "bn5", 4, "Identity")
+    model.ir_version = 3
+    model.opset_import[0].version = 8
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer)
+    onnx.checker.check_model(model)
+    data = make_data((3, 8, 8), n=8)
+    calibrated, _ = calibrate(model, data, mode="sequential", batch_size=4)
+    onnx.checker.check_model(calibrated)
+    var_name = next(n for n in calibrated.graph.node if n.name == "bn5").input[4]
+    assert var_name != "bn5.var.identity" and var_name in {i.name for i in calibrated.graph.input}
+    assert_stats_close(bn_statistics(calibrated), reference_calibrate(model, data.astype(np.float64), "sequential", 4))
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_two_bns_sharing_one_identity_running_var(mode):
+    """The exporter's dedup: two BNs read one Identity(initializer) as running_var, which here is
+    also a graph output. Each BN gets its own statistics; the shared value never changes."""
+    b = _Builder(8)
+    y = b.bn(b.conv("x", 3, 4), 4, name="first")
+    y = b.bn(b.op("Relu", [y]), 4, name="second")
+    shared = b._init("shared.var", np.full(4, 0.75))
+    b.nodes.insert(0, helper.make_node("Identity", [shared], ["shared.var.id"], name="dedup"))
+    for node in b.nodes:
+        if node.op_type == "BatchNormalization":
+            node.input[4] = "shared.var.id"
+    model = b.model(["N", 3, 8, 8], y, ["N", 4, 8, 8])
+    model.graph.output.append(helper.make_tensor_value_info("shared.var.id", TensorProto.FLOAT, [4]))
+    data = make_data((3, 8, 8), n=11)
+    calibrated, report = calibrate(model, data, mode=mode, batch_size=4)
+    np.testing.assert_array_equal(report.entry("second").old_var, np.full(4, 0.75))
+    want = reference_calibrate(model, data.astype(np.float64), mode, 4)
+    got = bn_statistics(calibrated)
+    assert_stats_close(got, want)
+    assert not np.allclose(got["first"][1], got["second"][1], rtol=1e-2)
+    bns = [n for n in calibrated.graph.node if n.op_type == "BatchNormalization"]
+    assert bns[0].input[4] != bns[1].input[4] and "shared.var.id" not in (bns[0].input[4], bns[1].input[4])
+    session = ort.InferenceSession(calibrated.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(["shared.var.id"], {"x": data[:2]})[0], np.full(4, 0.75, np.float32))
+    onnx.checker.check_model(calibrated, full_check=True)
+
+
 def test_subgraph_and_training_mode_bns_are_reported_not_calibrated():
     rng = np.random.default_rng(0)
     c = 3
@@ -614,17 +707,206 @@ def test_opset_18_reduce_mean_axes_as_input():
     assert_stats_close(bn_statistics(calibrated), reference_calibrate(model, data.astype(np.float64), "batch", 4))
 
 
-def test_fixed_batch_dimension():
-    b = _Builder(4)
-    model = b.model([4, 6], b.bn("x", 6, name="bn"), [4, 6])
-    data = make_data((6,), n=10)
-    with pytest.raises(InputError, match="fixed batch dimension 4; use batch size 4"):
-        calibrate(model, data, batch_size=5)
-    calibrated, report = calibrate(model, data, batch_size=4, n_threads=1)
-    assert report.n_samples == 8 and "final batch of 2 samples was skipped" in report.notes[0]
-    np.testing.assert_allclose(bn_statistics(calibrated)["bn"][1], data[:8].astype(np.float64).var(axis=0), rtol=1e-5)
-    with pytest.raises(InputError, match="no complete batch"):
-        calibrate(model, data[:3], batch_size=4)
+# ------------------------------------------------------------------------------------------------
+# Fixed batch dimension (torch.onnx.export's default: batch 1)
+# ------------------------------------------------------------------------------------------------
+
+
+def with_fixed_batch(model, batch):
+    """Copy of ``model`` whose input and output declare batch dimension ``batch``."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for vi in list(fixed.graph.input) + list(fixed.graph.output):
+        dim = vi.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_value = batch
+    return fixed
+
+
+def token_net(batch):
+    """An exporter-style graph with batch 1 spelled out (``batch=1``) or its dynamic twin
+    (``batch=None``): Conv -> Reshape (B, 4, 64) -> Relu -> Reshape (B, 4, 8, 8) -> Concat with a
+    constant map Expand'ed to (B, 1, 8, 8) -> BN -> Reshape (B, 320) -> BN on (N, C), whose batch
+    statistics need more than one sample per batch."""
+    b = _Builder(11)
+
+    def shape(name, values):
+        b.inits.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    lead = batch if batch else -1
+    y = b.op("Reshape", [b.conv("x", 3, 4), shape("s_flat", [lead, 4, 64])])
+    y = b.op("Reshape", [b.op("Relu", [y]), shape("s_map", [lead, 4, 8, 8])])
+    token = b._init("token", b.rng.normal(0, 1, (1, 1, 8, 8)))
+    if batch:
+        expand_to = shape("s_token", [batch, 1, 8, 8])
+    else:
+        n = b.op("Gather", [b.op("Shape", ["x"]), shape("first", [0])], axis=0)
+        expand_to = b.op("Concat", [n, shape("s_rest", [1, 8, 8])], axis=0)
+    y = b.op("Concat", [y, b.op("Expand", [token, expand_to])], axis=1)
+    y = b.op("Reshape", [b.bn(y, 5, name="bn_map"), shape("s_vec", [lead, 320])])
+    y = b.bn(y, 320, name="bn_vec")
+    return b.model([batch or "N", 3, 8, 8], y, [batch or "N", 320])
+
+
+def stats_of(model):
+    return {k: (m.astype(np.float64), v.astype(np.float64)) for k, (m, v) in bn_statistics(model).items()}
+
+
+@pytest.mark.parametrize("model_maker", [lambda: with_fixed_batch(conv_stack(), 1), lambda: token_net(1)])
+def test_fixed_batch_sequential_runs_at_the_fixed_batch(model_maker):
+    """Sequential statistics do not depend on the batch size: a batch-1 model runs one sample at a
+    time and gives the dynamic twin's statistics."""
+    fixed = model_maker()
+    twin = token_net(None) if "bn_vec" in bn_statistics(fixed) else conv_stack()
+    data = make_data((3, 8, 8), n=11)
+    calibrated, report = calibrate(fixed, data, mode="sequential", batch_size=4)
+    assert report.fixed_batch == 1 and report.run_batch_size == 1 and report.n_batches == 11 and report.n_samples == 11
+    assert any("fixed at 1: sequential mode ran it 1 sample at a time" in n for n in report.notes)
+    assert "11 samples in 11 batches of 1" in report.format_table()
+    want = stats_of(calibrate(twin, data, mode="sequential", batch_size=4)[0])
+    assert_stats_close(stats_of(calibrated), want, rtol=1e-5)
+    assert_stats_close(stats_of(calibrated), stats_of(calibrate(twin, data, mode="sequential", batch_size=11)[0]), rtol=1e-5)
+    assert [d.dim_value for d in calibrated.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]  # still fixed
+
+
+def test_fixed_batch_batch_mode_made_symbolic_equals_dynamic_twin():
+    """Batch 1 spelled out in three Reshapes and an Expand: the calibration graph gets a symbolic
+    batch, is checked by running it, and gives the dynamic twin's batch-mode statistics at the same
+    batch size, final smaller batch included."""
+    data = make_data((3, 8, 8), n=10)
+    calibrated, report = calibrate(token_net(1), data, mode="batch", batch_size=4)
+    assert report.run_batch_size == 4 and report.n_batches == 3 and report.n_samples == 10
+    assert any("made symbolic (4 shapes rewritten" in n for n in report.notes), report.notes
+    want = stats_of(calibrate(token_net(None), data, mode="batch", batch_size=4)[0])
+    assert_stats_close(stats_of(calibrated), want, rtol=1e-5)
+    # Batch statistics over 4 samples are not those over 1 (what running at the fixed batch gives).
+    with pytest.raises(AssertionError):
+        assert_stats_close(stats_of(calibrated), stats_of(calibrate(token_net(None), data, mode="batch", batch_size=2)[0]),
+                           rtol=1e-3)
+    assert [d.dim_value for d in calibrated.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]
+    assert [n.op_type for n in calibrated.graph.node] == [n.op_type for n in token_net(1).graph.node]
+    np.testing.assert_array_equal(  # the model's own shape constants are untouched
+        numpy_helper.to_array(next(t for t in calibrated.graph.initializer if t.name == "s_vec")), [1, 320])
+
+
+def test_fixed_batch_3_batch_mode_symbolic_uses_every_sample():
+    data = make_data((3, 8, 8), n=11)
+    calibrated, report = calibrate(with_fixed_batch(conv_stack(), 3), data, mode="batch", batch_size=6)
+    assert report.run_batch_size == 6 and report.n_samples == 11 and "made symbolic (0 shapes" in report.notes[0]
+    assert_stats_close(stats_of(calibrated), stats_of(calibrate(conv_stack(), data, mode="batch", batch_size=6)[0]), rtol=1e-5)
+
+
+def concat_constant_net(batch=1):
+    """Conv output concatenated along channels with a constant map of batch 1 (no Expand): nothing
+    to rewrite, so at batch > 1 the Concat fails and batch mode runs at the fixed batch."""
+    b = _Builder(12)
+    token = b._init("token", b.rng.normal(0, 1, (1, 1, 8, 8)))
+    y = b.bn(b.op("Concat", [b.conv("x", 3, 4), token], axis=1), 5, name="bn_a")
+    y = b.bn(b.op("Relu", [y]), 5, name="bn_b")
+    return b.model([batch, 3, 8, 8], y, [batch, 5, 8, 8])
+
+
+def test_fixed_batch_that_cannot_be_made_symbolic_falls_back_with_a_note(capfd):
+    data = make_data((3, 8, 8), n=6)
+    calibrated, report = calibrate(concat_constant_net(), data, mode="batch", batch_size=4)
+    assert capfd.readouterr().err == ""  # the failed trial run is the note's business, not a logged error
+    assert report.run_batch_size == 1 and report.n_batches == 6 and report.n_samples == 6
+    (note,) = report.notes
+    assert note.startswith("batch mode ran at the model's fixed batch 1, not 4: its batch dimension could not be made symbolic (")
+    assert "Concat" in note and "\n" not in note
+    assert "note: batch mode ran at the model's fixed batch 1" in report.format_table()
+    # What it computed is batch mode at batch 1 (each sample normalized by its own statistics).
+    assert_stats_close(stats_of(calibrated), reference_calibrate(concat_constant_net(), data.astype(np.float64), "batch", 1))
+    with pytest.raises(AssertionError):
+        assert_stats_close(stats_of(calibrated), reference_calibrate(concat_constant_net(), data.astype(np.float64), "batch", 2),
+                           rtol=1e-3)
+
+
+def test_fixed_batch_symbolic_graph_that_runs_but_mixes_samples_is_refused():
+    """A mean over axis 0 is a per-sample mean at the fixed batch 1 but mixes samples at batch 4:
+    onnxruntime runs the symbolic graph happily, the sample-for-sample comparison refuses it."""
+    b = _Builder(14)
+    x = b.conv("x", 3, 4)
+    centered = b.op("Sub", [x, b.op("ReduceMean", [x], axes=[0], keepdims=1)])
+    y = b.bn(b.op("Add", [centered, x]), 4, name="bn_mixed")
+    model = b.model([1, 3, 8, 8], y, [1, 4, 8, 8])
+    data = make_data((3, 8, 8), n=8)
+    calibrated, report = calibrate(model, data, mode="batch", batch_size=4)
+    assert report.run_batch_size == 1 and len(report.notes) == 1
+    assert "BN 'bn_mixed' input differs from the fixed-batch model's" in report.notes[0]
+    # At batch 1 the mean over axis 0 is the sample itself: bn_mixed reads the conv output.
+    b.nodes = b.nodes[:1]
+    conv_out = run(b.model(["N", 3, 8, 8], x, ["N", 4, 8, 8]), data).astype(np.float64)
+    np.testing.assert_allclose(bn_statistics(calibrated)["bn_mixed"][0], conv_out.mean(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(bn_statistics(calibrated)["bn_mixed"][1], conv_out.var(axis=(0, 2, 3)), rtol=1e-4)
+
+
+def _padded_vector_net():
+    """(1, 6) input padded with a batch-1 constant to (1, 8) -> BN -> Relu -> BN: nothing to make
+    symbolic (Concat with a constant), and at batch 1 each BN sees one value per channel."""
+    b = _Builder(13)
+    pad = b._init("pad", np.zeros((1, 2)))
+    y = b.bn(b.op("Concat", ["x", pad], axis=1), 8, name="bn_vec")
+    y = b.bn(b.op("Relu", [y]), 8, name="bn_out")
+    return b.model([1, 6], y, [1, 8])
+
+
+def test_fixed_batch_1_batch_mode_with_one_value_per_channel_calibrates_sequentially_with_a_note():
+    """Batch statistics of one value per channel are undefined: default options still work, in
+    sequential mode, and the report says so."""
+    data = make_data((6,), n=5)
+    calibrated, report = calibrate(_padded_vector_net(), data, mode="batch", batch_size=4)
+    assert report.mode == "sequential" and report.run_batch_size == 1 and report.passes == 2
+    assert report.notes[0].startswith("calibrated in sequential mode, not batch mode: the model's batch dimension is fixed "
+                                      "at 1 and could not be made symbolic (")
+    assert "BN 'bn_vec' sees one value per channel" in report.notes[0]
+    want = stats_of(calibrate(_padded_vector_net(), data, mode="sequential", batch_size=4)[0])
+    assert_stats_close(stats_of(calibrated), want, rtol=1e-6)
+    np.testing.assert_allclose(bn_statistics(calibrated)["bn_vec"][1][:6], data.astype(np.float64).var(axis=0), rtol=1e-5)
+    with pytest.raises(InputError, match=r"^calibrated in sequential mode, not batch mode.*one-shot iterator"):
+        calibrate(_padded_vector_net(), iter([{"x": data}]), mode="batch", batch_size=4)
+
+
+def test_fixed_batch_1_fallback_with_unknown_shapes_and_one_value_per_channel_is_an_error(monkeypatch):
+    """Without static shapes (shape inference blind, as on a model with unknown ops) the degenerate
+    BN shows only while running: a one-line error that points to --mode sequential instead of a
+    batch size the model cannot take."""
+    import bnfold.calibration as calibration
+
+    real = calibration._value_types
+    monkeypatch.setattr(calibration, "_value_types", lambda m: (real(m)[0], {}))
+    with pytest.raises(InputError, match=r"BN 'bn_vec' sees one value per channel at the model's fixed batch 1.*--mode sequential"):
+        calibrate(_padded_vector_net(), make_data((6,), n=5), mode="batch", batch_size=4)
+
+
+@pytest.mark.parametrize("mode, batch_size", [("batch", 3), ("sequential", 4), ("sequential", 3)])
+def test_fixed_batch_remainder_is_dropped_with_a_note(mode, batch_size):
+    """Running at a fixed batch of 3, 11 samples fill 3 batches: the last 2 are not used (padding
+    would need to know which BN-input rows belong to which sample) and the report says so."""
+    data = make_data((3, 8, 8), n=11)
+    calibrated, report = calibrate(with_fixed_batch(conv_stack(), 3), data, mode=mode, batch_size=batch_size)
+    assert report.n_samples == 9 and report.n_batches == 3 and all(e.samples == 9 for e in report.entries)
+    assert any(n == "the last 2 samples of the data were not used: the model's batch dimension is fixed at 3 and they do "
+               "not fill a batch" for n in report.notes), report.notes
+    want = stats_of(calibrate(conv_stack(), data[:9], mode=mode, batch_size=3)[0])
+    assert_stats_close(stats_of(calibrated), want, rtol=1e-5)
+    with pytest.raises(InputError, match=r"no complete batch: the model's batch dimension is fixed at 3 and the data holds 2 samples"):
+        calibrate(with_fixed_batch(conv_stack(), 3), data[:2], mode=mode, batch_size=batch_size)
+
+
+def test_fixed_batch_max_batches_counts_data_batches():
+    data = make_data((3, 8, 8), n=20)
+    _, report = calibrate(with_fixed_batch(conv_stack(), 1), data, mode="sequential", batch_size=4, max_batches=2)
+    assert report.n_samples == 8 and report.n_batches == 8
+
+
+def test_inputs_with_different_fixed_batches_are_an_error():
+    model = _two_input_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    model.graph.input[1].type.tensor_type.shape.dim[0].dim_value = 2
+    with pytest.raises(InputError, match=r"different fixed batch dimensions \('a': 1, 'b': 2\)"):
+        calibrate(model, {"a": np.zeros((4, 3, 4), np.float32), "b": np.zeros((4, 3, 4), np.float32)})
 
 
 def test_public_api_exports():

@@ -150,6 +150,71 @@ def test_fold_parity_failure_exit_1(files, capsys, monkeypatch):
     assert out.exists()
 
 
+def test_parameters_behind_identity_and_cast(tmp_path, capsys):
+    """torch's TorchScript exporter writes deduplicated BN statistics as Identity(initializer); the
+    report's table of old statistics used to average None (exit 3)."""
+    model = conv_bn_model()
+    inits = {t.name: t for t in model.graph.initializer}
+    inits["v1"].CopyFrom(numpy_helper.from_array(np.full(5, 2.5), "v1"))  # float64 behind a Cast
+    model.graph.node.insert(0, helper.make_node("Identity", ["m0"], ["m0.id"], name="m0.id"))
+    model.graph.node.insert(0, helper.make_node("Identity", ["v0"], ["v0.id"], name="v0.id"))
+    model.graph.node.insert(0, helper.make_node("Cast", ["v1"], ["v1.cast"], name="v1.cast", to=TensorProto.FLOAT))
+    bn0, bn1 = (n for n in model.graph.node if n.op_type == "BatchNormalization")
+    bn0.input[3], bn0.input[4], bn1.input[4] = "m0.id", "v0.id", "v1.cast"
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    data = np.random.default_rng(1).normal(3, 2, (10, 3, 6, 6)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", data)
+    for mode in ("batch", "sequential"):
+        out, report = tmp_path / f"{mode}.onnx", tmp_path / f"{mode}.json"
+        assert main(["calibrate", str(path), "-o", str(out), "--data", str(tmp_path / "calib.npy"), "--mode", mode,
+                     "--report", str(report)]) == 0
+        table = capsys.readouterr().out
+        assert "0 -> " in table and "2.5 -> " in table  # old averages of bn0's mean and bn1's var
+        entries = {e["bn"]: e for e in json.loads(report.read_text())["calibration"]["bn"]}
+        assert entries["bn0"]["old_mean"] == {"min": 0.0, "mean": 0.0, "max": 0.0}
+        assert entries["bn1"]["old_var"] == {"min": 2.5, "mean": 2.5, "max": 2.5}
+        written = stats(onnx.load(out))
+        want = stats(bnfold.calibrate(model, data, mode=mode)[0])
+        for name in want:
+            np.testing.assert_allclose(written[name][1], want[name][1], rtol=1e-6)
+        assert written["bn1"][1].dtype == np.float32
+
+
+@pytest.mark.parametrize("mode_args", [[], ["--mode", "sequential"]])
+def test_fixed_batch_model_with_default_options(tmp_path, capsys, mode_args):
+    """torch.onnx.export's default fixes the batch at 1; default options used to exit 2 ("use batch
+    size 1"). Now: exit 0, a note, statistics of the dynamic model, and --fold's parity check fed
+    batches the model accepts."""
+    dynamic = conv_bn_model()
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(dynamic)
+    for vi in list(fixed.graph.input) + list(fixed.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    path = tmp_path / "fixed.onnx"
+    onnx.save(fixed, path)
+    data = np.random.default_rng(2).normal(1, 2, (12, 3, 6, 6)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", data)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    assert main(["calibrate", str(path), "-o", str(out), "--data", str(tmp_path / "calib.npy"), "--fold",
+                 "--report", str(report), *mode_args]) == 0
+    text = capsys.readouterr().out
+    assert "note: the model's batch dimension is fixed at 1: " in text and "parity check passed" in text
+    loaded = json.loads(report.read_text())["calibration"]
+    assert loaded["fixed_batch"] == 1 and loaded["n_samples"] == 12
+    assert loaded["run_batch_size"] == (1 if mode_args else 32)
+    mode = "sequential" if mode_args else "batch"
+    calibrated, _ = bnfold.calibrate(dynamic, data, mode=mode)
+    folded = onnx.load(out)
+    assert folded.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    import onnxruntime as ort
+
+    def run(m, x):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+    np.testing.assert_allclose(run(folded, data[:1]), run(calibrated, data[:1]), rtol=1e-4, atol=1e-4)
+
+
 def test_non_finite_data_exit_2_nothing_written(files, capsys):
     model_path, _, data, tmp = files
     bad = data.copy()

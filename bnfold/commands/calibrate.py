@@ -25,6 +25,10 @@ the population statistics are gathered; deeper BNs' statistics depend on the bat
 --mode sequential: every BN's statistics are computed with the earlier BNs already using their new
 statistics, i.e. what the BN sees at inference time; independent of the batch size, one pass over
 the data per BN level.
+A model with a fixed batch dimension (torch.onnx.export's default: 1) is run at that batch in
+sequential mode; batch mode runs it at --batch-size with the batch made symbolic when that checks
+out on the first batch, else at the fixed batch (a note says which). Samples that do not fill a
+last fixed batch are not used (a note says how many).
 exit status: 0 ok, 1 parity check of --fold failed (nothing written unless --force),
 2 bad input (model, data, options or output path)."""
 
@@ -96,7 +100,9 @@ def run(args) -> int:
         if shapes:
             parity_kwargs = {"shapes": shapes}
         else:
-            feeds = next(iter_batches(calibrated, args.data, batch_size=min(args.batch_size, _PARITY_SAMPLES), max_batches=1))
+            # A model with a fixed batch dimension takes exactly that many samples.
+            parity_samples = report.fixed_batch or min(args.batch_size, _PARITY_SAMPLES)
+            feeds = next(iter_batches(calibrated, args.data, batch_size=parity_samples, max_batches=1))
             parity_kwargs = {"inputs": feeds}
         try:
             check_report = check(calibrated, folded, **parity_kwargs)

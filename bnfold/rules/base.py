@@ -57,6 +57,27 @@ class BatchNorm:
         return self.scale.shape[0]
 
 
+def inference_mode_failure(node, label: str, opset: int) -> Failure | None:
+    """Why a BatchNormalization node is not an inference-mode, per-channel BN with all five inputs,
+    or None when it is. The fold pass and calibration both screen BNs with this (a BN in training
+    mode normalizes by batch statistics: neither foldable nor worth re-estimating)."""
+    if get_attr(node, "training_mode", 0) == 1:
+        return Failure("training_mode", f"BatchNormalization '{label}' has training_mode=1: it normalizes with "
+                       "batch statistics, not the running ones")
+    if any(node.output[1:]):
+        return Failure("training_mode", f"BatchNormalization '{label}' produces running/saved statistics outputs, "
+                       "which only exist in training mode")
+    if opset <= 6 and get_attr(node, "is_test", 0) == 0:
+        return Failure("training_mode", f"BatchNormalization '{label}' (opset {opset}) has is_test=0, which means "
+                       "training mode; set is_test=1 for inference")
+    if get_attr(node, "spatial", 1) == 0:
+        return Failure("spatial_mode", f"BatchNormalization '{label}' has spatial=0 (statistics per activation, "
+                       "not per channel)")
+    if len(node.input) < 5 or not all(node.input[:5]):
+        return Failure("non_constant_params", f"BatchNormalization '{label}' lacks some of scale/B/mean/var")
+    return None
+
+
 def weight_or_failure(view: GraphView, layer: int, position: int, role: str):
     """``(value in its own dtype, TensorProto type)`` of the layer's constant float input, or a
     Failure saying why it cannot be used. The value may be read-only: compute new arrays."""
