@@ -732,3 +732,302 @@ def test_integer_outputs_stay_exact_and_unmeasured(tmp_path):
     assert report.passed and out.atol_source == out.rtol_source == "exact" and out.noise is None
     assert report.noise_opt_level is None and report.tolerance_note == "integer and bool outputs compared exactly"
     assert "exact" in report.format_table()
+
+
+# ---------------------------------------------------------------- intermediate values
+#
+# check(intermediates=True) also compares every float value both models produce under one name;
+# tests/hidden_error_models.py builds heads that hide a wrong fold from the outputs.
+
+
+def _hidden_error_cases():
+    from hidden_error_models import saturating_model, softmax_head_model
+
+    return {
+        "saturated sigmoid": (saturating_model, {"l1.bn": "l1.conv", "l2.bn": "l2.conv"}),
+        "softmax of 1000": (softmax_head_model, {"stem.bn": "stem.conv", "logits": "head.fc"}),
+    }
+
+
+@pytest.mark.parametrize("case", ["saturated sigmoid", "softmax of 1000"])
+def test_wrong_fold_hidden_by_the_head_fails_with_intermediates(case):
+    from hidden_error_models import wrong_fold
+
+    build, layers = _hidden_error_cases()[case]
+    model = build()
+    folded, fold_report = bnfold.fold(model)
+    assert fold_report.n_folded == 2 and fold_report.n_remaining == 0
+    correct = bnfold.check(model, folded, intermediates=True)
+    assert correct.passed, correct.format_table()
+    assert len(correct.intermediates) >= 3 and correct.intermediates_note == ""
+    for value, layer in layers.items():
+        wrong = wrong_fold(folded, value)
+        outputs_only = bnfold.check(model, wrong)
+        assert outputs_only.passed, f"{case}: the head no longer hides the error of {layer}"
+        report = bnfold.check(model, wrong, intermediates=True)
+        assert not report.passed and report.failed_outputs == []
+        first = report.failed_intermediates[0]
+        # The first failing value in node order is the wrong layer's own output.
+        assert first.name == value and first.producer.endswith(f"'{layer}'")
+        assert f"intermediate value '{value}'" in report.summary() and layer in report.summary()
+        # The outputs are judged exactly as without intermediates.
+        assert [o.to_dict() for o in report.outputs] == [o.to_dict() for o in outputs_only.outputs]
+
+
+def test_first_failing_intermediate_names_the_folded_layer_and_the_bn_it_replaced():
+    from hidden_error_models import saturating_model, wrong_fold
+
+    model = saturating_model()
+    folded, _ = bnfold.fold(model)
+    report = bnfold.check(model, wrong_fold(folded, "l1.bn"), intermediates=True)
+    first = report.failed_intermediates[0]
+    assert first.producer == "Conv 'l1.conv'" and first.reference_producer == "BatchNormalization 'l1.bn'"
+    assert "Conv 'l1.conv'; BatchNormalization 'l1.bn' in the reference" in report.summary()
+    assert first.error_over_tolerance > 10 and first.mismatches > 0
+
+
+@pytest.mark.parametrize("kind", ["weight x 1.01", "bias + 0.01", "variance x 1.1"])
+def test_wrong_folds_of_deep_model_fail_at_the_wrong_layer(deep, kind):
+    model, folded = deep
+    correct = bnfold.check(model, folded, intermediates=True)
+    assert correct.passed, correct.format_table()
+    for layer in (0, 6, 11):
+        report = bnfold.check(model, _folded_perturbation(model, folded, kind, layer), intermediates=True)
+        assert not report.passed
+        if layer < 11:  # bn11 is the graph output y, compared as an output
+            first = report.failed_intermediates[0]
+            assert first.name == f"bn{layer}" and first.producer == f"Conv 'conv{layer}'", report.summary()
+
+
+def test_intermediates_get_the_outputs_tolerance_rule_with_their_own_noise(deep, tmp_path):
+    model, folded = deep
+    report = bnfold.check(model, folded, intermediates=True)
+    assert report.intermediates_noise_measured
+    names = [v.name for v in report.intermediates]
+    # Every Conv+BN+Relu value the two models share, in node order; y is an output, not repeated.
+    assert names == [n for i in range(12) for n in (f"bn{i}", f"relu{i}")][:-1] and "y" not in names
+    for v in report.intermediates:
+        assert v.noise is not None and v.noise_atol is not None and v.rtol == 1e-4 and v.passed
+        assert v.atol_source in ("default", "noise") and v.error_over_tolerance < 1
+        if v.atol_source == "noise":
+            assert v.atol == pytest.approx(bnfold.parity.NOISE_FACTOR * v.noise)
+        else:  # the noise floor stayed below the default, scaled by this value's own max|ref|
+            assert v.noise_atol <= v.atol and v.atol >= 1e-5
+    # Deep layers are noisier than the first: their tolerances follow their own noise.
+    assert report.intermediates[-1].noise > 10 * report.intermediates[0].noise
+    assert report.intermediates[-1].atol_source == "noise"
+    data = report.to_dict()["intermediates"]
+    assert data["requested"] and data["compared"] == len(names) and data["passed"] and data["failed"] == 0
+    assert data["noise_measured"] and data["atol_from_noise"] >= 1 and data["failures"] == []
+    worst = data["worst"]
+    for key in ("noise", "noise_atol", "noise_capped", "atol_source", "rtol_source", "error_over_tolerance",
+                "producer", "reference_producer"):
+        assert key in worst
+    assert worst["error_over_tolerance"] == max(v.error_over_tolerance for v in report.intermediates)
+    path = tmp_path / "r.json"
+    report.to_json(path)
+    assert json.loads(path.read_text())["intermediates"]["compared"] == len(names)
+
+
+def test_without_noise_intermediates_keep_the_fixed_defaults(deep):
+    model, folded = deep
+    report = bnfold.check(model, folded, intermediates=True, measure_noise=False)
+    assert not report.intermediates_noise_measured
+    assert all(v.noise is None and v.atol_source == "default" for v in report.intermediates)
+    assert not report.passed  # the deep chain is noisier than the fixed tolerance, as its output is
+
+
+def test_many_failing_intermediates_are_summarized_not_listed(deep, capsys, tmp_path):
+    model, folded = deep
+    wrong = _folded_perturbation(model, folded, "weight x 1.01", 0)
+    report = bnfold.check(model, wrong, intermediates=True)
+    failed = report.failed_intermediates
+    assert len(failed) > bnfold.parity.INTERMEDIATE_ROWS
+    data = report.to_dict()["intermediates"]
+    assert data["failed"] == len(failed) and len(data["failures"]) == bnfold.parity.INTERMEDIATE_ROWS
+    assert data["failures_left_off"] == len(failed) - bnfold.parity.INTERMEDIATE_ROWS
+    assert data["failures"][0]["name"] == "bn0"
+    table = report.format_table()
+    assert f"and {len(failed) - bnfold.parity.INTERMEDIATE_ROWS} more failing" in table
+    assert sum(line.startswith("  bn") or line.startswith("  relu") for line in table.splitlines()) == \
+        bnfold.parity.INTERMEDIATE_ROWS
+
+
+def test_cli_check_intermediates_is_off_by_default(tmp_path, capsys):
+    from hidden_error_models import saturating_model, wrong_fold
+
+    model = saturating_model()
+    folded, _ = bnfold.fold(model)
+    a = _save(model, tmp_path / "a.onnx")
+    b = _save(wrong_fold(folded, "l2.bn"), tmp_path / "b.onnx")
+    assert main(["check", a, b]) == 0
+    assert "intermediate" not in capsys.readouterr().out
+    out_json = tmp_path / "r.json"
+    assert main(["check", a, b, "--intermediates", "--json", str(out_json)]) == 1
+    captured = capsys.readouterr()
+    assert "intermediate values: 3 compared" in captured.out and "l2.conv" in captured.out
+    assert "intermediate value 'l2.bn'" in captured.err
+    data = json.loads(out_json.read_text())
+    assert data["passed"] is False and data["failed_outputs"] == []
+    assert data["intermediates"]["failures"][0]["name"] == "l2.bn"
+
+
+def test_unrelated_models_reusing_a_name_are_why_intermediates_are_opt_in():
+    """Two models with the same output but a value 't' that means different things: the default
+    check passes them, the intermediate check cannot (it assumes one name, one quantity)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    two = nh.from_array(np.array(2.0, np.float32), "two")
+    doubled_first = _model([helper.make_node("Mul", ["x", "two"], ["t"]), helper.make_node("Relu", ["t"], ["y"])],
+                           [x], [y], [two])
+    relu_first = _model([helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Mul", ["t", "two"], ["y"])],
+                        [x], [y], [two])
+    assert bnfold.check(doubled_first, relu_first).passed
+    report = bnfold.check(doubled_first, relu_first, intermediates=True)
+    assert not report.passed and report.failed_intermediates[0].name == "t"
+
+
+def test_every_fold_case_passes_with_intermediates():
+    """tools/make_models.py: every fold case onnxruntime runs passes check(original, folded,
+    intermediates=True) - no value both models produce changes its meaning in a fold."""
+    from fold_testing import MM
+
+    compared, not_runnable = 0, []
+    for name, (builder, _) in MM.CASES.items():
+        original = builder()
+        folded, _ = bnfold.fold(original)
+        for feeds in MM.random_feeds(original):
+            try:
+                report = bnfold.check(original, folded, inputs=feeds, intermediates=True)
+            except InputError as e:
+                # Only what onnxruntime cannot run at all (float64 Conv, bfloat16, BN opset 1/6),
+                # and then without intermediates too.
+                assert "onnxruntime cannot load the model" in str(e), (name, str(e))
+                with pytest.raises(InputError):
+                    bnfold.check(original, folded, inputs=feeds)
+                not_runnable.append(name)
+                continue
+            assert report.passed, f"{name}: {report.summary()}"
+            assert report.intermediates_requested
+            compared += len(report.intermediates)
+    assert compared >= 50
+    assert len(not_runnable) <= 7, not_runnable
+
+
+def test_select_skips_constants_random_values_and_other_types():
+    from bnfold.intermediates import select
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("n", TensorProto.FLOAT, [2, 3])]
+    inits = [nh.from_array(np.ones((2, 3), np.float32), "w")]
+    nodes = [
+        helper.make_node("Identity", ["w"], ["w_alias"]),  # a parameter behind Identity: constant
+        helper.make_node("Mul", ["x", "w_alias"], ["scaled"]),  # depends on x: compared
+        helper.make_node("Shape", ["scaled"], ["shape"]),  # int64: not compared
+        helper.make_node("RandomNormalLike", ["scaled"], ["noise"]),  # random: differs run to run
+        helper.make_node("Add", ["scaled", "noise"], ["n"]),
+        helper.make_node("Relu", ["scaled"], ["y"]),
+        helper.make_node("Add", ["scaled", "noise"], ["noisy"]),  # downstream of random: skipped
+        helper.make_node("Relu", ["noisy"], ["unused"]),
+    ]
+    model = _model(nodes, [x], outs, inits)
+    selection = select(model, model)
+    assert [v.name for v in selection.values] == ["scaled"]
+    assert selection.values[0].producer == "Mul 'Mul#1'" and selection.values[0].dtype == "float32"
+
+
+def _fold_pair(tmp_path):
+    from hidden_error_models import saturating_model, wrong_fold
+
+    model = saturating_model()
+    folded, _ = bnfold.fold(model)
+    return model, folded, wrong_fold(folded, "l1.bn")
+
+
+def test_too_many_intermediate_values_fall_back_to_outputs(monkeypatch, tmp_path):
+    import bnfold.intermediates
+
+    model, _, wrong = _fold_pair(tmp_path)
+    monkeypatch.setattr(bnfold.intermediates, "MAX_VALUES", 2)
+    report = bnfold.check(model, wrong, intermediates=True)
+    assert report.passed and report.intermediates == []  # the outputs cannot see the wrong layer
+    assert "more than the 2 compared at most" in report.intermediates_note
+    assert "intermediate values not compared" in report.summary()
+    assert "intermediate values: not compared" in report.format_table()
+    data = report.to_dict()["intermediates"]
+    assert data["requested"] and data["compared"] == 0 and "more than" in data["note"]
+
+
+def test_intermediates_too_large_for_memory_fall_back_to_outputs(monkeypatch, tmp_path):
+    import bnfold.intermediates
+    from bnfold import parity
+
+    model, _, wrong = _fold_pair(tmp_path)
+    # l1.bn, l1.relu (1x8x16x16) and l2.bn (1x4x16x16) float32: 20480 bytes per sample.
+    monkeypatch.setattr(bnfold.intermediates, "MAX_BYTES", 2 * 20480 - 1)
+    report = bnfold.check(model, wrong, intermediates=True)
+    assert report.intermediates == [] and "(estimated)" in report.intermediates_note
+    assert "MiB per sample" in report.intermediates_note and report.passed
+    # When shape inference cannot size them, the first run measures them.
+    monkeypatch.setattr(parity, "estimate_bytes", lambda *args: (0, 3))
+    report = bnfold.check(model, wrong, intermediates=True)
+    assert report.intermediates == [] and "(measured)" in report.intermediates_note
+    monkeypatch.setattr(bnfold.intermediates, "MAX_BYTES", 2 * 20480)
+    assert not bnfold.check(model, wrong, intermediates=True).passed
+
+
+def test_intermediates_of_model_files_leave_the_files_untouched(tmp_path):
+    from hidden_error_models import saturating_model
+
+    model, folded, wrong = _fold_pair(tmp_path)
+    a, b = _save(model, tmp_path / "a.onnx"), _save(wrong, tmp_path / "b.onnx")
+    external = tmp_path / "ext"
+    external.mkdir()
+    c = str(external / "c.onnx")
+    onnx.save(wrong, c, save_as_external_data=True, location="c.onnx.data", size_threshold=0)
+    before = {p: open(p, "rb").read() for p in (a, b, c, c + ".data")}
+    for candidate in (b, c):
+        report = bnfold.check(a, candidate, intermediates=True)
+        assert len(report.intermediates) == 3 and not report.passed, report.intermediates_note
+        assert report.failed_intermediates[0].name == "l1.bn"
+    assert bnfold.check(a, _save(folded, tmp_path / "f.onnx"), intermediates=True).passed
+    assert {p: open(p, "rb").read() for p in before} == before
+    assert saturating_model().SerializeToString() == model.SerializeToString()
+
+
+def test_intermediates_of_an_in_memory_model_too_big_for_one_message(monkeypatch, tmp_path):
+    import bnfold.parity as parity
+
+    model, folded, wrong = _fold_pair(tmp_path)
+    monkeypatch.setattr(parity, "fits_in_one_message", lambda m: False)  # pretend it exceeds 2 GB
+    report = bnfold.check(model, wrong, intermediates=True)
+    assert len(report.intermediates) == 3 and report.failed_intermediates[0].name == "l1.bn"
+    assert bnfold.check(model, folded, intermediates=True).passed
+
+
+def test_a_model_too_large_to_expose_falls_back_to_outputs(monkeypatch, tmp_path):
+    import bnfold.parity as parity
+
+    model, _, wrong = _fold_pair(tmp_path)
+    monkeypatch.setattr(parity, "_PROTOBUF_LIMIT", 100)
+    report = bnfold.check(model, wrong, intermediates=True)
+    assert report.intermediates == [] and report.passed
+    assert "too large" in report.intermediates_note and "2 GiB" in report.intermediates_note
+
+
+def test_exposure_onnxruntime_refuses_falls_back_to_outputs(monkeypatch, tmp_path):
+    from bnfold import parity
+
+    model, _, wrong = _fold_pair(tmp_path)
+    real_session = parity.LoadedModel.session
+
+    def refuse_exposed(self, opt_level, **kwargs):
+        if kwargs.get("exposed"):
+            raise InputError(f"{self.label}: onnxruntime cannot load the model with its intermediate values as "
+                             "outputs (injected)")
+        return real_session(self, opt_level, **kwargs)
+
+    monkeypatch.setattr(parity.LoadedModel, "session", refuse_exposed)
+    report = bnfold.check(model, wrong, intermediates=True)
+    assert report.intermediates == [] and "injected" in report.intermediates_note and report.passed
