@@ -1,8 +1,9 @@
 """onnxruntime parity between two models: does the candidate compute what the reference computes?
 
 ``check(reference, candidate)`` runs both models in onnxruntime on the same inputs and compares
-every output by name. It is what ``bnfold check`` prints and what ``bnfold fold`` / ``calibrate``
-use for their automatic check.
+every output by name; with ``intermediates=True`` also every float value that both main graphs
+produce under the same name (below). It is what ``bnfold check`` prints and what ``bnfold fold`` /
+``calibrate`` / ``demo`` use, with intermediates, for their automatic check.
 
 Inputs are either given (a dict or an .npz file, validated against the models' input specs) or
 synthesized from the specs:
@@ -62,6 +63,37 @@ and bool outputs must match exactly. NaN or Inf on one side only (or a different
 NaN (or the same Inf) at the same position on both sides is agreement, but it is counted
 (``shared_nan`` / ``shared_inf``) and reported as a warning; an output that is non-finite at every
 element on both sides does not pass, since no real value was compared.
+
+Intermediate values (``intermediates=True``). Outputs alone miss wrong folds on real models: a
+sigmoid map that random inputs saturate to 0/1 (PaddleOCR detection) or a softmax over 1000
+classes whose probabilities are ~1e-3, under an atol of 1e-5 absolute (Keras EfficientNetB0),
+moves by less than the tolerance when one folded layer's weights are off by 1 %. bnfold's fold
+keeps value names (a folded layer's output takes the BN's output name; every other value keeps
+its name and meaning), so every value both models produce denotes one quantity, and comparing
+them checks each folded layer directly. ``bnfold.intermediates.select`` picks them: produced by a
+node of both main graphs, not a graph input, initializer or output, a float tensor of one element
+type in both (value_info or onnx shape inference), dependent on a graph input and on no random
+op (parameters behind Identity/Cast/Shape are constants a fold is meant to change). Both models
+are given to onnxruntime again with those values as extra graph outputs (the serialized model
+plus a small serialized ``graph.output`` message, which protobuf merges; the files are never
+touched; external data still resolves). Each value gets the outputs' default rule: the dtype's
+default (loosened to the working precision) scaled by its own max(1, max|ref|), raised to
+NOISE_FACTOR x its own noise and capped as for outputs; ``rtol`` / ``atol`` given by the caller
+apply to outputs only. Its noise comes from a second noise run of the reference with the values
+exposed; the outputs keep the noise of the plain model, because exposing values stops
+onnxruntime fusing the nodes that produce them, which changes the rounding at the outputs
+(ResNet-50: 8.4e-5 -> 6.1e-5): the outputs' verdict is the same with and without intermediates.
+The check passes only if outputs and intermediates pass; the report counts the intermediates,
+names the worst one relative to its tolerance and lists the first failing ones (``CheckReport.
+intermediates``, ``failed_intermediates``), and a failing verdict names the first failing value
+in node order - the wrong layer's output - and the node that produces it in each model. The
+intermediates are outputs-only when comparing them would cost too much memory: more than
+``bnfold.intermediates.MAX_VALUES`` values, or (samples + 1) x one sample's values above
+``MAX_BYTES`` (onnxruntime keeps every exposed value of a run alive to its end; sized by shape
+inference on the concrete inputs before the first run and measured after it), or a model that
+would exceed protobuf's 2 GiB with the extra outputs; ``intermediates_note`` says which. Off by
+default in ``bnfold check``: two models that are not a model and its fold may use one name for
+different things.
 """
 
 from __future__ import annotations
@@ -603,6 +635,9 @@ def _spread(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| over the positions where both are finite (0 when there are none)."""
     if a.shape != b.shape or a.size == 0:
         return 0.0
+    if a.dtype.kind == "f" and b.dtype.kind == "f" and np.isfinite(a).all() and np.isfinite(b).all():
+        diff = np.subtract(a, b, dtype=np.float64)
+        return float(np.abs(diff, out=diff).max())
     a = a.astype(np.float64)
     b = b.astype(np.float64)
     both = np.isfinite(a) & np.isfinite(b)
@@ -616,7 +651,9 @@ def _output_scale(values) -> float:
     scale = 1.0
     for v in values:
         v = np.asarray(v)
-        if v.size:
+        if v.size and v.dtype.kind == "f" and np.isfinite(v).all():
+            scale = max(scale, abs(float(v.max())), abs(float(v.min())))
+        elif v.size:
             finite = np.abs(v[np.isfinite(v)]) if v.dtype.kind in "fc" else np.abs(v)
             if finite.size:
                 scale = max(scale, float(finite.max()))
@@ -1061,6 +1098,17 @@ def _compare_into(result: OutputResult, ref: np.ndarray, cand: np.ndarray, base_
     result.elements += ref.size
     if ref.size == 0:
         return
+    if ref.dtype.kind == "f" and cand.dtype.kind == "f" and np.isfinite(ref).all() and np.isfinite(cand).all():
+        # The common case, with a third of the passes over the data: every comparison of the
+        # intermediate values of a big model goes through here.
+        err_max, max_rel, mismatches = _compare_finite(result, ref, cand, base_atol, scaled_atol, noise_atol)
+        result.max_abs = max(result.max_abs, err_max)
+        result.max_rel = max(result.max_rel, max_rel)
+        result.mismatches += mismatches
+        result.mismatch_fraction = result.mismatches / result.elements
+        if result.mismatches:
+            result.passed = False
+        return
     if ref.dtype.kind in "fc":
         r = ref.astype(np.float64)
         c = cand.astype(np.float64)
@@ -1110,6 +1158,34 @@ def _compare_into(result: OutputResult, ref: np.ndarray, cand: np.ndarray, base_
     result.mismatch_fraction = result.mismatches / result.elements if result.elements else 0.0
     if result.mismatches:
         result.passed = False
+
+
+def _compare_finite(result: OutputResult, ref: np.ndarray, cand: np.ndarray, base_atol: float, scaled_atol: bool,
+                    noise_atol: float | None) -> tuple:
+    """``(max abs error, max rel error, mismatches)`` of finite float arrays, as the general
+    path of ``_compare_into`` computes them (float64, the same tolerance), recording the atol
+    and the error over the tolerance in ``result``."""
+    err = np.subtract(ref, cand, dtype=np.float64)
+    np.abs(err, out=err)
+    abs_ref = np.absolute(ref, dtype=np.float64)
+    atol = base_atol * max(1.0, float(abs_ref.max())) if scaled_atol else base_atol
+    if noise_atol is not None:
+        atol = max(atol, noise_atol)
+    result.atol = max(result.atol, atol)
+    allowed = abs_ref * result.rtol
+    allowed += atol
+    mismatches = int(np.count_nonzero(err > allowed))
+    err_max = float(err.max())
+    if atol > 0:
+        np.divide(err, allowed, out=allowed)
+        ratio = float(allowed.max())
+    else:  # nothing allowed where ref is 0: the general rule (inf for any error there)
+        ratio = _worst_ratio(err, allowed, np.zeros(err.shape, bool))
+    result.error_over_tolerance = max(result.error_over_tolerance, ratio)
+    # Relative error where |ref| > atol; elsewhere the denominator is made infinite (ratio 0).
+    abs_ref[abs_ref <= atol] = np.inf
+    np.divide(err, abs_ref, out=err)
+    return err_max, float(err.max()), mismatches
 
 
 def _worst_ratio(err: np.ndarray, allowed: np.ndarray, nonfinite_bad: np.ndarray) -> float:
@@ -1278,9 +1354,11 @@ def check(
                     ref_session, cand_session, _ = _open_sessions(ref_model, cand_model, opt_level,
                                                                   candidate_opt_level, exposed=False)
                     inter_noise_session = None
+            noise_runs = noise_session is not None or inter_noise_session is not None
+            nudged = nudge_inputs(feeds, _nudge_rng(i)) if noise_runs else None
             if noise_session is not None:
                 try:
-                    again = run_session(noise_session, nudge_inputs(feeds, _nudge_rng(i)), ref_model.label,
+                    again = run_session(noise_session, nudged, ref_model.label,
                                         noisy_outputs, shape_hint)
                 except InputError as e:
                     noise_session, noise_level, noise_note = None, None, f"the noise run failed: {e}"
@@ -1290,7 +1368,7 @@ def check(
                                            _spread(np.asarray(ref_outs[-1][name]), np.asarray(again[name])))
             if inter_noise_session is not None and values:
                 try:
-                    again = run_session(inter_noise_session, nudge_inputs(feeds, _nudge_rng(i)), ref_model.label,
+                    again = run_session(inter_noise_session, nudged, ref_model.label,
                                         [v.name for v in values], shape_hint)
                 except InputError as e:
                     values, inter_note, inter_noise_session = [], (
