@@ -993,11 +993,10 @@ class CheckReport:
             return [f"intermediate values: not compared ({self.intermediates_note})"]
         failed = self.failed_intermediates
         from_noise = sum(v.atol_source == "noise" for v in self.intermediates)
-        noise = ("the noise run measured each one's own noise" if self.intermediates_noise_measured
-                 else "noise not measured")
+        noise = (f"raised to {self.noise_factor:g} x its own noise (for {from_noise} of {len(self.intermediates)})"
+                 if self.intermediates_noise_measured else "noise not measured")
         lines = [f"intermediate values: {len(self.intermediates)} compared (float values both models produce "
-                 f"under one name), {len(failed)} fail; default tolerance scaled by each one's own max|ref|, "
-                 f"{noise} (set the atol of {from_noise})"]
+                 f"under one name), {len(failed)} fail; default atol scaled by each one's own max|ref|, {noise}"]
         worst = self.worst_intermediate
         lines.append(f"  worst: {worst.name!r} from {worst.producer_text}: max abs err {worst.max_abs:.3g} = "
                      f"{worst.error_over_tolerance:.3g} x its tolerance {worst.tolerance_text}")
@@ -1009,7 +1008,7 @@ class CheckReport:
                      "-" if v.noise is None else f"{v.noise:.2g}", v.tolerance_text)
                     for v in failed[:INTERMEDIATE_ROWS]]
             widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-            lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
+            lines.append(("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths))).rstrip())
             lines.append("  " + "  ".join("-" * w for w in widths))
             lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
             if len(failed) > INTERMEDIATE_ROWS:
