@@ -921,7 +921,7 @@ class CheckReport:
         if not floats:
             return "exact comparison"
         if all(o.atol_source == "given" for o in floats):
-            return "atol as given for every float output (no noise run)"
+            return "atol as given for every float output (no noise run for the outputs)"
         from_noise = sum(o.atol_source == "noise" for o in floats)
         if from_noise:
             return (f"atol raised to {self.noise_factor:g} x the reference's own float noise on "
@@ -935,7 +935,7 @@ class CheckReport:
         if not floats:
             return "integer and bool outputs compared exactly"
         if all(o.atol_source == "given" for o in floats):
-            return "atol as given for every float output (no noise run)"
+            return "atol as given for every float output (no noise run for the outputs)"
         if self.noise_opt_level is None:
             why = f" ({self.noise_note})" if self.noise_note else ""
             return f"default atol = dtype default x max(1, max|ref|); noise not measured{why}"
