@@ -704,6 +704,23 @@ def test_a_reference_too_noisy_to_trust_gets_a_capped_tolerance():
     assert not bnfold.check(reference, _chaotic_model(shift=0.05)).passed
 
 
+def test_intermediate_values_noisier_than_the_cap_follow_their_noise_and_outputs_keep_the_cap():
+    """An intermediate value can only add failures, so its tolerance is not capped: capping it
+    fails correct folds of float16 models, whose values are often noisier than 1 % of their
+    scale. The outputs keep the cap, so a noisy reference still opens the check to nothing."""
+    reference = _chaotic_model()
+    itself = bnfold.check(reference, _chaotic_model(), intermediates=True)
+    assert itself.passed
+    sine = next(v for v in itself.intermediates if v.name == "u")
+    assert sine.noise_over_cap and not sine.noise_capped and sine.noise > 0.01
+    assert sine.atol == pytest.approx(bnfold.parity.NOISE_FACTOR * sine.noise)
+    assert sine.atol > itself.outputs[0].atol  # the output's tolerance is capped, the value's is not
+    assert "above the outputs' cap" in sine.tolerance_text
+    assert itself.to_dict()["intermediates"]["noise_over_cap"] == 1
+    shifted = bnfold.check(reference, _chaotic_model(shift=0.05), intermediates=True)
+    assert not shifted.passed and shifted.failed_outputs == ["y"] and not shifted.failed_intermediates
+
+
 def test_failed_noise_run_falls_back_to_the_defaults(monkeypatch, params):
     from bnfold import parity
 
@@ -1053,3 +1070,61 @@ def test_fast_comparison_of_finite_values_agrees_with_the_general_one(dtype):
             for key in ("max_abs", "max_rel", "mismatches", "atol", "error_over_tolerance", "passed"):
                 assert getattr(fast, key) == pytest.approx(getattr(general, key), rel=1e-12), (trial, atol, key)
             assert general.shared_nan == 1 and fast.shared_nan == 0
+
+
+def _float16_clip_model(seed=0):
+    """float16 Conv -> BN -> Clip(0, 6) -> Conv: onnxruntime keeps the Clip's result in float32
+    for the second Conv, unless the Clip's output is a graph output (then it is float16)."""
+    rng = np.random.default_rng(seed)
+
+    def f16(a, name):
+        return nh.from_array(np.asarray(a).astype(np.float16), name)
+
+    inits = [f16(rng.standard_normal((16, 8, 3, 3)) * 0.3, "w1"), f16(rng.standard_normal((8, 16, 3, 3)) * 0.2, "w2"),
+             f16(rng.uniform(.5, 1.5, 16), "g"), f16(rng.normal(0, .3, 16), "b"), f16(rng.normal(0, .3, 16), "m"),
+             f16(rng.uniform(.5, 2, 16), "v")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn1"], name="bn1"),
+             helper.make_node("Constant", [], ["lo"], value=f16(0.0, "lo")),
+             helper.make_node("Constant", [], ["hi"], value=f16(6.0, "hi")),
+             helper.make_node("Clip", ["bn1", "lo", "hi"], ["clip1"], name="clip1"),
+             helper.make_node("Conv", ["clip1", "w2"], ["y"], pads=[1] * 4, name="conv2")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 8, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8, 16, 16])
+    return _model(nodes, [x], [y], inits)
+
+
+def test_exposing_values_never_changes_how_the_outputs_are_judged():
+    """Where exposing a value changes what onnxruntime computes - a float16 model (its float32
+    islands), or any level above disabled (fusions) - the outputs come from the plain models."""
+    import onnxruntime as ort
+
+    from bnfold.intermediates import exposure_suffix, select
+
+    model = _float16_clip_model()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 8, 16, 16)).astype(np.float16)}
+    raw = model.SerializeToString()
+    plain_y = ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"]).run(["y"], feeds)[0]
+    exposed = raw + exposure_suffix(select(model, model).values)
+    exposed_y = ort.InferenceSession(exposed, options, providers=["CPUExecutionProvider"]).run(["y"], feeds)[0]
+    assert not np.array_equal(plain_y, exposed_y)  # what the check must not let into the outputs
+    folded, _ = bnfold.fold(model)
+    outputs_only = bnfold.check(model, folded)
+    with_values = bnfold.check(model, folded, intermediates=True)
+    assert [o.to_dict() for o in with_values.outputs] == [o.to_dict() for o in outputs_only.outputs]
+    assert [v.name for v in with_values.intermediates] == ["bn1", "clip1"] and with_values.passed
+
+
+def test_outputs_at_level_all_are_judged_as_without_intermediates():
+    """At level all, exposed values change which nodes onnxruntime fuses, and so how the
+    outputs of a residual network round: the outputs come from the plain models."""
+    from bnfold.zoo import build_resnet
+
+    model = build_resnet(18, image_size=32, width=8, num_classes=10)
+    folded, _ = bnfold.fold(model)
+    outputs_only = bnfold.check(model, folded, opt_level="all")
+    with_values = bnfold.check(model, folded, opt_level="all", intermediates=True)
+    assert [o.to_dict() for o in with_values.outputs] == [o.to_dict() for o in outputs_only.outputs]
+    assert len(with_values.intermediates) > 40 and with_values.passed
