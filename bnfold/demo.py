@@ -5,8 +5,7 @@ statistics computed from data), folds it with ``bnfold.fold``, checks the folded
 the original with ``bnfold.check`` (outputs and every intermediate value), times both with
 ``bnfold.bench.benchmark`` (onnxruntime optimizations disabled and all), writes ``original.onnx``,
 ``folded.onnx`` and ``report.json`` and returns a ``DemoResult`` whose ``summary`` is what the
-command prints. A folded model that
-fails the parity check is not written.
+command prints. A folded model that fails the parity check is not written.
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
 Flow: check the output paths -> load IN -> bnfold.calibrate (data streamed in batches, progress bar
 on a terminal) -> print the per-BN report -> with --fold: bnfold.fold the calibrated model and check
 parity (bnfold.check with intermediate values, on the first calibration samples unless --shape is
-given) -> atomic save of
-OUT and the --report JSON. Nothing is written when the data is bad (exit 2) or when the folded
-model fails parity (exit 1) unless --force.
+given) -> atomic save of OUT and the --report JSON. Nothing is written when the data is bad (exit
+2) or when the folded model fails parity (exit 1) unless --force.
 """
 
 from __future__ import annotations

@@ -29,8 +29,9 @@ hides an error (a softmax of 1000 small probabilities, a saturated sigmoid). It 
 default because it assumes one name means one quantity in both models, which holds for a model
 and its fold by bnfold (bnfold fold checks that way) but not for two unrelated exports.
 
-exit status: 0 all outputs (and intermediates) match, 1 an output or intermediate value differs, 2 bad input (unreadable model, models
-whose input/output names, dtypes or shapes disagree, bad option or --inputs file)."""
+exit status: 0 all outputs (and intermediates) match, 1 an output or intermediate value differs,
+2 bad input (unreadable model, models whose input/output names, dtypes or shapes disagree, bad
+option or --inputs file)."""
 
 
 def register(subparsers) -> None:
