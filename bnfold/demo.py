@@ -2,10 +2,10 @@
 
 ``run_demo()`` needs no arguments and no downloads. It builds ``bnfold.zoo.build_demo_cnn`` (BN
 statistics computed from data), folds it with ``bnfold.fold``, checks the folded model against
-the original with ``bnfold.check``, times both with ``bnfold.bench.benchmark`` (onnxruntime
-optimizations disabled and all), writes ``original.onnx``, ``folded.onnx`` and ``report.json``
-and returns a ``DemoResult`` whose ``summary`` is what the command prints. A folded model that
-fails the parity check is not written.
+the original with ``bnfold.check`` (outputs and every intermediate value), times both with
+``bnfold.bench.benchmark`` (onnxruntime optimizations disabled and all), writes ``original.onnx``,
+``folded.onnx`` and ``report.json`` and returns a ``DemoResult`` whose ``summary`` is what the
+command prints. A folded model that fails the parity check is not written.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def run_demo(out_dir=None, *, image_size=64, width=16, quick=False, batch=1, thr
     n_bn = sum(1 for n in original.graph.node if n.op_type == "BatchNormalization")
     folded, fold_report = fold(original)
     shapes = {"input": (batch, 3, image_size, image_size)}
-    check_report = check(original, folded, shapes=shapes, samples=1 if quick else 3)
+    check_report = check(original, folded, shapes=shapes, samples=1 if quick else 3, intermediates=True)
     bench_options = dict(warmup=1, repeat=5) if quick else dict(warmup=5, time_budget=1.0)
     bench_report = benchmark(
         {"original": original, "folded": folded}, opt_levels=BENCH_LEVELS, shapes=shapes,
@@ -118,6 +118,7 @@ def format_summary(result: DemoResult, *, image_size: int, batch: int) -> str:
         f"{check_report.max_rel_error:.2g} on {check_report.samples} random input(s) "
         f"(onnxruntime, both at opt level {check_report.opt_level}; {check_report.tolerance_brief})"
     )
+    lines.append(f"           {check_report.intermediates_brief}")
     lines += [f"           warning: {w}" for w in check_report.warnings]
     if not check_report.passed:
         lines.append(f"           {check_report.summary()}")

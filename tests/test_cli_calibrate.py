@@ -126,7 +126,11 @@ def test_fold_path(files, capsys):
     np.testing.assert_allclose(run(folded), run(calibrated), rtol=1e-4, atol=1e-4)
     report = json.loads((tmp / "r.json").read_text())
     assert report["parity"]["passed"] is True and "fold" in report
-    assert "parity check passed" in capsys.readouterr().out
+    # The folded model is a fold by bnfold: its intermediate values are checked too.
+    assert report["parity"]["intermediates"]["requested"] is True
+    assert report["parity"]["intermediates"]["compared"] > 0
+    stdout = capsys.readouterr().out
+    assert "parity check passed" in stdout and "intermediate values match" in stdout
 
 
 def test_fold_parity_failure_exit_1(files, capsys, monkeypatch):

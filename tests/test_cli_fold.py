@@ -151,6 +151,43 @@ def test_parity_failure_real_check(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o.onnx").exists()
 
 
+@pytest.mark.parametrize("builder, layer, value", [("saturating_model", "l1.conv", "l1.bn"),
+                                                   ("softmax_head_model", "head.fc", "logits")])
+def test_wrong_fold_hidden_by_the_head_is_refused(tmp_path, capsys, monkeypatch, builder, layer, value):
+    """One folded layer's weights x 1.01 behind a head that hides it from the outputs (a saturated
+    sigmoid, a softmax of 1000 small probabilities): the check of the intermediate values refuses
+    the fold and names the layer; a check of the outputs alone would have let it through."""
+    import hidden_error_models
+
+    import bnfold.fold_pass
+    from bnfold.graph import read_tensor, write_tensor
+
+    real_run = bnfold.fold_pass._run
+
+    def one_layer_wrong(model, report, forward, payloads=None, keep=None):
+        real_run(model, report, forward, payloads, keep)
+        node = next(n for n in model.graph.node if n.name == layer)
+        t = next(t for t in model.graph.initializer if t.name == node.input[1])
+        write_tensor(t, read_tensor(t, payloads) * 1.01, t.data_type, t.name, payloads)
+
+    src = tmp_path / "m.onnx"
+    onnx.save_model(getattr(hidden_error_models, builder)(), str(src))
+    code, stdout, err = _run(capsys, "fold", src, "-o", tmp_path / "correct.onnx")
+    assert code == 0, err
+    assert "intermediate values match" in stdout
+
+    monkeypatch.setattr(bnfold.fold_pass, "_run", one_layer_wrong)
+    out = tmp_path / "o.onnx"
+    code, stdout, err = _run(capsys, "fold", src, "-o", out)
+    assert code == 1 and not out.exists()
+    assert "parity check: FAILED" in stdout and f"intermediate value '{value}'" in stdout and layer in stdout
+    assert "nothing written" in err
+    code, _, _ = _run(capsys, "fold", src, "-o", out, "--force")
+    assert code == 1 and out.exists()
+    assert _run(capsys, "check", src, out)[0] == 0  # the outputs alone do not show it
+    assert _run(capsys, "check", src, out, "--intermediates")[0] == 1
+
+
 def test_missing_input_exit_2(tmp_path, capsys):
     code, _, err = _run(capsys, "fold", tmp_path / "nope.onnx", "-o", tmp_path / "o.onnx")
     assert code == 2

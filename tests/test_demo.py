@@ -31,6 +31,9 @@ def test_demo_cli_end_to_end(tmp_path, capsys):
     assert bnfold.check(original, folded).passed  # the written files are the checked pair
     report = json.loads((out / "report.json").read_text())
     assert report["check"]["passed"] is True
+    # 9 folded layers and what follows them: compared value by value, not only at the logits.
+    assert report["check"]["intermediates"]["compared"] >= 9 and report["check"]["intermediates"]["passed"]
+    assert "intermediate values match" in summary
     assert len(report["fold"]["folded"]) == 9 and report["fold"]["remaining"][0]["reason"] == "padded_conv"
     assert {r["opt_level"] for r in report["bench"]["results"]} == {"disabled", "all"}
     assert report["files"]["folded"].endswith("folded.onnx")

@@ -704,6 +704,23 @@ def test_a_reference_too_noisy_to_trust_gets_a_capped_tolerance():
     assert not bnfold.check(reference, _chaotic_model(shift=0.05)).passed
 
 
+def test_intermediate_values_noisier_than_the_cap_follow_their_noise_and_outputs_keep_the_cap():
+    """An intermediate value can only add failures, so its tolerance is not capped: capping it
+    fails correct folds of float16 models, whose values are often noisier than 1 % of their
+    scale. The outputs keep the cap, so a noisy reference still opens the check to nothing."""
+    reference = _chaotic_model()
+    itself = bnfold.check(reference, _chaotic_model(), intermediates=True)
+    assert itself.passed
+    sine = next(v for v in itself.intermediates if v.name == "u")
+    assert sine.noise_over_cap and not sine.noise_capped and sine.noise > 0.01
+    assert sine.atol == pytest.approx(bnfold.parity.NOISE_FACTOR * sine.noise)
+    assert sine.atol > itself.outputs[0].atol  # the output's tolerance is capped, the value's is not
+    assert "above the outputs' cap" in sine.tolerance_text
+    assert itself.to_dict()["intermediates"]["noise_over_cap"] == 1
+    shifted = bnfold.check(reference, _chaotic_model(shift=0.05), intermediates=True)
+    assert not shifted.passed and shifted.failed_outputs == ["y"] and not shifted.failed_intermediates
+
+
 def test_failed_noise_run_falls_back_to_the_defaults(monkeypatch, params):
     from bnfold import parity
 
@@ -732,3 +749,382 @@ def test_integer_outputs_stay_exact_and_unmeasured(tmp_path):
     assert report.passed and out.atol_source == out.rtol_source == "exact" and out.noise is None
     assert report.noise_opt_level is None and report.tolerance_note == "integer and bool outputs compared exactly"
     assert "exact" in report.format_table()
+
+
+# ---------------------------------------------------------------- intermediate values
+#
+# check(intermediates=True) also compares every float value both models produce under one name;
+# tests/hidden_error_models.py builds heads that hide a wrong fold from the outputs.
+
+
+def _hidden_error_cases():
+    from hidden_error_models import saturating_model, softmax_head_model
+
+    return {
+        "saturated sigmoid": (saturating_model, {"l1.bn": "l1.conv", "l2.bn": "l2.conv"}),
+        "softmax of 1000": (softmax_head_model, {"stem.bn": "stem.conv", "logits": "head.fc"}),
+    }
+
+
+@pytest.mark.parametrize("case", ["saturated sigmoid", "softmax of 1000"])
+def test_wrong_fold_hidden_by_the_head_fails_with_intermediates(case):
+    from hidden_error_models import wrong_fold
+
+    build, layers = _hidden_error_cases()[case]
+    model = build()
+    folded, fold_report = bnfold.fold(model)
+    assert fold_report.n_folded == 2 and fold_report.n_remaining == 0
+    correct = bnfold.check(model, folded, intermediates=True)
+    assert correct.passed, correct.format_table()
+    assert len(correct.intermediates) >= 3 and correct.intermediates_note == ""
+    for value, layer in layers.items():
+        wrong = wrong_fold(folded, value)
+        outputs_only = bnfold.check(model, wrong)
+        assert outputs_only.passed, f"{case}: the head no longer hides the error of {layer}"
+        report = bnfold.check(model, wrong, intermediates=True)
+        assert not report.passed and report.failed_outputs == []
+        first = report.failed_intermediates[0]
+        # The first failing value in node order is the wrong layer's own output.
+        assert first.name == value and first.producer.endswith(f"'{layer}'")
+        assert f"intermediate value '{value}'" in report.summary() and layer in report.summary()
+        # The outputs are judged exactly as without intermediates.
+        assert [o.to_dict() for o in report.outputs] == [o.to_dict() for o in outputs_only.outputs]
+
+
+def test_first_failing_intermediate_names_the_folded_layer_and_the_bn_it_replaced():
+    from hidden_error_models import saturating_model, wrong_fold
+
+    model = saturating_model()
+    folded, _ = bnfold.fold(model)
+    report = bnfold.check(model, wrong_fold(folded, "l1.bn"), intermediates=True)
+    first = report.failed_intermediates[0]
+    assert first.producer == "Conv 'l1.conv'" and first.reference_producer == "BatchNormalization 'l1.bn'"
+    assert "Conv 'l1.conv'; BatchNormalization 'l1.bn' in the reference" in report.summary()
+    assert first.error_over_tolerance > 10 and first.mismatches > 0
+
+
+@pytest.mark.parametrize("kind", ["weight x 1.01", "bias + 0.01", "variance x 1.1"])
+def test_wrong_folds_of_deep_model_fail_at_the_wrong_layer(deep, kind):
+    model, folded = deep
+    correct = bnfold.check(model, folded, intermediates=True)
+    assert correct.passed, correct.format_table()
+    for layer in (0, 6, 11):
+        report = bnfold.check(model, _folded_perturbation(model, folded, kind, layer), intermediates=True)
+        assert not report.passed
+        if layer < 11:  # bn11 is the graph output y, compared as an output
+            first = report.failed_intermediates[0]
+            assert first.name == f"bn{layer}" and first.producer == f"Conv 'conv{layer}'", report.summary()
+
+
+def test_intermediates_get_the_outputs_tolerance_rule_with_their_own_noise(deep, tmp_path):
+    model, folded = deep
+    report = bnfold.check(model, folded, intermediates=True)
+    assert report.intermediates_noise_measured
+    names = [v.name for v in report.intermediates]
+    # Every Conv+BN+Relu value the two models share, in node order; y is an output, not repeated.
+    assert names == [n for i in range(12) for n in (f"bn{i}", f"relu{i}")][:-1] and "y" not in names
+    for v in report.intermediates:
+        assert v.noise is not None and v.noise_atol is not None and v.rtol == 1e-4 and v.passed
+        assert v.atol_source in ("default", "noise") and v.error_over_tolerance < 1
+        if v.atol_source == "noise":
+            assert v.atol == pytest.approx(bnfold.parity.NOISE_FACTOR * v.noise)
+        else:  # the noise floor stayed below the default, scaled by this value's own max|ref|
+            assert v.noise_atol <= v.atol and v.atol >= 1e-5
+    # Deep layers are noisier than the first: their tolerances follow their own noise.
+    assert report.intermediates[-1].noise > 10 * report.intermediates[0].noise
+    assert report.intermediates[-1].atol_source == "noise"
+    data = report.to_dict()["intermediates"]
+    assert data["requested"] and data["compared"] == len(names) and data["passed"] and data["failed"] == 0
+    assert data["noise_measured"] and data["atol_from_noise"] >= 1 and data["failures"] == []
+    worst = data["worst"]
+    for key in ("noise", "noise_atol", "noise_capped", "atol_source", "rtol_source", "error_over_tolerance",
+                "producer", "reference_producer"):
+        assert key in worst
+    assert worst["error_over_tolerance"] == max(v.error_over_tolerance for v in report.intermediates)
+    path = tmp_path / "r.json"
+    report.to_json(path)
+    assert json.loads(path.read_text())["intermediates"]["compared"] == len(names)
+
+
+def test_without_noise_intermediates_keep_the_fixed_defaults(deep):
+    model, folded = deep
+    report = bnfold.check(model, folded, intermediates=True, measure_noise=False)
+    assert not report.intermediates_noise_measured
+    assert all(v.noise is None and v.atol_source == "default" for v in report.intermediates)
+    assert not report.passed  # the deep chain is noisier than the fixed tolerance, as its output is
+
+
+def test_many_failing_intermediates_are_summarized_not_listed(deep, capsys, tmp_path):
+    model, folded = deep
+    wrong = _folded_perturbation(model, folded, "weight x 1.01", 0)
+    report = bnfold.check(model, wrong, intermediates=True)
+    failed = report.failed_intermediates
+    assert len(failed) > bnfold.parity.INTERMEDIATE_ROWS
+    data = report.to_dict()["intermediates"]
+    assert data["failed"] == len(failed) and len(data["failures"]) == bnfold.parity.INTERMEDIATE_ROWS
+    assert data["failures_left_off"] == len(failed) - bnfold.parity.INTERMEDIATE_ROWS
+    assert data["failures"][0]["name"] == "bn0"
+    table = report.format_table()
+    assert f"and {len(failed) - bnfold.parity.INTERMEDIATE_ROWS} more failing" in table
+    assert sum(line.startswith("  bn") or line.startswith("  relu") for line in table.splitlines()) == \
+        bnfold.parity.INTERMEDIATE_ROWS
+
+
+def test_cli_check_intermediates_is_off_by_default(tmp_path, capsys):
+    from hidden_error_models import saturating_model, wrong_fold
+
+    model = saturating_model()
+    folded, _ = bnfold.fold(model)
+    a = _save(model, tmp_path / "a.onnx")
+    b = _save(wrong_fold(folded, "l2.bn"), tmp_path / "b.onnx")
+    assert main(["check", a, b]) == 0
+    assert "intermediate" not in capsys.readouterr().out
+    out_json = tmp_path / "r.json"
+    assert main(["check", a, b, "--intermediates", "--json", str(out_json)]) == 1
+    captured = capsys.readouterr()
+    assert "intermediate values: 3 compared" in captured.out and "l2.conv" in captured.out
+    assert "intermediate value 'l2.bn'" in captured.err
+    data = json.loads(out_json.read_text())
+    assert data["passed"] is False and data["failed_outputs"] == []
+    assert data["intermediates"]["failures"][0]["name"] == "l2.bn"
+
+
+def test_unrelated_models_reusing_a_name_are_why_intermediates_are_opt_in():
+    """Two models with the same output but a value 't' that means different things: the default
+    check passes them, the intermediate check cannot (it assumes one name, one quantity)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    two = nh.from_array(np.array(2.0, np.float32), "two")
+    doubled_first = _model([helper.make_node("Mul", ["x", "two"], ["t"]), helper.make_node("Relu", ["t"], ["y"])],
+                           [x], [y], [two])
+    relu_first = _model([helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Mul", ["t", "two"], ["y"])],
+                        [x], [y], [two])
+    assert bnfold.check(doubled_first, relu_first).passed
+    report = bnfold.check(doubled_first, relu_first, intermediates=True)
+    assert not report.passed and report.failed_intermediates[0].name == "t"
+
+
+def test_every_fold_case_passes_with_intermediates():
+    """tools/make_models.py: every fold case onnxruntime runs passes check(original, folded,
+    intermediates=True) - no value both models produce changes its meaning in a fold."""
+    from fold_testing import MM
+
+    compared, not_runnable = 0, []
+    for name, (builder, _) in MM.CASES.items():
+        original = builder()
+        folded, _ = bnfold.fold(original)
+        for feeds in MM.random_feeds(original):
+            try:
+                report = bnfold.check(original, folded, inputs=feeds, intermediates=True)
+            except InputError as e:
+                # Only what onnxruntime cannot run at all (float64 Conv, bfloat16, BN opset 1/6),
+                # and then without intermediates too.
+                assert "onnxruntime cannot load the model" in str(e), (name, str(e))
+                with pytest.raises(InputError):
+                    bnfold.check(original, folded, inputs=feeds)
+                not_runnable.append(name)
+                continue
+            assert report.passed, f"{name}: {report.summary()}"
+            assert report.intermediates_requested
+            compared += len(report.intermediates)
+    assert compared >= 50
+    assert len(not_runnable) <= 7, not_runnable
+
+
+def test_select_skips_constants_random_values_and_other_types():
+    from bnfold.intermediates import select
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("n", TensorProto.FLOAT, [2, 3])]
+    inits = [nh.from_array(np.ones((2, 3), np.float32), "w")]
+    nodes = [
+        helper.make_node("Identity", ["w"], ["w_alias"]),  # a parameter behind Identity: constant
+        helper.make_node("Mul", ["x", "w_alias"], ["scaled"]),  # depends on x: compared
+        helper.make_node("Shape", ["scaled"], ["shape"]),  # int64: not compared
+        helper.make_node("RandomNormalLike", ["scaled"], ["noise"]),  # random: differs run to run
+        helper.make_node("Add", ["scaled", "noise"], ["n"]),
+        helper.make_node("Relu", ["scaled"], ["y"]),
+        helper.make_node("Add", ["scaled", "noise"], ["noisy"]),  # downstream of random: skipped
+        helper.make_node("Relu", ["noisy"], ["unused"]),
+    ]
+    model = _model(nodes, [x], outs, inits)
+    selection = select(model, model)
+    assert [v.name for v in selection.values] == ["scaled"]
+    assert selection.values[0].producer == "Mul 'Mul#1'" and selection.values[0].dtype == "float32"
+
+
+def _fold_pair(tmp_path):
+    from hidden_error_models import saturating_model, wrong_fold
+
+    model = saturating_model()
+    folded, _ = bnfold.fold(model)
+    return model, folded, wrong_fold(folded, "l1.bn")
+
+
+def test_too_many_intermediate_values_fall_back_to_outputs(monkeypatch, tmp_path):
+    import bnfold.intermediates
+
+    model, _, wrong = _fold_pair(tmp_path)
+    monkeypatch.setattr(bnfold.intermediates, "MAX_VALUES", 2)
+    report = bnfold.check(model, wrong, intermediates=True)
+    assert report.passed and report.intermediates == []  # the outputs cannot see the wrong layer
+    assert "more than the 2 compared at most" in report.intermediates_note
+    assert "intermediate values not compared" in report.summary()
+    assert "intermediate values: not compared" in report.format_table()
+    data = report.to_dict()["intermediates"]
+    assert data["requested"] and data["compared"] == 0 and "more than" in data["note"]
+
+
+def test_intermediates_too_large_for_memory_fall_back_to_outputs(monkeypatch, tmp_path):
+    import bnfold.intermediates
+    from bnfold import parity
+
+    model, _, wrong = _fold_pair(tmp_path)
+    # l1.bn, l1.relu (1x8x16x16) and l2.bn (1x4x16x16) float32: 20480 bytes per sample.
+    monkeypatch.setattr(bnfold.intermediates, "MAX_BYTES", 2 * 20480 - 1)
+    report = bnfold.check(model, wrong, intermediates=True)
+    assert report.intermediates == [] and "(estimated)" in report.intermediates_note
+    assert "MiB per sample" in report.intermediates_note and report.passed
+    # When shape inference cannot size them, the first run measures them.
+    monkeypatch.setattr(parity, "estimate_bytes", lambda *args: (0, 3))
+    report = bnfold.check(model, wrong, intermediates=True)
+    assert report.intermediates == [] and "(measured)" in report.intermediates_note
+    monkeypatch.setattr(bnfold.intermediates, "MAX_BYTES", 2 * 20480)
+    assert not bnfold.check(model, wrong, intermediates=True).passed
+
+
+def test_intermediates_of_model_files_leave_the_files_untouched(tmp_path):
+    from hidden_error_models import saturating_model
+
+    model, folded, wrong = _fold_pair(tmp_path)
+    a, b = _save(model, tmp_path / "a.onnx"), _save(wrong, tmp_path / "b.onnx")
+    external = tmp_path / "ext"
+    external.mkdir()
+    c = str(external / "c.onnx")
+    onnx.save(wrong, c, save_as_external_data=True, location="c.onnx.data", size_threshold=0)
+    before = {p: open(p, "rb").read() for p in (a, b, c, c + ".data")}
+    for candidate in (b, c):
+        report = bnfold.check(a, candidate, intermediates=True)
+        assert len(report.intermediates) == 3 and not report.passed, report.intermediates_note
+        assert report.failed_intermediates[0].name == "l1.bn"
+    assert bnfold.check(a, _save(folded, tmp_path / "f.onnx"), intermediates=True).passed
+    assert {p: open(p, "rb").read() for p in before} == before
+    assert saturating_model().SerializeToString() == model.SerializeToString()
+
+
+def test_intermediates_of_an_in_memory_model_too_big_for_one_message(monkeypatch, tmp_path):
+    import bnfold.parity as parity
+
+    model, folded, wrong = _fold_pair(tmp_path)
+    monkeypatch.setattr(parity, "fits_in_one_message", lambda m: False)  # pretend it exceeds 2 GB
+    report = bnfold.check(model, wrong, intermediates=True)
+    assert len(report.intermediates) == 3 and report.failed_intermediates[0].name == "l1.bn"
+    assert bnfold.check(model, folded, intermediates=True).passed
+
+
+def test_a_model_too_large_to_expose_falls_back_to_outputs(monkeypatch, tmp_path):
+    import bnfold.parity as parity
+
+    model, _, wrong = _fold_pair(tmp_path)
+    monkeypatch.setattr(parity, "_PROTOBUF_LIMIT", 100)
+    report = bnfold.check(model, wrong, intermediates=True)
+    assert report.intermediates == [] and report.passed
+    assert "too large" in report.intermediates_note and "2 GiB" in report.intermediates_note
+
+
+def test_exposure_onnxruntime_refuses_falls_back_to_outputs(monkeypatch, tmp_path):
+    from bnfold import parity
+
+    model, _, wrong = _fold_pair(tmp_path)
+    real_session = parity.LoadedModel.session
+
+    def refuse_exposed(self, opt_level, **kwargs):
+        if kwargs.get("exposed"):
+            raise InputError(f"{self.label}: onnxruntime cannot load the model with its intermediate values as "
+                             "outputs (injected)")
+        return real_session(self, opt_level, **kwargs)
+
+    monkeypatch.setattr(parity.LoadedModel, "session", refuse_exposed)
+    report = bnfold.check(model, wrong, intermediates=True)
+    assert report.intermediates == [] and "injected" in report.intermediates_note and report.passed
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_fast_comparison_of_finite_values_agrees_with_the_general_one(dtype):
+    """Finite arrays take a shorter path (a third of the passes over the data); a NaN shared by
+    both sides sends the same values through the general one: the verdicts must be identical."""
+    from bnfold.parity import OutputResult, _compare_into
+
+    rng = np.random.default_rng(1)
+    for trial in range(12):
+        ref = (rng.standard_normal(500) * rng.uniform(0.01, 100)).astype(dtype)
+        cand = (ref * (1 + rng.normal(0, 1e-4 * rng.uniform(0, 5), ref.shape))).astype(dtype)
+        ref[:7], cand[:3] = 0, 0  # zeros on one or both sides: rtol gives nothing there
+        for atol, scaled, noise in ((1e-5, True, None), (1e-3, True, 5e-3), (0.0, False, None), (1e-4, False, None)):
+            fast = OutputResult("y", "float32", (), 1e-4, atol)
+            _compare_into(fast, ref, cand, atol, scaled, noise)
+            general = OutputResult("y", "float32", (), 1e-4, atol)
+            _compare_into(general, np.append(ref, np.nan).astype(dtype), np.append(cand, np.nan).astype(dtype),
+                          atol, scaled, noise)
+            for key in ("max_abs", "max_rel", "mismatches", "atol", "error_over_tolerance", "passed"):
+                assert getattr(fast, key) == pytest.approx(getattr(general, key), rel=1e-12), (trial, atol, key)
+            assert general.shared_nan == 1 and fast.shared_nan == 0
+
+
+def _float16_clip_model(seed=0):
+    """float16 Conv -> BN -> Clip(0, 6) -> Conv: onnxruntime keeps the Clip's result in float32
+    for the second Conv, unless the Clip's output is a graph output (then it is float16)."""
+    rng = np.random.default_rng(seed)
+
+    def f16(a, name):
+        return nh.from_array(np.asarray(a).astype(np.float16), name)
+
+    inits = [f16(rng.standard_normal((16, 8, 3, 3)) * 0.3, "w1"), f16(rng.standard_normal((8, 16, 3, 3)) * 0.2, "w2"),
+             f16(rng.uniform(.5, 1.5, 16), "g"), f16(rng.normal(0, .3, 16), "b"), f16(rng.normal(0, .3, 16), "m"),
+             f16(rng.uniform(.5, 2, 16), "v")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn1"], name="bn1"),
+             helper.make_node("Constant", [], ["lo"], value=f16(0.0, "lo")),
+             helper.make_node("Constant", [], ["hi"], value=f16(6.0, "hi")),
+             helper.make_node("Clip", ["bn1", "lo", "hi"], ["clip1"], name="clip1"),
+             helper.make_node("Conv", ["clip1", "w2"], ["y"], pads=[1] * 4, name="conv2")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 8, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8, 16, 16])
+    return _model(nodes, [x], [y], inits)
+
+
+def test_exposing_values_never_changes_how_the_outputs_are_judged():
+    """Where exposing a value changes what onnxruntime computes - a float16 model (its float32
+    islands), or any level above disabled (fusions) - the outputs come from the plain models."""
+    import onnxruntime as ort
+
+    from bnfold.intermediates import exposure_suffix, select
+
+    model = _float16_clip_model()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 8, 16, 16)).astype(np.float16)}
+    raw = model.SerializeToString()
+    plain_y = ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"]).run(["y"], feeds)[0]
+    exposed = raw + exposure_suffix(select(model, model).values)
+    exposed_y = ort.InferenceSession(exposed, options, providers=["CPUExecutionProvider"]).run(["y"], feeds)[0]
+    assert not np.array_equal(plain_y, exposed_y)  # what the check must not let into the outputs
+    folded, _ = bnfold.fold(model)
+    outputs_only = bnfold.check(model, folded)
+    with_values = bnfold.check(model, folded, intermediates=True)
+    assert [o.to_dict() for o in with_values.outputs] == [o.to_dict() for o in outputs_only.outputs]
+    assert [v.name for v in with_values.intermediates] == ["bn1", "clip1"] and with_values.passed
+
+
+def test_outputs_at_level_all_are_judged_as_without_intermediates():
+    """At level all, exposed values change which nodes onnxruntime fuses, and so how the
+    outputs of a residual network round: the outputs come from the plain models."""
+    from bnfold.zoo import build_resnet
+
+    model = build_resnet(18, image_size=32, width=8, num_classes=10)
+    folded, _ = bnfold.fold(model)
+    outputs_only = bnfold.check(model, folded, opt_level="all")
+    with_values = bnfold.check(model, folded, opt_level="all", intermediates=True)
+    assert [o.to_dict() for o in with_values.outputs] == [o.to_dict() for o in outputs_only.outputs]
+    assert len(with_values.intermediates) > 40 and with_values.passed

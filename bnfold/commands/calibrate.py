@@ -2,9 +2,9 @@
 
 Flow: check the output paths -> load IN -> bnfold.calibrate (data streamed in batches, progress bar
 on a terminal) -> print the per-BN report -> with --fold: bnfold.fold the calibrated model and check
-parity (bnfold.check, on the first calibration samples unless --shape is given) -> atomic save of
-OUT and the --report JSON. Nothing is written when the data is bad (exit 2) or when the folded
-model fails parity (exit 1) unless --force.
+parity (bnfold.check with intermediate values, on the first calibration samples unless --shape is
+given) -> atomic save of OUT and the --report JSON. Nothing is written when the data is bad (exit
+2) or when the folded model fails parity (exit 1) unless --force.
 """
 
 from __future__ import annotations
@@ -105,12 +105,13 @@ def run(args) -> int:
             feeds = next(iter_batches(calibrated, args.data, batch_size=parity_samples, max_batches=1))
             parity_kwargs = {"inputs": feeds}
         try:
-            check_report = check(calibrated, folded, **parity_kwargs)
+            check_report = check(calibrated, folded, intermediates=True, **parity_kwargs)
         except InputError as e:
             raise InputError(f"parity check could not run: {e}") from None
         verdict = "passed" if check_report.passed else "FAILED"
         print(f"fold: {fold_report.n_folded} BatchNormalization folded, {fold_report.n_remaining} remaining; "
-              f"parity check {verdict} (max abs error {check_report.max_abs_error:.3g}; {check_report.tolerance_brief})")
+              f"parity check {verdict} (max abs error {check_report.max_abs_error:.3g}; {check_report.tolerance_brief}; "
+              f"{check_report.intermediates_brief})")
         for warning in check_report.warnings:
             print(f"  warning: {warning}")
         report_data["fold"] = fold_report.to_dict()

@@ -22,8 +22,16 @@ between optimization levels on inputs moved by one ulp, times the noise factor; 
 docs/check-bench-demo.md). --atol/--rtol values are taken literally. Integer and bool outputs
 must match exactly.
 
-exit status: 0 all outputs match, 1 an output differs, 2 bad input (unreadable model, models
-whose input/output names, dtypes or shapes disagree, bad option or --inputs file)."""
+--intermediates also compares every float value that a node of both main graphs produces under
+the same name, each with the default rule above (its own scale and noise; --rtol/--atol apply
+to outputs only): each layer of a fold is then checked directly, even where the network's head
+hides an error (a softmax of 1000 small probabilities, a saturated sigmoid). It is off by
+default because it assumes one name means one quantity in both models, which holds for a model
+and its fold by bnfold (bnfold fold checks that way) but not for two unrelated exports.
+
+exit status: 0 all outputs (and intermediates) match, 1 an output or intermediate value differs,
+2 bad input (unreadable model, models whose input/output names, dtypes or shapes disagree, bad
+option or --inputs file)."""
 
 
 def register(subparsers) -> None:
@@ -64,6 +72,11 @@ def register(subparsers) -> None:
         "--no-noise", action="store_true",
         help="do not measure the reference's own float noise: fixed default tolerances only",
     )
+    parser.add_argument(
+        "--intermediates", action="store_true",
+        help="also compare every float value both models compute under the same name (for a model and its "
+        "fold by bnfold; two unrelated models may use one name for different things)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     parser.set_defaults(func=run)
 
@@ -100,6 +113,7 @@ def run(args) -> int:
         opt_level=args.opt_level,
         candidate_opt_level=args.candidate_opt_level,
         measure_noise=not args.no_noise,
+        intermediates=args.intermediates,
     )
     print(report.format_table())
     if args.json:

@@ -18,7 +18,9 @@ EXAMPLES = """examples:
   bnfold fold model.onnx -o folded.onnx --no-check
 
 After folding, the result is run in onnxruntime against the original on random inputs (dynamic
-dimensions from --shape, default 1 for the batch and 32 for the others) unless --no-check.
+dimensions from --shape, default 1 for the batch and 32 for the others) unless --no-check:
+every output and every intermediate value the two models share (each folded layer's output)
+must match within the tolerance of bnfold check.
 exit status: 0 folded (and parity holds), 1 parity check failed (nothing written unless --force),
 2 bad input (missing/corrupt/non-ONNX file, unwritable output, output path equal to the input)."""
 
@@ -98,7 +100,9 @@ def _parity(original, folded, label, shapes, seed):
     from bnfold.parity import check
 
     try:
-        return check(original, folded, shapes=shapes or None, seed=seed, candidate_label=label)
+        # bnfold's fold keeps every value's name and meaning, so its intermediate values are
+        # compared too: each folded layer is checked directly, whatever the head hides.
+        return check(original, folded, shapes=shapes or None, seed=seed, candidate_label=label, intermediates=True)
     except InputError as e:
         raise InputError(f"parity check could not run: {e} (use --no-check to skip it)") from None
 
@@ -133,7 +137,7 @@ def format_summary(report, fold_seconds, check_report) -> str:
     else:
         if check_report.passed:
             lines.append(f"parity check: passed (max abs error {check_report.max_abs_error:.3g}; "
-                         f"{check_report.tolerance_brief})")
+                         f"{check_report.tolerance_brief}; {check_report.intermediates_brief})")
         else:  # the check's own one-line verdict names the outputs and why (e.g. NaN on one side)
             lines.append(f"parity check: FAILED: {check_report.summary().removeprefix('FAIL: ')}")
         lines += [f"  warning: {w}" for w in check_report.warnings]
