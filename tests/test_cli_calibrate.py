@@ -1,6 +1,7 @@
 """`bnfold calibrate`: exit codes, nothing written on error, --report, --fold with parity."""
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -135,16 +136,16 @@ def test_fold_path(files, capsys):
 
 def test_fold_parity_failure_exit_1(files, capsys, monkeypatch):
     import bnfold.fold_pass
+    from bnfold.graph import read_tensor, write_tensor
 
-    real_fold = bnfold.fold_pass.fold
+    real_run = bnfold.fold_pass._run
 
-    def broken_fold(model, **kwargs):
-        folded, report = real_fold(model, **kwargs)
-        w = folded.graph.initializer[0]
-        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 2, w.name))
-        return folded, report
+    def broken_run(model, report, forward, payloads=None, keep=None):
+        real_run(model, report, forward, payloads, keep)
+        w = model.graph.initializer[0]
+        write_tensor(w, read_tensor(w, payloads) * 2, w.data_type, w.name, payloads)
 
-    monkeypatch.setattr(bnfold.fold_pass, "fold", broken_fold)
+    monkeypatch.setattr(bnfold.fold_pass, "_run", broken_run)
     model_path, data_path, _, tmp = files
     out = tmp / "folded.onnx"
     assert main(["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--fold"]) == 1
@@ -152,6 +153,7 @@ def test_fold_parity_failure_exit_1(files, capsys, monkeypatch):
     assert not out.exists()
     assert main(["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--fold", "--force"]) == 1
     assert out.exists()
+    assert not [p for p in os.listdir(tmp) if p.startswith(".bnfold")], "temporary files left behind"
 
 
 def test_parameters_behind_identity_and_cast(tmp_path, capsys):

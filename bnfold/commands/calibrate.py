@@ -10,6 +10,7 @@ given) -> atomic save of OUT and the --report JSON. Nothing is written when the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXAMPLES = """examples:
@@ -64,7 +65,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from bnfold.calibration import calibrate, iter_batches
+    from bnfold.calibration import calibrate
     from bnfold.errors import InputError
     from bnfold.model_io import check_distinct_outputs, check_output_path, load_model, save_model_atomic, \
         write_json_atomic
@@ -89,44 +90,76 @@ def run(args) -> int:
         progress=not args.no_progress,
     )
     print(report.format_table())
-    result, report_data = calibrated, {"calibration": report.to_dict()}
+    report_data = {"calibration": report.to_dict()}
 
     parity_failed = False
     if args.fold:
-        from bnfold.fold_pass import fold
-        from bnfold.parity import check
-
-        folded, fold_report = fold(calibrated)
-        if shapes:
-            parity_kwargs = {"shapes": shapes}
-        else:
-            # A model with a fixed batch dimension takes exactly that many samples.
-            parity_samples = report.fixed_batch or min(args.batch_size, _PARITY_SAMPLES)
-            feeds = next(iter_batches(calibrated, args.data, batch_size=parity_samples, max_batches=1))
-            parity_kwargs = {"inputs": feeds}
-        try:
-            check_report = check(calibrated, folded, intermediates=True, **parity_kwargs)
-        except InputError as e:
-            raise InputError(f"parity check could not run: {e}") from None
-        verdict = "passed" if check_report.passed else "FAILED"
-        print(f"fold: {fold_report.n_folded} BatchNormalization folded, {fold_report.n_remaining} remaining; "
-              f"parity check {verdict} (max abs error {check_report.max_abs_error:.3g}; {check_report.tolerance_brief}; "
-              f"{check_report.intermediates_brief})")
-        for warning in check_report.warnings:
-            print(f"  warning: {warning}")
-        report_data["fold"] = fold_report.to_dict()
-        report_data["parity"] = check_report.to_dict()
-        result = folded
-        if not check_report.passed:
-            parity_failed = True
-            if not args.force:
-                print(f"bnfold calibrate: parity check of the folded model FAILED; nothing written "
-                      f"(use --force to write {args.output} anyway)", file=sys.stderr)
-                return 1
-            print(f"bnfold calibrate: parity check FAILED; writing {args.output} anyway (--force)", file=sys.stderr)
-
-    save_model_atomic(result, args.output, source_path=args.input)
+        written, parity_failed = _fold_checked(args, calibrated, report, shapes, report_data)
+        if not written:
+            return 1
+    else:
+        save_model_atomic(calibrated, args.output, source_path=args.input)
     if args.report:
         write_json_atomic(report_data, args.report)
     print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
     return 1 if parity_failed else 0
+
+
+def _fold_checked(args, calibrated, report, shapes, report_data):
+    """Fold the calibrated model as ``bnfold fold`` folds a file: the calibrated model goes to a
+    temporary file beside OUT, ``fold_file`` folds it into OUT and the parity check (intermediate
+    values included) runs on exactly the bytes that are then moved into place — also when
+    float16 folds have to be left (``fold_file``'s precision search). Returns ``(written,
+    parity_failed)``."""
+    import tempfile
+
+    from bnfold.calibration import iter_batches
+    from bnfold.errors import InputError
+    from bnfold.fold_pass import fold_file
+    from bnfold.model_io import save_model_atomic
+    from bnfold.parity import check
+
+    if shapes:
+        parity_kwargs = {"shapes": shapes}
+    else:
+        # A model with a fixed batch dimension takes exactly that many samples.
+        parity_samples = report.fixed_batch or min(args.batch_size, _PARITY_SAMPLES)
+        feeds = next(iter_batches(calibrated, args.data, batch_size=parity_samples, max_batches=1))
+        parity_kwargs = {"inputs": feeds}
+    outcome = {}
+
+    def verify(tmp_path):
+        try:
+            outcome["check"] = check(calibrated_path, tmp_path, intermediates=True, candidate_label=args.output,
+                                     **parity_kwargs)
+        except InputError as e:
+            raise InputError(f"parity check could not run: {e}") from None
+        return outcome["check"].passed or args.force
+
+    directory = os.path.dirname(os.path.abspath(args.output))
+    with tempfile.TemporaryDirectory(prefix=".bnfold-calibrated-", dir=directory) as scratch:
+        calibrated_path = os.path.join(scratch, "calibrated.onnx")
+        save_model_atomic(calibrated, calibrated_path, source_path=args.input)
+        fold_report = fold_file(calibrated_path, args.output, verify=verify)
+    check_report = outcome["check"]
+    verdict = "passed" if check_report.passed else "FAILED"
+    print(f"fold: {fold_report.n_folded} BatchNormalization folded, {fold_report.n_remaining} remaining; "
+          f"parity check {verdict} (max abs error {check_report.max_abs_error:.3g}; {check_report.tolerance_brief}; "
+          f"{check_report.intermediates_brief})")
+    for remaining in fold_report.remaining:
+        if remaining.reason == "would_lose_precision":
+            print(f"  remaining {remaining.bn}: {remaining.reason}: {remaining.message}")
+    for warning in check_report.warnings:
+        print(f"  warning: {warning}")
+    report_data["fold"] = fold_report.to_dict()
+    report_data["parity"] = check_report.to_dict()
+    if not check_report.passed:
+        if not args.force:
+            print(f"bnfold calibrate: parity check of the folded model FAILED; nothing written "
+                  f"(use --force to write {args.output} anyway)", file=sys.stderr)
+            return False, True
+        print(f"bnfold calibrate: parity check FAILED; wrote {args.output} anyway (--force)", file=sys.stderr)
+        return True, True
+    return True, False
+
+
