@@ -640,6 +640,7 @@ def _spread(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| over the positions where both are finite (0 when there are none)."""
     if a.shape != b.shape or a.size == 0:
         return 0.0
+    a, b = np.atleast_1d(a), np.atleast_1d(b)  # 0-d operands would make the ufuncs return scalars
     if a.dtype.kind == "f" and b.dtype.kind == "f" and np.isfinite(a).all() and np.isfinite(b).all():
         diff = np.subtract(a, b, dtype=np.float64)
         return float(np.abs(diff, out=diff).max())
@@ -1111,6 +1112,8 @@ def _compare_into(result: OutputResult, ref: np.ndarray, cand: np.ndarray, base_
     result.elements += ref.size
     if ref.size == 0:
         return
+    # numpy's ufuncs return scalars for 0-d operands, which the in-place steps below cannot take.
+    ref, cand = np.atleast_1d(ref), np.atleast_1d(cand)
     if ref.dtype.kind == "f" and cand.dtype.kind == "f" and np.isfinite(ref).all() and np.isfinite(cand).all():
         # The common case, with a third of the passes over the data: every comparison of the
         # intermediate values of a big model goes through here.

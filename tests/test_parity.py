@@ -1128,3 +1128,22 @@ def test_outputs_at_level_all_are_judged_as_without_intermediates():
     with_values = bnfold.check(model, folded, opt_level="all", intermediates=True)
     assert [o.to_dict() for o in with_values.outputs] == [o.to_dict() for o in outputs_only.outputs]
     assert len(with_values.intermediates) > 40 and with_values.passed
+
+
+def test_scalar_outputs_and_values_are_compared(tmp_path):
+    """0-d float values (a ReduceSum to a scalar, as dynamo exports of attention write) are
+    compared like any other; numpy returns scalars for 0-d operands (found on a real export)."""
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Mul", ["total", "two"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+                              [nh.from_array(np.array(2.0, np.float32), "two")])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 11)])
+    path = tmp_path / "scalar.onnx"
+    onnx.save(model, str(path))
+    report = bnfold.check(str(path), str(path), intermediates=True)
+    assert report.passed and report.outputs[0].elements == 1
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(model)
+    wrong.graph.initializer[0].CopyFrom(nh.from_array(np.array(2.1, np.float32), "two"))
+    assert not bnfold.check(str(path), wrong, intermediates=True).passed
