@@ -569,12 +569,20 @@ class GraphView:
         return value if name == node.output[0] else None
 
     def static_shape(self, name: str):
-        """Shape of a value as a tuple (entries None where not known), or None: initializers and
-        Constant nodes, the declared shape of a graph input (onnxruntime enforces it), otherwise
-        what onnx shape inference finds (main graph only)."""
+        """Shape of a constant value (an initializer the caller cannot replace, or a Constant
+        node; outer scopes searched) as a tuple, else None.
+
+        Nothing else counts, although a declared or inferred shape is often right: onnxruntime
+        does not enforce declared shapes inside If / Loop / Scan bodies nor in ``value_info``,
+        onnx shape inference disagrees with onnxruntime on some operators (MaxPool with
+        ``ceil_mode``, STFT), other runtimes let users reshape inputs, and an overridable
+        initializer (IR >= 4, also a graph input) may be fed with any shape. A ``Shape`` made
+        constant from such a guess is a miscompile the moment the guess is wrong."""
         view = self
         while view is not None:
             if name in view.initializers:
+                if view._overridable(name):
+                    return None
                 return tuple(int(d) for d in view.initializers[name].dims)
             index = view.producer.get(name)
             if index is not None:
@@ -582,15 +590,11 @@ class GraphView:
                 if node.op_type == "Constant" and is_default_domain(node):
                     value = constant_node_value(node)
                     return None if value is None else tuple(value.shape)
-                break
+                return None
             if name in view.input_names:
-                declared = next((value_info_type(i) for i in view.graph.input if i.name == name), None)
-                return None if declared is None else declared[1]
+                return None
             view = view.parent
-        if view is None or view.parent is not None:
-            return None
-        inferred = self.ctx.inferred_type(name)
-        return None if inferred is None else inferred[1]
+        return None
 
     def elem_type(self, name: str):
         """TensorProto element type of any value (constant or not) when known, else None."""

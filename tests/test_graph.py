@@ -123,21 +123,38 @@ def test_shape_subgraphs_are_constant_when_the_shape_is_static():
         helper.make_node("CastLike", ["zero", "x"], ["zero_like_x"]),
         helper.make_node("Expand", ["zero_like_x", "bias_shape"], ["bias"]),
         helper.make_node("Size", ["w"], ["w_size"]),
-        helper.make_node("Shape", ["x"], ["x_shape"], start=-2),
-        helper.make_node("Shape", ["d"], ["d_shape"]),
-        helper.make_node("Shape", ["d"], ["d_tail"], start=1),
+        helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.zeros((2, 5), np.float32))),
+        helper.make_node("Shape", ["k"], ["k_shape"], start=-1),
     ]
-    model = make_model(nodes, [vi("x", [1, 256, 8, 8]), vi("d", ["N", 3])],
-                       [vi(o, None) for o in ("bias", "w_size", "x_shape", "d_shape", "d_tail")],
+    model = make_model(nodes, [vi("x", [1, 256, 8, 8])], [vi(o, None) for o in ("bias", "w_size", "k_shape")],
                        [init("w", big), init("one", np.array([1], np.int64)), init("zero", np.array(0.0, np.float64))])
     view = view_of(model)
     bias = view.constant("bias")
     assert bias.dtype == np.float32 and bias.shape == (512,) and not bias.any()
     assert int(view.constant("w_size")) == big.size
-    assert view.constant("x_shape").tolist() == [8, 8]
-    assert view.constant("d_shape") is None  # a symbolic dimension: not constant
-    assert view.constant("d_tail").tolist() == [3]  # ... unless the slice leaves it out
-    assert view.static_shape("d") == (None, 3) and view.elem_type("x") == TensorProto.FLOAT
+    assert view.constant("k_shape").tolist() == [5]
+    assert view.elem_type("x") == TensorProto.FLOAT
+
+
+def test_shapes_that_are_only_declared_or_inferred_are_not_constants():
+    """Only constants have a shape to build on: a graph input (other runtimes reshape inputs), an
+    overridable initializer (fed with any shape), a value declared in value_info or inferred (not
+    enforced; onnx's inference is wrong for a few operators) and a body input are not."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"], start=-2),
+        helper.make_node("Size", ["p"], ["p_size"]),
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Shape", ["r"], ["r_shape"]),
+        helper.make_node("Identity", ["p"], ["p_copy"]),
+    ]
+    model = make_model(nodes, [vi("x", [1, 3, 8, 8]), vi("p", ["n"])],
+                       [vi(o, None) for o in ("x_shape", "p_size", "r_shape", "p_copy")], [init("p", np.zeros(3, np.float32))])
+    model.graph.value_info.append(vi("r", [1, 3, 8, 8]))
+    view = view_of(model)
+    for name in ("x", "p", "r"):
+        assert view.static_shape(name) is None, name
+    for name in ("x_shape", "p_size", "r_shape"):
+        assert view.constant(name) is None, name
 
 
 def test_body_view_finds_outer_scope_constants():

@@ -444,6 +444,47 @@ def conv_bn_bias_from_shape():
     return b.model(opset=18)
 
 
+def conv_bn_bias_from_overridable_size():
+    """The zero-bias pattern of conv_bn_bias_from_shape, but counting an initializer that is also
+    a graph input (IR >= 4: a default the caller may replace with any length): Size(p) is not a
+    constant, so the bias is not either."""
+    b = _Builder(54)
+    c = 4
+    x = b.input("x", [1, 3, 6, 6])
+    b.inputs.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, ["n"]))
+    p = b.init("p", np.zeros(3))
+    size = b.node("Size", [p], "p_size", name="size_p")
+    size_f = b.node("Cast", [size], "p_size_f", name="cast_size", to=TensorProto.FLOAT)
+    bias = b.node("Expand", [size_f, b.init("bias_shape", np.array([c]), TensorProto.INT64)], "conv_bias",
+                  name="expand_bias")
+    y = b.node("Conv", [x, b.init("conv_W", b.weight([c, 3, 3, 3])), bias], "conv_out", name="conv",
+               pads=[1, 1, 1, 1])
+    b.bn(y, c, "y", "bn")
+    b.output("y")
+    return b.model(opset=18)
+
+
+def conv_bn_bias_from_declared_shape():
+    """A bias built from Shape of a computed value whose shape is only declared (value_info, here
+    truthfully): onnxruntime never enforces such declarations and onnx shape inference is wrong
+    for a few operators, so the shape is not taken as a constant."""
+    b = _Builder(55)
+    c = 4
+    x = b.input("x", [1, 3, 6, 6])
+    r = b.node("Relu", [x], "x_relu", name="relu")
+    dims = b.node("Shape", [r], "relu_shape", name="shape_relu", start=1, end=2)
+    channels = b.node("Cast", [dims], "relu_channels", name="cast_dims", to=TensorProto.FLOAT)
+    bias = b.node("Expand", [channels, b.init("bias_shape", np.array([c]), TensorProto.INT64)], "conv_bias",
+                  name="expand_bias")
+    y = b.node("Conv", [r, b.init("conv_W", b.weight([c, 3, 3, 3])), bias], "conv_out", name="conv",
+               pads=[1, 1, 1, 1])
+    b.bn(y, c, "y", "bn")
+    b.output("y")
+    model = b.model(opset=18)
+    model.graph.value_info.append(helper.make_tensor_value_info("x_relu", TensorProto.FLOAT, [1, 3, 6, 6]))
+    return model
+
+
 # ==== dtypes ====================================================================================
 
 
@@ -1011,6 +1052,8 @@ CASES = {
     "conv_bn_constant_nodes": (conv_bn_constant_nodes, (Fold("bn", "conv_bn"),)),
     "conv_bn_constant_subgraph": (conv_bn_constant_subgraph, (Fold("bn", "conv_bn"),)),
     "conv_bn_bias_from_shape": (conv_bn_bias_from_shape, (Fold("bn", "conv_bn"),)),
+    "conv_bn_bias_from_overridable_size": (conv_bn_bias_from_overridable_size, (Remain("bn", "non_constant_weight"),)),
+    "conv_bn_bias_from_declared_shape": (conv_bn_bias_from_declared_shape, (Remain("bn", "non_constant_weight"),)),
     "convtranspose2d_identity_add_identity_bn": (convtranspose2d_identity_add_identity_bn,
                                                  (Fold("bn", "convtranspose_bn"),)),
     "conv_bn_float16": (conv_bn_float16, (Fold("bn", "conv_bn"),)),
