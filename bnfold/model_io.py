@@ -416,14 +416,19 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
                 location=tmp_data_name,
                 size_threshold=1024,
             )
-            _default_permissions(tmp_data, like=external_data_path(path))
+            # onnx writes no data file when no tensor reaches the threshold (a small model that
+            # was saved with external data): the result is then a single file.
+            has_data = os.path.exists(tmp_data)
+            if has_data:
+                _default_permissions(tmp_data, like=external_data_path(path))
             if verify is not None and not verify(tmp_path):
                 return False
-            # The model refers to its data file by name: rewrite the reference to the final name
-            # before the renames so the pair is consistent once both are in place.
-            _relocate_external_data(to_save, tmp_data_name, data_name)
-            onnx.save_model(to_save, tmp_path, save_as_external_data=False)
-            os.replace(tmp_data, os.path.join(directory, data_name))
+            if has_data:
+                # The model refers to its data file by name: rewrite the reference to the final
+                # name before the renames so the pair is consistent once both are in place.
+                _relocate_external_data(to_save, tmp_data_name, data_name)
+                onnx.save_model(to_save, tmp_path, save_as_external_data=False)
+                os.replace(tmp_data, os.path.join(directory, data_name))
             tmp_data = None
         else:
             _write_model_streaming(model, tmp_path, payloads)

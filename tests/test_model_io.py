@@ -93,6 +93,25 @@ def test_save_keeps_external_data_of_the_source(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".bnfold-")]  # no temp leftovers
 
 
+def test_small_model_saved_with_external_data_folds_into_one_file(tmp_path):
+    # Every tensor below onnx's 1 KiB threshold: onnx writes no data file for the output, which
+    # once made bnfold fold exit 2 ("cannot write output") on a model onnxruntime runs.
+    from bnfold.fold_pass import fold_file
+
+    model = _matmul_model(k=8)
+    w0 = numpy_helper.to_array(model.graph.initializer[0])
+    src = tmp_path / "small.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="small.bin", size_threshold=0)
+    assert file_uses_external_data(src)
+    out = tmp_path / "out.onnx"
+    fold_file(src, out)
+    again = load_model(out)
+    assert np.array_equal(numpy_helper.to_array(again.graph.initializer[0]), w0)
+    assert not (tmp_path / "out.onnx.data").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".bnfold-")]
+
+
 def test_refuses_to_overwrite_the_input(tmp_path):
     src = tmp_path / "m.onnx"
     save_model_atomic(_matmul_model(), src)
