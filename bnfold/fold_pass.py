@@ -163,7 +163,7 @@ def _fold(model_or_path, forward: bool, complete_model: bool):
     return model, report
 
 
-def fold_file(input_path, output_path, *, forward: bool = True, verify=None) -> FoldReport:
+def fold_file(input_path, output_path, *, forward: bool = True, verify=None, write_refused: bool = False) -> FoldReport:
     """Fold the model at ``input_path`` and write the result to ``output_path``; return the report.
 
     What ``bnfold fold`` does, and the fastest way to fold a file: the weights are never copied
@@ -180,25 +180,39 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None) -> 
     of early layers is amplified by every layer after them. Those BNs are reported as remaining
     with reason ``would_lose_precision``; the rest are folded. If no k helps, the result of
     folding everything is the one verify saw last (and refused).
+
+    ``write_refused=True`` (``--force``): the search runs all the same, but what verify saw last
+    is written even when it refused it.
     """
     from bnfold.model_io import check_output_path
 
-    if not isinstance(forward, bool):
-        raise TypeError(f"forward must be a bool, got {type(forward).__name__}")
+    for name, value in (("forward", forward), ("write_refused", write_refused)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     for name, value in (("input_path", input_path), ("output_path", output_path)):
         if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str):
             raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
     check_output_path(output_path, source_path=input_path)
     verdicts = []
 
-    def recording(tmp_path):
+    def recording(tmp_path, report=None):
         verdicts.append(verify is None or bool(verify(tmp_path)))
         return verdicts[-1]
 
-    report = _fold_file_once(input_path, output_path, forward, recording, {})
+    def low_precision_folds(report):
+        return [(f.graph, f.bn) for f in report.folded if f.weight_type in ("float16", "bfloat16")]
+
+    def last_word(tmp_path, report=None):
+        return recording(tmp_path) or write_refused
+
+    def first_try(tmp_path, report):
+        # Written at once when it passes, or when it is refused and no search could follow.
+        return recording(tmp_path) or (write_refused and not low_precision_folds(report))
+
+    report = _fold_file_once(input_path, output_path, forward, first_try, {})
     if verdicts[-1]:
         return report
-    low_precision = [(f.graph, f.bn) for f in report.folded if f.weight_type in ("float16", "bfloat16")]
+    low_precision = low_precision_folds(report)
     if not low_precision:
         return report
 
@@ -211,12 +225,12 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None) -> 
         return {key: Failure("would_lose_precision", message(key[1], n)) for n, key in enumerate(low_precision[:k])}
 
     def passes(k):  # verify's verdict on the fold that keeps the first k, without writing it
-        _fold_file_once(input_path, output_path, forward, lambda tmp: recording(tmp) and False, kept(k))
+        _fold_file_once(input_path, output_path, forward, lambda tmp, report: recording(tmp) and False, kept(k))
         return verdicts[-1]
 
     if not passes(len(low_precision)):
         # Folding is not what fails: give verify the full fold again, as the caller's last word.
-        return _fold_file_once(input_path, output_path, forward, recording, {})
+        return _fold_file_once(input_path, output_path, forward, last_word, {})
     failing, passing = 0, len(low_precision)
     while passing - failing > 1:
         middle = (failing + passing) // 2
@@ -224,7 +238,7 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None) -> 
             passing = middle
         else:
             failing = middle
-    return _fold_file_once(input_path, output_path, forward, recording, kept(passing))
+    return _fold_file_once(input_path, output_path, forward, last_word, kept(passing))
 
 
 def _fold_file_once(input_path, output_path, forward, verify, keep) -> FoldReport:
@@ -243,7 +257,7 @@ def _fold_file_once(input_path, output_path, forward, verify, keep) -> FoldRepor
             # The checker of the input runs on while the result is written to a temporary file;
             # nothing reaches output_path before it has passed.
             wait_for_check()
-            return verify(tmp_path)
+            return verify(tmp_path, report)
 
         save_model_atomic(model, output_path, source_path=input_path, payloads=payloads,
                           verify=checked_then_verified)

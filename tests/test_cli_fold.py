@@ -451,6 +451,35 @@ def test_float16_folds_that_fail_verify_leave_the_fewest_early_bns(tmp_path, nee
     assert len(seen) <= 2 + 3 + 1  # all, none, bisection of 6, the final write
 
 
+@pytest.mark.parametrize("needed, written_bns", [(2, 2), (None, 0)])
+def test_write_refused_still_searches_and_writes_what_verify_saw_last(tmp_path, needed, written_bns):
+    """--force (write_refused) must not cut the precision search short: where leaving two BNs
+    makes verify pass, that fold is written (not the refused full fold); where nothing passes,
+    the full fold is written anyway."""
+    from bnfold.fold_pass import fold_file
+
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(_float16_chain(), str(src))
+
+    def verify(tmp):
+        kept = {n.name for n in onnx.load(tmp).graph.node if n.op_type == "BatchNormalization"}
+        return needed is not None and {f"bn{k}" for k in range(needed)} <= kept
+
+    report = fold_file(src, out, verify=verify, write_refused=True)
+    assert count_bn(onnx.load(str(out))) == written_bns == 6 - report.n_folded
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".bnfold-")]
+
+
+def test_write_refused_writes_a_refused_float32_fold_once(tmp_path):
+    from bnfold.fold_pass import fold_file
+
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(MM.CASES["conv2d_bn"][0](), str(src))
+    calls = []
+    report = fold_file(src, out, verify=lambda tmp: calls.append(tmp) and False, write_refused=True)
+    assert len(calls) == 1 and report.n_folded == 1 and count_bn(onnx.load(str(out))) == 0
+
+
 def test_float16_fold_left_whole_when_unfolding_does_not_help(tmp_path):
     from bnfold.fold_pass import fold_file
 

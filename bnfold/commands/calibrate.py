@@ -134,13 +134,13 @@ def _fold_checked(args, calibrated, report, shapes, report_data):
                                      **parity_kwargs)
         except InputError as e:
             raise InputError(f"parity check could not run: {e}") from None
-        return outcome["check"].passed or args.force
+        return outcome["check"].passed
 
     directory = os.path.dirname(os.path.abspath(args.output))
     with tempfile.TemporaryDirectory(prefix=".bnfold-calibrated-", dir=directory) as scratch:
         calibrated_path = os.path.join(scratch, "calibrated.onnx")
         save_model_atomic(calibrated, calibrated_path, source_path=args.input)
-        fold_report = fold_file(calibrated_path, args.output, verify=verify)
+        fold_report = fold_file(calibrated_path, args.output, verify=verify, write_refused=args.force)
     check_report = outcome["check"]
     verdict = "passed" if check_report.passed else "FAILED"
     print(f"fold: {fold_report.n_folded} BatchNormalization folded, {fold_report.n_remaining} remaining; "
