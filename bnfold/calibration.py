@@ -1094,15 +1094,21 @@ class _SymbolicBatchCheck:
             return "its BN inputs are not the fixed-batch model's"
         errors = [0.0] * len(names)
         scales = [0.0] * len(names)
-        for start in range(0, n - n % fixed, fixed):
-            want = _run(fixed_session, {k: v[start:start + fixed] for k, v in self.batch.items()}, start // fixed + 1)
+        for start in range(0, n, fixed):
+            # A last chunk shorter than the fixed batch (or a whole batch smaller than it) is
+            # padded with its own samples again; only its real samples' rows are compared.
+            real = min(fixed, n - start)
+            rows_of = np.arange(fixed) % real + start
+            want = _run(fixed_session, {k: v[rows_of] for k, v in self.batch.items()}, start // fixed + 1)
             for j, name in enumerate(names):
                 label, chunk, value = label_of[name], want[j], got[j]
                 rows = chunk.shape[0] if chunk.ndim else 0
-                if chunk.ndim == 0 or (rows * n) % fixed or value.shape != ((rows * n) // fixed,) + chunk.shape[1:]:
+                if chunk.ndim == 0 or (rows * n) % fixed or (rows * real) % fixed \
+                        or value.shape != ((rows * n) // fixed,) + chunk.shape[1:]:
                     return f"BN '{label}' input has shape {value.shape} at batch {n}, the fixed-batch model's {chunk.shape} at {fixed}"
-                first = start // fixed * rows
-                have = value[first:first + rows].astype(np.float64)
+                first, real_rows = start // fixed * rows, (rows * real) // fixed
+                have = value[first:first + real_rows].astype(np.float64)
+                chunk = chunk[:real_rows]
                 errors[j] = max(errors[j], float(np.max(np.abs(have - chunk))) if chunk.size else 0.0)
                 scales[j] = max(scales[j], float(np.max(np.abs(chunk))) if chunk.size else 0.0)
         for j, name in enumerate(names):
@@ -1159,9 +1165,9 @@ def _plan_runs(model, view, bns, dataset, mode, batch_size, max_batches, fixed, 
         stream = dataset.batches(batch_size, max_batches)
         first = next(stream)
         plan.first_pass = itertools.chain([first], stream)
-        # A first batch of at most `fixed` samples means the data fills at most one fixed batch:
-        # running at it is what batch_size would give.
-        if len(next(iter(first.values()))) > fixed:
+        # A first batch of exactly `fixed` samples is what running at the fixed batch gives anyway
+        # (all the data, or batch_size == fixed); any other size needs the symbolic batch.
+        if len(next(iter(first.values()))) != fixed:
             t0 = time.perf_counter()
             symbolic, shift, rewritten, problem = _symbolic_batch(model, view, bns, elem_types, shapes, first, fixed, n_threads)
             plan.seconds = time.perf_counter() - t0

@@ -797,6 +797,30 @@ def test_fixed_batch_3_batch_mode_symbolic_uses_every_sample():
     assert_stats_close(stats_of(calibrated), stats_of(calibrate(conv_stack(), data, mode="batch", batch_size=6)[0]), rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch_size, n", [(3, 10), (2, 11), (6, 3)])
+def test_fixed_batch_4_batch_mode_at_a_smaller_batch_size_is_the_dynamic_twin(batch_size, n):
+    """Batch sizes below the fixed batch (and data smaller than it) also get the symbolic batch:
+    the check compares a short batch against the fixed-batch model run on it padded with its own
+    samples. Running at the fixed batch instead would give statistics over 4 samples at a time."""
+    data = make_data((3, 8, 8), n=n)
+    calibrated, report = calibrate(with_fixed_batch(conv_stack(), 4), data, mode="batch", batch_size=batch_size)
+    assert report.run_batch_size == batch_size and report.n_samples == n, report.notes
+    assert "made symbolic (0 shapes" in report.notes[0]
+    want = stats_of(calibrate(conv_stack(), data, mode="batch", batch_size=batch_size)[0])
+    assert_stats_close(stats_of(calibrated), want, rtol=1e-5)
+
+
+def test_fixed_batch_symbolic_check_of_a_short_batch_still_catches_a_spelled_out_batch():
+    """token_net(4) spells batch 4 out in Reshapes; the rewritten variant passes the check at
+    batch 3 (padded chunk), and the statistics are the dynamic twin's."""
+    data = make_data((3, 8, 8), n=9)
+    calibrated, report = calibrate(token_net(4), data, mode="batch", batch_size=3)
+    assert report.run_batch_size == 3 and report.n_samples == 9
+    assert any("made symbolic (4 shapes rewritten" in n for n in report.notes), report.notes
+    assert_stats_close(stats_of(calibrated), stats_of(calibrate(token_net(None), data, mode="batch", batch_size=3)[0]),
+                       rtol=1e-5)
+
+
 def concat_constant_net(batch=1):
     """Conv output concatenated along channels with a constant map of batch 1 (no Expand): nothing
     to rewrite, so at batch > 1 the Concat fails and batch mode runs at the fixed batch."""
