@@ -4,7 +4,8 @@ The corpus is built once per machine into a cache (``$BNFOLD_CORPUS_DIR`` or
 ``~/.cache/bnfold/corpus/<fingerprint>/``) and reused; the first session on a machine builds it
 (3 to 9 minutes on two shared cores), later sessions find it at once.  Tests here are skipped when
 the ``corpus`` extra (torch, torchvision, timm, ultralytics, onnxscript, onnxconverter-common) is
-not installed, or when ``BNFOLD_SKIP_CORPUS=1``.
+not installed, or when ``BNFOLD_SKIP_CORPUS=1`` -- unless ``BNFOLD_REQUIRE_CORPUS=1`` (set by
+``.ci/run``), which turns either into a failure, so CI can never pass by skipping the corpus.
 
 Fixtures:
   ``corpus_builder``  the tools/build_corpus.py module (loaded by path)
@@ -59,11 +60,18 @@ def _progress(message):
     print(f"corpus: {message}", file=sys.__stderr__, flush=True)
 
 
+def corpus_required() -> bool:
+    return os.environ.get("BNFOLD_REQUIRE_CORPUS") == "1"
+
+
 def ensure_corpus_dir():
-    """Build (or find) the corpus once per session; skip when it cannot be built here."""
+    """Build (or find) the corpus once per session; skip when it cannot be built here (fail
+    instead when the corpus is required)."""
     global _corpus_dir
     reason = skip_reason()
     if reason:
+        if corpus_required():
+            pytest.fail(f"BNFOLD_REQUIRE_CORPUS=1 but the corpus cannot run: {reason}", pytrace=False)
         pytest.skip(reason)
     if _corpus_dir is None:
         _corpus_dir = load_builder().ensure_corpus(jobs=2, log=_progress)
@@ -90,6 +98,8 @@ def pytest_generate_tests(metafunc):
         return
     reason = skip_reason()
     if reason:
+        if corpus_required():
+            raise pytest.UsageError(f"BNFOLD_REQUIRE_CORPUS=1 but the corpus cannot run: {reason}")
         metafunc.parametrize("corpus_entry", [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=["corpus"])
         return
     # Parametrizing needs the manifest at collection time, so the corpus is ensured here.
