@@ -34,6 +34,9 @@ FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, T
 BASE_RTOL = {"float32": 1e-4, "float16": 1e-2}
 NOISE_FACTOR = 4.0
 CALIBRATION_SAMPLES = 8
+# ... or fewer (at least 2) where 8 would exceed this many input values: a video model's
+# 1x3x16x224x224 input takes 8 x 2.4 M values, and sequential mode runs one pass per BN level.
+CALIBRATION_VALUES = 4_000_000
 
 _fold_results: dict = {}
 
@@ -279,20 +282,59 @@ def test_wrong_fold_fails_the_check(corpus_dir, corpus_entry, tmp_path_factory):
     assert code == 1, f"{target.name} scaled by {factor} was not caught:\n{text}"
 
 
+def _compare_tool():
+    """tools/compare_corpus.py (loaded by path): its counting and its way of running each tool."""
+    import importlib.util
+    import sys
+
+    name = "bnfold_compare_corpus"
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            "tools", "compare_corpus.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.mark.parametrize("tool", ["ort-basic", "onnxoptimizer"])
+def test_bnfold_leaves_no_more_bns_than_another_tool(corpus_dir, corpus_entry, tool, tmp_path_factory):
+    """The quick part of tools/compare_corpus.py, in every run: onnxruntime's portable offline
+    optimizer and onnxoptimizer (with fuse_bn_into_conv) on the same file never leave fewer
+    BatchNormalization nodes than bnfold fold (the full comparison, with onnxslim, onnxsim,
+    onnxscript and AIMET and every output verified, is the tool's; docs/corpus.md)."""
+    compare = _compare_tool()
+    code, text, out = folded(corpus_dir, corpus_entry, tmp_path_factory)
+    assert code == 0, text
+    ours = compare.count_nodes(onnx.load(out, load_external_data=False))["bn"]
+    theirs_path = str(tmp_path_factory.mktemp(tool) / "out.onnx")
+    source = model_path(corpus_dir, corpus_entry)
+    if tool == "ort-basic":
+        compare._run_onnxruntime(source, theirs_path, "ORT_ENABLE_BASIC")
+    else:
+        compare._run_onnxoptimizer(source, theirs_path)
+    theirs = compare.count_nodes(onnx.load(theirs_path, load_external_data=False))["bn"]
+    assert ours <= theirs, f"bnfold leaves {ours} BatchNormalization nodes, {tool} {theirs}"
+
+
 @pytest.mark.parametrize("mode", ["batch", "sequential"])
 def test_calibrate_with_default_options(corpus_dir, corpus_entry, mode, tmp_path):
-    """Random calibration data (8 samples, or 8 fixed batches) in a .npy file for single-input
-    models, an .npz with one array per input otherwise; default options."""
+    """Random calibration data (8 samples, or 8 fixed batches; fewer, at least 2, for inputs
+    of millions of values) in a .npy file for single-input models, an .npz with one array per
+    input otherwise; default options."""
     source = model_path(corpus_dir, corpus_entry)
     sess = session(source)
     examples = corpus_entry.get("example_inputs") or {}
     rng = np.random.default_rng(2)
-    arrays = {}
+    specs = []
     for spec in sess.get_inputs():
         dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}[spec.type]
         fixed_batch = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else 1
-        shape = [CALIBRATION_SAMPLES * fixed_batch] + concrete_shape(spec.shape, 1, examples.get(spec.name))[1:]
-        arrays[spec.name] = rng.standard_normal(shape).astype(dtype)
+        specs.append((spec.name, dtype, fixed_batch, concrete_shape(spec.shape, 1, examples.get(spec.name))[1:]))
+    per_sample = sum(batch * int(np.prod(rest)) for _, _, batch, rest in specs)
+    samples = int(np.clip(CALIBRATION_VALUES // max(per_sample, 1), 2, CALIBRATION_SAMPLES))
+    arrays = {name: rng.standard_normal([samples * batch] + rest).astype(dtype) for name, dtype, batch, rest in specs}
     if len(arrays) == 1:
         data = tmp_path / "calib.npy"
         np.save(data, next(iter(arrays.values())))
