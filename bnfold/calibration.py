@@ -1096,10 +1096,14 @@ class _SymbolicBatchCheck:
         scales = [0.0] * len(names)
         for start in range(0, n, fixed):
             # A last chunk shorter than the fixed batch (or a whole batch smaller than it) is
-            # padded with its own samples again; only its real samples' rows are compared.
+            # padded, and only its real samples' rows are compared. The filler must differ from
+            # the real samples (float inputs: their negation): a fixed-batch model that mixes
+            # samples (say, each with the one F/2 rows away) then gives rows that depend on the
+            # filler, which a symbolic graph run without it cannot match -- padding with copies
+            # of the same samples would make such mixing invisible whenever n divides F.
             real = min(fixed, n - start)
-            rows_of = np.arange(fixed) % real + start
-            want = _run(fixed_session, {k: v[rows_of] for k, v in self.batch.items()}, start // fixed + 1)
+            want = _run(fixed_session, {k: _padded(v[start:start + real], fixed) for k, v in self.batch.items()},
+                        start // fixed + 1)
             for j, name in enumerate(names):
                 label, chunk, value = label_of[name], want[j], got[j]
                 rows = chunk.shape[0] if chunk.ndim else 0
@@ -1117,6 +1121,17 @@ class _SymbolicBatchCheck:
                 return (f"BN '{label_of[name]}' input differs from the fixed-batch model's (max abs error {errors[j]:.3g} "
                         f"of {scales[j]:.3g})")
         return ""
+
+
+def _padded(rows: np.ndarray, size: int) -> np.ndarray:
+    """``rows`` followed by filler rows up to ``size``: the rows again, negated where they are
+    floats (any values the model takes, and different from the real ones)."""
+    if len(rows) >= size:
+        return rows
+    filler = rows[np.arange(size - len(rows)) % len(rows)]
+    if np.issubdtype(filler.dtype, np.floating):
+        filler = -filler
+    return np.concatenate([rows, filler])
 
 
 def _symbolic_batch(model, view: GraphView, bns: list[_BN], elem_types: dict, shapes: dict, batch: dict, fixed: int,

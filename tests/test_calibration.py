@@ -821,6 +821,40 @@ def test_fixed_batch_symbolic_check_of_a_short_batch_still_catches_a_spelled_out
                        rtol=1e-5)
 
 
+def _rolled_batch_net(batch):
+    """Conv -> (h + h with its batch rolled by F/2) -> BN, F/2 baked in as a Slice constant: at the
+    fixed batch each sample is paired with the one F/2 rows away. ``batch=None``: the dynamic twin
+    computes n/2 from Shape(x)."""
+    b = _Builder(15)
+    h = b.conv("x", 3, 4)
+    ints = lambda name, v: b.inits.append(numpy_helper.from_array(np.array(v, np.int64), name)) or name  # noqa: E731
+    zero, end = ints("zero", [0]), ints("end", [np.iinfo(np.int64).max])
+    if batch:
+        half = ints("half", [batch // 2])
+    else:
+        half = b.op("Div", [b.op("Gather", [b.op("Shape", ["x"]), zero], axis=0), ints("two", [2])])
+    rolled = b.op("Concat", [b.op("Slice", [h, half, end, zero]), b.op("Slice", [h, zero, half, zero])], axis=0)
+    y = b.bn(b.op("Add", [h, rolled]), 4, name="bn_rolled")
+    return b.model([batch or "N", 3, 8, 8], y, [batch or "N", 4, 8, 8])
+
+
+@pytest.mark.parametrize("batch_size, n", [(2, 8), (32, 2)])
+def test_fixed_batch_model_that_mixes_samples_is_not_made_symbolic_at_a_batch_dividing_it(batch_size, n):
+    """A short batch is padded with filler that differs from its samples (their negation): padded
+    with copies of the same 2 samples, the roll by F/2 = 2 maps the chunk onto itself, exactly what
+    the symbolic graph computes at batch 2, and the check once accepted a graph whose statistics
+    were 62 % off the dynamic twin's."""
+    data = make_data((3, 8, 8), n=n)
+    if n < 4:
+        with pytest.raises(InputError, match="no complete batch"):
+            calibrate(_rolled_batch_net(4), data, mode="batch", batch_size=batch_size)
+        return
+    calibrated, report = calibrate(_rolled_batch_net(4), data, mode="batch", batch_size=batch_size)
+    assert report.run_batch_size == 4 and "could not be made symbolic (BN 'bn_rolled' input differs" in report.notes[0]
+    twin = stats_of(calibrate(_rolled_batch_net(None), data, mode="batch", batch_size=4)[0])
+    assert_stats_close(stats_of(calibrated), twin, rtol=1e-5)
+
+
 def concat_constant_net(batch=1):
     """Conv output concatenated along channels with a constant map of batch 1 (no Expand): nothing
     to rewrite, so at batch > 1 the Concat fails and batch mode runs at the fixed batch."""
