@@ -682,11 +682,18 @@ class GraphView:
             self._constant_cache.pop(old, None)
             return old
         name = self.ctx.fresh_name(base_name)
-        tensor = self.graph.initializer.add()
+        home = self
+        if self.ctx.ir_version < 4:
+            # IR 3 requires every initializer to be declared as a graph input as well, which
+            # an If / Loop / Scan body cannot do (its inputs are fixed by the operator): the
+            # new constant lives in the main graph, and the body reads it from the outer scope.
+            while home.parent is not None:
+                home = home.parent
+        tensor = home.graph.initializer.add()
         write_tensor(tensor, value64, data_type, name, self.payloads)
-        if self.ctx.ir_version < 4 and self.parent is None:
-            # IR 3 requires every initializer to be declared as a graph input as well.
-            self.graph.input.append(helper.make_tensor_value_info(name, data_type, list(tensor.dims)))
+        if self.ctx.ir_version < 4:
+            home.graph.input.append(helper.make_tensor_value_info(name, data_type, list(tensor.dims)))
+            home.initializers[name] = tensor
         while len(node.input) <= position:
             node.input.append("")
         if old:
@@ -694,7 +701,8 @@ class GraphView:
             self.consumers[old].remove(index)
         node.input[position] = name
         self.consumers[name].append(index)
-        self.initializers[name] = tensor
+        if home is self:
+            self.initializers[name] = tensor
         return name
 
     def remove_node(self, index: int) -> None:

@@ -247,6 +247,38 @@ def test_ir3_new_initializers_are_declared_as_graph_inputs():
     onnx.checker.check_model(model)
 
 
+def test_ir3_conv_bn_in_an_if_body_folds_into_a_valid_model():
+    """IR 3 bodies cannot list initializers as inputs (If has none, Loop's are fixed): the folded
+    weights of a Conv -> BN inside a body live in the main graph, declared as its inputs, and the
+    body reads them from the outer scope. (They once landed in the body: checker and onnxruntime
+    refused the output.)"""
+    import onnxruntime as ort
+
+    import bnfold
+
+    rng = np.random.default_rng(0)
+    then = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["c"], pads=[1] * 4),
+                              helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["yt"], name="bn")],
+                             "then", [], [vi("yt", [1, 4, 6, 6])])
+    other = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["ye"], pads=[1] * 4)], "else", [], [vi("ye", [1, 4, 6, 6])])
+    inits = [init("flag", np.array(True)), init("W", rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32))]
+    inits += [init(n, a.astype(np.float32)) for n, a in
+              zip("sbmv", [rng.uniform(0.5, 1.5, 4), rng.normal(0, 0.5, 4), rng.normal(0, 0.5, 4), rng.uniform(0.5, 2, 4)])]
+    graph = helper.make_graph([helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other)], "g",
+                              [vi("x", [1, 3, 6, 6])] + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                                          for t in inits], [vi("y", [1, 4, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    onnx.checker.check_model(model)
+    folded, report = bnfold.fold(model)
+    assert report.n_folded == 1
+    onnx.checker.check_model(folded)
+    assert not folded.graph.node[0].attribute[0].g.initializer  # nothing added to the body
+    x = rng.normal(size=(1, 3, 6, 6)).astype(np.float32)
+    want, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                 for m in (model, folded))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_remove_unused_deletes_only_released_tensors_nothing_reads():
     nodes = [
         helper.make_node("Cast", ["half"], ["scale"], to=TensorProto.FLOAT),
