@@ -22,13 +22,16 @@ import onnx
 from bnfold.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_batch_norm, iter_graphs, node_subgraphs, \
     remove_unused, to_float64
 from bnfold.model_io import load_model_deferred, read_as_ir4_if_initializers_unlisted
-from bnfold.rules import bn_conv, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
+from bnfold.rules import bn_conv, bn_duplicate, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
 from bnfold.rules.base import BatchNorm, Failure, Match, inference_mode_failure
 
+# A repeated BN goes first: removing it never loses a fold, and it can free the first one's
+# input of a second reader, so that it folds backward.
+DEDUPLICATION_RULES = (bn_duplicate,)
 BACKWARD_RULES = (conv_bn, convtranspose_bn, gemm_bn, matmul_bn)
 FORWARD_RULES = (bn_gemm, bn_matmul, bn_conv)
 
-RULE_CODES = tuple(r.RULE for r in BACKWARD_RULES + FORWARD_RULES)
+RULE_CODES = tuple(r.RULE for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES)
 REASON_CODES = (
     "training_mode",
     "non_constant_params",
@@ -318,7 +321,9 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
         result = outcome[i]
         if isinstance(result, Match):
             target = view.labels[result.target]
-            weight_type = FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
+            # A removed duplicate changed no weights: nothing for the precision search to undo.
+            weight_type = "" if result.rule == bn_duplicate.RULE else \
+                FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
             report.folded.append(FoldedBN(label, result.rule, target, path,
                                           tuple(view.labels[k] for k in result.absorbed), weight_type))
             foldable, code = True, result.rule
@@ -360,7 +365,7 @@ def _evaluate(view: GraphView, index: int, forward: bool):
     if isinstance(bn, Failure):
         return bn
     failures = []
-    for rule in BACKWARD_RULES + FORWARD_RULES:
+    for rule in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES:
         result = rule.check(view, bn)
         if result is None:
             continue

@@ -485,6 +485,41 @@ def conv_bn_bias_from_declared_shape():
     return model
 
 
+def duplicate_bn_then_conv_bn():
+    """Conv -> x read by two BNs with the same parameter tensors (an untrained FastViT RepMixer's
+    mixer(x) - norm(x), exported by TorchScript, which shares equal tensors): the second BN is the
+    first one again and goes; then x has one reader and the first BN folds into the Conv."""
+    b = _Builder(56)
+    c = 4
+    x = b.input("x", [1, 3, 6, 6])
+    h = b.node("Conv", [x, b.init("conv_W", b.weight([c, 3, 3, 3]))], "h", name="conv", pads=[1, 1, 1, 1])
+    params = [b.init(f"shared_{k}", v) for k, v in zip(("scale", "bias", "mean", "var"), b.bn_stats(c))]
+    first = b.node("BatchNormalization", [h, *params], "mixed", name="bn_mixer")
+    second = b.node("BatchNormalization", [h, *params], "normed", name="bn_norm")
+    b.node("Sub", [first, second], "y", name="sub")
+    b.output("y")
+    return b.model()
+
+
+def duplicate_bn_with_equal_copies():
+    """The same, with the second BN's parameters equal copies (not the same tensors) and the BN
+    output read twice; a third BN with one different variance is not a duplicate."""
+    b = _Builder(57)
+    c = 4
+    x = b.input("x", [1, c, 5, 5])
+    stats = b.bn_stats(c)
+    first = b.node("BatchNormalization", [x, *[b.init(f"a_{k}", v) for k, v in enumerate(stats)]], "a", name="bn_a")
+    second = b.node("BatchNormalization", [x, *[b.init(f"b_{k}", v) for k, v in enumerate(stats)]], "bb", name="bn_b")
+    other_var = stats[3].copy()
+    other_var[0] *= 1.5
+    third = b.node("BatchNormalization", [x, *[b.init(f"c_{k}", v) for k, v in enumerate(stats[:3] + (other_var,))]], "cc",
+                   name="bn_c")
+    twice = b.node("Mul", [second, second], "sq", name="square")
+    b.node("Add", [b.node("Add", [first, twice], "s1", name="add1"), third], "y", name="add2")
+    b.output("y")
+    return b.model()
+
+
 # ==== dtypes ====================================================================================
 
 
@@ -1052,6 +1087,10 @@ CASES = {
     "conv_bn_constant_nodes": (conv_bn_constant_nodes, (Fold("bn", "conv_bn"),)),
     "conv_bn_constant_subgraph": (conv_bn_constant_subgraph, (Fold("bn", "conv_bn"),)),
     "conv_bn_bias_from_shape": (conv_bn_bias_from_shape, (Fold("bn", "conv_bn"),)),
+    "duplicate_bn_then_conv_bn": (duplicate_bn_then_conv_bn, (Fold("bn_norm", "bn_duplicate"), Fold("bn_mixer", "conv_bn"))),
+    "duplicate_bn_with_equal_copies": (duplicate_bn_with_equal_copies,
+                                       (Remain("bn_a", "no_foldable_neighbour"), Fold("bn_b", "bn_duplicate"),
+                                        Remain("bn_c", "no_foldable_neighbour"))),
     "conv_bn_bias_from_overridable_size": (conv_bn_bias_from_overridable_size, (Remain("bn", "non_constant_weight"),)),
     "conv_bn_bias_from_declared_shape": (conv_bn_bias_from_declared_shape, (Remain("bn", "non_constant_weight"),)),
     "convtranspose2d_identity_add_identity_bn": (convtranspose2d_identity_add_identity_bn,
