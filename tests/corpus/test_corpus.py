@@ -175,25 +175,6 @@ def upcast_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     return twin
 
 
-def rounded_once_more(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The float16 model with every float16 layer weight rounded to float16 once more, at a random
-    per-output-channel scale (kept in float32 after undoing the scale): what storing folded
-    weights in float16 costs in any case -- the fold rounds ``W * gamma / sigma`` once -- so the
-    unavoidable part of a float16 fold's error, measured on the model itself."""
-    rng = np.random.default_rng(5)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    weights = {n.input[1] for n in copy.graph.node
-               if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1}
-    for tensor in copy.graph.initializer:
-        if tensor.name in weights and tensor.data_type == TensorProto.FLOAT16 and tensor.dims:
-            w = numpy_helper.to_array(tensor).astype(np.float64)
-            scale = rng.uniform(0.5, 2.0, (w.shape[0],) + (1,) * (w.ndim - 1))
-            again = (w * scale).astype(np.float16).astype(np.float64) / scale
-            tensor.CopyFrom(numpy_helper.from_array(again.astype(np.float32), tensor.name))
-    return copy
-
-
 def run_openvino(path, feeds) -> list:
     import openvino as ov
 
@@ -213,7 +194,8 @@ def test_fold_is_exact_valid_and_portable(corpus_dir, corpus_entry, tmp_path_fac
     against the model's float32 twin, the fold (in onnxruntime and in OpenVINO) may be off by
     at most twice what the original itself is off by (its float16 arithmetic, in onnxruntime at
     both levels and in OpenVINO) or twice what one more float16 rounding of its weights costs
-    (``rounded_once_more``: the rounding no float16 fold can avoid), or 1 % of the outputs."""
+    (compare_corpus's ``rounded_once_more``: the rounding no float16 fold can avoid), or 1 % of
+    the outputs."""
     source = model_path(corpus_dir, corpus_entry)
     code, text, out = folded(corpus_dir, corpus_entry, tmp_path_factory)
     assert code == 0, text
@@ -238,7 +220,8 @@ def test_fold_is_exact_valid_and_portable(corpus_dir, corpus_entry, tmp_path_fac
     truth = run(session(upcast_float16(original_model).SerializeToString()), wide_feeds)
     deployed = run(session(source, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), feeds)
     own_error = max(max_error(truth, outputs) for outputs in (reference, deployed, run_openvino(source, feeds)))
-    rounding = run(session(upcast_float16(rounded_once_more(original_model)).SerializeToString()), wide_feeds)
+    rounding = run(session(upcast_float16(_compare_tool().rounded_once_more(original_model)).SerializeToString()),
+                   wide_feeds)
     rounding_error = max_error(truth, rounding)
     allowed = max(BASE_RTOL["float16"] * scale_of(truth), 2 * own_error, 2 * rounding_error)
     for label, outputs in (("onnxruntime", candidate), ("OpenVINO", by_openvino)):
