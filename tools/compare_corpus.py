@@ -1123,6 +1123,35 @@ def format_table(records, tool_names, field="bn") -> str:
     return "\n".join(lines)
 
 
+def format_markdown(records, tool_names) -> str:
+    """The BN table as Markdown (docs/corpus.md): one row per model, then the totals -- BNs in
+    the files, BNs each tool removed in its correct outputs, and its outputs by status."""
+    lines = ["| model | BN | " + " | ".join(tool_names) + " |", "|---" * (len(tool_names) + 2) + "|"]
+    removed = dict.fromkeys(tool_names, 0)
+    statuses = {t: {} for t in tool_names}
+    total = 0
+    for record in records:
+        if record.get("error"):
+            lines.append(f"| {record['name']} | error |" + " |" * len(tool_names))
+            continue
+        total += record["bn_original"]
+        cells = []
+        for tool in tool_names:
+            result = record["tools"].get(tool, {"status": STATUS_NA})
+            cell = _cell(result)
+            if tool == UNDER_TEST and record.get("bnfold_more"):
+                cell = f"**{cell}** (best other {record['best_other']['bn']})"
+            cells.append(cell)
+            statuses[tool][result.get("status")] = statuses[tool].get(result.get("status"), 0) + 1
+            if result.get("status") in COUNTED_STATUSES + (STATUS_NOT_PORTABLE,):
+                removed[tool] += record["bn_original"] - result["bn"]
+        lines.append(f"| {record['name']} | {record['bn_original']} | " + " | ".join(cells) + " |")
+    lines.append(f"| **BNs removed (of {total})** | | " + " | ".join(str(removed[t]) for t in tool_names) + " |")
+    for status in (STATUS_WRONG, STATUS_ERROR, STATUS_TIMEOUT):
+        lines.append(f"| outputs {status} | | " + " | ".join(str(statuses[t].get(status, 0)) for t in tool_names) + " |")
+    return "\n".join(lines)
+
+
 def format_report(records, setups) -> str:
     tool_names = [t for t in TOOL_ORDER if t in setups]
     out = [format_table(records, tool_names), ""]
@@ -1219,6 +1248,7 @@ def main(argv=None) -> int:
                                         "(bnfold is always run)")
     parser.add_argument("--models", help="comma-separated model names of the manifest to compare")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    parser.add_argument("--markdown", metavar="OUT", help="write the BN table as Markdown")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if bnfold leaves more BNs than the best other tool (or fails) on a model")
     parser.add_argument("--cache-dir", help="cache of other tools' results (default: <corpus dir>/"
@@ -1283,6 +1313,9 @@ def main(argv=None) -> int:
         _write_json_atomic(args.json, {"versions": versions,
                                        "tools": {t: s.to_dict() for t, s in setups.items()},
                                        "seconds": elapsed, "models": records, "notes": notes})
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(format_markdown(records, [t for t in TOOL_ORDER if t in setups]) + "\n")
     if args.check:
         more = [r["name"] for r in records if r.get("bnfold_more")]
         failed = [r["name"] for r in records if r.get("bnfold_failed") and not r.get("bnfold_more")]
