@@ -498,49 +498,17 @@ def _reference_task(spec) -> dict:
             "noise_note": noise_note, "rounding": rounding}
 
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+def rounded_once_more(model):
+    """bnfold.parity.rounded_once_more (this runs in the main interpreter, which has bnfold)."""
+    from bnfold.parity import rounded_once_more as rounded
 
-
-def _layer_weight_names(model) -> set:
-    return {n.input[1] for n in model.graph.node if n.op_type in LAYER_OPS and len(n.input) > 1}
+    return rounded(model)
 
 
 def _has_low_precision_weights(model) -> bool:
-    from onnx import TensorProto
+    from bnfold.parity import has_low_precision_layer_weights
 
-    names = _layer_weight_names(model)
-    return any(t.name in names and t.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16)
-               for t in model.graph.initializer)
-
-
-def rounded_once_more(model, seed: int = 5):
-    """A copy of ``model`` whose float16 / bfloat16 layer weights (main graph) are rounded to
-    their type once more at a random per-output-channel scale, then divided by the scale and
-    rounded back (the model keeps its types; that makes about sqrt(2) roundings, an upper side
-    estimate).
-
-    What storing folded weights in a low-precision type costs in any case -- a fold rounds
-    ``W * gamma / sigma`` once -- measured on the model itself: the unavoidable part of a
-    float16 fold's error, as opposed to a wrong fold's."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    names = _layer_weight_names(copy)
-    for tensor in copy.graph.initializer:
-        if tensor.name not in names or tensor.data_type not in (TensorProto.FLOAT16, TensorProto.BFLOAT16) \
-                or not tensor.dims:
-            continue
-        w = numpy_helper.to_array(tensor)
-        low = w.dtype
-        w = w.astype(np.float64)
-        scale = rng.uniform(0.5, 2.0, (w.shape[0],) + (1,) * (w.ndim - 1))
-        again = (w * scale).astype(low).astype(np.float64) / scale
-        tensor.CopyFrom(numpy_helper.from_array(again.astype(low), tensor.name))
-    return copy
+    return has_low_precision_layer_weights(model)
 
 
 def _max_difference(a, b) -> float:
