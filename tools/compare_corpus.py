@@ -142,14 +142,8 @@ def _walk_nodes(graph):
 
 def _all_nodes(model):
     yield from _walk_nodes(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            yield node
-            for attribute in node.attribute:
-                if attribute.HasField("g"):
-                    yield from _walk_nodes(attribute.g)
-                for body in attribute.graphs:
-                    yield from _walk_nodes(body)
+    for function in model.functions:  # a FunctionProto holds its nodes as a graph does
+        yield from _walk_nodes(function)
 
 
 def count_nodes(model) -> dict:
