@@ -2,23 +2,69 @@
 
 Public API (see README.md): the BN kernels, the ONNX fold pass, parity checks, benchmarks and
 PreciseBN calibration. Everything a user needs is importable from ``bnfold`` directly.
+
+The names are resolved on first use (PEP 562): ``import bnfold`` itself loads neither onnx,
+onnxruntime nor the compiled kernels, so the ``bnfold`` command starts by installing its signal
+handlers and a Ctrl-C or SIGTERM during its start-up ends with the documented exit code instead
+of a traceback.
 """
 
-from bnfold._openmp import openmp_enabled
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from bnfold._version import __version__
-from bnfold.calibration import CalibrationReport, calibrate
 from bnfold.errors import BnfoldError, BnfoldWarning, InputError, ParityError
-from bnfold.fold_pass import FoldReport, fold, fold_file, inspect
-from bnfold.kernels import (
-    Moments,
-    batch_norm_backward,
-    batch_norm_infer,
-    batch_norm_train,
-    batch_renorm_train,
-    batch_stats,
-    onnx_momentum,
-)
-from bnfold.parity import CheckReport, check
+
+# public name -> the module that defines it
+_LAZY = {
+    "openmp_enabled": "bnfold._openmp",
+    "CalibrationReport": "bnfold.calibration",
+    "calibrate": "bnfold.calibration",
+    "FoldReport": "bnfold.fold_pass",
+    "fold": "bnfold.fold_pass",
+    "fold_file": "bnfold.fold_pass",
+    "inspect": "bnfold.fold_pass",
+    "Moments": "bnfold.kernels",
+    "batch_norm_backward": "bnfold.kernels",
+    "batch_norm_infer": "bnfold.kernels",
+    "batch_norm_train": "bnfold.kernels",
+    "batch_renorm_train": "bnfold.kernels",
+    "batch_stats": "bnfold.kernels",
+    "onnx_momentum": "bnfold.kernels",
+    "CheckReport": "bnfold.parity",
+    "check": "bnfold.parity",
+}
+
+if TYPE_CHECKING:  # what static tools and IDEs see
+    from bnfold._openmp import openmp_enabled
+    from bnfold.calibration import CalibrationReport, calibrate
+    from bnfold.fold_pass import FoldReport, fold, fold_file, inspect
+    from bnfold.kernels import (
+        Moments,
+        batch_norm_backward,
+        batch_norm_infer,
+        batch_norm_train,
+        batch_renorm_train,
+        batch_stats,
+        onnx_momentum,
+    )
+    from bnfold.parity import CheckReport, check
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = ["__version__", "openmp_enabled", "BnfoldError", "BnfoldWarning", "InputError", "ParityError"]
 __all__ += ["check", "CheckReport"]

@@ -59,40 +59,62 @@ class Terminated(BaseException):
     temporary files are removed on the way out."""
 
 
+# The signal that interrupted this run, once one has: an exception raised in a signal handler
+# while an extension module initializes comes out as that module's ImportError, which must
+# still end as an interruption, not as an internal error.
+_interrupted_by = []
+
+
 def _on_sigterm(signum, frame):
+    _interrupted_by.append(signal.SIGTERM)
     raise Terminated()
 
 
+def _on_sigint(signum, frame):
+    _interrupted_by.append(signal.SIGINT)
+    raise KeyboardInterrupt()
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        # First of all, so that no moment of start-up (imports, argument parsing) ends in a
+        # traceback.
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
+                    signal.SIGINT: signal.signal(signal.SIGINT, _on_sigint)}
+    del _interrupted_by[:]
+    args = None
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         with warnings.catch_warnings():
             _show_bnfold_warnings_as_lines(args)
             return int(args.func(args) or 0)
     except Terminated:
-        print("bnfold: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return _interrupted(signal.SIGTERM)
+    except KeyboardInterrupt:
+        return _interrupted(signal.SIGINT)
     except InputError as e:
         return _fail(args, e, 2)
     except ParityError as e:
         return _fail(args, e, 1)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         return _fail(args, e, 2)
-    except KeyboardInterrupt:
-        print("bnfold: interrupted", file=sys.stderr)
-        return 130
     except Exception as e:  # an internal error: still one line unless --verbose
+        if _interrupted_by:
+            return _interrupted(_interrupted_by[0])
         return _fail(args, e, 3, internal=True)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupted(signum) -> int:
+    print("bnfold: interrupted" if signum == signal.SIGINT else "bnfold: terminated", file=sys.stderr)
+    return 128 + signum
 
 
 def _show_bnfold_warnings_as_lines(args) -> None:

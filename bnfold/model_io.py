@@ -12,7 +12,7 @@ import os
 import stat
 import tempfile
 import threading
-import uuid
+import time
 import warnings
 
 import onnx
@@ -53,12 +53,15 @@ def load_model_checked_in_background(model_or_path, *, check: bool = True):
         model = onnx.load_model_from_string(raw)
         external = model_uses_external_data(model)
         if external:
+            directory = os.path.dirname(os.path.abspath(path))
+            external_tensors = _refuse_unreadable_external_data(model, directory, path)
             try:
-                load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+                load_external_data_for_model(model, directory)
             except (FileNotFoundError, PermissionError):
                 raise
             except Exception as e:  # onnx words a missing/short data file as a ValidationError
                 raise InputError(f"{path}: external data missing or unreadable ({_first_line(e)})") from None
+            _refuse_wrong_payload_sizes(external_tensors, path)
     except InputError:
         raise
     except PermissionError:
@@ -137,7 +140,40 @@ def _existing_model_path(model_or_path, argument: str = "model") -> str:
         raise InputError(f"{path}: no such file")
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory, expected an .onnx file")
+    if not os.path.isfile(path):
+        # open() of a FIFO blocks until a writer comes; a device may never end.
+        raise InputError(f"{path}: not a regular file (a FIFO, device or socket), expected an .onnx file")
     return path
+
+
+def _refuse_unreadable_external_data(model: onnx.ModelProto, directory: str, path) -> list:
+    """The tensors of ``model`` whose data is external, after making sure each names a regular
+    file (onnx's reader would block forever in ``open()`` on a FIFO). Locations that escape
+    ``directory`` are refused by onnx's reader itself."""
+    external = [t for t in _all_initializers(model) if uses_external_data(t)]
+    for tensor in external:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if not location:
+            raise InputError(f"{path}: tensor '{tensor.name}' is external data without a location")
+        data_path = os.path.join(directory, location)
+        if os.path.exists(data_path) and not os.path.isfile(data_path):
+            raise InputError(f"{path}: external data of tensor '{tensor.name}' ({location}) is not a regular file")
+    return external
+
+
+def _refuse_wrong_payload_sizes(tensors, path) -> None:
+    """One-line InputError for a tensor whose loaded external payload does not fit its dims: a
+    truncated data file read without a ``length`` key yields fewer bytes, and the checker, which
+    sees only the path of an external-data model, never compares them."""
+    from bnfold.payloads import _expected_nbytes as expected_payload_nbytes
+
+    for tensor in tensors:
+        if any(d < 0 for d in tensor.dims):
+            raise InputError(f"{path}: tensor '{tensor.name}' has negative dims {list(tensor.dims)}")
+        expected = expected_payload_nbytes(tensor)
+        if expected is not None and len(tensor.raw_data) != expected:
+            raise InputError(f"{path}: external data of tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, "
+                             f"its dims {list(tensor.dims)} call for {expected} (truncated or wrong data file)")
 
 
 def _require_graph(model: onnx.ModelProto, path) -> None:
@@ -260,6 +296,8 @@ def file_uses_external_data(path) -> bool:
         key = _file_key(path)
     except OSError:
         return False
+    if not os.path.isfile(key[0]):  # opening a FIFO would block
+        return False
     if key not in _external_data_seen:
         try:
             split = _load_split(key[0])
@@ -294,8 +332,18 @@ def files_size(path) -> int:
 
 
 def external_data_path(path) -> str:
-    """Where ``save_model_atomic`` puts the external data of a model written to ``path``."""
+    """Where ``save_model_atomic`` puts the external data of a model first written to ``path``
+    (see ``external_data_candidates`` for a model written over one)."""
     return os.fspath(path) + ".data"
+
+
+def external_data_candidates(path) -> list:
+    """The names ``save_model_atomic`` may give the external data file of a model written to
+    ``path``: ``<path>.data`` first. A model written over an existing one gets a name that the
+    existing one does not use, so that the old .onnx never points at the new weights: each
+    instant of the replacement leaves either the old or the new pair loadable."""
+    path = os.fspath(path)
+    return [path + ".data", path + ".1.data", path + ".2.data"]
 
 
 def source_files(source_path) -> set:
@@ -328,24 +376,63 @@ def resolve_output_path(path) -> str:
     return real
 
 
-def check_distinct_outputs(report_path, model_path) -> None:
-    """One-line InputError when a report would land on the model output or its external data."""
-    report_real = os.path.realpath(os.fspath(report_path))
-    model_real = os.path.realpath(os.fspath(model_path))
-    if report_real == model_real or _same_file(report_path, model_path):
-        raise InputError(f"{report_path}: --report and -o name the same file")
-    if report_real == os.path.realpath(external_data_path(model_real)):
-        raise InputError(f"{report_path}: is where the external data of {model_path} goes; choose another "
-                         "report path")
+def check_outputs(outputs: dict, *, model_option=None, models=(), inputs=()) -> None:
+    """Refuse, with a one-line InputError and before any work, outputs that would overwrite an
+    input or each other. Every command calls it with everything it reads and writes.
+
+    ``outputs``: option name -> path (None: not given), e.g. ``{"-o": ..., "--report": ...}``;
+    ``model_option``: the option whose path is a model (its external data file is reserved too);
+    ``models``: input models (their .onnx file and every external data file they refer to are
+    protected); ``inputs``: other input files or directories (a data directory protects the
+    ``.npy`` / ``.npz`` files it holds and may gain, since they would be read as data)."""
+    given = {option: os.fspath(path) for option, path in outputs.items() if path is not None}
+    protected = {}
+    for model in models:
+        if model is None or not isinstance(model, (str, os.PathLike)):
+            continue
+        for real in source_files(model):
+            protected.setdefault(real, f"the input model {os.fspath(model)}" if real == os.path.realpath(model)
+                                 else f"external data of the input model {os.fspath(model)}")
+    data_directories = []
+    for item in inputs:
+        if item is None or not isinstance(item, (str, os.PathLike)):
+            continue
+        item = os.fspath(item)
+        if os.path.isdir(item):
+            data_directories.append((os.path.realpath(item), item))
+        else:
+            protected.setdefault(os.path.realpath(item), f"the input {item}")
+    for option, path in given.items():
+        # (A model output's external data never lands on a protected file: save_model_atomic
+        # picks a data file name that is free.)
+        real = os.path.realpath(path)
+        what = protected.get(real) or next((what for p, what in protected.items() if _same_file(path, p)), None)
+        if what is not None:
+            raise InputError(f"{path}: refusing to overwrite {what} ({option}); choose another path")
+        for directory, shown in data_directories:
+            if os.path.dirname(real) == directory and real.endswith((".npy", ".npz")):
+                raise InputError(f"{path}: {option} is inside the data directory {shown}, whose .npy/.npz files "
+                                 "are the input data; choose another path")
+    options = list(given)
+    for i, first in enumerate(options):
+        for second in options[i + 1:]:
+            a, b = given[first], given[second]
+            if os.path.realpath(a) == os.path.realpath(b) or (os.path.exists(a) and _same_file(a, b)):
+                raise InputError(f"{b}: {first} and {second} name the same file")
+            for model_opt, other_opt in ((first, second), (second, first)):
+                if model_opt == model_option and os.path.realpath(given[other_opt]) in {
+                        os.path.realpath(name) for name in external_data_candidates(given[model_opt])}:
+                    raise InputError(f"{given[other_opt]}: {other_opt} is where the external data of "
+                                     f"{given[model_opt]} may go; choose another path")
+    for option, path in given.items():
+        check_output_path(path)
 
 
-def check_output_path(path, *, source_path=None, external_data=None) -> str:
+def check_output_path(path, *, source_path=None) -> str:
     """Raise a one-line InputError unless a file can be written at ``path`` without touching the
     model at ``source_path`` (its .onnx file or its external data); return the destination
-    directory. Commands call it before doing any work.
-
-    ``external_data``: whether ``<path>.data`` will be written too; None = when the source keeps
-    its tensors outside (as ``save_model_atomic`` then does)."""
+    directory. (A model's external data goes to a file name ``save_model_atomic`` picks free of
+    the source's files.) Commands call ``check_outputs``, which calls this, before any work."""
     path = os.fspath(path)
     if source_path is not None:
         protected = source_files(source_path)
@@ -354,11 +441,6 @@ def check_output_path(path, *, source_path=None, external_data=None) -> str:
         if os.path.realpath(path) in protected:
             raise InputError(f"{path}: refusing to overwrite the input model's external data file; "
                              "choose another output path")
-        if external_data is None:
-            external_data = file_uses_external_data(source_path)
-        if external_data and os.path.realpath(external_data_path(path)) in protected:
-            raise InputError(f"{path}: its external data would go to {external_data_path(path)}, which holds "
-                             "the input model's external data; choose another output path")
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(directory):
         raise InputError(f"{path}: output directory {directory} does not exist")
@@ -377,14 +459,21 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
                       verify=None) -> bool:
     """Write ``model`` to ``path`` atomically; return whether it was written.
 
-    ``external_data``: True stores tensors in ``<name>.data`` beside the file; None means "as the
-    source was": external when the model (or the file at ``source_path`` it was loaded from) uses
-    external data, or when the model is too big for one protobuf message. Refuses to write over
-    ``source_path`` or any external data file it refers to. ``payloads``: the TensorPayloads
-    holding the data of some of the model's tensors (see ``load_model_deferred``).
-    ``verify(tmp_path) -> bool``: called with the complete model written to a temporary file
-    beside ``path`` (its external data, if any, beside it too) before anything is moved into
-    place; when it returns False nothing is written.
+    ``external_data``: True stores tensors in a data file beside the file (``<name>.data``, or
+    another of ``external_data_candidates`` when a model already at ``path`` uses that one);
+    None means "as the source was": external when the model (or the file at ``source_path`` it
+    was loaded from) uses external data, or when the model is too big for one protobuf message.
+    Refuses to write over ``source_path`` or any external data file it refers to. ``payloads``:
+    the TensorPayloads holding the data of some of the model's tensors (see
+    ``load_model_deferred``). ``verify(tmp_path) -> bool``: called with the complete model
+    written to a temporary file beside ``path`` (its external data, if any, beside it too)
+    before anything is moved into place; when it returns False nothing is written.
+
+    A pair is replaced so that a crash at any instant leaves a loadable model, the old or the
+    new one: the new data file goes under a name the old .onnx does not refer to, the .onnx is
+    renamed over the old one last, and only then is the old model's data file removed.
+    Temporary files are hidden (``.bnfold-*.tmp``) and locked while in use; a later write to the
+    same folder removes those that a killed process left behind (``remove_stale_temporaries``).
     """
     shown = os.fspath(path)
     if external_data is None:
@@ -393,16 +482,19 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
             or (source_path is not None and file_uses_external_data(source_path))
             or not fits_in_one_message(model, payloads)
         )
-    directory = check_output_path(shown, source_path=source_path, external_data=external_data)
+    directory = check_output_path(shown, source_path=source_path)
     path = resolve_output_path(shown)
-    tmp_path = tmp_data = None
+    remove_stale_temporaries(directory)
+    tmp_path = tmp_data = lock = None
     try:
-        fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=".onnx.tmp", dir=directory)
-        os.close(fd)
+        fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=_MODEL_TMP_SUFFIX, dir=directory)
+        lock = _lock_temporary(fd)
         _default_permissions(tmp_path, like=path)
+        old_data = _external_data_files(path)
         if external_data:
-            data_name = os.path.basename(external_data_path(path))
-            tmp_data_name = f".bnfold-{uuid.uuid4().hex}.data.tmp"
+            protected = source_files(source_path) if source_path is not None else set()
+            data_path = _free_data_file_name(path, old_data | protected, shown)
+            tmp_data_name = os.path.basename(tmp_path)[:-len(_MODEL_TMP_SUFFIX)] + _DATA_TMP_SUFFIX
             tmp_data = os.path.join(directory, tmp_data_name)
             to_save = onnx.ModelProto()
             to_save.CopyFrom(model)
@@ -420,15 +512,16 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
             # was saved with external data): the result is then a single file.
             has_data = os.path.exists(tmp_data)
             if has_data:
-                _default_permissions(tmp_data, like=external_data_path(path))
+                _default_permissions(tmp_data, like=data_path)
             if verify is not None and not verify(tmp_path):
                 return False
             if has_data:
                 # The model refers to its data file by name: rewrite the reference to the final
                 # name before the renames so the pair is consistent once both are in place.
-                _relocate_external_data(to_save, tmp_data_name, data_name)
+                _relocate_external_data(to_save, tmp_data_name, os.path.basename(data_path))
                 onnx.save_model(to_save, tmp_path, save_as_external_data=False)
-                os.replace(tmp_data, os.path.join(directory, data_name))
+                os.replace(tmp_data, data_path)
+                old_data.discard(data_path)
             tmp_data = None
         else:
             _write_model_streaming(model, tmp_path, payloads)
@@ -436,6 +529,7 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
                 return False
         os.replace(tmp_path, path)
         tmp_path = None
+        _remove_replaced_data_files(old_data, path, source_path)
         return True
     except OSError as e:
         raise InputError(f"{shown}: cannot write output ({e.strerror or type(e).__name__})") from None
@@ -443,6 +537,159 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
         for leftover in (tmp_path, tmp_data):
             if leftover and os.path.exists(leftover):
                 os.unlink(leftover)
+        if lock is not None:
+            os.close(lock)
+
+
+def _external_data_files(path) -> set:
+    """Real paths of the data files the model now at ``path`` refers to, among the names
+    ``save_model_atomic`` gives them (files a user named are never touched); empty when there
+    is no such model or it cannot be read."""
+    if not os.path.isfile(path) or not file_uses_external_data(path):
+        return set()
+    try:
+        refs = source_files(path) - {os.path.realpath(path)}
+    except Exception:  # an unreadable old output: nothing is known to belong to it
+        return set()
+    ours = {os.path.realpath(name) for name in external_data_candidates(path)}
+    return refs & ours
+
+
+def _free_data_file_name(path, taken: set, shown) -> str:
+    for name in external_data_candidates(path):
+        if os.path.realpath(name) not in taken:
+            return name
+    raise InputError(f"{shown}: every external data file name for it ({', '.join(external_data_candidates(shown))}) "
+                     "is used by the model it replaces or by the input; choose another output path")
+
+
+def _remove_replaced_data_files(old_data: set, path, source_path) -> None:
+    """Remove the data files of the model that was at ``path`` before it was replaced, unless the
+    new model or the input uses them too."""
+    keep = set(source_files(path))
+    if source_path is not None:
+        keep |= source_files(source_path)
+    for name in old_data - keep:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+
+
+_MODEL_TMP_SUFFIX = ".onnx.tmp"
+_DATA_TMP_SUFFIX = ".data.tmp"
+_TMP_PREFIX = ".bnfold-"
+# Files older than this process cannot be one of its own temporaries.
+_PROCESS_START = time.time()
+
+
+def _lock_temporary(fd):
+    """Hold an exclusive lock on the temporary file open at ``fd`` until it is closed: the lock
+    tells ``remove_stale_temporaries`` of any process that the file is in use. Returns ``fd``."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (ImportError, OSError):  # no flock (Windows, some network file systems): no cleanup either
+        pass
+    return fd
+
+
+def _held_by_live_process(path) -> bool:
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(directory) -> list:
+    """Remove from ``directory`` the temporary files of bnfold writers that were killed
+    (SIGKILL, power loss, OOM) before they could clean up; return their paths.
+
+    A temporary is stale when it is older than this process and no live process holds its lock:
+    ``.bnfold-*.onnx.tmp`` and ``.bnfold-*.json.tmp`` hold the lock themselves, a
+    ``.bnfold-*.data.tmp`` belongs to the ``.onnx.tmp`` of the same name, and a
+    ``.bnfold-calibrated-*`` folder to the lock file inside it. Nothing else is touched."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(_TMP_PREFIX):
+            continue
+        full = os.path.join(directory, name)
+        try:
+            info = os.lstat(full)
+        except OSError:
+            continue
+        if info.st_mtime >= _PROCESS_START:
+            continue
+        if stat.S_ISREG(info.st_mode) and name.endswith((_MODEL_TMP_SUFFIX, ".json.tmp")):
+            owner = full
+        elif stat.S_ISREG(info.st_mode) and name.endswith(_DATA_TMP_SUFFIX):
+            owner = full[:-len(_DATA_TMP_SUFFIX)] + _MODEL_TMP_SUFFIX
+            if not os.path.exists(owner):
+                owner = None
+        elif stat.S_ISDIR(info.st_mode) and name.startswith(SCRATCH_PREFIX):
+            owner = os.path.join(full, SCRATCH_LOCK_NAME)
+            if not os.path.exists(owner):
+                owner = None
+        else:
+            continue
+        if owner is not None and _held_by_live_process(owner):
+            continue
+        try:
+            if stat.S_ISDIR(info.st_mode):
+                import shutil
+
+                shutil.rmtree(full)
+            else:
+                os.unlink(full)
+            removed.append(full)
+        except OSError:
+            pass
+    if removed:
+        warnings.warn(f"removed {len(removed)} stale temporary file(s) of an interrupted bnfold run from "
+                      f"{directory}", BnfoldWarning, stacklevel=3)
+    return removed
+
+
+# Scratch folders (``scratch_directory``) and the lock file that marks one in use.
+SCRATCH_PREFIX = ".bnfold-scratch-"
+SCRATCH_LOCK_NAME = ".lock"
+
+
+class scratch_directory:
+    """A hidden, locked temporary folder in ``directory`` (a context manager giving its path),
+    removed on exit; one a killed process left is removed by ``remove_stale_temporaries``."""
+
+    def __init__(self, directory):
+        self._directory = directory
+
+    def __enter__(self) -> str:
+        self.path = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=self._directory)
+        self._lock = _lock_temporary(os.open(os.path.join(self.path, SCRATCH_LOCK_NAME),
+                                             os.O_CREAT | os.O_RDWR, 0o600))
+        return self.path
+
+    def __exit__(self, *exc):
+        import shutil
+
+        os.close(self._lock)
+        shutil.rmtree(self.path, ignore_errors=True)
+        return False
 
 
 _STREAM_THRESHOLD = 1 << 16
@@ -613,7 +860,8 @@ def write_json_atomic(data, path) -> None:
     text = json.dumps(data, indent=2, allow_nan=True) + "\n"
     tmp_path = None
     try:
-        fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=".json.tmp", dir=directory)
+        fd, tmp_path = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".json.tmp", dir=directory)
+        _lock_temporary(fd)
         _default_permissions(tmp_path, like=path)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -14,6 +14,7 @@ from bnfold.model_io import (
     file_uses_external_data,
     load_model,
     save_model_atomic,
+    source_files,
 )
 
 
@@ -162,16 +163,16 @@ def _external_model(tmp_path, name, location):
     return weight, path
 
 
-def test_output_whose_data_file_is_the_inputs_data_is_refused(tmp_path):
-    # in.onnx keeps its weights in out.onnx.data: writing out.onnx (+ out.onnx.data) would
-    # destroy the input
-    _, src = _external_model(tmp_path, "in.onnx", "out.onnx.data")
+def test_output_whose_data_file_name_is_the_inputs_data_gets_another_name(tmp_path):
+    # in.onnx keeps its weights in out.onnx.data: writing out.onnx with its data in
+    # out.onnx.data would destroy the input, so the output's data goes to another name
+    weight, src = _external_model(tmp_path, "in.onnx", "out.onnx.data")
     data_before = (tmp_path / "out.onnx.data").read_bytes()
-    loaded = load_model(src)
-    with pytest.raises(InputError, match="external data"):
-        save_model_atomic(loaded, tmp_path / "out.onnx", source_path=src)
+    assert save_model_atomic(load_model(src), tmp_path / "out.onnx", source_path=src)
     assert (tmp_path / "out.onnx.data").read_bytes() == data_before
-    assert not (tmp_path / "out.onnx").exists()
+    assert source_files(tmp_path / "out.onnx") == {str(tmp_path / "out.onnx"), str(tmp_path / "out.onnx.1.data")}
+    assert np.array_equal(numpy_helper.to_array(load_model(tmp_path / "out.onnx").graph.initializer[0]), weight)
+    assert np.array_equal(numpy_helper.to_array(load_model(src).graph.initializer[0]), weight)
 
 
 def test_output_on_the_inputs_data_file_is_refused(tmp_path):

@@ -9,7 +9,7 @@ import os
 from bnfold.bench import DEFAULT_TIME_BUDGET, DEFAULT_WARMUP, benchmark
 from bnfold.commands.check import add_input_options
 from bnfold.errors import InputError
-from bnfold.model_io import check_output_path
+from bnfold.model_io import check_outputs
 from bnfold.parity import OPT_LEVELS, parse_shape_specs
 
 EXAMPLES = f"""examples:
@@ -65,8 +65,8 @@ def _check_options(args) -> None:
 
 def run(args) -> int:
     _check_options(args)
-    if args.json:
-        check_output_path(args.json)  # before folding and timing: a bad path must not cost the run
+    # Before folding and timing: a bad path must not cost the run, and no input may be overwritten.
+    check_outputs({"--json": args.json}, models=[args.model, args.other], inputs=[args.inputs])
     shapes = parse_shape_specs(args.shape)
     if args.inputs and shapes:
         raise InputError("--shape cannot be combined with --inputs (the arrays' shapes are used)")

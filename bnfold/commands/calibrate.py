@@ -67,8 +67,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from bnfold.calibration import calibrate
     from bnfold.errors import InputError
-    from bnfold.model_io import check_distinct_outputs, check_output_path, load_model, save_model_atomic, \
-        write_json_atomic
+    from bnfold.model_io import (
+        check_outputs,
+        load_model,
+        save_model_atomic,
+        write_json_atomic,
+    )
 
     shapes = {}
     if args.shape:
@@ -79,10 +83,8 @@ def run(args) -> int:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_batches is not None and args.max_batches < 1:
         raise InputError(f"--max-batches must be >= 1, got {args.max_batches}")
-    check_output_path(args.output, source_path=args.input)
-    if args.report:
-        check_output_path(args.report, source_path=args.input)
-        check_distinct_outputs(args.report, args.output)
+    check_outputs({"-o": args.output, "--report": args.report}, model_option="-o", models=[args.input],
+                  inputs=[args.data])
 
     original = load_model(args.input)
     calibrated, report = calibrate(
@@ -111,12 +113,10 @@ def _fold_checked(args, calibrated, report, shapes, report_data):
     values included) runs on exactly the bytes that are then moved into place — also when
     float16 folds have to be left (``fold_file``'s precision search). Returns ``(written,
     parity_failed)``."""
-    import tempfile
-
     from bnfold.calibration import iter_batches
     from bnfold.errors import InputError
     from bnfold.fold_pass import fold_file
-    from bnfold.model_io import save_model_atomic
+    from bnfold.model_io import save_model_atomic, scratch_directory
     from bnfold.parity import check
 
     if shapes:
@@ -137,7 +137,7 @@ def _fold_checked(args, calibrated, report, shapes, report_data):
         return outcome["check"].passed
 
     directory = os.path.dirname(os.path.abspath(args.output))
-    with tempfile.TemporaryDirectory(prefix=".bnfold-calibrated-", dir=directory) as scratch:
+    with scratch_directory(directory) as scratch:
         calibrated_path = os.path.join(scratch, "calibrated.onnx")
         save_model_atomic(calibrated, calibrated_path, source_path=args.input)
         fold_report = fold_file(calibrated_path, args.output, verify=verify, write_refused=args.force)

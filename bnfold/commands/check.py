@@ -92,10 +92,10 @@ def add_input_options(parser) -> None:
 
 def run(args) -> int:
     from bnfold.errors import InputError
-    from bnfold.model_io import check_output_path
+    from bnfold.model_io import check_outputs
 
-    if args.json:
-        check_output_path(args.json)  # before the work: a bad path must not cost a whole check
+    # Before the work: a bad path must not cost a whole check, and no input may be overwritten.
+    check_outputs({"--json": args.json}, models=[args.reference, args.candidate], inputs=[args.inputs])
     if args.samples < 1:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
     shapes = parse_shape_specs(args.shape)

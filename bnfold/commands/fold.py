@@ -50,7 +50,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from bnfold.fold_pass import fold_file
-    from bnfold.model_io import check_distinct_outputs, check_output_path, files_size, write_json_atomic
+    from bnfold.model_io import check_outputs, files_size, write_json_atomic
 
     shapes = {}
     if args.shape:
@@ -58,10 +58,7 @@ def run(args) -> int:
 
         shapes = parse_shape_specs(args.shape)
     # Refuse bad output paths before any work: the input must never be overwritten.
-    check_output_path(args.output, source_path=args.input)
-    if args.report:
-        check_output_path(args.report, source_path=args.input)
-        check_distinct_outputs(args.report, args.output)
+    check_outputs({"-o": args.output, "--report": args.report}, model_option="-o", models=[args.input])
 
     outcome = {"check": None}
 

@@ -30,10 +30,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from bnfold.fold_pass import inspect
-    from bnfold.model_io import check_output_path, load_model, write_json_atomic
+    from bnfold.model_io import check_outputs, load_model, write_json_atomic
 
-    if args.json:
-        check_output_path(args.json, source_path=args.model)
+    check_outputs({"--json": args.json}, models=[args.model])
     report = inspect(load_model(args.model))
     print(format_bn_table(report))
     if args.json:
