@@ -9,6 +9,10 @@ Conventions (PyTorch's, see ``onnx_momentum`` for ONNX):
 * running_var is updated with the unbiased batch variance (``running_var_ddof=1``); the
   normalisation itself uses the biased variance.
 * Results come back in the input's dtype; ``Moments`` keeps float64.
+
+Threads: ``n_threads`` is resolved by bnfold._threads, which also keeps kernels working in a
+process forked after they had started OpenMP threads (there they run single-threaded, with the
+same results, and say so once with a BnfoldWarning).
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def _float_input(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _layout(x: np.ndarray, axis, name: str = "x") -> _Layout:
+def _layout(x: np.ndarray, axis, name: str = "x", allow_empty: bool = False) -> _Layout:
     if x.ndim < 2:
         raise ValueError(
             f"{name} must have rank >= 2 (batch and channel axes), got shape {x.shape}"
@@ -113,7 +117,7 @@ def _layout(x: np.ndarray, axis, name: str = "x") -> _Layout:
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for {name} of rank {x.ndim}")
     axis = int(axis) % x.ndim
-    if x.size == 0:
+    if x.size == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {x.shape}): need at least one value per channel")
     outer = math.prod(x.shape[:axis])
     inner = math.prod(x.shape[axis + 1 :])
@@ -241,17 +245,42 @@ def _out_array(out, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _real(value, name: str, *, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return float(value)
+def _real(value, name: str, *, minimum: float | None = None, allow_inf: bool = False) -> float:
+    """A scalar parameter as a float. Not a real number (a string, a bool, an array) ->
+    TypeError. NaN, an infinity, or a value below ``minimum`` -> ValueError; NaN is tested first
+    because it compares false with every bound and would slip through a range check.
+    ``allow_inf`` admits +inf, for a bound where it means "no bound"."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float range
+        v = math.inf if value > 0 else -math.inf
+    if math.isnan(v) or (math.isinf(v) and not (allow_inf and v > 0)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return v
+
+
+def _momentum(value) -> float:
+    """The weight of the new batch in a running-statistics update, in [0, 1] (0: keep the
+    running statistics, 1: replace them); outside that the update extrapolates."""
+    v = _real(value, "momentum")
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {value!r}")
+    return v
+
+
+def _running_var_ddof(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in (0, 1):
+        raise ValueError(f"running_var_ddof must be 0 or 1, got {value!r}")
+    return int(value)
 
 
 def _threads_for(size: int, n_threads) -> int:
-    n = effective_n_threads(n_threads)
-    return 1 if size < _PARALLEL_MIN_ELEMENTS else n
+    # n_threads is validated even for inputs too small to be worth a second thread
+    return effective_n_threads(n_threads, parallel=size >= _PARALLEL_MIN_ELEMENTS)
 
 
 def _prepare(x, axis, name="x"):
@@ -382,13 +411,17 @@ class Moments:
 
     ``a.merge(b)`` uses Chan's parallel formula, so the moments of any split of a batch merge into
     the moments of the whole batch; ``var(ddof)`` = m2 / (count - ddof).
+
+    An empty part (``count == 0``, e.g. one of ``np.array_split(x, 3)`` for a batch of 2) has
+    mean and m2 0 and is the identity of ``merge``: merged with a part, it gives that part's
+    moments unchanged. It has no variance (``var()`` raises ValueError).
     """
 
     __slots__ = ("count", "mean", "m2")
 
     def __init__(self, count: int, mean, m2):
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
-            raise ValueError(f"count must be a positive int, got {count!r}")
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ValueError(f"count must be a non-negative int, got {count!r}")
         mean = np.array(mean, dtype=np.float64).reshape(-1)
         m2 = np.array(m2, dtype=np.float64).reshape(-1)
         if mean.shape != m2.shape:
@@ -399,9 +432,14 @@ class Moments:
 
     @classmethod
     def from_array(cls, x, axis=1, n_threads=None) -> "Moments":
-        """Moments of every channel (axis ``axis``) of a float32/float64 batch."""
-        arr, L = _prepare(x, axis)
-        mean, m2 = _raw_moments(arr, L, _threads_for(arr.size, n_threads))
+        """Moments of every channel (axis ``axis``) of a float32/float64 batch; an empty batch
+        (no values per channel) gives the empty moments, count 0."""
+        arr = _float_input(x, "x")
+        L = _layout(arr, axis, allow_empty=True)
+        nt = _threads_for(arr.size, n_threads)  # validates n_threads even when nothing is computed
+        if arr.size == 0:
+            return cls(L.count, np.zeros(L.C), np.zeros(L.C))
+        mean, m2 = _raw_moments(arr, L, nt)
         return cls(L.count, mean, m2)
 
     def merge(self, other: "Moments") -> "Moments":
@@ -412,6 +450,12 @@ class Moments:
             raise ValueError(
                 f"cannot merge moments of {self.mean.shape[0]} and {other.mean.shape[0]} channels"
             )
+        # The empty part is the identity exactly: Chan's formula would give it too (its mean is 0)
+        # except for two empty parts (0 / 0), and a hand-made Moments(0, ...) may hold any mean.
+        if other.count == 0:
+            return Moments(self.count, self.mean, self.m2)
+        if self.count == 0:
+            return Moments(other.count, other.mean, other.m2)
         na, nb = float(self.count), float(other.count)
         n = na + nb
         delta = other.mean - self.mean
@@ -420,7 +464,15 @@ class Moments:
         return Moments(self.count + other.count, mean, m2)
 
     def var(self, ddof: int = 0) -> np.ndarray:
-        """Per-channel variance m2 / (count - ddof), float64."""
+        """Per-channel variance m2 / (count - ddof), float64; ddof is a non-negative int smaller
+        than count (0: biased, 1: unbiased)."""
+        if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral):
+            raise TypeError(f"ddof must be a non-negative int, got {ddof!r}")
+        if ddof < 0:
+            raise ValueError(f"ddof must be a non-negative int, got {ddof}")
+        ddof = int(ddof)
+        if self.count == 0:
+            raise ValueError("the moments are empty (count 0): no variance")
         if self.count - ddof <= 0:
             raise ValueError(f"ddof={ddof} needs more than {ddof} values, have {self.count}")
         return self.m2 / (self.count - ddof)
@@ -453,10 +505,9 @@ def batch_norm_train(x, weight, bias, running_mean, running_var, momentum=0.1, e
     b = _channel_param(bias, "bias", L.C, 0.0)
     rm = _running_stat(running_mean, "running_mean", L.C)
     rv = _running_stat(running_var, "running_var", L.C)
-    momentum = _real(momentum, "momentum")
+    momentum = _momentum(momentum)
     eps = _real(eps, "eps", minimum=0.0)
-    if running_var_ddof not in (0, 1):
-        raise ValueError(f"running_var_ddof must be 0 or 1, got {running_var_ddof!r}")
+    running_var_ddof = _running_var_ddof(running_var_ddof)
     count = _training_count(L, arr)
     y = _out_array(out, arr)
     nt = _threads_for(arr.size, n_threads)
@@ -544,12 +595,12 @@ def batch_renorm_train(x, weight, bias, running_mean, running_var, momentum=0.1,
         raise ValueError("batch_renorm_train needs running_mean and running_var (got None)")
     rm = _running_stat(running_mean, "running_mean", L.C)
     rv = _running_stat(running_var, "running_var", L.C)
-    momentum = _real(momentum, "momentum")
+    momentum = _momentum(momentum)
     eps = _real(eps, "eps", minimum=0.0)
-    rmax = _real(rmax, "rmax", minimum=1.0)
-    dmax = _real(dmax, "dmax", minimum=0.0)
-    if running_var_ddof not in (0, 1):
-        raise ValueError(f"running_var_ddof must be 0 or 1, got {running_var_ddof!r}")
+    # +inf: no clipping (r and d as computed)
+    rmax = _real(rmax, "rmax", minimum=1.0, allow_inf=True)
+    dmax = _real(dmax, "dmax", minimum=0.0, allow_inf=True)
+    running_var_ddof = _running_var_ddof(running_var_ddof)
     count = _training_count(L, arr)
     y = _out_array(out, arr)
     nt = _threads_for(arr.size, n_threads)
@@ -575,4 +626,4 @@ def onnx_momentum(momentum: float) -> float:
     ``batch_norm_train(..., momentum=onnx_momentum(m_onnx), running_var_ddof=0)``: ONNX stores
     the *biased* batch variance in running_var, PyTorch the unbiased one.
     """
-    return 1.0 - _real(momentum, "momentum")
+    return 1.0 - _momentum(momentum)

@@ -239,6 +239,63 @@ def test_moments_merge_rejects_mismatched_channels_and_types():
     assert merged is not a and a.count == 2 and merged.count == 4
 
 
+@pytest.mark.parametrize("shape, axis", [((2, 3, 4), 1), ((2, 4, 3), -1), ((2, 3), 1)])
+def test_empty_part_of_a_split_is_the_merge_identity(shape, axis):
+    x = _data(np.random.default_rng(61), shape, np.float32, loc=3.0)
+    parts = np.array_split(x, 3)  # a batch of 2 in 3 parts: the last one is empty
+    assert parts[-1].shape[0] == 0
+    moments = [Moments.from_array(p, axis=axis) for p in parts]
+    empty = moments[-1]
+    C = x.shape[axis]
+    assert empty.count == 0 and empty.channels == C
+    np.testing.assert_array_equal(empty.mean, np.zeros(C))
+    np.testing.assert_array_equal(empty.m2, np.zeros(C))
+    merged = moments[0]
+    for m in moments[1:]:
+        merged = merged.merge(m)
+    whole = Moments.from_array(x, axis=axis)
+    assert merged.count == whole.count
+    np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(merged.m2, whole.m2, rtol=1e-9, atol=1e-12)
+    # either side, the other part comes back unchanged (bit for bit), as a new object
+    for m in (empty.merge(whole), whole.merge(empty)):
+        assert m is not whole and m.count == whole.count
+        assert m.mean.tobytes() == whole.mean.tobytes() and m.m2.tobytes() == whole.m2.tobytes()
+    # a hand-made empty part with any mean is ignored as well
+    odd = Moments(0, np.full(C, 7.0), np.zeros(C))
+    assert whole.merge(odd).mean.tobytes() == whole.mean.tobytes()
+    assert empty.merge(empty).count == 0
+
+
+def test_empty_moments_have_no_variance_and_counts_are_checked():
+    empty = Moments.from_array(np.ones((0, 3, 2), np.float64))
+    with pytest.raises(ValueError, match="empty"):
+        empty.var()
+    with pytest.raises(ValueError, match="count"):
+        Moments(-1, np.zeros(3), np.zeros(3))
+    with pytest.raises(ValueError, match="channels"):
+        empty.merge(Moments.from_array(np.ones((2, 4), np.float32)))
+    # an empty input is still an error where a statistic must come out
+    with pytest.raises(ValueError, match="empty"):
+        batch_stats(np.ones((0, 3, 2), np.float32))
+    with pytest.raises(ValueError, match="n_threads"):
+        Moments.from_array(np.ones((0, 3), np.float32), n_threads=0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        Moments.from_array(np.ones((0, 3), np.int64))
+
+
+def test_moments_var_ddof_must_be_a_non_negative_int():
+    m = Moments.from_array(_data(np.random.default_rng(62), (10, 4, 3), np.float64))
+    for bad in (-1, np.int64(-2)):
+        with pytest.raises(ValueError, match="ddof"):
+            m.var(ddof=bad)
+    for bad in (1.0, 0.5, True, "1", None):
+        with pytest.raises(TypeError, match="ddof"):
+            m.var(ddof=bad)
+    np.testing.assert_array_equal(m.var(ddof=np.int64(1)), m.m2 / 29)
+    np.testing.assert_array_equal(m.var(), m.m2 / 30)
+
+
 # ----------------------------------------------------------------------------------------------
 # forward / backward against the float64 reference
 
@@ -568,6 +625,78 @@ def test_bad_shapes_and_values_raise_value_error():
         batch_renorm_train(x, None, None, None, np.ones(3))
     with pytest.raises(ValueError, match="running_var_ddof"):
         batch_norm_train(x, None, None, None, None, running_var_ddof=2)
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, -np.inf, np.inf, np.nan, np.float32("nan"), 10**400])
+def test_momentum_outside_0_1_or_nan_is_refused(momentum):
+    x = np.random.default_rng(63).standard_normal((4, 3, 2)).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="momentum"):
+        batch_norm_train(x, None, None, rm, rv, momentum=momentum)
+    with pytest.raises(ValueError, match="momentum"):
+        batch_renorm_train(x, None, None, rm, rv, momentum=momentum)
+    with pytest.raises(ValueError, match="momentum"):
+        bnfold.onnx_momentum(momentum)
+    # nothing was modified by the refused calls
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+
+
+def test_momentum_bounds_keep_or_replace_the_running_stats():
+    x = np.random.default_rng(64).standard_normal((4, 3, 2)).astype(np.float64)
+    mean, var = _ref_stats(x, 1)
+    rm, rv = np.full(3, 5.0), np.full(3, 2.0)
+    batch_norm_train(x, None, None, rm, rv, momentum=0)
+    np.testing.assert_array_equal(rm, 5.0)
+    np.testing.assert_array_equal(rv, 2.0)
+    batch_norm_train(x, None, None, rm, rv, momentum=1, running_var_ddof=0)
+    np.testing.assert_allclose(rm, mean, rtol=1e-12)
+    np.testing.assert_allclose(rv, var, rtol=1e-12)
+    assert bnfold.onnx_momentum(0) == 1.0 and bnfold.onnx_momentum(1) == 0.0
+
+
+def test_scalar_parameters_the_math_cannot_mean_are_refused():
+    x = np.random.default_rng(65).standard_normal((4, 3, 2)).astype(np.float32)
+    stats = (np.zeros(3, np.float32), np.ones(3, np.float32))
+    calls = {
+        "train": lambda **kw: batch_norm_train(x, None, None, *stats, **kw),
+        "infer": lambda **kw: batch_norm_infer(x, None, None, *stats, **kw),
+        "renorm": lambda **kw: batch_renorm_train(x, None, None, *stats, **kw),
+    }
+    for call in calls.values():
+        for eps in (-1e-9, np.nan, np.inf, -np.inf):  # sqrt(var + eps) undefined, or y = bias
+            with pytest.raises(ValueError, match="eps"):
+                call(eps=eps)
+        with pytest.raises(TypeError, match="eps"):
+            call(eps="1e-5")
+        with pytest.raises(TypeError, match="eps"):
+            call(eps=np.array([1e-5]))
+        call(eps=0.0)  # plain standardisation, as PyTorch and ONNX allow
+        call(eps=np.float32(1e-3))
+    for rmax in (0.5, 0.0, -1.0, np.nan, -np.inf):
+        with pytest.raises(ValueError, match="rmax"):
+            calls["renorm"](rmax=rmax)
+    for dmax in (-0.1, np.nan, -np.inf):
+        with pytest.raises(ValueError, match="dmax"):
+            calls["renorm"](dmax=dmax)
+    for ddof in (2, -1, True, 1.0, "1", None):
+        with pytest.raises(ValueError, match="running_var_ddof"):
+            calls["train"](running_var_ddof=ddof)
+        with pytest.raises(ValueError, match="running_var_ddof"):
+            calls["renorm"](running_var_ddof=ddof)
+
+
+def test_batch_renorm_with_infinite_bounds_does_not_clip():
+    rng = np.random.default_rng(66)
+    x = _data(rng, (16, 4, 6), np.float64)
+    mean, var = _ref_stats(x, 1)
+    rm, rv = np.full(4, 50.0), np.full(4, 1e-4)  # far from the batch: r and d far beyond 3 and 5
+    sigma = np.sqrt(rv + 1e-5)
+    _, _, _, r, d = batch_renorm_train(x, None, None, rm.copy(), rv.copy(), rmax=np.inf,
+                                       dmax=float("inf"))
+    np.testing.assert_allclose(r, np.sqrt(var + 1e-5) / sigma, rtol=1e-12)
+    np.testing.assert_allclose(d, (mean - rm) / sigma, rtol=1e-12)
+    assert r.min() > 3 and np.abs(d).min() > 5
 
 
 def test_running_stats_must_be_updatable_in_place():
