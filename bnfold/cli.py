@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -76,15 +77,41 @@ def _on_sigint(signum, frame):
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except Terminated:  # a signal that came while an error was being reported
+        return _interrupted(signal.SIGTERM)
+    except KeyboardInterrupt:
+        return _interrupted(signal.SIGINT)
+
+
+def _resignal_if_swallowed(unraisable) -> None:
+    """``sys.unraisablehook`` while a command runs: a signal whose exception was raised inside a
+    finalizer (``__del__``, a weakref callback) is swallowed by Python with an "Exception
+    ignored" traceback; instead, the signal is sent again, so that it unwinds the command."""
+    if isinstance(unraisable.exc_value, (Terminated, KeyboardInterrupt)):
+        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        # From a thread and a moment later: a signal sent here would be handled inside this
+        # hook, still within the finalizer.
+        threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        return
+    _default_unraisablehook(unraisable)
+
+
+_default_unraisablehook = sys.unraisablehook
+
+
+def _main(argv) -> int:
     previous = {}
-    if threading.current_thread() is threading.main_thread():
-        # First of all, so that no moment of start-up (imports, argument parsing) ends in a
-        # traceback.
-        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
-                    signal.SIGINT: signal.signal(signal.SIGINT, _on_sigint)}
     del _interrupted_by[:]
     args = None
     try:
+        if threading.current_thread() is threading.main_thread():
+            # First of all, so that no moment of start-up (imports, argument parsing) ends in a
+            # traceback.
+            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
+            sys.unraisablehook = _resignal_if_swallowed
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
@@ -110,6 +137,8 @@ def main(argv=None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if previous:
+            sys.unraisablehook = _default_unraisablehook
 
 
 def _interrupted(signum) -> int:

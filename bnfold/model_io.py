@@ -339,11 +339,14 @@ def external_data_path(path) -> str:
 
 def external_data_candidates(path) -> list:
     """The names ``save_model_atomic`` may give the external data file of a model written to
-    ``path``: ``<path>.data`` first. A model written over an existing one gets a name that the
-    existing one does not use, so that the old .onnx never points at the new weights: each
-    instant of the replacement leaves either the old or the new pair loadable."""
+    ``path``, in order of preference: ``<path>.data``, then ``<path>.1.data`` ... A new data file
+    always gets a name that no file has yet, so that no existing .onnx (the one it replaces, one
+    that a concurrent writer is about to put in place) ever points at the new weights."""
     path = os.fspath(path)
-    return [path + ".data", path + ".1.data", path + ".2.data"]
+    return [path + ".data"] + [f"{path}.{i}.data" for i in range(1, _DATA_NAME_TRIES)]
+
+
+_DATA_NAME_TRIES = 10
 
 
 def source_files(source_path) -> set:
@@ -493,7 +496,7 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
         old_data = _external_data_files(path)
         if external_data:
             protected = source_files(source_path) if source_path is not None else set()
-            data_path = _free_data_file_name(path, old_data | protected, shown)
+            _remove_orphaned_data_files(path, old_data | protected)
             tmp_data_name = os.path.basename(tmp_path)[:-len(_MODEL_TMP_SUFFIX)] + _DATA_TMP_SUFFIX
             tmp_data = os.path.join(directory, tmp_data_name)
             to_save = onnx.ModelProto()
@@ -512,16 +515,16 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
             # was saved with external data): the result is then a single file.
             has_data = os.path.exists(tmp_data)
             if has_data:
-                _default_permissions(tmp_data, like=data_path)
+                _default_permissions(tmp_data, like=next(iter(old_data), None))
             if verify is not None and not verify(tmp_path):
                 return False
             if has_data:
-                # The model refers to its data file by name: rewrite the reference to the final
-                # name before the renames so the pair is consistent once both are in place.
+                # The data goes in place first, under a name nothing refers to yet; then the
+                # model's reference is rewritten to that name; the model is renamed last.
+                data_path = _place_data_file(tmp_data, path, old_data | protected, shown)
+                tmp_data = None
                 _relocate_external_data(to_save, tmp_data_name, os.path.basename(data_path))
                 onnx.save_model(to_save, tmp_path, save_as_external_data=False)
-                os.replace(tmp_data, data_path)
-                old_data.discard(data_path)
             tmp_data = None
         else:
             _write_model_streaming(model, tmp_path, payloads)
@@ -555,12 +558,37 @@ def _external_data_files(path) -> set:
     return refs & ours
 
 
-def _free_data_file_name(path, taken: set, shown) -> str:
-    for name in external_data_candidates(path):
-        if os.path.realpath(name) not in taken:
+def _place_data_file(tmp_data, path, taken: set, shown) -> str:
+    """Give the finished data file ``tmp_data`` the first name of ``external_data_candidates``
+    that no file has (a hard link fails on an existing name, so two writers never share one);
+    where the file system has no hard links, the first name not in ``taken`` (the data of the
+    model being replaced, the input's files) is replaced instead. Returns the name."""
+    candidates = [name for name in external_data_candidates(path) if os.path.realpath(name) not in taken]
+    for name in candidates:
+        try:
+            os.link(tmp_data, name)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here (some FUSE, FAT, SMB mounts)
+            os.replace(tmp_data, name)
             return name
-    raise InputError(f"{shown}: every external data file name for it ({', '.join(external_data_candidates(shown))}) "
-                     "is used by the model it replaces or by the input; choose another output path")
+        os.unlink(tmp_data)
+        return name
+    raise InputError(f"{shown}: every external data file name for it ({os.path.basename(candidates[0])} ...) is "
+                     "taken; remove unused ones or choose another output path")
+
+
+def _remove_orphaned_data_files(path, keep: set) -> None:
+    """Remove data files named for ``path`` that no model refers to: left by a run killed after
+    it put its data in place and before its .onnx. Only files older than this process count
+    (a concurrent writer's new data file is younger)."""
+    for name in external_data_candidates(path):
+        real = os.path.realpath(name)
+        try:
+            if real not in keep and os.path.isfile(real) and os.stat(real).st_mtime < _PROCESS_START:
+                os.unlink(real)
+        except OSError:
+            pass
 
 
 def _remove_replaced_data_files(old_data: set, path, source_path) -> None:

@@ -47,7 +47,7 @@ def save_external(model, path, location=None):
 
 def bnfold(*argv, cwd=None, env=None, timeout=120):
     return subprocess.run([sys.executable, "-m", "bnfold", *map(str, argv)], capture_output=True, text=True,
-                          cwd=cwd, env=env or ENV, timeout=timeout)
+                          check=False, cwd=cwd, env=env or ENV, timeout=timeout)
 
 
 def digest(path) -> str:
@@ -163,18 +163,19 @@ def test_fold_report_on_the_output_or_its_data_file_is_refused(tmp_path, two_mod
 
 # --- external-data pairs are replaced as a unit ---------------------------------------------
 
-# Kills the process (as power loss or the OOM killer would) right after a rename whose
-# destination ends with $BNFOLD_TEST_KILL_AFTER_RENAME_TO.
+# Kills the process (as power loss or the OOM killer would) right after a rename or hard link
+# of a temporary whose destination ends with $BNFOLD_TEST_KILL_AFTER_RENAME_TO.
 KILL_AFTER_RENAME = textwrap.dedent("""
     import os, signal
     _suffix = os.environ.get("BNFOLD_TEST_KILL_AFTER_RENAME_TO")
     if _suffix:
-        _replace = os.replace
-        def _replace_then_die(src, dst, *args, **kwargs):
-            _replace(src, dst, *args, **kwargs)
-            if os.fspath(dst).endswith(_suffix) and ".bnfold-" in os.path.basename(os.fspath(src)):
-                os.kill(os.getpid(), signal.SIGKILL)
-        os.replace = _replace_then_die
+        def _then_die(move):
+            def moved(src, dst, *args, **kwargs):
+                move(src, dst, *args, **kwargs)
+                if os.fspath(dst).endswith(_suffix) and ".bnfold-" in os.path.basename(os.fspath(src)):
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return moved
+        os.replace, os.rename, os.link = _then_die(os.replace), _then_die(os.rename), _then_die(os.link)
 """)
 
 
@@ -396,3 +397,34 @@ def test_signals_at_random_moments_of_a_fold(tmp_path):
             run_model(out)
         assert hidden_temporaries(tmp_path) == []
     assert digests(*source_files(model)) == before
+
+
+def test_a_signal_swallowed_by_a_finalizer_still_ends_the_command():
+    """Python prints and drops an exception raised in ``__del__``; a SIGTERM handled there must
+    still unwind the command (exit 143, one line), not leave an "Exception ignored" traceback
+    and carry on."""
+    script = textwrap.dedent("""
+        import argparse, os, signal, sys, time
+        from bnfold import cli
+
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(1000))  # the handler runs here, inside the finalizer
+
+        def command(args):
+            Finalized()
+            time.sleep(2)
+            print("finished")
+            return 0
+
+        def parser():
+            p = argparse.ArgumentParser()
+            p.set_defaults(func=command, command="test")
+            return p
+
+        cli.build_parser = parser
+        sys.exit(cli.main([]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (143, "", "bnfold: terminated\n")
