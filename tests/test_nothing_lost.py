@@ -428,3 +428,38 @@ def test_a_signal_swallowed_by_a_finalizer_still_ends_the_command():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert (result.returncode, result.stdout, result.stderr) == (143, "", "bnfold: terminated\n")
+
+
+def _write_repeatedly(path, seed, times):
+    for _ in range(times):
+        save_model_atomic(conv_bn_model(seed), path, external_data=True)
+
+
+def test_concurrent_writers_of_one_external_data_output_never_mix(tmp_path):
+    """Two processes replace the same external-data output over and over while this one reads
+    it: every read is model A or model B whole (or, when it lands just as a data file is
+    removed, a clean load error), and what is left at the end is one of them."""
+    import multiprocessing
+
+    out = tmp_path / "out.onnx"
+    save_model_atomic(conv_bn_model(5), out, external_data=True)
+    weights = {seed: numpy_helper.to_array(conv_bn_model(seed).graph.initializer[0]) for seed in (5, 6, 7)}
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_write_repeatedly, args=(str(out), seed, 15)) for seed in (6, 7)]
+    for writer in writers:
+        writer.start()
+    seen = set()
+    while any(w.is_alive() for w in writers):
+        try:
+            w = initializers(out)["w"]
+        except Exception:  # noqa: BLE001 - a data file removed between reading the .onnx and its data
+            continue
+        match = [seed for seed, expected in weights.items() if np.array_equal(w, expected)]
+        assert match, "a read mixed one model's .onnx with another's weights"
+        seen.add(match[0])
+    for writer in writers:
+        writer.join()
+        assert writer.exitcode == 0
+    final = initializers(out)["w"]
+    assert any(np.array_equal(final, weights[seed]) for seed in (6, 7))
+    assert hidden_temporaries(tmp_path) == []
