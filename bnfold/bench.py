@@ -25,17 +25,21 @@ import time
 
 import numpy as np
 
-from bnfold.errors import InputError
+from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.model_io import write_json_atomic
 from bnfold.parity import (
     OPT_LEVELS,
     LoadedModel,
     _index_bounds,
+    check_input_budget,
+    check_model_argument,
+    check_seed,
     compare_interfaces,
     load_inputs,
     resolve_shapes,
     session_specs,
     synthesize_inputs,
+    validated_shapes,
 )
 from bnfold.progress import Progress
 
@@ -172,17 +176,24 @@ def benchmark(
     ``threads``: onnxruntime intra-op threads (None: all cores). ``repeat``: exact number of timed
     runs per (model, level); otherwise runs continue until ``time_budget`` seconds (default 1.0)
     were spent per (model, level), at least 5 runs. ``shapes`` / ``inputs`` / ``seed``: as in
-    ``bnfold.check``. ``progress``: None shows a bar when stderr is a terminal, True/False force.
-    All models must take the same inputs.
+    ``bnfold.check`` (checked as there; synthesized inputs, one set, must fit in
+    ``bnfold.parity.input_memory_limit()``). ``progress``: None shows a bar when stderr is a
+    terminal, True/False force. All models must take the same inputs.
     """
     if not isinstance(models, dict) or not models:
-        raise TypeError("models must be a non-empty dict of name -> path or onnx.ModelProto")
+        raise ArgumentTypeError("models must be a non-empty dict of name -> path or onnx.ModelProto")
+    for name, model in models.items():
+        check_model_argument(model, f"models[{name!r}]")
+    check_seed(seed)
+    shapes = validated_shapes(shapes)
     levels = _parse_opt_levels(opt_levels)
     _check_count("threads", threads, 1)
     _check_count("warmup", warmup, 0)
     _check_count("repeat", repeat, 1)
     if repeat is not None and time_budget is not None:
         raise InputError("give either repeat or time_budget, not both")
+    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float, np.number))):
+        raise ArgumentTypeError(f"time_budget must be a number of seconds, got {time_budget!r}")
     if time_budget is not None and not (math.isfinite(float(time_budget)) and float(time_budget) > 0):
         raise InputError(f"time_budget must be a finite number of seconds > 0, got {time_budget!r}")
     budget = float(time_budget) if time_budget is not None else DEFAULT_TIME_BUDGET
@@ -207,6 +218,7 @@ def benchmark(
             feeds = load_inputs(inputs, input_specs)
         else:
             concrete = resolve_shapes(input_specs, shapes)
+            check_input_budget(input_specs, concrete)
             feeds = synthesize_inputs(input_specs, concrete, np.random.default_rng(seed), _index_bounds(first.proto))
 
         keys = list(sessions)

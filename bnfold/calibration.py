@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import struct
 import time
@@ -106,16 +107,21 @@ class BNCalibration:
     def max_rel_change_mean(self) -> float | None:
         if self.old_mean is None or self.new_mean is None:
             return None
-        old_std = np.sqrt(np.maximum(self.old_var, 0) + self.epsilon) if self.old_var is not None else 0.0
-        denom = np.maximum(np.abs(self.old_mean), old_std)
-        return float(np.max(np.abs(self.new_mean - self.old_mean) / denom))
+        # A model's old statistics may be anything (Inf, NaN, a variance of 0 with epsilon 0):
+        # the change is then Inf or NaN, which the report shows as such; numpy's warnings about
+        # computing it would only be noise.
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            old_std = np.sqrt(np.maximum(self.old_var, 0) + self.epsilon) if self.old_var is not None else 0.0
+            denom = np.maximum(np.abs(self.old_mean), old_std)
+            return float(np.max(np.abs(self.new_mean - self.old_mean) / denom))
 
     @property
     def max_rel_change_var(self) -> float | None:
         if self.old_var is None or self.new_var is None:
             return None
-        denom = np.abs(self.old_var) + self.epsilon
-        return float(np.max(np.abs(self.new_var - self.old_var) / denom))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # as max_rel_change_mean
+            denom = np.abs(self.old_var) + self.epsilon
+            return float(np.max(np.abs(self.new_var - self.old_var) / denom))
 
     def to_dict(self) -> dict:
         return {
@@ -1061,7 +1067,7 @@ def _bn_input_session(model, bns: list[_BN], shift: int, elem_types: dict, n_thr
     label_of = {}
     for label, name in fetch.items():
         label_of.setdefault(name, label)
-    return _session(work, n_threads, quiet=True), names, label_of
+    return _session(work, n_threads), names, label_of
 
 
 class _SymbolicBatchCheck:
@@ -1113,7 +1119,10 @@ class _SymbolicBatchCheck:
                 first, real_rows = start // fixed * rows, (rows * real) // fixed
                 have = value[first:first + real_rows].astype(np.float64)
                 chunk = chunk[:real_rows]
-                errors[j] = max(errors[j], float(np.max(np.abs(have - chunk))) if chunk.size else 0.0)
+                # A network that overflows gives Inf in both runs, and Inf - Inf warns; the
+                # calibration run refuses a non-finite BN input anyway (_Accumulator.add).
+                with np.errstate(invalid="ignore", over="ignore"):
+                    errors[j] = max(errors[j], float(np.max(np.abs(have - chunk))) if chunk.size else 0.0)
                 scales[j] = max(scales[j], float(np.max(np.abs(chunk))) if chunk.size else 0.0)
         for j, name in enumerate(names):
             rtol = _SYMBOLIC_RTOL.get(self.elem_types.get(name), _SYMBOLIC_RTOL_DEFAULT)
@@ -1212,12 +1221,30 @@ def _plan_runs(model, view, bns, dataset, mode, batch_size, max_batches, fixed, 
     return plan
 
 
+# Per-channel statistics need this many values per channel: the variance of one value is 0
+# whatever the data (a BN calibrated on it divides by sqrt(eps) at inference), and a batch-mode BN
+# normalizing by it outputs 0 or NaN. Batch mode needs it per batch (the batch is what each BN
+# normalizes by), both modes over all the data (the population written to the model).
+_MIN_VALUES_PER_CHANNEL = 2
+
+
+def _values_per_channel(shape) -> int:
+    """Values each channel of a BN input of ``shape`` (N, C, ...) holds: N times the spatial size."""
+    return math.prod(int(d) for d in shape) // int(shape[1]) if int(shape[1]) else 0
+
+
+def _too_few_values(values_per_channel: int) -> bool:
+    """Whether statistics of ``values_per_channel`` values per channel are undefined (a single
+    value; an empty input, no channels or no samples, is refused elsewhere)."""
+    return 0 < values_per_channel < _MIN_VALUES_PER_CHANNEL
+
+
 def _one_value_per_channel(bns: list[_BN], shapes: dict):
     """Label of the first BN whose input has one value per channel at the fixed batch (from the
     fixed-batch model's static shapes), else None."""
     for b in bns:
         shape = _static(shapes, b.x)
-        if shape is not None and len(shape) >= 2 and shape[1] > 0 and int(np.prod(shape, dtype=np.int64)) == shape[1]:
+        if shape is not None and len(shape) >= 2 and shape[1] > 0 and _too_few_values(_values_per_channel(shape)):
             return b.label
     return None
 
@@ -1227,7 +1254,7 @@ def _one_value_per_channel(bns: list[_BN], shapes: dict):
 # --------------------------------------------------------------------------------------------
 
 
-def _session(model, n_threads, quiet=False):
+def _session(model, n_threads):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -1237,9 +1264,10 @@ def _session(model, n_threads, quiet=False):
     # pattern-matching transformers of level "all" are not needed and could rewrite the explicit
     # normalization ops.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    # quiet: a trial run (the symbolic-batch check) whose failure is an expected answer, which
-    # onnxruntime would otherwise also log to stderr as an error.
-    options.log_severity_level = 4 if quiet else 3
+    # Fatal only: a failed run becomes an InputError that quotes onnxruntime's message, which
+    # onnxruntime would otherwise also log to stderr, a second line beside the CLI's one; a
+    # trial run (the symbolic-batch check) fails as an expected answer, logged nowhere.
+    options.log_severity_level = 4
     # onnxruntime's idle threads otherwise spin after every run and steal the cores bnfold's
     # OpenMP statistics kernels run on (measured: statistics 4x slower with spinning).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -1294,18 +1322,18 @@ class _Accumulator:
     def add(self, label, x, batch_number):
         if x.ndim < 2:
             raise InputError(f"BN '{label}': input of rank {x.ndim}; BatchNormalization needs (N, C, ...)")
-        per_channel = x.size // x.shape[1] if x.shape[1] else 0
-        if self._one_value_is_error and per_channel == 1 and self._fixed_batch is not None:
+        one_value = _too_few_values(_values_per_channel(x.shape))
+        if self._one_value_is_error and one_value and self._fixed_batch is not None:
             raise InputError(
                 f"batch {batch_number}: BN '{label}' sees one value per channel at the model's fixed batch "
                 f"{self._fixed_batch}, whose batch dimension could not be made symbolic (see the note); batch statistics "
                 "are undefined there -- use --mode sequential"
             )
-        if self._one_value_is_error and per_channel == 1:
+        if self._one_value_is_error and one_value:
             raise InputError(
                 f"batch {batch_number}: BN '{label}' sees one value per channel (batch of 1 sample without spatial "
                 "positions); batch statistics are undefined -- use a batch size >= 2 that leaves no final batch of 1, "
-                "or --mode sequential"
+                "or --mode sequential (which needs 2 samples in all)"
             )
         t0 = time.perf_counter()
         activation_dtype = x.dtype
@@ -1325,6 +1353,20 @@ class _Accumulator:
         self.seconds += time.perf_counter() - t0
         self.samples[label] += x.shape[0]
 
+    def population(self, label):
+        """The merged Moments of ``label`` over all the data, the population written to the
+        model; InputError when they hold a single value per channel (``_too_few_values``): one
+        sample in all, for a BN without spatial positions. (Batch mode refuses such a batch in
+        ``add`` already; sequential mode, which merges single values, gets here.)"""
+        m = self.moments[label]
+        if _too_few_values(m.count):
+            samples = self.samples[label]
+            raise InputError(
+                f"BN '{label}' sees one value per channel in all the calibration data ({_count(samples, 'sample')}); "
+                "one value is not a population (its variance is 0 for every channel) -- give at least 2 samples"
+            )
+        return m
+
 
 def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=None, progress=False, n_threads=None):
     """Re-estimate the running mean/variance of every main-graph BatchNormalization from data.
@@ -1340,7 +1382,9 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
     verified on the first batch, else at F (``report.notes`` says which; samples that do not fill a
     last batch of F are not used, and a note says how many).
     ``n_threads``: threads of onnxruntime and of the statistics kernels (None: all cores).
-    Raises InputError for unusable data; nothing is returned half-calibrated.
+    Raises InputError for unusable data; nothing is returned half-calibrated. Data that gives a
+    BN one value per channel in all (one sample, for a BN on (N, C)) is unusable in both modes,
+    and in batch mode so is any batch that does (see ``_MIN_VALUES_PER_CHANNEL``).
     """
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -1452,7 +1496,7 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
             report.n_batches, report.n_samples = runs, seen_samples
             report.passes += 1
             for b in group:
-                m = acc.moments[b.label]
+                m = acc.population(b.label)
                 results[b.label] = (m, acc.samples[b.label])
                 if mode == "sequential":
                     _write_statistics(view, b.index, b.label, m.mean, m.var(), elem_types)

@@ -2,6 +2,8 @@
 
 The CLI maps them to exit codes: InputError -> 2 (bad file, bad argument, bad data),
 ParityError -> 1 (the folded/calibrated model does not compute what the original does).
+InputError is a ValueError, and ArgumentTypeError (a wrong argument type) also a TypeError, so
+API users can catch what Python's own argument checks raise.
 Kernels raise the built-in TypeError / ValueError directly, as numpy users expect.
 ``BnfoldWarning`` is what bnfold says about an input it accepted but had to read generously (the
 CLI prints it as one ``warning:`` line).
@@ -14,6 +16,12 @@ class BnfoldError(Exception):
 
 class InputError(BnfoldError, ValueError):
     """The user's input (file, model, data, option) is unusable; the message is one line."""
+
+
+class ArgumentTypeError(InputError, TypeError):
+    """An API argument has the wrong type (the message names the argument). A TypeError for API
+    users, as Python's own argument checks raise, and an InputError, so that the CLI reports it
+    as bad input (exit 2) should a command ever pass one on."""
 
 
 class ParityError(BnfoldError):

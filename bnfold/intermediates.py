@@ -39,6 +39,7 @@ outputs only and says so.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import onnx
@@ -263,5 +264,7 @@ def estimate_bytes(reference: onnx.ModelProto, values, input_shapes: dict) -> tu
         if dims is None or any(d is None for d in dims):
             unknown += 1
             continue
-        total += int(np.prod(dims, dtype=np.int64)) * np.dtype(value.dtype).itemsize
+        # Python ints: an int64 product of huge inferred dims would wrap around, possibly to a
+        # small or negative size, and let the check expose values it cannot hold.
+        total += math.prod(int(d) for d in dims) * np.dtype(value.dtype).itemsize
     return total, unknown

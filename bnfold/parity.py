@@ -14,7 +14,11 @@ synthesized from the specs:
   typical convolution kernels and pooling windows);
 * float inputs are standard normal, bool inputs fair coin flips, integer inputs small non-negative
   values in ``[0, 10)``, narrowed to the table size when the input indexes a constant with
-  ``Gather`` / ``GatherElements``.
+  ``Gather`` / ``GatherElements``;
+* before anything is drawn, the inputs of all samples are sized (``check_input_budget``): more
+  than ``INPUT_MEMORY_SHARE`` (25 %) of the available memory, an element count beyond int64 or
+  more than ``MAX_SAMPLES`` (10000) samples is refused with one line naming the input, its
+  shape and size, and the limit.
 
 Both models run at the same onnxruntime graph optimization level, ``"disabled"`` by default
 (``opt_level``; ``candidate_opt_level`` only if a caller asks for a different one):
@@ -104,17 +108,19 @@ different things.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
 
 from bnfold import intermediates as intermediates_module
-from bnfold.errors import InputError
+from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.intermediates import estimate_bytes, exposure_suffix
 from bnfold.intermediates import select as select_intermediates
 from bnfold.model_io import _PROTOBUF_LIMIT, _first_line, file_uses_external_data, fits_in_one_message, load_model, \
@@ -166,6 +172,22 @@ _ORT_TYPES = {
     "tensor(bool)": "bool",
 }
 
+# Values near their dtype's limit (a float64 output of 1e308 against -1e308, errors divided by
+# tiny tolerances, an infinite noise atol) overflow to Inf or give NaN in the comparison's
+# arithmetic: an infinite error is a mismatch and a NaN ratio is never the maximum, so the results
+# are right, and numpy's RuntimeWarnings about them would only be noise on stderr.
+def _float_limits_handled(function):
+    """``function`` run under ``np.errstate(over="ignore", invalid="ignore")``, a fresh one per
+    call (before numpy 2 an errstate object used as a decorator is not safe across threads)."""
+
+    @functools.wraps(function)
+    def guarded(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return function(*args, **kwargs)
+
+    return guarded
+
+
 # --------------------------------------------------------------------------------------------
 # Shapes
 # --------------------------------------------------------------------------------------------
@@ -207,6 +229,32 @@ def _reject_zero_dims(name: str, dims, where: str) -> None:
                 f"{where}: input {name!r} has size 0 in dimension {i}; zero-size inputs compare nothing, "
                 "every dimension must be >= 1"
             )
+
+
+def validated_shapes(shapes, argument: str = "shapes") -> dict:
+    """``shapes`` (``{input name: dims}`` or None) as ``{name: tuple of int}``; anything else is
+    an error naming ``argument`` and the input: ArgumentTypeError (a TypeError) for a wrong type,
+    InputError (a ValueError) for a dimension that is not >= 1."""
+    if shapes is None:
+        return {}
+    if not isinstance(shapes, Mapping):
+        raise ArgumentTypeError(f"{argument} must be a dict of input name -> dimensions, got {type(shapes).__name__}")
+    clean = {}
+    for name, dims in shapes.items():
+        if not isinstance(name, str):
+            raise ArgumentTypeError(f"{argument}: keys must be input names (str), got {name!r}")
+        if isinstance(dims, (str, bytes)) or not isinstance(dims, Iterable):
+            raise ArgumentTypeError(f"{argument}[{name!r}] must be a sequence of integer dimensions, got {dims!r}")
+        dims = tuple(dims)
+        for i, d in enumerate(dims):
+            if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)):
+                raise ArgumentTypeError(f"{argument}[{name!r}]: dimension {i} must be an integer, got {d!r}")
+        _reject_zero_dims(name, dims, argument)
+        for i, d in enumerate(dims):
+            if d < 0:
+                raise InputError(f"{argument}[{name!r}]: dimension {i} is {d}; every dimension must be an integer >= 1")
+        clean[name] = tuple(int(d) for d in dims)
+    return clean
 
 
 def _format_shape(shape) -> str:
@@ -338,7 +386,9 @@ class LoadedModel:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = _ort_level(opt_level)
-        options.log_severity_level = 3
+        # Fatal only: a model onnxruntime cannot load or run becomes an InputError quoting its
+        # message; its own log line on stderr would break the CLI's one line per error.
+        options.log_severity_level = 4
         if threads is not None:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
@@ -421,7 +471,7 @@ def compare_interfaces(ref_specs, cand_specs, ref_label="reference", cand_label=
 
 def resolve_shapes(input_specs, shapes=None) -> dict:
     """Concrete shape for every input: static dims kept, dynamic dims from ``shapes`` or defaults."""
-    shapes = dict(shapes or {})
+    shapes = validated_shapes(shapes)
     known = {s.name for s in input_specs}
     unknown = [n for n in shapes if n not in known]
     if unknown:
@@ -435,8 +485,7 @@ def resolve_shapes(input_specs, shapes=None) -> dict:
     ordered = sorted(input_specs, key=lambda s: s.name not in shapes)
     for spec in ordered:
         if spec.name in shapes:
-            given = tuple(int(d) for d in shapes[spec.name])
-            _reject_zero_dims(spec.name, given, "shapes")
+            given = shapes[spec.name]
             if spec.shape is not None:
                 if len(given) != len(spec.shape):
                     raise InputError(
@@ -493,6 +542,120 @@ def _index_bounds(model: onnx.ModelProto) -> dict:
         if -len(shape) <= axis < len(shape) and shape[axis] > 0:
             bounds[indices] = min(bounds.get(indices, shape[axis]), shape[axis])
     return bounds
+
+
+# What synthesized inputs may cost. Every sample's inputs are kept until the candidate has run on
+# them (the reference runs on all samples first, for the noise floor), so their bytes add up over
+# the samples; each input is drawn in float64 (or int64) before it is cast to its dtype.
+# The check refuses, in one line, inputs that would take more than INPUT_MEMORY_SHARE of the
+# memory available when it starts (the least of /proc/meminfo's MemAvailable and the cgroup's
+# remaining limit), or INPUT_MEMORY_FALLBACK bytes where that cannot be read: the rest is the
+# models', their activations' and the outputs kept per sample. Asking numpy for 224 GiB instead
+# fails with a MemoryError (an internal error to the CLI) or, worse, makes the machine swap.
+INPUT_MEMORY_SHARE = 0.25
+INPUT_MEMORY_FALLBACK = 4 << 30
+# Each sample is a full run of both models, plus the reference's noise run: more samples than this
+# are a benchmark rather than a check (and keep their inputs and outputs in memory meanwhile).
+MAX_SAMPLES = 10_000
+# numpy and onnxruntime count elements in int64.
+_MAX_ELEMENTS = 2**63 - 1
+_DRAW_ITEMSIZE = 8  # bytes per element of the float64 / int64 array an input is drawn into
+
+
+def _read_int(path: str):
+    """The integer a one-line /proc or /sys file holds; None for "max", a missing or odd file."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory() -> tuple:
+    """``(bytes, source)``: memory this process can still allocate without swapping, as the
+    kernel estimates it (MemAvailable) and as the process's cgroup (a container's memory limit)
+    still allows; ``(None, "")`` when neither can be read (not Linux)."""
+    candidates = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    candidates.append((int(line.split()[1]) * 1024, "memory available"))
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    # cgroup v2, then v1: a container's limit, which MemAvailable (the host's) does not show.
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # v1 says "no limit" with ~2**63
+            candidates.append((max(limit - usage, 0), "memory left under the cgroup's limit"))
+            break
+    if not candidates:
+        try:
+            candidates.append((os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free physical memory"))
+        except (AttributeError, OSError, ValueError):
+            pass
+    return min(candidates) if candidates else (None, "")
+
+
+def input_memory_limit() -> tuple:
+    """``(bytes, how)``: the most synthesized inputs may take (see INPUT_MEMORY_SHARE), and how
+    that limit was chosen, for messages."""
+    available, source = available_memory()
+    if available is None:
+        return INPUT_MEMORY_FALLBACK, f"a fixed {format_bytes(INPUT_MEMORY_FALLBACK)}, the available memory being unknown"
+    return int(available * INPUT_MEMORY_SHARE), f"{INPUT_MEMORY_SHARE:.0%} of the {format_bytes(available)} of {source}"
+
+
+def format_bytes(n: float) -> str:
+    """``"224 GiB"``, ``"1.5 MiB"``, ``"512 bytes"``."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_input_budget(input_specs, shapes: dict, samples: int = 1, *, what: str = "synthesized inputs") -> None:
+    """Refuse, before anything is allocated, ``samples`` input sets of concrete ``shapes`` (see
+    resolve_shapes) that would take more memory than ``input_memory_limit()``, or an input with
+    more elements than int64 counts. The message is one line naming the largest input, its shape,
+    dtype and size, and the limit; it says how many samples would fit where fewer would."""
+    per_sample, draw = 0, 0
+    largest = None  # (bytes, spec, shape)
+    for spec in input_specs:
+        shape = shapes[spec.name]
+        elements = math.prod(int(d) for d in shape)  # Python ints: an absurd shape cannot wrap around
+        where = f"input {spec.name!r} of shape {_format_shape(shape)}"
+        if elements > _MAX_ELEMENTS:
+            raise InputError(f"{where} has {elements:.3g} elements, more than int64 can count (2**63 - 1); "
+                             "give smaller dimensions")
+        size = elements * np.dtype(spec.dtype).itemsize
+        per_sample += size
+        draw = max(draw, elements * _DRAW_ITEMSIZE)
+        if largest is None or size > largest[0]:
+            largest = (size, spec, shape)
+    if largest is None:
+        return
+    need = samples * per_sample + draw
+    limit, how = input_memory_limit()
+    if need <= limit:
+        return
+    size, spec, shape = largest
+    static = spec.shape is not None and all(isinstance(d, int) for d in spec.shape)
+    fitting = (limit - draw) // per_sample if per_sample else 0
+    if samples > 1 and fitting >= 1:
+        advice = f"; {fitting} sample(s) would fit"
+    elif static:
+        advice = f"; {spec.name!r} has this static shape in the model"
+    else:
+        advice = f"; give smaller dimensions, e.g. --shape {spec.name}:D1xD2x..."
+    raise InputError(
+        f"{what} would take {format_bytes(need)}, more than the limit of {format_bytes(limit)} ({how}): "
+        f"input {spec.name!r} of shape {_format_shape(shape)} {spec.dtype} takes {format_bytes(size)} per sample "
+        f"({samples} sample(s), each input drawn in 64 bits first){advice}"
+    )
 
 
 def synthesize_inputs(input_specs, shapes: dict, rng: np.random.Generator, index_bounds=None) -> dict:
@@ -564,11 +727,11 @@ def load_inputs(inputs, input_specs) -> dict:
             raise InputError(f"{path}: no such file")
         arrays = _read_npz(path)
         where = path
-    elif isinstance(inputs, dict):
+    elif isinstance(inputs, Mapping):
         arrays = {name: np.asarray(a) for name, a in inputs.items()}
         where = "inputs"
     else:
-        raise TypeError(f"inputs must be a dict of arrays or a path to an .npz file, got {type(inputs).__name__}")
+        raise ArgumentTypeError(f"inputs must be a dict of arrays or a path to an .npz file, got {type(inputs).__name__}")
     names = [s.name for s in input_specs]
     missing = [n for n in names if n not in arrays]
     extra = [n for n in arrays if n not in names]
@@ -645,7 +808,11 @@ def rounded_once_more(model: onnx.ModelProto, seed: int = 5) -> onnx.ModelProto:
         low = weights.dtype
         weights = weights.astype(np.float64)
         scale = rng.uniform(0.5, 2.0, (weights.shape[0],) + (1,) * (weights.ndim - 1))
-        again = (weights * scale).astype(low).astype(np.float64) / scale
+        with np.errstate(over="ignore"):  # a weight near the type's limit, scaled up: Inf, kept as it was below
+            again = (weights * scale).astype(low).astype(np.float64) / scale
+        # Where the scaled weight leaves the type's range it cannot be rounded there: it stays.
+        overflowed = ~np.isfinite(again) & np.isfinite(weights)
+        again[overflowed] = weights[overflowed]
         tensor.CopyFrom(numpy_helper.from_array(again.astype(low), tensor.name))
     return copy
 
@@ -669,7 +836,12 @@ def nudge_inputs(feeds: dict, rng: np.random.Generator) -> dict:
             continue
         up = rng.random(value.shape) < 0.5
         toward = np.where(up, np.array(np.inf, value.dtype), np.array(-np.inf, value.dtype))
-        moved = np.nextafter(value, toward).astype(value.dtype)
+        with np.errstate(over="ignore"):  # the dtype's largest value moved outwards: Inf, replaced below
+            moved = np.nextafter(value, toward).astype(value.dtype)
+        # A finite value must stay finite: at the dtype's limit the ulp move goes inwards instead.
+        outwards = ~np.isfinite(moved) & np.isfinite(value)
+        if outwards.any():
+            moved[outwards] = np.nextafter(value[outwards], -toward[outwards])
         nudged[name] = np.where(np.isfinite(value), moved, value).astype(value.dtype)
     return nudged
 
@@ -678,6 +850,7 @@ def _nudge_rng(sample: int) -> np.random.Generator:
     return np.random.default_rng((_NUDGE_STREAM, sample))
 
 
+@_float_limits_handled  # two finite values far apart: an infinite spread, which noise_tolerance caps
 def _spread(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| over the positions where both are finite (0 when there are none)."""
     if a.shape != b.shape or a.size == 0:
@@ -1142,6 +1315,7 @@ def _validate_tolerance(value, kind: str, output_names) -> None:
             raise InputError(f"--{kind}: expected a non-negative number, got {v!r}")
 
 
+@_float_limits_handled
 def _compare_into(result: OutputResult, ref: np.ndarray, cand: np.ndarray, base_atol: float, scaled_atol: bool,
                   noise_atol: float | None = None) -> None:
     """Fold one sample's comparison of one output into ``result`` (result.atol records the
@@ -1256,6 +1430,35 @@ def _worst_ratio(err: np.ndarray, allowed: np.ndarray, nonfinite_bad: np.ndarray
     return float(ratio.max()) if ratio.size else 0.0
 
 
+def check_model_argument(model, argument: str) -> None:
+    """A model argument is a path (str or os.PathLike) or an onnx.ModelProto; anything else is an
+    ArgumentTypeError (a TypeError) naming ``argument``."""
+    if not isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        raise ArgumentTypeError(f"{argument} must be a path or an onnx.ModelProto, got {type(model).__name__}")
+
+
+def check_seed(seed, argument: str = "seed") -> None:
+    """A seed is what ``numpy.random.default_rng`` takes as one number: a non-negative integer
+    (of any size). Anything else is an error naming ``argument`` (ArgumentTypeError for a wrong
+    type, InputError for a negative value) instead of numpy's "expected non-negative integer"."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ArgumentTypeError(f"{argument} must be a non-negative integer, got {seed!r}")
+    if seed < 0:
+        raise InputError(f"{argument} must be a non-negative integer (numpy's random generator takes no "
+                         f"negative seeds), got {seed}")
+
+
+def _checked_samples(samples) -> int:
+    if isinstance(samples, (bool, np.bool_)) or not isinstance(samples, (int, np.integer)):
+        raise ArgumentTypeError(f"samples must be a positive integer, got {samples!r}")
+    if samples < 1:
+        raise InputError(f"samples must be a positive integer, got {samples!r}")
+    if samples > MAX_SAMPLES:
+        raise InputError(f"samples must be at most {MAX_SAMPLES} (each sample is a full run of both models "
+                         f"and of the reference's noise run), got {samples}")
+    return int(samples)
+
+
 def check(
     reference,
     candidate,
@@ -1286,14 +1489,29 @@ def check(
     disagree, or the inputs/options are unusable. A numerical difference is not an exception: it
     is ``report.passed == False`` with the failing outputs named. ``candidate_label``: how
     messages name the candidate (default: its path).
+
+    Arguments are checked before any work, and errors name them: an argument of the wrong type
+    raises ArgumentTypeError (a TypeError and an InputError), a bad value InputError (a
+    ValueError). ``seed``: a non-negative integer (any size numpy takes). ``samples``: 1 to
+    ``MAX_SAMPLES``. ``shapes``: ``{input: dims}`` with every dimension >= 1. Synthesized inputs
+    of all samples together must fit in ``input_memory_limit()`` (see ``check_input_budget``).
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InputError(f"samples must be a positive integer, got {samples!r}")
+    check_model_argument(reference, "reference")
+    check_model_argument(candidate, "candidate")
+    samples = _checked_samples(samples)
+    check_seed(seed)
+    shapes = validated_shapes(shapes)
+    if inputs is not None and not isinstance(inputs, (str, os.PathLike, Mapping)):
+        raise ArgumentTypeError(f"inputs must be a dict of arrays or a path to an .npz file, got {type(inputs).__name__}")
+    if candidate_label is not None and not isinstance(candidate_label, str):
+        raise ArgumentTypeError(f"candidate_label must be a str or None, got {type(candidate_label).__name__}")
     if inputs is not None and samples != 1:
         raise InputError("samples > 1 cannot be combined with given inputs (one input set is given)")
     if candidate_opt_level is None:
         candidate_opt_level = opt_level
-    for level in (opt_level, candidate_opt_level):
+    for argument, level in (("opt_level", opt_level), ("candidate_opt_level", candidate_opt_level)):
+        if not isinstance(level, str):
+            raise ArgumentTypeError(f"{argument} must be one of {', '.join(OPT_LEVELS)}, got {level!r}")
         _ort_level(level)
     ref_model = LoadedModel(reference, _label(reference, "reference"))
     cand_model = LoadedModel(candidate, candidate_label or _label(candidate, "candidate"))
@@ -1330,6 +1548,7 @@ def check(
             shape_hint = ""
         else:
             concrete = resolve_shapes(input_specs, shapes)
+            check_input_budget(input_specs, concrete, samples)
             rng = np.random.default_rng(seed)
             bounds = _index_bounds(ref_model.proto)
             input_sets = [synthesize_inputs(input_specs, concrete, rng, bounds) for _ in range(samples)]

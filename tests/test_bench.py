@@ -135,3 +135,78 @@ def test_progress_bar_only_when_enabled():
     with Progress(None, "items", stream=unknown, enabled=True) as p:
         p.update(3)
     assert "items" in unknown.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments and synthesized inputs are bounded as in bnfold.check (issue 11)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, named", [
+    ({"seed": -1}, ValueError, "seed must be a non-negative integer"),
+    ({"seed": 0.5}, TypeError, "seed"),
+    ({"shapes": {"input": (-1, 3, 8, 8)}}, ValueError, "shapes['input']: dimension 0 is -1"),
+    ({"shapes": {"input": (1.0, 3, 8, 8)}}, TypeError, "shapes['input']: dimension 0 must be an integer"),
+    ({"time_budget": "1"}, TypeError, "time_budget"),
+])
+def test_argument_errors_name_the_argument(demo_model, kwargs, error, named):
+    with pytest.raises(error) as raised:
+        benchmark({"m": demo_model}, progress=False, **kwargs)
+    assert named in str(raised.value) and isinstance(raised.value, InputError)
+
+
+def test_a_model_that_is_neither_path_nor_proto_is_named(demo_model):
+    with pytest.raises(TypeError, match=r"models\['b'\] must be a path or an onnx.ModelProto, got NoneType"):
+        benchmark({"a": demo_model, "b": None})
+
+
+def test_synthesized_inputs_beyond_the_memory_limit_are_refused_before_drawing(demo_model, monkeypatch):
+    import bnfold.bench as bench_module
+    from bnfold import parity
+
+    monkeypatch.setattr(parity, "available_memory", lambda: (64 << 20, "memory available"))  # a 16 MiB limit
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("inputs were drawn")
+
+    monkeypatch.setattr(bench_module, "synthesize_inputs", no_drawing)
+    with pytest.raises(InputError, match=r"would take 36 MiB, more than the limit of 16 MiB \(25% of the 64 MiB of "
+                                         r"memory available\): input 'input' of shape 16384x3x8x8 float32 takes 12 MiB"):
+        benchmark({"m": demo_model}, shapes={"input": (16384, 3, 8, 8)}, repeat=1, progress=False)
+
+
+def _bench_cli(*args):
+    import subprocess
+    import sys
+    import time
+
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "bnfold", "bench", *map(str, args)], capture_output=True, text=True,
+                          check=False, timeout=120)
+    return done.returncode, done.stderr.splitlines(), time.monotonic() - start
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--seed", "-1"], "seed must be a non-negative integer"),
+    (["--shape", "input:99999999999x3x8x8"], "input 'input' of shape 99999999999x3x8x8 float32"),
+])
+def test_cli_bad_values_exit_2_in_one_line(tmp_path, demo_model, options, expected):
+    path = tmp_path / "demo.onnx"
+    onnx.save(demo_model, str(path))
+    code, err, seconds = _bench_cli(path, path, "--repeat", "1", *options)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("bnfold bench: error: ") and expected in err[0], err
+    assert seconds < 20
+
+
+def test_cli_huge_static_input_exits_2(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 100000, 100000])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 100000, 100000])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path / "huge.onnx"
+    onnx.save(model, str(path))
+    code, err, _ = _bench_cli(path, path, "--repeat", "1")
+    assert code == 2 and len(err) == 1 and "input 'x' of shape 1x3x100000x100000 float32" in err[0], err

@@ -1097,3 +1097,126 @@ def test_empty_files_are_named(tmp_path):
 def test_summary_line_singular_and_plural(n, batch_size, mode, summary):
     _, report = calibrate(conv_stack(), make_data((3, 8, 8), n=n), mode=mode, batch_size=batch_size)
     assert summary in report.format_table()
+
+
+# ------------------------------------------------------------------------------------------------
+# One value per channel in all the data; no RuntimeWarning on degenerate statistics (issue 11)
+# ------------------------------------------------------------------------------------------------
+
+
+def _calibrate_quietly(*args, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model, report = calibrate(*args, **kwargs)
+        report.to_dict()
+        report.format_table()
+    return model, report
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("batch", r"batch 1: BN 'bn_in' sees one value per channel"),
+    ("sequential", (r"BN 'bn_in' sees one value per channel in all the calibration data \(1 sample\); one value is "
+                    r"not a population")),
+])
+def test_one_sample_without_spatial_positions_is_refused_in_both_modes(mode, message):
+    """bn_gemm's BNs see (N, C): one sample is one value per channel, whose variance is 0 for every
+    channel whatever the data; sequential mode wrote exactly that."""
+    with pytest.raises(InputError, match=message) as raised:
+        calibrate(bn_gemm(), make_data((6,), n=1), mode=mode)
+    assert len(str(raised.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_one_sample_at_a_fixed_batch_of_1_is_refused(mode):
+    # torch.onnx.export's default batch 1: sequential mode runs sample by sample, which is fine
+    # for many samples (see test_fixed_batch_sequential_runs_at_the_fixed_batch), not for one.
+    with pytest.raises(InputError, match=r"BN 'bn_in' sees one value per channel"):
+        calibrate(with_fixed_batch(bn_gemm(), 1), make_data((6,), n=1), mode=mode)
+    _, report = _calibrate_quietly(with_fixed_batch(bn_gemm(), 1), make_data((6,), n=3), mode="sequential")
+    assert report.entry("bn_in").values_per_channel == 3
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_one_sample_with_spatial_positions_is_a_population(mode):
+    _, report = _calibrate_quietly(conv_stack(), make_data((3, 8, 8), n=1), mode=mode)
+    assert report.n_calibrated == 3
+    assert all((e.new_var > 0).all() for e in report.calibrated)
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_two_identical_samples_give_a_real_variance_of_0(mode):
+    data = np.repeat(make_data((6,), n=1), 2, axis=0)
+    model, report = _calibrate_quietly(bn_gemm(), data, mode=mode)
+    entry = report.entry("bn_in")
+    assert entry.values_per_channel == 2 and (entry.new_var == 0).all()
+    assert np.isfinite(run(model, data)).all()
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_cli_one_sample_exits_2_in_one_line_and_writes_nothing(tmp_path, mode):
+    import subprocess
+    import sys
+
+    model_path, data_path, out = tmp_path / "m.onnx", tmp_path / "one.npy", tmp_path / "out.onnx"
+    onnx.save(bn_gemm(), model_path)
+    np.save(data_path, make_data((6,), n=1))
+    done = subprocess.run([sys.executable, "-m", "bnfold", "calibrate", str(model_path), "-o", str(out), "--data",
+                           str(data_path), "--mode", mode, "--no-progress"], capture_output=True, text=True, check=False,
+                          timeout=120)
+    err = done.stderr.splitlines()
+    assert done.returncode == 2, (done.stdout, err)
+    assert len(err) == 1 and err[0].startswith("bnfold calibrate: error: ") and "one value per channel" in err[0], err
+    assert not out.exists()
+
+
+def _degenerate_statistics_model(mean, var, epsilon):
+    """bn_gemm with bn_in's old statistics replaced (what a broken export may hold)."""
+    model = bn_gemm()
+    for tensor in model.graph.initializer:
+        if tensor.name in ("bn_in.mean", "bn_in.var"):
+            value = mean if tensor.name.endswith("mean") else var
+            tensor.CopyFrom(numpy_helper.from_array(np.full(6, value, np.float32), tensor.name))
+    for node in model.graph.node:
+        if node.name == "bn_in":
+            node.ClearField("attribute")
+            node.attribute.append(helper.make_attribute("epsilon", epsilon))
+    return model
+
+
+@pytest.mark.parametrize("mean, var, epsilon", [(0.0, 0.0, 0.0), (np.inf, 1.0, 1e-3), (np.nan, np.nan, 1e-3),
+                                                (1.0, -np.inf, 1e-3)])
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_degenerate_old_statistics_give_no_runtime_warning(mean, var, epsilon, mode):
+    _, report = _calibrate_quietly(_degenerate_statistics_model(mean, var, epsilon), make_data((6,), n=8), mode=mode)
+    assert report.n_calibrated == 2
+
+
+def test_overflowing_network_at_a_fixed_batch_is_refused_without_runtime_warning():
+    # Batch mode checks a symbolic batch against the fixed-batch model first: Inf in both runs.
+    model = with_fixed_batch(conv_stack(), 1)
+    for tensor in model.graph.initializer:
+        if tensor.name == "conv1.w":
+            tensor.CopyFrom(numpy_helper.from_array(np.full((4, 3, 3, 3), np.inf, np.float32), tensor.name))
+    with pytest.raises(InputError, match="non-finite inputs"):
+        _calibrate_quietly(model, make_data((3, 8, 8), n=4), mode="batch", batch_size=4)
+
+
+def test_cli_data_onnxruntime_cannot_run_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    # Data of 4 channels for a model that takes 3 (the input's channels are dynamic, so the data
+    # passes validation): onnxruntime's Conv fails, and logs nothing of its own on stderr.
+    model = conv_stack()
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "C"
+    model_path, data_path = tmp_path / "m.onnx", tmp_path / "data.npy"
+    onnx.save(model, model_path)
+    np.save(data_path, make_data((4, 8, 8), n=4))
+    done = subprocess.run([sys.executable, "-m", "bnfold", "calibrate", str(model_path), "-o", str(tmp_path / "o.onnx"),
+                           "--data", str(data_path), "--no-progress"], capture_output=True, text=True, check=False,
+                          timeout=120)
+    err = done.stderr.splitlines()
+    assert done.returncode == 2 and len(err) == 1, err
+    assert "onnxruntime failed on the calibration data" in err[0], err
