@@ -187,7 +187,7 @@ def _bench_cli(*args):
 
 
 @pytest.mark.parametrize("options, expected", [
-    (["--seed", "-1"], "seed must be a non-negative integer"),
+    (["--seed", "-1"], "--seed must be >= 0"),
     (["--shape", "input:99999999999x3x8x8"], "input 'input' of shape 99999999999x3x8x8 float32"),
 ])
 def test_cli_bad_values_exit_2_in_one_line(tmp_path, demo_model, options, expected):

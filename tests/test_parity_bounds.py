@@ -230,8 +230,8 @@ def test_cli_huge_static_input(tmp_path):
 
 
 @pytest.mark.parametrize("options, expected", [
-    (["--samples", "100000000"], [f"samples must be at most {MAX_SAMPLES}", "100000000"]),
-    (["--seed", "-1"], ["seed must be a non-negative integer", "-1"]),
+    (["--samples", "100000000"], [f"--samples must be between 1 and {MAX_SAMPLES}", "100000000"]),
+    (["--seed", "-1"], ["--seed must be >= 0", "-1"]),
     (["--shape", "x:99999999999x4"], ["input 'x' of shape 99999999999x4 float32", "limit"]),
     (["--shape", "x:9999999999999999999999x4"], ["more than int64 can count"]),
 ])

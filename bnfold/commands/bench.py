@@ -7,7 +7,7 @@ import math
 import os
 
 from bnfold.bench import DEFAULT_TIME_BUDGET, DEFAULT_WARMUP, benchmark
-from bnfold.commands.check import add_input_options
+from bnfold.commands.check import add_input_options, check_input_options
 from bnfold.errors import InputError
 from bnfold.model_io import check_outputs
 from bnfold.parity import OPT_LEVELS, parse_shape_specs
@@ -53,6 +53,7 @@ def register(subparsers) -> None:
 
 def _check_options(args) -> None:
     """Validate the numeric options under their CLI names (the API's messages name its arguments)."""
+    check_input_options(args)
     if args.time is not None and not (math.isfinite(args.time) and args.time > 0):
         raise InputError(f"--time must be a finite number of seconds > 0, got {args.time:g}")
     if args.threads is not None and args.threads < 1:

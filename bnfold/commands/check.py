@@ -81,6 +81,20 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def check_input_options(args) -> None:
+    """Validate --seed (and --samples where the command has it) under their CLI names, before
+    any model is read; the API would refuse them too, but in its own argument names."""
+    from bnfold.errors import InputError
+    from bnfold.parity import MAX_SAMPLES
+
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0 (numpy's random generator takes no negative seeds), got {args.seed}")
+    samples = getattr(args, "samples", None)
+    if samples is not None and not 1 <= samples <= MAX_SAMPLES:
+        raise InputError(f"--samples must be between 1 and {MAX_SAMPLES} (each sample is a full run of both "
+                         f"models), got {samples}")
+
+
 def add_input_options(parser) -> None:
     """--shape and --seed, shared with ``bnfold bench``."""
     parser.add_argument(
@@ -96,8 +110,7 @@ def run(args) -> int:
 
     # Before the work: a bad path must not cost a whole check, and no input may be overwritten.
     check_outputs({"--json": args.json}, models=[args.reference, args.candidate], inputs=[args.inputs])
-    if args.samples < 1:
-        raise InputError(f"--samples must be >= 1, got {args.samples}")
+    check_input_options(args)
     shapes = parse_shape_specs(args.shape)
     if args.inputs and shapes:
         raise InputError("--shape cannot be combined with --inputs (the arrays' shapes are used)")

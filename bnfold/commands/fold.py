@@ -52,6 +52,9 @@ def run(args) -> int:
     from bnfold.fold_pass import fold_file
     from bnfold.model_io import check_outputs, files_size, write_json_atomic
 
+    from bnfold.commands.check import check_input_options
+
+    check_input_options(args)
     shapes = {}
     if args.shape:
         from bnfold.parity import parse_shape_specs
