@@ -140,10 +140,13 @@ def scale_in_float64(array: np.ndarray, factor: np.ndarray, data_type: int) -> n
         return np.frombuffer(scaled.to_bytes(), dtype=scaled.dtype).reshape(scaled.shape)
     target = numpy_type(data_type)
     out = np.empty(np.broadcast_shapes(np.shape(array), np.shape(factor)), dtype=target)
-    try:
-        np.multiply(array, factor, out=out, dtype=np.float64, casting="unsafe")
-    except TypeError:  # a dtype without a float64 -> type ufunc cast: go through float64 explicitly
-        out[...] = (to_float64(array) * factor).astype(out.dtype)
+    # Quietly, as the compiled loop computes: the rules refuse folds whose new values would leave
+    # the type's range (float16/bfloat16 weights, every bias), and NaN/Inf weights stay NaN/Inf.
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            np.multiply(array, factor, out=out, dtype=np.float64, casting="unsafe")
+        except TypeError:  # a dtype without a float64 -> type ufunc cast: go through float64 explicitly
+            out[...] = (to_float64(array) * factor).astype(out.dtype)
     return out
 
 
@@ -543,7 +546,10 @@ class GraphView:
             outputs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output if o]
             g = helper.make_graph([node], "constant", inputs, outputs)
             evaluator = ReferenceEvaluator(g, opsets={"": self.ctx.opset})
-            results = evaluator.run(None, feeds)
+            # A constant that comes out NaN/Inf is judged where it is used (BN statistics, chain
+            # constants, weights), like one read from an initializer: no warning here.
+            with np.errstate(all="ignore"):
+                results = evaluator.run(None, feeds)
         except Exception:  # noqa: BLE001 - anything the evaluator cannot do is simply not constant
             return None
         values = dict(zip([o for o in node.output if o], (np.asarray(r) for r in results)))

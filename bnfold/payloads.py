@@ -22,7 +22,7 @@ import sys
 import uuid
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import SparseTensorProto, TensorProto, helper, numpy_helper
 
 from bnfold import proto_wire as wire
 
@@ -155,9 +155,16 @@ def split_serialized_model(buf, payloads: TensorPayloads):
     with every main-graph initializer's ``raw_data`` of at least ``payloads.threshold`` bytes
     left out and kept in ``payloads`` as a zero-copy view of ``buf``.
 
+    The checker sees a kept-apart initializer only as a graph input of its type and shape (see
+    ``bnfold.model_io``), so only tensors that pass every check it would make of them are kept
+    apart (``_fit_to_keep_apart``); any other tensor stays in the proto, where the checker and
+    the fold treat it as in a model loaded whole.
+
     Returns None when the model is better parsed whole: it keeps tensors in external data files,
-    its graph field is repeated (protobuf would merge them), or the machine is big-endian.
-    Raises ``proto_wire.WireError`` for bytes that are not a protobuf message.
+    its graph field is repeated (protobuf would merge them), a kept-apart initializer shares its
+    name with another one (the checker must see the clash), or the machine is big-endian.
+    Raises ``proto_wire.WireError`` for bytes that are not a protobuf message, and protobuf's
+    DecodeError for a tensor header it cannot parse.
     """
     if sys.byteorder != "little":
         return None
@@ -167,29 +174,36 @@ def split_serialized_model(buf, payloads: TensorPayloads):
         return None
     _, _, graph_field_start, graph_start, graph_end, _ = graphs[0]
     view = memoryview(buf)
+    apart = []  # (initializer field start, its end, header without raw_data, payload view)
+    names_left = []  # names of the initializers left in the proto, as bytes
+    sparse_ranges = []
+    for field, wire_type, field_start, start, stop, _ in wire.fields(buf, graph_start, graph_end):
+        if wire_type != wire.LENGTH_DELIMITED:
+            continue  # protobuf keeps such a field as an unknown one: nothing to look at
+        if field == wire.GRAPH_SPARSE_INITIALIZER:
+            sparse_ranges.append((start, stop))
+            continue
+        if field != wire.GRAPH_INITIALIZER:
+            continue
+        layout = _TensorLayout(buf, start, stop)
+        if layout.external:
+            return None
+        if not layout.raw_data_alone or layout.raw_stop - layout.raw_start < payloads.threshold:
+            names_left.append(layout.name)
+            continue
+        header = TensorProto()
+        header.ParseFromString(bytes(view[start:layout.raw_field_start]) + bytes(view[layout.raw_stop:stop]))
+        if not _fit_to_keep_apart(header, layout.raw_stop - layout.raw_start):
+            names_left.append(layout.name)
+            continue
+        apart.append((field_start, stop, header, view[layout.raw_start:layout.raw_stop]))
+    if apart and _names_clash([header.name.encode() for _, _, header, _ in apart], names_left, buf, sparse_ranges):
+        return None
     graph_pieces = []
     copied_up_to = graph_start
-    for field, wire_type, field_start, start, stop, _ in wire.fields(buf, graph_start, graph_end):
-        if field != wire.GRAPH_INITIALIZER or wire_type != wire.LENGTH_DELIMITED:
-            continue
-        raw_fields, typed_data = [], False
-        for t_field, _, t_field_start, t_start, t_stop, t_value in wire.fields(buf, start, stop):
-            if t_field == wire.TENSOR_RAW_DATA:
-                raw_fields.append((t_field_start, t_start, t_stop))
-            elif t_field == wire.TENSOR_EXTERNAL_DATA or (t_field == wire.TENSOR_DATA_LOCATION and t_value):
-                return None
-            elif t_field in wire.TENSOR_TYPED_DATA:
-                typed_data = True
-        if len(raw_fields) != 1 or typed_data or raw_fields[0][2] - raw_fields[0][1] < payloads.threshold:
-            # (raw_data next to a typed data field is invalid: left in the proto for the checker)
-            continue
-        raw_field_start, raw_start, raw_stop = raw_fields[0]
-        tensor = TensorProto()
-        tensor.ParseFromString(bytes(view[start:raw_field_start]) + bytes(view[raw_stop:stop]))
-        if _expected_nbytes(tensor) != raw_stop - raw_start:
-            continue  # malformed or packed: left in the proto, where it gets the usual treatment
-        payloads.put(tensor, view[raw_start:raw_stop])
-        rest = tensor.SerializeToString()
+    for field_start, stop, header, payload in apart:
+        payloads.put(header, payload)
+        rest = header.SerializeToString()
         graph_pieces.append(view[copied_up_to:field_start])
         graph_pieces.append(wire.length_delimited(wire.GRAPH_INITIALIZER, len(rest)) + rest)
         copied_up_to = stop
@@ -197,6 +211,73 @@ def split_serialized_model(buf, payloads: TensorPayloads):
     graph_bytes = b"".join(graph_pieces)
     return b"".join((view[:graph_field_start], wire.length_delimited(wire.MODEL_GRAPH, len(graph_bytes)),
                      graph_bytes, view[graph_end:]))
+
+
+class _TensorLayout:
+    """Where the fields of one serialized TensorProto are, as far as the split needs to know.
+
+    Read with the rules protobuf applies: a field with the wrong wire type is an unknown field,
+    and of a repeated singular field (``name``) the last one counts. Field kinds the split does
+    not keep apart (typed data, a segment, a data_location, a raw_data of the wrong wire type)
+    only clear ``raw_data_alone``."""
+
+    def __init__(self, buf, start: int, stop: int):
+        self.name = b""
+        self.external = False
+        self.raw_data_alone = True
+        raw_fields = []
+        for field, wire_type, field_start, value_start, value_stop, value in wire.fields(buf, start, stop):
+            if field == wire.TENSOR_RAW_DATA and wire_type == wire.LENGTH_DELIMITED:
+                raw_fields.append((field_start, value_start, value_stop))
+            elif field == wire.TENSOR_NAME and wire_type == wire.LENGTH_DELIMITED:
+                self.name = bytes(buf[value_start:value_stop])
+            elif field == wire.TENSOR_EXTERNAL_DATA or (
+                    field == wire.TENSOR_DATA_LOCATION and wire_type == wire.VARINT and value):
+                self.external = True  # the whole-file loader resolves (or refuses) external data
+            elif field in _NOT_KEPT_APART_WITH:
+                self.raw_data_alone = False
+        if len(raw_fields) != 1:
+            self.raw_data_alone = False
+            raw_fields = raw_fields or [(stop, stop, stop)]
+        self.raw_field_start, self.raw_start, self.raw_stop = raw_fields[-1]
+
+
+# A tensor with one of these fields stays in the proto: raw_data plus a typed data field is
+# invalid (the checker must see both), numpy_helper refuses a segment, and an explicit
+# data_location (even DEFAULT) would not survive being marked and unmarked as kept apart.
+_NOT_KEPT_APART_WITH = frozenset(wire.TENSOR_TYPED_DATA) | {
+    wire.TENSOR_RAW_DATA, wire.TENSOR_SEGMENT, wire.TENSOR_DATA_LOCATION}
+
+
+def _fit_to_keep_apart(header: TensorProto, payload_nbytes: int) -> bool:
+    """Whether a tensor whose only data is a raw_data of ``payload_nbytes`` passes every check
+    onnx.checker makes of an initializer's own fields (``check_tensor``, and ``check_graph``'s
+    non-empty name; unique names are ``_names_clash``'s part): a known element type that may be
+    stored raw, dims that are all >= 0 and whose product, times the item size, is exactly the
+    payload size (the checker accepts a longer payload, which no reader of the tensor does).
+    With non-negative dims an exact match also rules out the product overflowing int64."""
+    if not header.name or not header.HasField("data_type"):
+        return False
+    if any(d < 0 for d in header.dims):
+        return False
+    return _expected_nbytes(header) == payload_nbytes
+
+
+def _names_clash(names_apart, names_left, buf, sparse_ranges) -> bool:
+    """Whether a kept-apart initializer's name is also the name of another initializer or of a
+    sparse initializer: the checker refuses such a model, but it would see the kept-apart one as
+    a graph input, which may share a name with an initializer."""
+    seen = set(names_left)
+    for name in names_apart:
+        if name in seen:
+            return True
+        seen.add(name)
+    for start, stop in sparse_ranges:
+        sparse = SparseTensorProto()
+        sparse.ParseFromString(bytes(buf[start:stop]))
+        if sparse.values.name.encode() in names_apart:
+            return True
+    return False
 
 
 _ITEM_SIZES = {
@@ -208,9 +289,10 @@ _ITEM_SIZES = {
 
 
 def _expected_nbytes(tensor: TensorProto):
-    """Payload size the tensor's dims and element type call for; None for types not kept here."""
+    """Payload size the tensor's dims and element type call for; None for types not kept here
+    and for negative dims (no payload fits them)."""
     size = _ITEM_SIZES.get(tensor.data_type)
-    if size is None:
+    if size is None or any(d < 0 for d in tensor.dims):
         return None
     for d in tensor.dims:
         size *= d

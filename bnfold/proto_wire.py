@@ -15,8 +15,10 @@ VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
 # onnx.proto field numbers used here.
 MODEL_GRAPH = 7
 GRAPH_INITIALIZER = 5
+GRAPH_SPARSE_INITIALIZER = 15
 TENSOR_DIMS = 1
 TENSOR_DATA_TYPE = 2
+TENSOR_SEGMENT = 3
 TENSOR_NAME = 8
 TENSOR_RAW_DATA = 9
 # float_data, int32_data, string_data, int64_data, double_data, uint64_data

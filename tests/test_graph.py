@@ -345,3 +345,42 @@ def test_scale_in_float64_rounds_the_float64_product_once(dtype, data_type, shap
     tensor = TensorProto()
     write_tensor(tensor, got, data_type, "w")
     assert np.array_equal(numpy_helper.to_array(tensor), expected)
+
+
+@pytest.mark.parametrize("dtype, data_type", [(np.float32, TensorProto.FLOAT), (np.float16, TensorProto.FLOAT16),
+                                              (np.float64, TensorProto.DOUBLE)])
+@pytest.mark.parametrize("shape, factor_shape", [((4, 3), (4, 1)), ((4, 3), (4, 3))])  # compiled loop, numpy path
+def test_scale_in_float64_is_quiet_on_nan_inf_and_overflow(dtype, data_type, shape, factor_shape):
+    """NaN and Inf weights stay NaN and Inf, 0 * Inf is NaN and a product beyond the type is Inf,
+    as the compiled loop computes them: without a numpy RuntimeWarning (the rules refuse the
+    folds whose results would leave the range, see bnfold.rules.base.representation_failure)."""
+    import warnings
+
+    from bnfold.graph import scale_in_float64
+
+    largest = np.finfo(dtype).max
+    array = np.array([[np.nan, 1, 2], [np.inf, -np.inf, 3], [largest, -largest, 1], [np.inf, 1, 1]], dtype)
+    factor = np.broadcast_to(np.array([[2.0], [3.0], [4.0], [0.0]]), factor_shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = scale_in_float64(array, factor, data_type).astype(np.float64)
+    assert np.isnan(got[0, 0]) and got[1, 0] == np.inf and got[1, 1] == -np.inf
+    assert got[2, 0] == np.inf and got[2, 1] == -np.inf  # x4 beyond the largest finite value
+    assert np.isnan(got[3, 0]) and got[3, 1] == 0.0  # 0 * Inf
+
+
+def test_constant_subgraph_that_overflows_is_evaluated_without_a_warning():
+    """Cast(1e300 as float64 -> float32) is +Inf: a constant like any other (its readers judge
+    it), not a warning — and under ``-W error`` not an exception that would make it 'not
+    constant'."""
+    import warnings
+
+    nodes = [helper.make_node("Cast", ["big"], ["as_float"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["as_float", "big_float"], ["product"])]
+    model = make_model(nodes, [vi("x", [2])], [vi("x", [2])],
+                       [init("big", np.array([1e300, 1.0])), init("big_float", np.array([3e38, 3e38], np.float32))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        view = view_of(model)
+        np.testing.assert_array_equal(view.constant("as_float"), np.array([np.inf, 1.0], np.float32))
+        np.testing.assert_array_equal(view.constant("product"), np.array([np.inf, 3e38], np.float32))

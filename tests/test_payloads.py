@@ -407,3 +407,84 @@ def test_fields_unknown_to_this_onnx_survive_fold_file(tmp_path):
     assert fold_file(src, out).n_folded == 1
     written = open(out, "rb").read()
     assert unknown_model in written and unknown_graph in written
+
+
+def _big_weight_edited(edit):
+    """``_model_with_big_weight`` serialized with its weight initializer's encoding changed by
+    ``edit(tensor bytes) -> tensor bytes`` (the graph's framing fixed)."""
+    buf = _model_with_big_weight().SerializeToString()
+    graph = next(f for f in wire.fields(buf, 0, len(buf)) if f[0] == wire.MODEL_GRAPH)
+    _, _, graph_field_start, graph_start, graph_end, _ = graph
+    weight = next(f for f in wire.fields(buf, graph_start, graph_end) if f[0] == wire.GRAPH_INITIALIZER)
+    _, _, field_start, start, stop, _ = weight
+    tensor = edit(buf[start:stop])
+    graph_bytes = (buf[graph_start:field_start] + wire.length_delimited(wire.GRAPH_INITIALIZER, len(tensor)) + tensor
+                   + buf[stop:graph_end])
+    return (buf[:graph_field_start] + wire.length_delimited(wire.MODEL_GRAPH, len(graph_bytes)) + graph_bytes
+            + buf[graph_end:])
+
+
+def _negated_dims(tensor):
+    # [-64, -64, 3, 3]: the product still matches the payload
+    header = TensorProto()
+    header.ParseFromString(tensor)
+    dims = list(header.dims)
+    del header.dims[:]
+    header.dims.extend([-dims[0], -dims[1]] + dims[2:])
+    return header.SerializeToString()
+
+
+@pytest.mark.parametrize("edit,checker_refuses", [
+    (_negated_dims, True),
+    (lambda t: t + wire.key(wire.TENSOR_DATA_LOCATION, wire.VARINT) + wire.encode_varint(0), False),
+    (lambda t: t + wire.length_delimited(wire.TENSOR_SEGMENT, 4) + bytes([8, 0, 16, 1]), False),
+    (lambda t: t + wire.key(wire.TENSOR_RAW_DATA, wire.FIXED32) + bytes(4), False),  # wrong wire type: unknown
+    (lambda t: t + wire.length_delimited(wire.TENSOR_NAME, 0), True),  # an empty name
+    (lambda t: t + wire.key(wire.TENSOR_DATA_TYPE, wire.VARINT) + wire.encode_varint(0), True),  # UNDEFINED
+], ids=["negative_dims", "explicit_default_data_location", "segment", "raw_data_as_fixed32", "empty_name",
+        "undefined_type"])
+def test_split_leaves_in_the_proto_what_the_checker_must_see(edit, checker_refuses, tmp_path):
+    """A big initializer the checker would refuse, or whose fields would not survive being
+    kept apart exactly, stays in the proto: the deferred loader reads the model onnx.load
+    reads and refuses what the checker refuses, as the whole-file loader does."""
+    from bnfold.model_io import load_model
+
+    data = _big_weight_edited(edit)
+    src = tmp_path / "in.onnx"
+    src.write_bytes(data)
+    payloads = TensorPayloads()
+    rest = split_serialized_model(data, payloads)
+    assert rest is not None and not any(payloads.holds(t) for t in onnx.load_model_from_string(rest).graph.initializer)
+    model, payloads, wait = load_model_deferred(str(src))
+    try:
+        if checker_refuses:
+            with pytest.raises(InputError, match="invalid ONNX model"):
+                wait()
+            with pytest.raises(InputError, match="invalid ONNX model"):
+                load_model(str(src))
+        else:
+            wait()
+            assert model == onnx.load_model_from_string(data) == load_model(str(src))
+    finally:
+        payloads.close()
+
+
+@pytest.mark.parametrize("clash", ["small_initializer", "big_initializer", "sparse_initializer"])
+def test_initializer_names_shared_with_a_kept_apart_one_are_refused(clash, tmp_path):
+    """The checker refuses two initializers (or an initializer and a sparse one) of one name;
+    it must see them both, although it would see a kept-apart one as a graph input, which may
+    share a name with an initializer."""
+    model = _model_with_big_weight()
+    graph = model.graph
+    if clash == "small_initializer":
+        graph.initializer[1].name = "w"
+    elif clash == "big_initializer":
+        graph.initializer.append(numpy_helper.from_array(np.zeros((64, 64, 3, 3), np.float32), "w"))
+    else:
+        graph.sparse_initializer.append(helper.make_sparse_tensor(
+            numpy_helper.from_array(np.ones(2, np.float32), "w"), numpy_helper.from_array(np.array([0, 3]), "i"), [5]))
+    src = _save(model, tmp_path / "in.onnx")
+    assert split_serialized_model(open(src, "rb").read(), TensorPayloads()) is None  # read whole
+    with pytest.raises(InputError, match="not unique"):
+        fold_file(src, str(tmp_path / "out.onnx"))
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx"]

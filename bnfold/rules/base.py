@@ -94,53 +94,78 @@ def weight_or_failure(view: GraphView, layer: int, position: int, role: str):
     return np.asarray(value), data_type
 
 
-# Largest finite values and unit roundoffs of the float types a fold can realistically push out of
-# range or into their subnormals; float32/float64 weights would need factors beyond 1e30.
-_FLOAT_LIMITS = {TensorProto.FLOAT16: 65504.0, TensorProto.BFLOAT16: 3.3895313892515355e38}
+# Largest finite values of the float types, and unit roundoffs of those a fold can realistically
+# push into their subnormals.
+_LARGEST_FINITE = {TensorProto.FLOAT16: 65504.0, TensorProto.BFLOAT16: 3.3895313892515355e38,
+                   TensorProto.FLOAT: float(np.finfo(np.float32).max), TensorProto.DOUBLE: float(np.finfo(np.float64).max)}
 _UNIT_ROUNDOFF = {TensorProto.FLOAT16: 2.0**-11, TensorProto.BFLOAT16: 2.0**-8}
 # A folded weight may lose this many unit roundoffs (norm-relative) before its BN is left: rounding
 # to a normal number costs at most one, so only underflow into subnormals or zero gets past it.
 LOST_PRECISION_LIMIT = 4.0
 
 
-def representation_failure(view: GraphView, bn: BatchNorm, layer: int, data_type: int, *values):
-    """Failure when the folded values cannot be stored in ``data_type`` faithfully (float16 and
-    bfloat16), else None. ``values``: float64 arrays (e.g. the new bias), or ``(weight, factor)``
-    pairs whose product is a new weight.
+def representation_failure(view: GraphView, bn: BatchNorm, layer: int, data_type: int, weight, factor,
+                           new_bias, old_bias=None):
+    """Failure when the folded values cannot be stored in ``data_type`` as faithfully as the
+    model's own, else None. The new weight is ``weight * factor`` (``factor``: the small float64
+    per-channel array that broadcasts against ``weight``); ``new_bias`` (float64) is computed from
+    ``old_bias``, the layer's bias before the fold (None: the layer had none, a zero bias).
 
-    * ``would_overflow``: a value beyond the type's largest finite number.
-    * ``would_lose_precision``: a new weight whose rounding to the type loses more than
-      ``LOST_PRECISION_LIMIT`` unit roundoffs relative to its norm (``||round(P) - P|| / ||P||``),
-      which only underflow does (scaled weights that become subnormal or zero). The original model
-      multiplies by the stored weights exactly, so such a fold would make that layer measurably
-      less precise. Biases are not judged this way: a bias is added, so a subnormal one is off by
-      less than 1e-7 in absolute terms."""
-    limit = _FLOAT_LIMITS.get(data_type)
+    * ``would_overflow``: the fold makes a value that is finite in the model infinite or NaN:
+      a per-channel factor that is not finite, a new bias element beyond the type's largest
+      finite number (or NaN) where the old one was finite — an overflow, or, in a forward fold,
+      a weight holding Inf/NaN summed into the bias, which the original model would have applied
+      to data instead — and, for float16 / bfloat16, a new weight element beyond the type's
+      range where the old one was finite. NaN and Inf already in the model are carried over
+      as they are: multiplied by a finite factor they stay what they were. float32/float64
+      weights are not scanned (a pass over every weight of a big model): they overflow only
+      for elements beyond ~1e38 / factor, which a trained network does not hold.
+    * ``would_lose_precision``: a new float16 / bfloat16 weight whose rounding to the type loses
+      more than ``LOST_PRECISION_LIMIT`` unit roundoffs relative to its norm (``||round(P) - P||
+      / ||P||``, over its finite elements), which only underflow does (scaled weights that
+      become subnormal or zero). The original model multiplies by the stored weights exactly, so
+      such a fold would make that layer measurably less precise. Biases are not judged this way:
+      a bias is added, so a subnormal one is off by less than 1e-7 in absolute terms."""
+    limit = _LARGEST_FINITE.get(data_type)
     if limit is None:
         return None
-    worst = 0.0
-    for value in values:
-        product = np.abs(to_float64(value[0])) * np.abs(value[1]) if isinstance(value, tuple) else np.abs(value)
-        if np.size(product):
-            worst = max(worst, float(np.max(product)))
     type_name = FLOAT_TYPES[data_type]
-    if not worst <= limit:
-        return Failure("would_overflow", f"folding BatchNormalization '{bn.label}' into {view.describe(layer)} would "
-                       f"give values up to {worst:.3g}, beyond the largest {type_name} ({limit:.5g}); left unfolded")
-    unit = _UNIT_ROUNDOFF[data_type]
-    for value in values:
-        if not isinstance(value, tuple):
-            continue
-        product = to_float64(value[0]) * value[1]
-        norm = float(np.linalg.norm(product))
-        if norm == 0.0:
-            continue
-        lost = float(np.linalg.norm(to_float64(product.astype(numpy_type(data_type))) - product)) / norm / unit
-        if lost > LOST_PRECISION_LIMIT:
-            return Failure("would_lose_precision",
-                           f"folding BatchNormalization '{bn.label}' into {view.describe(layer)} would round its "
-                           f"scaled {type_name} weights with a relative error of {lost * unit:.2g} ({lost:.0f}x the "
-                           f"{type_name} unit roundoff; many would become subnormal or zero); left unfolded")
+    target = f"folding BatchNormalization '{bn.label}' into {view.describe(layer)}"
+    if not np.all(np.isfinite(factor)):
+        return Failure("would_overflow", f"{target} would scale its weights by a factor that is not finite "
+                       "(the layer's alpha times the BN scale is NaN or beyond the float64 range); left unfolded")
+    new_bias = np.asarray(new_bias, dtype=np.float64)
+    old_bias = np.zeros(()) if old_bias is None else to_float64(old_bias)
+    with np.errstate(invalid="ignore"):  # NaN compares False: it counts as out of range, as wanted
+        created = ~(np.abs(new_bias) <= limit) & np.broadcast_to(np.isfinite(old_bias), new_bias.shape)
+    if np.any(created):
+        bad = new_bias[created]
+        what = "a NaN bias" if np.any(np.isnan(bad)) else f"a bias of {float(np.max(np.abs(bad))):.3g}"
+        return Failure("would_overflow", f"{target} would give it {what} where the model's is finite, outside the "
+                       f"{type_name} range (largest {limit:.5g}): its weights hold Inf/NaN, or the folded values "
+                       "overflow; left unfolded")
+    unit = _UNIT_ROUNDOFF.get(data_type)
+    if unit is None:
+        return None
+    old_weight = to_float64(weight)
+    with np.errstate(over="ignore", invalid="ignore"):  # the products that overflow are what is looked for
+        product = old_weight * factor
+    finite_before = np.broadcast_to(np.isfinite(old_weight), product.shape)
+    overflowing = ~(np.abs(product) <= limit) & finite_before
+    if np.any(overflowing):
+        worst = float(np.max(np.abs(product[overflowing])))
+        return Failure("would_overflow", f"{target} would give values up to {worst:.3g}, beyond the largest "
+                       f"{type_name} ({limit:.5g}); left unfolded")
+    product = product[finite_before]
+    norm = float(np.linalg.norm(product))
+    if norm == 0.0:
+        return None
+    lost = float(np.linalg.norm(to_float64(product.astype(numpy_type(data_type))) - product)) / norm / unit
+    if lost > LOST_PRECISION_LIMIT:
+        return Failure("would_lose_precision",
+                       f"{target} would round its scaled {type_name} weights with a relative error of "
+                       f"{lost * unit:.2g} ({lost:.0f}x the {type_name} unit roundoff; many would become subnormal "
+                       "or zero); left unfolded")
     return None
 
 
@@ -161,19 +186,35 @@ def vector_times_matrix(vector: np.ndarray, matrix: np.ndarray, transposed: bool
     return out
 
 
+def gemm_c_failure(view: GraphView, layer: int, c: np.ndarray, columns: int):
+    """Failure when a Gemm's C (``c``, float64) does not broadcast to the ``(M, columns)``
+    product as ONNX requires; the checker does not look, and the fold's arithmetic must not
+    meet such a C unprepared."""
+    if c.ndim > 2:
+        return Failure("not_per_channel", f"{view.describe(layer)} C has rank {c.ndim} > 2")
+    if c.ndim and c.shape[-1] not in (1, columns):
+        return Failure("not_per_channel", f"{view.describe(layer)} C of shape {c.shape} does not broadcast to the "
+                       f"{columns} columns of its product")
+    return None
+
+
 def optional_input(node, position: int) -> str:
     return node.input[position] if position < len(node.input) else ""
 
 
 def bias_or_failure(view: GraphView, layer: int, position: int, channels: int):
     """``(input name or "", float64 bias)`` of the layer's optional per-channel bias input (zeros
-    when absent), or a Failure saying why it cannot be used."""
+    when absent), or a Failure saying why it cannot be used. A bias that is not a (channels,)
+    vector is refused: the checker does not look at its shape (onnxruntime refuses it)."""
     name = optional_input(view.nodes[layer], position)
     if not name:
         return "", np.zeros(channels)
     bias = weight_or_failure(view, layer, position, "bias")
     if isinstance(bias, Failure):
         return bias
+    if bias[0].shape != (channels,):
+        return Failure("not_per_channel", f"{view.describe(layer)} bias '{name}' has shape {bias[0].shape}, not one "
+                       f"value for each of its {channels} output channels")
     return name, to_float64(bias[0])
 
 
@@ -253,7 +294,23 @@ def check_chain_and_combine(view: GraphView, bn: BatchNorm, chain: BackwardChain
         failure = sole_reader_failure(view, value, reader, producer)
         if failure:
             return failure
-    channels = bn.channels
+    # NaN/Inf in a chain constant, or products that overflow, make the combined map non-finite;
+    # that is refused here, once, instead of being warned about op by op.
+    with np.errstate(over="ignore", invalid="ignore"):
+        combined = _combine_chain(view, chain, rank, bn.channels)
+        if isinstance(combined, Failure):
+            return combined
+        a, b = combined
+        scale, shift = bn.scale * a, bn.scale * b + bn.shift
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        return Failure("invalid_statistics", f"the per-channel constants between {view.describe(chain.layer)} and "
+                       f"BatchNormalization '{bn.label}' make the folded scale or shift non-finite (NaN/Inf in a "
+                       "constant, or products beyond the float64 range)")
+    return scale, shift
+
+
+def _combine_chain(view: GraphView, chain: BackwardChain, rank, channels: int):
+    """``(a, b)`` with ``chain(z) == a * z + b`` per channel, or a Failure."""
     a = np.ones(channels)
     b = np.zeros(channels)
     for index in chain.nodes:
@@ -286,7 +343,7 @@ def check_chain_and_combine(view: GraphView, bn: BatchNorm, chain: BackwardChain
             if np.any(c == 0):
                 return Failure("not_per_channel", f"{view.describe(index)} divides by a constant containing zeros")
             a, b = a / c, b / c
-    return bn.scale * a, bn.scale * b + bn.shift
+    return a, b
 
 
 def per_channel_vector(value, rank: int, channels: int):

@@ -29,7 +29,7 @@ import numpy as np
 
 from bnfold.graph import get_attr
 from bnfold.graph import to_float64
-from bnfold.rules.base import Failure, Match, finish_forward, forward_consumer, int_attr, optional_input, \
+from bnfold.rules.base import Failure, Match, bias_or_failure, finish_forward, forward_consumer, int_attr, \
     representation_failure, weight_or_failure
 
 RULE = "bn_conv"
@@ -52,25 +52,22 @@ def check(view, bn):
         return weight
     w, w_type = to_float64(weight[0]), weight[1]
     group = int_attr(node, "group", 1)
-    if w.ndim < 3 or w.shape[0] % group or w.shape[1] * group != bn.channels:
+    if group < 1 or w.ndim < 3 or w.shape[0] % group or w.shape[1] * group != bn.channels:
         return Failure("not_per_channel", f"{view.describe(layer)} weight shape {w.shape} with group={group} does not "
                        f"match the {bn.channels} channels of BatchNormalization '{bn.label}'")
-    bias_name = optional_input(node, 2)
-    if bias_name:
-        bias = weight_or_failure(view, layer, 2, "bias")
-        if isinstance(bias, Failure):
-            return bias
-        b = to_float64(bias[0])
-    else:
-        b = np.zeros(w.shape[0])
+    bias = bias_or_failure(view, layer, 2, w.shape[0])
+    if isinstance(bias, Failure):
+        return bias
+    bias_name, b = bias
 
     cout, cin_g = w.shape[0], w.shape[1]
     kernel = w.shape[2:]
     grouped = w.reshape((group, cout // group, cin_g) + kernel)
     s = bn.scale.reshape((group, 1, cin_g) + (1,) * len(kernel))
     t = bn.shift.reshape((group, 1, cin_g) + (1,) * len(kernel))
-    new_b = b + (grouped * t).reshape(cout, -1).sum(axis=1)
-    unrepresentable = representation_failure(view, bn, layer, w_type, (grouped, s), new_b)
+    with np.errstate(over="ignore", invalid="ignore"):  # a bias that is not finite is refused just below
+        new_b = b + (grouped * t).reshape(cout, -1).sum(axis=1)
+    unrepresentable = representation_failure(view, bn, layer, w_type, grouped, s, new_b, b)
     if unrepresentable is not None:
         return unrepresentable
 

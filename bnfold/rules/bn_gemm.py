@@ -29,8 +29,8 @@ import numpy as np
 
 from bnfold.graph import set_attr
 from bnfold.graph import to_float64
-from bnfold.rules.base import Failure, Match, finish_forward, float_attr, forward_consumer, int_attr, \
-    optional_input, representation_failure, vector_times_matrix, weight_or_failure
+from bnfold.rules.base import Failure, Match, finish_forward, float_attr, forward_consumer, gemm_c_failure, \
+    int_attr, optional_input, representation_failure, vector_times_matrix, weight_or_failure
 
 RULE = "bn_gemm"
 
@@ -58,12 +58,16 @@ def check(view, bn):
         if isinstance(c_value, Failure):
             return c_value
         c = to_float64(c_value[0])
+        c_failure = gemm_c_failure(view, layer, c, w.shape[0 if trans_b else 1])
+        if c_failure is not None:
+            return c_failure
     else:
         c = np.zeros(())
 
-    new_c = beta * c + alpha * vector_times_matrix(bn.shift, w, transposed=trans_b)
-    factor = alpha * (bn.scale[None, :] if trans_b else bn.scale[:, None])
-    unrepresentable = representation_failure(view, bn, layer, w_type, (w, factor), new_c)
+    with np.errstate(over="ignore", invalid="ignore"):  # what is not finite is refused just below
+        new_c = beta * c + alpha * vector_times_matrix(bn.shift, w, transposed=trans_b)
+        factor = alpha * (bn.scale[None, :] if trans_b else bn.scale[:, None])
+    unrepresentable = representation_failure(view, bn, layer, w_type, w, factor, new_c, c)
     if unrepresentable is not None:
         return unrepresentable
 

@@ -22,6 +22,8 @@ Math (float64, cast once)::
 
 from __future__ import annotations
 
+import numpy as np
+
 from bnfold.graph import set_attr
 from bnfold.rules.base import Failure, Match, finish_forward, forward_consumer, representation_failure, \
     vector_times_matrix, weight_or_failure
@@ -51,8 +53,9 @@ def check(view, bn):
     if w.shape[0] != bn.channels:
         return Failure("not_per_channel", f"{view.describe(layer)} has {w.shape[0]} rows but BatchNormalization "
                        f"'{bn.label}' has {bn.channels} channels")
-    new_c = vector_times_matrix(bn.shift, w)
-    unrepresentable = representation_failure(view, bn, layer, w_type, (w, bn.scale[:, None]), new_c)
+    with np.errstate(over="ignore", invalid="ignore"):  # a bias that is not finite is refused just below
+        new_c = vector_times_matrix(bn.shift, w)
+    unrepresentable = representation_failure(view, bn, layer, w_type, w, bn.scale[:, None], new_c)
     if unrepresentable is not None:
         return unrepresentable
 

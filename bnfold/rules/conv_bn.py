@@ -26,6 +26,8 @@ output channel o (for a bare BN ``S = s = gamma / sqrt(var + eps)``, ``T = beta 
 
 from __future__ import annotations
 
+import numpy as np
+
 from bnfold.rules.base import (
     Failure,
     Match,
@@ -61,14 +63,16 @@ def check(view, bn):
         return combined
     scale, shift = combined
     factor = scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    unrepresentable = representation_failure(view, bn, chain.layer, w_type, (w, factor), b * scale + shift)
+    with np.errstate(over="ignore", invalid="ignore"):  # a bias that is not finite is refused just below
+        new_b = b * scale + shift
+    unrepresentable = representation_failure(view, bn, chain.layer, w_type, w, factor, new_b, b)
     if unrepresentable is not None:
         return unrepresentable
 
     def rewrite():
         out = node.output[0]
         view.set_scaled_constant_input(chain.layer, 1, w, factor, w_type, node.input[1] or f"{out}_weight")
-        view.set_constant_input(chain.layer, 2, b * scale + shift, w_type, bias_name or f"{out}_bias")
+        view.set_constant_input(chain.layer, 2, new_b, w_type, bias_name or f"{out}_bias")
         finish_backward(view, bn, chain)
 
     return Match(RULE, chain.layer, rewrite, chain.nodes)

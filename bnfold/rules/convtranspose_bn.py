@@ -25,6 +25,8 @@ Math (float64, cast once). The weight is (Cin, Cout/group, k...); output channel
 
 from __future__ import annotations
 
+import numpy as np
+
 from bnfold.rules.base import (
     Failure,
     Match,
@@ -50,7 +52,7 @@ def check(view, bn):
         return weight
     w, w_type = weight
     group = int_attr(node, "group", 1)
-    if w.ndim < 3 or w.shape[0] % group or w.shape[1] * group != bn.channels:
+    if group < 1 or w.ndim < 3 or w.shape[0] % group or w.shape[1] * group != bn.channels:
         return Failure("not_per_channel", f"{view.describe(chain.layer)} has weight shape {w.shape} with group={group}, "
                        f"which does not match the {bn.channels} channels of BatchNormalization '{bn.label}'")
     bias = bias_or_failure(view, chain.layer, 2, bn.channels)
@@ -65,7 +67,9 @@ def check(view, bn):
     kernel = w.shape[2:]
     grouped = w.reshape((group, cin // group, cout_g) + kernel)
     factor = scale.reshape((group, 1, cout_g) + (1,) * len(kernel))
-    unrepresentable = representation_failure(view, bn, chain.layer, w_type, (grouped, factor), b * scale + shift)
+    with np.errstate(over="ignore", invalid="ignore"):  # a bias that is not finite is refused just below
+        new_b = b * scale + shift
+    unrepresentable = representation_failure(view, bn, chain.layer, w_type, grouped, factor, new_b, b)
     if unrepresentable is not None:
         return unrepresentable
 
@@ -73,7 +77,7 @@ def check(view, bn):
         out = node.output[0]
         view.set_scaled_constant_input(chain.layer, 1, grouped, factor, w_type, node.input[1] or f"{out}_weight",
                                        shape=w.shape)
-        view.set_constant_input(chain.layer, 2, b * scale + shift, w_type, bias_name or f"{out}_bias")
+        view.set_constant_input(chain.layer, 2, new_b, w_type, bias_name or f"{out}_bias")
         finish_backward(view, bn, chain)
 
     return Match(RULE, chain.layer, rewrite, chain.nodes)

@@ -33,6 +33,7 @@ from bnfold.rules.base import (
     check_chain_and_combine,
     finish_backward,
     float_attr,
+    gemm_c_failure,
     int_attr,
     optional_input,
     representation_failure,
@@ -64,23 +65,26 @@ def check(view, bn):
         if isinstance(c_value, Failure):
             return c_value
         c = to_float64(c_value[0])
-        if c.ndim > 2:
-            return Failure("not_per_channel", f"{view.describe(chain.layer)} C has rank {c.ndim} > 2")
+        c_failure = gemm_c_failure(view, chain.layer, c, bn.channels)
+        if c_failure is not None:
+            return c_failure
     else:
         c = np.zeros(())
     combined = check_chain_and_combine(view, bn, chain, 2)
     if isinstance(combined, Failure):
         return combined
     scale, shift = combined
-    factor = alpha * (scale[:, None] if trans_b else scale[None, :])
-    unrepresentable = representation_failure(view, bn, chain.layer, w_type, (w, factor), beta * c * scale + shift)
+    with np.errstate(over="ignore", invalid="ignore"):  # what is not finite is refused just below
+        factor = alpha * (scale[:, None] if trans_b else scale[None, :])
+        new_c = beta * c * scale + shift
+    unrepresentable = representation_failure(view, bn, chain.layer, w_type, w, factor, new_c, c)
     if unrepresentable is not None:
         return unrepresentable
 
     def rewrite():
         out = node.output[0]
         view.set_scaled_constant_input(chain.layer, 1, w, factor, w_type, node.input[1] or f"{out}_weight")
-        view.set_constant_input(chain.layer, 2, beta * c * scale + shift, w_type, c_name or f"{out}_bias")
+        view.set_constant_input(chain.layer, 2, new_c, w_type, c_name or f"{out}_bias")
         set_attr(node, "alpha", None)
         set_attr(node, "beta", None)
         if view.ctx.opset < 7:

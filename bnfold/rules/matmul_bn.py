@@ -56,7 +56,7 @@ def check(view, bn):
     if isinstance(combined, Failure):
         return combined
     scale, shift = combined
-    unrepresentable = representation_failure(view, bn, chain.layer, w_type, (w, scale[None, :]), shift)
+    unrepresentable = representation_failure(view, bn, chain.layer, w_type, w, scale[None, :], shift)
     if unrepresentable is not None:
         return unrepresentable
 
