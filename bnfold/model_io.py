@@ -165,7 +165,7 @@ def _refuse_wrong_payload_sizes(tensors, path) -> None:
     """One-line InputError for a tensor whose loaded external payload does not fit its dims: a
     truncated data file read without a ``length`` key yields fewer bytes, and the checker, which
     sees only the path of an external-data model, never compares them."""
-    from bnfold.payloads import _expected_nbytes as expected_payload_nbytes
+    from bnfold.payloads import expected_payload_nbytes
 
     for tensor in tensors:
         if any(d < 0 for d in tensor.dims):
@@ -184,8 +184,9 @@ def _require_graph(model: onnx.ModelProto, path) -> None:
 def _without_kept_apart_initializers(rest: bytes, marker: str) -> bytes:
     """The model ``rest`` (a model whose big initializers' payloads are kept apart, marked with
     ``marker``) as the checker should see it: those initializers become graph inputs of the same
-    type and shape. Their own checks (known element type, payload size matching the shape, no
-    second data field) were done when they were set apart; everything else the checker looks at
+    type and shape. Their own checks (known element type, non-negative dims, payload size
+    matching the shape, a non-empty name no other initializer has, no second data field) were
+    done when they were set apart (``payloads.split_serialized_model``); everything else the checker looks at
     is unchanged. Below IR 4 every initializer must already be a graph input: none is added, so
     a missing one still fails (as an undefined value)."""
     model = onnx.load_model_from_string(rest)

@@ -260,7 +260,7 @@ def _fit_to_keep_apart(header: TensorProto, payload_nbytes: int) -> bool:
         return False
     if any(d < 0 for d in header.dims):
         return False
-    return _expected_nbytes(header) == payload_nbytes
+    return expected_payload_nbytes(header) == payload_nbytes
 
 
 def _names_clash(names_apart, names_left, buf, sparse_ranges) -> bool:
@@ -288,7 +288,7 @@ _ITEM_SIZES = {
 }
 
 
-def _expected_nbytes(tensor: TensorProto):
+def expected_payload_nbytes(tensor: TensorProto):
     """Payload size the tensor's dims and element type call for; None for types not kept here
     and for negative dims (no payload fits them)."""
     size = _ITEM_SIZES.get(tensor.data_type)
