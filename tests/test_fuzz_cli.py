@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold.cli import main
 
 SEED = 20261201
-TIME_BUDGET = float(os.environ.get("BNFOLD_FUZZ_SECONDS", "45"))
+TIME_BUDGET = float(os.environ.get("BNFOLD_FUZZ_SECONDS", "30"))
 MAX_CASES = 2000
 ALLOWED_EXIT_CODES = (0, 1, 2)
 
