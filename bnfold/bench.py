@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from bnfold._threads import available_cpus
 from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.model_io import write_json_atomic
 from bnfold.parity import (
@@ -151,6 +152,12 @@ def _parse_opt_levels(opt_levels):
     return levels
 
 
+def max_bench_threads() -> int:
+    """The most onnxruntime intra-op threads a benchmark may ask for: enough to measure
+    oversubscription, far from what exhausts a machine."""
+    return max(64, 4 * available_cpus())
+
+
 def _check_count(name, value, minimum):
     if value is None:
         return
@@ -188,6 +195,11 @@ def benchmark(
     shapes = validated_shapes(shapes)
     levels = _parse_opt_levels(opt_levels)
     _check_count("threads", threads, 1)
+    if threads is not None and threads > max_bench_threads():
+        # onnxruntime starts them all at session creation, in C++, where no signal reaches the
+        # process: 100000 of them exhausted the machine's threads for half an hour.
+        raise InputError(f"threads must be at most {max_bench_threads()} (this process may use {available_cpus()} "
+                         f"CPU(s)), got {threads}")
     _check_count("warmup", warmup, 0)
     _check_count("repeat", repeat, 1)
     if repeat is not None and time_budget is not None:

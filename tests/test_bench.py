@@ -106,7 +106,7 @@ def test_cli_options_rejected_under_their_cli_names_before_any_work(tmp_path, de
         ("--time", "0"): "--time must be a finite number of seconds > 0, got 0",
         ("--time", "-1"): "--time must be",
         ("--time", "inf"): "--time must be",
-        ("--threads", "0"): "--threads must be >= 1, got 0",
+        ("--threads", "0"): "--threads must be between 1 and",
         ("--warmup", "-1"): "--warmup must be >= 0, got -1",
         ("--repeat", "0"): "--repeat must be >= 1, got 0",
         ("--json", str(tmp_path / "missing" / "b.json")): "does not exist",
@@ -210,3 +210,16 @@ def test_cli_huge_static_input_exits_2(tmp_path):
     onnx.save(model, str(path))
     code, err, _ = _bench_cli(path, path, "--repeat", "1")
     assert code == 2 and len(err) == 1 and "input 'x' of shape 1x3x100000x100000 float32" in err[0], err
+
+
+def test_thread_counts_beyond_the_machine_are_refused_before_any_session(tmp_path, demo_model):
+    """onnxruntime starts every intra-op thread at session creation, in C++ where no signal
+    reaches the process; --threads 100000 exhausted the machine's threads for half an hour."""
+    from bnfold.bench import max_bench_threads
+
+    path = tmp_path / "demo.onnx"
+    onnx.save(demo_model, str(path))
+    with pytest.raises(InputError, match=f"threads must be at most {max_bench_threads()}"):
+        benchmark({"a": str(path)}, threads=100000, repeat=1, warmup=0)
+    code, lines, _ = _bench_cli(path, "--threads", "100000", "--repeat", "1")
+    assert code == 2 and len(lines) == 1 and "--threads must be between 1 and" in lines[0], lines

@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 
-from bnfold.bench import DEFAULT_TIME_BUDGET, DEFAULT_WARMUP, benchmark
+from bnfold.bench import DEFAULT_TIME_BUDGET, DEFAULT_WARMUP, benchmark, max_bench_threads
 from bnfold.commands.check import add_input_options, check_input_options
 from bnfold.errors import InputError
 from bnfold.model_io import check_outputs
@@ -56,8 +56,8 @@ def _check_options(args) -> None:
     check_input_options(args)
     if args.time is not None and not (math.isfinite(args.time) and args.time > 0):
         raise InputError(f"--time must be a finite number of seconds > 0, got {args.time:g}")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= max_bench_threads():
+        raise InputError(f"--threads must be between 1 and {max_bench_threads()}, got {args.threads}")
     if args.warmup < 0:
         raise InputError(f"--warmup must be >= 0, got {args.warmup}")
     if args.repeat is not None and args.repeat < 1:
