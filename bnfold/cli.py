@@ -33,8 +33,16 @@ EPILOG = """examples:
 """
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors are one line, like every other bnfold error (argparse prints the usage
+    block first); ``--help`` shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="bnfold",
         description="Batch-normalization toolkit for CPU inference: fold BN into ONNX weights, "
         "prove parity with onnxruntime, re-estimate BN statistics from data.",
@@ -130,6 +138,8 @@ def _main(argv) -> int:
         return _fail(args, e, 1)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         return _fail(args, e, 2)
+    except MemoryError as e:  # sizes that passed every bound and still do not fit
+        return _fail(args, InputError(f"not enough memory ({e or 'MemoryError'}); try smaller inputs"), 2)
     except Exception as e:  # an internal error: still one line unless --verbose
         if _interrupted_by:
             return _interrupted(_interrupted_by[0])

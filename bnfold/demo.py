@@ -48,7 +48,6 @@ def run_demo(out_dir=None, *, image_size=64, width=16, quick=False, batch=1, thr
     from bnfold.zoo import build_demo_cnn
 
     start = time.perf_counter()
-    out_dir = _prepare_out_dir(out_dir)
     original = build_demo_cnn(image_size=image_size, width=width)
     n_bn = sum(1 for n in original.graph.node if n.op_type == "BatchNormalization")
     folded, fold_report = fold(original)
@@ -59,6 +58,7 @@ def run_demo(out_dir=None, *, image_size=64, width=16, quick=False, batch=1, thr
         {"original": original, "folded": folded}, opt_levels=BENCH_LEVELS, shapes=shapes,
         threads=threads, progress=progress, **bench_options,
     )
+    out_dir = _prepare_out_dir(out_dir)  # only now: a run that fails leaves no empty folder
     files = {"original": os.path.join(out_dir, "original.onnx")}
     save_model_atomic(original, files["original"])
     if check_report.passed:

@@ -137,6 +137,8 @@ def _existing_model_path(model_or_path, argument: str = "model") -> str:
         raise TypeError(f"{argument} must be a path (str or os.PathLike of str) or an onnx.ModelProto, got "
                         f"{type(model_or_path).__name__}")
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise InputError(f"{path}: a symbolic link to nothing (broken, or a loop of links)")
         raise InputError(f"{path}: no such file")
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory, expected an .onnx file")
@@ -404,6 +406,10 @@ def check_outputs(outputs: dict, *, model_option=None, models=(), inputs=()) -> 
         item = os.fspath(item)
         if os.path.isdir(item):
             data_directories.append((os.path.realpath(item), item))
+            for name in os.listdir(item):  # a data file may be a link to one elsewhere
+                if name.endswith((".npy", ".npz")):
+                    protected.setdefault(os.path.realpath(os.path.join(item, name)),
+                                         f"the input {os.path.join(item, name)}")
         else:
             protected.setdefault(os.path.realpath(item), f"the input {item}")
     for option, path in given.items():
@@ -424,8 +430,10 @@ def check_outputs(outputs: dict, *, model_option=None, models=(), inputs=()) -> 
             if os.path.realpath(a) == os.path.realpath(b) or (os.path.exists(a) and _same_file(a, b)):
                 raise InputError(f"{b}: {first} and {second} name the same file")
             for model_opt, other_opt in ((first, second), (second, first)):
+                # (the data goes beside the file the model path resolves to)
                 if model_opt == model_option and os.path.realpath(given[other_opt]) in {
-                        os.path.realpath(name) for name in external_data_candidates(given[model_opt])}:
+                        os.path.realpath(name) for name in
+                        external_data_candidates(os.path.realpath(given[model_opt]))}:
                     raise InputError(f"{given[other_opt]}: {other_opt} is where the external data of "
                                      f"{given[model_opt]} may go; choose another path")
     for option, path in given.items():
@@ -494,10 +502,8 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
         fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=_MODEL_TMP_SUFFIX, dir=directory)
         lock = _lock_temporary(fd)
         _default_permissions(tmp_path, like=path)
-        old_data = _external_data_files(path)
+        protected = source_files(source_path) if source_path is not None else set()
         if external_data:
-            protected = source_files(source_path) if source_path is not None else set()
-            _remove_orphaned_data_files(path, old_data | protected)
             tmp_data_name = os.path.basename(tmp_path)[:-len(_MODEL_TMP_SUFFIX)] + _DATA_TMP_SUFFIX
             tmp_data = os.path.join(directory, tmp_data_name)
             to_save = onnx.ModelProto()
@@ -516,24 +522,28 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
             # was saved with external data): the result is then a single file.
             has_data = os.path.exists(tmp_data)
             if has_data:
-                _default_permissions(tmp_data, like=next(iter(old_data), None))
+                _default_permissions(tmp_data, like=next(iter(_replaced_data_files(path)), None))
             if verify is not None and not verify(tmp_path):
                 return False
-            if has_data:
-                # The data goes in place first, under a name nothing refers to yet; then the
-                # model's reference is rewritten to that name; the model is renamed last.
-                data_path = _place_data_file(tmp_data, path, old_data | protected, shown)
-                tmp_data = None
-                _relocate_external_data(to_save, tmp_data_name, os.path.basename(data_path))
-                onnx.save_model(to_save, tmp_path, save_as_external_data=False)
-            tmp_data = None
         else:
+            has_data = False
             _write_model_streaming(model, tmp_path, payloads)
             if verify is not None and not verify(tmp_path):
                 return False
-        os.replace(tmp_path, path)
-        tmp_path = None
-        _remove_replaced_data_files(old_data, path, source_path)
+        # Everything from reading what the old model uses to removing it happens under the
+        # folder's lock: two bnfold writers of one output take turns here (and only here).
+        with _directory_lock(directory):
+            old_data = _replaced_data_files(path)
+            if has_data:
+                # The data goes in place first, under a name no file has; then the model's
+                # reference is rewritten to that name; the model is renamed last.
+                data_path = _place_data_file(tmp_data, path, protected, shown)
+                tmp_data = None
+                _relocate_external_data(to_save, tmp_data_name, os.path.basename(data_path))
+                onnx.save_model(to_save, tmp_path, save_as_external_data=False)
+            os.replace(tmp_path, path)
+            tmp_path = None
+            _remove_replaced_data_files(old_data, path, protected)
         return True
     except OSError as e:
         raise InputError(f"{shown}: cannot write output ({e.strerror or type(e).__name__})") from None
@@ -545,64 +555,80 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
             os.close(lock)
 
 
-def _external_data_files(path) -> set:
-    """Real paths of the data files the model now at ``path`` refers to, among the names
-    ``save_model_atomic`` gives them (files a user named are never touched); empty when there
-    is no such model or it cannot be read."""
+def _replaced_data_files(path) -> set:
+    """The data files of the model now at ``path`` that ``save_model_atomic`` may remove once it
+    has replaced that model: the ones it refers to under the names bnfold gives data files
+    (``external_data_candidates``), and only regular files — a symbolic link is left alone, and
+    so is every file a user named otherwise. Empty when there is no such model or it cannot be
+    read."""
     if not os.path.isfile(path) or not file_uses_external_data(path):
         return set()
     try:
         refs = source_files(path) - {os.path.realpath(path)}
     except Exception:  # an unreadable old output: nothing is known to belong to it
         return set()
-    ours = {os.path.realpath(name) for name in external_data_candidates(path)}
-    return refs & ours
+    return {name for name in external_data_candidates(path)
+            if os.path.realpath(name) in refs and not os.path.islink(name) and os.path.isfile(name)}
 
 
-def _place_data_file(tmp_data, path, taken: set, shown) -> str:
+def _place_data_file(tmp_data, path, protected: set, shown) -> str:
     """Give the finished data file ``tmp_data`` the first name of ``external_data_candidates``
-    that no file has (a hard link fails on an existing name, so two writers never share one);
-    where the file system has no hard links, the first name not in ``taken`` (the data of the
-    model being replaced, the input's files) is replaced instead. Returns the name."""
-    candidates = [name for name in external_data_candidates(path) if os.path.realpath(name) not in taken]
+    that no file has yet — so no existing model (the one being replaced, a user's model that
+    happens to use such a name) ever reads the new weights. A hard link does it (it fails on an
+    existing name); where the file system has none, a rename to a name that does not exist
+    (under the folder's lock). Returns the name."""
+    candidates = [name for name in external_data_candidates(path) if os.path.realpath(name) not in protected]
     for name in candidates:
+        if os.path.lexists(name):
+            continue
         try:
             os.link(tmp_data, name)
         except FileExistsError:
             continue
         except OSError:  # no hard links here (some FUSE, FAT, SMB mounts)
-            os.replace(tmp_data, name)
+            os.rename(tmp_data, name)
             return name
         os.unlink(tmp_data)
         return name
-    raise InputError(f"{shown}: every external data file name for it ({os.path.basename(candidates[0])} ...) is "
-                     "taken; remove unused ones or choose another output path")
+    raise InputError(f"{shown}: every external data file name for it ({os.path.basename(candidates[0])}, "
+                     f"... {os.path.basename(candidates[-1])}) is taken; remove those no model uses or choose "
+                     "another output path")
 
 
-def _remove_orphaned_data_files(path, keep: set) -> None:
-    """Remove data files named for ``path`` that no model refers to: left by a run killed after
-    it put its data in place and before its .onnx. Only files older than this process count
-    (a concurrent writer's new data file is younger)."""
-    for name in external_data_candidates(path):
-        real = os.path.realpath(name)
-        try:
-            if real not in keep and os.path.isfile(real) and os.stat(real).st_mtime < _PROCESS_START:
-                os.unlink(real)
-        except OSError:
-            pass
-
-
-def _remove_replaced_data_files(old_data: set, path, source_path) -> None:
+def _remove_replaced_data_files(old_data: set, path, protected: set) -> None:
     """Remove the data files of the model that was at ``path`` before it was replaced, unless the
     new model or the input uses them too."""
-    keep = set(source_files(path))
-    if source_path is not None:
-        keep |= source_files(source_path)
-    for name in old_data - keep:
+    keep = set(source_files(path)) | protected
+    for name in old_data:
+        if os.path.realpath(name) in keep:
+            continue
         try:
             os.unlink(name)
         except OSError:
             pass
+
+
+class _directory_lock:
+    """An exclusive ``flock`` on a folder, held for the few milliseconds in which a writer puts
+    its files in place (no lock where the system has none)."""
+
+    def __init__(self, directory):
+        self._directory, self._fd = directory, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+
+            self._fd = os.open(self._directory, os.O_RDONLY)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            os.close(self._fd)
+        return False
 
 
 _MODEL_TMP_SUFFIX = ".onnx.tmp"

@@ -214,13 +214,22 @@ def test_a_crash_while_replacing_an_external_data_pair_leaves_the_old_or_the_new
     assert all(np.array_equal(weights[k], expected_weights[k]) for k in weights)
     np.testing.assert_array_equal(result, expected_result)
 
-    # The killed run's temporaries (and the replaced data file) go with the next write there.
+    # The killed run's temporaries go with the next write there; a data file it had put in
+    # place but no model refers to stays (bnfold cannot prove that no model of yours uses it)
+    # and is never read or overwritten.
+    def data_files():
+        return {os.path.join(tmp_path, n) for n in os.listdir(tmp_path) if n.startswith("out.onnx")
+                and n.endswith(".data")}
+    orphans = data_files() - (source_files(out) - {str(out)})
+    # (killed after the data went in place: the new data; after the .onnx: the replaced data)
+    assert len(orphans) == 1
+    orphan_digests = digests(*orphans)
     time.sleep(0.05)
     again = bnfold("fold", new_in, "-o", out)
     assert again.returncode == 0, again.stderr
     assert hidden_temporaries(tmp_path) == []
-    data_files = sorted(n for n in os.listdir(tmp_path) if n.startswith("out.onnx") and n.endswith(".data"))
-    assert [os.path.join(tmp_path, n) for n in data_files] == sorted(source_files(out) - {str(out)})
+    assert data_files() == (source_files(out) - {str(out)}) | orphans
+    assert digests(*orphans) == orphan_digests
 
 
 def test_rewriting_an_external_data_output_alternates_data_file_names_and_removes_the_old(tmp_path):
@@ -463,3 +472,96 @@ def test_concurrent_writers_of_one_external_data_output_never_mix(tmp_path):
     final = initializers(out)["w"]
     assert any(np.array_equal(final, weights[seed]) for seed in (6, 7))
     assert hidden_temporaries(tmp_path) == []
+
+
+def test_a_users_model_whose_data_file_has_a_bnfold_name_is_never_touched(tmp_path):
+    """other.onnx (the user's) keeps its weights in out.onnx.data / out.onnx.1.data: writing
+    out.onnx, now and over an existing bnfold output, takes names no file has."""
+    other = tmp_path / "other.onnx"
+    save_external(conv_bn_model(6), other, "out.onnx.data")
+    source = tmp_path / "in.onnx"
+    save_external(conv_bn_model(7), source)
+    before = digest(tmp_path / "out.onnx.data")
+    time.sleep(0.05)
+    out = tmp_path / "out.onnx"
+    for _ in range(3):
+        assert bnfold("fold", source, "-o", out, "--no-check").returncode == 0
+        assert digest(tmp_path / "out.onnx.data") == before
+        run_model(other)
+        run_model(out)
+
+
+def test_report_on_the_data_file_of_a_symlinked_output_is_refused(tmp_path):
+    source = tmp_path / "ext.onnx"
+    save_external(conv_bn_model(0), source)
+    (tmp_path / "sub").mkdir()
+    os.symlink("sub/o.onnx", tmp_path / "link.onnx")
+    for data_name in ("o.onnx.data", "o.onnx.1.data"):
+        line = assert_one_line_exit_2(bnfold("fold", source, "-o", tmp_path / "link.onnx", "--report",
+                                             tmp_path / "sub" / data_name))
+        assert "external data" in line
+    assert os.listdir(tmp_path / "sub") == []
+
+
+def test_calibrate_never_overwrites_a_data_file_linked_into_its_data_directory(tmp_path, two_models):
+    a, _ = two_models
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    real = tmp_path / "elsewhere" / "real.npy"
+    np.save(real, np.random.default_rng(0).standard_normal((8, 16, 8, 8)).astype(np.float32))
+    os.symlink("../elsewhere/real.npy", tmp_path / "data" / "a.npy")
+    before = digest(real)
+    for argv in (["-o", tmp_path / "data" / "a.npy"], ["-o", real],
+                 ["-o", tmp_path / "out.onnx", "--report", real]):
+        line = assert_one_line_exit_2(bnfold("calibrate", a, "--data", tmp_path / "data", "--no-progress", *argv))
+        assert "refusing to overwrite the input" in line
+    assert digest(real) == before
+
+
+def test_concurrent_fold_commands_into_one_output_leave_a_whole_model(tmp_path):
+    """Five `bnfold fold` of different models into one external-data output at once, three
+    rounds: when they are done, out.onnx loads and is exactly one of them."""
+    sources = []
+    for seed in range(5):
+        sources.append(tmp_path / f"in{seed}.onnx")
+        save_external(conv_bn_model(seed, channels=32), sources[-1])
+    expected = {}
+    for source in sources:
+        reference = tmp_path / f"ref-{source.name}"
+        assert bnfold("fold", source, "-o", reference, "--no-check").returncode == 0
+        expected[source.name] = run_model(reference)
+    out = tmp_path / "out.onnx"
+    for _ in range(3):
+        writers = [subprocess.Popen([sys.executable, "-m", "bnfold", "fold", str(s), "-o", str(out), "--no-check"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+                   for s in sources]
+        for writer in writers:
+            assert writer.wait(timeout=120) == 0, writer.stderr.read()
+        result = run_model(out)
+        assert any(np.array_equal(result, e) for e in expected.values())
+        assert hidden_temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [["fold", "--bogus"], ["nope"], ["check", "a.onnx"], ["bench", "m.onnx", "--threads", "x"]])
+def test_usage_errors_are_one_line(tmp_path, argv):
+    line = assert_one_line_exit_2(bnfold(*argv, cwd=tmp_path))
+    assert line.startswith("bnfold") and "--help" in line
+
+
+@pytest.mark.parametrize("option", [["--image-size", "100000"], ["--width", "100000"], ["--threads", "100000"]])
+def test_demo_sizes_are_bounded_and_a_refused_demo_leaves_no_folder(tmp_path, option):
+    out = tmp_path / "demo"
+    assert_one_line_exit_2(bnfold("demo", "--quick", "--out", out, *option))
+    assert not out.exists()
+
+
+def test_a_memory_error_is_bad_input_in_one_line(monkeypatch, capsys, two_models, tmp_path):
+    import bnfold.fold_pass
+    from bnfold.cli import main
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 3.49 TiB")
+
+    monkeypatch.setattr(bnfold.fold_pass, "fold_file", out_of_memory)
+    assert main(["fold", str(two_models[0]), "-o", str(tmp_path / "o.onnx")]) == 2
+    assert capsys.readouterr().err == "bnfold fold: error: not enough memory (Unable to allocate 3.49 TiB); try smaller inputs\n"

@@ -36,12 +36,15 @@ def run(args) -> int:
     from bnfold.demo import run_demo
     from bnfold.errors import InputError
 
-    if args.image_size < 8:
-        raise InputError(f"--image-size must be >= 8, got {args.image_size}")
-    if args.width < 2:
-        raise InputError(f"--width must be >= 2, got {args.width}")
-    if args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    from bnfold.bench import max_bench_threads
+
+    # The demo's model is built in memory: its size grows with width^2 and image_size^2.
+    if not 8 <= args.image_size <= 1024:
+        raise InputError(f"--image-size must be between 8 and 1024, got {args.image_size}")
+    if not 2 <= args.width <= 256:
+        raise InputError(f"--width must be between 2 and 256, got {args.width}")
+    if not 1 <= args.threads <= max_bench_threads():
+        raise InputError(f"--threads must be between 1 and {max_bench_threads()}, got {args.threads}")
     result = run_demo(args.out, image_size=args.image_size, width=args.width, quick=args.quick, threads=args.threads)
     print(result.summary)
     return 0 if result.passed else 1
