@@ -497,7 +497,7 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
     directory = check_output_path(shown, source_path=source_path)
     path = resolve_output_path(shown)
     remove_stale_temporaries(directory)
-    tmp_path = tmp_data = lock = None
+    tmp_path = tmp_data = lock = placed_data = None
     try:
         fd, tmp_path = tempfile.mkstemp(prefix=".bnfold-", suffix=_MODEL_TMP_SUFFIX, dir=directory)
         lock = _lock_temporary(fd)
@@ -537,18 +537,20 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
             if has_data:
                 # The data goes in place first, under a name no file has; then the model's
                 # reference is rewritten to that name; the model is renamed last.
-                data_path = _place_data_file(tmp_data, path, protected, shown)
+                data_path = placed_data = _place_data_file(tmp_data, path, protected, shown)
                 tmp_data = None
                 _relocate_external_data(to_save, tmp_data_name, os.path.basename(data_path))
                 onnx.save_model(to_save, tmp_path, save_as_external_data=False)
             os.replace(tmp_path, path)
-            tmp_path = None
+            tmp_path = placed_data = None
             _remove_replaced_data_files(old_data, path, protected)
         return True
     except OSError as e:
         raise InputError(f"{shown}: cannot write output ({e.strerror or type(e).__name__})") from None
     finally:
-        for leftover in (tmp_path, tmp_data):
+        # (placed_data: a data file put in place for a model that was not, after all: an error
+        # or a signal between the two renames)
+        for leftover in (tmp_path, tmp_data, placed_data):
             if leftover and os.path.exists(leftover):
                 os.unlink(leftover)
         if lock is not None:

@@ -565,3 +565,20 @@ def test_a_memory_error_is_bad_input_in_one_line(monkeypatch, capsys, two_models
     monkeypatch.setattr(bnfold.fold_pass, "fold_file", out_of_memory)
     assert main(["fold", str(two_models[0]), "-o", str(tmp_path / "o.onnx")]) == 2
     assert capsys.readouterr().err == "bnfold fold: error: not enough memory (Unable to allocate 3.49 TiB); try smaller inputs\n"
+
+
+def test_a_failure_between_placing_the_data_and_the_model_removes_the_new_data(tmp_path, monkeypatch):
+    out = tmp_path / "out.onnx"
+    save_model_atomic(conv_bn_model(0), out, external_data=True)
+    before = {n: digest(tmp_path / n) for n in os.listdir(tmp_path)}
+    real_replace = os.replace
+
+    def failing_replace(src, dst, *args, **kwargs):
+        if os.fspath(dst) == str(out):
+            raise KeyboardInterrupt  # as Ctrl-C would, between the two renames
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_model_atomic(conv_bn_model(1), out, external_data=True)
+    assert {n: digest(tmp_path / n) for n in os.listdir(tmp_path)} == before
