@@ -15,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from bnfold._version import __version__
-from bnfold.errors import BnfoldError, BnfoldWarning, InputError, ParityError
+from bnfold.errors import BnfoldError, BnfoldWarning, InputError, ParityError, unbuilt_extension_error
 
 # public name -> the module that defines it
 _LAZY = {
@@ -57,7 +57,13 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        unbuilt = unbuilt_extension_error(e)
+        if unbuilt is None:
+            raise
+        raise unbuilt from e
     globals()[name] = value
     return value
 

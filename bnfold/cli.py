@@ -18,7 +18,7 @@ import threading
 import warnings
 
 from bnfold._version import __version__
-from bnfold.errors import BnfoldWarning, InputError, ParityError
+from bnfold.errors import BnfoldWarning, InputError, ParityError, unbuilt_extension_error
 
 # Order is the order shown in --help.
 COMMAND_MODULES = ("fold", "inspect", "check", "bench", "calibrate", "demo")
@@ -138,6 +138,13 @@ def _main(argv) -> int:
         return _fail(args, e, 1)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         return _fail(args, e, 2)
+    except ModuleNotFoundError as e:
+        unbuilt = unbuilt_extension_error(e)
+        if _interrupted_by:
+            return _interrupted(_interrupted_by[0])
+        if unbuilt is None:
+            return _fail(args, e, 3, internal=True)
+        return _fail(args, unbuilt, 3)
     except MemoryError as e:  # sizes that passed every bound and still do not fit
         return _fail(args, InputError(f"not enough memory ({e or 'MemoryError'}); try smaller inputs"), 2)
     except Exception as e:  # an internal error: still one line unless --verbose

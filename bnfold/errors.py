@@ -31,3 +31,13 @@ class ParityError(BnfoldError):
 class BnfoldWarning(UserWarning):
     """An input was accepted as onnxruntime accepts it, though it breaks a rule of the ONNX spec;
     the message says what bnfold did about it (one line)."""
+
+
+def unbuilt_extension_error(error: ImportError):
+    """An ImportError that says how to build bnfold when ``error`` is a compiled module of
+    bnfold missing (a source checkout imported without ``pip install -e .``), else None."""
+    name = getattr(error, "name", None) or ""
+    if not (isinstance(error, ModuleNotFoundError) and name.startswith("bnfold._")):
+        return None
+    return ImportError(f"bnfold's compiled module {name} is not built: install bnfold with "
+                       "`python -m pip install -e .` (or build in place with `python setup.py build_ext --inplace`)")

@@ -9,6 +9,7 @@ files keep them external.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import tempfile
 import threading
@@ -503,6 +504,11 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
         lock = _lock_temporary(fd)
         _default_permissions(tmp_path, like=path)
         protected = source_files(source_path) if source_path is not None else set()
+        if external_data and os.path.realpath(os.path.dirname(os.path.abspath(shown))) != directory:
+            # Readers look for external data beside the path they open: through the link, the
+            # data beside its target would not be found.
+            raise InputError(f"{shown}: a symbolic link into another folder ({path}); a model with external data "
+                             "must be written where it will be opened: give the target path")
         if external_data:
             tmp_data_name = os.path.basename(tmp_path)[:-len(_MODEL_TMP_SUFFIX)] + _DATA_TMP_SUFFIX
             tmp_data = os.path.join(directory, tmp_data_name)
@@ -540,6 +546,7 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
                 data_path = placed_data = _place_data_file(tmp_data, path, protected, shown)
                 tmp_data = None
                 _relocate_external_data(to_save, tmp_data_name, os.path.basename(data_path))
+                _mark_data_file(to_save, os.path.basename(data_path))
                 onnx.save_model(to_save, tmp_path, save_as_external_data=False)
             os.replace(tmp_path, path)
             tmp_path = placed_data = None
@@ -567,10 +574,25 @@ def _replaced_data_files(path) -> set:
         return set()
     try:
         refs = source_files(path) - {os.path.realpath(path)}
+        marked = {p.value for p in onnx.load(path, load_external_data=False).metadata_props
+                  if p.key == _DATA_FILE_MARK}
     except Exception:  # an unreadable old output: nothing is known to belong to it
         return set()
     return {name for name in external_data_candidates(path)
-            if os.path.realpath(name) in refs and not os.path.islink(name) and os.path.isfile(name)}
+            if os.path.basename(name) in marked and os.path.realpath(name) in refs and not os.path.islink(name)
+            and os.path.isfile(name)}
+
+
+# metadata_props key with which save_model_atomic marks a model whose data file it named: only
+# such a data file is removed when the model is replaced (never one of a model bnfold did not write).
+_DATA_FILE_MARK = "bnfold.external_data_file"
+
+
+def _mark_data_file(model, data_name) -> None:
+    for i in reversed(range(len(model.metadata_props))):
+        if model.metadata_props[i].key == _DATA_FILE_MARK:
+            del model.metadata_props[i]
+    model.metadata_props.add(key=_DATA_FILE_MARK, value=data_name)
 
 
 def _place_data_file(tmp_data, path, protected: set, shown) -> str:
@@ -617,7 +639,14 @@ class _directory_lock:
     def __init__(self, directory):
         self._directory, self._fd = directory, None
 
+    # SIGINT / SIGTERM wait until the section is over: an interruption between placing the
+    # data and renaming the model (or just after the rename) would leave a pair half done.
+    _DEFERRED = {signal.SIGINT, signal.SIGTERM}
+
     def __enter__(self):
+        self._mask = None
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask"):
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._DEFERRED)
         try:
             import fcntl
 
@@ -630,6 +659,8 @@ class _directory_lock:
     def __exit__(self, *exc):
         if self._fd is not None:
             os.close(self._fd)
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         return False
 
 
@@ -676,8 +707,9 @@ def remove_stale_temporaries(directory) -> list:
 
     A temporary is stale when it is older than this process and no live process holds its lock:
     ``.bnfold-*.onnx.tmp`` and ``.bnfold-*.json.tmp`` hold the lock themselves, a
-    ``.bnfold-*.data.tmp`` belongs to the ``.onnx.tmp`` of the same name, and a
-    ``.bnfold-calibrated-*`` folder to the lock file inside it. Nothing else is touched."""
+    ``.bnfold-*.data.tmp`` belongs to the ``.onnx.tmp`` of the same name, a
+    ``.bnfold-scratch-*`` folder to the lock file inside it, and a ``.bnfold-probe-*`` file (the
+    writability probe, removed at once) to nobody. Nothing else is touched."""
     removed = []
     try:
         names = os.listdir(directory)
@@ -695,6 +727,8 @@ def remove_stale_temporaries(directory) -> list:
             continue
         if stat.S_ISREG(info.st_mode) and name.endswith((_MODEL_TMP_SUFFIX, ".json.tmp")):
             owner = full
+        elif stat.S_ISREG(info.st_mode) and name.startswith(".bnfold-probe-"):
+            owner = None
         elif stat.S_ISREG(info.st_mode) and name.endswith(_DATA_TMP_SUFFIX):
             owner = full[:-len(_DATA_TMP_SUFFIX)] + _MODEL_TMP_SUFFIX
             if not os.path.exists(owner):

@@ -582,3 +582,59 @@ def test_a_failure_between_placing_the_data_and_the_model_removes_the_new_data(t
     with pytest.raises(KeyboardInterrupt):
         save_model_atomic(conv_bn_model(1), out, external_data=True)
     assert {n: digest(tmp_path / n) for n in os.listdir(tmp_path)} == before
+
+
+def test_an_unbuilt_checkout_says_how_to_build(two_models):
+    """A source checkout imported without building: the missing compiled module is named with
+    the command that builds it, in the API and in the command line."""
+    hide = "import sys; sys.modules['bnfold._openmp'] = None; "
+    api = subprocess.run([sys.executable, "-c", hide + "import bnfold; bnfold.batch_stats"], capture_output=True,
+                         text=True, check=False, timeout=60)
+    assert api.returncode == 1 and "ImportError: bnfold's compiled module bnfold._openmp is not built" in api.stderr
+    cli = subprocess.run([sys.executable, "-c", hide + "from bnfold.cli import main; raise SystemExit(main())",
+                          "inspect", str(two_models[0])], capture_output=True, text=True, check=False, timeout=60)
+    assert cli.returncode == 3 and cli.stderr.count("\n") == 1, cli.stderr
+    assert "bnfold._openmp is not built" in cli.stderr and "pip install -e ." in cli.stderr
+
+
+def test_an_external_data_output_through_a_link_into_another_folder_is_refused(tmp_path):
+    source = tmp_path / "ext.onnx"
+    save_external(conv_bn_model(0), source)
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    os.symlink("../B/real.onnx", tmp_path / "A" / "link.onnx")
+    assert "give the target path" in assert_one_line_exit_2(bnfold("fold", source, "-o", tmp_path / "A" / "link.onnx"))
+    assert os.listdir(tmp_path / "B") == []
+
+
+def test_a_signal_as_the_model_is_renamed_leaves_a_loadable_model(tmp_path, monkeypatch, capsys):
+    """SIGTERM arriving while the final rename runs (its handler runs right after the call)
+    is held until the pair is complete: the new model, loadable."""
+    from bnfold.cli import main
+
+    source, out = tmp_path / "a.onnx", tmp_path / "out.onnx"
+    save_external(conv_bn_model(1), source)
+    save_model_atomic(conv_bn_model(2), out, external_data=True)
+    real_replace = os.replace
+
+    def replace_then_sigterm(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if os.fspath(dst) == str(out):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "replace", replace_then_sigterm)
+    assert main(["fold", str(source), "-o", str(out), "--no-check"]) == 143
+    run_model(out)
+    assert len(source_files(out)) == 2
+
+
+def test_the_data_of_a_model_bnfold_did_not_write_is_never_removed(tmp_path):
+    """out.onnx is the user's own (not a bnfold output), sharing out.onnx.data with u.onnx:
+    replacing out.onnx leaves that data file alone."""
+    save_external(conv_bn_model(3), tmp_path / "out.onnx")
+    save_external(conv_bn_model(3), tmp_path / "u.onnx", "out.onnx.data")
+    before = digest(tmp_path / "out.onnx.data")
+    save_model_atomic(conv_bn_model(4), tmp_path / "out.onnx", external_data=True)
+    assert digest(tmp_path / "out.onnx.data") == before
+    run_model(tmp_path / "u.onnx")
+    run_model(tmp_path / "out.onnx")
