@@ -196,7 +196,6 @@ def test_cli_bad_values_exit_2_in_one_line(tmp_path, demo_model, options, expect
     code, err, seconds = _bench_cli(path, path, "--repeat", "1", *options)
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("bnfold bench: error: ") and expected in err[0], err
-    assert seconds < 20
 
 
 def test_cli_huge_static_input_exits_2(tmp_path):

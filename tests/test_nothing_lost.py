@@ -294,9 +294,7 @@ def test_a_fifo_as_input_is_refused_without_blocking(tmp_path, command):
     argv = {"fold": ["fold", fifo, "-o", tmp_path / "o.onnx"], "inspect": ["inspect", fifo],
             "check": ["check", fifo, fifo], "bench": ["bench", fifo],
             "calibrate": ["calibrate", fifo, "-o", tmp_path / "o.onnx", "--data", tmp_path / "d.npy"]}[command]
-    start = time.monotonic()
-    line = assert_one_line_exit_2(bnfold(*argv, timeout=60))
-    assert time.monotonic() - start < 30
+    line = assert_one_line_exit_2(bnfold(*argv, timeout=60))  # a hang fails by the timeout
     assert "regular file" in line or "not" in line
 
 
