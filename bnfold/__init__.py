@@ -20,12 +20,12 @@ from bnfold.errors import BnfoldError, BnfoldWarning, InputError, ParityError, u
 # public name -> the module that defines it
 _LAZY = {
     "openmp_enabled": "bnfold._openmp",
-    "CalibrationReport": "bnfold.calibration",
-    "calibrate": "bnfold.calibration",
-    "FoldReport": "bnfold.fold_pass",
-    "fold": "bnfold.fold_pass",
-    "fold_file": "bnfold.fold_pass",
-    "inspect": "bnfold.fold_pass",
+    "CalibrationReport": "bnfold.calibration.runner",
+    "calibrate": "bnfold.calibration.runner",
+    "FoldReport": "bnfold.folding.fold_pass",
+    "fold": "bnfold.folding.fold_pass",
+    "fold_file": "bnfold.folding.fold_pass",
+    "inspect": "bnfold.folding.fold_pass",
     "Moments": "bnfold.kernels",
     "batch_norm_backward": "bnfold.kernels",
     "batch_norm_infer": "bnfold.kernels",
@@ -33,14 +33,14 @@ _LAZY = {
     "batch_renorm_train": "bnfold.kernels",
     "batch_stats": "bnfold.kernels",
     "onnx_momentum": "bnfold.kernels",
-    "CheckReport": "bnfold.parity",
-    "check": "bnfold.parity",
+    "CheckReport": "bnfold.verify.parity",
+    "check": "bnfold.verify.parity",
 }
 
 if TYPE_CHECKING:  # what static tools and IDEs see
     from bnfold._openmp import openmp_enabled
-    from bnfold.calibration import CalibrationReport, calibrate
-    from bnfold.fold_pass import FoldReport, fold, fold_file, inspect
+    from bnfold.calibration.runner import CalibrationReport, calibrate
+    from bnfold.folding.fold_pass import FoldReport, fold, fold_file, inspect
     from bnfold.kernels import (
         Moments,
         batch_norm_backward,
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
         batch_stats,
         onnx_momentum,
     )
-    from bnfold.parity import CheckReport, check
+    from bnfold.verify.parity import CheckReport, check
 
 
 def __getattr__(name: str):

@@ -2,6 +2,6 @@
 
 import sys
 
-from bnfold.cli import main
+from bnfold.cli.app import main
 
 sys.exit(main())

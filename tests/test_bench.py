@@ -1,4 +1,4 @@
-"""bnfold.bench / `bnfold bench`: report structure and options (never a time)."""
+"""bnfold.verify.bench / `bnfold bench`: report structure and options (never a time)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 import pytest
 
-from bnfold.bench import BenchReport, benchmark
-from bnfold.cli import main
+from bnfold.verify.bench import BenchReport, benchmark
+from bnfold.cli.app import main
 from bnfold.errors import InputError
 from bnfold.progress import Progress
-from bnfold.zoo import build_demo_cnn
+from bnfold.demo.zoo import build_demo_cnn
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_cli_two_models_and_errors(tmp_path, demo_model, capsys):
 
 
 def test_cli_options_rejected_under_their_cli_names_before_any_work(tmp_path, demo_model, capsys, monkeypatch):
-    import bnfold.commands.bench as bench_command
+    import bnfold.cli.bench as bench_command
 
     path = tmp_path / "demo.onnx"
     onnx.save(demo_model, str(path))
@@ -161,8 +161,8 @@ def test_a_model_that_is_neither_path_nor_proto_is_named(demo_model):
 
 
 def test_synthesized_inputs_beyond_the_memory_limit_are_refused_before_drawing(demo_model, monkeypatch):
-    import bnfold.bench as bench_module
-    from bnfold import parity
+    import bnfold.verify.bench as bench_module
+    from bnfold.verify import parity
 
     monkeypatch.setattr(parity, "available_memory", lambda: (64 << 20, "memory available"))  # a 16 MiB limit
 
@@ -214,7 +214,7 @@ def test_cli_huge_static_input_exits_2(tmp_path):
 def test_thread_counts_beyond_the_machine_are_refused_before_any_session(tmp_path, demo_model):
     """onnxruntime starts every intra-op thread at session creation, in C++ where no signal
     reaches the process; --threads 100000 exhausted the machine's threads for half an hour."""
-    from bnfold.bench import max_bench_threads
+    from bnfold.verify.bench import max_bench_threads
 
     path = tmp_path / "demo.onnx"
     onnx.save(demo_model, str(path))

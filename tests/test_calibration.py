@@ -3,7 +3,7 @@
 The reference evaluates the ONNX graph itself in float64 (Conv, BatchNormalization, Relu, Add,
 GlobalAveragePool, Flatten, Gemm) and implements both modes naively: "batch" concatenates every
 BN input over all batches; "sequential" calibrates one BN at a time in node order, re-running the
-whole data set each time. It shares no code with bnfold.calibration.
+whole data set each time. It shares no code with bnfold.calibration.runner.
 """
 
 import json
@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold.calibration import calibrate
+from bnfold.calibration.runner import calibrate
 from bnfold.errors import InputError
 
 OPSET = 15
@@ -930,7 +930,7 @@ def test_fixed_batch_1_fallback_with_unknown_shapes_and_one_value_per_channel_is
     """Without static shapes (shape inference blind, as on a model with unknown ops) the degenerate
     BN shows only while running: a one-line error that points to --mode sequential instead of a
     batch size the model cannot take."""
-    import bnfold.calibration as calibration
+    import bnfold.calibration.runner as calibration
 
     real = calibration._value_types
     monkeypatch.setattr(calibration, "_value_types", lambda m: (real(m)[0], {}))

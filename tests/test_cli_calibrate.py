@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold.cli import main
+from bnfold.cli.app import main
 
 
 def conv_bn_model(seed=0):
@@ -135,17 +135,17 @@ def test_fold_path(files, capsys):
 
 
 def test_fold_parity_failure_exit_1(files, capsys, monkeypatch):
-    import bnfold.fold_pass
-    from bnfold.graph import read_tensor, write_tensor
+    import bnfold.folding.fold_pass
+    from bnfold.folding.graph import read_tensor, write_tensor
 
-    real_run = bnfold.fold_pass._run
+    real_run = bnfold.folding.fold_pass._run
 
     def broken_run(model, report, forward, payloads=None, keep=None):
         real_run(model, report, forward, payloads, keep)
         w = model.graph.initializer[0]
         write_tensor(w, read_tensor(w, payloads) * 2, w.data_type, w.name, payloads)
 
-    monkeypatch.setattr(bnfold.fold_pass, "_run", broken_run)
+    monkeypatch.setattr(bnfold.folding.fold_pass, "_run", broken_run)
     model_path, data_path, _, tmp = files
     out = tmp / "folded.onnx"
     assert main(["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--fold"]) == 1

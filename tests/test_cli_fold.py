@@ -15,7 +15,7 @@ import pytest
 
 from fold_testing import MM, assert_parity, count_bn
 
-from bnfold.cli import main
+from bnfold.cli.app import main
 
 
 @pytest.fixture
@@ -55,12 +55,12 @@ def test_fold_writes_model_table_and_report(tmp_path, model_path, capsys):
 
 
 def test_fold_no_check_skips_parity(tmp_path, model_path, capsys, monkeypatch):
-    import bnfold.parity
+    import bnfold.verify.parity
 
     def must_not_run(*a, **k):
         raise AssertionError("parity check ran despite --no-check")
 
-    monkeypatch.setattr(bnfold.parity, "check", must_not_run)
+    monkeypatch.setattr(bnfold.verify.parity, "check", must_not_run)
     out = tmp_path / "out.onnx"
     code, stdout, err = _run(capsys, "fold", model_path, "-o", out, "--no-check")
     assert code == 0, err
@@ -69,16 +69,16 @@ def test_fold_no_check_skips_parity(tmp_path, model_path, capsys, monkeypatch):
 
 
 def test_fold_shape_option_reaches_the_check(tmp_path, capsys, monkeypatch):
-    import bnfold.parity
+    import bnfold.verify.parity
 
     seen = {}
-    real_check = bnfold.parity.check
+    real_check = bnfold.verify.parity.check
 
     def spy(reference, candidate, **kwargs):
         seen.update(kwargs)
         return real_check(reference, candidate, **kwargs)
 
-    monkeypatch.setattr(bnfold.parity, "check", spy)
+    monkeypatch.setattr(bnfold.verify.parity, "check", spy)
     model = MM.conv2d_bn()
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"  # dynamic batch
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
@@ -107,9 +107,9 @@ class _FailedCheck:
 
 
 def test_parity_failure_exit_1_nothing_written(tmp_path, model_path, capsys, monkeypatch):
-    import bnfold.parity
+    import bnfold.verify.parity
 
-    monkeypatch.setattr(bnfold.parity, "check", lambda *a, **k: _FailedCheck())
+    monkeypatch.setattr(bnfold.verify.parity, "check", lambda *a, **k: _FailedCheck())
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     code, stdout, err = _run(capsys, "fold", model_path, "-o", out, "--report", report)
     assert code == 1
@@ -119,9 +119,9 @@ def test_parity_failure_exit_1_nothing_written(tmp_path, model_path, capsys, mon
 
 
 def test_parity_failure_with_force_writes(tmp_path, model_path, capsys, monkeypatch):
-    import bnfold.parity
+    import bnfold.verify.parity
 
-    monkeypatch.setattr(bnfold.parity, "check", lambda *a, **k: _FailedCheck())
+    monkeypatch.setattr(bnfold.verify.parity, "check", lambda *a, **k: _FailedCheck())
     out = tmp_path / "out.onnx"
     code, _, err = _run(capsys, "fold", model_path, "-o", out, "--force")
     assert code == 1
@@ -131,10 +131,10 @@ def test_parity_failure_with_force_writes(tmp_path, model_path, capsys, monkeypa
 
 def test_parity_failure_real_check(tmp_path, capsys, monkeypatch):
     """A fold that really changes the function (sabotaged weights) is caught by the real check."""
-    import bnfold.fold_pass
-    from bnfold.graph import read_tensor, write_tensor
+    import bnfold.folding.fold_pass
+    from bnfold.folding.graph import read_tensor, write_tensor
 
-    real_run = bnfold.fold_pass._run
+    real_run = bnfold.folding.fold_pass._run
 
     def broken_run(model, report, forward, payloads=None, keep=None):
         real_run(model, report, forward, payloads, keep)
@@ -142,7 +142,7 @@ def test_parity_failure_real_check(tmp_path, capsys, monkeypatch):
             if len(t.dims) == 4:
                 write_tensor(t, read_tensor(t, payloads) * 1.5, t.data_type, t.name, payloads)
 
-    monkeypatch.setattr(bnfold.fold_pass, "_run", broken_run)
+    monkeypatch.setattr(bnfold.folding.fold_pass, "_run", broken_run)
     src = tmp_path / "m.onnx"
     onnx.save_model(MM.conv2d_bn(), str(src))
     code, stdout, err = _run(capsys, "fold", src, "-o", tmp_path / "o.onnx")
@@ -159,10 +159,10 @@ def test_wrong_fold_hidden_by_the_head_is_refused(tmp_path, capsys, monkeypatch,
     the fold and names the layer; a check of the outputs alone would have let it through."""
     import hidden_error_models
 
-    import bnfold.fold_pass
-    from bnfold.graph import read_tensor, write_tensor
+    import bnfold.folding.fold_pass
+    from bnfold.folding.graph import read_tensor, write_tensor
 
-    real_run = bnfold.fold_pass._run
+    real_run = bnfold.folding.fold_pass._run
 
     def one_layer_wrong(model, report, forward, payloads=None, keep=None):
         real_run(model, report, forward, payloads, keep)
@@ -176,7 +176,7 @@ def test_wrong_fold_hidden_by_the_head_is_refused(tmp_path, capsys, monkeypatch,
     assert code == 0, err
     assert "intermediate values match" in stdout
 
-    monkeypatch.setattr(bnfold.fold_pass, "_run", one_layer_wrong)
+    monkeypatch.setattr(bnfold.folding.fold_pass, "_run", one_layer_wrong)
     out = tmp_path / "o.onnx"
     code, stdout, err = _run(capsys, "fold", src, "-o", out)
     assert code == 1 and not out.exists()
@@ -315,10 +315,10 @@ def test_fold_shows_the_parity_checks_nan_warning(tmp_path, capsys):
 
 
 def test_parity_runs_on_the_written_file_before_it_is_moved_into_place(tmp_path, capsys, monkeypatch):
-    import bnfold.parity
+    import bnfold.verify.parity
 
     seen = {}
-    real_check = bnfold.parity.check
+    real_check = bnfold.verify.parity.check
     out = tmp_path / "o.onnx"
 
     def spy(reference, candidate, **kwargs):
@@ -327,7 +327,7 @@ def test_parity_runs_on_the_written_file_before_it_is_moved_into_place(tmp_path,
         seen["candidate_model"] = onnx.load(candidate)
         return real_check(reference, candidate, **kwargs)
 
-    monkeypatch.setattr(bnfold.parity, "check", spy)
+    monkeypatch.setattr(bnfold.verify.parity, "check", spy)
     src = tmp_path / "m.onnx"
     onnx.save_model(MM.conv2d_bn(), str(src))
     code, stdout, err = _run(capsys, "fold", src, "-o", out)
@@ -375,13 +375,13 @@ def test_report_aliasing_the_model_is_refused(tmp_path, model_path, capsys):
 def test_sigterm_during_the_check_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
     import signal
 
-    import bnfold.parity
+    import bnfold.verify.parity
 
     def terminated_during_check(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM should have unwound the command")
 
-    monkeypatch.setattr(bnfold.parity, "check", terminated_during_check)
+    monkeypatch.setattr(bnfold.verify.parity, "check", terminated_during_check)
     src = tmp_path / "m.onnx"
     onnx.save_model(MM.conv2d_bn(), str(src))
     previous = signal.getsignal(signal.SIGTERM)
@@ -431,7 +431,7 @@ def _float16_chain(n_layers=6):
 def test_float16_folds_that_fail_verify_leave_the_fewest_early_bns(tmp_path, needed):
     """fold_file bisects for the smallest prefix of float16 folds to leave unfolded: here a
     verify that accepts a result only when bn0..bn{needed-1} are still BatchNormalization nodes."""
-    from bnfold.fold_pass import fold_file
+    from bnfold.folding.fold_pass import fold_file
 
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(_float16_chain(), str(src))
@@ -456,7 +456,7 @@ def test_write_refused_still_searches_and_writes_what_verify_saw_last(tmp_path, 
     """--force (write_refused) must not cut the precision search short: where leaving two BNs
     makes verify pass, that fold is written (not the refused full fold); where nothing passes,
     the full fold is written anyway."""
-    from bnfold.fold_pass import fold_file
+    from bnfold.folding.fold_pass import fold_file
 
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(_float16_chain(), str(src))
@@ -471,7 +471,7 @@ def test_write_refused_still_searches_and_writes_what_verify_saw_last(tmp_path, 
 
 
 def test_write_refused_writes_a_refused_float32_fold_once(tmp_path):
-    from bnfold.fold_pass import fold_file
+    from bnfold.folding.fold_pass import fold_file
 
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(MM.CASES["conv2d_bn"][0](), str(src))
@@ -481,7 +481,7 @@ def test_write_refused_writes_a_refused_float32_fold_once(tmp_path):
 
 
 def test_float16_fold_left_whole_when_unfolding_does_not_help(tmp_path):
-    from bnfold.fold_pass import fold_file
+    from bnfold.folding.fold_pass import fold_file
 
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(_float16_chain(), str(src))
@@ -491,7 +491,7 @@ def test_float16_fold_left_whole_when_unfolding_does_not_help(tmp_path):
 
 
 def test_float32_folds_are_never_searched(tmp_path):
-    from bnfold.fold_pass import fold_file
+    from bnfold.folding.fold_pass import fold_file
 
     model = _float16_chain()
     from onnx import TensorProto, numpy_helper

@@ -8,8 +8,8 @@ import shutil
 import onnx
 
 import bnfold
-from bnfold.cli import main
-from bnfold.demo import run_demo
+from bnfold.cli.app import main
+from bnfold.demo.run import run_demo
 
 
 def test_demo_cli_end_to_end(tmp_path, capsys):

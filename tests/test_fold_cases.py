@@ -23,7 +23,7 @@ from fold_testing import (
     signature,
 )
 
-from bnfold.fold_pass import fold
+from bnfold.folding.fold_pass import fold
 
 CASE_NAMES = list(MM.CASES)
 POSITIVE = [n for n in CASE_NAMES if any(isinstance(e, MM.Fold) for e in MM.CASES[n][1])]
@@ -179,7 +179,7 @@ def test_weights_keep_their_dtype(name, folded_cases):
 
 
 def test_external_data_kept_external(tmp_path):
-    from bnfold.model_io import load_model, save_model_atomic
+    from bnfold.io.model_io import load_model, save_model_atomic
 
     name = "conv_bn_external_data"
     original = MM.CASES[name][0]()

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fold_testing import assert_parity, count_bn, report_entries, run_model, signature
 
-from bnfold.fold_pass import fold
+from bnfold.folding.fold_pass import fold
 
 
 

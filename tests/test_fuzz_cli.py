@@ -5,7 +5,7 @@ or an internal error, never change their input and never leave a temporary file.
 Mutations are both blind (flipped, dropped and inserted bytes; truncation) and structural (dims,
 element types, payload sizes, attributes, node wiring, opset and IR versions, external data
 entries), so that the cases reach past the protobuf parser into the checker, the fold rules,
-the writer and onnxruntime. Cases run in-process through ``bnfold.cli.main`` (a few through a
+the writer and onnxruntime. Cases run in-process through ``bnfold.cli.app`` (a few through a
 subprocess) within a fixed time budget; the seed makes every run the same cases in the same
 order, and a failure names its case so that it can be replayed with ``BNFOLD_FUZZ_CASE``.
 """
@@ -27,7 +27,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.cli import main
+from bnfold.cli.app import main
 
 SEED = 20261201
 TIME_BUDGET = float(os.environ.get("BNFOLD_FUZZ_SECONDS", "30"))

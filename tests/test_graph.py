@@ -1,4 +1,4 @@
-"""Unit tests of bnfold.graph: producers/consumers (with reads from nested bodies), constants,
+"""Unit tests of bnfold.folding.graph: producers/consumers (with reads from nested bodies), constants,
 ranks, fresh names, dtype round trips, constant replacement and cleanup."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.graph import (
+from bnfold.folding.graph import (
     GraphView,
     ModelContext,
     node_label,
@@ -295,8 +295,8 @@ def test_remove_unused_deletes_only_released_tensors_nothing_reads():
 
 
 def test_incremental_edits_keep_producer_and_reader_maps_exact():
-    from bnfold.fold_pass import _inference_bn
-    from bnfold.rules import bn_gemm, conv_bn
+    from bnfold.folding.fold_pass import _inference_bn
+    from bnfold.folding.rules import bn_gemm, conv_bn
 
     rng = np.random.default_rng(0)
     params = lambda p, c: [init(f"{p}_{k}", np.abs(rng.standard_normal(c)).astype(np.float32) + 0.5)  # noqa: E731
@@ -333,7 +333,7 @@ def test_incremental_edits_keep_producer_and_reader_maps_exact():
     ((5, 4), (3, 5, 4)),                # factor enlarges the result: general path
 ])
 def test_scale_in_float64_rounds_the_float64_product_once(dtype, data_type, shape, factor_shape):
-    from bnfold.graph import scale_in_float64, write_tensor
+    from bnfold.folding.graph import scale_in_float64, write_tensor
 
     rng = np.random.default_rng(1)
     array = rng.standard_normal(shape).astype(dtype)
@@ -353,10 +353,10 @@ def test_scale_in_float64_rounds_the_float64_product_once(dtype, data_type, shap
 def test_scale_in_float64_is_quiet_on_nan_inf_and_overflow(dtype, data_type, shape, factor_shape):
     """NaN and Inf weights stay NaN and Inf, 0 * Inf is NaN and a product beyond the type is Inf,
     as the compiled loop computes them: without a numpy RuntimeWarning (the rules refuse the
-    folds whose results would leave the range, see bnfold.rules.base.representation_failure)."""
+    folds whose results would leave the range, see bnfold.folding.rules.base.representation_failure)."""
     import warnings
 
-    from bnfold.graph import scale_in_float64
+    from bnfold.folding.graph import scale_in_float64
 
     largest = np.finfo(dtype).max
     array = np.array([[np.nan, 1, 2], [np.inf, -np.inf, 3], [largest, -largest, 1], [np.inf, 1, 1]], dtype)

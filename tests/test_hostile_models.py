@@ -1,7 +1,7 @@
 """Hostile models (issue 11): malformed big initializers on the memory-mapped path, a seeded fuzz
 of that path against the whole-file loader, and fold math on NaN / Inf / near-limit constants.
 
-* A big (>= 64 KiB, kept apart by ``bnfold.payloads``) initializer is refused exactly as the
+* A big (>= 64 KiB, kept apart by ``bnfold.io.payloads``) initializer is refused exactly as the
   same initializer small (left in the proto, seen by the checker) is: exit 2, one line.
 * ``test_split_path_fuzz``: mutated copies of models with big initializers (byte flips,
   truncations, varint tweaks and field edits in the tensor headers) load through
@@ -26,11 +26,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold import proto_wire as wire
+from bnfold.io import wire
 from bnfold.errors import BnfoldWarning, InputError
-from bnfold.fold_pass import fold, fold_file
-from bnfold.model_io import load_model, load_model_deferred
-from bnfold.payloads import DEFER_THRESHOLD
+from bnfold.folding.fold_pass import fold, fold_file
+from bnfold.io.model_io import load_model, load_model_deferred
+from bnfold.io.payloads import DEFER_THRESHOLD
 
 
 def _run_cli(*argv, warnings_as_errors=False):
@@ -403,13 +403,13 @@ def test_fold_math_never_warns_on_hostile_constants(rule, corruption, dtype, tmp
     warning, from any thread (recorded rather than raised, so that no ``except`` on the way can
     hide one): each BN folds or stays with a reason, and a fold never makes a finite bias
     element infinite or NaN."""
-    import bnfold.payloads
+    import bnfold.io.payloads
 
     model = hostile_model(rule, corruption, dtype)
     onnx.checker.check_model(model, full_check=True)
     src = str(tmp_path / "in.onnx")
     onnx.save_model(model, src)
-    monkeypatch.setattr(bnfold.payloads, "DEFER_THRESHOLD", 1)
+    monkeypatch.setattr(bnfold.io.payloads, "DEFER_THRESHOLD", 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         folded, report = fold(model)

@@ -10,14 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnfold
-from bnfold import (
-    Moments,
-    batch_norm_backward,
-    batch_norm_infer,
-    batch_norm_train,
-    batch_renorm_train,
-    batch_stats,
-)
+from bnfold import Moments, batch_norm_backward, batch_norm_infer, batch_norm_train, batch_renorm_train, batch_stats
 from bnfold._threads import effective_n_threads
 
 ALL_THREADS = effective_n_threads(None)

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.errors import InputError
-from bnfold.model_io import (
+from bnfold.io.model_io import (
     check_output_path,
     file_uses_external_data,
     load_model,
@@ -66,7 +66,7 @@ def test_streaming_save_writes_fields_in_field_number_order(tmp_path):
 
 def test_fold_file_output_is_in_field_number_order(tmp_path):
     # fold_file streams payloads kept apart in the memory-mapped input (a different code path).
-    from bnfold.fold_pass import fold_file
+    from bnfold.folding.fold_pass import fold_file
 
     model = _matmul_model()
     model.opset_import.append(helper.make_opsetid("com.example", 1))
@@ -97,7 +97,7 @@ def test_save_keeps_external_data_of_the_source(tmp_path):
 def test_small_model_saved_with_external_data_folds_into_one_file(tmp_path):
     # Every tensor below onnx's 1 KiB threshold: onnx writes no data file for the output, which
     # once made bnfold fold exit 2 ("cannot write output") on a model onnxruntime runs.
-    from bnfold.fold_pass import fold_file
+    from bnfold.folding.fold_pass import fold_file
 
     model = _matmul_model(k=8)
     w0 = numpy_helper.to_array(model.graph.initializer[0])
@@ -245,7 +245,7 @@ def test_ir3_model_with_unlisted_initializers_is_read_as_ir4(tmp_path):
     import onnxruntime as ort
 
     from bnfold.errors import BnfoldWarning
-    from bnfold.fold_pass import fold_file
+    from bnfold.folding.fold_pass import fold_file
 
     model = _ir3_conv_bn(list_initializers=False)
     with pytest.raises(onnx.checker.ValidationError):
@@ -265,7 +265,7 @@ def test_ir3_model_with_unlisted_initializers_is_read_as_ir4(tmp_path):
 
 
 def test_ir3_model_that_lists_its_initializers_stays_ir3(tmp_path, recwarn):
-    from bnfold.fold_pass import fold_file
+    from bnfold.folding.fold_pass import fold_file
 
     src, out = tmp_path / "ir3.onnx", tmp_path / "folded.onnx"
     onnx.save(_ir3_conv_bn(list_initializers=True), str(src))
@@ -277,7 +277,7 @@ def test_ir3_model_that_lists_its_initializers_stays_ir3(tmp_path, recwarn):
 
 
 def test_cli_folds_an_ir3_model_with_one_warning_line(tmp_path, capsys):
-    from bnfold.cli import main
+    from bnfold.cli.app import main
 
     src, out = tmp_path / "ir3.onnx", tmp_path / "folded.onnx"
     onnx.save(_ir3_conv_bn(list_initializers=False), str(src))

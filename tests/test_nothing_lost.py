@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.model_io import load_model, save_model_atomic, source_files
+from bnfold.io.model_io import load_model, save_model_atomic, source_files
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
@@ -276,7 +276,7 @@ def test_stale_temporaries_are_removed_but_live_ones_kept(tmp_path, two_models):
 
 
 def test_temporaries_newer_than_the_process_are_kept(tmp_path):
-    from bnfold.model_io import remove_stale_temporaries
+    from bnfold.io.model_io import remove_stale_temporaries
 
     fresh = tmp_path / ".bnfold-new.onnx.tmp"
     fresh.write_bytes(b"x")
@@ -388,7 +388,7 @@ def test_signals_at_random_moments_of_a_fold(tmp_path):
         out = tmp_path / f"out{trial}.onnx"
         process = subprocess.Popen([sys.executable, "-m", "bnfold", "fold", str(model), "-o", str(out)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-        # (Not in the first 0.3 s: until the interpreter has imported bnfold.cli, no bnfold code
+        # (Not in the first 0.3 s: until the interpreter has imported bnfold.cli.app, no bnfold code
         # runs and Python's defaults apply: a KeyboardInterrupt traceback or death by SIGTERM,
         # with nothing written yet. The test above covers the moments after that.)
         time.sleep(float(rng.uniform(0.3, 2.5)))
@@ -412,7 +412,7 @@ def test_a_signal_swallowed_by_a_finalizer_still_ends_the_command():
     and carry on."""
     script = textwrap.dedent("""
         import argparse, os, signal, sys, time
-        from bnfold import cli
+        from bnfold.cli import app as cli
 
         class Finalized:
             def __del__(self):
@@ -554,13 +554,13 @@ def test_demo_sizes_are_bounded_and_a_refused_demo_leaves_no_folder(tmp_path, op
 
 
 def test_a_memory_error_is_bad_input_in_one_line(monkeypatch, capsys, two_models, tmp_path):
-    import bnfold.fold_pass
-    from bnfold.cli import main
+    import bnfold.folding.fold_pass
+    from bnfold.cli.app import main
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError("Unable to allocate 3.49 TiB")
 
-    monkeypatch.setattr(bnfold.fold_pass, "fold_file", out_of_memory)
+    monkeypatch.setattr(bnfold.folding.fold_pass, "fold_file", out_of_memory)
     assert main(["fold", str(two_models[0]), "-o", str(tmp_path / "o.onnx")]) == 2
     assert capsys.readouterr().err == "bnfold fold: error: not enough memory (Unable to allocate 3.49 TiB); try smaller inputs\n"
 
@@ -589,7 +589,7 @@ def test_an_unbuilt_checkout_says_how_to_build(two_models):
     api = subprocess.run([sys.executable, "-c", hide + "import bnfold; bnfold.batch_stats"], capture_output=True,
                          text=True, check=False, timeout=60)
     assert api.returncode == 1 and "ImportError: bnfold's compiled module bnfold._openmp is not built" in api.stderr
-    cli = subprocess.run([sys.executable, "-c", hide + "from bnfold.cli import main; raise SystemExit(main())",
+    cli = subprocess.run([sys.executable, "-c", hide + "from bnfold.cli.app import main; raise SystemExit(main())",
                           "inspect", str(two_models[0])], capture_output=True, text=True, check=False, timeout=60)
     assert cli.returncode == 3 and cli.stderr.count("\n") == 1, cli.stderr
     assert "bnfold._openmp is not built" in cli.stderr and "pip install -e ." in cli.stderr
@@ -608,7 +608,7 @@ def test_an_external_data_output_through_a_link_into_another_folder_is_refused(t
 def test_a_signal_as_the_model_is_renamed_leaves_a_loadable_model(tmp_path, monkeypatch, capsys):
     """SIGTERM arriving while the final rename runs (its handler runs right after the call)
     is held until the pair is complete: the new model, loadable."""
-    from bnfold.cli import main
+    from bnfold.cli.app import main
 
     source, out = tmp_path / "a.onnx", tmp_path / "out.onnx"
     save_external(conv_bn_model(1), source)

@@ -11,9 +11,9 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 import bnfold
-from bnfold.cli import main
+from bnfold.cli.app import main
 from bnfold.errors import InputError
-from bnfold.parity import TensorSpec, load_inputs, parse_shape_specs, parse_tolerance_specs, resolve_shapes, synthesize_inputs
+from bnfold.verify.parity import TensorSpec, load_inputs, parse_shape_specs, parse_tolerance_specs, resolve_shapes, synthesize_inputs
 
 
 def _model(nodes, inputs, outputs, initializers=(), opset=17):
@@ -423,7 +423,7 @@ def test_json_result(tmp_path, params):
 
 
 def test_bad_json_path_fails_before_the_check(tmp_path, params, capsys, monkeypatch):
-    import bnfold.commands.check as check_command
+    import bnfold.cli.check as check_command
 
     path = _save(conv_bn_model(params), tmp_path / "a.onnx")
 
@@ -438,7 +438,7 @@ def test_bad_json_path_fails_before_the_check(tmp_path, params, capsys, monkeypa
 
 
 def test_in_memory_model_too_big_for_protobuf_goes_through_a_file(monkeypatch, params):
-    import bnfold.parity as parity
+    import bnfold.verify.parity as parity
 
     model = conv_bn_model(params)
     before = model.SerializeToString()
@@ -490,7 +490,7 @@ def _mixed_precision_model(seed=5):
 
 
 def test_mixed_precision_model_is_judged_by_its_float16_rounding(tmp_path):
-    from bnfold.parity import working_precision
+    from bnfold.verify.parity import working_precision
 
     model = _mixed_precision_model()
     assert working_precision(model) == "float16"
@@ -556,7 +556,7 @@ def test_correct_fold_of_deep_model_passes_by_its_measured_noise(deep):
     out = report.outputs[0]
     assert report.noise_opt_level == "all" and out.atol_source == "noise" and not out.noise_capped
     # The fold's error is of the order of the reference's own noise, well inside k x noise.
-    assert out.noise > 0 and out.max_abs < out.atol == pytest.approx(bnfold.parity.NOISE_FACTOR * out.noise)
+    assert out.noise > 0 and out.max_abs < out.atol == pytest.approx(bnfold.verify.parity.NOISE_FACTOR * out.noise)
     fixed_atol = bnfold.check(model, folded, measure_noise=False).outputs[0].atol
     assert fixed_atol < out.max_abs  # above the fixed default: the noise floor was needed
 
@@ -616,7 +616,7 @@ def test_report_says_where_the_tolerance_came_from(deep, tmp_path, capsys):
     assert "reference disabled, candidate disabled" in table
     data = json.loads(out_json.read_text())
     assert data["noise"]["measured"] is True and data["noise"]["opt_level"] == "all"
-    assert data["noise"]["factor"] == bnfold.parity.NOISE_FACTOR
+    assert data["noise"]["factor"] == bnfold.verify.parity.NOISE_FACTOR
     o = data["outputs"][0]
     assert o["atol_source"] == "noise" and o["rtol_source"] == "default" and o["noise"] > 0
     assert o["atol"] == pytest.approx(o["noise_atol"]) and "noise" in data["tolerance"]
@@ -647,7 +647,7 @@ def test_noise_run_at_all_uses_disabled_instead(params):
 
 
 def test_nudge_moves_float_inputs_by_one_ulp_only():
-    from bnfold.parity import nudge_inputs
+    from bnfold.verify.parity import nudge_inputs
 
     rng_values = np.random.default_rng(0)
     feeds = {
@@ -674,7 +674,7 @@ def test_nudge_moves_float_inputs_by_one_ulp_only():
 
 
 def test_noise_tolerance_is_capped():
-    from bnfold.parity import NOISE_CAP_OF_SCALE, NOISE_CAP_OVER_DEFAULT, NOISE_FACTOR, noise_tolerance
+    from bnfold.verify.parity import NOISE_CAP_OF_SCALE, NOISE_CAP_OVER_DEFAULT, NOISE_FACTOR, noise_tolerance
 
     assert noise_tolerance(1e-6, 1e-5, 1.0) == (NOISE_FACTOR * 1e-6, False)
     atol, capped = noise_tolerance(1.0, 1e-5, 2.0)
@@ -698,7 +698,7 @@ def test_a_reference_too_noisy_to_trust_gets_a_capped_tolerance():
     itself = bnfold.check(reference, _chaotic_model())
     out = itself.outputs[0]
     assert itself.passed and out.noise_capped and out.noise > 0.01
-    assert out.atol == pytest.approx(bnfold.parity.NOISE_CAP_OVER_DEFAULT * 1e-5)  # scale 1: |sin| <= 1
+    assert out.atol == pytest.approx(bnfold.verify.parity.NOISE_CAP_OVER_DEFAULT * 1e-5)  # scale 1: |sin| <= 1
     assert "capped" in itself.tolerance_note and "capped" in out.tolerance_text
     # A 5% shift passes no check, however noisy the reference is.
     assert not bnfold.check(reference, _chaotic_model(shift=0.05)).passed
@@ -713,7 +713,7 @@ def test_intermediate_values_noisier_than_the_cap_follow_their_noise_and_outputs
     assert itself.passed
     sine = next(v for v in itself.intermediates if v.name == "u")
     assert sine.noise_over_cap and not sine.noise_capped and sine.noise > 0.01
-    assert sine.atol == pytest.approx(bnfold.parity.NOISE_FACTOR * sine.noise)
+    assert sine.atol == pytest.approx(bnfold.verify.parity.NOISE_FACTOR * sine.noise)
     assert sine.atol > itself.outputs[0].atol  # the output's tolerance is capped, the value's is not
     assert "above the outputs' cap" in sine.tolerance_text
     assert itself.to_dict()["intermediates"]["noise_over_cap"] == 1
@@ -722,7 +722,7 @@ def test_intermediate_values_noisier_than_the_cap_follow_their_noise_and_outputs
 
 
 def test_failed_noise_run_falls_back_to_the_defaults(monkeypatch, params):
-    from bnfold import parity
+    from bnfold.verify import parity
 
     real_session = parity.LoadedModel.session
 
@@ -827,7 +827,7 @@ def test_intermediates_get_the_outputs_tolerance_rule_with_their_own_noise(deep,
         assert v.noise is not None and v.noise_atol is not None and v.rtol == 1e-4 and v.passed
         assert v.atol_source in ("default", "noise") and v.error_over_tolerance < 1
         if v.atol_source == "noise":
-            assert v.atol == pytest.approx(bnfold.parity.NOISE_FACTOR * v.noise)
+            assert v.atol == pytest.approx(bnfold.verify.parity.NOISE_FACTOR * v.noise)
         else:  # the noise floor stayed below the default, scaled by this value's own max|ref|
             assert v.noise_atol <= v.atol and v.atol >= 1e-5
     # Deep layers are noisier than the first: their tolerances follow their own noise.
@@ -859,15 +859,15 @@ def test_many_failing_intermediates_are_summarized_not_listed(deep, capsys, tmp_
     wrong = _folded_perturbation(model, folded, "weight x 1.01", 0)
     report = bnfold.check(model, wrong, intermediates=True)
     failed = report.failed_intermediates
-    assert len(failed) > bnfold.parity.INTERMEDIATE_ROWS
+    assert len(failed) > bnfold.verify.parity.INTERMEDIATE_ROWS
     data = report.to_dict()["intermediates"]
-    assert data["failed"] == len(failed) and len(data["failures"]) == bnfold.parity.INTERMEDIATE_ROWS
-    assert data["failures_left_off"] == len(failed) - bnfold.parity.INTERMEDIATE_ROWS
+    assert data["failed"] == len(failed) and len(data["failures"]) == bnfold.verify.parity.INTERMEDIATE_ROWS
+    assert data["failures_left_off"] == len(failed) - bnfold.verify.parity.INTERMEDIATE_ROWS
     assert data["failures"][0]["name"] == "bn0"
     table = report.format_table()
-    assert f"and {len(failed) - bnfold.parity.INTERMEDIATE_ROWS} more failing" in table
+    assert f"and {len(failed) - bnfold.verify.parity.INTERMEDIATE_ROWS} more failing" in table
     assert sum(line.startswith("  bn") or line.startswith("  relu") for line in table.splitlines()) == \
-        bnfold.parity.INTERMEDIATE_ROWS
+        bnfold.verify.parity.INTERMEDIATE_ROWS
 
 
 def test_cli_check_intermediates_is_off_by_default(tmp_path, capsys):
@@ -932,7 +932,7 @@ def test_every_fold_case_passes_with_intermediates():
 
 
 def test_select_skips_constants_random_values_and_other_types():
-    from bnfold.intermediates import select
+    from bnfold.verify.intermediates import select
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]),
@@ -963,10 +963,10 @@ def _fold_pair(tmp_path):
 
 
 def test_too_many_intermediate_values_fall_back_to_outputs(monkeypatch, tmp_path):
-    import bnfold.intermediates
+    import bnfold.verify.intermediates
 
     model, _, wrong = _fold_pair(tmp_path)
-    monkeypatch.setattr(bnfold.intermediates, "MAX_VALUES", 2)
+    monkeypatch.setattr(bnfold.verify.intermediates, "MAX_VALUES", 2)
     report = bnfold.check(model, wrong, intermediates=True)
     assert report.passed and report.intermediates == []  # the outputs cannot see the wrong layer
     assert "more than the 2 compared at most" in report.intermediates_note
@@ -977,12 +977,12 @@ def test_too_many_intermediate_values_fall_back_to_outputs(monkeypatch, tmp_path
 
 
 def test_intermediates_too_large_for_memory_fall_back_to_outputs(monkeypatch, tmp_path):
-    import bnfold.intermediates
-    from bnfold import parity
+    import bnfold.verify.intermediates
+    from bnfold.verify import parity
 
     model, _, wrong = _fold_pair(tmp_path)
     # l1.bn, l1.relu (1x8x16x16) and l2.bn (1x4x16x16) float32: 20480 bytes per sample.
-    monkeypatch.setattr(bnfold.intermediates, "MAX_BYTES", 2 * 20480 - 1)
+    monkeypatch.setattr(bnfold.verify.intermediates, "MAX_BYTES", 2 * 20480 - 1)
     report = bnfold.check(model, wrong, intermediates=True)
     assert report.intermediates == [] and "(estimated)" in report.intermediates_note
     assert "MiB per sample" in report.intermediates_note and report.passed
@@ -990,7 +990,7 @@ def test_intermediates_too_large_for_memory_fall_back_to_outputs(monkeypatch, tm
     monkeypatch.setattr(parity, "estimate_bytes", lambda *args: (0, 3))
     report = bnfold.check(model, wrong, intermediates=True)
     assert report.intermediates == [] and "(measured)" in report.intermediates_note
-    monkeypatch.setattr(bnfold.intermediates, "MAX_BYTES", 2 * 20480)
+    monkeypatch.setattr(bnfold.verify.intermediates, "MAX_BYTES", 2 * 20480)
     assert not bnfold.check(model, wrong, intermediates=True).passed
 
 
@@ -1014,7 +1014,7 @@ def test_intermediates_of_model_files_leave_the_files_untouched(tmp_path):
 
 
 def test_intermediates_of_an_in_memory_model_too_big_for_one_message(monkeypatch, tmp_path):
-    import bnfold.parity as parity
+    import bnfold.verify.parity as parity
 
     model, folded, wrong = _fold_pair(tmp_path)
     monkeypatch.setattr(parity, "fits_in_one_message", lambda m: False)  # pretend it exceeds 2 GB
@@ -1024,7 +1024,7 @@ def test_intermediates_of_an_in_memory_model_too_big_for_one_message(monkeypatch
 
 
 def test_a_model_too_large_to_expose_falls_back_to_outputs(monkeypatch, tmp_path):
-    import bnfold.parity as parity
+    import bnfold.verify.parity as parity
 
     model, _, wrong = _fold_pair(tmp_path)
     monkeypatch.setattr(parity, "_PROTOBUF_LIMIT", 100)
@@ -1034,7 +1034,7 @@ def test_a_model_too_large_to_expose_falls_back_to_outputs(monkeypatch, tmp_path
 
 
 def test_exposure_onnxruntime_refuses_falls_back_to_outputs(monkeypatch, tmp_path):
-    from bnfold import parity
+    from bnfold.verify import parity
 
     model, _, wrong = _fold_pair(tmp_path)
     real_session = parity.LoadedModel.session
@@ -1054,7 +1054,7 @@ def test_exposure_onnxruntime_refuses_falls_back_to_outputs(monkeypatch, tmp_pat
 def test_fast_comparison_of_finite_values_agrees_with_the_general_one(dtype):
     """Finite arrays take a shorter path (a third of the passes over the data); a NaN shared by
     both sides sends the same values through the general one: the verdicts must be identical."""
-    from bnfold.parity import OutputResult, _compare_into
+    from bnfold.verify.parity import OutputResult, _compare_into
 
     rng = np.random.default_rng(1)
     for trial in range(12):
@@ -1099,7 +1099,7 @@ def test_exposing_values_never_changes_how_the_outputs_are_judged():
     islands), or any level above disabled (fusions) - the outputs come from the plain models."""
     import onnxruntime as ort
 
-    from bnfold.intermediates import exposure_suffix, select
+    from bnfold.verify.intermediates import exposure_suffix, select
 
     model = _float16_clip_model()
     options = ort.SessionOptions()
@@ -1120,7 +1120,7 @@ def test_exposing_values_never_changes_how_the_outputs_are_judged():
 def test_outputs_at_level_all_are_judged_as_without_intermediates():
     """At level all, exposed values change which nodes onnxruntime fuses, and so how the
     outputs of a residual network round: the outputs come from the plain models."""
-    from bnfold.zoo import build_resnet
+    from bnfold.demo.zoo import build_resnet
 
     model = build_resnet(18, image_size=32, width=8, num_classes=10)
     folded, _ = bnfold.fold(model)

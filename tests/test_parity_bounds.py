@@ -19,10 +19,10 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 import bnfold
-from bnfold import parity
+from bnfold.verify import parity
 from bnfold.errors import ArgumentTypeError, InputError
-from bnfold.intermediates import Intermediate, estimate_bytes
-from bnfold.parity import (
+from bnfold.verify.intermediates import Intermediate, estimate_bytes
+from bnfold.verify.parity import (
     MAX_SAMPLES,
     TensorSpec,
     check_input_budget,

@@ -1,4 +1,4 @@
-"""fold_file: tensor payloads kept outside the proto (bnfold.payloads) give exactly the model the
+"""fold_file: tensor payloads kept outside the proto (bnfold.io.payloads) give exactly the model the
 in-memory route gives, for every case; the input checker still rejects invalid files; the lazy
 scaled weights write the same bytes as the eager ones; the wire-format helpers round-trip."""
 
@@ -12,17 +12,17 @@ import pytest
 from fold_testing import MM
 from onnx import TensorProto, helper, numpy_helper
 
-import bnfold.payloads
-from bnfold import proto_wire as wire
+import bnfold.io.payloads
+from bnfold.io import wire
 from bnfold.errors import InputError
-from bnfold.fold_pass import fold, fold_file
-from bnfold.graph import ScaledWeight
-from bnfold.model_io import load_model_deferred, save_model_atomic
-from bnfold.payloads import TensorPayloads, split_serialized_model
+from bnfold.folding.fold_pass import fold, fold_file
+from bnfold.folding.graph import ScaledWeight
+from bnfold.io.model_io import load_model_deferred, save_model_atomic
+from bnfold.io.payloads import TensorPayloads, split_serialized_model
 
 
 def assert_parity(original, folded):
-    from bnfold.parity import check
+    from bnfold.verify.parity import check
 
     report = check(original, folded)
     assert report.passed, report.summary()
@@ -31,7 +31,7 @@ def assert_parity(original, folded):
 @pytest.fixture
 def defer_everything(monkeypatch):
     """Keep every initializer payload (>= 1 byte) apart, so the small test models exercise it."""
-    monkeypatch.setattr(bnfold.payloads, "DEFER_THRESHOLD", 1)
+    monkeypatch.setattr(bnfold.io.payloads, "DEFER_THRESHOLD", 1)
 
 
 def _save(model, path):
@@ -187,7 +187,7 @@ def test_external_data_source_is_loaded_whole(tmp_path):
 
 
 def test_save_model_atomic_counts_payloads_kept_apart_toward_the_size_limit(tmp_path, monkeypatch):
-    import bnfold.model_io as model_io
+    import bnfold.io.model_io as model_io
 
     src = _save(_model_with_big_weight(), tmp_path / "in.onnx")
     model, payloads, wait = load_model_deferred(src)
@@ -270,7 +270,7 @@ def test_split_declines_repeated_graph_fields():
 def test_background_writer_writes_in_order_and_reports_errors():
     import io
 
-    from bnfold.model_io import _BackgroundWriter
+    from bnfold.io.model_io import _BackgroundWriter
 
     target = io.BytesIO()
     with _BackgroundWriter(target, depth=2) as w:
@@ -289,7 +289,7 @@ def test_background_writer_writes_in_order_and_reports_errors():
 
 
 def test_write_error_becomes_one_input_error_and_leaves_nothing(tmp_path, monkeypatch):
-    import bnfold.model_io as model_io
+    import bnfold.io.model_io as model_io
 
     src = _save(_model_with_big_weight(), tmp_path / "in.onnx")
 
@@ -320,7 +320,7 @@ def test_external_data_only_inside_a_body_is_noticed(tmp_path):
     model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
     src = str(tmp_path / "in.onnx")
     onnx.save_model(model, src, save_as_external_data=True, location="in.data", size_threshold=1024)
-    from bnfold.model_io import file_uses_external_data
+    from bnfold.io.model_io import file_uses_external_data
 
     assert file_uses_external_data(src)
     loaded, payloads, wait = load_model_deferred(src)
@@ -380,7 +380,7 @@ def test_missing_external_data_file_is_named(tmp_path):
 
 
 def test_a_pipe_cannot_be_checked_and_says_why(tmp_path):
-    from bnfold.parity import check
+    from bnfold.verify.parity import check
 
     fifo = str(tmp_path / "pipe.onnx")
     os.mkfifo(fifo)
@@ -447,7 +447,7 @@ def test_split_leaves_in_the_proto_what_the_checker_must_see(edit, checker_refus
     """A big initializer the checker would refuse, or whose fields would not survive being
     kept apart exactly, stays in the proto: the deferred loader reads the model onnx.load
     reads and refuses what the checker refuses, as the whole-file loader does."""
-    from bnfold.model_io import load_model
+    from bnfold.io.model_io import load_model
 
     data = _big_weight_edited(edit)
     src = tmp_path / "in.onnx"

@@ -18,8 +18,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold.fold_pass import REASON_CODES, RULE_CODES
-from bnfold.model_io import load_model, save_model_atomic
+from bnfold.folding.fold_pass import REASON_CODES, RULE_CODES
+from bnfold.io.model_io import load_model, save_model_atomic
 
 F = TensorProto.FLOAT
 ort.set_default_logger_severity(3)

@@ -1,4 +1,4 @@
-"""bnfold.zoo: the built-in models are valid, deterministic, and their BN statistics are real."""
+"""bnfold.demo.zoo: the built-in models are valid, deterministic, and their BN statistics are real."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from bnfold import zoo
+from bnfold.demo import zoo
 
 
 def _bn_stats(model):

@@ -31,7 +31,7 @@ def plain_inference_seconds(model, batches) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, default=50, help="ResNet depth (bnfold.zoo.build_resnet), default 50")
+    parser.add_argument("--depth", type=int, default=50, help="ResNet depth (bnfold.demo.zoo.build_resnet), default 50")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=4, help="batches per pass")
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
 
     from bnfold import calibrate
     from bnfold._openmp import max_threads
-    from bnfold.zoo import build_resnet
+    from bnfold.demo.zoo import build_resnet
 
     model = build_resnet(depth=args.depth, image_size=args.image_size, seed=0)
     n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node)

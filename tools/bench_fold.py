@@ -36,7 +36,7 @@ import onnxruntime as ort
 
 
 def build_model():
-    from bnfold.zoo import build_resnet
+    from bnfold.demo.zoo import build_resnet
 
     return build_resnet(depth=50, image_size=224, num_classes=1000, seed=0)
 
@@ -57,15 +57,15 @@ def n_params(model) -> int:
 
 def run_bnfold(src, dst):
     """bnfold.fold_file: load (input checker included), fold, atomic save."""
-    from bnfold.fold_pass import fold_file
+    from bnfold.folding.fold_pass import fold_file
 
     return fold_file(src, dst)
 
 
 def run_bnfold_api(src, dst):
     """bnfold.fold(path) -> complete ModelProto, then model_io.save_model_atomic."""
-    from bnfold.fold_pass import fold
-    from bnfold.model_io import save_model_atomic
+    from bnfold.folding.fold_pass import fold
+    from bnfold.io.model_io import save_model_atomic
 
     folded, report = fold(src)
     save_model_atomic(folded, dst, source_path=src)

@@ -31,8 +31,8 @@ from onnx import numpy_helper
 
 import bnfold
 from bnfold.errors import InputError
-from bnfold.fold_pass import fold_file
-from bnfold.parity import parse_shape_specs
+from bnfold.folding.fold_pass import fold_file
+from bnfold.verify.parity import parse_shape_specs
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

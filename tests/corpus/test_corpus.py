@@ -23,7 +23,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from bnfold.cli import main as bnfold_main
+from bnfold.cli.app import main as bnfold_main
 
 ort.set_default_logger_severity(3)
 
@@ -151,7 +151,7 @@ def upcast_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     """A float32 twin of a float16 model (weights, constants, Cast targets and declared types
     widened; every float16 value is exact in float32): what the model means, free of float16
     rounding, to judge a float16 fold's error against the original's own."""
-    from bnfold.graph import iter_graphs
+    from bnfold.folding.graph import iter_graphs
 
     twin = onnx.ModelProto()
     twin.CopyFrom(model)

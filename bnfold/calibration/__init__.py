@@ -1,0 +1,1 @@
+"""PreciseBN calibration: re-estimate BN population statistics from data with bnfold's kernels."""

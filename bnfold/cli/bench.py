@@ -1,0 +1,103 @@
+"""``bnfold bench MODEL.onnx [OTHER.onnx]``: onnxruntime latency, original vs folded (see bnfold.verify.bench)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from bnfold.verify.bench import DEFAULT_TIME_BUDGET, DEFAULT_WARMUP, benchmark, max_bench_threads
+from bnfold.cli.check import add_input_options, check_input_options
+from bnfold.errors import InputError
+from bnfold.io.model_io import check_outputs
+from bnfold.verify.parity import OPT_LEVELS, parse_shape_specs
+
+EXAMPLES = f"""examples:
+  bnfold bench model.onnx                          original vs folded in memory, opt level all
+  bnfold bench model.onnx folded.onnx --opt-level disabled,all --threads 1
+  bnfold bench model.onnx --shape input:8x3x224x224 --repeat 50 --json bench.json
+
+With one model, bench folds it in memory (bnfold.fold) and compares the original with the folded
+model. The models take turns in blocks of runs so machine noise hits both alike. Default optimization
+level: all (how onnxruntime runs models in production; onnxruntime then fuses Conv+BN itself, so
+the gain is what it cannot fuse); use --opt-level disabled,all to see both. Default: {DEFAULT_WARMUP}
+warm-up runs, then timed runs for {DEFAULT_TIME_BUDGET:g} s per model and level (at least 5)."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="latency of models in onnxruntime (one model: original vs folded)",
+        description="Measure onnxruntime latency (median and p10-p90) of one or two models; the "
+        "second (or the folded model) is compared with the first.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="the model to measure (.onnx)")
+    parser.add_argument("other", nargs="?", help="a second model to compare with (default: MODEL folded in memory)")
+    parser.add_argument(
+        "--opt-level", action="append", metavar="LEVEL[,LEVEL]",
+        help=f"onnxruntime optimization level(s): {', '.join(OPT_LEVELS)} (repeatable or comma-separated; default: all)",
+    )
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed warm-up runs (default {DEFAULT_WARMUP})")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--repeat", type=int, help="exact number of timed runs per model and level")
+    group.add_argument("--time", type=float, metavar="SECONDS", help=f"time budget per model and level (default {DEFAULT_TIME_BUDGET:g})")
+    add_input_options(parser)
+    parser.add_argument("--inputs", metavar="FILE.npz", help="time on these inputs (arrays named by input)")
+    parser.add_argument("--no-progress", action="store_true", help="never show the progress bar")
+    parser.add_argument("--json", metavar="PATH", help="write all measurements as JSON")
+    parser.set_defaults(func=run)
+
+
+def _check_options(args) -> None:
+    """Validate the numeric options under their CLI names (the API's messages name its arguments)."""
+    check_input_options(args)
+    if args.time is not None and not (math.isfinite(args.time) and args.time > 0):
+        raise InputError(f"--time must be a finite number of seconds > 0, got {args.time:g}")
+    if args.threads is not None and not 1 <= args.threads <= max_bench_threads():
+        raise InputError(f"--threads must be between 1 and {max_bench_threads()}, got {args.threads}")
+    if args.warmup < 0:
+        raise InputError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.repeat is not None and args.repeat < 1:
+        raise InputError(f"--repeat must be >= 1, got {args.repeat}")
+
+
+def run(args) -> int:
+    _check_options(args)
+    # Before folding and timing: a bad path must not cost the run, and no input may be overwritten.
+    check_outputs({"--json": args.json}, models=[args.model, args.other], inputs=[args.inputs])
+    shapes = parse_shape_specs(args.shape)
+    if args.inputs and shapes:
+        raise InputError("--shape cannot be combined with --inputs (the arrays' shapes are used)")
+    if args.other is None:
+        from bnfold.folding.fold_pass import fold
+
+        folded, fold_report = fold(args.model)
+        models = {"original": args.model, "folded": folded}
+        print(f"folded in memory: {fold_report.n_folded} BN(s) folded, {fold_report.n_remaining} left")
+    else:
+        a, b = os.path.basename(args.model), os.path.basename(args.other)
+        if a == b:
+            a, b = args.model, args.other
+        if a == b:  # the same file twice: a measure of the noise
+            a, b = f"{a} (1)", f"{b} (2)"
+        models = {a: args.model, b: args.other}
+    report = benchmark(
+        models,
+        opt_levels=args.opt_level or ("all",),
+        threads=args.threads,
+        warmup=args.warmup,
+        repeat=args.repeat,
+        time_budget=args.time,
+        shapes=shapes,
+        inputs=args.inputs,
+        seed=args.seed,
+        progress=False if args.no_progress else None,
+    )
+    print(report.format_table())
+    if args.json:
+        report.to_json(args.json)
+        print(f"measurements written to {args.json}")
+    return 0

@@ -1,0 +1,70 @@
+"""``bnfold inspect model.onnx``: list every BatchNormalization, what it is attached to, and whether
+(and by which rule) it can be folded or why not. Reads only; writes nothing but the --json file."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  bnfold inspect model.onnx
+  bnfold inspect model.onnx --json bn_nodes.json
+
+Columns: BN node, the graph it is in ("main" or the subgraph path such as If_3/then_branch),
+producer op -> BN -> consumer ops, foldable yes/no, and the fold rule or the reason code with a
+sentence. exit status: 0 ok, 2 bad input (missing/corrupt/non-ONNX file)."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="list BN nodes and whether each can be folded",
+        description="List the BatchNormalization nodes of a model (subgraphs included) with their "
+        "neighbours and what `bnfold fold` would do with each. Nothing is written except --json.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="model.onnx", help="the model to inspect")
+    parser.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from bnfold.folding.fold_pass import inspect
+    from bnfold.io.model_io import check_outputs, load_model, write_json_atomic
+
+    check_outputs({"--json": args.json}, models=[args.model])
+    report = inspect(load_model(args.model))
+    print(format_bn_table(report))
+    if args.json:
+        write_json_atomic(report.to_dict(), args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_bn_table(report) -> str:
+    rows = [("BN node", "graph", "attached", "foldable", "rule / reason")]
+    details = []
+    for info in report.bn_nodes:
+        producer = info.producer_op or "(input)"
+        consumers = ",".join(info.consumer_ops) if info.consumer_ops else "(output)"
+        rows.append((
+            info.bn,
+            info.graph or "main",
+            f"{producer} -> BN -> {consumers}",
+            "yes" if info.foldable else "no",
+            info.rule_or_reason,
+        ))
+        details.append(info.message)
+    if len(rows) == 1:
+        return "no BatchNormalization nodes"
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        line = "  ".join(f"{str(cell):<{w}}" for cell, w in zip(row, widths)).rstrip()
+        if i > 0 and details[i - 1]:
+            line += f"  ({details[i - 1]})"
+        lines.append(line)
+    n_yes = sum(1 for info in report.bn_nodes if info.foldable)
+    lines.append(f"{len(report.bn_nodes)} BatchNormalization node(s): {n_yes} foldable, "
+                 f"{len(report.bn_nodes) - n_yes} not foldable")
+    return "\n".join(lines)

@@ -1,1 +1,0 @@
-"""One module per ``bnfold`` subcommand; each exposes ``register(subparsers)`` (see bnfold.cli)."""

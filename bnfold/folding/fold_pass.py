@@ -1,0 +1,424 @@
+"""The fold pass: remove every exactly-foldable inference BatchNormalization, report the rest.
+
+``fold(model)`` copies the model, then for the main graph and, recursively, every If/Loop/Scan
+body: reduces each BN to its per-channel affine map (``bnfold.folding.rules.base.BatchNorm``), offers it
+to the rules (backward folds into the producing layer first, then forward folds into the reading
+layer), applies the first exact match, and repeats until nothing changes (a BN can become
+foldable after another fold, e.g. Conv -> BN -> BN). Tensors the folds no longer need are
+deleted. ``FoldReport`` puts every BN in exactly one of ``folded`` / ``remaining`` (with a reason
+code and one sentence) and describes its attachment in ``bn_nodes``; ``inspect`` returns the same
+report without handing out the folded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from bnfold.folding.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_batch_norm, iter_graphs, node_subgraphs, \
+    remove_unused, to_float64
+from bnfold.io.model_io import load_model_deferred, read_as_ir4_if_initializers_unlisted
+from bnfold.folding.rules import bn_conv, bn_duplicate, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
+from bnfold.folding.rules.base import BatchNorm, Failure, Match, inference_mode_failure
+
+# A repeated BN goes first: removing it never loses a fold, and it can free the first one's
+# input of a second reader, so that it folds backward.
+DEDUPLICATION_RULES = (bn_duplicate,)
+BACKWARD_RULES = (conv_bn, convtranspose_bn, gemm_bn, matmul_bn)
+FORWARD_RULES = (bn_gemm, bn_matmul, bn_conv)
+
+RULE_CODES = tuple(r.RULE for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES)
+REASON_CODES = (
+    "training_mode",
+    "non_constant_params",
+    "non_constant_weight",
+    "graph_output",
+    "multiple_consumers",
+    "not_per_channel",
+    "padded_conv",
+    "matmul_layout",
+    "unknown_rank",
+    "spatial_mode",
+    "unsupported_dtype",
+    "invalid_statistics",
+    "would_overflow",
+    "would_lose_precision",
+    "no_foldable_neighbour",
+)
+
+GRAPH_OUTPUT_OP = "<graph output>"
+
+
+@dataclass(frozen=True)
+class FoldedBN:
+    """A BN that was folded: ``rule`` code, ``target`` layer label, ``graph`` path ("" = main)."""
+
+    bn: str
+    rule: str
+    target: str
+    graph: str
+    absorbed: tuple = ()  # labels of Add/Mul/Sub/Div nodes folded along with the BN
+    weight_type: str = ""  # element type of the target layer's weight ("float32", "float16", ...)
+
+
+@dataclass(frozen=True)
+class RemainingBN:
+    """A BN that stays, with a machine-readable ``reason`` code and a one-sentence ``message``."""
+
+    bn: str
+    reason: str
+    message: str
+    graph: str
+
+
+@dataclass(frozen=True)
+class BNInfo:
+    """Where a BN sits in the original model and what the pass does with it (for ``inspect``).
+
+    ``producer_op``/``producer`` are "" when the BN input is a graph input, initializer or an
+    outer-scope value; a graph output among the readers appears as op ``"<graph output>"``.
+    """
+
+    bn: str
+    graph: str
+    producer_op: str
+    producer: str
+    consumer_ops: tuple
+    consumers: tuple
+    foldable: bool
+    rule_or_reason: str
+    message: str
+
+
+@dataclass
+class FoldReport:
+    folded: list = field(default_factory=list)
+    remaining: list = field(default_factory=list)
+    bn_nodes: list = field(default_factory=list)
+    ops_before: dict = field(default_factory=dict)  # op type -> count, all graphs, before folding
+    ops_after: dict = field(default_factory=dict)
+
+    @property
+    def n_folded(self) -> int:
+        return len(self.folded)
+
+    @property
+    def n_remaining(self) -> int:
+        return len(self.remaining)
+
+    def to_dict(self) -> dict:
+        def plain(entry):
+            d = asdict(entry)
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+        return {
+            "n_folded": self.n_folded,
+            "n_remaining": self.n_remaining,
+            "folded": [plain(e) for e in self.folded],
+            "remaining": [plain(e) for e in self.remaining],
+            "bn_nodes": [plain(e) for e in self.bn_nodes],
+            "ops_before": dict(self.ops_before),
+            "ops_after": dict(self.ops_after),
+        }
+
+    def to_json(self, path) -> None:
+        with open(os.fspath(path), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+
+def fold(model_or_path, *, forward: bool = True):
+    """Fold every exactly-foldable BatchNormalization; return ``(new ModelProto, FoldReport)``.
+
+    ``model_or_path``: an ``onnx.ModelProto`` (never modified) or a path (loaded with
+    ``bnfold.io.model_io.load_model``, external data included). ``forward``: also fold a BN into the
+    Gemm/MatMul/unpadded Conv that reads it when nothing before it can take it.
+    """
+    return _fold(model_or_path, forward, complete_model=True)
+
+
+def _fold(model_or_path, forward: bool, complete_model: bool):
+    if not isinstance(forward, bool):
+        raise TypeError(f"forward must be a bool, got {type(forward).__name__}")
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_path)
+        read_as_ir4_if_initializers_unlisted(model, "the model")
+        payloads, wait_for_check = None, None
+    else:
+        # Freshly loaded: ours to edit, no copy needed; the checker runs while we fold, and the
+        # weights are copied into the proto once, after folding (see fold_file for no copy).
+        model, payloads, wait_for_check = load_model_deferred(model_or_path)
+    report = FoldReport()
+    try:
+        _run(model, report, forward, payloads)
+        if payloads is not None and complete_model:
+            payloads.materialize(model.graph.initializer)
+    finally:
+        if payloads is not None:
+            payloads.close()
+        if wait_for_check is not None:
+            wait_for_check()  # an invalid model is reported as such, whatever folding made of it
+    return model, report
+
+
+def fold_file(input_path, output_path, *, forward: bool = True, verify=None, write_refused: bool = False) -> FoldReport:
+    """Fold the model at ``input_path`` and write the result to ``output_path``; return the report.
+
+    What ``bnfold fold`` does, and the fastest way to fold a file: the weights are never copied
+    into protobuf (they are read from the memory-mapped input and the new ones written straight
+    to the output, see ``bnfold.io.payloads``). The output is written atomically and never over the
+    input or its external data. ``verify(tmp_path) -> bool`` is called with the complete result
+    in a temporary file before it is moved into place; when it returns False nothing is written
+    (``bnfold fold`` runs its parity check there).
+
+    When ``verify`` refuses a result in which BNs were folded into float16 / bfloat16 weights,
+    the fold is tried again leaving the first k of those BNs (in graph order) unfolded, for the
+    smallest k that ``verify`` accepts (bisection, assuming that leaving more BNs unfolded never
+    hurts): each folded weight is rounded once to its type, and in a deep network the rounding
+    of early layers is amplified by every layer after them. Those BNs are reported as remaining
+    with reason ``would_lose_precision``; the rest are folded. If no k helps, the result of
+    folding everything is the one verify saw last (and refused).
+
+    ``write_refused=True`` (``--force``): the search runs all the same, but what verify saw last
+    is written even when it refused it.
+    """
+    from bnfold.io.model_io import check_output_path
+
+    for name, value in (("forward", forward), ("write_refused", write_refused)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    for name, value in (("input_path", input_path), ("output_path", output_path)):
+        if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str):
+            raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    check_output_path(output_path, source_path=input_path)
+    verdicts = []
+
+    def recording(tmp_path, report=None):
+        verdicts.append(verify is None or bool(verify(tmp_path)))
+        return verdicts[-1]
+
+    def low_precision_folds(report):
+        return [(f.graph, f.bn) for f in report.folded if f.weight_type in ("float16", "bfloat16")]
+
+    def last_word(tmp_path, report=None):
+        return recording(tmp_path) or write_refused
+
+    def first_try(tmp_path, report):
+        # Written at once when it passes, or when it is refused and no search could follow.
+        return recording(tmp_path) or (write_refused and not low_precision_folds(report))
+
+    report = _fold_file_once(input_path, output_path, forward, first_try, {})
+    if verdicts[-1]:
+        return report
+    low_precision = low_precision_folds(report)
+    if not low_precision:
+        return report
+
+    def kept(k):
+        def message(bn, n_before):
+            others = f" and the {n_before} BN(s) before it" if n_before else ""
+            return (f"with BatchNormalization '{bn}'{others} folded into float16/bfloat16 weights the model failed "
+                    "the parity check: each folded weight is rounded once to its type, and the rounding of early "
+                    "layers is amplified by the layers after them; left unfolded (the later BNs are folded)")
+        return {key: Failure("would_lose_precision", message(key[1], n)) for n, key in enumerate(low_precision[:k])}
+
+    def passes(k):  # verify's verdict on the fold that keeps the first k, without writing it
+        _fold_file_once(input_path, output_path, forward, lambda tmp, report: recording(tmp) and False, kept(k))
+        return verdicts[-1]
+
+    if not passes(len(low_precision)):
+        # Folding is not what fails: give verify the full fold again, as the caller's last word.
+        return _fold_file_once(input_path, output_path, forward, last_word, {})
+    failing, passing = 0, len(low_precision)
+    while passing - failing > 1:
+        middle = (failing + passing) // 2
+        if passes(middle):
+            passing = middle
+        else:
+            failing = middle
+    return _fold_file_once(input_path, output_path, forward, last_word, kept(passing))
+
+
+def _fold_file_once(input_path, output_path, forward, verify, keep) -> FoldReport:
+    from bnfold.io.model_io import save_model_atomic
+
+    model, payloads, wait_for_check = load_model_deferred(input_path)
+    try:
+        report = FoldReport()
+        try:
+            _run(model, report, forward, payloads, keep)
+        except BaseException:
+            wait_for_check()  # an invalid model is reported as such, whatever folding made of it
+            raise
+
+        def checked_then_verified(tmp_path):
+            # The checker of the input runs on while the result is written to a temporary file;
+            # nothing reaches output_path before it has passed.
+            wait_for_check()
+            return verify(tmp_path, report)
+
+        save_model_atomic(model, output_path, source_path=input_path, payloads=payloads,
+                          verify=checked_then_verified)
+    finally:
+        payloads.close()
+    return report
+
+
+def inspect(model_or_path, *, forward: bool = True) -> FoldReport:
+    """What ``fold`` would do, without writing anything: the report, ``bn_nodes`` included."""
+    return _fold(model_or_path, forward, complete_model=False)[1]
+
+
+def _run(model: onnx.ModelProto, report: FoldReport, forward: bool, payloads=None, keep=None) -> None:
+    """Fold ``model`` in place into ``report``. ``keep``: {(graph path, BN label): Failure} of BNs
+    to leave as they are, with that outcome (see ``fold_file``'s precision search)."""
+    report.ops_before = op_counts(model)
+    ctx = ModelContext(model, payloads)
+    released, vanished = set(), set()
+    _fold_graph(model.graph, ctx, "", None, forward, report, released, vanished, keep or {})
+    remove_unused(model, released, vanished)
+    report.ops_after = op_counts(model)
+
+
+def op_counts(model: onnx.ModelProto) -> dict:
+    """Number of nodes of each op type in the model, nested bodies included."""
+    counts: dict = {}
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, keep) -> None:
+    view = GraphView(graph, ctx, path, parent)
+    bn_indices = [i for i, n in enumerate(view.nodes) if is_batch_norm(n)]
+    attachments = {i: _attachment(view, i) for i in bn_indices}
+    outcome: dict[int, Match | Failure] = {}
+    pending = []
+    for i in bn_indices:
+        kept = keep.get((path, view.labels[i]))
+        if kept is not None:
+            outcome[i] = kept
+        else:
+            pending.append(i)
+    changed = True
+    while changed and pending:
+        changed = False
+        for i in list(pending):
+            result = _evaluate(view, i, forward)
+            if isinstance(result, Match):
+                result.rewrite()
+                pending.remove(i)
+                changed = True
+            outcome[i] = result
+    for i in bn_indices:
+        label = view.labels[i]
+        result = outcome[i]
+        if isinstance(result, Match):
+            target = view.labels[result.target]
+            # A removed duplicate changed no weights: nothing for the precision search to undo.
+            weight_type = "" if result.rule == bn_duplicate.RULE else \
+                FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
+            report.folded.append(FoldedBN(label, result.rule, target, path,
+                                          tuple(view.labels[k] for k in result.absorbed), weight_type))
+            foldable, code = True, result.rule
+            message = f"folded into {view.describe(result.target)} by rule {result.rule}"
+            if result.absorbed:
+                message += " together with " + ", ".join(view.describe(k) for k in result.absorbed)
+        else:
+            report.remaining.append(RemainingBN(label, result.reason, result.message, path))
+            foldable, code, message = False, result.reason, result.message
+        report.bn_nodes.append(BNInfo(label, path, *attachments[i], foldable, code, message))
+    for i, node in enumerate(view.nodes):
+        if i in view.removed:
+            continue
+        for suffix, sub in node_subgraphs(node):
+            sub_path = f"{view.labels[i]}/{suffix}" if not path else f"{path}/{view.labels[i]}/{suffix}"
+            _fold_graph(sub, ctx, sub_path, view, forward, report, released, vanished, keep)
+    released |= view.released
+    vanished |= view.vanished
+    view.commit()
+
+
+def _attachment(view: GraphView, index: int):
+    node = view.nodes[index]
+    producer = view.producer_of(node.input[0]) if node.input else None
+    producer_op = view.nodes[producer].op_type if producer is not None else ""
+    producer_label = view.labels[producer] if producer is not None else ""
+    y = node.output[0] if node.output else ""
+    readers = view.readers(y) if y else []
+    consumer_ops = [view.nodes[r].op_type for r in readers]
+    consumers = [view.labels[r] for r in readers]
+    if y and view.is_graph_output(y):
+        consumer_ops.append(GRAPH_OUTPUT_OP)
+        consumers.append(y)
+    return producer_op, producer_label, tuple(consumer_ops), tuple(consumers)
+
+
+def _evaluate(view: GraphView, index: int, forward: bool):
+    bn = _inference_bn(view, index)
+    if isinstance(bn, Failure):
+        return bn
+    failures = []
+    for rule in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES:
+        result = rule.check(view, bn)
+        if result is None:
+            continue
+        if isinstance(result, Match):
+            if rule in FORWARD_RULES and not forward:
+                failures.append(Failure("no_foldable_neighbour", f"BatchNormalization '{bn.label}' could fold forward "
+                                        f"into {view.describe(result.target)}, but forward folding is disabled"))
+                continue
+            return result
+        failures.append(result)
+    if failures:
+        return failures[0]
+    return Failure("no_foldable_neighbour", _no_neighbour_sentence(view, bn))
+
+
+def _no_neighbour_sentence(view: GraphView, bn: BatchNorm) -> str:
+    producer = view.producer_of(bn.x)
+    before = view.describe(producer) if producer is not None else f"input '{bn.x}'"
+    readers = view.readers(bn.y)
+    after = ", ".join(view.describe(r) for r in readers) or "nothing"
+    if view.is_graph_output(bn.y):
+        after = f"{after} and the graph output" if readers else "the graph output"
+    return (f"BatchNormalization '{bn.label}' follows {before} and feeds {after}; no Conv, ConvTranspose, Gemm "
+            "or MatMul is attached in a foldable way")
+
+
+def _inference_bn(view: GraphView, index: int):
+    """The BN as a float64 affine map ``s*x + t``, or the Failure that rules it out entirely."""
+    node = view.nodes[index]
+    label = view.labels[index]
+    failure = inference_mode_failure(node, label, view.ctx.opset)
+    if failure is not None:
+        return failure
+    params = []
+    for role, name in zip(("scale", "B", "mean", "var"), node.input[1:5]):
+        value = view.constant(name)
+        if value is None:
+            kind = "a graph input" if name in view.input_names else "computed at run time"
+            return Failure("non_constant_params", f"BatchNormalization '{label}' {role} '{name}' is not a "
+                           f"constant ({kind})")
+        if view.constant_type(name) not in FLOAT_TYPES:
+            return Failure("unsupported_dtype", f"BatchNormalization '{label}' {role} '{name}' is not a float tensor")
+        params.append(to_float64(value))
+    gamma, beta, mean, var = params
+    if any(p.ndim != 1 for p in params) or len({p.shape[0] for p in params}) != 1:
+        shapes = ", ".join(str(p.shape) for p in params)
+        return Failure("not_per_channel", f"BatchNormalization '{label}' parameters have shapes {shapes}, "
+                       "not one (C,) vector each")
+    eps = float(get_attr(node, "epsilon", 1e-5))
+    with np.errstate(all="ignore"):
+        scale = gamma / np.sqrt(var + eps)
+        shift = beta - mean * scale
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        return Failure("invalid_statistics", f"BatchNormalization '{label}' has non-finite folded parameters "
+                       "(variance + epsilon <= 0, or NaN/Inf in its statistics or scale)")
+    return BatchNorm(index, label, node.input[0], node.output[0], scale, shift)
