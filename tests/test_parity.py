@@ -1027,7 +1027,7 @@ def test_a_model_too_large_to_expose_falls_back_to_outputs(monkeypatch, tmp_path
     import bnfold.verify.parity as parity
 
     model, _, wrong = _fold_pair(tmp_path)
-    monkeypatch.setattr(parity, "_PROTOBUF_LIMIT", 100)
+    monkeypatch.setattr(parity, "PROTOBUF_LIMIT", 100)
     report = bnfold.check(model, wrong, intermediates=True)
     assert report.intermediates == [] and report.passed
     assert "too large" in report.intermediates_note and "2 GiB" in report.intermediates_note

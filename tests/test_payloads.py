@@ -193,7 +193,7 @@ def test_save_model_atomic_counts_payloads_kept_apart_toward_the_size_limit(tmp_
     model, payloads, wait = load_model_deferred(src)
     wait()
     assert model_io.tensor_payload_bytes(model, payloads) >= 64 * 64 * 9 * 4
-    monkeypatch.setattr(model_io, "_PROTOBUF_LIMIT", (64 << 20) + 64 * 64 * 9 * 4)  # the weight no longer fits
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", (64 << 20) + 64 * 64 * 9 * 4)  # the weight no longer fits
     out = str(tmp_path / "out.onnx")
     assert save_model_atomic(model, out, payloads=payloads)
     payloads.close()

@@ -47,6 +47,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bnfold.common import count, first_line, format_table
 from bnfold.errors import InputError
 from bnfold.folding.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_batch_norm, node_label, node_subgraphs, \
     numpy_type, outer_scope_reads, read_tensor, remove_unused
@@ -64,11 +65,6 @@ _PREFIX = "bnfold_calib"
 # --------------------------------------------------------------------------------------------
 
 
-def _count(n: int, noun: str) -> str:
-    """'1 batch', '3 batches', '0 samples'."""
-    if n == 1:
-        return f"1 {noun}"
-    return f"{n} {noun}es" if noun.endswith(("s", "sh", "ch", "x")) else f"{n} {noun}s"
 
 
 def _summary(values) -> dict | None:
@@ -227,15 +223,12 @@ class CalibrationReport:
                     change(e.max_rel_change_var),
                 )
             )
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-        lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = format_table(header, rows)
         stat_share = self.seconds_statistics / self.seconds_total if self.seconds_total > 0 else 0.0
         lines.append(
             f"{self.n_calibrated} BN calibrated, {len(self.skipped)} skipped; mode={self.mode}, "
-            f"{_count(self.n_samples, 'sample')} in {_count(self.n_batches, 'batch')} of {self.run_batch_size or self.batch_size}, "
-            f"{_count(self.passes, 'pass')}, "
+            f"{count(self.n_samples, 'sample')} in {count(self.n_batches, 'batch')} of {self.run_batch_size or self.batch_size}, "
+            f"{count(self.passes, 'pass')}, "
             f"{self.seconds_total:.2f} s ({100 * stat_share:.1f}% statistics)"
         )
         lines += [f"note: {n}" for n in self.notes]
@@ -345,7 +338,7 @@ def _npy_source(path) -> _ArraySource:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:
-        raise InputError(f"{path}: not a readable .npy array ({_first_line(e)})") from None
+        raise InputError(f"{path}: not a readable .npy array ({first_line(e)})") from None
     shape, dtype = array.shape, array.dtype
     del array
     # Memory-mapped: slicing a batch reads only that batch from disk.
@@ -362,7 +355,7 @@ def _npz_sources(path) -> dict:
     try:
         zf = zipfile.ZipFile(path)
     except Exception as e:
-        raise InputError(f"{path}: not a readable .npz archive ({_first_line(e)})") from None
+        raise InputError(f"{path}: not a readable .npz archive ({first_line(e)})") from None
     sources = {}
     with zf:
         for info in zf.infolist():
@@ -373,7 +366,7 @@ def _npz_sources(path) -> dict:
                 with zf.open(info) as f:
                     shape, fortran, dtype = _read_npy_header(f)
             except Exception as e:
-                raise InputError(f"{path}: member '{name}' is not a readable array ({_first_line(e)})") from None
+                raise InputError(f"{path}: member '{name}' is not a readable array ({first_line(e)})") from None
             if dtype.hasobject:
                 raise InputError(f"{path}: member '{name}' has dtype object; calibration needs numeric arrays")
             origin = f"{path}:{name}"
@@ -491,7 +484,7 @@ class _Dataset:
             try:
                 array = np.asarray(value)
             except Exception as e:
-                raise InputError(f"{origin}['{name}']: not convertible to an array ({_first_line(e)})") from None
+                raise InputError(f"{origin}['{name}']: not convertible to an array ({first_line(e)})") from None
             part[name] = _memory_source(f"{origin}['{name}']", array)
         return part
 
@@ -1091,7 +1084,7 @@ class _SymbolicBatchCheck:
             session, names, label_of = _bn_input_session(symbolic, self.bns, shift, self.elem_types, self.n_threads)
             got = session.run(None, self.batch)
         except Exception as e:  # noqa: BLE001 - any failure means: not usable at this batch size
-            return f"onnxruntime cannot run it at batch {n}: {_first_line(e, 160)}"
+            return f"onnxruntime cannot run it at batch {n}: {first_line(e, 160)}"
         del session
         if self._fixed_session is None:
             self._fixed_session = _bn_input_session(self.model, self.bns, 0, self.elem_types, self.n_threads)
@@ -1199,7 +1192,7 @@ def _plan_runs(model, view, bns, dataset, mode, batch_size, max_batches, fixed, 
                 plan.base, plan.shift, plan.run_at = symbolic, shift, None
                 plan.notes.append(
                     f"the model's batch dimension is fixed at {fixed}: batch mode ran a calibration graph with it made "
-                    f"symbolic ({_count(rewritten, 'shape')} rewritten; checked against the fixed-batch model on the first batch)")
+                    f"symbolic ({count(rewritten, 'shape')} rewritten; checked against the fixed-batch model on the first batch)")
                 return plan
             degenerate = _one_value_per_channel(bns, shapes)
             if degenerate is not None:
@@ -1214,10 +1207,10 @@ def _plan_runs(model, view, bns, dataset, mode, batch_size, max_batches, fixed, 
                 plan.batch_mode_at_fixed = True
                 plan.notes.append(
                     f"batch mode ran at the model's fixed batch {fixed}, not {batch_size}: its batch dimension could not be "
-                    f"made symbolic ({problem}); batch statistics are over {_count(fixed, 'sample')} at a time")
+                    f"made symbolic ({problem}); batch statistics are over {count(fixed, 'sample')} at a time")
     if plan.mode == "sequential" and batch_size != fixed:
         plan.notes.append(f"the model's batch dimension is fixed at {fixed}: sequential mode ran it "
-                          f"{_count(fixed, 'sample')} at a time (its statistics do not depend on the batch size)")
+                          f"{count(fixed, 'sample')} at a time (its statistics do not depend on the batch size)")
     return plan
 
 
@@ -1274,14 +1267,14 @@ def _session(model, n_threads):
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise InputError(f"onnxruntime cannot run the calibration graph ({_first_line(e)})") from None
+        raise InputError(f"onnxruntime cannot run the calibration graph ({first_line(e)})") from None
 
 
 def _run(session, batch, batch_number):
     try:
         return session.run(None, batch)
     except Exception as e:
-        raise InputError(f"batch {batch_number}: onnxruntime failed on the calibration data ({_first_line(e)})") from None
+        raise InputError(f"batch {batch_number}: onnxruntime failed on the calibration data ({first_line(e)})") from None
 
 
 class _NullProgress:
@@ -1362,7 +1355,7 @@ class _Accumulator:
         if _too_few_values(m.count):
             samples = self.samples[label]
             raise InputError(
-                f"BN '{label}' sees one value per channel in all the calibration data ({_count(samples, 'sample')}); "
+                f"BN '{label}' sees one value per channel in all the calibration data ({count(samples, 'sample')}); "
                 "one value is not a population (its variance is 0 for every channel) -- give at least 2 samples"
             )
         return m
@@ -1486,9 +1479,9 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
                 feeds.finish()
                 if runs == 0:
                     raise InputError(f"no complete batch: the model's batch dimension is fixed at {fixed} and the data holds "
-                                     f"{_count(feeds.dropped, 'sample')}")
+                                     f"{count(feeds.dropped, 'sample')}")
                 if feeds.dropped:
-                    note = (f"the last {_count(feeds.dropped, 'sample')} of the data were not used: the model's batch "
+                    note = (f"the last {count(feeds.dropped, 'sample')} of the data were not used: the model's batch "
                             f"dimension is fixed at {fixed} and they do not fill a batch")
                     if note not in report.notes:
                         report.notes.append(note)
@@ -1529,6 +1522,3 @@ def iter_batches(model_or_path, data, *, batch_size=32, max_batches=None):
     return _Dataset(data, specs, optional).batches(int(batch_size), max_batches)
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:limit]

@@ -12,6 +12,8 @@ import collections
 import sys
 import time
 
+from bnfold.common import format_table
+
 EXAMPLES = """examples:
   bnfold fold model.onnx -o folded.onnx
   bnfold fold model.onnx -o folded.onnx --report fold.json --shape input:1x3x224x224
@@ -120,12 +122,12 @@ def format_summary(report, fold_seconds, check_report) -> str:
     printed once the output exists)."""
     before, after = collections.Counter(report.ops_before), collections.Counter(report.ops_after)
     changed = sorted(op for op in set(before) | set(after) if before[op] != after[op])
-    width = max([len("op type"), len("total")] + [len(op) for op in changed])
-    lines = [f"{'op type':<{width}}  {'before':>7}  {'after':>7}  {'change':>7}"]
-    for op in changed:
-        lines.append(f"{op:<{width}}  {before[op]:>7}  {after[op]:>7}  {after[op] - before[op]:>+7}")
     total_b, total_a = sum(before.values()), sum(after.values())
-    lines.append(f"{'total':<{width}}  {total_b:>7}  {total_a:>7}  {total_a - total_b:>+7}")
+    rows = [(op, before[op], after[op], f"{after[op] - before[op]:+d}") for op in changed]
+    rows.append(("total", total_b, total_a, f"{total_a - total_b:+d}"))
+    # numbers at least 7 wide, as the columns always were
+    lines = format_table(("op type", f"{'before':>7}", f"{'after':>7}", f"{'change':>7}"), rows, rule=False,
+                         right=(1, 2, 3))
     lines.append("")
     lines.append(f"BatchNormalization: {report.n_folded} folded, {report.n_remaining} remaining")
     for r in report.remaining:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from bnfold.common import format_table
+
 EXAMPLES = """examples:
   bnfold inspect model.onnx
   bnfold inspect model.onnx --json bn_nodes.json
@@ -57,13 +59,8 @@ def format_bn_table(report) -> str:
         details.append(info.message)
     if len(rows) == 1:
         return "no BatchNormalization nodes"
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for i, row in enumerate(rows):
-        line = "  ".join(f"{str(cell):<{w}}" for cell, w in zip(row, widths)).rstrip()
-        if i > 0 and details[i - 1]:
-            line += f"  ({details[i - 1]})"
-        lines.append(line)
+    lines = format_table(rows[0], rows[1:], rule=False)
+    lines[1:] = [f"{line}  ({detail})" if detail else line for line, detail in zip(lines[1:], details)]
     n_yes = sum(1 for info in report.bn_nodes if info.foldable)
     lines.append(f"{len(report.bn_nodes)} BatchNormalization node(s): {n_yes} foldable, "
                  f"{len(report.bn_nodes) - n_yes} not foldable")

@@ -19,11 +19,12 @@ import warnings
 import onnx
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
+from bnfold.common import first_line
 from bnfold.io import wire
 from bnfold.errors import BnfoldWarning, InputError
 
 # protobuf refuses to serialize a single message above 2 GiB; large models must go external.
-_PROTOBUF_LIMIT = 2**31 - 1
+PROTOBUF_LIMIT = 2**31 - 1
 
 
 def load_model(model_or_path, *, check: bool = True) -> onnx.ModelProto:
@@ -61,7 +62,7 @@ def load_model_checked_in_background(model_or_path, *, check: bool = True):
             except (FileNotFoundError, PermissionError):
                 raise
             except Exception as e:  # onnx words a missing/short data file as a ValidationError
-                raise InputError(f"{path}: external data missing or unreadable ({_first_line(e)})") from None
+                raise InputError(f"{path}: external data missing or unreadable ({first_line(e)})") from None
             _refuse_wrong_payload_sizes(external_tensors, path)
     except InputError:
         raise
@@ -70,7 +71,7 @@ def load_model_checked_in_background(model_or_path, *, check: bool = True):
     except FileNotFoundError as e:  # a missing external-data file
         raise InputError(f"{path}: external data file missing ({e.filename or e})") from None
     except Exception as e:  # protobuf DecodeError and friends: the file is not an ONNX model
-        raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from None
+        raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {first_line(e)})") from None
     _require_graph(model, path)
     _remember_external_data(path, external)
     if read_as_ir4_if_initializers_unlisted(model, path):
@@ -262,7 +263,7 @@ def _check_in_background(path, what):
     def wait_for_check():
         thread.join()
         if failure:
-            raise InputError(f"{path}: invalid ONNX model ({_first_line(failure[0])})") from None
+            raise InputError(f"{path}: invalid ONNX model ({first_line(failure[0])})") from None
 
     return wait_for_check
 
@@ -327,7 +328,7 @@ def tensor_payload_bytes(model: onnx.ModelProto, payloads=None) -> int:
 def fits_in_one_message(model: onnx.ModelProto, payloads=None) -> bool:
     """Whether the model can be serialized as one protobuf message (< 2 GiB), judged by its
     tensor payload plus a margin for the graph."""
-    return tensor_payload_bytes(model, payloads) < _PROTOBUF_LIMIT - (64 << 20)
+    return tensor_payload_bytes(model, payloads) < PROTOBUF_LIMIT - (64 << 20)
 
 
 def files_size(path) -> int:
@@ -996,6 +997,3 @@ def _same_file(a, b) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

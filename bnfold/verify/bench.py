@@ -25,13 +25,14 @@ import time
 
 import numpy as np
 
+from bnfold.common import first_line, format_table
 from bnfold._threads import available_cpus
 from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.io.model_io import write_json_atomic
 from bnfold.verify.parity import (
     OPT_LEVELS,
     LoadedModel,
-    _index_bounds,
+    index_bounds,
     check_input_budget,
     check_model_argument,
     check_seed,
@@ -119,10 +120,7 @@ class BenchReport:
                 row.append(f"{r.median_ms:.3f} ({r.p10_ms:.3f}-{r.p90_ms:.3f})")
             row += [f"{self.speedup(m, level):.2f}x" for m in self.models[1:]]
             rows.append(row)
-        widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-        lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines = format_table(header, rows)
         inputs = ", ".join(f"{n} {'x'.join(map(str, i['shape']))} {i['dtype']}" for n, i in self.inputs.items())
         runs = sorted({r.runs for r in self.results})
         run_text = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
@@ -231,7 +229,7 @@ def benchmark(
         else:
             concrete = resolve_shapes(input_specs, shapes)
             check_input_budget(input_specs, concrete)
-            feeds = synthesize_inputs(input_specs, concrete, np.random.default_rng(seed), _index_bounds(first.proto))
+            feeds = synthesize_inputs(input_specs, concrete, np.random.default_rng(seed), index_bounds(first.proto))
 
         keys = list(sessions)
         run_estimate = {}
@@ -284,10 +282,9 @@ def _run(session, feeds, key):
     try:
         session.run(None, feeds)
     except Exception as e:
-        from bnfold.io.model_io import _first_line
 
         hint = "; set dynamic dimensions with --shape NAME:D1xD2x..." if feeds else ""
-        raise InputError(f"{key[0]} (opt level {key[1]}): onnxruntime failed to run the model ({_first_line(e)}){hint}") from None
+        raise InputError(f"{key[0]} (opt level {key[1]}): onnxruntime failed to run the model ({first_line(e)}){hint}") from None
 
 
 def _summarize(model, level, times) -> BenchResult:

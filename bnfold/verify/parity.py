@@ -119,11 +119,12 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 
+from bnfold.common import first_line, format_bytes, format_table
 from bnfold.verify import intermediates as intermediates_module
 from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.verify.intermediates import estimate_bytes, exposure_suffix
 from bnfold.verify.intermediates import select as select_intermediates
-from bnfold.io.model_io import _PROTOBUF_LIMIT, _first_line, file_uses_external_data, fits_in_one_message, load_model, \
+from bnfold.io.model_io import PROTOBUF_LIMIT, file_uses_external_data, fits_in_one_message, load_model, \
     load_model_deferred, write_json_atomic
 
 OPT_LEVELS = ("disabled", "basic", "extended", "all")
@@ -365,7 +366,7 @@ class LoadedModel:
             self._exposed = (self._copy_with_suffix(source, suffix), {})
 
     def _check_exposable(self, size: int) -> None:
-        if size > _PROTOBUF_LIMIT:
+        if size > PROTOBUF_LIMIT:
             raise ExposureUnavailable(f"{self.label} is too large ({size / 2**30:.1f} GiB) to be given to onnxruntime "
                                       "again with its intermediate values as outputs (protobuf's 2 GiB limit)")
 
@@ -402,7 +403,7 @@ class LoadedModel:
             return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as e:
             what = "the model with its intermediate values as outputs" if exposed else "the model"
-            raise InputError(f"{self.label}: onnxruntime cannot load {what} ({_first_line(e)})") from None
+            raise InputError(f"{self.label}: onnxruntime cannot load {what} ({first_line(e)})") from None
 
     def close(self):
         self._exposed = None
@@ -518,7 +519,7 @@ def resolve_shapes(input_specs, shapes=None) -> dict:
     return {s.name: resolved[s.name] for s in input_specs}
 
 
-def _index_bounds(model: onnx.ModelProto) -> dict:
+def index_bounds(model: onnx.ModelProto) -> dict:
     """Upper bounds for integer graph inputs that index a constant table through Gather(Elements)."""
     graph = model.graph
     const_shapes = {t.name: tuple(t.dims) for t in graph.initializer}
@@ -609,12 +610,6 @@ def input_memory_limit() -> tuple:
     return int(available * INPUT_MEMORY_SHARE), f"{INPUT_MEMORY_SHARE:.0%} of the {format_bytes(available)} of {source}"
 
 
-def format_bytes(n: float) -> str:
-    """``"224 GiB"``, ``"1.5 MiB"``, ``"512 bytes"``."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{int(n)} bytes"
 
 
 def check_input_budget(input_specs, shapes: dict, samples: int = 1, *, what: str = "synthesized inputs") -> None:
@@ -698,7 +693,7 @@ def _read_npz(path: str) -> dict:
     try:
         npz = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise InputError(f"{path}: not a valid .npz file ({_first_line(e)})") from None
+        raise InputError(f"{path}: not a valid .npz file ({first_line(e)})") from None
     arrays = {}
     with npz:
         for name in npz.files:
@@ -710,9 +705,9 @@ def _read_npz(path: str) -> dict:
                         f"{path}: not a valid .npz file (array {name!r} holds Python objects; "
                         "inputs must be numeric or bool arrays)"
                     ) from None
-                raise InputError(f"{path}: not a valid .npz file (array {name!r}: {_first_line(e)})") from None
+                raise InputError(f"{path}: not a valid .npz file (array {name!r}: {first_line(e)})") from None
             except Exception as e:
-                raise InputError(f"{path}: not a valid .npz file (array {name!r}: {_first_line(e)})") from None
+                raise InputError(f"{path}: not a valid .npz file (array {name!r}: {first_line(e)})") from None
             if not isinstance(value, np.ndarray):
                 raise InputError(f"{path}: not a valid .npz file (member {name!r} is not an .npy array)")
             arrays[name] = value
@@ -762,7 +757,7 @@ def run_session(session, feeds: dict, label: str, output_names, shape_hint: str 
     try:
         values = session.run(list(output_names), feeds)
     except Exception as e:
-        raise InputError(f"{label}: onnxruntime failed to run the model{shape_hint} ({_first_line(e)})") from None
+        raise InputError(f"{label}: onnxruntime failed to run the model{shape_hint} ({first_line(e)})") from None
     return dict(zip(output_names, values))
 
 
@@ -1197,10 +1192,7 @@ class CheckReport:
             )
             for o in self.outputs
         ]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-        lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = format_table(header, rows)
         inputs = ", ".join(f"{n} {_format_shape(i['shape'])} {i['dtype']}" for n, i in self.inputs.items())
         lines.append("")
         lines.append(
@@ -1237,10 +1229,7 @@ class CheckReport:
                      f"{v.error_over_tolerance:.3g}", f"{v.mismatch_fraction:.2%}",
                      "-" if v.noise is None else f"{v.noise:.2g}", v.tolerance_text)
                     for v in failed[:INTERMEDIATE_ROWS]]
-            widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-            lines.append(("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths))).rstrip())
-            lines.append("  " + "  ".join("-" * w for w in widths))
-            lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+            lines += format_table(header, rows, indent="  ")
             if len(failed) > INTERMEDIATE_ROWS:
                 lines.append(f"  ... and {len(failed) - INTERMEDIATE_ROWS} more failing (all in the JSON count, "
                              f"the first {INTERMEDIATE_ROWS} as rows)")
@@ -1550,7 +1539,7 @@ def check(
             concrete = resolve_shapes(input_specs, shapes)
             check_input_budget(input_specs, concrete, samples)
             rng = np.random.default_rng(seed)
-            bounds = _index_bounds(ref_model.proto)
+            bounds = index_bounds(ref_model.proto)
             input_sets = [synthesize_inputs(input_specs, concrete, rng, bounds) for _ in range(samples)]
             dynamic = any(s.shape is None or any(not isinstance(d, int) for d in s.shape) for s in input_specs)
             shape_hint = (
