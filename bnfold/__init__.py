@@ -20,12 +20,12 @@ from bnfold.errors import BnfoldError, BnfoldWarning, InputError, ParityError, u
 # public name -> the module that defines it
 _LAZY = {
     "openmp_enabled": "bnfold._openmp",
-    "CalibrationReport": "bnfold.calibration.runner",
-    "calibrate": "bnfold.calibration.runner",
-    "FoldReport": "bnfold.folding.fold_pass",
-    "fold": "bnfold.folding.fold_pass",
-    "fold_file": "bnfold.folding.fold_pass",
-    "inspect": "bnfold.folding.fold_pass",
+    "CalibrationReport": "bnfold.calibration",
+    "calibrate": "bnfold.calibration",
+    "FoldReport": "bnfold.folding",
+    "fold": "bnfold.folding",
+    "fold_file": "bnfold.folding",
+    "inspect": "bnfold.folding",
     "Moments": "bnfold.kernels",
     "batch_norm_backward": "bnfold.kernels",
     "batch_norm_infer": "bnfold.kernels",
@@ -33,14 +33,14 @@ _LAZY = {
     "batch_renorm_train": "bnfold.kernels",
     "batch_stats": "bnfold.kernels",
     "onnx_momentum": "bnfold.kernels",
-    "CheckReport": "bnfold.verify.parity",
-    "check": "bnfold.verify.parity",
+    "CheckReport": "bnfold.verify",
+    "check": "bnfold.verify",
 }
 
 if TYPE_CHECKING:  # what static tools and IDEs see
     from bnfold._openmp import openmp_enabled
-    from bnfold.calibration.runner import CalibrationReport, calibrate
-    from bnfold.folding.fold_pass import FoldReport, fold, fold_file, inspect
+    from bnfold.calibration import CalibrationReport, calibrate
+    from bnfold.folding import FoldReport, fold, fold_file, inspect
     from bnfold.kernels import (
         Moments,
         batch_norm_backward,
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
         batch_stats,
         onnx_momentum,
     )
-    from bnfold.verify.parity import CheckReport, check
+    from bnfold.verify import CheckReport, check
 
 
 def __getattr__(name: str):

@@ -60,7 +60,7 @@ def test_fold_no_check_skips_parity(tmp_path, model_path, capsys, monkeypatch):
     def must_not_run(*a, **k):
         raise AssertionError("parity check ran despite --no-check")
 
-    monkeypatch.setattr(bnfold.verify.parity, "check", must_not_run)
+    monkeypatch.setattr(bnfold.verify, "check", must_not_run)
     out = tmp_path / "out.onnx"
     code, stdout, err = _run(capsys, "fold", model_path, "-o", out, "--no-check")
     assert code == 0, err
@@ -78,7 +78,7 @@ def test_fold_shape_option_reaches_the_check(tmp_path, capsys, monkeypatch):
         seen.update(kwargs)
         return real_check(reference, candidate, **kwargs)
 
-    monkeypatch.setattr(bnfold.verify.parity, "check", spy)
+    monkeypatch.setattr(bnfold.verify, "check", spy)
     model = MM.conv2d_bn()
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"  # dynamic batch
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
@@ -109,7 +109,7 @@ class _FailedCheck:
 def test_parity_failure_exit_1_nothing_written(tmp_path, model_path, capsys, monkeypatch):
     import bnfold.verify.parity
 
-    monkeypatch.setattr(bnfold.verify.parity, "check", lambda *a, **k: _FailedCheck())
+    monkeypatch.setattr(bnfold.verify, "check", lambda *a, **k: _FailedCheck())
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     code, stdout, err = _run(capsys, "fold", model_path, "-o", out, "--report", report)
     assert code == 1
@@ -121,7 +121,7 @@ def test_parity_failure_exit_1_nothing_written(tmp_path, model_path, capsys, mon
 def test_parity_failure_with_force_writes(tmp_path, model_path, capsys, monkeypatch):
     import bnfold.verify.parity
 
-    monkeypatch.setattr(bnfold.verify.parity, "check", lambda *a, **k: _FailedCheck())
+    monkeypatch.setattr(bnfold.verify, "check", lambda *a, **k: _FailedCheck())
     out = tmp_path / "out.onnx"
     code, _, err = _run(capsys, "fold", model_path, "-o", out, "--force")
     assert code == 1
@@ -327,7 +327,7 @@ def test_parity_runs_on_the_written_file_before_it_is_moved_into_place(tmp_path,
         seen["candidate_model"] = onnx.load(candidate)
         return real_check(reference, candidate, **kwargs)
 
-    monkeypatch.setattr(bnfold.verify.parity, "check", spy)
+    monkeypatch.setattr(bnfold.verify, "check", spy)
     src = tmp_path / "m.onnx"
     onnx.save_model(MM.conv2d_bn(), str(src))
     code, stdout, err = _run(capsys, "fold", src, "-o", out)
@@ -381,7 +381,7 @@ def test_sigterm_during_the_check_leaves_no_temporary_file(tmp_path, capsys, mon
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM should have unwound the command")
 
-    monkeypatch.setattr(bnfold.verify.parity, "check", terminated_during_check)
+    monkeypatch.setattr(bnfold.verify, "check", terminated_during_check)
     src = tmp_path / "m.onnx"
     onnx.save_model(MM.conv2d_bn(), str(src))
     previous = signal.getsignal(signal.SIGTERM)

@@ -560,7 +560,7 @@ def test_a_memory_error_is_bad_input_in_one_line(monkeypatch, capsys, two_models
     def out_of_memory(*args, **kwargs):
         raise MemoryError("Unable to allocate 3.49 TiB")
 
-    monkeypatch.setattr(bnfold.folding.fold_pass, "fold_file", out_of_memory)
+    monkeypatch.setattr(bnfold.folding, "fold_file", out_of_memory)
     assert main(["fold", str(two_models[0]), "-o", str(tmp_path / "o.onnx")]) == 2
     assert capsys.readouterr().err == "bnfold fold: error: not enough memory (Unable to allocate 3.49 TiB); try smaller inputs\n"
 

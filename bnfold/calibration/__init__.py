@@ -1,1 +1,10 @@
 """PreciseBN calibration: re-estimate BN population statistics from data with bnfold's kernels."""
+
+# What other stages use (they import from the package, never from its modules).
+from bnfold.calibration.runner import CalibrationReport, calibrate, iter_batches
+
+__all__ = [
+    "CalibrationReport",
+    "calibrate",
+    "iter_batches",
+]

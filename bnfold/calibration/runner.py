@@ -49,10 +49,21 @@ from onnx import helper, numpy_helper
 
 from bnfold.common import count, first_line, format_table
 from bnfold.errors import InputError
-from bnfold.folding.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_batch_norm, node_label, node_subgraphs, \
-    numpy_type, outer_scope_reads, read_tensor, remove_unused
-from bnfold.io.model_io import load_model
-from bnfold.folding.rules.base import inference_mode_failure
+from bnfold.folding import (
+    FLOAT_TYPES,
+    GraphView,
+    ModelContext,
+    get_attr,
+    is_batch_norm,
+    node_label,
+    node_subgraphs,
+    numpy_type,
+    outer_scope_reads,
+    read_tensor,
+    remove_unused,
+)
+from bnfold.io import load_model
+from bnfold.folding import inference_mode_failure
 
 MODES = ("batch", "sequential")
 

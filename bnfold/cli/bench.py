@@ -6,11 +6,11 @@ import argparse
 import math
 import os
 
-from bnfold.verify.bench import DEFAULT_TIME_BUDGET, DEFAULT_WARMUP, benchmark, max_bench_threads
+from bnfold.verify import DEFAULT_TIME_BUDGET, DEFAULT_WARMUP, benchmark, max_bench_threads
 from bnfold.cli.check import add_input_options, check_input_options
 from bnfold.errors import InputError
-from bnfold.io.model_io import check_outputs
-from bnfold.verify.parity import OPT_LEVELS, parse_shape_specs
+from bnfold.io import check_outputs
+from bnfold.verify import OPT_LEVELS, parse_shape_specs
 
 EXAMPLES = f"""examples:
   bnfold bench model.onnx                          original vs folded in memory, opt level all
@@ -72,7 +72,7 @@ def run(args) -> int:
     if args.inputs and shapes:
         raise InputError("--shape cannot be combined with --inputs (the arrays' shapes are used)")
     if args.other is None:
-        from bnfold.folding.fold_pass import fold
+        from bnfold.folding import fold
 
         folded, fold_report = fold(args.model)
         models = {"original": args.model, "folded": folded}

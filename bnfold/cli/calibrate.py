@@ -65,18 +65,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from bnfold.calibration.runner import calibrate
+    from bnfold.calibration import calibrate
     from bnfold.errors import InputError
-    from bnfold.io.model_io import (
-        check_outputs,
-        load_model,
-        save_model_atomic,
-        write_json_atomic,
-    )
+    from bnfold.io import check_outputs, load_model, save_model_atomic, write_json_atomic
 
     shapes = {}
     if args.shape:
-        from bnfold.verify.parity import parse_shape_specs
+        from bnfold.verify import parse_shape_specs
 
         shapes = parse_shape_specs(args.shape)
     if args.batch_size < 1:
@@ -113,11 +108,11 @@ def _fold_checked(args, calibrated, report, shapes, report_data):
     values included) runs on exactly the bytes that are then moved into place — also when
     float16 folds have to be left (``fold_file``'s precision search). Returns ``(written,
     parity_failed)``."""
-    from bnfold.calibration.runner import iter_batches
+    from bnfold.calibration import iter_batches
     from bnfold.errors import InputError
-    from bnfold.folding.fold_pass import fold_file
-    from bnfold.io.model_io import save_model_atomic, scratch_directory
-    from bnfold.verify.parity import check
+    from bnfold.folding import fold_file
+    from bnfold.io import save_model_atomic, scratch_directory
+    from bnfold.verify import check
 
     if shapes:
         parity_kwargs = {"shapes": shapes}

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bnfold.verify.parity import DEFAULT_OPT_LEVEL, NOISE_FACTOR, OPT_LEVELS, check, parse_shape_specs, parse_tolerance_specs
+from bnfold.verify import (
+    DEFAULT_OPT_LEVEL,
+    NOISE_FACTOR,
+    OPT_LEVELS,
+    check,
+    parse_shape_specs,
+    parse_tolerance_specs,
+)
 
 EXAMPLES = """examples:
   bnfold check model.onnx folded.onnx
@@ -85,7 +92,7 @@ def check_input_options(args) -> None:
     """Validate --seed (and --samples where the command has it) under their CLI names, before
     any model is read; the API would refuse them too, but in its own argument names."""
     from bnfold.errors import InputError
-    from bnfold.verify.parity import MAX_SAMPLES
+    from bnfold.verify import MAX_SAMPLES
 
     if args.seed < 0:
         raise InputError(f"--seed must be >= 0 (numpy's random generator takes no negative seeds), got {args.seed}")
@@ -106,7 +113,7 @@ def add_input_options(parser) -> None:
 
 def run(args) -> int:
     from bnfold.errors import InputError
-    from bnfold.io.model_io import check_outputs
+    from bnfold.io import check_outputs
 
     # Before the work: a bad path must not cost a whole check, and no input may be overwritten.
     check_outputs({"--json": args.json}, models=[args.reference, args.candidate], inputs=[args.inputs])

@@ -33,10 +33,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from bnfold.demo.run import run_demo
+    from bnfold.demo import run_demo
     from bnfold.errors import InputError
 
-    from bnfold.verify.bench import max_bench_threads
+    from bnfold.verify import max_bench_threads
 
     # The demo's model is built in memory: its size grows with width^2 and image_size^2.
     if not 8 <= args.image_size <= 1024:

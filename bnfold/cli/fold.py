@@ -51,15 +51,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from bnfold.folding.fold_pass import fold_file
-    from bnfold.io.model_io import check_outputs, files_size, write_json_atomic
+    from bnfold.folding import fold_file
+    from bnfold.io import check_outputs, files_size, write_json_atomic
 
     from bnfold.cli.check import check_input_options
 
     check_input_options(args)
     shapes = {}
     if args.shape:
-        from bnfold.verify.parity import parse_shape_specs
+        from bnfold.verify import parse_shape_specs
 
         shapes = parse_shape_specs(args.shape)
     # Refuse bad output paths before any work: the input must never be overwritten.
@@ -99,7 +99,7 @@ def run(args) -> int:
 
 def _parity(original, folded, label, shapes, seed):
     from bnfold.errors import InputError
-    from bnfold.verify.parity import check
+    from bnfold.verify import check
 
     try:
         # bnfold's fold keeps every value's name and meaning, so its intermediate values are

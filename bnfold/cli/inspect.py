@@ -31,8 +31,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from bnfold.folding.fold_pass import inspect
-    from bnfold.io.model_io import check_outputs, load_model, write_json_atomic
+    from bnfold.folding import inspect
+    from bnfold.io import check_outputs, load_model, write_json_atomic
 
     check_outputs({"--json": args.json}, models=[args.model])
     report = inspect(load_model(args.model))

@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from bnfold.errors import InputError
-from bnfold.io.model_io import save_model_atomic, write_json_atomic
+from bnfold.io import save_model_atomic, write_json_atomic
 
 BENCH_LEVELS = ("disabled", "all")
 
@@ -42,9 +42,9 @@ def run_demo(out_dir=None, *, image_size=64, width=16, quick=False, batch=1, thr
     in the summary). ``quick``: fewer parity samples and benchmark runs (for tests / CI).
     ``threads``: onnxruntime intra-op threads for the latency comparison; 1 by default because a
     sub-millisecond model's multi-threaded latency is mostly thread wake-up noise."""
-    from bnfold.verify.bench import benchmark
-    from bnfold.folding.fold_pass import fold
-    from bnfold.verify.parity import check
+    from bnfold.verify import benchmark
+    from bnfold.folding import fold
+    from bnfold.verify import check
     from bnfold.demo.zoo import build_demo_cnn
 
     start = time.perf_counter()

@@ -217,7 +217,7 @@ def build_resnet(depth=50, image_size=224, num_classes=1000, seed=0, width=64, s
 def _calibrate_sequential(model, image_size, rng, n_images=32):
     """Set every BN's running statistics to those its input has on random images when every
     earlier BN already uses its own computed statistics (bnfold.calibrate, mode="sequential")."""
-    from bnfold.calibration.runner import calibrate
+    from bnfold.calibration import calibrate
 
     images = rng.standard_normal((n_images, 3, image_size, image_size), dtype=np.float32)
     calibrated, _ = calibrate(model, {INPUT_NAME: images}, mode="sequential", batch_size=n_images)

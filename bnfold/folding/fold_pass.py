@@ -21,7 +21,7 @@ import onnx
 
 from bnfold.folding.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_batch_norm, iter_graphs, node_subgraphs, \
     remove_unused, to_float64
-from bnfold.io.model_io import load_model_deferred, read_as_ir4_if_initializers_unlisted
+from bnfold.io import load_model_deferred, read_as_ir4_if_initializers_unlisted
 from bnfold.folding.rules import bn_conv, bn_duplicate, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
 from bnfold.folding.rules.base import BatchNorm, Failure, Match, inference_mode_failure
 
@@ -187,7 +187,7 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None, wri
     ``write_refused=True`` (``--force``): the search runs all the same, but what verify saw last
     is written even when it refused it.
     """
-    from bnfold.io.model_io import check_output_path
+    from bnfold.io import check_output_path
 
     for name, value in (("forward", forward), ("write_refused", write_refused)):
         if not isinstance(value, bool):
@@ -245,7 +245,7 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None, wri
 
 
 def _fold_file_once(input_path, output_path, forward, verify, keep) -> FoldReport:
-    from bnfold.io.model_io import save_model_atomic
+    from bnfold.io import save_model_atomic
 
     model, payloads, wait_for_check = load_model_deferred(input_path)
     try:

@@ -1,2 +1,35 @@
 """Proof and measurement: onnxruntime sessions, parity of two models (outputs and intermediate
 values) and latency benchmarks."""
+
+# What other stages use (they import from the package, never from its modules).
+from bnfold.verify.bench import (
+    DEFAULT_TIME_BUDGET,
+    DEFAULT_WARMUP,
+    benchmark,
+    max_bench_threads,
+)
+from bnfold.verify.parity import (
+    CheckReport,
+    DEFAULT_OPT_LEVEL,
+    MAX_SAMPLES,
+    NOISE_FACTOR,
+    OPT_LEVELS,
+    check,
+    parse_shape_specs,
+    parse_tolerance_specs,
+)
+
+__all__ = [
+    "CheckReport",
+    "DEFAULT_OPT_LEVEL",
+    "DEFAULT_TIME_BUDGET",
+    "DEFAULT_WARMUP",
+    "MAX_SAMPLES",
+    "NOISE_FACTOR",
+    "OPT_LEVELS",
+    "benchmark",
+    "check",
+    "max_bench_threads",
+    "parse_shape_specs",
+    "parse_tolerance_specs",
+]

@@ -28,7 +28,7 @@ import numpy as np
 from bnfold.common import first_line, format_table
 from bnfold._threads import available_cpus
 from bnfold.errors import ArgumentTypeError, InputError
-from bnfold.io.model_io import write_json_atomic
+from bnfold.io import write_json_atomic
 from bnfold.verify.parity import (
     OPT_LEVELS,
     LoadedModel,

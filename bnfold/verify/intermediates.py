@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from bnfold.folding.graph import iter_graphs, node_label, outer_scope_reads
+from bnfold.folding import iter_graphs, node_label, outer_scope_reads
 
 # More values than this: outputs only (the report says so). Real CNNs have 100-2000.
 MAX_VALUES = 5000

@@ -124,8 +124,14 @@ from bnfold.verify import intermediates as intermediates_module
 from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.verify.intermediates import estimate_bytes, exposure_suffix
 from bnfold.verify.intermediates import select as select_intermediates
-from bnfold.io.model_io import PROTOBUF_LIMIT, file_uses_external_data, fits_in_one_message, load_model, \
-    load_model_deferred, write_json_atomic
+from bnfold.io import (
+    PROTOBUF_LIMIT,
+    file_uses_external_data,
+    fits_in_one_message,
+    load_model,
+    load_model_deferred,
+    write_json_atomic,
+)
 
 OPT_LEVELS = ("disabled", "basic", "extended", "all")
 
@@ -1268,7 +1274,7 @@ def _tolerance_for(name: str, dtype: str, value, kind: str, working_precision=No
 def working_precision(model: onnx.ModelProto):
     """Name of the lowest float precision the model computes in (see the module docstring), or
     None when it has no float tensors."""
-    from bnfold.folding.graph import iter_graphs
+    from bnfold.folding import iter_graphs
 
     seen = set()
     for graph in iter_graphs(model.graph):
