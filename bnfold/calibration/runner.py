@@ -63,6 +63,7 @@ from bnfold.folding import (
     remove_unused,
 )
 from bnfold.io import load_model
+from bnfold.verify import create_session
 from bnfold.folding import inference_mode_failure
 
 MODES = ("batch", "sequential")
@@ -1259,26 +1260,13 @@ def _one_value_per_channel(bns: list[_BN], shapes: dict):
 
 
 def _session(model, n_threads):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if n_threads is not None:
-        options.intra_op_num_threads = n_threads
     # Extended fusions (Conv+activation, ...) speed the forward pass up; the layout-changing and
     # pattern-matching transformers of level "all" are not needed and could rewrite the explicit
-    # normalization ops.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    # Fatal only: a failed run becomes an InputError that quotes onnxruntime's message, which
-    # onnxruntime would otherwise also log to stderr, a second line beside the CLI's one; a
+    # normalization ops. Idle onnxruntime threads would otherwise spin after every run and steal
+    # the cores bnfold's OpenMP statistics kernels run on (measured: statistics 4x slower). A
     # trial run (the symbolic-batch check) fails as an expected answer, logged nowhere.
-    options.log_severity_level = 4
-    # onnxruntime's idle threads otherwise spin after every run and steal the cores bnfold's
-    # OpenMP statistics kernels run on (measured: statistics 4x slower with spinning).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise InputError(f"onnxruntime cannot run the calibration graph ({first_line(e)})") from None
+    return create_session(model.SerializeToString(), opt_level="extended", threads=n_threads, spinning=False,
+                          failure="onnxruntime cannot run the calibration graph")
 
 
 def _run(session, batch, batch_number):

@@ -18,8 +18,10 @@ from bnfold.verify.parity import (
     parse_shape_specs,
     parse_tolerance_specs,
 )
+from bnfold.verify.session import create_session
 
 __all__ = [
+    "create_session",
     "CheckReport",
     "DEFAULT_OPT_LEVEL",
     "DEFAULT_TIME_BUDGET",

@@ -121,6 +121,7 @@ import onnx
 
 from bnfold.common import first_line, format_bytes, format_table
 from bnfold.verify import intermediates as intermediates_module
+from bnfold.verify.session import OPT_LEVELS, create_session, ort_level
 from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.verify.intermediates import estimate_bytes, exposure_suffix
 from bnfold.verify.intermediates import select as select_intermediates
@@ -133,7 +134,6 @@ from bnfold.io import (
     write_json_atomic,
 )
 
-OPT_LEVELS = ("disabled", "basic", "extended", "all")
 
 # Both models run at this level unless told otherwise (see the module docstring for why).
 DEFAULT_OPT_LEVEL = "disabled"
@@ -286,20 +286,6 @@ class TensorSpec:
     shape: tuple | None
 
 
-def _ort_level(level: str):
-    import onnxruntime as ort
-
-    levels = {
-        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    if level not in levels:
-        raise InputError(f"unknown optimization level {level!r}; choose one of {', '.join(OPT_LEVELS)}")
-    return levels[level]
-
-
 class LoadedModel:
     """A model loaded once for validation and spec extraction, with its label for messages.
 
@@ -389,27 +375,13 @@ class LoadedModel:
     def session(self, opt_level: str, *, threads: int | None = None, exposed: bool = False):
         """An onnxruntime session at ``opt_level``; ``exposed``: of the model prepared by
         ``expose`` (its intermediate values are outputs too)."""
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = _ort_level(opt_level)
-        # Fatal only: a model onnxruntime cannot load or run becomes an InputError quoting its
-        # message; its own log line on stderr would break the CLI's one line per error.
-        options.log_severity_level = 4
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
         if exposed:
-            source, entries = self._exposed
-            for key, value in entries.items():
-                options.add_session_config_entry(key, value)
+            source, config = self._exposed
         else:
-            source = self.ort_source()
-        try:
-            return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            what = "the model with its intermediate values as outputs" if exposed else "the model"
-            raise InputError(f"{self.label}: onnxruntime cannot load {what} ({first_line(e)})") from None
+            source, config = self.ort_source(), None
+        what = "the model with its intermediate values as outputs" if exposed else "the model"
+        return create_session(source, opt_level=opt_level, threads=threads, config=config,
+                              failure=f"{self.label}: onnxruntime cannot load {what}")
 
     def close(self):
         self._exposed = None
@@ -1507,7 +1479,7 @@ def check(
     for argument, level in (("opt_level", opt_level), ("candidate_opt_level", candidate_opt_level)):
         if not isinstance(level, str):
             raise ArgumentTypeError(f"{argument} must be one of {', '.join(OPT_LEVELS)}, got {level!r}")
-        _ort_level(level)
+        ort_level(level)
     ref_model = LoadedModel(reference, _label(reference, "reference"))
     cand_model = LoadedModel(candidate, candidate_label or _label(candidate, "candidate"))
     noise_model = ref_model
