@@ -3,7 +3,7 @@
 The reference evaluates the ONNX graph itself in float64 (Conv, BatchNormalization, Relu, Add,
 GlobalAveragePool, Flatten, Gemm) and implements both modes naively: "batch" concatenates every
 BN input over all batches; "sequential" calibrates one BN at a time in node order, re-running the
-whole data set each time. It shares no code with bnfold.calibration.runner.
+whole data set each time. It shares no code with bnfold.calibration.
 """
 
 import json
@@ -930,10 +930,10 @@ def test_fixed_batch_1_fallback_with_unknown_shapes_and_one_value_per_channel_is
     """Without static shapes (shape inference blind, as on a model with unknown ops) the degenerate
     BN shows only while running: a one-line error that points to --mode sequential instead of a
     batch size the model cannot take."""
-    import bnfold.calibration.runner as calibration
+    import bnfold.calibration.runner as runner
 
-    real = calibration._value_types
-    monkeypatch.setattr(calibration, "_value_types", lambda m: (real(m)[0], {}))
+    real = runner.value_types  # calibrate() looks value_types up in runner
+    monkeypatch.setattr(runner, "value_types", lambda m: (real(m)[0], {}))
     with pytest.raises(InputError, match=r"BN 'bn_vec' sees one value per channel at the model's fixed batch 1.*--mode sequential"):
         calibrate(_padded_vector_net(), make_data((6,), n=5), mode="batch", batch_size=4)
 

@@ -1,0 +1,24 @@
+"""onnxruntime sessions for calibration graphs, and one run of a batch through them."""
+
+from __future__ import annotations
+
+from bnfold.common import first_line
+from bnfold.errors import InputError
+from bnfold.verify import create_session
+
+
+def calibration_session(model, n_threads):
+    # Extended fusions (Conv+activation, ...) speed the forward pass up; the layout-changing and
+    # pattern-matching transformers of level "all" are not needed and could rewrite the explicit
+    # normalization ops. Idle onnxruntime threads would otherwise spin after every run and steal
+    # the cores bnfold's OpenMP statistics kernels run on (measured: statistics 4x slower). A
+    # trial run (the symbolic-batch check) fails as an expected answer, logged nowhere.
+    return create_session(model.SerializeToString(), opt_level="extended", threads=n_threads, spinning=False,
+                          failure="onnxruntime cannot run the calibration graph")
+
+
+def run_calibration_graph(session, batch, batch_number):
+    try:
+        return session.run(None, batch)
+    except Exception as e:
+        raise InputError(f"batch {batch_number}: onnxruntime failed on the calibration data ({first_line(e)})") from None
