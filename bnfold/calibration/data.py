@@ -26,6 +26,8 @@ from bnfold.io import load_model
 
 @dataclass
 class InputSpec:
+    """Name, dtype and dimensions of one model input that calibration data must feed."""
+
     name: str
     dtype: np.dtype
     dims: tuple | None  # None: unknown rank; entries None for dynamic dims

@@ -8,6 +8,7 @@ from bnfold.verify import create_session
 
 
 def calibration_session(model, n_threads):
+    """An onnxruntime session running calibration graph ``model`` with ``n_threads`` threads."""
     # Extended fusions (Conv+activation, ...) speed the forward pass up; the layout-changing and
     # pattern-matching transformers of level "all" are not needed and could rewrite the explicit
     # normalization ops. Idle onnxruntime threads would otherwise spin after every run and steal
@@ -18,6 +19,7 @@ def calibration_session(model, n_threads):
 
 
 def run_calibration_graph(session, batch, batch_number):
+    """All outputs of ``session`` on feed ``batch``; an onnxruntime failure becomes a one-line InputError."""
     try:
         return session.run(None, batch)
     except Exception as e:
