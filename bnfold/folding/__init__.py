@@ -8,8 +8,9 @@ from bnfold.folding.fold_pass import (
     fold_file,
     inspect,
 )
-from bnfold.folding.graph import (
-    FLOAT_TYPES,
+from bnfold.folding.cleanup import remove_unused
+from bnfold.folding.tensors import FLOAT_TYPES, numpy_type, read_tensor
+from bnfold.folding.view import (
     GraphView,
     ModelContext,
     get_attr,
@@ -17,10 +18,7 @@ from bnfold.folding.graph import (
     iter_graphs,
     node_label,
     node_subgraphs,
-    numpy_type,
     outer_scope_reads,
-    read_tensor,
-    remove_unused,
 )
 from bnfold.folding.rules.base import inference_mode_failure
 

@@ -12,15 +12,15 @@ report without handing out the folded model.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
-from bnfold.folding.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_batch_norm, iter_graphs, node_subgraphs, \
-    remove_unused, to_float64
+from bnfold.folding.cleanup import remove_unused
+from bnfold.folding.report import GRAPH_OUTPUT_OP, BNInfo, FoldedBN, FoldReport, RemainingBN
+from bnfold.folding.tensors import FLOAT_TYPES, to_float64
+from bnfold.folding.view import GraphView, ModelContext, get_attr, is_batch_norm, iter_graphs, node_subgraphs
 from bnfold.io import load_model_deferred, read_as_ir4_if_initializers_unlisted
 from bnfold.folding.rules import bn_conv, bn_duplicate, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
 from bnfold.folding.rules.base import BatchNorm, Failure, Match, inference_mode_failure
@@ -49,87 +49,6 @@ REASON_CODES = (
     "would_lose_precision",
     "no_foldable_neighbour",
 )
-
-GRAPH_OUTPUT_OP = "<graph output>"
-
-
-@dataclass(frozen=True)
-class FoldedBN:
-    """A BN that was folded: ``rule`` code, ``target`` layer label, ``graph`` path ("" = main)."""
-
-    bn: str
-    rule: str
-    target: str
-    graph: str
-    absorbed: tuple = ()  # labels of Add/Mul/Sub/Div nodes folded along with the BN
-    weight_type: str = ""  # element type of the target layer's weight ("float32", "float16", ...)
-
-
-@dataclass(frozen=True)
-class RemainingBN:
-    """A BN that stays, with a machine-readable ``reason`` code and a one-sentence ``message``."""
-
-    bn: str
-    reason: str
-    message: str
-    graph: str
-
-
-@dataclass(frozen=True)
-class BNInfo:
-    """Where a BN sits in the original model and what the pass does with it (for ``inspect``).
-
-    ``producer_op``/``producer`` are "" when the BN input is a graph input, initializer or an
-    outer-scope value; a graph output among the readers appears as op ``"<graph output>"``.
-    """
-
-    bn: str
-    graph: str
-    producer_op: str
-    producer: str
-    consumer_ops: tuple
-    consumers: tuple
-    foldable: bool
-    rule_or_reason: str
-    message: str
-
-
-@dataclass
-class FoldReport:
-    folded: list = field(default_factory=list)
-    remaining: list = field(default_factory=list)
-    bn_nodes: list = field(default_factory=list)
-    ops_before: dict = field(default_factory=dict)  # op type -> count, all graphs, before folding
-    ops_after: dict = field(default_factory=dict)
-
-    @property
-    def n_folded(self) -> int:
-        return len(self.folded)
-
-    @property
-    def n_remaining(self) -> int:
-        return len(self.remaining)
-
-    def to_dict(self) -> dict:
-        def plain(entry):
-            d = asdict(entry)
-            return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-        return {
-            "n_folded": self.n_folded,
-            "n_remaining": self.n_remaining,
-            "folded": [plain(e) for e in self.folded],
-            "remaining": [plain(e) for e in self.remaining],
-            "bn_nodes": [plain(e) for e in self.bn_nodes],
-            "ops_before": dict(self.ops_before),
-            "ops_after": dict(self.ops_after),
-        }
-
-    def to_json(self, path) -> None:
-        with open(os.fspath(path), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-
 
 def fold(model_or_path, *, forward: bool = True):
     """Fold every exactly-foldable BatchNormalization; return ``(new ModelProto, FoldReport)``.

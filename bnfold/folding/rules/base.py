@@ -22,7 +22,8 @@ from typing import Callable
 import numpy as np
 from onnx import TensorProto
 
-from bnfold.folding.graph import FLOAT_TYPES, GraphView, get_attr, is_default_domain, numpy_type, to_float64
+from bnfold.folding.tensors import FLOAT_TYPES, numpy_type, to_float64
+from bnfold.folding.view import GraphView, get_attr, is_default_domain
 
 CHAIN_OPS = ("Add", "Sub", "Mul", "Div")
 

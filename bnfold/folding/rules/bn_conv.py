@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.graph import get_attr
-from bnfold.folding.graph import to_float64
+from bnfold.folding.view import get_attr
+from bnfold.folding.tensors import to_float64
 from bnfold.folding.rules.base import Failure, Match, bias_or_failure, finish_forward, forward_consumer, int_attr, \
     representation_failure, weight_or_failure
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.graph import GraphView, is_batch_norm
+from bnfold.folding.view import GraphView, is_batch_norm
 from bnfold.folding.rules.base import BatchNorm, Match
 
 RULE = "bn_duplicate"

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.graph import set_attr
-from bnfold.folding.graph import to_float64
+from bnfold.folding.view import set_attr
+from bnfold.folding.tensors import to_float64
 from bnfold.folding.rules.base import Failure, Match, finish_forward, float_attr, forward_consumer, gemm_c_failure, \
     int_attr, optional_input, representation_failure, vector_times_matrix, weight_or_failure
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.graph import set_attr
+from bnfold.folding.view import set_attr
 from bnfold.folding.rules.base import Failure, Match, finish_forward, forward_consumer, representation_failure, \
     vector_times_matrix, weight_or_failure
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.graph import to_float64
+from bnfold.folding.tensors import to_float64
 from bnfold.folding.rules.base import (
     Failure,
     Match,
@@ -40,7 +40,7 @@ from bnfold.folding.rules.base import (
     trace_backward,
     weight_or_failure,
 )
-from bnfold.folding.graph import set_attr
+from bnfold.folding.view import set_attr
 
 RULE = "gemm_bn"
 

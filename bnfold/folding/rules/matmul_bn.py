@@ -23,7 +23,7 @@ Math (float64, cast once), with the chain + BN reduced to ``S * y + T`` per colu
 
 from __future__ import annotations
 
-from bnfold.folding.graph import set_attr
+from bnfold.folding.view import set_attr
 from bnfold.folding.rules.base import Failure, Match, check_chain_and_combine, finish_backward, representation_failure, \
     trace_backward, weight_or_failure
 
