@@ -290,8 +290,8 @@ def test_remove_unused_deletes_only_released_tensors_nothing_reads():
 
 
 def test_incremental_edits_keep_producer_and_reader_maps_exact():
-    from bnfold.folding.fold_pass import _inference_bn
     from bnfold.folding.rules import bn_gemm, conv_bn
+    from bnfold.folding.screening import inference_batch_norm
 
     rng = np.random.default_rng(0)
     params = lambda p, c: [init(f"{p}_{k}", np.abs(rng.standard_normal(c)).astype(np.float32) + 0.5)  # noqa: E731
@@ -309,7 +309,7 @@ def test_incremental_edits_keep_producer_and_reader_maps_exact():
     model = make_model(nodes, [vi("x", [1, 3, 2, 2])], [vi("out", [1, 2])], inits)
     view = view_of(model)
     for rule, bn_index in ((conv_bn, 2), (bn_gemm, 4)):
-        match = rule.check(view, _inference_bn(view, bn_index))
+        match = rule.RULE.check(view, inference_batch_norm(view, bn_index))
         match.rewrite()
         snapshot = (dict(view.producer), {k: sorted(v) for k, v in view.consumers.items() if v})
         view.refresh()
