@@ -136,7 +136,7 @@ def test_fold_path(files, capsys):
 
 def test_fold_parity_failure_exit_1(files, capsys, monkeypatch):
     import bnfold.folding.fold_pass
-    from bnfold.folding.graph import read_tensor, write_tensor
+    from bnfold.folding.tensors import read_tensor, write_tensor
 
     real_run = bnfold.folding.fold_pass._run
 

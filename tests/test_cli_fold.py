@@ -132,7 +132,7 @@ def test_parity_failure_with_force_writes(tmp_path, model_path, capsys, monkeypa
 def test_parity_failure_real_check(tmp_path, capsys, monkeypatch):
     """A fold that really changes the function (sabotaged weights) is caught by the real check."""
     import bnfold.folding.fold_pass
-    from bnfold.folding.graph import read_tensor, write_tensor
+    from bnfold.folding.tensors import read_tensor, write_tensor
 
     real_run = bnfold.folding.fold_pass._run
 
@@ -160,7 +160,7 @@ def test_wrong_fold_hidden_by_the_head_is_refused(tmp_path, capsys, monkeypatch,
     import hidden_error_models
 
     import bnfold.folding.fold_pass
-    from bnfold.folding.graph import read_tensor, write_tensor
+    from bnfold.folding.tensors import read_tensor, write_tensor
 
     real_run = bnfold.folding.fold_pass._run
 

@@ -1,4 +1,4 @@
-"""Unit tests of bnfold.folding.graph: producers/consumers (with reads from nested bodies), constants,
+"""Unit tests of bnfold.folding.view and .tensors: producers/consumers (with reads from nested bodies), constants,
 ranks, fresh names, dtype round trips, constant replacement and cleanup."""
 
 from __future__ import annotations
@@ -9,14 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.folding.graph import (
-    GraphView,
-    ModelContext,
-    node_label,
-    outer_scope_reads,
-    remove_unused,
-    tensor_from_float64,
-)
+from bnfold.folding.cleanup import remove_unused
+from bnfold.folding.tensors import tensor_from_float64
+from bnfold.folding.view import GraphView, ModelContext, node_label, outer_scope_reads
 
 
 def make_model(nodes, inputs, outputs, inits=(), opset=17, ir_version=8):
@@ -295,8 +290,8 @@ def test_remove_unused_deletes_only_released_tensors_nothing_reads():
 
 
 def test_incremental_edits_keep_producer_and_reader_maps_exact():
-    from bnfold.folding.fold_pass import _inference_bn
     from bnfold.folding.rules import bn_gemm, conv_bn
+    from bnfold.folding.screening import inference_batch_norm
 
     rng = np.random.default_rng(0)
     params = lambda p, c: [init(f"{p}_{k}", np.abs(rng.standard_normal(c)).astype(np.float32) + 0.5)  # noqa: E731
@@ -314,7 +309,7 @@ def test_incremental_edits_keep_producer_and_reader_maps_exact():
     model = make_model(nodes, [vi("x", [1, 3, 2, 2])], [vi("out", [1, 2])], inits)
     view = view_of(model)
     for rule, bn_index in ((conv_bn, 2), (bn_gemm, 4)):
-        match = rule.check(view, _inference_bn(view, bn_index))
+        match = rule.RULE.check(view, inference_batch_norm(view, bn_index))
         match.rewrite()
         snapshot = (dict(view.producer), {k: sorted(v) for k, v in view.consumers.items() if v})
         view.refresh()
@@ -333,7 +328,7 @@ def test_incremental_edits_keep_producer_and_reader_maps_exact():
     ((5, 4), (3, 5, 4)),                # factor enlarges the result: general path
 ])
 def test_scale_in_float64_rounds_the_float64_product_once(dtype, data_type, shape, factor_shape):
-    from bnfold.folding.graph import scale_in_float64, write_tensor
+    from bnfold.folding.tensors import scale_in_float64, write_tensor
 
     rng = np.random.default_rng(1)
     array = rng.standard_normal(shape).astype(dtype)
@@ -356,7 +351,7 @@ def test_scale_in_float64_is_quiet_on_nan_inf_and_overflow(dtype, data_type, sha
     folds whose results would leave the range, see bnfold.folding.rules.base.representation_failure)."""
     import warnings
 
-    from bnfold.folding.graph import scale_in_float64
+    from bnfold.folding.tensors import scale_in_float64
 
     largest = np.finfo(dtype).max
     array = np.array([[np.nan, 1, 2], [np.inf, -np.inf, 3], [largest, -largest, 1], [np.inf, 1, 1]], dtype)

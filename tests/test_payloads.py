@@ -16,7 +16,7 @@ import bnfold.io.payloads
 from bnfold.io import wire
 from bnfold.errors import InputError
 from bnfold.folding.fold_pass import fold, fold_file
-from bnfold.folding.graph import ScaledWeight
+from bnfold.folding.tensors import ScaledWeight
 from bnfold.io.model_io import load_model_deferred, save_model_atomic
 from bnfold.io.payloads import TensorPayloads, split_serialized_model
 

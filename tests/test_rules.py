@@ -596,3 +596,69 @@ def test_external_data_round_trip(tmp_path):
     reloaded = load_model(out)
     feeds = feeds_for(model)
     assert_same(run(model, feeds), run(reloaded, feeds), 1e-5)
+
+
+# ----- reason codes and BN screening ----------------------------------------------------------
+def test_reason_members_are_their_plain_codes(tmp_path):
+    """Failure reasons are Reason members; everything that shows them shows the plain code."""
+    import re
+
+    from bnfold.folding.rules.protocol import Failure, Reason
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "fold.md"), encoding="utf-8") as f:
+        table_codes = re.findall(r"^\| `([a-z_]+)` \|", f.read(), re.M)  # the rule table, then the reason table
+    documented = [code for code in table_codes if code not in RULE_CODES]
+    assert list(REASON_CODES) == documented == [reason.value for reason in Reason]
+    for reason in Reason:
+        assert reason == reason.value and reason.value == reason and hash(reason) == hash(reason.value)
+        assert f"{reason}" == str(reason) == "%s" % reason == reason.value
+        assert json.dumps({"reason": reason}) == json.dumps({"reason": reason.value})
+    assert Failure("padded_conv", "m").reason is Reason.PADDED_CONV
+    with pytest.raises(ValueError):
+        Failure("no_such_reason", "m")
+
+    g = G(30)
+    g.input("x", [1, 3, 4, 4])
+    g.bn("x", "y", 3, name="bn_stuck")
+    g.node("Relu", ["y"], ["out"], name="relu")
+    report = bnfold.inspect(g.model([("out", None)]))
+    entry = report.remaining[0]
+    assert type(entry.reason) is str and entry.reason == "no_foldable_neighbour"
+    assert type(report.bn_nodes[0].rule_or_reason) is str
+    path = tmp_path / "report.json"
+    report.to_json(path)
+    assert json.loads(path.read_text())["remaining"][0]["reason"] == "no_foldable_neighbour"
+    assert path.read_text() == json.dumps(report.to_dict(), indent=2) + "\n"
+
+
+def test_screen_batch_norm_is_the_fold_pass_screen():
+    """screen_batch_norm gives the Failure the fold pass reports; without finite statistics
+    required, a BN whose mean/var are NaN passes, while non-constant or non-(C,) parameters do not."""
+    from bnfold.folding import GraphView, ModelContext, screen_batch_norm
+
+    g = G(31)
+    g.input("x", [1, 3, 4, 4])
+    g.input("fed_mean", [3])
+    nan = np.full(3, np.nan, np.float32)
+    p = lambda name: [g.const(f"{name}_s", (3,), positive=True), g.const(f"{name}_b", (3,))]  # noqa: E731
+    g.node("BatchNormalization", ["x"] + p("nan") + [g.const("nan_m", None, array=nan), g.const("nan_v", None, array=nan)],
+           ["y0"], name="bn_nan")
+    g.node("BatchNormalization", ["y0"] + p("fed") + ["fed_mean", g.const("fed_v", (3,), positive=True)], ["y1"],
+           name="bn_fed")
+    g.node("BatchNormalization", ["y1"] + p("col") + [g.const("col_m", (3, 1)), g.const("col_v", (3, 1), positive=True)],
+           ["y2"], name="bn_column")
+    g.bn("y2", "y3", 3, name="bn_training", training_mode=1)
+    g.bn("y3", "y4", 3, name="bn_fine")
+    g.node("Relu", ["y4"], ["out"], name="relu")
+    model = g.model([("out", None)])
+    view = GraphView(model.graph, ModelContext(model))
+    expected = {"bn_nan": "invalid_statistics", "bn_fed": "non_constant_params", "bn_column": "not_per_channel",
+                "bn_training": "training_mode", "bn_fine": None}
+    report = {r.bn: r for r in bnfold.inspect(model).remaining}
+    for index, label in enumerate(view.labels[:5]):
+        failure = screen_batch_norm(view, index)
+        assert (failure and failure.reason) == expected[label]
+        if failure is not None:
+            assert (failure.reason, failure.message) == (report[label].reason, report[label].message)
+        lenient = screen_batch_norm(view, index, need_finite_statistics=False)
+        assert (lenient and lenient.reason) == (None if label == "bn_nan" else expected[label])

@@ -1,15 +1,13 @@
-"""The fold pass: a graph view over the model, fold rules (one per file), the pass that applies
-them, and its report."""
+"""The fold pass: a graph view over the model, BN screening, fold rules (one per file), the pass
+that applies them, its report, and the cleanup after it."""
 
 # What other stages use (they import from the package, never from its modules).
-from bnfold.folding.fold_pass import (
-    FoldReport,
-    fold,
-    fold_file,
-    inspect,
-)
-from bnfold.folding.graph import (
-    FLOAT_TYPES,
+from bnfold.folding.cleanup import remove_unused
+from bnfold.folding.fold_pass import fold, fold_file, inspect
+from bnfold.folding.report import FoldReport
+from bnfold.folding.screening import inference_mode_failure, screen_batch_norm
+from bnfold.folding.tensors import FLOAT_TYPES, numpy_type, read_tensor
+from bnfold.folding.view import (
     GraphView,
     ModelContext,
     get_attr,
@@ -17,12 +15,8 @@ from bnfold.folding.graph import (
     iter_graphs,
     node_label,
     node_subgraphs,
-    numpy_type,
     outer_scope_reads,
-    read_tensor,
-    remove_unused,
 )
-from bnfold.folding.rules.base import inference_mode_failure
 
 __all__ = [
     "FLOAT_TYPES",
@@ -42,4 +36,5 @@ __all__ = [
     "outer_scope_reads",
     "read_tensor",
     "remove_unused",
+    "screen_batch_norm",
 ]

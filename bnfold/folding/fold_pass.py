@@ -1,8 +1,8 @@
 """The fold pass: remove every exactly-foldable inference BatchNormalization, report the rest.
 
 ``fold(model)`` copies the model, then for the main graph and, recursively, every If/Loop/Scan
-body: reduces each BN to its per-channel affine map (``bnfold.folding.rules.base.BatchNorm``), offers it
-to the rules (backward folds into the producing layer first, then forward folds into the reading
+body: reduces each BN to its per-channel affine map (``bnfold.folding.screening.inference_batch_norm``),
+offers it to the rules (backward folds into the producing layer first, then forward folds into the reading
 layer), applies the first exact match, and repeats until nothing changes (a BN can become
 foldable after another fold, e.g. Conv -> BN -> BN). Tensors the folds no longer need are
 deleted. ``FoldReport`` puts every BN in exactly one of ``folded`` / ``remaining`` (with a reason
@@ -12,124 +12,36 @@ report without handing out the folded model.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import onnx
 
-from bnfold.folding.graph import FLOAT_TYPES, GraphView, ModelContext, get_attr, is_batch_norm, iter_graphs, node_subgraphs, \
-    remove_unused, to_float64
+from bnfold.folding.cleanup import remove_unused
+from bnfold.folding.report import GRAPH_OUTPUT_OP, BNInfo, FoldedBN, FoldReport, RemainingBN
+from bnfold.folding.rules import (
+    bn_conv,
+    bn_duplicate,
+    bn_gemm,
+    bn_matmul,
+    conv_bn,
+    convtranspose_bn,
+    gemm_bn,
+    matmul_bn,
+)
+from bnfold.folding.rules.protocol import BatchNorm, Failure, Match, Reason, Rule
+from bnfold.folding.screening import inference_batch_norm
+from bnfold.folding.tensors import FLOAT_TYPES
+from bnfold.folding.view import GraphView, ModelContext, is_batch_norm, iter_graphs, node_subgraphs
 from bnfold.io import load_model_deferred, read_as_ir4_if_initializers_unlisted
-from bnfold.folding.rules import bn_conv, bn_duplicate, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
-from bnfold.folding.rules.base import BatchNorm, Failure, Match, inference_mode_failure
 
 # A repeated BN goes first: removing it never loses a fold, and it can free the first one's
 # input of a second reader, so that it folds backward.
-DEDUPLICATION_RULES = (bn_duplicate,)
-BACKWARD_RULES = (conv_bn, convtranspose_bn, gemm_bn, matmul_bn)
-FORWARD_RULES = (bn_gemm, bn_matmul, bn_conv)
+DEDUPLICATION_RULES: tuple[Rule, ...] = (bn_duplicate.RULE,)
+BACKWARD_RULES: tuple[Rule, ...] = (conv_bn.RULE, convtranspose_bn.RULE, gemm_bn.RULE, matmul_bn.RULE)
+FORWARD_RULES: tuple[Rule, ...] = (bn_gemm.RULE, bn_matmul.RULE, bn_conv.RULE)
 
-RULE_CODES = tuple(r.RULE for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES)
-REASON_CODES = (
-    "training_mode",
-    "non_constant_params",
-    "non_constant_weight",
-    "graph_output",
-    "multiple_consumers",
-    "not_per_channel",
-    "padded_conv",
-    "matmul_layout",
-    "unknown_rank",
-    "spatial_mode",
-    "unsupported_dtype",
-    "invalid_statistics",
-    "would_overflow",
-    "would_lose_precision",
-    "no_foldable_neighbour",
-)
-
-GRAPH_OUTPUT_OP = "<graph output>"
-
-
-@dataclass(frozen=True)
-class FoldedBN:
-    """A BN that was folded: ``rule`` code, ``target`` layer label, ``graph`` path ("" = main)."""
-
-    bn: str
-    rule: str
-    target: str
-    graph: str
-    absorbed: tuple = ()  # labels of Add/Mul/Sub/Div nodes folded along with the BN
-    weight_type: str = ""  # element type of the target layer's weight ("float32", "float16", ...)
-
-
-@dataclass(frozen=True)
-class RemainingBN:
-    """A BN that stays, with a machine-readable ``reason`` code and a one-sentence ``message``."""
-
-    bn: str
-    reason: str
-    message: str
-    graph: str
-
-
-@dataclass(frozen=True)
-class BNInfo:
-    """Where a BN sits in the original model and what the pass does with it (for ``inspect``).
-
-    ``producer_op``/``producer`` are "" when the BN input is a graph input, initializer or an
-    outer-scope value; a graph output among the readers appears as op ``"<graph output>"``.
-    """
-
-    bn: str
-    graph: str
-    producer_op: str
-    producer: str
-    consumer_ops: tuple
-    consumers: tuple
-    foldable: bool
-    rule_or_reason: str
-    message: str
-
-
-@dataclass
-class FoldReport:
-    folded: list = field(default_factory=list)
-    remaining: list = field(default_factory=list)
-    bn_nodes: list = field(default_factory=list)
-    ops_before: dict = field(default_factory=dict)  # op type -> count, all graphs, before folding
-    ops_after: dict = field(default_factory=dict)
-
-    @property
-    def n_folded(self) -> int:
-        return len(self.folded)
-
-    @property
-    def n_remaining(self) -> int:
-        return len(self.remaining)
-
-    def to_dict(self) -> dict:
-        def plain(entry):
-            d = asdict(entry)
-            return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-        return {
-            "n_folded": self.n_folded,
-            "n_remaining": self.n_remaining,
-            "folded": [plain(e) for e in self.folded],
-            "remaining": [plain(e) for e in self.remaining],
-            "bn_nodes": [plain(e) for e in self.bn_nodes],
-            "ops_before": dict(self.ops_before),
-            "ops_after": dict(self.ops_after),
-        }
-
-    def to_json(self, path) -> None:
-        with open(os.fspath(path), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-
+RULE_CODES = tuple(r.name for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES)
+REASON_CODES = tuple(reason.value for reason in Reason)
 
 def fold(model_or_path, *, forward: bool = True):
     """Fold every exactly-foldable BatchNormalization; return ``(new ModelProto, FoldReport)``.
@@ -225,7 +137,8 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None, wri
             return (f"with BatchNormalization '{bn}'{others} folded into float16/bfloat16 weights the model failed "
                     "the parity check: each folded weight is rounded once to its type, and the rounding of early "
                     "layers is amplified by the layers after them; left unfolded (the later BNs are folded)")
-        return {key: Failure("would_lose_precision", message(key[1], n)) for n, key in enumerate(low_precision[:k])}
+        return {key: Failure(Reason.WOULD_LOSE_PRECISION, message(key[1], n))
+                for n, key in enumerate(low_precision[:k])}
 
     def passes(k):  # verify's verdict on the fold that keeps the first k, without writing it
         _fold_file_once(input_path, output_path, forward, lambda tmp, report: recording(tmp) and False, kept(k))
@@ -322,7 +235,7 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
         if isinstance(result, Match):
             target = view.labels[result.target]
             # A removed duplicate changed no weights: nothing for the precision search to undo.
-            weight_type = "" if result.rule == bn_duplicate.RULE else \
+            weight_type = "" if result.rule == bn_duplicate.RULE.name else \
                 FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
             report.folded.append(FoldedBN(label, result.rule, target, path,
                                           tuple(view.labels[k] for k in result.absorbed), weight_type))
@@ -331,8 +244,10 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
             if result.absorbed:
                 message += " together with " + ", ".join(view.describe(k) for k in result.absorbed)
         else:
-            report.remaining.append(RemainingBN(label, result.reason, result.message, path))
-            foldable, code, message = False, result.reason, result.message
+            # The report holds plain strings, as it always has: a Reason member is only equal to one.
+            code, message = result.reason.value, result.message
+            report.remaining.append(RemainingBN(label, code, message, path))
+            foldable = False
         report.bn_nodes.append(BNInfo(label, path, *attachments[i], foldable, code, message))
     for i, node in enumerate(view.nodes):
         if i in view.removed:
@@ -361,7 +276,7 @@ def _attachment(view: GraphView, index: int):
 
 
 def _evaluate(view: GraphView, index: int, forward: bool):
-    bn = _inference_bn(view, index)
+    bn = inference_batch_norm(view, index)
     if isinstance(bn, Failure):
         return bn
     failures = []
@@ -371,14 +286,15 @@ def _evaluate(view: GraphView, index: int, forward: bool):
             continue
         if isinstance(result, Match):
             if rule in FORWARD_RULES and not forward:
-                failures.append(Failure("no_foldable_neighbour", f"BatchNormalization '{bn.label}' could fold forward "
-                                        f"into {view.describe(result.target)}, but forward folding is disabled"))
+                failures.append(Failure(Reason.NO_FOLDABLE_NEIGHBOUR,
+                                        f"BatchNormalization '{bn.label}' could fold forward into "
+                                        f"{view.describe(result.target)}, but forward folding is disabled"))
                 continue
             return result
         failures.append(result)
     if failures:
         return failures[0]
-    return Failure("no_foldable_neighbour", _no_neighbour_sentence(view, bn))
+    return Failure(Reason.NO_FOLDABLE_NEIGHBOUR, _no_neighbour_sentence(view, bn))
 
 
 def _no_neighbour_sentence(view: GraphView, bn: BatchNorm) -> str:
@@ -390,35 +306,3 @@ def _no_neighbour_sentence(view: GraphView, bn: BatchNorm) -> str:
         after = f"{after} and the graph output" if readers else "the graph output"
     return (f"BatchNormalization '{bn.label}' follows {before} and feeds {after}; no Conv, ConvTranspose, Gemm "
             "or MatMul is attached in a foldable way")
-
-
-def _inference_bn(view: GraphView, index: int):
-    """The BN as a float64 affine map ``s*x + t``, or the Failure that rules it out entirely."""
-    node = view.nodes[index]
-    label = view.labels[index]
-    failure = inference_mode_failure(node, label, view.ctx.opset)
-    if failure is not None:
-        return failure
-    params = []
-    for role, name in zip(("scale", "B", "mean", "var"), node.input[1:5]):
-        value = view.constant(name)
-        if value is None:
-            kind = "a graph input" if name in view.input_names else "computed at run time"
-            return Failure("non_constant_params", f"BatchNormalization '{label}' {role} '{name}' is not a "
-                           f"constant ({kind})")
-        if view.constant_type(name) not in FLOAT_TYPES:
-            return Failure("unsupported_dtype", f"BatchNormalization '{label}' {role} '{name}' is not a float tensor")
-        params.append(to_float64(value))
-    gamma, beta, mean, var = params
-    if any(p.ndim != 1 for p in params) or len({p.shape[0] for p in params}) != 1:
-        shapes = ", ".join(str(p.shape) for p in params)
-        return Failure("not_per_channel", f"BatchNormalization '{label}' parameters have shapes {shapes}, "
-                       "not one (C,) vector each")
-    eps = float(get_attr(node, "epsilon", 1e-5))
-    with np.errstate(all="ignore"):
-        scale = gamma / np.sqrt(var + eps)
-        shift = beta - mean * scale
-    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
-        return Failure("invalid_statistics", f"BatchNormalization '{label}' has non-finite folded parameters "
-                       "(variance + epsilon <= 0, or NaN/Inf in its statistics or scale)")
-    return BatchNorm(index, label, node.input[0], node.output[0], scale, shift)

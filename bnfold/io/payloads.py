@@ -107,7 +107,7 @@ class TensorPayloads:
         """Make ``payload`` the raw data of ``tensor``, whose name, type and dims the caller has
         set. ``payload``: a bytes-like object (the store keeps a reference, not a copy), or one
         computed on demand — an object with ``nbytes``, ``to_bytes()`` and ``write_to(file)``
-        such as ``bnfold.folding.graph.ScaledWeight``."""
+        such as ``bnfold.folding.tensors.ScaledWeight``."""
         self.release(tensor)
         key = self._mark(tensor)
         self._buffers[key] = payload

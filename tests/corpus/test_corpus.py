@@ -151,7 +151,7 @@ def upcast_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     """A float32 twin of a float16 model (weights, constants, Cast targets and declared types
     widened; every float16 value is exact in float32): what the model means, free of float16
     rounding, to judge a float16 fold's error against the original's own."""
-    from bnfold.folding.graph import iter_graphs
+    from bnfold.folding.view import iter_graphs
 
     twin = onnx.ModelProto()
     twin.CopyFrom(model)

@@ -1,81 +1,25 @@
-"""The rule protocol and the math every fold rule shares.
+"""The checks and the math the fold rules share.
 
-A rule is a module with a ``RULE`` name and ``check(view, bn) -> Match | Failure | None``:
-
-* ``None``     the pattern does not apply (e.g. the BN's producer is not a Conv);
-* ``Failure``  the pattern applies but folding would not be exact or safe: a reason code from
-               the public list plus one sentence naming the nodes involved;
-* ``Match``    folding is exact; ``Match.rewrite()`` performs it on the view.
-
-``BatchNorm`` carries an inference-mode BN reduced to its per-channel affine map
-``y = s * x + t`` with ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``, computed in
-float64 from the BN's constant parameters. Backward rules (layer -> BN) use ``trace_backward``,
-which also walks through a chain of per-channel constant Add/Sub/Mul/Div nodes between the layer
-and the BN and folds that chain into the same affine map.
+Finding the layer: ``trace_backward`` walks from a BN to the layer producing its input, through a
+chain of Identity and per-channel constant Add/Sub/Mul/Div nodes, and ``check_chain_and_combine``
+folds that chain into the BN's affine map; ``forward_consumer`` finds the one layer reading a BN's
+output. Reading the layer: ``weight_or_failure``, ``bias_or_failure``, ``gemm_c_failure``.
+Judging the result: ``representation_failure`` (overflow and precision loss of the folded values
+in the layer's type). Finishing: ``finish_backward`` / ``finish_forward`` rewire the graph.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from onnx import TensorProto
 
-from bnfold.folding.graph import FLOAT_TYPES, GraphView, get_attr, is_default_domain, numpy_type, to_float64
+from bnfold.folding.rules.protocol import BatchNorm, Failure, Reason
+from bnfold.folding.tensors import FLOAT_TYPES, numpy_type, to_float64
+from bnfold.folding.view import GraphView, get_attr, is_default_domain
 
 CHAIN_OPS = ("Add", "Sub", "Mul", "Div")
-
-
-@dataclass
-class Failure:
-    reason: str
-    message: str
-
-
-@dataclass
-class Match:
-    rule: str
-    target: int  # index of the layer node the BN folds into
-    rewrite: Callable[[], None]
-    absorbed: list[int] = field(default_factory=list)  # chain nodes folded along with the BN
-
-
-@dataclass
-class BatchNorm:
-    """An inference BN seen by the rules: node index, names and its float64 affine map."""
-
-    index: int
-    label: str
-    x: str
-    y: str
-    scale: np.ndarray  # s, float64 (C,)
-    shift: np.ndarray  # t, float64 (C,)
-
-    @property
-    def channels(self) -> int:
-        return self.scale.shape[0]
-
-
-def inference_mode_failure(node, label: str, opset: int) -> Failure | None:
-    """Why a BatchNormalization node is not an inference-mode, per-channel BN with all five inputs,
-    or None when it is. The fold pass and calibration both screen BNs with this (a BN in training
-    mode normalizes by batch statistics: neither foldable nor worth re-estimating)."""
-    if get_attr(node, "training_mode", 0) == 1:
-        return Failure("training_mode", f"BatchNormalization '{label}' has training_mode=1: it normalizes with "
-                       "batch statistics, not the running ones")
-    if any(node.output[1:]):
-        return Failure("training_mode", f"BatchNormalization '{label}' produces running/saved statistics outputs, "
-                       "which only exist in training mode")
-    if opset <= 6 and get_attr(node, "is_test", 0) == 0:
-        return Failure("training_mode", f"BatchNormalization '{label}' (opset {opset}) has is_test=0, which means "
-                       "training mode; set is_test=1 for inference")
-    if get_attr(node, "spatial", 1) == 0:
-        return Failure("spatial_mode", f"BatchNormalization '{label}' has spatial=0 (statistics per activation, "
-                       "not per channel)")
-    if len(node.input) < 5 or not all(node.input[:5]):
-        return Failure("non_constant_params", f"BatchNormalization '{label}' lacks some of scale/B/mean/var")
-    return None
 
 
 def weight_or_failure(view: GraphView, layer: int, position: int, role: str):
@@ -85,11 +29,11 @@ def weight_or_failure(view: GraphView, layer: int, position: int, role: str):
     name = node.input[position] if position < len(node.input) else ""
     value = view.constant(name)
     if value is None:
-        return Failure("non_constant_weight",
+        return Failure(Reason.NON_CONSTANT_WEIGHT,
                        f"{view.describe(layer)} {role} '{name}' is not a constant (initializer or Constant node)")
     data_type = view.constant_type(name)
     if data_type not in FLOAT_TYPES:
-        return Failure("unsupported_dtype", f"{view.describe(layer)} {role} '{name}' is not a float tensor "
+        return Failure(Reason.UNSUPPORTED_DTYPE, f"{view.describe(layer)} {role} '{name}' is not a float tensor "
                        "(float32, float64, float16 or bfloat16)")
     return np.asarray(value), data_type
 
@@ -132,7 +76,7 @@ def representation_failure(view: GraphView, bn: BatchNorm, layer: int, data_type
     type_name = FLOAT_TYPES[data_type]
     target = f"folding BatchNormalization '{bn.label}' into {view.describe(layer)}"
     if not np.all(np.isfinite(factor)):
-        return Failure("would_overflow", f"{target} would scale its weights by a factor that is not finite "
+        return Failure(Reason.WOULD_OVERFLOW, f"{target} would scale its weights by a factor that is not finite "
                        "(the layer's alpha times the BN scale is NaN or beyond the float64 range); left unfolded")
     new_bias = np.asarray(new_bias, dtype=np.float64)
     old_bias = np.zeros(()) if old_bias is None else to_float64(old_bias)
@@ -141,7 +85,7 @@ def representation_failure(view: GraphView, bn: BatchNorm, layer: int, data_type
     if np.any(created):
         bad = new_bias[created]
         what = "a NaN bias" if np.any(np.isnan(bad)) else f"a bias of {float(np.max(np.abs(bad))):.3g}"
-        return Failure("would_overflow", f"{target} would give it {what} where the model's is finite, outside the "
+        return Failure(Reason.WOULD_OVERFLOW, f"{target} would give it {what} where the model's is finite, outside the "
                        f"{type_name} range (largest {limit:.5g}): its weights hold Inf/NaN, or the folded values "
                        "overflow; left unfolded")
     unit = _UNIT_ROUNDOFF.get(data_type)
@@ -154,7 +98,7 @@ def representation_failure(view: GraphView, bn: BatchNorm, layer: int, data_type
     overflowing = ~(np.abs(product) <= limit) & finite_before
     if np.any(overflowing):
         worst = float(np.max(np.abs(product[overflowing])))
-        return Failure("would_overflow", f"{target} would give values up to {worst:.3g}, beyond the largest "
+        return Failure(Reason.WOULD_OVERFLOW, f"{target} would give values up to {worst:.3g}, beyond the largest "
                        f"{type_name} ({limit:.5g}); left unfolded")
     product = product[finite_before]
     norm = float(np.linalg.norm(product))
@@ -162,7 +106,7 @@ def representation_failure(view: GraphView, bn: BatchNorm, layer: int, data_type
         return None
     lost = float(np.linalg.norm(to_float64(product.astype(numpy_type(data_type))) - product)) / norm / unit
     if lost > LOST_PRECISION_LIMIT:
-        return Failure("would_lose_precision",
+        return Failure(Reason.WOULD_LOSE_PRECISION,
                        f"{target} would round its scaled {type_name} weights with a relative error of "
                        f"{lost * unit:.2g} ({lost:.0f}x the {type_name} unit roundoff; many would become subnormal "
                        "or zero); left unfolded")
@@ -191,9 +135,9 @@ def gemm_c_failure(view: GraphView, layer: int, c: np.ndarray, columns: int):
     product as ONNX requires; the checker does not look, and the fold's arithmetic must not
     meet such a C unprepared."""
     if c.ndim > 2:
-        return Failure("not_per_channel", f"{view.describe(layer)} C has rank {c.ndim} > 2")
+        return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} C has rank {c.ndim} > 2")
     if c.ndim and c.shape[-1] not in (1, columns):
-        return Failure("not_per_channel", f"{view.describe(layer)} C of shape {c.shape} does not broadcast to the "
+        return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} C of shape {c.shape} does not broadcast to the "
                        f"{columns} columns of its product")
     return None
 
@@ -213,22 +157,22 @@ def bias_or_failure(view: GraphView, layer: int, position: int, channels: int):
     if isinstance(bias, Failure):
         return bias
     if bias[0].shape != (channels,):
-        return Failure("not_per_channel", f"{view.describe(layer)} bias '{name}' has shape {bias[0].shape}, not one "
-                       f"value for each of its {channels} output channels")
+        return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} bias '{name}' has shape {bias[0].shape}, "
+                       f"not one value for each of its {channels} output channels")
     return name, to_float64(bias[0])
 
 
 def sole_reader_failure(view: GraphView, value: str, expected_reader: int, producer: int):
     """Failure when ``value`` (produced by ``producer``) is a graph output or read by anyone else."""
     if view.is_graph_output(value):
-        return Failure("graph_output",
+        return Failure(Reason.GRAPH_OUTPUT,
                        f"{view.describe(producer)} output '{value}' is a graph output; folding would change it")
     others = [r for r in view.readers(value) if r != expected_reader]
     direct = view.consumers.get(value, [])
     if others or direct.count(expected_reader) > 1:
         names = ", ".join(sorted({f"'{view.labels[r]}'" for r in others})) or f"'{view.labels[expected_reader]}' twice"
         nested = " (from a nested subgraph)" if any(r in view.implicit_consumers.get(value, []) for r in others) else ""
-        return Failure("multiple_consumers",
+        return Failure(Reason.MULTIPLE_CONSUMERS,
                        f"{view.describe(producer)} output is also read by {names}{nested}; "
                        "folding would change that reader")
     return None
@@ -303,7 +247,7 @@ def check_chain_and_combine(view: GraphView, bn: BatchNorm, chain: BackwardChain
         a, b = combined
         scale, shift = bn.scale * a, bn.scale * b + bn.shift
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
-        return Failure("invalid_statistics", f"the per-channel constants between {view.describe(chain.layer)} and "
+        return Failure(Reason.INVALID_STATISTICS, f"the per-channel constants between {view.describe(chain.layer)} and "
                        f"BatchNormalization '{bn.label}' make the folded scale or shift non-finite (NaN/Inf in a "
                        "constant, or products beyond the float64 range)")
     return scale, shift
@@ -318,18 +262,19 @@ def _combine_chain(view: GraphView, chain: BackwardChain, rank, channels: int):
         if node.op_type == "Identity":
             continue
         if rank is None:
-            return Failure("unknown_rank", f"the rank of {view.describe(chain.layer)} output is unknown, so "
+            return Failure(Reason.UNKNOWN_RANK, f"the rank of {view.describe(chain.layer)} output is unknown, so "
                            f"whether {view.describe(index)} is per-channel cannot be proven")
         variable = _chain_variable_operand(view, node)
         const_name = node.input[1 - variable]
         c = per_channel_vector(view.constant(const_name), rank, channels)
         if c is None:
             shape = tuple(np.shape(view.constant(const_name)))
-            return Failure("not_per_channel",
+            return Failure(Reason.NOT_PER_CHANNEL,
                            f"{view.describe(index)} constant '{const_name}' of shape {shape} does not broadcast "
                            f"along channel axis 1 of a rank-{rank} output with {channels} channels")
         if view.constant_type(const_name) not in FLOAT_TYPES:
-            return Failure("unsupported_dtype", f"{view.describe(index)} constant '{const_name}' is not a float tensor")
+            return Failure(Reason.UNSUPPORTED_DTYPE,
+                           f"{view.describe(index)} constant '{const_name}' is not a float tensor")
         op = node.op_type
         if op == "Add":
             b = b + c
@@ -341,7 +286,7 @@ def _combine_chain(view: GraphView, chain: BackwardChain, rank, channels: int):
             a, b = -a, c - b
         else:  # Div by a constant; a zero divisor has no exact affine form
             if np.any(c == 0):
-                return Failure("not_per_channel", f"{view.describe(index)} divides by a constant containing zeros")
+                return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(index)} divides by a constant containing zeros")
             a, b = a / c, b / c
     return a, b
 
@@ -381,12 +326,12 @@ def forward_consumer(view: GraphView, bn: BatchNorm, layer_ops: tuple[str, ...])
     if view.nodes[layer].input[0] != bn.y:
         return None
     if view.is_graph_output(bn.y):
-        return Failure("graph_output", f"BatchNormalization '{bn.label}' output '{bn.y}' is a graph output; "
+        return Failure(Reason.GRAPH_OUTPUT, f"BatchNormalization '{bn.label}' output '{bn.y}' is a graph output; "
                        f"folding it into {view.describe(layer)} would change it")
     if len(readers) > 1:
         others = ", ".join(sorted({f"'{view.labels[r]}'" for r in readers if r != layer})) or \
             f"'{view.labels[layer]}' twice"
-        return Failure("multiple_consumers", f"BatchNormalization '{bn.label}' output is also read by {others}; "
+        return Failure(Reason.MULTIPLE_CONSUMERS, f"BatchNormalization '{bn.label}' output is also read by {others}; "
                        f"folding it into {view.describe(layer)} would change that reader")
     return layer
 

@@ -27,54 +27,45 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.graph import get_attr
-from bnfold.folding.graph import to_float64
-from bnfold.folding.rules.base import Failure, Match, bias_or_failure, finish_forward, forward_consumer, int_attr, \
-    representation_failure, weight_or_failure
-
-RULE = "bn_conv"
+from bnfold.folding.rules.base import int_attr
+from bnfold.folding.rules.protocol import BatchNorm, Failure, Reason
+from bnfold.folding.rules.skeleton import ChannelLayout, ForwardFold, LayerConstants, on_axis_1_per_group
+from bnfold.folding.view import GraphView, get_attr
 
 
-def check(view, bn):
-    layer = forward_consumer(view, bn, ("Conv",))
-    if layer is None or isinstance(layer, Failure):
-        return layer
-    node = view.nodes[layer]
-    auto_pad = get_attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    pads = list(get_attr(node, "pads", []) or [])
-    if auto_pad not in ("NOTSET", "VALID") or (auto_pad == "NOTSET" and any(pads)):
-        how = f"auto_pad={auto_pad}" if auto_pad not in ("NOTSET", "VALID") else f"pads={pads}"
-        return Failure("padded_conv", f"{view.describe(layer)} pads its input ({how}); folding BatchNormalization "
-                       f"'{bn.label}' into it would be wrong at the borders")
-    weight = weight_or_failure(view, layer, 1, "weight")
-    if isinstance(weight, Failure):
-        return weight
-    w, w_type = to_float64(weight[0]), weight[1]
-    group = int_attr(node, "group", 1)
-    if group < 1 or w.ndim < 3 or w.shape[0] % group or w.shape[1] * group != bn.channels:
-        return Failure("not_per_channel", f"{view.describe(layer)} weight shape {w.shape} with group={group} does not "
-                       f"match the {bn.channels} channels of BatchNormalization '{bn.label}'")
-    bias = bias_or_failure(view, layer, 2, w.shape[0])
-    if isinstance(bias, Failure):
-        return bias
-    bias_name, b = bias
+class BnConv(ForwardFold):
+    name = "bn_conv"
+    layer_ops = ("Conv",)
+    weight_in_float64 = True
 
-    cout, cin_g = w.shape[0], w.shape[1]
-    kernel = w.shape[2:]
-    grouped = w.reshape((group, cout // group, cin_g) + kernel)
-    s = bn.scale.reshape((group, 1, cin_g) + (1,) * len(kernel))
-    t = bn.shift.reshape((group, 1, cin_g) + (1,) * len(kernel))
-    with np.errstate(over="ignore", invalid="ignore"):  # a bias that is not finite is refused just below
-        new_b = b + (grouped * t).reshape(cout, -1).sum(axis=1)
-    unrepresentable = representation_failure(view, bn, layer, w_type, grouped, s, new_b, b)
-    if unrepresentable is not None:
-        return unrepresentable
+    def layer_failure(self, view: GraphView, bn: BatchNorm, layer: int) -> Failure | None:
+        node = view.nodes[layer]
+        auto_pad = get_attr(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        pads = list(get_attr(node, "pads", []) or [])
+        if auto_pad not in ("NOTSET", "VALID") or (auto_pad == "NOTSET" and any(pads)):
+            how = f"auto_pad={auto_pad}" if auto_pad not in ("NOTSET", "VALID") else f"pads={pads}"
+            return Failure(Reason.PADDED_CONV, f"{view.describe(layer)} pads its input ({how}); folding "
+                           f"BatchNormalization '{bn.label}' into it would be wrong at the borders")
+        return None
 
-    def rewrite():
-        out = node.output[0]
-        view.set_scaled_constant_input(layer, 1, grouped, s, w_type, node.input[1] or f"{out}_weight", shape=w.shape)
-        view.set_constant_input(layer, 2, new_b, w_type, bias_name or f"{out}_bias")
-        finish_forward(view, bn, layer)
+    def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
+        group = int_attr(view.nodes[layer], "group", 1)
+        if group < 1 or weight.ndim < 3 or weight.shape[0] % group or weight.shape[1] * group != bn.channels:
+            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} weight shape {weight.shape} with "
+                           f"group={group} does not match the {bn.channels} channels of BatchNormalization "
+                           f"'{bn.label}'")
+        return None
 
-    return Match(RULE, layer, rewrite)
+    def output_channels(self, node, weight: np.ndarray) -> int:
+        return weight.shape[0]
+
+    def channel_layout(self, node, weight: np.ndarray) -> ChannelLayout:
+        return on_axis_1_per_group(weight, int_attr(node, "group", 1))  # the input channels
+
+    def shift_through_weight(self, read: LayerConstants, shift: np.ndarray) -> np.ndarray:
+        t = shift.reshape(read.layout.factor_shape)
+        return (read.seen * t).reshape(read.weight.shape[0], -1).sum(axis=1)
+
+
+RULE = BnConv()

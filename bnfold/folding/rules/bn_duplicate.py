@@ -31,21 +31,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.graph import GraphView, is_batch_norm
-from bnfold.folding.rules.base import BatchNorm, Match
-
-RULE = "bn_duplicate"
+from bnfold.folding.rules.protocol import BatchNorm, Match
+from bnfold.folding.view import GraphView, is_batch_norm
 
 
-def check(view: GraphView, bn: BatchNorm):
-    node = view.nodes[bn.index]
-    if view.is_graph_output(bn.y) or view.implicit_consumers.get(bn.y):
+class BnDuplicate:
+    name = "bn_duplicate"
+
+    def check(self, view: GraphView, bn: BatchNorm) -> Match | None:
+        node = view.nodes[bn.index]
+        if view.is_graph_output(bn.y) or view.implicit_consumers.get(bn.y):
+            return None
+        for other in view.consumers.get(bn.x, []):
+            if other >= bn.index or other in view.removed or not _same_computation(view, view.nodes[other], node):
+                continue
+            return Match(self.name, other, lambda first=other: _rewrite(view, bn, first))
         return None
-    for other in view.consumers.get(bn.x, []):
-        if other >= bn.index or other in view.removed or not _same_computation(view, view.nodes[other], node):
-            continue
-        return Match(RULE, other, lambda first=other: _rewrite(view, bn, first))
-    return None
+
+
+RULE = BnDuplicate()
 
 
 def _same_computation(view: GraphView, a, b) -> bool:

@@ -27,58 +27,35 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.graph import set_attr
-from bnfold.folding.graph import to_float64
-from bnfold.folding.rules.base import Failure, Match, finish_forward, float_attr, forward_consumer, gemm_c_failure, \
-    int_attr, optional_input, representation_failure, vector_times_matrix, weight_or_failure
-
-RULE = "bn_gemm"
+from bnfold.folding.rules.base import int_attr, vector_times_matrix
+from bnfold.folding.rules.protocol import BatchNorm, Failure, Reason
+from bnfold.folding.rules.skeleton import ChannelLayout, ForwardFold, GemmLayer, LayerConstants, on_axis
+from bnfold.folding.view import GraphView
 
 
-def check(view, bn):
-    layer = forward_consumer(view, bn, ("Gemm",))
-    if layer is None or isinstance(layer, Failure):
-        return layer
-    node = view.nodes[layer]
-    if int_attr(node, "transA", 0):
-        return Failure("matmul_layout", f"{view.describe(layer)} reads BatchNormalization '{bn.label}' transposed "
-                       "(transA=1), so the BN channels are rows of the product, not a scale of B")
-    weight = weight_or_failure(view, layer, 1, "B matrix")
-    if isinstance(weight, Failure):
-        return weight
-    w, w_type = weight  # the stored type: float64 only where the math needs it
-    trans_b = int_attr(node, "transB", 0)
-    if w.ndim != 2 or w.shape[1 if trans_b else 0] != bn.channels:
-        return Failure("not_per_channel", f"{view.describe(layer)} B of shape {w.shape} (transB={trans_b}) does not "
-                       f"match the {bn.channels} channels of BatchNormalization '{bn.label}'")
-    alpha, beta = float_attr(node, "alpha", 1.0), float_attr(node, "beta", 1.0)
-    c_name = optional_input(node, 2)
-    if c_name:
-        c_value = weight_or_failure(view, layer, 2, "C bias")
-        if isinstance(c_value, Failure):
-            return c_value
-        c = to_float64(c_value[0])
-        c_failure = gemm_c_failure(view, layer, c, w.shape[0 if trans_b else 1])
-        if c_failure is not None:
-            return c_failure
-    else:
-        c = np.zeros(())
+class BnGemm(GemmLayer, ForwardFold):
+    name = "bn_gemm"
+    layer_ops = ("Gemm",)
 
-    with np.errstate(over="ignore", invalid="ignore"):  # what is not finite is refused just below
-        new_c = beta * c + alpha * vector_times_matrix(bn.shift, w, transposed=trans_b)
-        factor = alpha * (bn.scale[None, :] if trans_b else bn.scale[:, None])
-    unrepresentable = representation_failure(view, bn, layer, w_type, w, factor, new_c, c)
-    if unrepresentable is not None:
-        return unrepresentable
+    def layer_failure(self, view: GraphView, bn: BatchNorm, layer: int) -> Failure | None:
+        if int_attr(view.nodes[layer], "transA", 0):
+            return Failure(Reason.MATMUL_LAYOUT, f"{view.describe(layer)} reads BatchNormalization '{bn.label}' "
+                           "transposed (transA=1), so the BN channels are rows of the product, not a scale of B")
+        return None
 
-    def rewrite():
-        out = node.output[0]
-        view.set_scaled_constant_input(layer, 1, w, factor, w_type, node.input[1] or f"{out}_weight")
-        view.set_constant_input(layer, 2, new_c, w_type, c_name or f"{out}_bias")
-        set_attr(node, "alpha", None)
-        set_attr(node, "beta", None)
-        if view.ctx.opset < 7:
-            set_attr(node, "broadcast", 1)
-        finish_forward(view, bn, layer)
+    def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
+        trans_b = int_attr(view.nodes[layer], "transB", 0)
+        if weight.ndim != 2 or weight.shape[1 if trans_b else 0] != bn.channels:
+            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} B of shape {weight.shape} "
+                           f"(transB={trans_b}) does not match the {bn.channels} channels of BatchNormalization "
+                           f"'{bn.label}'")
+        return None
 
-    return Match(RULE, layer, rewrite)
+    def channel_layout(self, node, weight: np.ndarray) -> ChannelLayout:
+        return on_axis(weight, 1 if int_attr(node, "transB", 0) else 0)  # the K rows of B~
+
+    def shift_through_weight(self, read: LayerConstants, shift: np.ndarray) -> np.ndarray:
+        return vector_times_matrix(shift, read.weight, transposed=read.layout.factor_shape == (1, -1))
+
+
+RULE = BnGemm()

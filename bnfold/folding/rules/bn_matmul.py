@@ -24,48 +24,54 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.graph import set_attr
-from bnfold.folding.rules.base import Failure, Match, finish_forward, forward_consumer, representation_failure, \
-    vector_times_matrix, weight_or_failure
+from bnfold.folding.rules.base import vector_times_matrix
+from bnfold.folding.rules.protocol import BatchNorm, Failure, Reason
+from bnfold.folding.rules.skeleton import (
+    ChannelLayout,
+    ForwardFold,
+    LayerBias,
+    LayerConstants,
+    make_plain_gemm,
+    on_axis,
+)
+from bnfold.folding.view import GraphView
 
-RULE = "bn_matmul"
+
+class BnMatMul(ForwardFold):
+    name = "bn_matmul"
+    layer_ops = ("MatMul",)
+    weight_role = "second input"
+
+    def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
+        if weight.ndim != 2:
+            return Failure(Reason.MATMUL_LAYOUT, f"{view.describe(layer)} multiplies by a rank-{weight.ndim} "
+                           "constant; only a 2-D matrix can absorb the BN")
+        rank = view.rank(bn.x)
+        if rank is None:
+            return Failure(Reason.UNKNOWN_RANK, f"the rank of BatchNormalization '{bn.label}' input is unknown, so "
+                           f"its channel axis cannot be proven to be the axis {view.describe(layer)} contracts")
+        if rank != 2:
+            return Failure(Reason.MATMUL_LAYOUT, f"BatchNormalization '{bn.label}' input has rank {rank}: its "
+                           f"channel axis 1 is not the axis {view.describe(layer)} contracts")
+        if weight.shape[0] != bn.channels:
+            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} has {weight.shape[0]} rows but "
+                           f"BatchNormalization '{bn.label}' has {bn.channels} channels")
+        return None
+
+    def output_channels(self, node, weight: np.ndarray) -> int:
+        return weight.shape[1]
+
+    def channel_layout(self, node, weight: np.ndarray) -> ChannelLayout:
+        return on_axis(weight, 0)
+
+    def bias(self, view: GraphView, layer: int, weight: np.ndarray) -> LayerBias | None:
+        return None  # a MatMul has none: the Gemm it becomes gets C'' = t @ B
+
+    def shift_through_weight(self, read: LayerConstants, shift: np.ndarray) -> np.ndarray:
+        return vector_times_matrix(shift, read.weight)
+
+    def finish_layer(self, view: GraphView, node) -> None:
+        make_plain_gemm(view, node)
 
 
-def check(view, bn):
-    layer = forward_consumer(view, bn, ("MatMul",))
-    if layer is None or isinstance(layer, Failure):
-        return layer
-    node = view.nodes[layer]
-    weight = weight_or_failure(view, layer, 1, "second input")
-    if isinstance(weight, Failure):
-        return weight
-    w, w_type = weight  # the stored type: float64 only where the math needs it
-    if w.ndim != 2:
-        return Failure("matmul_layout", f"{view.describe(layer)} multiplies by a rank-{w.ndim} constant; only a "
-                       "2-D matrix can absorb the BN")
-    rank = view.rank(bn.x)
-    if rank is None:
-        return Failure("unknown_rank", f"the rank of BatchNormalization '{bn.label}' input is unknown, so its channel "
-                       f"axis cannot be proven to be the axis {view.describe(layer)} contracts")
-    if rank != 2:
-        return Failure("matmul_layout", f"BatchNormalization '{bn.label}' input has rank {rank}: its channel axis 1 "
-                       f"is not the axis {view.describe(layer)} contracts")
-    if w.shape[0] != bn.channels:
-        return Failure("not_per_channel", f"{view.describe(layer)} has {w.shape[0]} rows but BatchNormalization "
-                       f"'{bn.label}' has {bn.channels} channels")
-    with np.errstate(over="ignore", invalid="ignore"):  # a bias that is not finite is refused just below
-        new_c = vector_times_matrix(bn.shift, w)
-    unrepresentable = representation_failure(view, bn, layer, w_type, w, bn.scale[:, None], new_c)
-    if unrepresentable is not None:
-        return unrepresentable
-
-    def rewrite():
-        out = node.output[0]
-        view.set_scaled_constant_input(layer, 1, w, bn.scale[:, None], w_type, node.input[1] or f"{out}_weight")
-        view.set_constant_input(layer, 2, new_c, w_type, f"{out}_bias")
-        node.op_type = "Gemm"
-        if view.ctx.opset < 7:
-            set_attr(node, "broadcast", 1)
-        finish_forward(view, bn, layer)
-
-    return Match(RULE, layer, rewrite)
+RULE = BnMatMul()

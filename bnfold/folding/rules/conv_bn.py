@@ -28,51 +28,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.rules.base import (
-    Failure,
-    Match,
-    bias_or_failure,
-    check_chain_and_combine,
-    finish_backward,
-    representation_failure,
-    trace_backward,
-    weight_or_failure,
-)
-
-RULE = "conv_bn"
+from bnfold.folding.rules.protocol import BatchNorm, Failure, Reason
+from bnfold.folding.rules.skeleton import BackwardFold, ChannelLayout, on_axis
+from bnfold.folding.view import GraphView
 
 
-def check(view, bn):
-    chain = trace_backward(view, bn, ("Conv",))
-    if chain is None:
+class ConvBn(BackwardFold):
+    name = "conv_bn"
+    layer_ops = ("Conv",)
+
+    def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
+        if weight.ndim < 3 or weight.shape[0] != bn.channels:
+            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} has weight shape {weight.shape}, which "
+                           f"does not match the {bn.channels} channels of BatchNormalization '{bn.label}'")
         return None
-    node = view.nodes[chain.layer]
-    weight = weight_or_failure(view, chain.layer, 1, "weight")
-    if isinstance(weight, Failure):
-        return weight
-    w, w_type = weight
-    if w.ndim < 3 or w.shape[0] != bn.channels:
-        return Failure("not_per_channel", f"{view.describe(chain.layer)} has weight shape {w.shape}, which does not "
-                       f"match the {bn.channels} channels of BatchNormalization '{bn.label}'")
-    bias = bias_or_failure(view, chain.layer, 2, bn.channels)
-    if isinstance(bias, Failure):
-        return bias
-    bias_name, b = bias
-    combined = check_chain_and_combine(view, bn, chain, w.ndim)
-    if isinstance(combined, Failure):
-        return combined
-    scale, shift = combined
-    factor = scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    with np.errstate(over="ignore", invalid="ignore"):  # a bias that is not finite is refused just below
-        new_b = b * scale + shift
-    unrepresentable = representation_failure(view, bn, chain.layer, w_type, w, factor, new_b, b)
-    if unrepresentable is not None:
-        return unrepresentable
 
-    def rewrite():
-        out = node.output[0]
-        view.set_scaled_constant_input(chain.layer, 1, w, factor, w_type, node.input[1] or f"{out}_weight")
-        view.set_constant_input(chain.layer, 2, new_b, w_type, bias_name or f"{out}_bias")
-        finish_backward(view, bn, chain)
+    def output_channels(self, node, weight: np.ndarray) -> int:
+        return weight.shape[0]
 
-    return Match(RULE, chain.layer, rewrite, chain.nodes)
+    def channel_layout(self, node, weight: np.ndarray) -> ChannelLayout:
+        return on_axis(weight, 0)
+
+
+RULE = ConvBn()

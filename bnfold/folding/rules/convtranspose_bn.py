@@ -27,57 +27,29 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.rules.base import (
-    Failure,
-    Match,
-    bias_or_failure,
-    check_chain_and_combine,
-    finish_backward,
-    int_attr,
-    representation_failure,
-    trace_backward,
-    weight_or_failure,
-)
-
-RULE = "convtranspose_bn"
+from bnfold.folding.rules.base import int_attr
+from bnfold.folding.rules.protocol import BatchNorm, Failure, Reason
+from bnfold.folding.rules.skeleton import BackwardFold, ChannelLayout, on_axis_1_per_group
+from bnfold.folding.view import GraphView
 
 
-def check(view, bn):
-    chain = trace_backward(view, bn, ("ConvTranspose",))
-    if chain is None:
+class ConvTransposeBn(BackwardFold):
+    name = "convtranspose_bn"
+    layer_ops = ("ConvTranspose",)
+
+    def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
+        group = int_attr(view.nodes[layer], "group", 1)
+        if group < 1 or weight.ndim < 3 or weight.shape[0] % group or weight.shape[1] * group != bn.channels:
+            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} has weight shape {weight.shape} with "
+                           f"group={group}, which does not match the {bn.channels} channels of BatchNormalization "
+                           f"'{bn.label}'")
         return None
-    node = view.nodes[chain.layer]
-    weight = weight_or_failure(view, chain.layer, 1, "weight")
-    if isinstance(weight, Failure):
-        return weight
-    w, w_type = weight
-    group = int_attr(node, "group", 1)
-    if group < 1 or w.ndim < 3 or w.shape[0] % group or w.shape[1] * group != bn.channels:
-        return Failure("not_per_channel", f"{view.describe(chain.layer)} has weight shape {w.shape} with group={group}, "
-                       f"which does not match the {bn.channels} channels of BatchNormalization '{bn.label}'")
-    bias = bias_or_failure(view, chain.layer, 2, bn.channels)
-    if isinstance(bias, Failure):
-        return bias
-    bias_name, b = bias
-    combined = check_chain_and_combine(view, bn, chain, w.ndim)
-    if isinstance(combined, Failure):
-        return combined
-    scale, shift = combined
-    cin, cout_g = w.shape[0], w.shape[1]
-    kernel = w.shape[2:]
-    grouped = w.reshape((group, cin // group, cout_g) + kernel)
-    factor = scale.reshape((group, 1, cout_g) + (1,) * len(kernel))
-    with np.errstate(over="ignore", invalid="ignore"):  # a bias that is not finite is refused just below
-        new_b = b * scale + shift
-    unrepresentable = representation_failure(view, bn, chain.layer, w_type, grouped, factor, new_b, b)
-    if unrepresentable is not None:
-        return unrepresentable
 
-    def rewrite():
-        out = node.output[0]
-        view.set_scaled_constant_input(chain.layer, 1, grouped, factor, w_type, node.input[1] or f"{out}_weight",
-                                       shape=w.shape)
-        view.set_constant_input(chain.layer, 2, new_b, w_type, bias_name or f"{out}_bias")
-        finish_backward(view, bn, chain)
+    def output_channels(self, node, weight: np.ndarray) -> int:
+        return int_attr(node, "group", 1) * weight.shape[1]
 
-    return Match(RULE, chain.layer, rewrite, chain.nodes)
+    def channel_layout(self, node, weight: np.ndarray) -> ChannelLayout:
+        return on_axis_1_per_group(weight, int_attr(node, "group", 1))
+
+
+RULE = ConvTransposeBn()

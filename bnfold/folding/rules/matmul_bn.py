@@ -23,50 +23,46 @@ Math (float64, cast once), with the chain + BN reduced to ``S * y + T`` per colu
 
 from __future__ import annotations
 
-from bnfold.folding.graph import set_attr
-from bnfold.folding.rules.base import Failure, Match, check_chain_and_combine, finish_backward, representation_failure, \
-    trace_backward, weight_or_failure
+import numpy as np
 
-RULE = "matmul_bn"
+from bnfold.folding.rules.protocol import BatchNorm, Failure, Reason
+from bnfold.folding.rules.skeleton import BackwardFold, ChannelLayout, LayerBias, make_plain_gemm, on_axis
+from bnfold.folding.view import GraphView
 
 
-def check(view, bn):
-    chain = trace_backward(view, bn, ("MatMul",))
-    if chain is None:
+class MatMulBn(BackwardFold):
+    name = "matmul_bn"
+    layer_ops = ("MatMul",)
+    weight_role = "second input"
+
+    def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
+        if weight.ndim != 2:
+            return Failure(Reason.MATMUL_LAYOUT, f"{view.describe(layer)} multiplies by a rank-{weight.ndim} "
+                           "constant; only a 2-D matrix keeps the BN channel on the product's last axis")
+        node = view.nodes[layer]
+        rank = view.rank(node.input[0])
+        if rank is None:
+            return Failure(Reason.UNKNOWN_RANK, f"the rank of {view.describe(layer)} input '{node.input[0]}' is "
+                           "unknown, so BN channel axis 1 cannot be proven to be the product's last axis")
+        if rank != 2:
+            return Failure(Reason.MATMUL_LAYOUT, f"{view.describe(layer)} input has rank {rank}: BN channel axis 1 "
+                           "is not the product's last axis, so the BN is not a per-column scale of the matrix")
+        if weight.shape[1] != bn.channels:
+            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} has {weight.shape[1]} columns but "
+                           f"BatchNormalization '{bn.label}' has {bn.channels} channels")
         return None
-    node = view.nodes[chain.layer]
-    weight = weight_or_failure(view, chain.layer, 1, "second input")
-    if isinstance(weight, Failure):
-        return weight
-    w, w_type = weight  # the stored type: float64 only where the math needs it
-    if w.ndim != 2:
-        return Failure("matmul_layout", f"{view.describe(chain.layer)} multiplies by a rank-{w.ndim} constant; "
-                       "only a 2-D matrix keeps the BN channel on the product's last axis")
-    rank = view.rank(node.input[0])
-    if rank is None:
-        return Failure("unknown_rank", f"the rank of {view.describe(chain.layer)} input '{node.input[0]}' is unknown, "
-                       "so BN channel axis 1 cannot be proven to be the product's last axis")
-    if rank != 2:
-        return Failure("matmul_layout", f"{view.describe(chain.layer)} input has rank {rank}: BN channel axis 1 "
-                       "is not the product's last axis, so the BN is not a per-column scale of the matrix")
-    if w.shape[1] != bn.channels:
-        return Failure("not_per_channel", f"{view.describe(chain.layer)} has {w.shape[1]} columns but "
-                       f"BatchNormalization '{bn.label}' has {bn.channels} channels")
-    combined = check_chain_and_combine(view, bn, chain, 2)
-    if isinstance(combined, Failure):
-        return combined
-    scale, shift = combined
-    unrepresentable = representation_failure(view, bn, chain.layer, w_type, w, scale[None, :], shift)
-    if unrepresentable is not None:
-        return unrepresentable
 
-    def rewrite():
-        out = node.output[0]
-        view.set_scaled_constant_input(chain.layer, 1, w, scale[None, :], w_type, node.input[1] or f"{out}_weight")
-        view.set_constant_input(chain.layer, 2, shift, w_type, f"{out}_bias")
-        node.op_type = "Gemm"
-        if view.ctx.opset < 7:
-            set_attr(node, "broadcast", 1)  # Gemm-1/6 needs it for a (N,) C
-        finish_backward(view, bn, chain)
+    def output_channels(self, node, weight: np.ndarray) -> int:
+        return weight.shape[1]
 
-    return Match(RULE, chain.layer, rewrite, chain.nodes)
+    def channel_layout(self, node, weight: np.ndarray) -> ChannelLayout:
+        return on_axis(weight, 1)
+
+    def bias(self, view: GraphView, layer: int, weight: np.ndarray) -> LayerBias | None:
+        return None  # a MatMul has none: the Gemm it becomes gets C' = T
+
+    def finish_layer(self, view: GraphView, node) -> None:
+        make_plain_gemm(view, node)
+
+
+RULE = MatMulBn()

@@ -6,7 +6,7 @@ is it a constant and what is its value, what is its rank — and offers the few 
 need: replace a constant input (in place when nobody else reads it, otherwise as a fresh copy),
 rename outputs, mark nodes for removal. ``ModelContext`` holds what is shared by every graph of
 one model: the default-domain opset, the set of names used anywhere (for fresh unique names) and
-lazily inferred ranks.
+lazily inferred ranks. Alongside: node labels and attributes, and walking nested graphs.
 
 Nodes are addressed by their index in the graph's original node list; nodes are never inserted
 and removed nodes are only marked until ``commit()``, so indices and the labels derived from them
@@ -15,20 +15,20 @@ and removed nodes are only marked until ``commit()``, so indices and the labels 
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto, helper, numpy_helper
+from onnx import AttributeProto, TensorProto, helper
 
-# Tensor element types the fold math can read and write back.
-FLOAT_TYPES = {
-    TensorProto.FLOAT: "float32",
-    TensorProto.DOUBLE: "float64",
-    TensorProto.FLOAT16: "float16",
-    TensorProto.BFLOAT16: "bfloat16",
-}
+from bnfold.folding.tensors import (
+    ScaledWeight,
+    constant_node_type,
+    constant_node_value,
+    read_tensor,
+    scale_in_float64,
+    write_tensor,
+)
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -106,232 +106,6 @@ def iter_graphs(graph: onnx.GraphProto):
     for node in graph.node:
         for _, sub in node_subgraphs(node):
             yield from iter_graphs(sub)
-
-
-def to_float64(array: np.ndarray) -> np.ndarray:
-    return np.asarray(array).astype(np.float64)
-
-
-def tensor_from_float64(array: np.ndarray, data_type: int, name: str) -> TensorProto:
-    """Cast float64 ``array`` once to ``data_type`` (float32/64, float16, bfloat16) as a TensorProto."""
-    tensor = TensorProto()
-    write_tensor(tensor, array, data_type, name)
-    return tensor
-
-
-def numpy_type(data_type: int):
-    """numpy dtype of a float TensorProto type (bfloat16 through ml_dtypes)."""
-    if data_type == TensorProto.BFLOAT16:
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(FLOAT_TYPES[data_type])
-
-
-def scale_in_float64(array: np.ndarray, factor: np.ndarray, data_type: int) -> np.ndarray:
-    """``array * factor`` computed in float64 and rounded once to ``data_type``'s numpy type.
-
-    A float32/float64 weight scaled along one axis (the common case) goes through the compiled
-    loop of bnfold._fold_math (``ScaledWeight``), whose result is a read-only array over a bytes
-    object that ``write_tensor`` stores without another copy. Otherwise the numpy ufunc works in
-    float64 on buffered chunks, so a large weight is never materialized in float64 as a whole."""
-    scaled = ScaledWeight.of(array, factor, data_type)
-    if scaled is not None:
-        return np.frombuffer(scaled.to_bytes(), dtype=scaled.dtype).reshape(scaled.shape)
-    target = numpy_type(data_type)
-    out = np.empty(np.broadcast_shapes(np.shape(array), np.shape(factor)), dtype=target)
-    # Quietly, as the compiled loop computes: the rules refuse folds whose new values would leave
-    # the type's range (float16/bfloat16 weights, every bias), and NaN/Inf weights stay NaN/Inf.
-    with np.errstate(over="ignore", invalid="ignore"):
-        try:
-            np.multiply(array, factor, out=out, dtype=np.float64, casting="unsafe")
-        except TypeError:  # a dtype without a float64 -> type ufunc cast: go through float64 explicitly
-            out[...] = (to_float64(array) * factor).astype(out.dtype)
-    return out
-
-
-class ScaledWeight:
-    """``weight * factor`` for a float32/float64 weight and a factor varying along one axis,
-    computed in float64 and rounded once to the weight's type — only when asked for: whole by
-    ``to_bytes()``, or chunk by chunk while it is written (``write_to``), so that folding a big
-    model never holds a second full copy of its weights (``bnfold.io.payloads`` stores these)."""
-
-    CHUNK_BYTES = 1 << 20
-
-    def __init__(self, weight: np.ndarray, axis: int, per_channel: np.ndarray):
-        self.weight = weight
-        self.shape = weight.shape
-        self.dtype = weight.dtype
-        self.nbytes = weight.nbytes
-        self.channels = weight.shape[axis]
-        self.inner = int(np.prod(weight.shape[axis + 1:], dtype=np.int64))
-        self.rows = int(np.prod(weight.shape[:axis + 1], dtype=np.int64))
-        self.per_channel = per_channel
-
-    @classmethod
-    def of(cls, array, factor, data_type: int):
-        """The lazy product, or None when the compiled loop does not apply (other types, a
-        factor varying along several axes or enlarging the result, an empty weight)."""
-        target = numpy_type(data_type)
-        axis = _single_scaled_axis(np.shape(array), np.shape(factor))
-        if not (
-            axis is not None
-            and target in (np.float32, np.float64)
-            and isinstance(array, np.ndarray)
-            and array.dtype == target
-            and array.flags.c_contiguous
-            and array.size
-        ):
-            return None
-        per_channel = np.ascontiguousarray(np.broadcast_to(np.asarray(factor, dtype=np.float64),
-                                                           np.shape(factor)).reshape(-1))
-        if per_channel.size == 1:
-            per_channel = np.full(array.shape[axis], per_channel[0])
-        return cls(array, axis, per_channel)
-
-    def reshape(self, shape) -> "ScaledWeight":
-        """The same product seen with another shape of as many elements (C order)."""
-        if int(np.prod(shape, dtype=np.int64)) != self.weight.size:
-            raise ValueError(f"cannot reshape {self.shape} to {tuple(shape)}")
-        copy = object.__new__(ScaledWeight)
-        copy.__dict__.update(self.__dict__)
-        copy.shape = tuple(shape)
-        return copy
-
-    # Below this a parallel region costs more than it saves: waking the OpenMP team can take a
-    # scheduler time slice when another thread (the input checker) holds the other core.
-    PARALLEL_BYTES = 16 << 20
-
-    def _n_threads(self) -> int:
-        from bnfold._threads import effective_n_threads
-
-        return effective_n_threads(None) if self.nbytes >= self.PARALLEL_BYTES else 1
-
-    def to_bytes(self) -> bytes:
-        from bnfold._fold_math import scale_channels_to_bytes
-
-        return scale_channels_to_bytes(self.weight.reshape(-1).view(np.uint8), self.rows // self.channels,
-                                       self.channels, self.inner, self.per_channel, self.dtype == np.float64,
-                                       self._n_threads())
-
-    def write_to(self, file) -> None:
-        """Compute the product a chunk at a time and ``file.write`` each chunk; every chunk is a
-        new buffer, so ``file`` may keep it and write it later (bnfold's writer does)."""
-        from bnfold._fold_math import scale_rows_into
-
-        source = self.weight.reshape(-1).view(np.uint8)
-        row_bytes = self.inner * self.dtype.itemsize
-        rows_per_chunk = max(1, self.CHUNK_BYTES // row_bytes)
-        for first in range(0, self.rows, rows_per_chunk):
-            n = min(rows_per_chunk, self.rows - first) * row_bytes
-            chunk = np.empty(n, dtype=np.uint8)
-            # One thread: a 1 MiB chunk is ~0.1 ms of work, less than a parallel region costs
-            # when another thread (the writer, the input checker) holds the second core.
-            scale_rows_into(source[first * row_bytes:first * row_bytes + n], chunk, first, self.channels,
-                            self.inner, self.per_channel, self.dtype == np.float64, 1)
-            file.write(chunk)
-
-
-def _single_scaled_axis(shape, factor_shape):
-    """The axis along which ``factor`` (broadcast against ``shape``) varies, if it varies along
-    at most one axis and does not enlarge the result; None otherwise."""
-    if len(factor_shape) > len(shape):
-        return None
-    padded = (1,) * (len(shape) - len(factor_shape)) + tuple(factor_shape)
-    varying = [k for k, n in enumerate(padded) if n != 1]
-    if len(varying) > 1 or any(padded[k] != shape[k] for k in varying) or not shape:
-        return None
-    return varying[0] if varying else 0
-
-
-def _bytes_behind(array: np.ndarray):
-    """The bytes object ``array`` views in full (as made by scale_in_float64), else None."""
-    root = array
-    while isinstance(root, np.ndarray) and root.base is not None:
-        root = root.base
-    if (
-        isinstance(root, bytes)
-        and array.flags.c_contiguous
-        and array.nbytes == len(root)
-        and array.__array_interface__["data"][0] == np.frombuffer(root, np.uint8).__array_interface__["data"][0]
-    ):
-        return root
-    return None
-
-
-def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: str, payloads=None) -> None:
-    """Overwrite ``tensor`` (e.g. an initializer in place) with ``array``: float64 values are cast
-    once to ``data_type``, arrays already of that type are written as they are. The doc string is
-    kept. Writes raw bytes directly: no intermediate proto copy. With ``payloads`` (a
-    ``bnfold.io.payloads.TensorPayloads``) a big result stays there, not in the proto."""
-    if isinstance(array, ScaledWeight) and (payloads is None or sys.byteorder != "little"):
-        array = np.frombuffer(array.to_bytes(), dtype=array.dtype).reshape(array.shape)
-    doc = tensor.doc_string
-    if payloads is not None:
-        payloads.release(tensor)
-    if isinstance(array, ScaledWeight):  # computed when written
-        data, shape, nbytes = array, array.shape, array.nbytes
-    else:
-        target = numpy_type(data_type)
-        typed = np.ascontiguousarray(array if np.asarray(array).dtype == target else
-                                     np.asarray(array, dtype=np.float64).astype(target))
-        raw = _bytes_behind(typed)
-        data, shape, nbytes = (raw if raw is not None else typed.reshape(-1).view(np.uint8)), typed.shape, typed.nbytes
-    if sys.byteorder != "little":  # ONNX raw_data is little-endian; let onnx handle the swap
-        tensor.CopyFrom(numpy_helper.from_array(typed, name))
-    else:
-        tensor.Clear()
-        tensor.name = name
-        tensor.data_type = data_type
-        tensor.dims.extend(shape)
-        if payloads is not None and (isinstance(data, ScaledWeight) or nbytes >= payloads.threshold):
-            payloads.put(tensor, data)
-        else:
-            tensor.raw_data = bytes(data)
-    if doc:
-        tensor.doc_string = doc
-
-
-def read_tensor(tensor: TensorProto, payloads=None) -> np.ndarray:
-    """numpy value of a TensorProto; float raw data is viewed, not copied (read-only result).
-    Tensors whose data ``payloads`` holds are read from there."""
-    if payloads is not None and payloads.holds(tensor):
-        return payloads.array(tensor)
-    if (
-        sys.byteorder == "little"
-        and tensor.data_type in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
-        and tensor.HasField("raw_data")
-        and tensor.data_location != TensorProto.EXTERNAL
-    ):
-        return np.frombuffer(tensor.raw_data, dtype=FLOAT_TYPES[tensor.data_type]).reshape(tuple(tensor.dims))
-    return numpy_helper.to_array(tensor)
-
-
-def constant_node_value(node: onnx.NodeProto):
-    """Value of a Constant node as a numpy array, or None for sparse/string values."""
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == AttributeProto.TENSOR:
-            return numpy_helper.to_array(attr.t)
-        if attr.name == "value_float":
-            return np.array(attr.f, dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.array(list(attr.floats), dtype=np.float32)
-        if attr.name == "value_int":
-            return np.array(attr.i, dtype=np.int64)
-        if attr.name == "value_ints":
-            return np.array(list(attr.ints), dtype=np.int64)
-    return None
-
-
-def constant_node_type(node: onnx.NodeProto):
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == AttributeProto.TENSOR:
-            return attr.t.data_type
-        if attr.name in ("value_float", "value_floats"):
-            return TensorProto.FLOAT
-        if attr.name in ("value_int", "value_ints"):
-            return TensorProto.INT64
-    return None
 
 
 def get_attr(node: onnx.NodeProto, name: str, default=None):
@@ -746,49 +520,3 @@ class GraphView:
         for index in sorted(self.removed, reverse=True):
             del self.graph.node[index]
         self.removed.clear()
-
-
-def remove_unused(model: onnx.ModelProto, candidates: set[str], vanished: set[str] = frozenset()) -> None:
-    """Delete initializers and constant-only nodes among ``candidates`` that nothing reads any more.
-
-    Only names the pass released are candidates, so tensors the model already carried unused stay.
-    Reads are collected over the whole model (bodies included), which can only keep more.
-    ``value_info`` entries of ``vanished`` values that nothing produces any more are dropped too.
-    """
-    candidates = set(candidates)
-    ir_version = model.ir_version
-    changed = True
-    while changed:
-        changed = False
-        read = set()
-        for g in iter_graphs(model.graph):
-            for node in g.node:
-                read.update(node.input)
-            read.update(o.name for o in g.output)
-        for g in iter_graphs(model.graph):
-            for k in range(len(g.node) - 1, -1, -1):
-                node = g.node[k]
-                outs = [o for o in node.output if o]
-                if (
-                    outs
-                    and all(o in candidates and o not in read for o in outs)
-                    and not any(True for _ in node_subgraphs(node))
-                ):
-                    candidates.update(i for i in node.input if i)
-                    del g.node[k]
-                    changed = True
-            for k in range(len(g.initializer) - 1, -1, -1):
-                name = g.initializer[k].name
-                if name in candidates and name not in read:
-                    del g.initializer[k]
-                    if ir_version < 4:
-                        for j in range(len(g.input) - 1, -1, -1):
-                            if g.input[j].name == name:
-                                del g.input[j]
-                    changed = True
-    for g in iter_graphs(model.graph):
-        produced = defined_names(g)
-        for k in range(len(g.value_info) - 1, -1, -1):
-            name = g.value_info[k].name
-            if (name in vanished or name in candidates) and name not in produced:
-                del g.value_info[k]

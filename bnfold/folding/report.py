@@ -1,0 +1,89 @@
+"""The fold pass's report: one entry per BN, folded (``FoldedBN``) or remaining (``RemainingBN``,
+with a reason code and one sentence), and ``BNInfo`` describing where each BN sits; ``FoldReport``
+holds them with the op counts before and after, as a dict or a JSON file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from bnfold.io import write_json_atomic
+
+GRAPH_OUTPUT_OP = "<graph output>"
+
+
+@dataclass(frozen=True)
+class FoldedBN:
+    """A BN that was folded: ``rule`` code, ``target`` layer label, ``graph`` path ("" = main)."""
+
+    bn: str
+    rule: str
+    target: str
+    graph: str
+    absorbed: tuple = ()  # labels of Add/Mul/Sub/Div nodes folded along with the BN
+    weight_type: str = ""  # element type of the target layer's weight ("float32", "float16", ...)
+
+
+@dataclass(frozen=True)
+class RemainingBN:
+    """A BN that stays, with a machine-readable ``reason`` code and a one-sentence ``message``."""
+
+    bn: str
+    reason: str
+    message: str
+    graph: str
+
+
+@dataclass(frozen=True)
+class BNInfo:
+    """Where a BN sits in the original model and what the pass does with it (for ``inspect``).
+
+    ``producer_op``/``producer`` are "" when the BN input is a graph input, initializer or an
+    outer-scope value; a graph output among the readers appears as op ``"<graph output>"``.
+    """
+
+    bn: str
+    graph: str
+    producer_op: str
+    producer: str
+    consumer_ops: tuple
+    consumers: tuple
+    foldable: bool
+    rule_or_reason: str
+    message: str
+
+
+@dataclass
+class FoldReport:
+    folded: list = field(default_factory=list)
+    remaining: list = field(default_factory=list)
+    bn_nodes: list = field(default_factory=list)
+    ops_before: dict = field(default_factory=dict)  # op type -> count, all graphs, before folding
+    ops_after: dict = field(default_factory=dict)
+
+    @property
+    def n_folded(self) -> int:
+        return len(self.folded)
+
+    @property
+    def n_remaining(self) -> int:
+        return len(self.remaining)
+
+    def to_dict(self) -> dict:
+        def plain(entry):
+            d = asdict(entry)
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+        return {
+            "n_folded": self.n_folded,
+            "n_remaining": self.n_remaining,
+            "folded": [plain(e) for e in self.folded],
+            "remaining": [plain(e) for e in self.remaining],
+            "bn_nodes": [plain(e) for e in self.bn_nodes],
+            "ops_before": dict(self.ops_before),
+            "ops_after": dict(self.ops_after),
+        }
+
+    def to_json(self, path) -> None:
+        """Write ``to_dict()`` as indented JSON to ``path``, atomically."""
+        write_json_atomic(self.to_dict(), path)
