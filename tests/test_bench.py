@@ -162,9 +162,9 @@ def test_a_model_that_is_neither_path_nor_proto_is_named(demo_model):
 
 def test_synthesized_inputs_beyond_the_memory_limit_are_refused_before_drawing(demo_model, monkeypatch):
     import bnfold.verify.bench as bench_module
-    from bnfold.verify import parity
+    from bnfold.verify import inputs
 
-    monkeypatch.setattr(parity, "available_memory", lambda: (64 << 20, "memory available"))  # a 16 MiB limit
+    monkeypatch.setattr(inputs, "available_memory", lambda: (64 << 20, "memory available"))  # a 16 MiB limit
 
     def no_drawing(*args, **kwargs):
         raise AssertionError("inputs were drawn")

@@ -29,20 +29,10 @@ from bnfold.common import first_line, format_table
 from bnfold._threads import available_cpus
 from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.io import write_json_atomic
-from bnfold.verify.parity import (
-    OPT_LEVELS,
-    LoadedModel,
-    index_bounds,
-    check_input_budget,
-    check_model_argument,
-    check_seed,
-    compare_interfaces,
-    load_inputs,
-    resolve_shapes,
-    session_specs,
-    synthesize_inputs,
-    validated_shapes,
-)
+from bnfold.verify.inputs import check_input_budget, check_seed, index_bounds, load_inputs, synthesize_inputs
+from bnfold.verify.models import LoadedModel, check_model_argument, compare_interfaces, session_specs
+from bnfold.verify.session import OPT_LEVELS
+from bnfold.verify.shapes import resolve_shapes, validated_shapes
 from bnfold.progress import Progress
 
 DEFAULT_WARMUP = 5
@@ -182,7 +172,7 @@ def benchmark(
     runs per (model, level); otherwise runs continue until ``time_budget`` seconds (default 1.0)
     were spent per (model, level), at least 5 runs. ``shapes`` / ``inputs`` / ``seed``: as in
     ``bnfold.check`` (checked as there; synthesized inputs, one set, must fit in
-    ``bnfold.verify.parity.input_memory_limit()``). ``progress``: None shows a bar when stderr is a
+    ``bnfold.verify.inputs.input_memory_limit()``). ``progress``: None shows a bar when stderr is a
     terminal, True/False force. All models must take the same inputs.
     """
     if not isinstance(models, dict) or not models:
