@@ -20,7 +20,6 @@ from onnx import numpy_helper as nh
 
 import bnfold
 from bnfold.verify import inputs as verify_inputs
-from bnfold.verify import parity
 from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.verify.intermediates import Intermediate, estimate_bytes
 from bnfold.verify.inputs import MAX_SAMPLES, check_input_budget
@@ -157,7 +156,7 @@ def test_huge_static_input_is_refused_before_allocating(monkeypatch):
     def no_drawing(*args, **kwargs):
         raise AssertionError("inputs were drawn")
 
-    monkeypatch.setattr(parity, "synthesize_inputs", no_drawing)
+    monkeypatch.setattr(verify_inputs, "synthesize_inputs", no_drawing)
     with pytest.raises(InputError) as raised:
         bnfold.check(model, model)
     message = str(raised.value)

@@ -29,10 +29,10 @@ from bnfold.common import first_line, format_table
 from bnfold._threads import available_cpus
 from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.io import write_json_atomic
-from bnfold.verify.inputs import check_input_budget, check_seed, index_bounds, load_inputs, synthesize_inputs
+from bnfold.verify.inputs import check_seed, prepare_input_sets
 from bnfold.verify.models import LoadedModel, check_model_argument, compare_interfaces, session_specs
 from bnfold.verify.session import OPT_LEVELS
-from bnfold.verify.shapes import resolve_shapes, validated_shapes
+from bnfold.verify.shapes import validated_shapes
 from bnfold.progress import Progress
 
 DEFAULT_WARMUP = 5
@@ -214,12 +214,7 @@ def benchmark(
                 else:
                     compare_interfaces((specs[0], []), (model_specs[0], []), first.label, model.label)
         input_specs = specs[0]
-        if inputs is not None:
-            feeds = load_inputs(inputs, input_specs)
-        else:
-            concrete = resolve_shapes(input_specs, shapes)
-            check_input_budget(input_specs, concrete)
-            feeds = synthesize_inputs(input_specs, concrete, np.random.default_rng(seed), index_bounds(first.proto))
+        [feeds] = prepare_input_sets(input_specs, first.proto, inputs=inputs, shapes=shapes, seed=seed)
 
         keys = list(sessions)
         run_estimate = {}

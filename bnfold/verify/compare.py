@@ -168,10 +168,7 @@ def compare_into(result: OutputResult, ref: np.ndarray, cand: np.ndarray, base_a
         np.subtract(r, c, out=err, where=both_finite)  # inf - inf would warn; non-finite pairs judged above
         np.abs(err, out=err)
         abs_ref = np.where(finite_r, np.abs(r), 0.0)
-        atol = base_atol * max(1.0, float(abs_ref.max())) if scaled_atol else base_atol
-        if noise_atol is not None:
-            atol = max(atol, noise_atol)
-        result.atol = max(result.atol, atol)
+        atol = _applied_atol(result, abs_ref, base_atol, scaled_atol, noise_atol)
         allowed = atol + result.rtol * abs_ref
         bad = (err > allowed) | nonfinite_bad
         result.error_over_tolerance = max(result.error_over_tolerance, _worst_ratio(err, allowed, nonfinite_bad))
@@ -214,10 +211,7 @@ def _compare_finite(result: OutputResult, ref: np.ndarray, cand: np.ndarray, bas
     err = np.subtract(ref, cand, dtype=np.float64)
     np.abs(err, out=err)
     abs_ref = np.absolute(ref, dtype=np.float64)
-    atol = base_atol * max(1.0, float(abs_ref.max())) if scaled_atol else base_atol
-    if noise_atol is not None:
-        atol = max(atol, noise_atol)
-    result.atol = max(result.atol, atol)
+    atol = _applied_atol(result, abs_ref, base_atol, scaled_atol, noise_atol)
     allowed = abs_ref * result.rtol
     allowed += atol
     mismatches = int(np.count_nonzero(err > allowed))
@@ -232,6 +226,17 @@ def _compare_finite(result: OutputResult, ref: np.ndarray, cand: np.ndarray, bas
     abs_ref[abs_ref <= atol] = np.inf
     np.divide(err, abs_ref, out=err)
     return err_max, float(err.max()), mismatches
+
+
+def _applied_atol(result: OutputResult, abs_ref: np.ndarray, base_atol: float, scaled_atol: bool,
+                  noise_atol: float | None) -> float:
+    """The atol one sample is judged by: ``base_atol``, times max(1, max|ref|) when
+    ``scaled_atol``, raised to ``noise_atol``; ``result.atol`` keeps the largest applied."""
+    atol = base_atol * max(1.0, float(abs_ref.max())) if scaled_atol else base_atol
+    if noise_atol is not None:
+        atol = max(atol, noise_atol)
+    result.atol = max(result.atol, atol)
+    return atol
 
 
 def _worst_ratio(err: np.ndarray, allowed: np.ndarray, nonfinite_bad: np.ndarray) -> float:

@@ -14,7 +14,8 @@ import onnx
 
 from bnfold.common import first_line, format_bytes
 from bnfold.errors import ArgumentTypeError, InputError
-from bnfold.verify.shapes import format_shape, reject_zero_dims
+from bnfold.verify.models import name_differences
+from bnfold.verify.shapes import format_shape, reject_zero_dims, resolve_shapes
 
 DEFAULT_INT_HIGH = 10
 
@@ -153,6 +154,22 @@ def check_input_budget(input_specs, shapes: dict, samples: int = 1, *, what: str
     )
 
 
+def prepare_input_sets(input_specs, model: onnx.ModelProto, *, inputs=None, shapes=None, seed=0,
+                       samples: int = 1) -> list:
+    """The input sets a check or benchmark runs on: ``inputs`` (a dict or an .npz path) validated
+    against the specs, one set; or ``samples`` sets synthesized from one generator seeded with
+    ``seed``, at the shapes ``resolve_shapes`` gives, refused before anything is drawn when they
+    would not fit (``check_input_budget``). ``model``: the structure whose Gather tables narrow
+    integer inputs (``index_bounds``)."""
+    if inputs is not None:
+        return [load_inputs(inputs, input_specs)]
+    concrete = resolve_shapes(input_specs, shapes)
+    check_input_budget(input_specs, concrete, samples)
+    rng = np.random.default_rng(seed)
+    bounds = index_bounds(model)
+    return [synthesize_inputs(input_specs, concrete, rng, bounds) for _ in range(samples)]
+
+
 def synthesize_inputs(input_specs, shapes: dict, rng: np.random.Generator, index_bounds=None) -> dict:
     """One random input set (dict name -> array) for concrete ``shapes`` (see resolve_shapes)."""
     index_bounds = index_bounds or {}
@@ -228,15 +245,9 @@ def load_inputs(inputs, input_specs) -> dict:
     else:
         raise ArgumentTypeError(f"inputs must be a dict of arrays or a path to an .npz file, got {type(inputs).__name__}")
     names = [s.name for s in input_specs]
-    missing = [n for n in names if n not in arrays]
-    extra = [n for n in arrays if n not in names]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(map(repr, missing))}")
-        if extra:
-            parts.append(f"not model inputs: {', '.join(map(repr, extra))}")
-        raise InputError(f"{where}: {'; '.join(parts)} (model inputs: {', '.join(names)})")
+    differences = name_differences(names, arrays, "missing ", "not model inputs: ", quote=True)
+    if differences:
+        raise InputError(f"{where}: {differences} (model inputs: {', '.join(names)})")
     for spec in input_specs:
         array = arrays[spec.name]
         if array.dtype != np.dtype(spec.dtype):

@@ -182,20 +182,27 @@ def _static_dims_conflict(a, b) -> bool:
     return any(isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a, b))
 
 
+def name_differences(first, second, only_first: str, only_second: str, *, quote: bool = False) -> str:
+    """How two collections of names differ, for a message: "" when they hold the same names, else
+    ``only_first`` followed by the names only in ``first`` and ``only_second`` by those only in
+    ``second`` (in their order, repr'd when ``quote``), "; " between the two."""
+    show = repr if quote else str
+    parts = []
+    for prefix, names, others in ((only_first, first, second), (only_second, second, first)):
+        only = [n for n in names if n not in others]
+        if only:
+            parts.append(prefix + ", ".join(map(show, only)))
+    return "; ".join(parts)
+
+
 def compare_interfaces(ref_specs, cand_specs, ref_label="reference", cand_label="candidate") -> None:
     """Raise InputError naming the first disagreement in input/output names, dtypes or shapes."""
     for kind, ref, cand in (("input", ref_specs[0], cand_specs[0]), ("output", ref_specs[1], cand_specs[1])):
         ref_by_name = {s.name: s for s in ref}
         cand_by_name = {s.name: s for s in cand}
-        only_ref = [n for n in ref_by_name if n not in cand_by_name]
-        only_cand = [n for n in cand_by_name if n not in ref_by_name]
-        if only_ref or only_cand:
-            parts = []
-            if only_ref:
-                parts.append(f"only in {ref_label}: {', '.join(only_ref)}")
-            if only_cand:
-                parts.append(f"only in {cand_label}: {', '.join(only_cand)}")
-            raise InputError(f"the models' {kind} names differ ({'; '.join(parts)})")
+        differences = name_differences(ref_by_name, cand_by_name, f"only in {ref_label}: ", f"only in {cand_label}: ")
+        if differences:
+            raise InputError(f"the models' {kind} names differ ({differences})")
         for name, r in ref_by_name.items():
             c = cand_by_name[name]
             if r.dtype != c.dtype:

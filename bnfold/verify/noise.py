@@ -117,6 +117,13 @@ def finite_spread(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a[both] - b[both]).max())
 
 
+def widen_spreads(spreads: dict, reference: dict, again: dict) -> None:
+    """Widen ``spreads`` (value name -> the largest spread so far) by one sample's runs: the
+    reference's values and those of its noise run, by name."""
+    for name in spreads:
+        spreads[name] = max(spreads[name], finite_spread(np.asarray(reference[name]), np.asarray(again[name])))
+
+
 def output_scale(values) -> float:
     """max(1, max |finite value|) over one output's values from every sample."""
     scale = 1.0
@@ -137,3 +144,18 @@ def noise_tolerance(noise: float, default_atol: float, scale: float) -> tuple:
     cap = min(NOISE_CAP_OVER_DEFAULT * default_atol, NOISE_CAP_OF_SCALE) * scale
     wanted = NOISE_FACTOR * noise
     return (cap, True) if wanted > cap else (wanted, False)
+
+
+def apply_noise_floor(result, noise: float, base_atol: float, scale: float, *, cap: bool) -> bool:
+    """Record a measured ``noise`` in ``result`` (an output's or intermediate value's result, of
+    the dtype's default atol ``base_atol`` and the values' ``scale``): its noise floor
+    ``noise_atol`` is NOISE_FACTOR x noise, capped as ``noise_tolerance`` caps it when ``cap``, and
+    its atol comes from the noise where that floor exceeds the scaled default. Returns whether the
+    floor is above the cap, applied or not."""
+    capped_atol, over_cap = noise_tolerance(noise, base_atol, scale)
+    result.noise = noise
+    result.noise_atol = capped_atol if cap else NOISE_FACTOR * noise
+    result.noise_capped = cap and over_cap
+    if result.noise_atol > base_atol * scale:
+        result.atol_source = "noise"
+    return over_cap

@@ -125,14 +125,7 @@ from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.io import load_model, write_json_atomic
 from bnfold.verify import intermediates as intermediates_module
 from bnfold.verify.compare import IntermediateResult, OutputResult, compare_into, json_float
-from bnfold.verify.inputs import (
-    check_input_budget,
-    check_seed,
-    checked_samples,
-    index_bounds,
-    load_inputs,
-    synthesize_inputs,
-)
+from bnfold.verify.inputs import check_seed, checked_samples, prepare_input_sets
 from bnfold.verify.intermediates import estimate_bytes, exposure_suffix
 from bnfold.verify.intermediates import select as select_intermediates
 from bnfold.verify.models import (
@@ -144,21 +137,24 @@ from bnfold.verify.models import (
 )
 from bnfold.verify.noise import (
     NOISE_FACTOR,
-    finite_spread,
+    apply_noise_floor,
     has_low_precision_layer_weights,
     noise_opt_level,
-    noise_tolerance,
     nudge_inputs,
     nudge_rng,
     output_scale,
     rounded_once_more,
+    widen_spreads,
 )
 from bnfold.verify.session import OPT_LEVELS, ort_level, run_session
-from bnfold.verify.shapes import format_shape, resolve_shapes, validated_shapes
+from bnfold.verify.shapes import format_shape, validated_shapes
 from bnfold.verify.tolerances import DEFAULT_TOLERANCES, lowest_precision, tolerance_for, validate_tolerance
 
 # Both models run at this level unless told otherwise (see the module docstring for why).
 DEFAULT_OPT_LEVEL = "disabled"
+
+_ALL_ATOLS_GIVEN = "atol as given for every float output (no noise run for the outputs)"
+_EXPOSED_NOISE_RUN_FAILED = "the noise run with intermediate values as outputs failed: {}; outputs only"
 
 # Rows of failing intermediate values shown in the table and the JSON (the first ones in node
 # order; the count says how many more there are).
@@ -314,13 +310,18 @@ class CheckReport:
                 "that differ")
 
     @property
+    def _float_outputs(self) -> list:
+        """The outputs compared with tolerances (integer and bool ones compare exactly)."""
+        return [o for o in self.outputs if o.atol_source != "exact"]
+
+    @property
     def tolerance_brief(self) -> str:
         """A few words on the tolerances, for one-line verdicts (fold, calibrate, demo)."""
-        floats = [o for o in self.outputs if o.atol_source != "exact"]
+        floats = self._float_outputs
         if not floats:
             return "exact comparison"
         if all(o.atol_source == "given" for o in floats):
-            return "atol as given for every float output (no noise run for the outputs)"
+            return _ALL_ATOLS_GIVEN
         from_noise = sum(o.atol_source == "noise" for o in floats)
         if from_noise:
             return (f"atol raised to {self.noise_factor:g} x the reference's own float noise on "
@@ -330,11 +331,11 @@ class CheckReport:
     @property
     def tolerance_note(self) -> str:
         """One sentence: how the tolerances were chosen (the table's and the JSON's footnote)."""
-        floats = [o for o in self.outputs if o.atol_source != "exact"]
+        floats = self._float_outputs
         if not floats:
             return "integer and bool outputs compared exactly"
         if all(o.atol_source == "given" for o in floats):
-            return "atol as given for every float output (no noise run for the outputs)"
+            return _ALL_ATOLS_GIVEN
         if self.noise_opt_level is None:
             why = f" ({self.noise_note})" if self.noise_note else ""
             return f"default atol = dtype default x max(1, max|ref|); noise not measured{why}"
@@ -487,6 +488,14 @@ def check(
                                                 exposed=bool(values), shared=shared)
         if note:
             values, inter_note = [], note
+
+        def outputs_only(why: str) -> None:
+            """Compare the outputs only from now on; ``why`` is the report's intermediates_note."""
+            nonlocal values, inter_note
+            values, inter_note = [], why
+            ref_run.drop_values()
+            cand_run.drop_values()
+
         exposed_names = {v.name for v in values}
 
         def specs_of(runner):
@@ -501,24 +510,18 @@ def check(
         validate_tolerance(rtol, "rtol", output_names)
         validate_tolerance(atol, "atol", output_names)
 
-        if inputs is not None:
-            if shapes:
-                raise InputError("shapes cannot be combined with given inputs (their shapes are used)")
-            input_sets = [load_inputs(inputs, input_specs)]
-            shape_hint = ""
-        else:
-            concrete = resolve_shapes(input_specs, shapes)
-            check_input_budget(input_specs, concrete, samples)
-            rng = np.random.default_rng(seed)
-            bounds = index_bounds(ref_model.proto)
-            input_sets = [synthesize_inputs(input_specs, concrete, rng, bounds) for _ in range(samples)]
-            dynamic = any(s.shape is None or any(not isinstance(d, int) for d in s.shape) for s in input_specs)
-            shape_hint = (
-                " on synthesized inputs with default sizes for dynamic dimensions; "
-                "set them with --shape NAME:D1xD2x..."
-                if dynamic
-                else ""
-            )
+        if inputs is not None and shapes:
+            raise InputError("shapes cannot be combined with given inputs (their shapes are used)")
+        input_sets = prepare_input_sets(input_specs, ref_model.proto, inputs=inputs, shapes=shapes, seed=seed,
+                                        samples=samples)
+        dynamic = inputs is None and any(s.shape is None or any(not isinstance(d, int) for d in s.shape)
+                                         for s in input_specs)
+        shape_hint = (
+            " on synthesized inputs with default sizes for dynamic dimensions; "
+            "set them with --shape NAME:D1xD2x..."
+            if dynamic
+            else ""
+        )
 
         if values:
             # Before any run: onnxruntime keeps every exposed value of a run alive to its end.
@@ -526,9 +529,7 @@ def check(
                                            {n: a.shape for n, a in input_sets[0].items()})
             too_big = _too_big_note(per_sample, len(input_sets), "estimated")
             if too_big:
-                values, inter_note = [], too_big
-                ref_run.drop_values()
-                cand_run.drop_values()
+                outputs_only(too_big)
 
         results = []
         scaled, base_atols = {}, {}
@@ -576,9 +577,7 @@ def check(
             try:
                 inter_noise_session = ref_model.session(noise_opt_level(opt_level), exposed=True)
             except InputError as e:
-                values, inter_note = [], f"the noise run with intermediate values as outputs failed: {e}; outputs only"
-                ref_run.drop_values()
-                cand_run.drop_values()
+                outputs_only(_EXPOSED_NOISE_RUN_FAILED.format(e))
         spread = dict.fromkeys(noisy_outputs, 0.0)
         inter_spread = {v.name: 0.0 for v in values}
         ref_outs, ref_inters = [], []
@@ -589,10 +588,8 @@ def check(
                 if not values:
                     raise
                 # The plain model may still run: then only the exposure is at fault.
-                values, inter_note = [], (f"onnxruntime failed to run the models with their intermediate values as "
-                                          f"outputs ({e}); outputs only")
-                ref_run.drop_values()
-                cand_run.drop_values()
+                outputs_only(f"onnxruntime failed to run the models with their intermediate values as outputs ({e}); "
+                             "outputs only")
                 outs, inters = ref_run.run(feeds, output_names, [], shape_hint)
             ref_outs.append(outs)
             ref_inters.append(inters)
@@ -600,9 +597,8 @@ def check(
                 measured = sum(np.asarray(a).nbytes for a in inters.values())
                 too_big = _too_big_note(measured, len(input_sets), "measured")
                 if too_big:
-                    values, inter_note, ref_inters = [], too_big, [{}]
-                    ref_run.drop_values()
-                    cand_run.drop_values()
+                    outputs_only(too_big)
+                    ref_inters = [{}]
             del outs, inters
             if not values:
                 inter_noise_session = None
@@ -614,22 +610,16 @@ def check(
                 except InputError as e:
                     noise_session, noise_level, noise_note = None, None, f"the noise run failed: {e}"
                 else:
-                    for name in noisy_outputs:
-                        spread[name] = max(spread[name],
-                                           finite_spread(np.asarray(ref_outs[-1][name]), np.asarray(again[name])))
+                    widen_spreads(spread, ref_outs[-1], again)
             if inter_noise_session is not None:
                 try:
                     again = run_session(inter_noise_session, nudged, ref_model.label, [v.name for v in values],
                                         shape_hint)
                 except InputError as e:
-                    values, inter_note, inter_noise_session = [], (
-                        f"the noise run with intermediate values as outputs failed: {e}; outputs only"), None
-                    ref_run.drop_values()
-                    cand_run.drop_values()
+                    outputs_only(_EXPOSED_NOISE_RUN_FAILED.format(e))
+                    inter_noise_session = None
                 else:
-                    for name, value in again.items():
-                        inter_spread[name] = max(inter_spread[name], finite_spread(np.asarray(ref_inters[-1][name]),
-                                                                             np.asarray(value)))
+                    widen_spreads(inter_spread, ref_inters[-1], again)
                     del again
         noise_atols = {}
         if noise_level is not None:
@@ -637,17 +627,11 @@ def check(
                 if result.name not in spread:
                     continue
                 scale = output_scale(out[result.name] for out in ref_outs)
-                result.noise = spread[result.name]
-                result.noise_atol, result.noise_capped = noise_tolerance(
-                    result.noise, base_atols[result.name], scale)
-                if result.noise_capped and noise_model is not ref_model:
-                    # The noise includes what rounding the weights once more costs: a property
-                    # of the model's low precision, not an irreproducible reference; not capped.
-                    result.noise_atol, result.noise_capped = NOISE_FACTOR * result.noise, False
+                # From weights rounded once more the noise includes what that rounding costs: a
+                # property of the model's low precision, not an irreproducible reference; not capped.
+                apply_noise_floor(result, spread[result.name], base_atols[result.name], scale,
+                                  cap=noise_model is ref_model)
                 noise_atols[result.name] = result.noise_atol
-                # The noise decides the atol only where it exceeds the (scaled) default.
-                if result.noise_atol > base_atols[result.name] * scale:
-                    result.atol_source = "noise"
         inter_results = [_intermediate_result(v, lowest, [ref[v.name] for ref in ref_inters],
                                               inter_spread[v.name] if inter_noise_session is not None else None)
                          for v in values]
@@ -790,12 +774,7 @@ def _intermediate_result(value, lowest, ref_values, spread):
     result = IntermediateResult(value.name, value.dtype, (), rtol, atol, producer=value.producer,
                                 reference_producer=value.reference_producer, order=value.order, base_atol=atol)
     if spread is not None:
-        scale = output_scale(ref_values)
-        result.noise = spread
-        result.noise_over_cap = noise_tolerance(spread, atol, scale)[1]
-        result.noise_atol = NOISE_FACTOR * spread
-        if result.noise_atol > atol * scale:
-            result.atol_source = "noise"
+        result.noise_over_cap = apply_noise_floor(result, spread, atol, output_scale(ref_values), cap=False)
     return result
 
 
