@@ -30,6 +30,7 @@ def float_limits_handled(function):
 
 
 def json_float(x):
+    """``x`` as JSON can hold it: a float, or "inf" / "-inf" / "nan" as a string."""
     x = float(x)
     return x if math.isfinite(x) else str(x)
 

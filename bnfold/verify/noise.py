@@ -10,9 +10,9 @@ import onnx
 
 from bnfold.verify.compare import float_limits_handled
 
-# The noise floor (see bnfold.verify.parity's docstring): a default atol is at least NOISE_FACTOR times the
-# reference's own measured spread, and a measured tolerance never exceeds NOISE_CAP_OVER_DEFAULT
-# times the dtype's default atol nor NOISE_CAP_OF_SCALE of the output's scale.
+# The noise floor (see bnfold.verify.parity's docstring): a default atol is at least NOISE_FACTOR
+# times the reference's own measured spread, and a measured tolerance never exceeds
+# NOISE_CAP_OVER_DEFAULT times the dtype's default atol nor NOISE_CAP_OF_SCALE of the output's scale.
 NOISE_FACTOR = 4.0
 NOISE_CAP_OVER_DEFAULT = 100.0
 NOISE_CAP_OF_SCALE = 1e-2
