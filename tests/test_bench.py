@@ -161,15 +161,14 @@ def test_a_model_that_is_neither_path_nor_proto_is_named(demo_model):
 
 
 def test_synthesized_inputs_beyond_the_memory_limit_are_refused_before_drawing(demo_model, monkeypatch):
-    import bnfold.verify.bench as bench_module
-    from bnfold.verify import parity
+    from bnfold.verify import inputs
 
-    monkeypatch.setattr(parity, "available_memory", lambda: (64 << 20, "memory available"))  # a 16 MiB limit
+    monkeypatch.setattr(inputs, "available_memory", lambda: (64 << 20, "memory available"))  # a 16 MiB limit
 
     def no_drawing(*args, **kwargs):
         raise AssertionError("inputs were drawn")
 
-    monkeypatch.setattr(bench_module, "synthesize_inputs", no_drawing)
+    monkeypatch.setattr(inputs, "synthesize_inputs", no_drawing)
     with pytest.raises(InputError, match=r"would take 36 MiB, more than the limit of 16 MiB \(25% of the 64 MiB of "
                                          r"memory available\): input 'input' of shape 16384x3x8x8 float32 takes 12 MiB"):
         benchmark({"m": demo_model}, shapes={"input": (16384, 3, 8, 8)}, repeat=1, progress=False)

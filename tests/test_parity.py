@@ -13,7 +13,12 @@ from onnx import numpy_helper as nh
 import bnfold
 from bnfold.cli.app import main
 from bnfold.errors import InputError
-from bnfold.verify.parity import TensorSpec, load_inputs, parse_shape_specs, parse_tolerance_specs, resolve_shapes, synthesize_inputs
+import bnfold.verify.noise
+import bnfold.verify.parity
+from bnfold.verify.inputs import load_inputs, synthesize_inputs
+from bnfold.verify.models import TensorSpec
+from bnfold.verify.shapes import parse_shape_specs, resolve_shapes
+from bnfold.verify.tolerances import parse_tolerance_specs
 
 
 def _model(nodes, inputs, outputs, initializers=(), opset=17):
@@ -438,11 +443,11 @@ def test_bad_json_path_fails_before_the_check(tmp_path, params, capsys, monkeypa
 
 
 def test_in_memory_model_too_big_for_protobuf_goes_through_a_file(monkeypatch, params):
-    import bnfold.verify.parity as parity
+    import bnfold.verify.models as models
 
     model = conv_bn_model(params)
     before = model.SerializeToString()
-    monkeypatch.setattr(parity, "fits_in_one_message", lambda m: False)  # pretend it exceeds 2 GB
+    monkeypatch.setattr(models, "fits_in_one_message", lambda m: False)  # pretend it exceeds 2 GB
     report = bnfold.check(model, folded_conv_model(params))
     assert report.passed and report.max_abs_error > 0
     assert model.SerializeToString() == before  # the caller's model is not modified
@@ -490,7 +495,7 @@ def _mixed_precision_model(seed=5):
 
 
 def test_mixed_precision_model_is_judged_by_its_float16_rounding(tmp_path):
-    from bnfold.verify.parity import working_precision
+    from bnfold.verify.tolerances import working_precision
 
     model = _mixed_precision_model()
     assert working_precision(model) == "float16"
@@ -556,7 +561,7 @@ def test_correct_fold_of_deep_model_passes_by_its_measured_noise(deep):
     out = report.outputs[0]
     assert report.noise_opt_level == "all" and out.atol_source == "noise" and not out.noise_capped
     # The fold's error is of the order of the reference's own noise, well inside k x noise.
-    assert out.noise > 0 and out.max_abs < out.atol == pytest.approx(bnfold.verify.parity.NOISE_FACTOR * out.noise)
+    assert out.noise > 0 and out.max_abs < out.atol == pytest.approx(bnfold.verify.noise.NOISE_FACTOR * out.noise)
     fixed_atol = bnfold.check(model, folded, measure_noise=False).outputs[0].atol
     assert fixed_atol < out.max_abs  # above the fixed default: the noise floor was needed
 
@@ -616,7 +621,7 @@ def test_report_says_where_the_tolerance_came_from(deep, tmp_path, capsys):
     assert "reference disabled, candidate disabled" in table
     data = json.loads(out_json.read_text())
     assert data["noise"]["measured"] is True and data["noise"]["opt_level"] == "all"
-    assert data["noise"]["factor"] == bnfold.verify.parity.NOISE_FACTOR
+    assert data["noise"]["factor"] == bnfold.verify.noise.NOISE_FACTOR
     o = data["outputs"][0]
     assert o["atol_source"] == "noise" and o["rtol_source"] == "default" and o["noise"] > 0
     assert o["atol"] == pytest.approx(o["noise_atol"]) and "noise" in data["tolerance"]
@@ -647,7 +652,7 @@ def test_noise_run_at_all_uses_disabled_instead(params):
 
 
 def test_nudge_moves_float_inputs_by_one_ulp_only():
-    from bnfold.verify.parity import nudge_inputs
+    from bnfold.verify.noise import nudge_inputs
 
     rng_values = np.random.default_rng(0)
     feeds = {
@@ -674,7 +679,7 @@ def test_nudge_moves_float_inputs_by_one_ulp_only():
 
 
 def test_noise_tolerance_is_capped():
-    from bnfold.verify.parity import NOISE_CAP_OF_SCALE, NOISE_CAP_OVER_DEFAULT, NOISE_FACTOR, noise_tolerance
+    from bnfold.verify.noise import NOISE_CAP_OF_SCALE, NOISE_CAP_OVER_DEFAULT, NOISE_FACTOR, noise_tolerance
 
     assert noise_tolerance(1e-6, 1e-5, 1.0) == (NOISE_FACTOR * 1e-6, False)
     atol, capped = noise_tolerance(1.0, 1e-5, 2.0)
@@ -698,7 +703,7 @@ def test_a_reference_too_noisy_to_trust_gets_a_capped_tolerance():
     itself = bnfold.check(reference, _chaotic_model())
     out = itself.outputs[0]
     assert itself.passed and out.noise_capped and out.noise > 0.01
-    assert out.atol == pytest.approx(bnfold.verify.parity.NOISE_CAP_OVER_DEFAULT * 1e-5)  # scale 1: |sin| <= 1
+    assert out.atol == pytest.approx(bnfold.verify.noise.NOISE_CAP_OVER_DEFAULT * 1e-5)  # scale 1: |sin| <= 1
     assert "capped" in itself.tolerance_note and "capped" in out.tolerance_text
     # A 5% shift passes no check, however noisy the reference is.
     assert not bnfold.check(reference, _chaotic_model(shift=0.05)).passed
@@ -713,7 +718,7 @@ def test_intermediate_values_noisier_than_the_cap_follow_their_noise_and_outputs
     assert itself.passed
     sine = next(v for v in itself.intermediates if v.name == "u")
     assert sine.noise_over_cap and not sine.noise_capped and sine.noise > 0.01
-    assert sine.atol == pytest.approx(bnfold.verify.parity.NOISE_FACTOR * sine.noise)
+    assert sine.atol == pytest.approx(bnfold.verify.noise.NOISE_FACTOR * sine.noise)
     assert sine.atol > itself.outputs[0].atol  # the output's tolerance is capped, the value's is not
     assert "above the outputs' cap" in sine.tolerance_text
     assert itself.to_dict()["intermediates"]["noise_over_cap"] == 1
@@ -722,16 +727,16 @@ def test_intermediate_values_noisier_than_the_cap_follow_their_noise_and_outputs
 
 
 def test_failed_noise_run_falls_back_to_the_defaults(monkeypatch, params):
-    from bnfold.verify import parity
+    from bnfold.verify import models
 
-    real_session = parity.LoadedModel.session
+    real_session = models.LoadedModel.session
 
     def no_all_level(self, opt_level, **kwargs):
         if opt_level == "all":
             raise InputError(f"{self.label}: onnxruntime cannot load the model (injected)")
         return real_session(self, opt_level, **kwargs)
 
-    monkeypatch.setattr(parity.LoadedModel, "session", no_all_level)
+    monkeypatch.setattr(models.LoadedModel, "session", no_all_level)
     report = bnfold.check(conv_bn_model(params), folded_conv_model(params))
     assert report.passed and report.noise_opt_level is None
     assert "the noise run failed" in report.noise_note and "injected" in report.tolerance_note
@@ -827,7 +832,7 @@ def test_intermediates_get_the_outputs_tolerance_rule_with_their_own_noise(deep,
         assert v.noise is not None and v.noise_atol is not None and v.rtol == 1e-4 and v.passed
         assert v.atol_source in ("default", "noise") and v.error_over_tolerance < 1
         if v.atol_source == "noise":
-            assert v.atol == pytest.approx(bnfold.verify.parity.NOISE_FACTOR * v.noise)
+            assert v.atol == pytest.approx(bnfold.verify.noise.NOISE_FACTOR * v.noise)
         else:  # the noise floor stayed below the default, scaled by this value's own max|ref|
             assert v.noise_atol <= v.atol and v.atol >= 1e-5
     # Deep layers are noisier than the first: their tolerances follow their own noise.
@@ -1014,30 +1019,30 @@ def test_intermediates_of_model_files_leave_the_files_untouched(tmp_path):
 
 
 def test_intermediates_of_an_in_memory_model_too_big_for_one_message(monkeypatch, tmp_path):
-    import bnfold.verify.parity as parity
+    import bnfold.verify.models as models
 
     model, folded, wrong = _fold_pair(tmp_path)
-    monkeypatch.setattr(parity, "fits_in_one_message", lambda m: False)  # pretend it exceeds 2 GB
+    monkeypatch.setattr(models, "fits_in_one_message", lambda m: False)  # pretend it exceeds 2 GB
     report = bnfold.check(model, wrong, intermediates=True)
     assert len(report.intermediates) == 3 and report.failed_intermediates[0].name == "l1.bn"
     assert bnfold.check(model, folded, intermediates=True).passed
 
 
 def test_a_model_too_large_to_expose_falls_back_to_outputs(monkeypatch, tmp_path):
-    import bnfold.verify.parity as parity
+    import bnfold.verify.models as models
 
     model, _, wrong = _fold_pair(tmp_path)
-    monkeypatch.setattr(parity, "PROTOBUF_LIMIT", 100)
+    monkeypatch.setattr(models, "PROTOBUF_LIMIT", 100)
     report = bnfold.check(model, wrong, intermediates=True)
     assert report.intermediates == [] and report.passed
     assert "too large" in report.intermediates_note and "2 GiB" in report.intermediates_note
 
 
 def test_exposure_onnxruntime_refuses_falls_back_to_outputs(monkeypatch, tmp_path):
-    from bnfold.verify import parity
+    from bnfold.verify import models
 
     model, _, wrong = _fold_pair(tmp_path)
-    real_session = parity.LoadedModel.session
+    real_session = models.LoadedModel.session
 
     def refuse_exposed(self, opt_level, **kwargs):
         if kwargs.get("exposed"):
@@ -1045,7 +1050,7 @@ def test_exposure_onnxruntime_refuses_falls_back_to_outputs(monkeypatch, tmp_pat
                              "outputs (injected)")
         return real_session(self, opt_level, **kwargs)
 
-    monkeypatch.setattr(parity.LoadedModel, "session", refuse_exposed)
+    monkeypatch.setattr(models.LoadedModel, "session", refuse_exposed)
     report = bnfold.check(model, wrong, intermediates=True)
     assert report.intermediates == [] and "injected" in report.intermediates_note and report.passed
 
@@ -1054,7 +1059,7 @@ def test_exposure_onnxruntime_refuses_falls_back_to_outputs(monkeypatch, tmp_pat
 def test_fast_comparison_of_finite_values_agrees_with_the_general_one(dtype):
     """Finite arrays take a shorter path (a third of the passes over the data); a NaN shared by
     both sides sends the same values through the general one: the verdicts must be identical."""
-    from bnfold.verify.parity import OutputResult, _compare_into
+    from bnfold.verify.compare import OutputResult, compare_into
 
     rng = np.random.default_rng(1)
     for trial in range(12):
@@ -1063,9 +1068,9 @@ def test_fast_comparison_of_finite_values_agrees_with_the_general_one(dtype):
         ref[:7], cand[:3] = 0, 0  # zeros on one or both sides: rtol gives nothing there
         for atol, scaled, noise in ((1e-5, True, None), (1e-3, True, 5e-3), (0.0, False, None), (1e-4, False, None)):
             fast = OutputResult("y", "float32", (), 1e-4, atol)
-            _compare_into(fast, ref, cand, atol, scaled, noise)
+            compare_into(fast, ref, cand, atol, scaled, noise)
             general = OutputResult("y", "float32", (), 1e-4, atol)
-            _compare_into(general, np.append(ref, np.nan).astype(dtype), np.append(cand, np.nan).astype(dtype),
+            compare_into(general, np.append(ref, np.nan).astype(dtype), np.append(cand, np.nan).astype(dtype),
                           atol, scaled, noise)
             for key in ("max_abs", "max_rel", "mismatches", "atol", "error_over_tolerance", "passed"):
                 assert getattr(fast, key) == pytest.approx(getattr(general, key), rel=1e-12), (trial, atol, key)

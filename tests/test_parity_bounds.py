@@ -19,16 +19,12 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 import bnfold
-from bnfold.verify import parity
+from bnfold.verify import inputs as verify_inputs
 from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.verify.intermediates import Intermediate, estimate_bytes
-from bnfold.verify.parity import (
-    MAX_SAMPLES,
-    TensorSpec,
-    check_input_budget,
-    nudge_inputs,
-    rounded_once_more,
-)
+from bnfold.verify.inputs import MAX_SAMPLES, check_input_budget
+from bnfold.verify.models import TensorSpec
+from bnfold.verify.noise import nudge_inputs, rounded_once_more
 
 # A refusal takes an interpreter start and an import of onnx/onnxruntime (2-3 s here); the
 # repros it replaces ran for minutes or died in a MemoryError.
@@ -90,7 +86,7 @@ def assert_refused_in_one_line(args, *expected):
 
 
 def _available(monkeypatch, nbytes):
-    monkeypatch.setattr(parity, "available_memory", lambda: (nbytes, "memory available"))
+    monkeypatch.setattr(verify_inputs, "available_memory", lambda: (nbytes, "memory available"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +156,7 @@ def test_huge_static_input_is_refused_before_allocating(monkeypatch):
     def no_drawing(*args, **kwargs):
         raise AssertionError("inputs were drawn")
 
-    monkeypatch.setattr(parity, "synthesize_inputs", no_drawing)
+    monkeypatch.setattr(verify_inputs, "synthesize_inputs", no_drawing)
     with pytest.raises(InputError) as raised:
         bnfold.check(model, model)
     message = str(raised.value)
@@ -194,9 +190,9 @@ def test_element_count_beyond_int64_is_refused():
 
 
 def test_unknown_available_memory_falls_back_to_a_fixed_limit(monkeypatch):
-    monkeypatch.setattr(parity, "available_memory", lambda: (None, ""))
-    limit, how = parity.input_memory_limit()
-    assert limit == parity.INPUT_MEMORY_FALLBACK and "fixed" in how
+    monkeypatch.setattr(verify_inputs, "available_memory", lambda: (None, ""))
+    limit, how = verify_inputs.input_memory_limit()
+    assert limit == verify_inputs.INPUT_MEMORY_FALLBACK and "fixed" in how
     specs = [TensorSpec("x", "float32", (None, 4))]
     with pytest.raises(InputError, match=r"limit of 4 GiB \(a fixed 4 GiB, the available memory being unknown\)"):
         check_input_budget(specs, {"x": (1 << 30, 4)})
@@ -204,10 +200,10 @@ def test_unknown_available_memory_falls_back_to_a_fixed_limit(monkeypatch):
 
 
 def test_available_memory_is_read_on_linux():
-    available, source = parity.available_memory()
+    available, source = verify_inputs.available_memory()
     if os.path.exists("/proc/meminfo"):
         assert available > 0 and source
-    limit, how = parity.input_memory_limit()
+    limit, how = verify_inputs.input_memory_limit()
     assert limit > 0 and how
 
 

@@ -493,14 +493,14 @@ def _reference_task(spec) -> dict:
 
 
 def rounded_once_more(model):
-    """bnfold.verify.parity.rounded_once_more (this runs in the main interpreter, which has bnfold)."""
-    from bnfold.verify.parity import rounded_once_more as rounded
+    """bnfold.verify.noise.rounded_once_more (this runs in the main interpreter, which has bnfold)."""
+    from bnfold.verify.noise import rounded_once_more as rounded
 
     return rounded(model)
 
 
 def _has_low_precision_weights(model) -> bool:
-    from bnfold.verify.parity import has_low_precision_layer_weights
+    from bnfold.verify.noise import has_low_precision_layer_weights
 
     return has_low_precision_layer_weights(model)
 

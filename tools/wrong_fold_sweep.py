@@ -32,7 +32,7 @@ from onnx import numpy_helper
 import bnfold
 from bnfold.errors import InputError
 from bnfold.folding.fold_pass import fold_file
-from bnfold.verify.parity import parse_shape_specs
+from bnfold.verify.shapes import parse_shape_specs
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

@@ -29,20 +29,10 @@ from bnfold.common import first_line, format_table
 from bnfold._threads import available_cpus
 from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.io import write_json_atomic
-from bnfold.verify.parity import (
-    OPT_LEVELS,
-    LoadedModel,
-    index_bounds,
-    check_input_budget,
-    check_model_argument,
-    check_seed,
-    compare_interfaces,
-    load_inputs,
-    resolve_shapes,
-    session_specs,
-    synthesize_inputs,
-    validated_shapes,
-)
+from bnfold.verify.inputs import check_seed, prepare_input_sets
+from bnfold.verify.models import LoadedModel, check_model_argument, compare_interfaces, session_specs
+from bnfold.verify.session import OPT_LEVELS
+from bnfold.verify.shapes import validated_shapes
 from bnfold.progress import Progress
 
 DEFAULT_WARMUP = 5
@@ -182,7 +172,7 @@ def benchmark(
     runs per (model, level); otherwise runs continue until ``time_budget`` seconds (default 1.0)
     were spent per (model, level), at least 5 runs. ``shapes`` / ``inputs`` / ``seed``: as in
     ``bnfold.check`` (checked as there; synthesized inputs, one set, must fit in
-    ``bnfold.verify.parity.input_memory_limit()``). ``progress``: None shows a bar when stderr is a
+    ``bnfold.verify.inputs.input_memory_limit()``). ``progress``: None shows a bar when stderr is a
     terminal, True/False force. All models must take the same inputs.
     """
     if not isinstance(models, dict) or not models:
@@ -224,12 +214,7 @@ def benchmark(
                 else:
                     compare_interfaces((specs[0], []), (model_specs[0], []), first.label, model.label)
         input_specs = specs[0]
-        if inputs is not None:
-            feeds = load_inputs(inputs, input_specs)
-        else:
-            concrete = resolve_shapes(input_specs, shapes)
-            check_input_budget(input_specs, concrete)
-            feeds = synthesize_inputs(input_specs, concrete, np.random.default_rng(seed), index_bounds(first.proto))
+        [feeds] = prepare_input_sets(input_specs, first.proto, inputs=inputs, shapes=shapes, seed=seed)
 
         keys = list(sessions)
         run_estimate = {}

@@ -53,3 +53,11 @@ def create_session(source, *, opt_level: str, threads: int | None = None, spinni
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise InputError(f"{failure} ({first_line(e)})") from None
+
+
+def run_session(session, feeds: dict, label: str, output_names, shape_hint: str = "") -> dict:
+    try:
+        values = session.run(list(output_names), feeds)
+    except Exception as e:
+        raise InputError(f"{label}: onnxruntime failed to run the model{shape_hint} ({first_line(e)})") from None
+    return dict(zip(output_names, values))
