@@ -148,7 +148,8 @@ class SamplesOption(OptionGroup):
     """``--samples K``: number of random input sets."""
 
     def add_to(self, parser) -> None:
-        parser.add_argument("--samples", type=int, default=1, metavar="K", help="number of random input sets (default 1)")
+        parser.add_argument("--samples", type=int, default=1, metavar="K",
+                            help="number of random input sets (default 1)")
 
     def parse(self, args) -> None:
         from bnfold.errors import InputError
