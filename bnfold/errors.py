@@ -1,7 +1,8 @@
 """Exception types shared by the API and the CLI.
 
 The CLI maps them to exit codes: InputError -> 2 (bad file, bad argument, bad data),
-ParityError -> 1 (the folded/calibrated model does not compute what the original does).
+ParityError -> 1 (the folded/calibrated model does not compute what the original does, so it
+was not written).
 InputError is a ValueError, and ArgumentTypeError (a wrong argument type) also a TypeError, so
 API users can catch what Python's own argument checks raise.
 Kernels raise the built-in TypeError / ValueError directly, as numpy users expect.
@@ -25,7 +26,12 @@ class ArgumentTypeError(InputError, TypeError):
 
 
 class ParityError(BnfoldError):
-    """A transformed model failed its onnxruntime parity check."""
+    """A transformed model failed its onnxruntime parity check, and so was not written: what
+    ``bnfold fold`` and ``bnfold calibrate --fold`` raise when the check blocks the write
+    (without ``--force``); the CLI prints the message as one line and exits with 1. The API
+    functions do not raise it: ``bnfold.check`` returns a report whose ``passed`` says the
+    verdict, and ``bnfold.fold_file(verify=...)`` leaves the output unwritten when ``verify``
+    refuses."""
 
 
 class BnfoldWarning(UserWarning):

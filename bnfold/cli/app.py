@@ -3,8 +3,9 @@
 Every subcommand module exposes ``register(subparsers)``, which adds its parser and sets
 ``func(args) -> int`` as the handler. This module owns what all commands share: ``--version``,
 ``--verbose``, and turning errors into one line on stderr with the documented exit codes
-(0 ok, 1 parity failure, 2 bad input, 130 Ctrl-C, 143 SIGTERM; temporary files are removed
-on both).
+(0 ok, 1 parity failure (``ParityError``), 2 bad input, 3 internal error, 130 Ctrl-C, 143
+SIGTERM; temporary files are removed on both). Options that several commands share are defined
+once, in ``bnfold.cli.options``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import warnings
 
 from bnfold._version import __version__
+from bnfold.cli.options import EXIT_STATUS_COMMON, VerboseOption
 from bnfold.errors import BnfoldWarning, InputError, ParityError, unbuilt_extension_error
 
 # Order is the order shown in --help.
@@ -30,7 +32,12 @@ EPILOG = """examples:
   bnfold check model.onnx folded.onnx          onnxruntime parity of two models
   bnfold bench model.onnx                      latency before/after folding
   bnfold calibrate model.onnx -o out.onnx --data calib.npz --fold
-"""
+
+Options shared by the commands: -o (output model; demo: its directory), --json PATH (report),
+--shape, --seed, --force, --threads, -v.
+exit status: 0 ok, 1 a parity check failed (fold, calibrate --fold, demo) or check found a mismatch,
+2 bad input or usage (one line on stderr; -v shows the traceback),
+""" + EXIT_STATUS_COMMON + "."
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -50,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"bnfold {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show full tracebacks on errors")
+    VerboseOption(main_parser=True).add_to(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -134,8 +141,10 @@ def _main(argv) -> int:
         return _interrupted(signal.SIGINT)
     except InputError as e:
         return _fail(args, e, 2)
-    except ParityError as e:
-        return _fail(args, e, 1)
+    except ParityError as e:  # a verdict, not a failure to run: the line says what was not done
+        prefix = f"bnfold {args.command}: " if getattr(args, "command", None) else "bnfold: "
+        print(prefix + str(e).strip().splitlines()[0], file=sys.stderr)
+        return 1
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         return _fail(args, e, 2)
     except ModuleNotFoundError as e:

@@ -6,11 +6,21 @@ import argparse
 import math
 import os
 
-from bnfold.verify import DEFAULT_TIME_BUDGET, DEFAULT_WARMUP, benchmark, max_bench_threads
-from bnfold.cli.check import add_input_options, check_input_options
+from bnfold.cli.options import (
+    InputsFileOption,
+    JsonReportOption,
+    NoProgressOption,
+    SeedOption,
+    ShapeOption,
+    ThreadsOption,
+    VerboseOption,
+    add_option_groups,
+    exit_status,
+    parse_options,
+)
 from bnfold.errors import InputError
 from bnfold.io import check_outputs
-from bnfold.verify import OPT_LEVELS, parse_shape_specs
+from bnfold.verify import DEFAULT_TIME_BUDGET, DEFAULT_WARMUP, OPT_LEVELS, benchmark
 
 EXAMPLES = f"""examples:
   bnfold bench model.onnx                          original vs folded in memory, opt level all
@@ -21,7 +31,8 @@ With one model, bench folds it in memory (bnfold.fold) and compares the original
 model. The models take turns in blocks of runs so machine noise hits both alike. Default optimization
 level: all (how onnxruntime runs models in production; onnxruntime then fuses Conv+BN itself, so
 the gain is what it cannot fuse); use --opt-level disabled,all to see both. Default: {DEFAULT_WARMUP}
-warm-up runs, then timed runs for {DEFAULT_TIME_BUDGET:g} s per model and level (at least 5)."""
+warm-up runs, then timed runs for {DEFAULT_TIME_BUDGET:g} s per model and level (at least 5).
+""" + exit_status(ok="measured", bad_input="unreadable model, bad option or --inputs file, unwritable --json path")
 
 
 def register(subparsers) -> None:
@@ -39,25 +50,28 @@ def register(subparsers) -> None:
         "--opt-level", action="append", metavar="LEVEL[,LEVEL]",
         help=f"onnxruntime optimization level(s): {', '.join(OPT_LEVELS)} (repeatable or comma-separated; default: all)",
     )
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed warm-up runs (default {DEFAULT_WARMUP})")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--repeat", type=int, help="exact number of timed runs per model and level")
     group.add_argument("--time", type=float, metavar="SECONDS", help=f"time budget per model and level (default {DEFAULT_TIME_BUDGET:g})")
-    add_input_options(parser)
-    parser.add_argument("--inputs", metavar="FILE.npz", help="time on these inputs (arrays named by input)")
-    parser.add_argument("--no-progress", action="store_true", help="never show the progress bar")
-    parser.add_argument("--json", metavar="PATH", help="write all measurements as JSON")
+    add_option_groups(
+        parser,
+        ThreadsOption(),
+        ShapeOption(),
+        SeedOption(),
+        InputsFileOption("time on these inputs (arrays named by input)"),
+        NoProgressOption(),
+        JsonReportOption("write all measurements as JSON"),
+        VerboseOption(),
+    )
     parser.set_defaults(func=run)
 
 
 def _check_options(args) -> None:
-    """Validate the numeric options under their CLI names (the API's messages name its arguments)."""
-    check_input_options(args)
+    """Validate the options under their CLI names (the API's messages name its arguments)."""
+    parse_options(args)
     if args.time is not None and not (math.isfinite(args.time) and args.time > 0):
         raise InputError(f"--time must be a finite number of seconds > 0, got {args.time:g}")
-    if args.threads is not None and not 1 <= args.threads <= max_bench_threads():
-        raise InputError(f"--threads must be between 1 and {max_bench_threads()}, got {args.threads}")
     if args.warmup < 0:
         raise InputError(f"--warmup must be >= 0, got {args.warmup}")
     if args.repeat is not None and args.repeat < 1:
@@ -67,10 +81,7 @@ def _check_options(args) -> None:
 def run(args) -> int:
     _check_options(args)
     # Before folding and timing: a bad path must not cost the run, and no input may be overwritten.
-    check_outputs({"--json": args.json}, models=[args.model, args.other], inputs=[args.inputs])
-    shapes = parse_shape_specs(args.shape)
-    if args.inputs and shapes:
-        raise InputError("--shape cannot be combined with --inputs (the arrays' shapes are used)")
+    check_outputs({args.json_option: args.json}, models=[args.model, args.other], inputs=[args.inputs])
     if args.other is None:
         from bnfold.folding import fold
 
@@ -91,7 +102,7 @@ def run(args) -> int:
         warmup=args.warmup,
         repeat=args.repeat,
         time_budget=args.time,
-        shapes=shapes,
+        shapes=args.shapes,
         inputs=args.inputs,
         seed=args.seed,
         progress=False if args.no_progress else None,

@@ -3,8 +3,9 @@
 Flow: check the output paths -> load IN -> bnfold.calibrate (data streamed in batches, progress bar
 on a terminal) -> print the per-BN report -> with --fold: bnfold.fold the calibrated model and check
 parity (bnfold.check with intermediate values, on the first calibration samples unless --shape is
-given) -> atomic save of OUT and the --report JSON. Nothing is written when the data is bad (exit
-2) or when the folded model fails parity (exit 1) unless --force.
+given; on the written bytes, through bnfold.cli.checked_fold as `bnfold fold` does) -> atomic save of
+OUT and the --json report. Nothing is written when the data is bad (exit 2) or when the folded model
+fails parity (exit 1) unless --force.
 """
 
 from __future__ import annotations
@@ -13,10 +14,22 @@ import argparse
 import os
 import sys
 
+from bnfold.cli.options import (
+    ForceOption,
+    JsonReportOption,
+    NoProgressOption,
+    OutputOption,
+    ShapeOption,
+    VerboseOption,
+    add_option_groups,
+    exit_status,
+    parse_options,
+)
+
 EXAMPLES = """examples:
   bnfold calibrate model.onnx -o calibrated.onnx --data calib.npz
   bnfold calibrate model.onnx -o calibrated.onnx --data calib_dir/ --batch-size 64 --max-batches 50
-  bnfold calibrate model.onnx -o folded.onnx --data calib.npy --mode sequential --fold --report calib.json
+  bnfold calibrate model.onnx -o folded.onnx --data calib.npy --mode sequential --fold --json calib.json
 
 --data: a .npy file (single-input models), an .npz file with one array per input name, or a
 directory of such files (read in name order). Samples are streamed along axis 0 in batches of
@@ -30,8 +43,11 @@ A model with a fixed batch dimension (torch.onnx.export's default: 1) is run at 
 sequential mode; batch mode runs it at --batch-size with the batch made symbolic when that checks
 out on the first batch, else at the fixed batch (a note says which). Samples that do not fill a
 last fixed batch are not used (a note says how many).
-exit status: 0 ok, 1 parity check of --fold failed (nothing written unless --force),
-2 bad input (model, data, options or output path)."""
+""" + exit_status(
+    ok="calibrated (and, with --fold, parity holds)",
+    failed="parity check of --fold failed (nothing written unless --force)",
+    bad_input="model, data, options or output path",
+)
 
 # Samples of the first calibration batch used as parity-check inputs for --fold.
 _PARITY_SAMPLES = 4
@@ -48,19 +64,20 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="IN.onnx", help="the model to calibrate (never modified)")
-    parser.add_argument("-o", "--output", metavar="OUT.onnx", required=True, help="where to write the calibrated model")
+    add_option_groups(parser, OutputOption("OUT.onnx", "where to write the calibrated model"))
     parser.add_argument("--data", metavar="PATH", required=True, help=".npy / .npz file or a directory of them")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per batch (default 32)")
     parser.add_argument("--max-batches", type=int, default=None, metavar="K", help="use at most K batches per pass")
     parser.add_argument("--mode", choices=("batch", "sequential"), default="batch", help="statistics semantics (default batch)")
     parser.add_argument("--fold", action="store_true", help="fold the calibrated model (as `bnfold fold`) and check parity")
-    parser.add_argument("--force", action="store_true", help="with --fold: write OUT even when the parity check fails")
-    parser.add_argument("--report", metavar="R.json", help="write the calibration report (per BN old/new statistics) as JSON")
-    parser.add_argument(
-        "--shape", action="append", default=[], metavar="NAME:D1xD2x...",
-        help="with --fold: check parity on random inputs of this shape instead of calibration samples (repeatable)",
+    add_option_groups(
+        parser,
+        ForceOption("with --fold: "),
+        JsonReportOption("write the calibration report (per BN old/new statistics) as JSON", aliases=("--report",)),
+        ShapeOption(" (with --fold: check parity on random inputs of this shape instead of calibration samples)"),
+        NoProgressOption(),
+        VerboseOption(),
     )
-    parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.set_defaults(func=run)
 
 
@@ -69,16 +86,12 @@ def run(args) -> int:
     from bnfold.errors import InputError
     from bnfold.io import check_outputs, load_model, save_model_atomic, write_json_atomic
 
-    shapes = {}
-    if args.shape:
-        from bnfold.verify import parse_shape_specs
-
-        shapes = parse_shape_specs(args.shape)
+    parse_options(args)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_batches is not None and args.max_batches < 1:
         raise InputError(f"--max-batches must be >= 1, got {args.max_batches}")
-    check_outputs({"-o": args.output, "--report": args.report}, model_option="-o", models=[args.input],
+    check_outputs({"-o": args.output, args.json_option: args.json}, model_option="-o", models=[args.input],
                   inputs=[args.data])
 
     original = load_model(args.input)
@@ -91,52 +104,42 @@ def run(args) -> int:
 
     parity_failed = False
     if args.fold:
-        written, parity_failed = _fold_checked(args, calibrated, report, shapes, report_data)
-        if not written:
-            return 1
+        parity_failed = _fold_checked(args, calibrated, report, report_data)
     else:
         save_model_atomic(calibrated, args.output, source_path=args.input)
-    if args.report:
-        write_json_atomic(report_data, args.report)
-    print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
+    if args.json:
+        write_json_atomic(report_data, args.json)
+    print(f"wrote {args.output}" + (f" and {args.json}" if args.json else ""))
     return 1 if parity_failed else 0
 
 
-def _fold_checked(args, calibrated, report, shapes, report_data):
+def _fold_checked(args, calibrated, report, report_data):
     """Fold the calibrated model as ``bnfold fold`` folds a file: the calibrated model goes to a
-    temporary file beside OUT, ``fold_file`` folds it into OUT and the parity check (intermediate
-    values included) runs on exactly the bytes that are then moved into place — also when
-    float16 folds have to be left (``fold_file``'s precision search). Returns ``(written,
-    parity_failed)``."""
+    temporary file beside OUT and ``fold_checked`` folds it into OUT, with the parity check
+    (intermediate values included) on exactly the bytes that are then moved into place — also
+    when float16 folds have to be left (``fold_file``'s precision search). Returns whether the
+    check failed (OUT is then written only with --force; without it, ParityError: nothing is
+    written)."""
     from bnfold.calibration import iter_batches
-    from bnfold.errors import InputError
-    from bnfold.folding import fold_file
+    from bnfold.errors import ParityError
     from bnfold.io import save_model_atomic, scratch_directory
-    from bnfold.verify import check
 
-    if shapes:
-        parity_kwargs = {"shapes": shapes}
+    from bnfold.cli.checked_fold import fold_checked
+
+    if args.shapes:
+        check_options = {"shapes": args.shapes}
     else:
         # A model with a fixed batch dimension takes exactly that many samples.
         parity_samples = report.fixed_batch or min(args.batch_size, _PARITY_SAMPLES)
         feeds = next(iter_batches(calibrated, args.data, batch_size=parity_samples, max_batches=1))
-        parity_kwargs = {"inputs": feeds}
-    outcome = {}
-
-    def verify(tmp_path):
-        try:
-            outcome["check"] = check(calibrated_path, tmp_path, intermediates=True, candidate_label=args.output,
-                                     **parity_kwargs)
-        except InputError as e:
-            raise InputError(f"parity check could not run: {e}") from None
-        return outcome["check"].passed
+        check_options = {"inputs": feeds}
 
     directory = os.path.dirname(os.path.abspath(args.output))
     with scratch_directory(directory) as scratch:
         calibrated_path = os.path.join(scratch, "calibrated.onnx")
         save_model_atomic(calibrated, calibrated_path, source_path=args.input)
-        fold_report = fold_file(calibrated_path, args.output, verify=verify, write_refused=args.force)
-    check_report = outcome["check"]
+        folded = fold_checked(calibrated_path, args.output, force=args.force, check_options=check_options)
+    fold_report, check_report = folded.report, folded.check
     verdict = "passed" if check_report.passed else "FAILED"
     print(f"fold: {fold_report.n_folded} BatchNormalization folded, {fold_report.n_remaining} remaining; "
           f"parity check {verdict} (max abs error {check_report.max_abs_error:.3g}; {check_report.tolerance_brief}; "
@@ -150,11 +153,8 @@ def _fold_checked(args, calibrated, report, shapes, report_data):
     report_data["parity"] = check_report.to_dict()
     if not check_report.passed:
         if not args.force:
-            print(f"bnfold calibrate: parity check of the folded model FAILED; nothing written "
-                  f"(use --force to write {args.output} anyway)", file=sys.stderr)
-            return False, True
+            raise ParityError(f"parity check of the folded model FAILED; nothing written "
+                              f"(use --force to write {args.output} anyway)")
         print(f"bnfold calibrate: parity check FAILED; wrote {args.output} anyway (--force)", file=sys.stderr)
-        return True, True
-    return True, False
-
-
+        return True
+    return False

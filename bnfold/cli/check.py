@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bnfold.verify import (
-    DEFAULT_OPT_LEVEL,
-    NOISE_FACTOR,
-    OPT_LEVELS,
-    check,
-    parse_shape_specs,
-    parse_tolerance_specs,
+from bnfold.cli.options import (
+    InputsFileOption,
+    JsonReportOption,
+    SamplesOption,
+    SeedOption,
+    ShapeOption,
+    ToleranceOptions,
+    VerboseOption,
+    add_option_groups,
+    exit_status,
+    parse_options,
 )
+from bnfold.verify import DEFAULT_OPT_LEVEL, NOISE_FACTOR, OPT_LEVELS, check
 
 EXAMPLES = """examples:
   bnfold check model.onnx folded.onnx
@@ -36,9 +41,12 @@ hides an error (a softmax of 1000 small probabilities, a saturated sigmoid). It 
 default because it assumes one name means one quantity in both models, which holds for a model
 and its fold by bnfold (bnfold fold checks that way) but not for two unrelated exports.
 
-exit status: 0 all outputs (and intermediates) match, 1 an output or intermediate value differs,
-2 bad input (unreadable model, models whose input/output names, dtypes or shapes disagree, bad
-option or --inputs file)."""
+""" + exit_status(
+    ok="all outputs (and intermediates) match",
+    failed="an output or intermediate value differs",
+    bad_input="unreadable model, models whose input/output names, dtypes or shapes disagree, bad option or "
+    "--inputs file",
+)
 
 
 def register(subparsers) -> None:
@@ -56,16 +64,15 @@ def register(subparsers) -> None:
     )
     parser.add_argument("reference", help="the original model (.onnx)")
     parser.add_argument("candidate", help="the model to verify, e.g. the folded one (.onnx)")
-    add_input_options(parser)
-    parser.add_argument("--samples", type=int, default=1, metavar="K", help="number of random input sets (default 1)")
-    parser.add_argument("--inputs", metavar="FILE.npz", help="use these inputs (arrays named by input) instead of random ones")
-    parser.add_argument(
-        "--rtol", action="append", metavar="[NAME:]VALUE",
-        help="relative tolerance, for all outputs or (NAME:VALUE, repeatable) for one output",
-    )
-    parser.add_argument(
-        "--atol", action="append", metavar="[NAME:]VALUE",
-        help="absolute tolerance, for all outputs or (NAME:VALUE, repeatable) for one output",
+    add_option_groups(
+        parser,
+        ShapeOption(),
+        SeedOption(),
+        SamplesOption(),
+        InputsFileOption("use these inputs (arrays named by input) instead of random ones"),
+        ToleranceOptions(),
+        JsonReportOption("write the full result as JSON"),
+        VerboseOption(),
     )
     parser.add_argument(
         "--opt-level", choices=OPT_LEVELS, default=DEFAULT_OPT_LEVEL,
@@ -84,52 +91,24 @@ def register(subparsers) -> None:
         help="also compare every float value both models compute under the same name (for a model and its "
         "fold by bnfold; two unrelated models may use one name for different things)",
     )
-    parser.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     parser.set_defaults(func=run)
 
 
-def check_input_options(args) -> None:
-    """Validate --seed (and --samples where the command has it) under their CLI names, before
-    any model is read; the API would refuse them too, but in its own argument names."""
-    from bnfold.errors import InputError
-    from bnfold.verify import MAX_SAMPLES
-
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0 (numpy's random generator takes no negative seeds), got {args.seed}")
-    samples = getattr(args, "samples", None)
-    if samples is not None and not 1 <= samples <= MAX_SAMPLES:
-        raise InputError(f"--samples must be between 1 and {MAX_SAMPLES} (each sample is a full run of both "
-                         f"models), got {samples}")
-
-
-def add_input_options(parser) -> None:
-    """--shape and --seed, shared with ``bnfold bench``."""
-    parser.add_argument(
-        "--shape", action="append", default=[], metavar="NAME:D1xD2x...",
-        help="shape of an input with dynamic dimensions, e.g. input:1x3x224x224 (repeatable)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-
-
 def run(args) -> int:
-    from bnfold.errors import InputError
     from bnfold.io import check_outputs
 
     # Before the work: a bad path must not cost a whole check, and no input may be overwritten.
-    check_outputs({"--json": args.json}, models=[args.reference, args.candidate], inputs=[args.inputs])
-    check_input_options(args)
-    shapes = parse_shape_specs(args.shape)
-    if args.inputs and shapes:
-        raise InputError("--shape cannot be combined with --inputs (the arrays' shapes are used)")
+    check_outputs({args.json_option: args.json}, models=[args.reference, args.candidate], inputs=[args.inputs])
+    parse_options(args)
     report = check(
         args.reference,
         args.candidate,
-        shapes=shapes,
+        shapes=args.shapes,
         inputs=args.inputs,
         seed=args.seed,
         samples=args.samples,
-        rtol=parse_tolerance_specs(args.rtol, "rtol"),
-        atol=parse_tolerance_specs(args.atol, "atol"),
+        rtol=args.tolerances["rtol"],
+        atol=args.tolerances["atol"],
         opt_level=args.opt_level,
         candidate_opt_level=args.candidate_opt_level,
         measure_noise=not args.no_noise,

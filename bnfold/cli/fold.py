@@ -1,8 +1,8 @@
 """``bnfold fold IN.onnx -o OUT.onnx``: fold every foldable BatchNormalization, prove parity, save.
 
 Flow: load (one-line error on a bad file) -> bnfold.fold -> onnxruntime parity check of the result
-against the original (bnfold.verify.parity.check; skipped with --no-check) -> atomic save of OUT (and the
---report JSON). A model that fails the check is not written unless --force.
+against the original on the written bytes (bnfold.cli.checked_fold; skipped with --no-check) -> atomic
+save of OUT (and the --json report). A model that fails the check is not written unless --force.
 """
 
 from __future__ import annotations
@@ -10,21 +10,34 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
-import time
 
+from bnfold.cli.options import (
+    ForceOption,
+    JsonReportOption,
+    OutputOption,
+    SeedOption,
+    ShapeOption,
+    VerboseOption,
+    add_option_groups,
+    exit_status,
+    parse_options,
+)
 from bnfold.common import format_table
 
 EXAMPLES = """examples:
   bnfold fold model.onnx -o folded.onnx
-  bnfold fold model.onnx -o folded.onnx --report fold.json --shape input:1x3x224x224
+  bnfold fold model.onnx -o folded.onnx --json fold.json --shape input:1x3x224x224
   bnfold fold model.onnx -o folded.onnx --no-check
 
 After folding, the result is run in onnxruntime against the original on random inputs (dynamic
 dimensions from --shape, default 1 for the batch and 32 for the others) unless --no-check:
 every output and every intermediate value the two models share (each folded layer's output)
 must match within the tolerance of bnfold check.
-exit status: 0 folded (and parity holds), 1 parity check failed (nothing written unless --force),
-2 bad input (missing/corrupt/non-ONNX file, unwritable output, output path equal to the input)."""
+""" + exit_status(
+    ok="folded (and parity holds)",
+    failed="parity check failed (nothing written unless --force)",
+    bad_input="missing/corrupt/non-ONNX file, bad option, unwritable output, output path equal to the input",
+)
 
 
 def register(subparsers) -> None:
@@ -38,75 +51,44 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="IN.onnx", help="the model to fold (never modified)")
-    parser.add_argument("-o", "--output", metavar="OUT.onnx", required=True, help="where to write the folded model")
-    parser.add_argument("--report", metavar="R.json", help="write the fold report (each BN: rule or reason) as JSON")
-    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
-    parser.add_argument(
-        "--shape", action="append", default=[], metavar="NAME:D1xD2x...",
-        help="shape of an input with dynamic dimensions for the parity check, e.g. input:1x3x224x224 (repeatable)",
+    add_option_groups(
+        parser,
+        OutputOption("OUT.onnx", "where to write the folded model"),
+        JsonReportOption("write the fold report (each BN: rule or reason) as JSON", aliases=("--report",)),
     )
-    parser.add_argument("--force", action="store_true", help="write OUT even when the parity check fails")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the parity check's random inputs (default 0)")
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
+    add_option_groups(parser, ShapeOption(" for the parity check"), ForceOption(), SeedOption(), VerboseOption())
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from bnfold.folding import fold_file
+    from bnfold.errors import ParityError
     from bnfold.io import check_outputs, files_size, write_json_atomic
 
-    from bnfold.cli.check import check_input_options
+    from bnfold.cli.checked_fold import fold_checked
 
-    check_input_options(args)
-    shapes = {}
-    if args.shape:
-        from bnfold.verify import parse_shape_specs
-
-        shapes = parse_shape_specs(args.shape)
+    parse_options(args)
     # Refuse bad output paths before any work: the input must never be overwritten.
-    check_outputs({"-o": args.output, "--report": args.report}, model_option="-o", models=[args.input])
+    check_outputs({"-o": args.output, args.json_option: args.json}, model_option="-o", models=[args.input])
 
-    outcome = {"check": None}
-
-    def verify(tmp_path):
-        # The folded model is complete in a temporary file beside OUT: the parity check runs
-        # on exactly the bytes that will be moved into place.
-        outcome["fold_seconds"] = time.perf_counter() - start
-        if args.no_check:
-            return True
-        check_report = outcome["check"] = _parity(args.input, tmp_path, args.output, shapes, args.seed)
-        return check_report.passed
-
-    start = time.perf_counter()
-    report = fold_file(args.input, args.output, verify=verify, write_refused=args.force)
-    check_report = outcome["check"]
+    check_options = None if args.no_check else {"shapes": args.shapes or None, "seed": args.seed}
+    folded = fold_checked(args.input, args.output, force=args.force, check_options=check_options,
+                          could_not_run_hint=" (use --no-check to skip it)")
+    report, check_report = folded.report, folded.check
 
     out = sys.stdout
-    print(format_summary(report, outcome["fold_seconds"], check_report), file=out)
+    print(format_summary(report, folded.fold_seconds, check_report), file=out)
 
-    if check_report is not None and not check_report.passed:
+    if folded.failed:
         if not args.force:
-            print(f"bnfold fold: parity check FAILED; nothing written (use --force to write {args.output} "
-                  "anyway)", file=sys.stderr)
-            return 1
+            raise ParityError(f"parity check FAILED; nothing written (use --force to write {args.output} anyway)")
         print(f"bnfold fold: parity check FAILED; wrote {args.output} anyway (--force)", file=sys.stderr)
 
-    if args.report:
-        write_json_atomic(report.to_dict(), args.report)
+    if args.json:
+        write_json_atomic(report.to_dict(), args.json)
     print(f"model size: {_size(files_size(args.input))} -> {_size(files_size(args.output))}", file=out)
-    print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""), file=out)
-    return 1 if check_report is not None and not check_report.passed else 0
-
-
-def _parity(original, folded, label, shapes, seed):
-    from bnfold.errors import InputError
-    from bnfold.verify import check
-
-    try:
-        # bnfold's fold keeps every value's name and meaning, so its intermediate values are
-        # compared too: each folded layer is checked directly, whatever the head hides.
-        return check(original, folded, shapes=shapes or None, seed=seed, candidate_label=label, intermediates=True)
-    except InputError as e:
-        raise InputError(f"parity check could not run: {e} (use --no-check to skip it)") from None
+    print(f"wrote {args.output}" + (f" and {args.json}" if args.json else ""), file=out)
+    return 1 if folded.failed else 0
 
 
 def _size(nbytes: int) -> str:

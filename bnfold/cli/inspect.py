@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from bnfold.cli.options import JsonReportOption, VerboseOption, add_option_groups, exit_status
 from bnfold.common import format_table
 
 EXAMPLES = """examples:
@@ -13,7 +14,8 @@ EXAMPLES = """examples:
 
 Columns: BN node, the graph it is in ("main" or the subgraph path such as If_3/then_branch),
 producer op -> BN -> consumer ops, foldable yes/no, and the fold rule or the reason code with a
-sentence. exit status: 0 ok, 2 bad input (missing/corrupt/non-ONNX file)."""
+sentence.
+""" + exit_status(ok="listed", bad_input="missing/corrupt/non-ONNX file, unwritable --json path")
 
 
 def register(subparsers) -> None:
@@ -26,7 +28,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="model.onnx", help="the model to inspect")
-    parser.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    add_option_groups(parser, JsonReportOption("also write the full report as JSON"), VerboseOption())
     parser.set_defaults(func=run)
 
 
@@ -34,7 +36,7 @@ def run(args) -> int:
     from bnfold.folding import inspect
     from bnfold.io import check_outputs, load_model, write_json_atomic
 
-    check_outputs({"--json": args.json}, models=[args.model])
+    check_outputs({args.json_option: args.json}, models=[args.model])
     report = inspect(load_model(args.model))
     print(format_bn_table(report))
     if args.json:
