@@ -63,7 +63,7 @@ from bnfold.calibration.report import BNCalibration, CalibrationReport
 from bnfold.calibration.sessions import calibration_session, run_calibration_graph
 from bnfold.common import count
 from bnfold.errors import InputError
-from bnfold.folding import GraphView, ModelContext, get_attr, inference_mode_failure, is_batch_norm, remove_unused
+from bnfold.folding import GraphView, ModelContext, get_attr, is_batch_norm, remove_unused, screen_batch_norm
 from bnfold.io import load_model
 
 MODES = ("batch", "sequential")
@@ -286,15 +286,15 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
     # The main graph seen as the fold pass sees it: BN parameters are read and written through it.
     view = GraphView(model.graph, ModelContext(model))
     elem_types, shapes = value_types(model)
-    # Screening: the main graph's BNs are screened as the fold pass screens them; one not in inference
-    # mode is reported as skipped and left alone.
+    # Screening: the fold pass's screen for a BN whose statistics are about to be replaced; one not
+    # in inference mode is reported as skipped and left alone.
     bns = []
     for i, node in enumerate(view.nodes):
         if not is_batch_norm(node):
             continue
         label = view.labels[i]
         entry = BNCalibration(bn=label, epsilon=float(get_attr(node, "epsilon", 1e-5)))
-        failure = inference_mode_failure(node, label, view.ctx.opset)
+        failure = screen_batch_norm(view, i, statistics_replaced=True)
         if failure is not None:
             entry.status, entry.reason = "skipped", f"{failure.reason}: {failure.message}; left alone"
         else:

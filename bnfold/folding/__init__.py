@@ -5,7 +5,7 @@ that applies them, its report, and the cleanup after it."""
 from bnfold.folding.cleanup import remove_unused
 from bnfold.folding.fold_pass import fold, fold_file, inspect
 from bnfold.folding.report import FoldReport
-from bnfold.folding.screening import inference_mode_failure, screen_batch_norm
+from bnfold.folding.screening import screen_batch_norm
 from bnfold.folding.tensors import FLOAT_TYPES, numpy_type, read_tensor
 from bnfold.folding.view import (
     GraphView,
@@ -26,7 +26,6 @@ __all__ = [
     "fold",
     "fold_file",
     "get_attr",
-    "inference_mode_failure",
     "inspect",
     "is_batch_norm",
     "iter_graphs",

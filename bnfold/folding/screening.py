@@ -2,8 +2,8 @@
 per-channel BN whose parameters are constant float (C,) vectors, and are its folded values finite?
 
 The fold pass reduces every BN that passes to its float64 affine map (``inference_batch_norm``);
-calibration, which replaces the running mean and variance, asks the same questions with
-``screen_batch_norm(..., need_finite_statistics=False)``.
+calibration, which replaces the running mean and variance, screens with
+``screen_batch_norm(..., statistics_replaced=True)``.
 """
 
 from __future__ import annotations
@@ -36,18 +36,22 @@ def inference_mode_failure(node, label: str, opset: int) -> Failure | None:
     return None
 
 
-def screen_batch_norm(view: GraphView, index: int, *, need_finite_statistics: bool = True) -> Failure | None:
+def screen_batch_norm(view: GraphView, index: int, *, statistics_replaced: bool = False) -> Failure | None:
     """Why BatchNormalization node ``index`` of ``view`` cannot be used, or None when it can.
 
-    Always checked, in this order: inference mode (``inference_mode_failure``); scale, B, mean
-    and var each a constant (``GraphView.constant``) of a float type; the four of them (C,)
-    vectors of one length. With ``need_finite_statistics`` (the fold pass) also: the folded
-    ``s = scale / sqrt(var + eps)`` and ``t = B - mean * s`` finite (``invalid_statistics``).
-    The Failure is the one the fold pass reports for the BN, reason code and message alike."""
-    if need_finite_statistics:
-        screened = inference_batch_norm(view, index)
-    else:
-        screened = _constant_parameters(view, index)
+    Folding (the default) needs, in this order: inference mode (``inference_mode_failure``);
+    scale, B, mean and var each a constant (``GraphView.constant``) of a float type; the four of
+    them (C,) vectors of one length; the folded ``s = scale / sqrt(var + eps)`` and
+    ``t = B - mean * s`` finite (``invalid_statistics``). The Failure is the one the fold pass
+    reports for the BN, reason code and message alike.
+
+    ``statistics_replaced=True`` (calibration, which computes new running statistics and reads
+    scale and B at run time) needs only what a BN must be whatever its statistics: inference mode
+    with all five inputs. Statistics that are graph inputs, computed, NaN or of another shape are
+    what calibration replaces."""
+    if statistics_replaced:
+        return inference_mode_failure(view.nodes[index], view.labels[index], view.ctx.opset)
+    screened = inference_batch_norm(view, index)
     return screened if isinstance(screened, Failure) else None
 
 
