@@ -87,11 +87,11 @@ def _prepare_out_dir(out_dir) -> str:
         return tempfile.mkdtemp(prefix="bnfold-demo-")
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise InputError(f"--out {out_dir}: exists and is not a directory")
+        raise InputError(f"output directory {out_dir} (-o): exists and is not a directory")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise InputError(f"--out {out_dir}: cannot create directory ({e.strerror or e})") from None
+        raise InputError(f"output directory {out_dir} (-o): cannot create it ({e.strerror or e})") from None
     return out_dir
 
 
