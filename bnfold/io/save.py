@@ -207,9 +207,16 @@ class _directory_lock:
     _DEFERRED = {signal.SIGINT, signal.SIGTERM}
 
     def __enter__(self):
-        self._mask = None
-        if threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask"):
-            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._DEFERRED)
+        self._mask, self._handlers, self._arrived = None, {}, []
+        if threading.current_thread() is threading.main_thread():
+            # The mask holds a signal back from this thread only: the kernel hands one sent to the
+            # process to another thread (numpy's BLAS pool, onnxruntime's), whose C handler still
+            # makes Python run the handler here at once. So the Python handlers are swapped too.
+            for signum in self._DEFERRED:
+                if signal.getsignal(signum) is not None:  # (None: set outside Python, cannot be put back)
+                    self._handlers[signum] = signal.signal(signum, self._hold)
+            if hasattr(signal, "pthread_sigmask"):
+                self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._DEFERRED)
         try:
             import fcntl
 
@@ -219,11 +226,18 @@ class _directory_lock:
             pass
         return self
 
+    def _hold(self, signum, frame):
+        self._arrived.append(signum)
+
     def __exit__(self, *exc):
         if self._fd is not None:
             os.close(self._fd)
         if self._mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)  # (a signal held back reaches _hold here)
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(self._arrived):
+            signal.raise_signal(signum)  # now its own handler runs, the pair complete
         return False
 
 
