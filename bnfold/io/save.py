@@ -3,8 +3,8 @@ beside its destination and renamed into place, never over an input.
 
 A model with external data is replaced as a pair, so that a crash at any instant leaves a
 loadable model: the new data file is placed under a free name (``external_data_candidates``), the
-.onnx renamed last under the folder's lock, and only then the data file of the model it replaced
-(and only one bnfold named and marked) removed.
+.onnx is renamed last under the folder's lock, and only then is the replaced model's data file
+removed (only one that bnfold named and marked as that model's).
 """
 
 from __future__ import annotations
