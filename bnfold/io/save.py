@@ -212,9 +212,13 @@ class _directory_lock:
             # The mask holds a signal back from this thread only: the kernel hands one sent to the
             # process to another thread (numpy's BLAS pool, onnxruntime's), whose C handler still
             # makes Python run the handler here at once. So the Python handlers are swapped too.
-            for signum in self._DEFERRED:
-                if signal.getsignal(signum) is not None:  # (None: set outside Python, cannot be put back)
-                    self._handlers[signum] = signal.signal(signum, self._hold)
+            try:
+                for signum in self._DEFERRED:
+                    if signal.getsignal(signum) is not None:  # (None: set outside Python, cannot be put back)
+                        self._handlers[signum] = signal.signal(signum, self._hold)
+            except BaseException:  # the other signal's handler raised between the two swaps
+                self._restore_handlers()
+                raise
             if hasattr(signal, "pthread_sigmask"):
                 self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._DEFERRED)
         try:
@@ -234,11 +238,14 @@ class _directory_lock:
             os.close(self._fd)
         if self._mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)  # (a signal held back reaches _hold here)
-        for signum, handler in self._handlers.items():
-            signal.signal(signum, handler)
+        self._restore_handlers()
         for signum in dict.fromkeys(self._arrived):
             signal.raise_signal(signum)  # now its own handler runs, the pair complete
         return False
+
+    def _restore_handlers(self):
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
 
 
 def _relocate_external_data(model, old_location, new_location):
