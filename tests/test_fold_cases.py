@@ -179,7 +179,7 @@ def test_weights_keep_their_dtype(name, folded_cases):
 
 
 def test_external_data_kept_external(tmp_path):
-    from bnfold.io.model_io import load_model, save_model_atomic
+    from bnfold.io import load_model, save_model_atomic
 
     name = "conv_bn_external_data"
     original = MM.CASES[name][0]()

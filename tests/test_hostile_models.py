@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold.io import wire
 from bnfold.errors import BnfoldWarning, InputError
 from bnfold.folding.fold_pass import fold, fold_file
-from bnfold.io.model_io import load_model, load_model_deferred
+from bnfold.io import load_model, load_model_deferred
 from bnfold.io.payloads import DEFER_THRESHOLD
 
 

@@ -1,4 +1,4 @@
-"""model_io: one-line errors for unusable files, atomic writes that never touch the input, the
+"""bnfold.io load / paths / save: one-line errors for unusable files, atomic writes that never touch the input, the
 streaming writer's bytes decode to the same model, external data stays external."""
 
 import os
@@ -9,13 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.errors import InputError
-from bnfold.io.model_io import (
-    check_output_path,
-    file_uses_external_data,
-    load_model,
-    save_model_atomic,
-    source_files,
-)
+from bnfold.io.load import file_uses_external_data, load_model
+from bnfold.io.paths import check_output_path, source_files
+from bnfold.io.save import save_model_atomic
 
 
 def _matmul_model(k=300, with_small=True):

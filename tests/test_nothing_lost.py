@@ -19,7 +19,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.io.model_io import load_model, save_model_atomic, source_files
+from bnfold.io import load_model, save_model_atomic
+from bnfold.io.paths import source_files
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
@@ -276,7 +277,7 @@ def test_stale_temporaries_are_removed_but_live_ones_kept(tmp_path, two_models):
 
 
 def test_temporaries_newer_than_the_process_are_kept(tmp_path):
-    from bnfold.io.model_io import remove_stale_temporaries
+    from bnfold.io.temporaries import remove_stale_temporaries
 
     fresh = tmp_path / ".bnfold-new.onnx.tmp"
     fresh.write_bytes(b"x")

@@ -17,7 +17,7 @@ from bnfold.io import wire
 from bnfold.errors import InputError
 from bnfold.folding.fold_pass import fold, fold_file
 from bnfold.folding.tensors import ScaledWeight
-from bnfold.io.model_io import load_model_deferred, save_model_atomic
+from bnfold.io import load_model_deferred, save_model_atomic
 from bnfold.io.payloads import TensorPayloads, split_serialized_model
 
 
@@ -187,13 +187,13 @@ def test_external_data_source_is_loaded_whole(tmp_path):
 
 
 def test_save_model_atomic_counts_payloads_kept_apart_toward_the_size_limit(tmp_path, monkeypatch):
-    import bnfold.io.model_io as model_io
+    import bnfold.io.load as io_load
 
     src = _save(_model_with_big_weight(), tmp_path / "in.onnx")
     model, payloads, wait = load_model_deferred(src)
     wait()
-    assert model_io.tensor_payload_bytes(model, payloads) >= 64 * 64 * 9 * 4
-    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", (64 << 20) + 64 * 64 * 9 * 4)  # the weight no longer fits
+    assert io_load.tensor_payload_bytes(model, payloads) >= 64 * 64 * 9 * 4
+    monkeypatch.setattr(io_load, "PROTOBUF_LIMIT", (64 << 20) + 64 * 64 * 9 * 4)  # the weight no longer fits
     out = str(tmp_path / "out.onnx")
     assert save_model_atomic(model, out, payloads=payloads)
     payloads.close()
@@ -270,7 +270,7 @@ def test_split_declines_repeated_graph_fields():
 def test_background_writer_writes_in_order_and_reports_errors():
     import io
 
-    from bnfold.io.model_io import _BackgroundWriter
+    from bnfold.io.stream import _BackgroundWriter
 
     target = io.BytesIO()
     with _BackgroundWriter(target, depth=2) as w:
@@ -289,15 +289,15 @@ def test_background_writer_writes_in_order_and_reports_errors():
 
 
 def test_write_error_becomes_one_input_error_and_leaves_nothing(tmp_path, monkeypatch):
-    import bnfold.io.model_io as model_io
+    import bnfold.io.stream as stream
 
     src = _save(_model_with_big_weight(), tmp_path / "in.onnx")
 
-    class FullDisk(model_io._BackgroundWriter):
+    class FullDisk(stream._BackgroundWriter):
         def write(self, data):
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(model_io, "_BackgroundWriter", FullDisk)
+    monkeypatch.setattr(stream, "_BackgroundWriter", FullDisk)
     with pytest.raises(InputError, match="cannot write output"):
         fold_file(src, str(tmp_path / "out.onnx"))
     assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
@@ -320,7 +320,7 @@ def test_external_data_only_inside_a_body_is_noticed(tmp_path):
     model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
     src = str(tmp_path / "in.onnx")
     onnx.save_model(model, src, save_as_external_data=True, location="in.data", size_threshold=1024)
-    from bnfold.io.model_io import file_uses_external_data
+    from bnfold.io import file_uses_external_data
 
     assert file_uses_external_data(src)
     loaded, payloads, wait = load_model_deferred(src)
@@ -447,7 +447,7 @@ def test_split_leaves_in_the_proto_what_the_checker_must_see(edit, checker_refus
     """A big initializer the checker would refuse, or whose fields would not survive being
     kept apart exactly, stays in the proto: the deferred loader reads the model onnx.load
     reads and refuses what the checker refuses, as the whole-file loader does."""
-    from bnfold.io.model_io import load_model
+    from bnfold.io import load_model
 
     data = _big_weight_edited(edit)
     src = tmp_path / "in.onnx"

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
 from bnfold.folding.fold_pass import REASON_CODES, RULE_CODES
-from bnfold.io.model_io import load_model, save_model_atomic
+from bnfold.io import load_model, save_model_atomic
 
 F = TensorProto.FLOAT
 ort.set_default_logger_severity(3)

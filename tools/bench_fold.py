@@ -3,7 +3,7 @@ model (53 Conv + BN, ~25M random parameters), both in this process, and print th
 
 bnfold is timed as ``bnfold fold --no-check`` runs it: ``bnfold.fold_file(IN, OUT)`` (the weights
 stay in the memory-mapped input; new ones go straight to the output). The Python API route that
-hands out a complete ModelProto, ``bnfold.fold(path)`` + ``model_io.save_model_atomic``, is timed
+hands out a complete ModelProto, ``bnfold.fold(path)`` + ``bnfold.io.save_model_atomic``, is timed
 too, for reference.
 
 onnxruntime's baseline: an InferenceSession created with ``graph_optimization_level=ORT_ENABLE_BASIC``
@@ -63,9 +63,9 @@ def run_bnfold(src, dst):
 
 
 def run_bnfold_api(src, dst):
-    """bnfold.fold(path) -> complete ModelProto, then model_io.save_model_atomic."""
+    """bnfold.fold(path) -> complete ModelProto, then bnfold.io.save_model_atomic."""
     from bnfold.folding.fold_pass import fold
-    from bnfold.io.model_io import save_model_atomic
+    from bnfold.io import save_model_atomic
 
     folded, report = fold(src)
     save_model_atomic(folded, dst, source_path=src)

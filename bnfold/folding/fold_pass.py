@@ -47,7 +47,7 @@ def fold(model_or_path, *, forward: bool = True):
     """Fold every exactly-foldable BatchNormalization; return ``(new ModelProto, FoldReport)``.
 
     ``model_or_path``: an ``onnx.ModelProto`` (never modified) or a path (loaded with
-    ``bnfold.io.model_io.load_model``, external data included). ``forward``: also fold a BN into the
+    ``bnfold.io.load_model``, external data included). ``forward``: also fold a BN into the
     Gemm/MatMul/unpadded Conv that reads it when nothing before it can take it.
     """
     return _fold(model_or_path, forward, complete_model=True)

@@ -5,7 +5,7 @@ Python's protobuf copies a ``bytes`` field whenever it is set or read, and on th
 therefore leaves the big ``raw_data`` payloads where they are — in the memory-mapped input file —
 and lets protobuf parse only the small rest of the model (``split_serialized_model``). The fold
 math reads weights as read-only numpy views of the file, stores the new weights it computes here
-(no copy into the proto), and the streaming writer in ``bnfold.io.model_io`` writes every payload
+(no copy into the proto), and the streaming writer in ``bnfold.io.stream`` writes every payload
 from here straight to the output.
 
 A tensor whose payload lives in a ``TensorPayloads`` carries, in the proto, ``data_location =
@@ -156,7 +156,7 @@ def split_serialized_model(buf, payloads: TensorPayloads):
     left out and kept in ``payloads`` as a zero-copy view of ``buf``.
 
     The checker sees a kept-apart initializer only as a graph input of its type and shape (see
-    ``bnfold.io.model_io``), so only tensors that pass every check it would make of them are kept
+    ``bnfold.io.load``), so only tensors that pass every check it would make of them are kept
     apart (``_fit_to_keep_apart``); any other tensor stays in the proto, where the checker and
     the fold treat it as in a model loaded whole.
 

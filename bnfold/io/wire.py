@@ -1,10 +1,10 @@
 """Just enough of the protobuf wire format to move ONNX tensor payloads around without protobuf.
 
 Python's protobuf copies every ``bytes`` field on the way in and on the way out. For a 100 MB
-model that means several 100 MB copies, each paying for fresh pages. ``bnfold.io.model_io`` uses
+model that means several 100 MB copies, each paying for fresh pages. ``bnfold.io.payloads`` uses
 these helpers to find the big ``raw_data`` payloads inside a serialized ModelProto (so they can
-stay in the memory-mapped file), to build the small rest that protobuf parses, and to write a
-model back field by field. Field numbers are those of onnx.proto.
+stay in the memory-mapped file) and to build the small rest that protobuf parses;
+``bnfold.io.stream`` uses them to write a model back field by field. Field numbers are those of onnx.proto.
 """
 
 from __future__ import annotations
