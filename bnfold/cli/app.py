@@ -20,7 +20,12 @@ import warnings
 
 from bnfold._version import __version__
 from bnfold.cli.options import EXIT_STATUS_COMMON, VerboseOption
-from bnfold.errors import BnfoldWarning, InputError, ParityError, unbuilt_extension_error
+from bnfold.errors import (
+    BnfoldWarning,
+    InputError,
+    ParityError,
+    unbuilt_extension_error,
+)
 
 # Order is the order shown in --help.
 COMMAND_MODULES = ("fold", "inspect", "check", "bench", "calibrate", "demo")

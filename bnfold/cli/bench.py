@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
@@ -14,6 +13,7 @@ from bnfold.cli.options import (
     ShapeOption,
     ThreadsOption,
     VerboseOption,
+    add_command,
     add_option_groups,
     exit_status,
     parse_options,
@@ -36,13 +36,13 @@ warm-up runs, then timed runs for {DEFAULT_TIME_BUDGET:g} s per model and level 
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "bench",
         help="latency of models in onnxruntime (one model: original vs folded)",
         description="Measure onnxruntime latency (median and p10-p90) of one or two models; the "
         "second (or the folded model) is compared with the first.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", help="the model to measure (.onnx)")
     parser.add_argument("other", nargs="?", help="a second model to compare with (default: MODEL folded in memory)")

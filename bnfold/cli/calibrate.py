@@ -10,7 +10,6 @@ fails parity (exit 1) unless --force.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,6 +20,7 @@ from bnfold.cli.options import (
     OutputOption,
     ShapeOption,
     VerboseOption,
+    add_command,
     add_option_groups,
     exit_status,
     parse_options,
@@ -54,14 +54,14 @@ _PARITY_SAMPLES = 4
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "calibrate",
         help="re-estimate BatchNormalization running statistics from data (PreciseBN)",
         description="Recompute the running mean/variance of every BatchNormalization of IN as exact "
         "population statistics over calibration data, run through onnxruntime, and write the "
         "result to OUT. Scale, bias and all other weights are unchanged.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="IN.onnx", help="the model to calibrate (never modified)")
     add_option_groups(parser, OutputOption("OUT.onnx", "where to write the calibrated model"))
@@ -84,7 +84,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from bnfold.calibration import calibrate
     from bnfold.errors import InputError
-    from bnfold.io import check_outputs, load_model, save_model_atomic, write_json_atomic
+    from bnfold.io import (
+        check_outputs,
+        load_model,
+        save_model_atomic,
+        write_json_atomic,
+    )
 
     parse_options(args)
     if args.batch_size < 1:
@@ -121,10 +126,9 @@ def _fold_checked(args, calibrated, report, report_data):
     check failed (OUT is then written only with --force; without it, ParityError: nothing is
     written)."""
     from bnfold.calibration import iter_batches
+    from bnfold.cli.checked_fold import fold_checked
     from bnfold.errors import ParityError
     from bnfold.io import save_model_atomic, scratch_directory
-
-    from bnfold.cli.checked_fold import fold_checked
 
     if args.shapes:
         check_options = {"shapes": args.shapes}

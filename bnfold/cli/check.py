@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from bnfold.cli.options import (
@@ -13,6 +12,7 @@ from bnfold.cli.options import (
     ShapeOption,
     ToleranceOptions,
     VerboseOption,
+    add_command,
     add_option_groups,
     exit_status,
     parse_options,
@@ -50,7 +50,8 @@ and its fold by bnfold (bnfold fold checks that way) but not for two unrelated e
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "check",
         help="compare two models' outputs in onnxruntime",
         description="Run REFERENCE and CANDIDATE in onnxruntime on the same inputs and compare every "
@@ -60,7 +61,6 @@ def register(subparsers) -> None:
         "--opt-level is all) on inputs moved by one ulp, to measure its own float noise: a default atol "
         f"is at least {NOISE_FACTOR:g} x that noise.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("reference", help="the original model (.onnx)")
     parser.add_argument("candidate", help="the model to verify, e.g. the folded one (.onnx)")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-
-from bnfold.cli.options import OutputOption, ThreadsOption, VerboseOption, add_option_groups, exit_status, parse_options
+from bnfold.cli.options import (
+    OutputOption,
+    ThreadsOption,
+    VerboseOption,
+    add_command,
+    add_option_groups,
+    exit_status,
+    parse_options,
+)
 
 EXAMPLES = """examples:
   bnfold demo                          temporary output directory, a few seconds
@@ -18,13 +24,13 @@ Writes original.onnx, folded.onnx and report.json (fold report, parity result, l
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "demo",
         help="fold, check and benchmark a built-in CNN (no downloads)",
         description="Build a small CNN with BatchNormalization layers (residual, depthwise and fully "
         "connected blocks), fold it, check parity with onnxruntime and compare latency.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_option_groups(
         parser,

@@ -7,7 +7,6 @@ save of OUT (and the --json report). A model that fails the check is not written
 
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 
@@ -18,6 +17,7 @@ from bnfold.cli.options import (
     SeedOption,
     ShapeOption,
     VerboseOption,
+    add_command,
     add_option_groups,
     exit_status,
     parse_options,
@@ -41,14 +41,14 @@ must match within the tolerance of bnfold check.
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "fold",
         help="fold BatchNormalization nodes into neighbouring Conv/ConvTranspose/Gemm/MatMul weights",
         description="Fold every exactly-foldable BatchNormalization of IN into the weights of its "
         "neighbouring layer, check the result against IN in onnxruntime, and write it to OUT. "
         "Every BN left in the model is listed with the reason it could not be folded.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="IN.onnx", help="the model to fold (never modified)")
     add_option_groups(
@@ -62,10 +62,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from bnfold.cli.checked_fold import fold_checked
     from bnfold.errors import ParityError
     from bnfold.io import check_outputs, files_size, write_json_atomic
-
-    from bnfold.cli.checked_fold import fold_checked
 
     parse_options(args)
     # Refuse bad output paths before any work: the input must never be overwritten.

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
-import argparse
-
-from bnfold.cli.options import JsonReportOption, VerboseOption, add_option_groups, exit_status
+from bnfold.cli.options import (
+    JsonReportOption,
+    VerboseOption,
+    add_command,
+    add_option_groups,
+    exit_status,
+)
 from bnfold.common import format_table
 
 EXAMPLES = """examples:
@@ -19,13 +23,13 @@ sentence.
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "inspect",
         help="list BN nodes and whether each can be folded",
         description="List the BatchNormalization nodes of a model (subgraphs included) with their "
         "neighbours and what `bnfold fold` would do with each. Nothing is written except --json.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="model.onnx", help="the model to inspect")
     add_option_groups(parser, JsonReportOption("also write the full report as JSON"), VerboseOption())

@@ -35,6 +35,13 @@ class OptionGroup:
         """Nothing to validate unless a group says otherwise."""
 
 
+def add_command(subparsers, name: str, *, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """A subcommand's parser: its one-line ``help`` in ``bnfold --help``, its ``description`` and
+    an ``epilog`` (examples and exit status) printed as written."""
+    return subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_option_groups(parser, *groups: OptionGroup) -> None:
     """Add each group's arguments to ``parser`` (in this order, which is the order of ``--help``)
     and remember the groups, so that ``parse_options`` validates exactly what the command has
