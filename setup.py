@@ -79,9 +79,7 @@ class BuildExtWithOpenMP(build_ext):
         for ext in self.extensions:
             ext.extra_compile_args = opt + compile_flags + list(ext.extra_compile_args or [])
             ext.extra_link_args = link_flags + list(ext.extra_link_args or [])
-            ext.define_macros = list(ext.define_macros or []) + [
-                ("BNFOLD_HAS_OPENMP", "1" if has_openmp else "0")
-            ]
+            ext.define_macros = list(ext.define_macros or []) + [("BNFOLD_HAS_OPENMP", "1" if has_openmp else "0")]
         super().build_extensions()
 
 

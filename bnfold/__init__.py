@@ -75,8 +75,13 @@ def __dir__():
 __all__ = ["__version__", "openmp_enabled", "BnfoldError", "BnfoldWarning", "InputError", "ParityError"]
 __all__ += ["check", "CheckReport"]
 __all__ += [
-    "Moments", "batch_stats", "batch_norm_train", "batch_norm_infer", "batch_norm_backward",
-    "batch_renorm_train", "onnx_momentum",
+    "Moments",
+    "batch_stats",
+    "batch_norm_train",
+    "batch_norm_infer",
+    "batch_norm_backward",
+    "batch_renorm_train",
+    "onnx_momentum",
 ]
 __all__ += ["calibrate", "CalibrationReport"]
 __all__ += ["fold", "fold_file", "inspect", "FoldReport"]

@@ -20,8 +20,14 @@ def first_line(error: BaseException, limit: int = FIRST_LINE_LIMIT) -> str:
     return text.splitlines()[0][:limit]
 
 
-def format_table(header: Sequence[str] | None, rows: Iterable[Sequence], *, indent: str = "", rule: bool = True,
-                 right: Iterable[int] = ()) -> list:
+def format_table(
+    header: Sequence[str] | None,
+    rows: Iterable[Sequence],
+    *,
+    indent: str = "",
+    rule: bool = True,
+    right: Iterable[int] = (),
+) -> list:
     """Lines of a plain-text table: columns two spaces apart and as wide as their widest cell, a
     rule of dashes under the header (``rule=False``: none; ``header=None``: no header at all),
     columns whose index is in ``right`` right-aligned, trailing spaces removed."""

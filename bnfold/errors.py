@@ -45,5 +45,7 @@ def unbuilt_extension_error(error: ImportError):
     name = getattr(error, "name", None) or ""
     if not (isinstance(error, ModuleNotFoundError) and name.startswith("bnfold._")):
         return None
-    return ImportError(f"bnfold's compiled module {name} is not built: install bnfold with "
-                       "`python -m pip install -e .` (or build in place with `python setup.py build_ext --inplace`)")
+    return ImportError(
+        f"bnfold's compiled module {name} is not built: install bnfold with "
+        "`python -m pip install -e .` (or build in place with `python setup.py build_ext --inplace`)"
+    )

@@ -51,7 +51,6 @@ _SLAB_MIN_OUTER = 8
 _BWD_STAGE_BYTES = 256 << 10
 
 
-
 def _cpu_has_avx2_fma() -> bool:
     """Whether this CPU runs AVX2 + FMA code (numpy's runtime CPU detection; False if unknown)."""
     try:
@@ -109,9 +108,7 @@ def _float_input(x, name: str) -> np.ndarray:
 
 def _layout(x: np.ndarray, axis, name: str = "x", allow_empty: bool = False) -> _Layout:
     if x.ndim < 2:
-        raise ValueError(
-            f"{name} must have rank >= 2 (batch and channel axes), got shape {x.shape}"
-        )
+        raise ValueError(f"{name} must have rank >= 2 (batch and channel axes), got shape {x.shape}")
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {axis!r}")
     if not -x.ndim <= axis < x.ndim:
@@ -236,10 +233,7 @@ def _out_array(out, x: np.ndarray) -> np.ndarray:
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
     if out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(
-            f"out must have the input's shape {x.shape} and dtype {x.dtype}, "
-            f"got {out.shape} {out.dtype}"
-        )
+        raise ValueError(f"out must have the input's shape {x.shape} and dtype {x.dtype}, got {out.shape} {out.dtype}")
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError("out must be a writeable C-contiguous array")
     return out
@@ -363,9 +357,7 @@ def _affine(x, L: _Layout, mean, scale, bias, out, nt) -> None:
         _k.affine_rows(xf, L.outer, L.C, L.inner, 0, L.C, m_hi, s, t, of, nt)
     else:
         dt = x.dtype
-        _k.affine_cols(
-            xf, L.outer, L.C, _tile(m_hi, L.C, dt), _tile(s, L.C, dt), _tile(t, L.C, dt), of, nt
-        )
+        _k.affine_cols(xf, L.outer, L.C, _tile(m_hi, L.C, dt), _tile(s, L.C, dt), _tile(t, L.C, dt), of, nt)
 
 
 def _train_forward(x, L: _Layout, w, b, eps, y, nt):
@@ -395,9 +387,7 @@ def _update_running(running_mean, running_var, mean, var, count, momentum, ddof)
 
 def _training_count(L: _Layout, x: np.ndarray) -> int:
     if L.count <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input of shape {x.shape}"
-        )
+        raise ValueError(f"Expected more than 1 value per channel when training, got input of shape {x.shape}")
     return L.count
 
 
@@ -431,7 +421,7 @@ class Moments:
         self.m2 = m2
 
     @classmethod
-    def from_array(cls, x, axis=1, n_threads=None) -> "Moments":
+    def from_array(cls, x, axis=1, n_threads=None) -> Moments:
         """Moments of every channel (axis ``axis``) of a float32/float64 batch; an empty batch
         (no values per channel) gives the empty moments, count 0."""
         arr = _float_input(x, "x")
@@ -442,14 +432,12 @@ class Moments:
         mean, m2 = _raw_moments(arr, L, nt)
         return cls(L.count, mean, m2)
 
-    def merge(self, other: "Moments") -> "Moments":
+    def merge(self, other: Moments) -> Moments:
         """Moments of the union of both batches (a new object; neither input changes)."""
         if not isinstance(other, Moments):
             raise TypeError(f"can only merge Moments with Moments, got {type(other).__name__}")
         if other.mean.shape != self.mean.shape:
-            raise ValueError(
-                f"cannot merge moments of {self.mean.shape[0]} and {other.mean.shape[0]} channels"
-            )
+            raise ValueError(f"cannot merge moments of {self.mean.shape[0]} and {other.mean.shape[0]} channels")
         # The empty part is the identity exactly: Chan's formula would give it too (its mean is 0)
         # except for two empty parts (0 / 0), and a hand-made Moments(0, ...) may hold any mean.
         if other.count == 0:
@@ -492,8 +480,20 @@ def batch_stats(x, axis=1, n_threads=None) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(arr.dtype), (m2 / L.count).astype(arr.dtype)
 
 
-def batch_norm_train(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5,
-                     axis=1, out=None, n_threads=None, *, running_var_ddof=1):
+def batch_norm_train(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    momentum=0.1,
+    eps=1e-5,
+    axis=1,
+    out=None,
+    n_threads=None,
+    *,
+    running_var_ddof=1,
+):
     """Training-mode batch norm: normalise with the batch statistics and update the running
     statistics in place (PyTorch convention; ``running_var_ddof=0`` stores the biased variance as
     ONNX does). weight/bias/running_mean/running_var may be None.
@@ -518,8 +518,9 @@ def batch_norm_train(x, weight, bias, running_mean, running_var, momentum=0.1, e
     return y, mean.astype(arr.dtype), invstd.astype(arr.dtype)
 
 
-def batch_norm_infer(x, weight, bias, running_mean, running_var, eps=1e-5, axis=1, out=None,
-                     n_threads=None) -> np.ndarray:
+def batch_norm_infer(
+    x, weight, bias, running_mean, running_var, eps=1e-5, axis=1, out=None, n_threads=None
+) -> np.ndarray:
     """Inference-mode batch norm: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
     weight/bias may be None; running_mean/running_var are required."""
     arr, L = _prepare(x, axis)
@@ -558,8 +559,21 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=1, n_threads
     dxf = dx.reshape(-1)
     if L.inner > 1 and not _use_slabs(L):
         # reduction and dx in one parallel region, by stages of channels (dx while dy, x are cached)
-        _k.bwd_fused_rows(gf, xf, L.outer, L.C, L.inner, mean, w, invstd, dxf, sum_dy, sum_dyxc,
-                          nt, *_bwd_schedule(L, dt.itemsize, nt))
+        _k.bwd_fused_rows(
+            gf,
+            xf,
+            L.outer,
+            L.C,
+            L.inner,
+            mean,
+            w,
+            invstd,
+            dxf,
+            sum_dy,
+            sum_dyxc,
+            nt,
+            *_bwd_schedule(L, dt.itemsize, nt),
+        )
     else:
         if _use_slabs(L):
             _k.dot_slabs(gf, xf, L.outer, L.C, L.inner, mean, sum_dy, sum_dyxc, nt)
@@ -569,14 +583,37 @@ def batch_norm_backward(dy, x, weight, save_mean, save_invstd, axis=1, n_threads
         if L.inner > 1:
             _k.bwd_rows(gf, xf, L.outer, L.C, L.inner, 0, L.C, m_hi, a, bcoef, d, dxf, nt)
         else:
-            _k.bwd_cols(gf, xf, L.outer, L.C, _tile(m_hi, L.C, dt), _tile(a, L.C, dt),
-                        _tile(bcoef, L.C, dt), _tile(d, L.C, dt), dxf, nt)
+            _k.bwd_cols(
+                gf,
+                xf,
+                L.outer,
+                L.C,
+                _tile(m_hi, L.C, dt),
+                _tile(a, L.C, dt),
+                _tile(bcoef, L.C, dt),
+                _tile(d, L.C, dt),
+                dxf,
+                nt,
+            )
     return dx, (sum_dyxc * invstd).astype(dt), sum_dy.astype(dt)
 
 
-def batch_renorm_train(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5,
-                       rmax=3.0, dmax=5.0, axis=1, out=None, n_threads=None, *,
-                       running_var_ddof=1):
+def batch_renorm_train(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    momentum=0.1,
+    eps=1e-5,
+    rmax=3.0,
+    dmax=5.0,
+    axis=1,
+    out=None,
+    n_threads=None,
+    *,
+    running_var_ddof=1,
+):
     """Batch Renormalization (Ioffe 2017), training forward.
 
     With sigma_B = sqrt(var_B + eps) and sigma = sqrt(running_var + eps) (running stats *before*

@@ -65,7 +65,7 @@ class Progress:
         elapsed = now - (self._start or now)
         if self.total:
             fraction = min(max(self.count / self.total, 0.0), 1.0)
-            filled = int(round(fraction * _BAR_WIDTH))
+            filled = round(fraction * _BAR_WIDTH)
             bar = "#" * filled + "." * (_BAR_WIDTH - filled)
             text = f"{self.label} [{bar}] {fraction:4.0%} {elapsed:5.1f}s"
         else:

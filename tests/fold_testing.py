@@ -85,8 +85,10 @@ def assert_close(reference, candidate, label=""):
         err = np.abs(c64 - r64)
         bound = rtol * np.abs(r64) + rtol * scale
         worst = float(np.max(err - bound)) if err.size else 0.0
-        assert worst <= 0.0, (f"{label} output {i} ({r.dtype}): max abs error {float(err.max()):.3g} exceeds "
-                              f"{rtol:g} relative (output scale {scale:.3g})")
+        assert worst <= 0.0, (
+            f"{label} output {i} ({r.dtype}): max abs error {float(err.max()):.3g} exceeds "
+            f"{rtol:g} relative (output scale {scale:.3g})"
+        )
 
 
 def assert_parity(original, folded, feeds_list, label=""):

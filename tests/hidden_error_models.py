@@ -37,17 +37,23 @@ def _conv_bn(rng, nodes, inits, x, cin, cout, tag, beta=None):
     }
     inits += [nh.from_array(v.astype(np.float32), k) for k, v in params.items()]
     nodes += [
-        helper.make_node("Conv", [x, f"{tag}.conv.w", f"{tag}.conv.b"], [f"{tag}.conv"], pads=[1, 1, 1, 1],
-                         name=f"{tag}.conv"),
-        helper.make_node("BatchNormalization", [f"{tag}.conv", f"{tag}.bn.gamma", f"{tag}.bn.beta", f"{tag}.bn.mean",
-                                                f"{tag}.bn.var"], [f"{tag}.bn"], name=f"{tag}.bn"),
+        helper.make_node(
+            "Conv", [x, f"{tag}.conv.w", f"{tag}.conv.b"], [f"{tag}.conv"], pads=[1, 1, 1, 1], name=f"{tag}.conv"
+        ),
+        helper.make_node(
+            "BatchNormalization",
+            [f"{tag}.conv", f"{tag}.bn.gamma", f"{tag}.bn.beta", f"{tag}.bn.mean", f"{tag}.bn.var"],
+            [f"{tag}.bn"],
+            name=f"{tag}.bn",
+        ),
     ]
     return f"{tag}.bn"
 
 
 def _model(nodes, inits, name, channels, size, out_shape):
     graph = helper.make_graph(
-        nodes, name,
+        nodes,
+        name,
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [1, channels, size, size])],
         [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, out_shape)],
         inits,
@@ -81,8 +87,12 @@ def softmax_head_model(size=8, width=16, classes=1000, seed=0) -> onnx.ModelProt
         helper.make_node("Relu", [a], ["stem.relu"], name="stem.relu"),
         helper.make_node("GlobalAveragePool", ["stem.relu"], ["pool"], name="pool"),
         helper.make_node("Flatten", ["pool"], ["flat"], name="flat"),
-        helper.make_node("BatchNormalization", ["flat", "head.bn.gamma", "head.bn.beta", "head.bn.mean",
-                                                "head.bn.var"], ["head.bn"], name="head.bn"),
+        helper.make_node(
+            "BatchNormalization",
+            ["flat", "head.bn.gamma", "head.bn.beta", "head.bn.mean", "head.bn.var"],
+            ["head.bn"],
+            name="head.bn",
+        ),
         helper.make_node("Gemm", ["head.bn", "head.fc.w", "head.fc.b"], ["logits"], transB=1, name="head.fc"),
         helper.make_node("Softmax", ["logits"], [OUTPUT], axis=1, name="head.softmax"),
     ]

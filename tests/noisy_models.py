@@ -41,18 +41,29 @@ def deep_offset_chain(depth=12, channels=8, size=16, offset=30.0, seed=0) -> onn
         gamma = rng.uniform(0.5, 1.5, channels)
         beta = rng.normal(0.0, 0.3, channels)
         out = "y" if i == depth - 1 else f"relu{i}"
-        params = {f"conv{i}.w": w, f"conv{i}.b": b, f"bn{i}.gamma": gamma, f"bn{i}.beta": beta,
-                  f"bn{i}.mean": np.zeros(channels), f"bn{i}.var": np.ones(channels)}  # placeholders
+        params = {
+            f"conv{i}.w": w,
+            f"conv{i}.b": b,
+            f"bn{i}.gamma": gamma,
+            f"bn{i}.beta": beta,
+            f"bn{i}.mean": np.zeros(channels),
+            f"bn{i}.var": np.ones(channels),
+        }  # placeholders
         inits += [nh.from_array(v.astype(np.float32), k) for k, v in params.items()]
         nodes += [
             helper.make_node("Conv", [x, f"conv{i}.w", f"conv{i}.b"], [f"conv{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"),
-            helper.make_node("BatchNormalization", [f"conv{i}", f"bn{i}.gamma", f"bn{i}.beta", f"bn{i}.mean",
-                                                    f"bn{i}.var"], [f"bn{i}"], name=f"bn{i}"),
+            helper.make_node(
+                "BatchNormalization",
+                [f"conv{i}", f"bn{i}.gamma", f"bn{i}.beta", f"bn{i}.mean", f"bn{i}.var"],
+                [f"bn{i}"],
+                name=f"bn{i}",
+            ),
             helper.make_node("Relu", [f"bn{i}"], [out], name=f"relu{i}"),
         ]
         x, cin = out, channels
     graph = helper.make_graph(
-        nodes, "deep_offset_chain",
+        nodes,
+        "deep_offset_chain",
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [1, 3, size, size])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, size, size])],
         inits,

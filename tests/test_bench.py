@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 import pytest
 
-from bnfold.verify.bench import BenchReport, benchmark
 from bnfold.cli.app import main
+from bnfold.demo.zoo import build_demo_cnn
 from bnfold.errors import InputError
 from bnfold.progress import Progress
-from bnfold.demo.zoo import build_demo_cnn
+from bnfold.verify.bench import BenchReport, benchmark
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,11 @@ def demo_model():
 def test_benchmark_report_structure(demo_model):
     report = benchmark(
         {"original": demo_model, "same": demo_model},
-        opt_levels=("disabled", "all"), threads=1, warmup=1, repeat=4, progress=False,
+        opt_levels=("disabled", "all"),
+        threads=1,
+        warmup=1,
+        repeat=4,
+        progress=False,
     )
     assert isinstance(report, BenchReport)
     assert report.models == ["original", "same"] and report.opt_levels == ["disabled", "all"]
@@ -63,7 +67,22 @@ def test_cli_one_model_folds_in_memory(tmp_path, demo_model, capsys):
     path = tmp_path / "demo.onnx"
     onnx.save(demo_model, str(path))
     out = tmp_path / "bench.json"
-    code = main(["bench", str(path), "--repeat", "3", "--warmup", "1", "--threads", "1", "--opt-level", "disabled,all", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            str(path),
+            "--repeat",
+            "3",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--opt-level",
+            "disabled,all",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "9 BN(s) folded, 1 left" in printed and "folded speed-up" in printed
@@ -142,13 +161,16 @@ def test_progress_bar_only_when_enabled():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, error, named", [
-    ({"seed": -1}, ValueError, "seed must be a non-negative integer"),
-    ({"seed": 0.5}, TypeError, "seed"),
-    ({"shapes": {"input": (-1, 3, 8, 8)}}, ValueError, "shapes['input']: dimension 0 is -1"),
-    ({"shapes": {"input": (1.0, 3, 8, 8)}}, TypeError, "shapes['input']: dimension 0 must be an integer"),
-    ({"time_budget": "1"}, TypeError, "time_budget"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, named",
+    [
+        ({"seed": -1}, ValueError, "seed must be a non-negative integer"),
+        ({"seed": 0.5}, TypeError, "seed"),
+        ({"shapes": {"input": (-1, 3, 8, 8)}}, ValueError, "shapes['input']: dimension 0 is -1"),
+        ({"shapes": {"input": (1.0, 3, 8, 8)}}, TypeError, "shapes['input']: dimension 0 must be an integer"),
+        ({"time_budget": "1"}, TypeError, "time_budget"),
+    ],
+)
 def test_argument_errors_name_the_argument(demo_model, kwargs, error, named):
     with pytest.raises(error) as raised:
         benchmark({"m": demo_model}, progress=False, **kwargs)
@@ -169,8 +191,11 @@ def test_synthesized_inputs_beyond_the_memory_limit_are_refused_before_drawing(d
         raise AssertionError("inputs were drawn")
 
     monkeypatch.setattr(inputs, "synthesize_inputs", no_drawing)
-    with pytest.raises(InputError, match=r"would take 36 MiB, more than the limit of 16 MiB \(25% of the 64 MiB of "
-                                         r"memory available\): input 'input' of shape 16384x3x8x8 float32 takes 12 MiB"):
+    with pytest.raises(
+        InputError,
+        match=r"would take 36 MiB, more than the limit of 16 MiB \(25% of the 64 MiB of "
+        r"memory available\): input 'input' of shape 16384x3x8x8 float32 takes 12 MiB",
+    ):
         benchmark({"m": demo_model}, shapes={"input": (16384, 3, 8, 8)}, repeat=1, progress=False)
 
 
@@ -180,15 +205,23 @@ def _bench_cli(*args):
     import time
 
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "bnfold", "bench", *map(str, args)], capture_output=True, text=True,
-                          check=False, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "bnfold", "bench", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     return done.returncode, done.stderr.splitlines(), time.monotonic() - start
 
 
-@pytest.mark.parametrize("options, expected", [
-    (["--seed", "-1"], "--seed must be >= 0"),
-    (["--shape", "input:99999999999x3x8x8"], "input 'input' of shape 99999999999x3x8x8 float32"),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--shape", "input:99999999999x3x8x8"], "input 'input' of shape 99999999999x3x8x8 float32"),
+    ],
+)
 def test_cli_bad_values_exit_2_in_one_line(tmp_path, demo_model, options, expected):
     path = tmp_path / "demo.onnx"
     onnx.save(demo_model, str(path))
@@ -202,8 +235,11 @@ def test_cli_huge_static_input_exits_2(tmp_path):
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 100000, 100000])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 100000, 100000])
-    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
     path = tmp_path / "huge.onnx"
     onnx.save(model, str(path))
     code, err, _ = _bench_cli(path, path, "--repeat", "1")

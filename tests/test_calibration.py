@@ -40,7 +40,17 @@ class _Builder:
         i = self.count = self.count + 1
         w = self._init(f"conv{i}.w", self.rng.normal(0, 1 / np.sqrt(cin * k * k), (cout, cin, k, k)))
         b = self._init(f"conv{i}.b", self.rng.normal(0, 0.3, cout))
-        self.nodes.append(helper.make_node("Conv", [x, w, b], [f"conv{i}"], name=f"conv{i}", kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4))
+        self.nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, w, b],
+                [f"conv{i}"],
+                name=f"conv{i}",
+                kernel_shape=[k, k],
+                strides=[stride, stride],
+                pads=[pad] * 4,
+            )
+        )
         return f"conv{i}"
 
     def bn(self, x, c, name=None, shared=None):
@@ -224,7 +234,9 @@ def _moments(values):
 def bn_statistics(model):
     """name -> (running_mean, running_var) as stored in the model."""
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    return {n.name: (inits[n.input[3]], inits[n.input[4]]) for n in model.graph.node if n.op_type == "BatchNormalization"}
+    return {
+        n.name: (inits[n.input[3]], inits[n.input[4]]) for n in model.graph.node if n.op_type == "BatchNormalization"
+    }
 
 
 def assert_stats_close(got, want, rtol=1e-5):
@@ -317,7 +329,10 @@ def test_sequential_recovers_corrupted_statistics():
     rng = np.random.default_rng(9)
     corrupted = onnx.ModelProto()
     corrupted.CopyFrom(model)
-    for m, source in ((good, lambda s: s), (corrupted, lambda s: (s[0] + rng.normal(0, 1, s[0].shape), s[1] * rng.uniform(0.2, 5, s[1].shape)))):
+    for m, source in (
+        (good, lambda s: s),
+        (corrupted, lambda s: (s[0] + rng.normal(0, 1, s[0].shape), s[1] * rng.uniform(0.2, 5, s[1].shape))),
+    ):
         inits = {t.name: t for t in m.graph.initializer}
         for node in m.graph.node:
             if node.op_type == "BatchNormalization":
@@ -361,7 +376,9 @@ def test_every_data_source_gives_the_same_result(tmp_path):
     ]
     for source in sources:
         got = bn_statistics(calibrate(model, source, mode="batch", batch_size=6)[0])
-        assert_stats_close(got, {k: (v[0].astype(np.float64), v[1].astype(np.float64)) for k, v in want.items()}, rtol=1e-6)
+        assert_stats_close(
+            got, {k: (v[0].astype(np.float64), v[1].astype(np.float64)) for k, v in want.items()}, rtol=1e-6
+        )
 
 
 @pytest.mark.parametrize("writer", ["npy", "savez", "savez_compressed"])
@@ -382,7 +399,9 @@ def test_files_are_streamed_not_loaded_whole(tmp_path, writer):
         tracemalloc.stop()
     assert report.n_samples == 2000
     assert peak < data.nbytes / 4, peak
-    np.testing.assert_allclose(bn_statistics(calibrated)["bn"][1], data.astype(np.float64).var(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(
+        bn_statistics(calibrated)["bn"][1], data.astype(np.float64).var(axis=(0, 2, 3)), rtol=1e-5
+    )
 
 
 def test_compressed_npz_fortran_member(tmp_path):
@@ -400,7 +419,11 @@ def test_max_batches_limits_samples():
     assert report.n_batches == 2 and report.n_samples == 8
     assert all(e.samples == 8 for e in report.entries)
     want = bn_statistics(calibrate(model, data[:8], batch_size=4)[0])
-    assert_stats_close(bn_statistics(calibrated), {k: (v[0].astype(np.float64), v[1].astype(np.float64)) for k, v in want.items()}, rtol=1e-6)
+    assert_stats_close(
+        bn_statistics(calibrated),
+        {k: (v[0].astype(np.float64), v[1].astype(np.float64)) for k, v in want.items()},
+        rtol=1e-6,
+    )
 
 
 def test_npz_multi_input_model(tmp_path):
@@ -411,11 +434,21 @@ def test_npz_multi_input_model(tmp_path):
     for name in ("a", "b"):
         for role, v in (("s", np.ones(3)), ("bias", np.zeros(3)), ("m", np.zeros(3)), ("v", np.ones(3))):
             inits.append(numpy_helper.from_array(v.astype(np.float32), f"{name}.{role}"))
-        nodes.append(helper.make_node("BatchNormalization", [name, f"{name}.s", f"{name}.bias", f"{name}.m", f"{name}.v"], [f"bn_{name}"], name=f"bn_{name}"))
+        nodes.append(
+            helper.make_node(
+                "BatchNormalization",
+                [name, f"{name}.s", f"{name}.bias", f"{name}.m", f"{name}.v"],
+                [f"bn_{name}"],
+                name=f"bn_{name}",
+            )
+        )
     nodes.append(helper.make_node("Add", ["bn_a", "bn_b"], ["y"]))
     graph = helper.make_graph(
-        nodes, "two", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 4]) for n in ("a", "b")],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+        nodes,
+        "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 4]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
@@ -485,11 +518,17 @@ def test_bad_data_files(tmp_path):
 
 def _two_input_model():
     nodes = [helper.make_node("Add", ["a", "b"], ["s"])]
-    inits = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in (("sc", np.ones(3)), ("bi", np.zeros(3)), ("m", np.zeros(3)), ("v", np.ones(3)))]
+    inits = [
+        numpy_helper.from_array(v.astype(np.float32), n)
+        for n, v in (("sc", np.ones(3)), ("bi", np.zeros(3)), ("m", np.zeros(3)), ("v", np.ones(3)))
+    ]
     nodes.append(helper.make_node("BatchNormalization", ["s", "sc", "bi", "m", "v"], ["y"], name="bn"))
     graph = helper.make_graph(
-        nodes, "two", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 4]) for n in ("a", "b")],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+        nodes,
+        "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 4]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
@@ -510,7 +549,15 @@ def test_sequential_mode_rejects_one_shot_iterator_for_several_levels():
         calibrate(conv_stack(), iter([{"x": data}]), mode="sequential")
 
 
-@pytest.mark.parametrize("kwargs, pattern", [({"mode": "train"}, "mode must be"), ({"batch_size": 0}, "batch_size"), ({"max_batches": 0}, "max_batches"), ({"n_threads": 0}, "n_threads")])
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"mode": "train"}, "mode must be"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_batches": 0}, "max_batches"),
+        ({"n_threads": 0}, "n_threads"),
+    ],
+)
 def test_bad_arguments(kwargs, pattern):
     with pytest.raises(InputError, match=pattern):
         calibrate(conv_stack(), make_data((3, 8, 8), n=4), **kwargs)
@@ -605,7 +652,9 @@ def test_fresh_statistics_of_an_ir3_model_are_listed_as_graph_inputs():
     _behind(model, "bn5", 4, "Identity")
     model.ir_version = 3
     model.opset_import[0].version = 8
-    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer)
+    model.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer
+    )
     onnx.checker.check_model(model)
     data = make_data((3, 8, 8), n=8)
     calibrated, _ = calibrate(model, data, mode="sequential", batch_size=4)
@@ -648,25 +697,43 @@ def test_subgraph_and_training_mode_bns_are_reported_not_calibrated():
     c = 3
 
     def params(prefix):
-        return [numpy_helper.from_array(v.astype(np.float32), f"{prefix}.{r}") for r, v in
-                (("s", np.ones(c)), ("b", np.zeros(c)), ("m", rng.normal(0, 1, c)), ("v", np.ones(c)))]
+        return [
+            numpy_helper.from_array(v.astype(np.float32), f"{prefix}.{r}")
+            for r, v in (("s", np.ones(c)), ("b", np.zeros(c)), ("m", rng.normal(0, 1, c)), ("v", np.ones(c)))
+        ]
 
     then_graph = helper.make_graph(
         [helper.make_node("BatchNormalization", ["main", "t.s", "t.b", "t.m", "t.v"], ["then_out"], name="inner_bn")],
-        "then", [], [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)], params("t"),
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)],
+        params("t"),
     )
     else_graph = helper.make_graph(
-        [helper.make_node("Identity", ["main"], ["else_out"])], "else", [],
+        [helper.make_node("Identity", ["main"], ["else_out"])],
+        "else",
+        [],
         [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)],
     )
     nodes = [
-        helper.make_node("BatchNormalization", ["x", "tr.s", "tr.b", "tr.m", "tr.v"], ["trained", "tr_rm", "tr_rv"], name="train_bn", training_mode=1),
+        helper.make_node(
+            "BatchNormalization",
+            ["x", "tr.s", "tr.b", "tr.m", "tr.v"],
+            ["trained", "tr_rm", "tr_rv"],
+            name="train_bn",
+            training_mode=1,
+        ),
         helper.make_node("BatchNormalization", ["trained", "m.s", "m.b", "m.m", "m.v"], ["main"], name="main_bn"),
         helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph),
     ]
     inits = params("tr") + params("m") + [numpy_helper.from_array(np.array(True), "cond")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     data = rng.normal(2, 3, (8, c, 4)).astype(np.float32)
@@ -766,7 +833,9 @@ def test_fixed_batch_sequential_runs_at_the_fixed_batch(model_maker):
     assert "11 samples in 11 batches of 1" in report.format_table()
     want = stats_of(calibrate(twin, data, mode="sequential", batch_size=4)[0])
     assert_stats_close(stats_of(calibrated), want, rtol=1e-5)
-    assert_stats_close(stats_of(calibrated), stats_of(calibrate(twin, data, mode="sequential", batch_size=11)[0]), rtol=1e-5)
+    assert_stats_close(
+        stats_of(calibrated), stats_of(calibrate(twin, data, mode="sequential", batch_size=11)[0]), rtol=1e-5
+    )
     assert [d.dim_value for d in calibrated.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]  # still fixed
 
 
@@ -782,19 +851,23 @@ def test_fixed_batch_batch_mode_made_symbolic_equals_dynamic_twin():
     assert_stats_close(stats_of(calibrated), want, rtol=1e-5)
     # Batch statistics over 4 samples are not those over 1 (what running at the fixed batch gives).
     with pytest.raises(AssertionError):
-        assert_stats_close(stats_of(calibrated), stats_of(calibrate(token_net(None), data, mode="batch", batch_size=2)[0]),
-                           rtol=1e-3)
+        assert_stats_close(
+            stats_of(calibrated), stats_of(calibrate(token_net(None), data, mode="batch", batch_size=2)[0]), rtol=1e-3
+        )
     assert [d.dim_value for d in calibrated.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]
     assert [n.op_type for n in calibrated.graph.node] == [n.op_type for n in token_net(1).graph.node]
     np.testing.assert_array_equal(  # the model's own shape constants are untouched
-        numpy_helper.to_array(next(t for t in calibrated.graph.initializer if t.name == "s_vec")), [1, 320])
+        numpy_helper.to_array(next(t for t in calibrated.graph.initializer if t.name == "s_vec")), [1, 320]
+    )
 
 
 def test_fixed_batch_3_batch_mode_symbolic_uses_every_sample():
     data = make_data((3, 8, 8), n=11)
     calibrated, report = calibrate(with_fixed_batch(conv_stack(), 3), data, mode="batch", batch_size=6)
     assert report.run_batch_size == 6 and report.n_samples == 11 and "made symbolic (0 shapes" in report.notes[0]
-    assert_stats_close(stats_of(calibrated), stats_of(calibrate(conv_stack(), data, mode="batch", batch_size=6)[0]), rtol=1e-5)
+    assert_stats_close(
+        stats_of(calibrated), stats_of(calibrate(conv_stack(), data, mode="batch", batch_size=6)[0]), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("batch_size, n", [(3, 10), (2, 11), (6, 3)])
@@ -817,8 +890,9 @@ def test_fixed_batch_symbolic_check_of_a_short_batch_still_catches_a_spelled_out
     calibrated, report = calibrate(token_net(4), data, mode="batch", batch_size=3)
     assert report.run_batch_size == 3 and report.n_samples == 9
     assert any("made symbolic (4 shapes rewritten" in n for n in report.notes), report.notes
-    assert_stats_close(stats_of(calibrated), stats_of(calibrate(token_net(None), data, mode="batch", batch_size=3)[0]),
-                       rtol=1e-5)
+    assert_stats_close(
+        stats_of(calibrated), stats_of(calibrate(token_net(None), data, mode="batch", batch_size=3)[0]), rtol=1e-5
+    )
 
 
 def _rolled_batch_net(batch):
@@ -871,14 +945,21 @@ def test_fixed_batch_that_cannot_be_made_symbolic_falls_back_with_a_note(capfd):
     assert capfd.readouterr().err == ""  # the failed trial run is the note's business, not a logged error
     assert report.run_batch_size == 1 and report.n_batches == 6 and report.n_samples == 6
     (note,) = report.notes
-    assert note.startswith("batch mode ran at the model's fixed batch 1, not 4: its batch dimension could not be made symbolic (")
+    assert note.startswith(
+        "batch mode ran at the model's fixed batch 1, not 4: its batch dimension could not be made symbolic ("
+    )
     assert "Concat" in note and "\n" not in note
     assert "note: batch mode ran at the model's fixed batch 1" in report.format_table()
     # What it computed is batch mode at batch 1 (each sample normalized by its own statistics).
-    assert_stats_close(stats_of(calibrated), reference_calibrate(concat_constant_net(), data.astype(np.float64), "batch", 1))
+    assert_stats_close(
+        stats_of(calibrated), reference_calibrate(concat_constant_net(), data.astype(np.float64), "batch", 1)
+    )
     with pytest.raises(AssertionError):
-        assert_stats_close(stats_of(calibrated), reference_calibrate(concat_constant_net(), data.astype(np.float64), "batch", 2),
-                           rtol=1e-3)
+        assert_stats_close(
+            stats_of(calibrated),
+            reference_calibrate(concat_constant_net(), data.astype(np.float64), "batch", 2),
+            rtol=1e-3,
+        )
 
 
 def test_fixed_batch_symbolic_graph_that_runs_but_mixes_samples_is_refused():
@@ -916,12 +997,16 @@ def test_fixed_batch_1_batch_mode_with_one_value_per_channel_calibrates_sequenti
     data = make_data((6,), n=5)
     calibrated, report = calibrate(_padded_vector_net(), data, mode="batch", batch_size=4)
     assert report.mode == "sequential" and report.run_batch_size == 1 and report.passes == 2
-    assert report.notes[0].startswith("calibrated in sequential mode, not batch mode: the model's batch dimension is fixed "
-                                      "at 1 and could not be made symbolic (")
+    assert report.notes[0].startswith(
+        "calibrated in sequential mode, not batch mode: the model's batch dimension is fixed "
+        "at 1 and could not be made symbolic ("
+    )
     assert "BN 'bn_vec' sees one value per channel" in report.notes[0]
     want = stats_of(calibrate(_padded_vector_net(), data, mode="sequential", batch_size=4)[0])
     assert_stats_close(stats_of(calibrated), want, rtol=1e-6)
-    np.testing.assert_allclose(bn_statistics(calibrated)["bn_vec"][1][:6], data.astype(np.float64).var(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        bn_statistics(calibrated)["bn_vec"][1][:6], data.astype(np.float64).var(axis=0), rtol=1e-5
+    )
     with pytest.raises(InputError, match=r"^calibrated in sequential mode, not batch mode.*one-shot iterator"):
         calibrate(_padded_vector_net(), iter([{"x": data}]), mode="batch", batch_size=4)
 
@@ -934,7 +1019,9 @@ def test_fixed_batch_1_fallback_with_unknown_shapes_and_one_value_per_channel_is
 
     real = runner.value_types  # calibrate() looks value_types up in runner
     monkeypatch.setattr(runner, "value_types", lambda m: (real(m)[0], {}))
-    with pytest.raises(InputError, match=r"BN 'bn_vec' sees one value per channel at the model's fixed batch 1.*--mode sequential"):
+    with pytest.raises(
+        InputError, match=r"BN 'bn_vec' sees one value per channel at the model's fixed batch 1.*--mode sequential"
+    ):
         calibrate(_padded_vector_net(), make_data((6,), n=5), mode="batch", batch_size=4)
 
 
@@ -945,11 +1032,16 @@ def test_fixed_batch_remainder_is_dropped_with_a_note(mode, batch_size):
     data = make_data((3, 8, 8), n=11)
     calibrated, report = calibrate(with_fixed_batch(conv_stack(), 3), data, mode=mode, batch_size=batch_size)
     assert report.n_samples == 9 and report.n_batches == 3 and all(e.samples == 9 for e in report.entries)
-    assert any(n == "the last 2 samples of the data were not used: the model's batch dimension is fixed at 3 and they do "
-               "not fill a batch" for n in report.notes), report.notes
+    assert any(
+        n == "the last 2 samples of the data were not used: the model's batch dimension is fixed at 3 and they do "
+        "not fill a batch"
+        for n in report.notes
+    ), report.notes
     want = stats_of(calibrate(conv_stack(), data[:9], mode=mode, batch_size=3)[0])
     assert_stats_close(stats_of(calibrated), want, rtol=1e-5)
-    with pytest.raises(InputError, match=r"no complete batch: the model's batch dimension is fixed at 3 and the data holds 2 samples"):
+    with pytest.raises(
+        InputError, match=r"no complete batch: the model's batch dimension is fixed at 3 and the data holds 2 samples"
+    ):
         calibrate(with_fixed_batch(conv_stack(), 3), data[:2], mode=mode, batch_size=batch_size)
 
 
@@ -1007,7 +1099,11 @@ def test_float16_model_matches_float64_reference(mode, statistics_dtype):
     assert_stats_close({n: (m.astype(np.float64), v.astype(np.float64)) for n, (m, v) in got.items()}, want, rtol=4e-3)
     # Not merely "close": stale statistics are far off this tolerance.
     with pytest.raises(AssertionError):
-        assert_stats_close({n: (m.astype(np.float64), v.astype(np.float64)) for n, (m, v) in bn_statistics(model).items()}, want, rtol=4e-3)
+        assert_stats_close(
+            {n: (m.astype(np.float64), v.astype(np.float64)) for n, (m, v) in bn_statistics(model).items()},
+            want,
+            rtol=4e-3,
+        )
     y = run(calibrated, data[:4].astype(np.float16))
     assert y.dtype == np.float16 and np.isfinite(y).all()
 
@@ -1115,11 +1211,19 @@ def _calibrate_quietly(*args, **kwargs):
     return model, report
 
 
-@pytest.mark.parametrize("mode, message", [
-    ("batch", r"batch 1: BN 'bn_in' sees one value per channel"),
-    ("sequential", (r"BN 'bn_in' sees one value per channel in all the calibration data \(1 sample\); one value is "
-                    r"not a population")),
-])
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("batch", r"batch 1: BN 'bn_in' sees one value per channel"),
+        (
+            "sequential",
+            (
+                r"BN 'bn_in' sees one value per channel in all the calibration data \(1 sample\); one value is "
+                r"not a population"
+            ),
+        ),
+    ],
+)
 def test_one_sample_without_spatial_positions_is_refused_in_both_modes(mode, message):
     """bn_gemm's BNs see (N, C): one sample is one value per channel, whose variance is 0 for every
     channel whatever the data; sequential mode wrote exactly that."""
@@ -1162,9 +1266,26 @@ def test_cli_one_sample_exits_2_in_one_line_and_writes_nothing(tmp_path, mode):
     model_path, data_path, out = tmp_path / "m.onnx", tmp_path / "one.npy", tmp_path / "out.onnx"
     onnx.save(bn_gemm(), model_path)
     np.save(data_path, make_data((6,), n=1))
-    done = subprocess.run([sys.executable, "-m", "bnfold", "calibrate", str(model_path), "-o", str(out), "--data",
-                           str(data_path), "--mode", mode, "--no-progress"], capture_output=True, text=True, check=False,
-                          timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bnfold",
+            "calibrate",
+            str(model_path),
+            "-o",
+            str(out),
+            "--data",
+            str(data_path),
+            "--mode",
+            mode,
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     err = done.stderr.splitlines()
     assert done.returncode == 2, (done.stdout, err)
     assert len(err) == 1 and err[0].startswith("bnfold calibrate: error: ") and "one value per channel" in err[0], err
@@ -1185,8 +1306,9 @@ def _degenerate_statistics_model(mean, var, epsilon):
     return model
 
 
-@pytest.mark.parametrize("mean, var, epsilon", [(0.0, 0.0, 0.0), (np.inf, 1.0, 1e-3), (np.nan, np.nan, 1e-3),
-                                                (1.0, -np.inf, 1e-3)])
+@pytest.mark.parametrize(
+    "mean, var, epsilon", [(0.0, 0.0, 0.0), (np.inf, 1.0, 1e-3), (np.nan, np.nan, 1e-3), (1.0, -np.inf, 1e-3)]
+)
 @pytest.mark.parametrize("mode", ["batch", "sequential"])
 def test_degenerate_old_statistics_give_no_runtime_warning(mean, var, epsilon, mode):
     _, report = _calibrate_quietly(_degenerate_statistics_model(mean, var, epsilon), make_data((6,), n=8), mode=mode)
@@ -1214,9 +1336,24 @@ def test_cli_data_onnxruntime_cannot_run_is_one_line(tmp_path):
     model_path, data_path = tmp_path / "m.onnx", tmp_path / "data.npy"
     onnx.save(model, model_path)
     np.save(data_path, make_data((4, 8, 8), n=4))
-    done = subprocess.run([sys.executable, "-m", "bnfold", "calibrate", str(model_path), "-o", str(tmp_path / "o.onnx"),
-                           "--data", str(data_path), "--no-progress"], capture_output=True, text=True, check=False,
-                          timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bnfold",
+            "calibrate",
+            str(model_path),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "--data",
+            str(data_path),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     err = done.stderr.splitlines()
     assert done.returncode == 2 and len(err) == 1, err
     assert "onnxruntime failed on the calibration data" in err[0], err

@@ -23,16 +23,41 @@ def conv_bn_model(seed=0):
 
     x = "input"
     for i, (cin, cout) in enumerate(((3, 4), (4, 5))):
-        nodes.append(helper.make_node("Conv", [x, t(f"w{i}", rng.normal(0, 0.4, (cout, cin, 3, 3))), t(f"b{i}", rng.normal(0, 0.2, cout))],
-                                      [f"conv{i}"], name=f"conv{i}", pads=[1, 1, 1, 1], kernel_shape=[3, 3]))
-        nodes.append(helper.make_node("BatchNormalization", [f"conv{i}", t(f"s{i}", rng.uniform(0.5, 1.5, cout)), t(f"beta{i}", rng.normal(0, 0.3, cout)),
-                                      t(f"m{i}", np.zeros(cout)), t(f"v{i}", np.ones(cout))], [f"bn{i}"], name=f"bn{i}"))
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, t(f"w{i}", rng.normal(0, 0.4, (cout, cin, 3, 3))), t(f"b{i}", rng.normal(0, 0.2, cout))],
+                [f"conv{i}"],
+                name=f"conv{i}",
+                pads=[1, 1, 1, 1],
+                kernel_shape=[3, 3],
+            )
+        )
+        nodes.append(
+            helper.make_node(
+                "BatchNormalization",
+                [
+                    f"conv{i}",
+                    t(f"s{i}", rng.uniform(0.5, 1.5, cout)),
+                    t(f"beta{i}", rng.normal(0, 0.3, cout)),
+                    t(f"m{i}", np.zeros(cout)),
+                    t(f"v{i}", np.ones(cout)),
+                ],
+                [f"bn{i}"],
+                name=f"bn{i}",
+            )
+        )
         x = f"bn{i}"
         if i == 0:
             nodes.append(helper.make_node("Relu", [x], ["relu0"], name="relu0"))
             x = "relu0"
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 6, 6])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 5, 6, 6])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 5, 6, 6])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
     return model
@@ -49,13 +74,28 @@ def files(tmp_path):
 
 def stats(model):
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    return {n.name: (inits[n.input[3]], inits[n.input[4]]) for n in model.graph.node if n.op_type == "BatchNormalization"}
+    return {
+        n.name: (inits[n.input[3]], inits[n.input[4]]) for n in model.graph.node if n.op_type == "BatchNormalization"
+    }
 
 
 def test_calibrate_writes_the_api_result(files, capsys):
     model_path, data_path, data, tmp = files
     out = tmp / "out.onnx"
-    code = main(["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--batch-size", "4", "--mode", "sequential"])
+    code = main(
+        [
+            "calibrate",
+            str(model_path),
+            "-o",
+            str(out),
+            "--data",
+            str(data_path),
+            "--batch-size",
+            "4",
+            "--mode",
+            "sequential",
+        ]
+    )
     assert code == 0
     written = stats(onnx.load(out))
     want = stats(bnfold.calibrate(str(model_path), data, mode="sequential", batch_size=4)[0])
@@ -68,7 +108,25 @@ def test_calibrate_writes_the_api_result(files, capsys):
 def test_report_json(files):
     model_path, data_path, _, tmp = files
     out, report = tmp / "out.onnx", tmp / "r.json"
-    assert main(["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--max-batches", "2", "--batch-size", "3", "--report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                str(model_path),
+                "-o",
+                str(out),
+                "--data",
+                str(data_path),
+                "--max-batches",
+                "2",
+                "--batch-size",
+                "3",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     loaded = json.loads(report.read_text())["calibration"]
     assert loaded["n_samples"] == 6 and [e["bn"] for e in loaded["bn"]] == ["bn0", "bn1"]
     assert all(e["samples"] == 6 and e["values_per_channel"] == 6 * 36 for e in loaded["bn"])
@@ -115,14 +173,31 @@ def test_other_bad_inputs_exit_2(files, capsys):
 def test_fold_path(files, capsys):
     model_path, data_path, data, tmp = files
     out = tmp / "folded.onnx"
-    assert main(["calibrate", str(model_path), "-o", str(out), "--data", str(data_path), "--fold", "--report", str(tmp / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                str(model_path),
+                "-o",
+                str(out),
+                "--data",
+                str(data_path),
+                "--fold",
+                "--report",
+                str(tmp / "r.json"),
+            ]
+        )
+        == 0
+    )
     folded = onnx.load(out)
     assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
     calibrated, _ = bnfold.calibrate(str(model_path), data)
     import onnxruntime as ort
 
     def run(m):
-        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": data})[0]
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"input": data}
+        )[0]
 
     np.testing.assert_allclose(run(folded), run(calibrated), rtol=1e-4, atol=1e-4)
     report = json.loads((tmp / "r.json").read_text())
@@ -173,8 +248,23 @@ def test_parameters_behind_identity_and_cast(tmp_path, capsys):
     np.save(tmp_path / "calib.npy", data)
     for mode in ("batch", "sequential"):
         out, report = tmp_path / f"{mode}.onnx", tmp_path / f"{mode}.json"
-        assert main(["calibrate", str(path), "-o", str(out), "--data", str(tmp_path / "calib.npy"), "--mode", mode,
-                     "--report", str(report)]) == 0
+        assert (
+            main(
+                [
+                    "calibrate",
+                    str(path),
+                    "-o",
+                    str(out),
+                    "--data",
+                    str(tmp_path / "calib.npy"),
+                    "--mode",
+                    mode,
+                    "--report",
+                    str(report),
+                ]
+            )
+            == 0
+        )
         table = capsys.readouterr().out
         assert "0 -> " in table and "2.5 -> " in table  # old averages of bn0's mean and bn1's var
         entries = {e["bn"]: e for e in json.loads(report.read_text())["calibration"]["bn"]}
@@ -202,8 +292,23 @@ def test_fixed_batch_model_with_default_options(tmp_path, capsys, mode_args):
     data = np.random.default_rng(2).normal(1, 2, (12, 3, 6, 6)).astype(np.float32)
     np.save(tmp_path / "calib.npy", data)
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
-    assert main(["calibrate", str(path), "-o", str(out), "--data", str(tmp_path / "calib.npy"), "--fold",
-                 "--report", str(report), *mode_args]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                str(path),
+                "-o",
+                str(out),
+                "--data",
+                str(tmp_path / "calib.npy"),
+                "--fold",
+                "--report",
+                str(report),
+                *mode_args,
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "note: the model's batch dimension is fixed at 1: " in text and "parity check passed" in text
     loaded = json.loads(report.read_text())["calibration"]
@@ -216,7 +321,9 @@ def test_fixed_batch_model_with_default_options(tmp_path, capsys, mode_args):
     import onnxruntime as ort
 
     def run(m, x):
-        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[
+            0
+        ]
 
     np.testing.assert_allclose(run(folded, data[:1]), run(calibrated, data[:1]), rtol=1e-4, atol=1e-4)
 
@@ -241,8 +348,21 @@ def test_fold_of_a_deep_noisy_model_passes_its_parity_check(tmp_path, capsys):
     path, out, data_path = tmp_path / "deep.onnx", tmp_path / "folded.onnx", tmp_path / "data.npy"
     onnx.save_model(deep_offset_chain(), str(path))
     np.save(data_path, np.random.default_rng(3).standard_normal((4, 3, 16, 16)).astype(np.float32))
-    argv = ["calibrate", str(path), "-o", str(out), "--data", str(data_path), "--batch-size", "1",
-            "--mode", "sequential", "--fold", "--report", str(tmp_path / "r.json")]
+    argv = [
+        "calibrate",
+        str(path),
+        "-o",
+        str(out),
+        "--data",
+        str(data_path),
+        "--batch-size",
+        "1",
+        "--mode",
+        "sequential",
+        "--fold",
+        "--report",
+        str(tmp_path / "r.json"),
+    ]
     assert main(argv) == 0
     assert "parity check passed" in capsys.readouterr().out
     parity = json.loads((tmp_path / "r.json").read_text())["parity"]

@@ -13,9 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
-from fold_testing import MM, assert_parity, count_bn
-
 from bnfold.cli.app import main
+from fold_testing import MM, assert_parity, count_bn
 
 
 @pytest.fixture
@@ -151,15 +150,15 @@ def test_parity_failure_real_check(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o.onnx").exists()
 
 
-@pytest.mark.parametrize("builder, layer, value", [("saturating_model", "l1.conv", "l1.bn"),
-                                                   ("softmax_head_model", "head.fc", "logits")])
+@pytest.mark.parametrize(
+    "builder, layer, value", [("saturating_model", "l1.conv", "l1.bn"), ("softmax_head_model", "head.fc", "logits")]
+)
 def test_wrong_fold_hidden_by_the_head_is_refused(tmp_path, capsys, monkeypatch, builder, layer, value):
     """One folded layer's weights x 1.01 behind a head that hides it from the outputs (a saturated
     sigmoid, a softmax of 1000 small probabilities): the check of the intermediate values refuses
     the fold and names the layer; a check of the outputs alone would have let it through."""
-    import hidden_error_models
-
     import bnfold.folding.fold_pass
+    import hidden_error_models
     from bnfold.folding.tensors import read_tensor, write_tensor
 
     real_run = bnfold.folding.fold_pass._run
@@ -233,8 +232,14 @@ def test_output_same_file_by_other_spelling_refused(model_path, capsys, monkeypa
 
 def test_external_data_input_stays_external(tmp_path, capsys):
     src = tmp_path / "ext.onnx"
-    onnx.save_model(MM.conv_bn_external_data(), str(src), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=1024)
+    onnx.save_model(
+        MM.conv_bn_external_data(),
+        str(src),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=1024,
+    )
     out = tmp_path / "folded.onnx"
     code, _, err = _run(capsys, "fold", src, "-o", out)
     assert code == 0, err
@@ -244,13 +249,21 @@ def test_external_data_input_stays_external(tmp_path, capsys):
 
 def test_subprocess_python_m_bnfold(tmp_path, model_path):
     out = tmp_path / "sub.onnx"
-    proc = subprocess.run([sys.executable, "-m", "bnfold", "fold", str(model_path), "-o", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnfold", "fold", str(model_path), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "\x1b[" not in proc.stdout, "no colour codes when piped"
     assert out.exists() and "parity check: passed" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "bnfold", "fold", str(tmp_path / "none.onnx"), "-o", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnfold", "fold", str(tmp_path / "none.onnx"), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -268,8 +281,12 @@ def test_inspect_lists_every_bn_and_writes_nothing(tmp_path, model_path, capsys)
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == listing_before
     lines = stdout.splitlines()
-    for bn, verdict in (("bn1", "conv_bn"), ("bn3", "conv_bn"), ("bn4_before_fc", "bn_gemm"),
-                        ("bn2_after_relu", "no_foldable_neighbour")):
+    for bn, verdict in (
+        ("bn1", "conv_bn"),
+        ("bn3", "conv_bn"),
+        ("bn4_before_fc", "bn_gemm"),
+        ("bn2_after_relu", "no_foldable_neighbour"),
+    ):
         row = next(line for line in lines if line.split()[:1] == [bn])
         assert verdict in row
         assert ("yes" if verdict != "no_foldable_neighbour" else "no") in row.split()
@@ -299,14 +316,21 @@ def test_fold_shows_the_parity_checks_nan_warning(tmp_path, capsys):
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((3, 3, 1, 1)).astype(np.float32), "W")]
-    inits += [numpy_helper.from_array(a.astype(np.float32), n) for a, n in
-              [(np.ones(3), "g"), (np.zeros(3), "b"), (np.zeros(3), "m"), (np.ones(3), "v")]]
+    inits += [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for a, n in [(np.ones(3), "g"), (np.zeros(3), "b"), (np.zeros(3), "m"), (np.ones(3), "v")]
+    ]
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "W"], ["c"]),
-         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["d"]),
-         helper.make_node("Log", ["d"], ["y"])],
-        "log_of_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+        [
+            helper.make_node("Conv", ["x", "W"], ["c"]),
+            helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["d"]),
+            helper.make_node("Log", ["d"], ["y"]),
+        ],
+        "log_of_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+        inits,
+    )
     path = tmp_path / "log.onnx"
     onnx.save_model(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)]), str(path))
     code, stdout, err = _run(capsys, "fold", path, "-o", tmp_path / "out.onnx")
@@ -415,15 +439,28 @@ def _float16_chain(n_layers=6):
     nodes, inits, x = [], [], "x"
     for k in range(n_layers):
         w = numpy_helper.from_array((rng.standard_normal((4, 4, 3, 3)) / 6).astype(np.float16), f"w{k}")
-        params = [numpy_helper.from_array(a.astype(np.float16), f"{p}{k}") for p, a in (
-            ("g", rng.uniform(0.5, 1.5, 4)), ("b", rng.normal(0, 0.2, 4)), ("m", rng.normal(0, 0.2, 4)),
-            ("v", rng.uniform(0.5, 1.5, 4)))]
+        params = [
+            numpy_helper.from_array(a.astype(np.float16), f"{p}{k}")
+            for p, a in (
+                ("g", rng.uniform(0.5, 1.5, 4)),
+                ("b", rng.normal(0, 0.2, 4)),
+                ("m", rng.normal(0, 0.2, 4)),
+                ("v", rng.uniform(0.5, 1.5, 4)),
+            )
+        ]
         inits += [w, *params]
-        nodes += [helper.make_node("Conv", [x, w.name], [f"c{k}"], name=f"conv{k}", pads=[1, 1, 1, 1]),
-                  helper.make_node("BatchNormalization", [f"c{k}", *[p.name for p in params]], [f"y{k}"], name=f"bn{k}")]
+        nodes += [
+            helper.make_node("Conv", [x, w.name], [f"c{k}"], name=f"conv{k}", pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", [f"c{k}", *[p.name for p in params]], [f"y{k}"], name=f"bn{k}"),
+        ]
         x = f"y{k}"
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4, 8, 8])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT16, [1, 4, 8, 8])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT16, [1, 4, 8, 8])],
+        inits,
+    )
     return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
 
 

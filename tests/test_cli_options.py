@@ -11,10 +11,9 @@ import numpy as np
 import onnx
 import pytest
 
+from bnfold.cli.app import build_parser, main
 from fold_testing import MM
 from test_cli_calibrate import conv_bn_model
-
-from bnfold.cli.app import build_parser, main
 
 COMMANDS = ("fold", "inspect", "check", "bench", "calibrate", "demo")
 REPORTING_COMMANDS = ("fold", "inspect", "check", "bench", "calibrate")
@@ -68,8 +67,9 @@ def test_demo_output_directory_spellings(option):
     assert build_parser().parse_args(["demo", option, "d"]).output == "d"
 
 
-@pytest.mark.parametrize("argv", [["-v", "fold", "a", "-o", "b"], ["fold", "a", "-o", "b", "-v"],
-                                  ["-v", "check", "a", "b", "--verbose"]])
+@pytest.mark.parametrize(
+    "argv", [["-v", "fold", "a", "-o", "b"], ["fold", "a", "-o", "b", "-v"], ["-v", "check", "a", "b", "--verbose"]]
+)
 def test_verbose_before_or_after_the_command(argv):
     assert build_parser().parse_args(argv).verbose is True
 
@@ -114,8 +114,14 @@ def test_calibrate_fold_checks_the_file_that_is_moved_into_place(calibration_fil
     seen = []
 
     def spy(reference, candidate, **kwargs):
-        seen.append({"candidate": os.fspath(candidate), "digest": _digest(candidate), "out_existed": out.exists(),
-                     "kwargs": kwargs})
+        seen.append(
+            {
+                "candidate": os.fspath(candidate),
+                "digest": _digest(candidate),
+                "out_existed": out.exists(),
+                "kwargs": kwargs,
+            }
+        )
         return real_check(reference, candidate, **kwargs)
 
     monkeypatch.setattr(bnfold.verify, "check", spy)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
+from bnfold.folding.fold_pass import fold
 from fold_testing import (
     MM,
     NotRunnable,
@@ -22,8 +23,6 @@ from fold_testing import (
     run_model,
     signature,
 )
-
-from bnfold.folding.fold_pass import fold
 
 CASE_NAMES = list(MM.CASES)
 POSITIVE = [n for n in CASE_NAMES if any(isinstance(e, MM.Fold) for e in MM.CASES[n][1])]
@@ -74,8 +73,9 @@ def test_report_matches_expected(name, folded_cases):
     # unnamed BNs: the pass labels them itself, so compare the multiset of outcomes
     named_bns = {e.bn for e in named}
     rest = collections.Counter((r[2], r[3]) for r in rows if r[0] not in named_bns)
-    want = collections.Counter(("fold", e.rule) if isinstance(e, MM.Fold) else ("remain", e.reason)
-                               for e in expected if e.bn is None)
+    want = collections.Counter(
+        ("fold", e.rule) if isinstance(e, MM.Fold) else ("remain", e.reason) for e in expected if e.bn is None
+    )
     assert rest == want
     assert len({(r[1], r[0]) for r in rows}) == len(rows), f"BN labels must be unique: {rows}"
     assert report.to_dict()  # JSON-serialisable form exists for every case
@@ -135,8 +135,9 @@ def test_initializer_names_unique(name, folded_cases):
     assert not dupes, f"{name}: names defined more than once in the folded model: {dupes}"
 
 
-@pytest.mark.parametrize("name", ["conv_mul_add_bn", "convtranspose2d_add_bias_bn",
-                                  "convtranspose2d_identity_add_identity_bn"])
+@pytest.mark.parametrize(
+    "name", ["conv_mul_add_bn", "convtranspose2d_add_bias_bn", "convtranspose2d_identity_add_identity_bn"]
+)
 def test_add_mul_chain_absorbed(name, folded_cases):
     original, folded, _, _, _ = folded_cases(name)
     counts = op_counts(folded)
@@ -148,8 +149,9 @@ def test_not_per_channel_add_kept(folded_cases):
     _, folded, _, _, _ = folded_cases("conv_add_vector_bn")
     add = [n for n in folded.graph.node if n.op_type == "Add"]
     assert len(add) == 1
-    np.testing.assert_array_equal(constant_value(folded.graph, add[0].input[1]),
-                                  constant_value(MM.conv_add_vector_bn().graph, "add_vec"))
+    np.testing.assert_array_equal(
+        constant_value(folded.graph, add[0].input[1]), constant_value(MM.conv_add_vector_bn().graph, "add_vec")
+    )
 
 
 def test_shared_weight_other_layer_keeps_original(folded_cases):
@@ -184,8 +186,14 @@ def test_external_data_kept_external(tmp_path):
     name = "conv_bn_external_data"
     original = MM.CASES[name][0]()
     src = tmp_path / "in.onnx"
-    onnx.save_model(original, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="in.onnx.data", size_threshold=1024)
+    onnx.save_model(
+        original,
+        str(src),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="in.onnx.data",
+        size_threshold=1024,
+    )
     assert os.path.getsize(src) < 20_000  # the weights really are outside the .onnx file
     folded, report = fold(str(src))
     assert report.n_folded == 1

@@ -11,10 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from fold_testing import assert_parity, count_bn, report_entries, run_model, signature
-
 from bnfold.folding.fold_pass import fold
-
+from fold_testing import assert_parity, count_bn, report_entries, run_model, signature
 
 
 class _Chain:
@@ -78,8 +76,9 @@ def _build(mode, ops, marks, seed):
             ins = [value, w]
             if rng.random() < 0.6:
                 ins.append(c.const("C", rng.normal(0, 0.3, (m,) if rng.random() < 0.5 else (1, m))))
-            value = c.node("Gemm", ins, transB=trans_b, alpha=float(rng.uniform(0.5, 1.5)),
-                           beta=float(rng.uniform(0.5, 1.5)))
+            value = c.node(
+                "Gemm", ins, transB=trans_b, alpha=float(rng.uniform(0.5, 1.5)), beta=float(rng.uniform(0.5, 1.5))
+            )
             shape = [shape[0], m]
         elif op == "MatMul":
             m = int(rng.integers(1, 7))
@@ -98,8 +97,12 @@ def _build(mode, ops, marks, seed):
             value = c.node("Relu", [value])
         elif op == "BN":
             gamma = rng.uniform(0.5, 1.8, ch) * rng.choice([-1, 1], ch)
-            params = [c.const("g", gamma), c.const("b", rng.normal(0, 0.5, ch)),
-                      c.const("m", rng.normal(0, 0.5, ch)), c.const("v", rng.uniform(0.4, 2.5, ch))]
+            params = [
+                c.const("g", gamma),
+                c.const("b", rng.normal(0, 0.5, ch)),
+                c.const("m", rng.normal(0, 0.5, ch)),
+                c.const("v", rng.uniform(0.4, 2.5, ch)),
+            ]
             value = c.node("BatchNormalization", [value, *params], epsilon=float(rng.choice([1e-5, 1e-3])))
         if mark == 1:
             c.outputs.append(value)
@@ -163,7 +166,9 @@ def _assert_fold_accurate(model, folded, feeds, label):
         from onnx.reference import ReferenceEvaluator
 
         for feed in feeds:
-            exact = ReferenceEvaluator(_float64_copy(model)).run(None, {k: v.astype(np.float64) for k, v in feed.items()})
+            exact = ReferenceEvaluator(_float64_copy(model)).run(
+                None, {k: v.astype(np.float64) for k, v in feed.items()}
+            )
             original, _ = run_model(model, feed)
             candidate, _ = run_model(folded, feed)
             for e, r, c in zip(exact, original, candidate):
@@ -172,7 +177,8 @@ def _assert_fold_accurate(model, folded, feeds, label):
                 err_folded = float(np.max(np.abs(c - e))) if e.size else 0.0
                 assert err_folded <= 1e-5 * scale + 2 * err_original, (
                     f"{parity_failure}; against float64: folded error {err_folded:.3g}, original's own float32 "
-                    f"error {err_original:.3g}")
+                    f"error {err_original:.3g}"
+                )
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -189,19 +195,25 @@ def test_fold_random_chains(chain):
     rows = report_entries(report)
     assert len(rows) == count_bn(model), f"every BN accounted for: {rows}"
     assert count_bn(folded) == report.n_remaining
-    for bn, graph, kind, code, message in rows:
+    for _bn, _graph, kind, code, message in rows:
         assert code, rows
         if kind == "remain":
             assert message.strip(), rows
     onnx.checker.check_model(folded, full_check=True)
     assert signature(folded) == signature(model)
-    feeds = [{"x": np.random.default_rng(seed).normal(0, 1, [d.dim_value for d in
-                                                            model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)}]
+    feeds = [
+        {
+            "x": np.random.default_rng(seed)
+            .normal(0, 1, [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim])
+            .astype(np.float32)
+        }
+    ]
     _assert_fold_accurate(model, folded, feeds, f"{mode} {ops} {marks} seed={seed}")
     again, report2 = fold(folded)
     assert report2.n_folded == 0, report_entries(report2)
-    assert again.graph.SerializeToString() == folded.graph.SerializeToString() or \
-        [n.op_type for n in again.graph.node] == [n.op_type for n in folded.graph.node]
+    assert again.graph.SerializeToString() == folded.graph.SerializeToString() or [
+        n.op_type for n in again.graph.node
+    ] == [n.op_type for n in folded.graph.node]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -220,7 +232,9 @@ def test_random_chains_pass_the_intermediate_check(chain):
     report = bnfold.check(model, folded, intermediates=True)
     assert report.passed, f"{mode} {ops} {marks} seed={seed}: {report.summary()}"
     assert report.intermediates_requested and report.intermediates_note in (
-        "", "the models share no value names besides their inputs and outputs")
+        "",
+        "the models share no value names besides their inputs and outputs",
+    )
 
 
 def test_builder_makes_valid_models():

@@ -36,54 +36,80 @@ ALLOWED_EXIT_CODES = (0, 1, 2)
 
 
 def _model(nodes, inputs, outputs, inits, opset=15):
-    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
-                              opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", opset)]
+    )
     model.ir_version = 8
     return model
 
 
 def _bn_params(rng, channels, prefix="bn"):
-    return [numpy_helper.from_array((rng.random(channels) + offset).astype(np.float32), f"{prefix}_{name}")
-            for name, offset in (("scale", 0.5), ("bias", -0.5), ("mean", -0.5), ("var", 0.5))]
+    return [
+        numpy_helper.from_array((rng.random(channels) + offset).astype(np.float32), f"{prefix}_{name}")
+        for name, offset in (("scale", 0.5), ("bias", -0.5), ("mean", -0.5), ("var", 0.5))
+    ]
 
 
 def _bn(input_name, output, prefix="bn"):
-    return helper.make_node("BatchNormalization", [input_name] + [f"{prefix}_{n}" for n in
-                                                                  ("scale", "bias", "mean", "var")], [output])
+    return helper.make_node(
+        "BatchNormalization", [input_name] + [f"{prefix}_{n}" for n in ("scale", "bias", "mean", "var")], [output]
+    )
 
 
 def conv_bn(rng, channels=8, big=False):
     cin = 64 if big else 3
-    inits = [numpy_helper.from_array(rng.standard_normal((channels if not big else 64, cin, 3, 3))
-                                     .astype(np.float32), "w"),
-             numpy_helper.from_array(rng.standard_normal(channels if not big else 64).astype(np.float32), "b")]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((channels if not big else 64, cin, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(channels if not big else 64).astype(np.float32), "b"),
+    ]
     c = 64 if big else channels
     inits += _bn_params(rng, c)
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), _bn("c", "bn_out"),
-             helper.make_node("Relu", ["bn_out"], ["y"])]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, 6, 6])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 6, 6])], inits)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        _bn("c", "bn_out"),
+        helper.make_node("Relu", ["bn_out"], ["y"]),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 6, 6])],
+        inits,
+    )
 
 
 def gemm_bn(rng):
-    inits = [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b")] + _bn_params(rng, 5)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b"),
+    ] + _bn_params(rng, 5)
     nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1), _bn("g", "y")]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], inits)
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+        inits,
+    )
 
 
 def bn_matmul(rng):
     inits = _bn_params(rng, 6) + [numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "w")]
     nodes = [_bn("x", "n"), helper.make_node("MatMul", ["n", "w"], ["y"])]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        inits,
+    )
 
 
 def seed_models():
     rng = np.random.default_rng(SEED)
-    return {"conv_bn": conv_bn(rng), "conv_bn_big": conv_bn(rng, big=True), "gemm_bn": gemm_bn(rng),
-            "bn_matmul": bn_matmul(rng)}
+    return {
+        "conv_bn": conv_bn(rng),
+        "conv_bn_big": conv_bn(rng, big=True),
+        "gemm_bn": gemm_bn(rng),
+        "bn_matmul": bn_matmul(rng),
+    }
 
 
 # --- mutations -------------------------------------------------------------------------------
@@ -96,10 +122,10 @@ def blind_mutation(data: bytes, rng) -> bytes:
         for _ in range(int(rng.integers(1, 8))):
             data[int(rng.integers(len(data)))] ^= int(rng.integers(1, 256))
     elif kind == 1:  # truncate
-        del data[int(rng.integers(len(data))):]
+        del data[int(rng.integers(len(data))) :]
     elif kind == 2:  # drop a run of bytes
         start = int(rng.integers(len(data)))
-        del data[start:start + int(rng.integers(1, 64))]
+        del data[start : start + int(rng.integers(1, 64))]
     else:  # insert random bytes
         start = int(rng.integers(len(data)))
         data[start:start] = rng.integers(0, 256, int(rng.integers(1, 16)), dtype=np.uint8).tobytes()
@@ -134,8 +160,22 @@ def structural_mutation(model: onnx.ModelProto, rng) -> onnx.ModelProto:
         tensor.raw_data = raw[: int(rng.integers(len(raw) + 1))] if rng.random() < 0.5 else raw + b"\0" * 4
     elif kind == 3:  # attributes
         node = graph.node[int(rng.integers(len(graph.node)))]
-        name = str(rng.choice(["pads", "strides", "dilations", "group", "epsilon", "momentum", "transB",
-                               "kernel_shape", "training_mode", "axis"]))
+        name = str(
+            rng.choice(
+                [
+                    "pads",
+                    "strides",
+                    "dilations",
+                    "group",
+                    "epsilon",
+                    "momentum",
+                    "transB",
+                    "kernel_shape",
+                    "training_mode",
+                    "axis",
+                ]
+            )
+        )
         for a in list(node.attribute):
             if a.name == name:
                 node.attribute.remove(a)
@@ -148,8 +188,11 @@ def structural_mutation(model: onnx.ModelProto, rng) -> onnx.ModelProto:
         node.attribute.append(helper.make_attribute(name, value))
     elif kind == 4:  # rewire a node input
         node = graph.node[int(rng.integers(len(graph.node)))]
-        names = [i.name for i in graph.input] + [t.name for t in graph.initializer] + [o for n in graph.node
-                                                                                        for o in n.output]
+        names = (
+            [i.name for i in graph.input]
+            + [t.name for t in graph.initializer]
+            + [o for n in graph.node for o in n.output]
+        )
         if node.input:
             node.input[int(rng.integers(len(node.input)))] = str(rng.choice(names + ["", "missing"]))
     elif kind == 5:  # opset / IR version
@@ -233,8 +276,12 @@ def run_in_process(argv):
 
 def commands_for(path, other, directory):
     out = os.path.join(directory, "out.onnx")
-    return [["fold", path, "-o", out], ["inspect", path], ["check", other, path, "--no-noise"],
-            ["fold", path, "-o", out, "--no-check"]]
+    return [
+        ["fold", path, "-o", out],
+        ["inspect", path],
+        ["check", other, path, "--no-noise"],
+        ["fold", path, "-o", out, "--no-check"],
+    ]
 
 
 def check_outcome(label, code, err, directory, model_path, digest_before):
@@ -269,11 +316,10 @@ def test_mutated_models_through_fold_inspect_check(tmp_path):
             path = work / "model.onnx"
             path.write_bytes(data)
             digest_before = hashlib.sha256(data).hexdigest()
-            for argv in commands_for(path, reference, str(work))[index % 2::2]:
+            for argv in commands_for(path, reference, str(work))[index % 2 :: 2]:
                 code, _, err = run_in_process(argv)
                 codes[code] = codes.get(code, 0) + 1
-                check_outcome(f"{label}: bnfold {' '.join(map(str, argv))}", code, err, str(work), path,
-                              digest_before)
+                check_outcome(f"{label}: bnfold {' '.join(map(str, argv))}", code, err, str(work), path, digest_before)
             cases += 1
     finally:
         faulthandler.cancel_dump_traceback_later()
@@ -293,6 +339,7 @@ def test_mutated_models_through_the_real_command_line(tmp_path, index):
     path.write_bytes(data)
     digest_before = hashlib.sha256(data).hexdigest()
     for argv in (["fold", path, "-o", tmp_path / "out.onnx"], ["inspect", path]):
-        result = subprocess.run([sys.executable, "-m", "bnfold", *map(str, argv)], capture_output=True, text=True,
-                                check=False, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "bnfold", *map(str, argv)], capture_output=True, text=True, check=False, timeout=120
+        )
         check_outcome(" ".join(map(str, argv)), result.returncode, result.stderr, str(tmp_path), path, digest_before)

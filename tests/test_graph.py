@@ -46,8 +46,12 @@ def if_model():
         helper.make_node("Neg", ["r"], ["n"], name="neg"),
         helper.make_node("If", ["cond"], ["y"], name="if0", then_branch=then_branch, else_branch=else_branch),
     ]
-    return make_model(nodes, [vi("x", [2]), vi("cond", [], TensorProto.BOOL)], [vi("y", [2]), vi("n", [2])],
-                      [init("w", np.ones(2, np.float32))])
+    return make_model(
+        nodes,
+        [vi("x", [2]), vi("cond", [], TensorProto.BOOL)],
+        [vi("y", [2]), vi("n", [2])],
+        [init("w", np.ones(2, np.float32))],
+    )
 
 
 def test_consumers_include_reads_from_nested_bodies():
@@ -65,7 +69,8 @@ def test_consumers_include_reads_from_nested_bodies():
 def test_outer_scope_reads_excludes_names_the_body_defines():
     loop_body = helper.make_graph(
         [helper.make_node("Add", ["v", "outer"], ["v_next"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
-        "body", [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL), vi("v", [2])],
+        "body",
+        [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL), vi("v", [2])],
         [vi("cond_out", [], TensorProto.BOOL), vi("v_next", [2])],
     )
     assert outer_scope_reads(loop_body) == {"outer"}
@@ -83,8 +88,12 @@ def test_constants_from_initializers_constant_nodes_and_small_subgraphs():
         helper.make_node("Add", ["x", "c_float"], ["runtime"]),
         helper.make_node("RandomNormalLike", ["half"], ["random"]),
     ]
-    model = make_model(nodes, [vi("x", [3])], [vi("runtime", [3])],
-                       [init("half", np.array([1.0, 2.0, 4.0], np.float16)), init("w", np.ones(3, np.float32))])
+    model = make_model(
+        nodes,
+        [vi("x", [3])],
+        [vi("runtime", [3])],
+        [init("half", np.array([1.0, 2.0, 4.0], np.float16)), init("w", np.ones(3, np.float32))],
+    )
     view = view_of(model)
     np.testing.assert_array_equal(view.constant("c_tensor"), [0, 1, 2])
     assert float(view.constant("c_float")) == 2.5
@@ -103,8 +112,14 @@ def test_constants_from_initializers_constant_nodes_and_small_subgraphs():
 def test_initializer_listed_as_input_is_overridable_from_ir4_only():
     nodes = [helper.make_node("Identity", ["w"], ["y"])]
     for ir_version, expect_constant in ((8, False), (3, True)):
-        model = make_model(nodes, [vi("w", [2])], [vi("y", [2])], [init("w", np.ones(2, np.float32))],
-                           opset=7 if ir_version == 3 else 17, ir_version=ir_version)
+        model = make_model(
+            nodes,
+            [vi("w", [2])],
+            [vi("y", [2])],
+            [init("w", np.ones(2, np.float32))],
+            opset=7 if ir_version == 3 else 17,
+            ir_version=ir_version,
+        )
         assert (view_of(model).constant("w") is not None) == expect_constant
 
 
@@ -121,8 +136,12 @@ def test_shape_subgraphs_are_constant_when_the_shape_is_static():
         helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.zeros((2, 5), np.float32))),
         helper.make_node("Shape", ["k"], ["k_shape"], start=-1),
     ]
-    model = make_model(nodes, [vi("x", [1, 256, 8, 8])], [vi(o, None) for o in ("bias", "w_size", "k_shape")],
-                       [init("w", big), init("one", np.array([1], np.int64)), init("zero", np.array(0.0, np.float64))])
+    model = make_model(
+        nodes,
+        [vi("x", [1, 256, 8, 8])],
+        [vi(o, None) for o in ("bias", "w_size", "k_shape")],
+        [init("w", big), init("one", np.array([1], np.int64)), init("zero", np.array(0.0, np.float64))],
+    )
     view = view_of(model)
     bias = view.constant("bias")
     assert bias.dtype == np.float32 and bias.shape == (512,) and not bias.any()
@@ -142,8 +161,12 @@ def test_shapes_that_are_only_declared_or_inferred_are_not_constants():
         helper.make_node("Shape", ["r"], ["r_shape"]),
         helper.make_node("Identity", ["p"], ["p_copy"]),
     ]
-    model = make_model(nodes, [vi("x", [1, 3, 8, 8]), vi("p", ["n"])],
-                       [vi(o, None) for o in ("x_shape", "p_size", "r_shape", "p_copy")], [init("p", np.zeros(3, np.float32))])
+    model = make_model(
+        nodes,
+        [vi("x", [1, 3, 8, 8]), vi("p", ["n"])],
+        [vi(o, None) for o in ("x_shape", "p_size", "r_shape", "p_copy")],
+        [init("p", np.zeros(3, np.float32))],
+    )
     model.graph.value_info.append(vi("r", [1, 3, 8, 8]))
     view = view_of(model)
     for name in ("x", "p", "r"):
@@ -163,10 +186,10 @@ def test_body_view_finds_outer_scope_constants():
 
 
 def test_rank_from_declarations_initializers_and_shape_inference():
-    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
-             helper.make_node("Identity", ["t"], ["y"])]
-    model = make_model(nodes, [vi("x", [2, 3, 4]), vi("u", None)], [vi("y", None)],
-                       [init("w", np.ones((2, 2), np.float32))])
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]), helper.make_node("Identity", ["t"], ["y"])]
+    model = make_model(
+        nodes, [vi("x", [2, 3, 4]), vi("u", None)], [vi("y", None)], [init("w", np.ones((2, 2), np.float32))]
+    )
     view = view_of(model)
     assert view.rank("x") == 3
     assert view.rank("w") == 2
@@ -193,8 +216,12 @@ def test_tensor_from_float64_casts_once_to_the_original_type(elem):
     tensor = tensor_from_float64(values, elem, "t")
     assert tensor.data_type == elem and tensor.name == "t"
     back = numpy_helper.to_array(tensor)
-    np_type = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16,
-               TensorProto.BFLOAT16: ml_dtypes.bfloat16}[elem]
+    np_type = {
+        TensorProto.FLOAT: np.float32,
+        TensorProto.DOUBLE: np.float64,
+        TensorProto.FLOAT16: np.float16,
+        TensorProto.BFLOAT16: ml_dtypes.bfloat16,
+    }[elem]
     np.testing.assert_array_equal(back.astype(np.float64), values.astype(np_type).astype(np.float64))
 
 
@@ -207,8 +234,9 @@ def conv_pair_model(shared_with_body=False):
         nodes.append(helper.make_node("If", ["cond"], ["b"], name="if0", then_branch=body, else_branch=body))
     else:
         nodes.append(helper.make_node("Conv", ["x", "W"], ["b"], name="conv_b"))
-    return make_model(nodes, [vi("x", [1, 2, 2, 2]), vi("cond", [], TensorProto.BOOL)],
-                      [vi("a", None), vi("b", None)], [w])
+    return make_model(
+        nodes, [vi("x", [1, 2, 2, 2]), vi("cond", [], TensorProto.BOOL)], [vi("a", None), vi("b", None)], [w]
+    )
 
 
 @pytest.mark.parametrize("shared_with_body", [False, True])
@@ -234,8 +262,14 @@ def test_set_constant_input_edits_in_place_for_a_sole_reader_and_appends_missing
 
 
 def test_ir3_new_initializers_are_declared_as_graph_inputs():
-    model = make_model([helper.make_node("Conv", ["x", "W"], ["y"])], [vi("x", [1, 2, 2, 2]), vi("W", [2, 2, 1, 1])],
-                       [vi("y", [1, 2, 2, 2])], [init("W", np.ones((2, 2, 1, 1), np.float32))], opset=7, ir_version=3)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "W"], ["y"])],
+        [vi("x", [1, 2, 2, 2]), vi("W", [2, 2, 1, 1])],
+        [vi("y", [1, 2, 2, 2])],
+        [init("W", np.ones((2, 2, 1, 1), np.float32))],
+        opset=7,
+        ir_version=3,
+    )
     view = view_of(model)
     bias = view.set_constant_input(0, 2, np.zeros(2), TensorProto.FLOAT, "y_bias")
     assert bias in {i.name for i in model.graph.input}
@@ -252,16 +286,32 @@ def test_ir3_conv_bn_in_an_if_body_folds_into_a_valid_model():
     import bnfold
 
     rng = np.random.default_rng(0)
-    then = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["c"], pads=[1] * 4),
-                              helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["yt"], name="bn")],
-                             "then", [], [vi("yt", [1, 4, 6, 6])])
-    other = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["ye"], pads=[1] * 4)], "else", [], [vi("ye", [1, 4, 6, 6])])
+    then = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W"], ["c"], pads=[1] * 4),
+            helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["yt"], name="bn"),
+        ],
+        "then",
+        [],
+        [vi("yt", [1, 4, 6, 6])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["ye"], pads=[1] * 4)], "else", [], [vi("ye", [1, 4, 6, 6])]
+    )
     inits = [init("flag", np.array(True)), init("W", rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32))]
-    inits += [init(n, a.astype(np.float32)) for n, a in
-              zip("sbmv", [rng.uniform(0.5, 1.5, 4), rng.normal(0, 0.5, 4), rng.normal(0, 0.5, 4), rng.uniform(0.5, 2, 4)])]
-    graph = helper.make_graph([helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other)], "g",
-                              [vi("x", [1, 3, 6, 6])] + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                                                          for t in inits], [vi("y", [1, 4, 6, 6])], inits)
+    inits += [
+        init(n, a.astype(np.float32))
+        for n, a in zip(
+            "sbmv", [rng.uniform(0.5, 1.5, 4), rng.normal(0, 0.5, 4), rng.normal(0, 0.5, 4), rng.uniform(0.5, 2, 4)]
+        )
+    ]
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other)],
+        "g",
+        [vi("x", [1, 3, 6, 6])] + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits],
+        [vi("y", [1, 4, 6, 6])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
     onnx.checker.check_model(model)
     folded, report = bnfold.fold(model)
@@ -269,8 +319,10 @@ def test_ir3_conv_bn_in_an_if_body_folds_into_a_valid_model():
     onnx.checker.check_model(folded)
     assert not folded.graph.node[0].attribute[0].g.initializer  # nothing added to the body
     x = rng.normal(size=(1, 3, 6, 6)).astype(np.float32)
-    want, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-                 for m in (model, folded))
+    want, got = (
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        for m in (model, folded)
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -294,8 +346,10 @@ def test_incremental_edits_keep_producer_and_reader_maps_exact():
     from bnfold.folding.screening import inference_batch_norm
 
     rng = np.random.default_rng(0)
-    params = lambda p, c: [init(f"{p}_{k}", np.abs(rng.standard_normal(c)).astype(np.float32) + 0.5)  # noqa: E731
-                           for k in ("s", "b", "m", "v")]
+    params = lambda p, c: [
+        init(f"{p}_{k}", np.abs(rng.standard_normal(c)).astype(np.float32) + 0.5)
+        for k in ("s", "b", "m", "v")
+    ]
     nodes = [
         helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
         helper.make_node("Add", ["c", "k"], ["c2"], name="add"),
@@ -304,8 +358,13 @@ def test_incremental_edits_keep_producer_and_reader_maps_exact():
         helper.make_node("BatchNormalization", ["f", "q_s", "q_b", "q_m", "q_v"], ["n"], name="bn2"),
         helper.make_node("Gemm", ["n", "B"], ["out"], name="fc"),
     ]
-    inits = [init("W", rng.standard_normal((3, 3, 1, 1)).astype(np.float32)), init("k", np.ones((3, 1, 1), np.float32)),
-             init("B", rng.standard_normal((12, 2)).astype(np.float32)), *params("p", 3), *params("q", 12)]
+    inits = [
+        init("W", rng.standard_normal((3, 3, 1, 1)).astype(np.float32)),
+        init("k", np.ones((3, 1, 1), np.float32)),
+        init("B", rng.standard_normal((12, 2)).astype(np.float32)),
+        *params("p", 3),
+        *params("q", 12),
+    ]
     model = make_model(nodes, [vi("x", [1, 3, 2, 2])], [vi("out", [1, 2])], inits)
     view = view_of(model)
     for rule, bn_index in ((conv_bn, 2), (bn_gemm, 4)):
@@ -317,16 +376,21 @@ def test_incremental_edits_keep_producer_and_reader_maps_exact():
     assert view.producer_of("y") == 0 and view.readers("f") == [5]
 
 
-@pytest.mark.parametrize("dtype, data_type", [(np.float32, TensorProto.FLOAT), (np.float64, TensorProto.DOUBLE),
-                                              (np.float16, TensorProto.FLOAT16)])
-@pytest.mark.parametrize("shape, factor_shape", [
-    ((8, 3, 3, 3), (8, 1, 1, 1)),      # Conv: output channel axis 0
-    ((4, 2, 5, 3, 3), (1, 1, 5, 1, 1)),  # grouped ConvTranspose: channel axis 2
-    ((7, 6), (6,)),                     # Gemm/MatMul weight: last axis
-    ((7, 6), (7, 1)),                   # transB Gemm: first axis
-    ((5, 4), (1,)),                     # one factor for all
-    ((5, 4), (3, 5, 4)),                # factor enlarges the result: general path
-])
+@pytest.mark.parametrize(
+    "dtype, data_type",
+    [(np.float32, TensorProto.FLOAT), (np.float64, TensorProto.DOUBLE), (np.float16, TensorProto.FLOAT16)],
+)
+@pytest.mark.parametrize(
+    "shape, factor_shape",
+    [
+        ((8, 3, 3, 3), (8, 1, 1, 1)),  # Conv: output channel axis 0
+        ((4, 2, 5, 3, 3), (1, 1, 5, 1, 1)),  # grouped ConvTranspose: channel axis 2
+        ((7, 6), (6,)),  # Gemm/MatMul weight: last axis
+        ((7, 6), (7, 1)),  # transB Gemm: first axis
+        ((5, 4), (1,)),  # one factor for all
+        ((5, 4), (3, 5, 4)),  # factor enlarges the result: general path
+    ],
+)
 def test_scale_in_float64_rounds_the_float64_product_once(dtype, data_type, shape, factor_shape):
     from bnfold.folding.tensors import scale_in_float64, write_tensor
 
@@ -342,8 +406,10 @@ def test_scale_in_float64_rounds_the_float64_product_once(dtype, data_type, shap
     assert np.array_equal(numpy_helper.to_array(tensor), expected)
 
 
-@pytest.mark.parametrize("dtype, data_type", [(np.float32, TensorProto.FLOAT), (np.float16, TensorProto.FLOAT16),
-                                              (np.float64, TensorProto.DOUBLE)])
+@pytest.mark.parametrize(
+    "dtype, data_type",
+    [(np.float32, TensorProto.FLOAT), (np.float16, TensorProto.FLOAT16), (np.float64, TensorProto.DOUBLE)],
+)
 @pytest.mark.parametrize("shape, factor_shape", [((4, 3), (4, 1)), ((4, 3), (4, 3))])  # compiled loop, numpy path
 def test_scale_in_float64_is_quiet_on_nan_inf_and_overflow(dtype, data_type, shape, factor_shape):
     """NaN and Inf weights stay NaN and Inf, 0 * Inf is NaN and a product beyond the type is Inf,
@@ -370,10 +436,16 @@ def test_constant_subgraph_that_overflows_is_evaluated_without_a_warning():
     constant'."""
     import warnings
 
-    nodes = [helper.make_node("Cast", ["big"], ["as_float"], to=TensorProto.FLOAT),
-             helper.make_node("Mul", ["as_float", "big_float"], ["product"])]
-    model = make_model(nodes, [vi("x", [2])], [vi("x", [2])],
-                       [init("big", np.array([1e300, 1.0])), init("big_float", np.array([3e38, 3e38], np.float32))])
+    nodes = [
+        helper.make_node("Cast", ["big"], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["as_float", "big_float"], ["product"]),
+    ]
+    model = make_model(
+        nodes,
+        [vi("x", [2])],
+        [vi("x", [2])],
+        [init("big", np.array([1e300, 1.0])), init("big_float", np.array([3e38, 3e38], np.float32))],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         view = view_of(model)

@@ -26,20 +26,19 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.io import wire
 from bnfold.errors import BnfoldWarning, InputError
 from bnfold.folding.fold_pass import fold, fold_file
-from bnfold.io import load_model, load_model_deferred
+from bnfold.io import load_model, load_model_deferred, wire
 from bnfold.io.payloads import DEFER_THRESHOLD
 
 
 def _run_cli(*argv, warnings_as_errors=False):
     flags = ["-W", "error::RuntimeWarning"] if warnings_as_errors else []
-    return subprocess.run([sys.executable, *flags, "-m", "bnfold", *argv], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, *flags, "-m", "bnfold", *argv], capture_output=True, text=True, timeout=120)
 
 
 # ----- negative dims on the memory-mapped path ------------------------------------------------
+
 
 def _conv_bn_model(cout, cin, weight_dims=None):
     """Conv -> BN; ``weight_dims`` replaces the weight's dims (its payload stays as it was)."""
@@ -48,12 +47,21 @@ def _conv_bn_model(cout, cin, weight_dims=None):
     if weight_dims is not None:
         del weight.dims[:]
         weight.dims.extend(weight_dims)
-    inits = [weight] + [numpy_helper.from_array(rng.uniform(0.5, 2, cout).astype(np.float32), name)
-                        for name in ("gamma", "beta", "mean", "var")]
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, 8, 8])], inits)
+    inits = [weight] + [
+        numpy_helper.from_array(rng.uniform(0.5, 2, cout).astype(np.float32), name)
+        for name in ("gamma", "beta", "mean", "var")
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, 8, 8])],
+        inits,
+    )
     return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
 
 
@@ -90,16 +98,25 @@ def _fuzz_base_models():
     mutation may copy."""
     conv = _conv_bn_model(64, 64)
     rng = np.random.default_rng(1)
-    inits = [numpy_helper.from_array(rng.standard_normal((128, 160)).astype(np.float32), "B"),
-             numpy_helper.from_array(rng.standard_normal(160).astype(np.float32), "C"),
-             numpy_helper.from_array(np.arange(8200, dtype=np.int64), "ids"),
-             numpy_helper.from_array(rng.standard_normal(33000).astype(np.float16), "half")]
-    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.ones(3, np.float32), "sparse"),
-                                       numpy_helper.from_array(np.array([0, 5, 9], np.int64), "sparse_indices"), [10])
-    graph = helper.make_graph([helper.make_node("Gemm", ["a", "B", "C"], ["y"])], "gemm",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 128])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 160])], inits,
-                              sparse_initializer=[sparse])
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((128, 160)).astype(np.float32), "B"),
+        numpy_helper.from_array(rng.standard_normal(160).astype(np.float32), "C"),
+        numpy_helper.from_array(np.arange(8200, dtype=np.int64), "ids"),
+        numpy_helper.from_array(rng.standard_normal(33000).astype(np.float16), "half"),
+    ]
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.ones(3, np.float32), "sparse"),
+        numpy_helper.from_array(np.array([0, 5, 9], np.int64), "sparse_indices"),
+        [10],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["a", "B", "C"], ["y"])],
+        "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 160])],
+        inits,
+        sparse_initializer=[sparse],
+    )
     gemm = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
     for model in (conv, gemm):
         onnx.checker.check_model(model)
@@ -145,15 +162,34 @@ def _reframe(data: bytes, layout: _Layout, index: int, *new_tensors: bytes) -> b
     copy added) and the graph's length prefix fixed, so that the mutation is seen as an edit of
     the initializers, not as broken framing."""
     field_start, _, stop = layout.initializers[index]
-    graph = (data[layout.graph_start:field_start] + b"".join(_initializer_field(t) for t in new_tensors)
-             + data[stop:layout.graph_end])
-    return (data[:layout.graph_field_start] + wire.length_delimited(wire.MODEL_GRAPH, len(graph)) + graph
-            + data[layout.graph_end:])
+    graph = (
+        data[layout.graph_start : field_start]
+        + b"".join(_initializer_field(t) for t in new_tensors)
+        + data[stop : layout.graph_end]
+    )
+    return (
+        data[: layout.graph_field_start]
+        + wire.length_delimited(wire.MODEL_GRAPH, len(graph))
+        + graph
+        + data[layout.graph_end :]
+    )
 
 
 def _varint_values(rng):
-    return [0, 1, 2, 7, 127, 128, 2**31 - 1, 2**32, 2**63 - 1, 2**64 - 1, int(rng.integers(0, 2**62)),
-            (1 << 64) - int(rng.integers(1, 1000))]  # the last: a negative int64, as protobuf encodes it
+    return [
+        0,
+        1,
+        2,
+        7,
+        127,
+        128,
+        2**31 - 1,
+        2**32,
+        2**63 - 1,
+        2**64 - 1,
+        int(rng.integers(0, 2**62)),
+        (1 << 64) - int(rng.integers(1, 1000)),
+    ]  # the last: a negative int64, as protobuf encodes it
 
 
 _EXTERNAL_ENTRY = wire.length_delimited(1, 8) + b"location" + wire.length_delimited(2, 5) + b"x.bin"
@@ -221,7 +257,7 @@ def _mutate(rng, data: bytes, layout: _Layout, names) -> bytes:
             out[position] ^= 1 << int(rng.integers(0, 8))
         return bytes(out)
     if kind == 3:  # truncate
-        return data[:int(rng.integers(0, len(data)))]
+        return data[: int(rng.integers(0, len(data)))]
     index = int(rng.integers(len(layout.initializers)))
     _, start, stop = layout.initializers[index]
     tensor = data[start:stop]
@@ -282,8 +318,10 @@ def test_split_path_fuzz(tmp_path):
     (the model), onnx.checker.check_model on the file's bytes and bnfold's whole-file loader
     (the verdict; it differs from the checker only for IR < 4 files it reads as IR 4)."""
     rng = np.random.default_rng(20240611)
-    bases = [(data, _Layout(data), [t.name for t in onnx.load_model_from_string(data).graph.initializer]
-              + ["sparse"]) for data in _fuzz_base_models()]
+    bases = [
+        (data, _Layout(data), [t.name for t in onnx.load_model_from_string(data).graph.initializer] + ["sparse"])
+        for data in _fuzz_base_models()
+    ]
     path = str(tmp_path / "mutant.onnx")
     deadline = time.monotonic() + FUZZ_SECONDS
     tally = {"accepted": 0, "refused": 0, "kept_apart": 0}
@@ -301,9 +339,10 @@ def test_split_path_fuzz(tmp_path):
             result, error = _outcome(lambda: _within(HANG_SECONDS, lambda: _load_deferred_and_check(path)))
             if error is not None and not isinstance(error, InputError):
                 raise AssertionError(f"{label}: {type(error).__name__}: {error}") from error
-            assert (error is None) == (whole_error is None), \
-                f"{label}: deferred {'accepts' if error is None else 'refuses'} what the whole-file loader " \
+            assert (error is None) == (whole_error is None), (
+                f"{label}: deferred {'accepts' if error is None else 'refuses'} what the whole-file loader "
                 f"{'refuses' if error is None else 'accepts'} ({error or whole_error})"
+            )
             if error is not None:
                 tally["refused"] += 1
                 continue
@@ -324,8 +363,20 @@ def test_split_path_fuzz(tmp_path):
 
 BACKWARD_RULES = ("conv_bn", "convtranspose_bn", "gemm_bn", "matmul_bn")
 FORWARD_RULES = ("bn_conv", "bn_gemm", "bn_matmul")
-CORRUPTIONS = ("nan_weight", "inf_weight", "max_weight", "nan_bias", "inf_bias", "max_bias", "nan_var",
-               "inf_gamma", "zero_gamma_inf_weight", "huge_gamma", "chain_inf", "chain_tiny_divisor")
+CORRUPTIONS = (
+    "nan_weight",
+    "inf_weight",
+    "max_weight",
+    "nan_bias",
+    "inf_bias",
+    "max_bias",
+    "nan_var",
+    "inf_gamma",
+    "zero_gamma_inf_weight",
+    "huge_gamma",
+    "chain_inf",
+    "chain_tiny_divisor",
+)
 
 _LAYERS = {  # rule -> (op, weight shape, axis of the weight the BN channels run along, input shape)
     "conv_bn": ("Conv", (6, 4, 3, 3), 0, (1, 4, 5, 5)),
@@ -357,14 +408,25 @@ def hostile_model(rule: str, corruption: str, dtype=np.float32):
     w = rng.uniform(-1, 1, w_shape)
     channels = w_shape[bn_axis]
     bias = rng.uniform(-1, 1, w_shape[1] if op in ("Gemm", "MatMul", "ConvTranspose") else w_shape[0])
-    stats = {"gamma": rng.uniform(0.5, 2, channels), "beta": rng.uniform(-1, 1, channels),
-             "mean": rng.uniform(-1, 1, channels), "var": rng.uniform(0.5, 2, channels)}
+    stats = {
+        "gamma": rng.uniform(0.5, 2, channels),
+        "beta": rng.uniform(-1, 1, channels),
+        "mean": rng.uniform(-1, 1, channels),
+        "var": rng.uniform(0.5, 2, channels),
+    }
     largest = float(np.finfo(np_type).max)
     first = (0,) * len(w_shape)
-    hostile = {"nan_weight": (w, first, np.nan), "inf_weight": (w, first, np.inf), "max_weight": (w, first, largest),
-               "zero_gamma_inf_weight": (w, first, np.inf), "nan_bias": (bias, 0, np.nan),
-               "inf_bias": (bias, 0, np.inf), "max_bias": (bias, 0, largest), "nan_var": (stats["var"], 0, np.nan),
-               "inf_gamma": (stats["gamma"], 0, np.inf)}
+    hostile = {
+        "nan_weight": (w, first, np.nan),
+        "inf_weight": (w, first, np.inf),
+        "max_weight": (w, first, largest),
+        "zero_gamma_inf_weight": (w, first, np.inf),
+        "nan_bias": (bias, 0, np.nan),
+        "inf_bias": (bias, 0, np.inf),
+        "max_bias": (bias, 0, largest),
+        "nan_var": (stats["var"], 0, np.nan),
+        "inf_gamma": (stats["gamma"], 0, np.inf),
+    }
     if corruption in hostile:
         array, where, value = hostile[corruption]
         array[where] = value
@@ -374,8 +436,9 @@ def hostile_model(rule: str, corruption: str, dtype=np.float32):
         stats["gamma"][:] = largest
     inits = [numpy_helper.from_array(w.astype(np_type), "w"), numpy_helper.from_array(bias.astype(np_type), "b")]
     inits += [numpy_helper.from_array(v.astype(np_type), name) for name, v in stats.items()]
-    layer = helper.make_node(op, ["bn_out" if forward else "x", "w"] + ([] if op == "MatMul" else ["b"]),
-                             ["y" if forward else "layer_out"])
+    layer = helper.make_node(
+        op, ["bn_out" if forward else "x", "w"] + ([] if op == "MatMul" else ["b"]), ["y" if forward else "layer_out"]
+    )
     nodes, bn_input = [layer], "x" if forward else "layer_out"
     if corruption.startswith("chain_"):
         chain_op, value = ("Mul", np.inf) if corruption == "chain_inf" else ("Div", 1e-300)
@@ -384,20 +447,32 @@ def hostile_model(rule: str, corruption: str, dtype=np.float32):
         inits.append(numpy_helper.from_array(constant.astype(np_type), "chain_constant"))
         nodes.append(helper.make_node(chain_op, ["layer_out", "chain_constant"], ["chain_out"]))
         bn_input = "chain_out"
-    bn = helper.make_node("BatchNormalization", [bn_input, "gamma", "beta", "mean", "var"], ["bn_out" if forward else "y"])
+    bn = helper.make_node(
+        "BatchNormalization", [bn_input, "gamma", "beta", "mean", "var"], ["bn_out" if forward else "y"]
+    )
     nodes = [bn, layer] if forward else nodes + [bn]
-    graph = helper.make_graph(nodes, f"{rule}_{corruption}", [helper.make_tensor_value_info("x", element_type, x_shape)],
-                              [helper.make_tensor_value_info("y", element_type, [None] * len(x_shape))], inits)
+    graph = helper.make_graph(
+        nodes,
+        f"{rule}_{corruption}",
+        [helper.make_tensor_value_info("x", element_type, x_shape)],
+        [helper.make_tensor_value_info("y", element_type, [None] * len(x_shape))],
+        inits,
+    )
     return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
 
 
-HOSTILE_CASES = [(rule, corruption, dtype) for rule in BACKWARD_RULES + FORWARD_RULES for corruption in CORRUPTIONS
-                 for dtype in (np.float32, np.float64, np.float16)
-                 if not (corruption.startswith("chain_") and rule in FORWARD_RULES)]
+HOSTILE_CASES = [
+    (rule, corruption, dtype)
+    for rule in BACKWARD_RULES + FORWARD_RULES
+    for corruption in CORRUPTIONS
+    for dtype in (np.float32, np.float64, np.float16)
+    if not (corruption.startswith("chain_") and rule in FORWARD_RULES)
+]
 
 
-@pytest.mark.parametrize("rule,corruption,dtype", HOSTILE_CASES,
-                         ids=[f"{r}-{c}-{np.dtype(d).name}" for r, c, d in HOSTILE_CASES])
+@pytest.mark.parametrize(
+    "rule,corruption,dtype", HOSTILE_CASES, ids=[f"{r}-{c}-{np.dtype(d).name}" for r, c, d in HOSTILE_CASES]
+)
 def test_fold_math_never_warns_on_hostile_constants(rule, corruption, dtype, tmp_path, monkeypatch):
     """In memory and through the memory-mapped path (every payload kept apart), no numpy
     warning, from any thread (recorded rather than raised, so that no ``except`` on the way can
@@ -430,28 +505,34 @@ def test_fold_math_never_warns_on_hostile_constants(rule, corruption, dtype, tmp
         assert np.all(np.isfinite(new_bias)), new_bias
 
 
-@pytest.mark.parametrize("rule,corruption,expected", [
-    ("conv_bn", "nan_var", "invalid_statistics"),
-    ("conv_bn", "chain_inf", "invalid_statistics"),           # Inf * conv output: no finite affine map
-    ("bn_conv", "inf_weight", "would_overflow"),              # Inf * t summed into the bias
-    ("bn_gemm", "nan_weight", "would_overflow"),
-    ("gemm_bn", "max_bias", "would_overflow"),                # a finite float32 bias scaled past 3.4e38
-    ("conv_bn", "inf_weight", "conv_bn"),                     # Inf * finite scale: the same Inf, folded
-    ("conv_bn", "nan_bias", "conv_bn"),
-    ("conv_bn", "zero_gamma_inf_weight", "conv_bn"),          # NaN in both models
-])
+@pytest.mark.parametrize(
+    "rule,corruption,expected",
+    [
+        ("conv_bn", "nan_var", "invalid_statistics"),
+        ("conv_bn", "chain_inf", "invalid_statistics"),  # Inf * conv output: no finite affine map
+        ("bn_conv", "inf_weight", "would_overflow"),  # Inf * t summed into the bias
+        ("bn_gemm", "nan_weight", "would_overflow"),
+        ("gemm_bn", "max_bias", "would_overflow"),  # a finite float32 bias scaled past 3.4e38
+        ("conv_bn", "inf_weight", "conv_bn"),  # Inf * finite scale: the same Inf, folded
+        ("conv_bn", "nan_bias", "conv_bn"),
+        ("conv_bn", "zero_gamma_inf_weight", "conv_bn"),  # NaN in both models
+    ],
+)
 def test_hostile_constants_fold_or_stay_for_the_reason_given(rule, corruption, expected):
     _, report = fold(hostile_model(rule, corruption))
     outcome = report.remaining[0].reason if report.remaining else report.folded[0].rule
     assert outcome == expected, report.to_dict()
 
 
-@pytest.mark.parametrize("rule,corruption,options", [
-    ("conv_bn", "nan_weight", []),                   # with the parity check: NaN outputs in both models
-    ("conv_bn", "chain_inf", ["--no-check"]),        # Inf * 0 while combining the chain
-    ("bn_conv", "zero_gamma_inf_weight", ["--no-check"]),
-    ("gemm_bn", "max_bias", ["--no-check"]),          # a float32 bias scaled past 3.4e38
-])
+@pytest.mark.parametrize(
+    "rule,corruption,options",
+    [
+        ("conv_bn", "nan_weight", []),  # with the parity check: NaN outputs in both models
+        ("conv_bn", "chain_inf", ["--no-check"]),  # Inf * 0 while combining the chain
+        ("bn_conv", "zero_gamma_inf_weight", ["--no-check"]),
+        ("gemm_bn", "max_bias", ["--no-check"]),  # a float32 bias scaled past 3.4e38
+    ],
+)
 def test_cli_fold_prints_no_numpy_warning(rule, corruption, options, tmp_path):
     """``python -W error::RuntimeWarning -m bnfold fold``: a numpy warning would be an exit 3."""
     src = tmp_path / "in.onnx"
@@ -469,14 +550,21 @@ def test_gemm_c_that_does_not_broadcast_to_the_product_is_refused(forward):
     rng = np.random.default_rng(0)
     channels = 4 if forward else 5
     inits = [numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "w")]
-    inits += [numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), name)
-              for name in ("gamma", "beta", "mean", "var")]
+    inits += [
+        numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), name)
+        for name in ("gamma", "beta", "mean", "var")
+    ]
     gemm = helper.make_node("Gemm", ["bn_out" if forward else "x", "w", "w"], ["y" if forward else "g"], transB=1)
-    bn = helper.make_node("BatchNormalization", ["x" if forward else "g", "gamma", "beta", "mean", "var"],
-                          ["bn_out" if forward else "y"])
-    graph = helper.make_graph([bn, gemm] if forward else [gemm, bn], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], inits)
+    bn = helper.make_node(
+        "BatchNormalization", ["x" if forward else "g", "gamma", "beta", "mean", "var"], ["bn_out" if forward else "y"]
+    )
+    graph = helper.make_graph(
+        [bn, gemm] if forward else [gemm, bn],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+        inits,
+    )
     model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model)
     _, report = fold(model)
@@ -503,7 +591,8 @@ def test_group_below_one_is_refused(rule, group):
     """The checker does not look at ``group``; the rules that divide by it say not_per_channel."""
     model = hostile_model(rule, "none")
     next(n for n in model.graph.node if n.op_type != "BatchNormalization").attribute.append(
-        helper.make_attribute("group", group))
+        helper.make_attribute("group", group)
+    )
     onnx.checker.check_model(model)
     _, report = fold(model)
     assert [r.reason for r in report.remaining] == ["not_per_channel"], report.to_dict()

@@ -130,7 +130,7 @@ def test_float64_statistics_are_accurate_to_float64_precision(shape):
     n = ints.size // 4
     s = ints.sum(axis=(0, 2, 3), dtype=np.int64)
     ss = (ints.astype(object) ** 2).sum(axis=(0, 2, 3))
-    true_var = np.array([float((ss[c] * n - int(s[c]) ** 2)) / n**2 for c in range(4)]) * 2.0**-20
+    true_var = np.array([float(ss[c] * n - int(s[c]) ** 2) / n**2 for c in range(4)]) * 2.0**-20
     true_mean = s / n * 2.0**-10 + 1e3
     mean, var = batch_stats(x)
     np.testing.assert_allclose(mean, true_mean, rtol=1e-15)
@@ -160,8 +160,13 @@ def test_constant_channel_of_1e7_has_exactly_zero_variance(layout):
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "2d", "wide2d", "slabs"])
 def test_large_offset_small_spread_normalises_to_unit_variance(layout):
     rng = np.random.default_rng(5)
-    shape = {"nchw": (16, 3, 24, 24), "nhwc": (16, 24, 24, 3), "2d": (5000, 3),
-             "wide2d": (3000, 1024), "slabs": (300, 3, 7, 7)}[layout]
+    shape = {
+        "nchw": (16, 3, 24, 24),
+        "nhwc": (16, 24, 24, 3),
+        "2d": (5000, 3),
+        "wide2d": (3000, 1024),
+        "slabs": (300, 3, 7, 7),
+    }[layout]
     axis = -1 if layout == "nhwc" else 1
     x = (3e4 + 1e-3 * rng.standard_normal(shape)).astype(np.float32)
     # naive float32 E[x^2] - E[x]^2 is useless here (float32 spacing at 3e4 is ~2e-3, so x
@@ -202,8 +207,7 @@ def test_moments_attributes_and_var():
     seed=st.integers(0, 2**16),
     dtype=st.sampled_from([np.float32, np.float64]),
 )
-def test_merging_moments_of_any_split_gives_whole_batch(n, c, spatial, channels_last, n_splits,
-                                                        seed, dtype):
+def test_merging_moments_of_any_split_gives_whole_batch(n, c, spatial, channels_last, n_splits, seed, dtype):
     rng = np.random.default_rng(seed)
     if channels_last:
         shape, axis = (n, *spatial, c), -1
@@ -328,22 +332,22 @@ def test_train_infer_backward_match_reference(shape, axis, dtype):
     dy = _data(rng, shape, dtype, loc=0.1, scale=1.0)
     dx, dw, db = batch_norm_backward(dy, x, w, save_mean, save_invstd, axis=axis)
     ref_dx, ref_dw, ref_db = _ref_backward(
-        dy, x, w.astype(np.float64), save_mean.astype(np.float64),
-        save_invstd.astype(np.float64), axis,
+        dy,
+        x,
+        w.astype(np.float64),
+        save_mean.astype(np.float64),
+        save_invstd.astype(np.float64),
+        axis,
     )
     assert dx.dtype == dtype and dw.dtype == dtype and db.dtype == dtype
     scale = np.abs(ref_dx).max()
-    np.testing.assert_allclose(dx, ref_dx, rtol=_tol(dtype)["rtol"] * 10,
-                               atol=_tol(dtype)["atol"] * 10 * scale)
-    np.testing.assert_allclose(dw, ref_dw, rtol=_tol(dtype)["rtol"] * 10,
-                               atol=_tol(dtype)["atol"] * n)
-    np.testing.assert_allclose(db, ref_db, rtol=_tol(dtype)["rtol"] * 10,
-                               atol=_tol(dtype)["atol"] * n)
+    np.testing.assert_allclose(dx, ref_dx, rtol=_tol(dtype)["rtol"] * 10, atol=_tol(dtype)["atol"] * 10 * scale)
+    np.testing.assert_allclose(dw, ref_dw, rtol=_tol(dtype)["rtol"] * 10, atol=_tol(dtype)["atol"] * n)
+    np.testing.assert_allclose(db, ref_db, rtol=_tol(dtype)["rtol"] * 10, atol=_tol(dtype)["atol"] * n)
 
 
 @pytest.mark.parametrize(
-    "shape,axis", [((4, 3, 67, 71), 1), ((4, 37, 41, 5), -1), ((300, 130), 1), ((64, 40, 7, 7), 1),
-                   ((300, 1024), 1)]
+    "shape,axis", [((4, 3, 67, 71), 1), ((4, 37, 41, 5), -1), ((300, 130), 1), ((64, 40, 7, 7), 1), ((300, 1024), 1)]
 )
 def test_one_thread_and_all_threads_agree(shape, axis):
     rng = np.random.default_rng(8)
@@ -361,9 +365,7 @@ def test_one_thread_and_all_threads_agree(shape, axis):
         np.testing.assert_allclose(a, b_, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "shape", [(4, 3, 67, 71), (4, 1, 9000), (6, 16, 40, 40), (1, 5, 90, 90), (2, 9, 5000)]
-)
+@pytest.mark.parametrize("shape", [(4, 3, 67, 71), (4, 1, 9000), (6, 16, 40, 40), (1, 5, 90, 90), (2, 9, 5000)])
 def test_backward_is_bitwise_independent_of_thread_count(shape):
     # rows layout: channels owned by threads (C >= 4 * threads) or shared by all of them
     rng = np.random.default_rng(18)
@@ -398,8 +400,9 @@ def test_pipelined_backward_is_bitwise_independent_of_stage_size_and_threads(sha
     def run(stage, n_threads, overlap):
         dx = np.full(x.size, np.nan, dtype)
         s1, s2 = np.full(C, np.nan), np.full(C, np.nan)
-        _k.bwd_fused_rows(dy.reshape(-1), x.reshape(-1), outer, C, inner, mean, w, invstd, dx,
-                          s1, s2, n_threads, stage, overlap)
+        _k.bwd_fused_rows(
+            dy.reshape(-1), x.reshape(-1), outer, C, inner, mean, w, invstd, dx, s1, s2, n_threads, stage, overlap
+        )
         return dx, s1, s2
 
     ref = run(1, 1, False)
@@ -417,8 +420,7 @@ def test_pipelined_backward_is_bitwise_independent_of_stage_size_and_threads(sha
     np.testing.assert_allclose(ref[2], sum_dyxc, rtol=1e-10, atol=1e-9)
     n = outer * inner
     k = (w * invstd).reshape(bshape)
-    expected = k * (g64 - (sum_dy / n).reshape(bshape)
-                    - xc * (invstd**2 * sum_dyxc / n).reshape(bshape))
+    expected = k * (g64 - (sum_dy / n).reshape(bshape) - xc * (invstd**2 * sum_dyxc / n).reshape(bshape))
     tol = 1e-4 if dtype == np.float32 else 1e-10
     np.testing.assert_allclose(ref[0].reshape(shape), expected, rtol=tol, atol=tol)
 
@@ -427,8 +429,20 @@ def test_pipelined_backward_rejects_a_bad_stage_size():
     from bnfold.kernels import _k
 
     x = np.ones((2, 3, 300), np.float32)
-    args = (x.reshape(-1), x.reshape(-1), 2, 3, 300, np.zeros(3), np.ones(3), np.ones(3),
-            np.empty(x.size, np.float32), np.empty(3), np.empty(3), 2)
+    args = (
+        x.reshape(-1),
+        x.reshape(-1),
+        2,
+        3,
+        300,
+        np.zeros(3),
+        np.ones(3),
+        np.ones(3),
+        np.empty(x.size, np.float32),
+        np.empty(3),
+        np.empty(3),
+        2,
+    )
     for bad in (0, 4):
         with pytest.raises(ValueError, match="stage_channels"):
             _k.bwd_fused_rows(*args, bad, True)
@@ -440,8 +454,7 @@ def test_backward_offset_data_stays_accurate_in_float32():
     dy = rng.standard_normal(x.shape).astype(np.float32)
     _, m, s = batch_norm_train(x, None, None, None, None)
     dx, dw, db = batch_norm_backward(dy, x, None, m, s)
-    ref_dx, ref_dw, _ = _ref_backward(dy, x, np.ones(3), m.astype(np.float64),
-                                      s.astype(np.float64), 1)
+    ref_dx, ref_dw, _ = _ref_backward(dy, x, np.ones(3), m.astype(np.float64), s.astype(np.float64), 1)
     np.testing.assert_allclose(dx, ref_dx, rtol=1e-3, atol=1e-3 * np.abs(ref_dx).max())
     np.testing.assert_allclose(dw, ref_dw, rtol=1e-3, atol=1e-2)
 
@@ -451,8 +464,9 @@ def test_none_parameters_and_no_running_stats():
     y, m, s = batch_norm_train(x, None, None, None, None)
     ref_y, _, _ = _ref_train(x, np.ones(4), np.zeros(4), 1, 1e-5)
     np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(batch_norm_infer(x, None, None, m, 1 / s.astype(np.float64) ** 2,
-                                                eps=0.0), ref_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        batch_norm_infer(x, None, None, m, 1 / s.astype(np.float64) ** 2, eps=0.0), ref_y, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_out_argument_and_in_place():
@@ -506,8 +520,7 @@ def test_batch_renorm_matches_reference(shape, axis):
     rv = np.linspace(0.1, 50, C)
     rm0, rv0 = rm.copy(), rv.copy()
     eps, rmax, dmax = 1e-5, 2.0, 1.5
-    y, m, s, r, d = batch_renorm_train(x, w, b, rm, rv, momentum=0.1, eps=eps, rmax=rmax,
-                                       dmax=dmax, axis=axis)
+    y, m, s, r, d = batch_renorm_train(x, w, b, rm, rv, momentum=0.1, eps=eps, rmax=rmax, dmax=dmax, axis=axis)
     ref_mean, ref_var = _ref_stats(x, axis)
     sig_b, sig = np.sqrt(ref_var + eps), np.sqrt(rv0 + eps)
     ref_r = np.clip(sig_b / sig, 1 / rmax, rmax)
@@ -532,7 +545,7 @@ def test_batch_renorm_without_clipping_equals_batch_norm():
     x = _data(rng, (16, 4, 6), np.float64)
     mean, var = _ref_stats(x, 1)
     # running stats equal to the batch's: r = 1, d = 0
-    y, *_ , r, d = batch_renorm_train(x, None, None, mean.copy(), var.copy(), eps=0.0)
+    y, *_, r, d = batch_renorm_train(x, None, None, mean.copy(), var.copy(), eps=0.0)
     y_bn, _, _ = batch_norm_train(x, None, None, None, None, eps=0.0)
     np.testing.assert_allclose(r, 1.0, rtol=1e-12)
     np.testing.assert_allclose(d, 0.0, atol=1e-12)
@@ -577,8 +590,9 @@ def test_thread_counts_above_the_cpus_are_reduced_to_them(monkeypatch):
     rng = np.random.default_rng(22)
     x, dy = rng.standard_normal((2, 40, 30, 30)), rng.standard_normal((2, 40, 30, 30))
     _, m, s = batch_norm_train(x, None, None, None, None)
-    for a, b_ in zip(batch_norm_backward(dy, x, None, m, s, n_threads=200_000),
-                     batch_norm_backward(dy, x, None, m, s, n_threads=1)):
+    for a, b_ in zip(
+        batch_norm_backward(dy, x, None, m, s, n_threads=200_000), batch_norm_backward(dy, x, None, m, s, n_threads=1)
+    ):
         np.testing.assert_array_equal(a, b_)
 
 
@@ -685,8 +699,7 @@ def test_batch_renorm_with_infinite_bounds_does_not_clip():
     mean, var = _ref_stats(x, 1)
     rm, rv = np.full(4, 50.0), np.full(4, 1e-4)  # far from the batch: r and d far beyond 3 and 5
     sigma = np.sqrt(rv + 1e-5)
-    _, _, _, r, d = batch_renorm_train(x, None, None, rm.copy(), rv.copy(), rmax=np.inf,
-                                       dmax=float("inf"))
+    _, _, _, r, d = batch_renorm_train(x, None, None, rm.copy(), rv.copy(), rmax=np.inf, dmax=float("inf"))
     np.testing.assert_allclose(r, np.sqrt(var + 1e-5) / sigma, rtol=1e-12)
     np.testing.assert_allclose(d, (mean - rm) / sigma, rtol=1e-12)
     assert r.min() > 3 and np.abs(d).min() > 5
@@ -734,8 +747,15 @@ def test_one_value_per_channel_in_training_is_an_error(shape, axis):
 
 
 def test_public_names_exported():
-    for name in ("Moments", "batch_stats", "batch_norm_train", "batch_norm_infer",
-                 "batch_norm_backward", "batch_renorm_train", "onnx_momentum"):
+    for name in (
+        "Moments",
+        "batch_stats",
+        "batch_norm_train",
+        "batch_norm_infer",
+        "batch_norm_backward",
+        "batch_renorm_train",
+        "onnx_momentum",
+    ):
         assert name in bnfold.__all__ and hasattr(bnfold, name)
 
 

@@ -161,9 +161,13 @@ def _run(mode, out_dir):
     script.write_text(COMMON + textwrap.dedent(SCRIPTS[mode]))
     # its own session, so that a hang can be ended with every process it forked (a hung child
     # outlives a killed parent)
-    proc = subprocess.Popen([sys.executable, str(script), mode, str(out_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), mode, str(out_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _, stderr = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:

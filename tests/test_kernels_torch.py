@@ -65,8 +65,7 @@ def test_forward_running_stats_and_backward_match_torch(shape, axis, dtype):
     ty = F.batch_norm(tx, trm, trv, tw, tb, training=True, momentum=momentum, eps=eps)
     ty.backward(_to_torch_channels_first(dy, axis))
 
-    y, save_mean, save_invstd = batch_norm_train(x, w, b, rm, rv, momentum=momentum, eps=eps,
-                                                 axis=axis)
+    y, save_mean, save_invstd = batch_norm_train(x, w, b, rm, rv, momentum=momentum, eps=eps, axis=axis)
     np.testing.assert_allclose(y, _from_torch(ty, axis, x.ndim), **_tol(dtype))
     np.testing.assert_allclose(rm, trm.numpy(), **_tol(dtype))
     np.testing.assert_allclose(rv, trv.numpy(), **_tol(dtype))
@@ -77,8 +76,9 @@ def test_forward_running_stats_and_backward_match_torch(shape, axis, dtype):
     np.testing.assert_allclose(db, tb.grad.numpy(), **_tol(dtype))
 
     yi = batch_norm_infer(x, w, b, rm, rv, eps=eps, axis=axis)
-    tyi = F.batch_norm(_to_torch_channels_first(x, axis), trm, trv, torch.from_numpy(w),
-                       torch.from_numpy(b), training=False, eps=eps)
+    tyi = F.batch_norm(
+        _to_torch_channels_first(x, axis), trm, trv, torch.from_numpy(w), torch.from_numpy(b), training=False, eps=eps
+    )
     np.testing.assert_allclose(yi, _from_torch(tyi, axis, x.ndim), **_tol(dtype))
 
 

@@ -24,13 +24,13 @@ def _matmul_model(k=300, with_small=True):
     else:
         nodes.append(helper.make_node("Identity", ["h"], ["y"]))
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", k])],
         inits,
     )
-    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)],
-                              producer_name="test")
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)], producer_name="test")
     model.metadata_props.add(key="k", value="v")
     return model
 
@@ -98,8 +98,14 @@ def test_small_model_saved_with_external_data_folds_into_one_file(tmp_path):
     model = _matmul_model(k=8)
     w0 = numpy_helper.to_array(model.graph.initializer[0])
     src = tmp_path / "small.onnx"
-    onnx.save(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="small.bin", size_threshold=0)
+    onnx.save(
+        model,
+        str(src),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="small.bin",
+        size_threshold=0,
+    )
     assert file_uses_external_data(src)
     out = tmp_path / "out.onnx"
     fold_file(src, out)
@@ -154,8 +160,9 @@ def _external_model(tmp_path, name, location):
     weight = numpy_helper.to_array(model.graph.initializer[0])
     path = tmp_path / name
     # onnx.save_model moves the tensors of ``model`` itself to external data
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=0)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0
+    )
     return weight, path
 
 
@@ -193,7 +200,9 @@ def test_files_get_the_usual_permissions(tmp_path):
     assert (os.stat(tmp_path / "ext.onnx.data").st_mode & 0o777) == 0o644
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc (a directory nobody can create files in)")
+@pytest.mark.skipif(
+    not os.path.isdir("/proc/self"), reason="needs Linux /proc (a directory nobody can create files in)"
+)
 def test_unwritable_directory_is_reported_before_any_work():
     with pytest.raises(InputError) as info:
         check_output_path("/proc/bnfold-out.onnx")
@@ -225,14 +234,17 @@ def _ir3_conv_bn(list_initializers: bool):
         numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "m"),
         numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "v"),
     ]
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
-             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"]),
+    ]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])]
     if list_initializers:
         inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
-    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
-                              opset_imports=[helper.make_opsetid("", 8)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", 8)]
+    )
     model.ir_version = 3
     return model
 

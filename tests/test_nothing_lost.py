@@ -31,24 +31,43 @@ def conv_bn_model(seed: int, channels: int = 16) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(rng.standard_normal((channels, channels, 3, 3)).astype(np.float32), "w")]
     for name, offset in (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.5)):
         inits.append(numpy_helper.from_array((rng.random(channels) + offset).astype(np.float32), name))
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"])]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"]),
+    ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 8, 8])], inits)
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 8, 8])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     model.ir_version = 8
     return model
 
 
 def save_external(model, path, location=None):
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location or os.path.basename(str(path)) + ".data", size_threshold=0)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location or os.path.basename(str(path)) + ".data",
+        size_threshold=0,
+    )
 
 
 def bnfold(*argv, cwd=None, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "bnfold", *map(str, argv)], capture_output=True, text=True,
-                          check=False, cwd=cwd, env=env or ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bnfold", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        env=env or ENV,
+        timeout=timeout,
+    )
 
 
 def digest(path) -> str:
@@ -146,8 +165,9 @@ def test_calibrate_refuses_a_report_inside_its_data_directory(tmp_path, two_mode
     data = tmp_path / "calib"
     data.mkdir()
     np.save(data / "part0.npy", np.random.default_rng(0).standard_normal((8, 16, 8, 8)).astype(np.float32))
-    line = assert_one_line_exit_2(bnfold("calibrate", a, "--data", data, "-o", tmp_path / "out.onnx",
-                                         "--report", data / "new.npz"))
+    line = assert_one_line_exit_2(
+        bnfold("calibrate", a, "--data", data, "-o", tmp_path / "out.onnx", "--report", data / "new.npz")
+    )
     assert "data directory" in line
     assert sorted(os.listdir(data)) == ["part0.npy"]
 
@@ -157,8 +177,7 @@ def test_fold_report_on_the_output_or_its_data_file_is_refused(tmp_path, two_mod
     out = tmp_path / "out.onnx"
     assert "same file" in assert_one_line_exit_2(bnfold("fold", a, "-o", out, "--report", out))
     for data_name in ("out.onnx.data", "out.onnx.1.data"):
-        assert "external data" in assert_one_line_exit_2(bnfold("fold", a, "-o", out, "--report",
-                                                                tmp_path / data_name))
+        assert "external data" in assert_one_line_exit_2(bnfold("fold", a, "-o", out, "--report", tmp_path / data_name))
     assert not out.exists()
 
 
@@ -209,8 +228,10 @@ def test_a_crash_while_replacing_an_external_data_pair_leaves_the_old_or_the_new
         expected_weights, expected_result = old_weights, old_result
     else:
         assert bnfold("fold", new_in, "-o", tmp_path / "reference.onnx").returncode == 0
-        expected_weights, expected_result = initializers(tmp_path / "reference.onnx"), run_model(
-            tmp_path / "reference.onnx")
+        expected_weights, expected_result = (
+            initializers(tmp_path / "reference.onnx"),
+            run_model(tmp_path / "reference.onnx"),
+        )
     assert weights.keys() == expected_weights.keys()
     assert all(np.array_equal(weights[k], expected_weights[k]) for k in weights)
     np.testing.assert_array_equal(result, expected_result)
@@ -219,8 +240,10 @@ def test_a_crash_while_replacing_an_external_data_pair_leaves_the_old_or_the_new
     # place but no model refers to stays (bnfold cannot prove that no model of yours uses it)
     # and is never read or overwritten.
     def data_files():
-        return {os.path.join(tmp_path, n) for n in os.listdir(tmp_path) if n.startswith("out.onnx")
-                and n.endswith(".data")}
+        return {
+            os.path.join(tmp_path, n) for n in os.listdir(tmp_path) if n.startswith("out.onnx") and n.endswith(".data")
+        }
+
     orphans = data_files() - (source_files(out) - {str(out)})
     # (killed after the data went in place: the new data; after the .onnx: the replaced data)
     assert len(orphans) == 1
@@ -292,9 +315,13 @@ def test_temporaries_newer_than_the_process_are_kept(tmp_path):
 def test_a_fifo_as_input_is_refused_without_blocking(tmp_path, command):
     fifo = tmp_path / "model.onnx"
     os.mkfifo(fifo)
-    argv = {"fold": ["fold", fifo, "-o", tmp_path / "o.onnx"], "inspect": ["inspect", fifo],
-            "check": ["check", fifo, fifo], "bench": ["bench", fifo],
-            "calibrate": ["calibrate", fifo, "-o", tmp_path / "o.onnx", "--data", tmp_path / "d.npy"]}[command]
+    argv = {
+        "fold": ["fold", fifo, "-o", tmp_path / "o.onnx"],
+        "inspect": ["inspect", fifo],
+        "check": ["check", fifo, fifo],
+        "bench": ["bench", fifo],
+        "calibrate": ["calibrate", fifo, "-o", tmp_path / "o.onnx", "--data", tmp_path / "d.npy"],
+    }[command]
     line = assert_one_line_exit_2(bnfold(*argv, timeout=60))  # a hang fails by the timeout
     assert "regular file" in line or "not" in line
 
@@ -387,8 +414,13 @@ def test_signals_at_random_moments_of_a_fold(tmp_path):
     outcomes = set()
     for trial in range(8):
         out = tmp_path / f"out{trial}.onnx"
-        process = subprocess.Popen([sys.executable, "-m", "bnfold", "fold", str(model), "-o", str(out)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bnfold", "fold", str(model), "-o", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
         # (Not in the first 0.3 s: until the interpreter has imported bnfold.cli.app, no bnfold code
         # runs and Python's defaults apply: a KeyboardInterrupt traceback or death by SIGTERM,
         # with nothing written yet. The test above covers the moments after that.)
@@ -496,8 +528,9 @@ def test_report_on_the_data_file_of_a_symlinked_output_is_refused(tmp_path):
     (tmp_path / "sub").mkdir()
     os.symlink("sub/o.onnx", tmp_path / "link.onnx")
     for data_name in ("o.onnx.data", "o.onnx.1.data"):
-        line = assert_one_line_exit_2(bnfold("fold", source, "-o", tmp_path / "link.onnx", "--report",
-                                             tmp_path / "sub" / data_name))
+        line = assert_one_line_exit_2(
+            bnfold("fold", source, "-o", tmp_path / "link.onnx", "--report", tmp_path / "sub" / data_name)
+        )
         assert "external data" in line
     assert os.listdir(tmp_path / "sub") == []
 
@@ -510,8 +543,7 @@ def test_calibrate_never_overwrites_a_data_file_linked_into_its_data_directory(t
     np.save(real, np.random.default_rng(0).standard_normal((8, 16, 8, 8)).astype(np.float32))
     os.symlink("../elsewhere/real.npy", tmp_path / "data" / "a.npy")
     before = digest(real)
-    for argv in (["-o", tmp_path / "data" / "a.npy"], ["-o", real],
-                 ["-o", tmp_path / "out.onnx", "--report", real]):
+    for argv in (["-o", tmp_path / "data" / "a.npy"], ["-o", real], ["-o", tmp_path / "out.onnx", "--report", real]):
         line = assert_one_line_exit_2(bnfold("calibrate", a, "--data", tmp_path / "data", "--no-progress", *argv))
         assert "refusing to overwrite the input" in line
     assert digest(real) == before
@@ -531,9 +563,16 @@ def test_concurrent_fold_commands_into_one_output_leave_a_whole_model(tmp_path):
         expected[source.name] = run_model(reference)
     out = tmp_path / "out.onnx"
     for _ in range(3):
-        writers = [subprocess.Popen([sys.executable, "-m", "bnfold", "fold", str(s), "-o", str(out), "--no-check"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-                   for s in sources]
+        writers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "bnfold", "fold", str(s), "-o", str(out), "--no-check"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=ENV,
+            )
+            for s in sources
+        ]
         for writer in writers:
             assert writer.wait(timeout=120) == 0, writer.stderr.read()
         result = run_model(out)
@@ -541,7 +580,9 @@ def test_concurrent_fold_commands_into_one_output_leave_a_whole_model(tmp_path):
         assert hidden_temporaries(tmp_path) == []
 
 
-@pytest.mark.parametrize("argv", [["fold", "--bogus"], ["nope"], ["check", "a.onnx"], ["bench", "m.onnx", "--threads", "x"]])
+@pytest.mark.parametrize(
+    "argv", [["fold", "--bogus"], ["nope"], ["check", "a.onnx"], ["bench", "m.onnx", "--threads", "x"]]
+)
 def test_usage_errors_are_one_line(tmp_path, argv):
     line = assert_one_line_exit_2(bnfold(*argv, cwd=tmp_path))
     assert line.startswith("bnfold") and "--help" in line
@@ -563,7 +604,10 @@ def test_a_memory_error_is_bad_input_in_one_line(monkeypatch, capsys, two_models
 
     monkeypatch.setattr(bnfold.folding, "fold_file", out_of_memory)
     assert main(["fold", str(two_models[0]), "-o", str(tmp_path / "o.onnx")]) == 2
-    assert capsys.readouterr().err == "bnfold fold: error: not enough memory (Unable to allocate 3.49 TiB); try smaller inputs\n"
+    assert (
+        capsys.readouterr().err
+        == "bnfold fold: error: not enough memory (Unable to allocate 3.49 TiB); try smaller inputs\n"
+    )
 
 
 def test_a_failure_between_placing_the_data_and_the_model_removes_the_new_data(tmp_path, monkeypatch):
@@ -587,11 +631,27 @@ def test_an_unbuilt_checkout_says_how_to_build(two_models):
     """A source checkout imported without building: the missing compiled module is named with
     the command that builds it, in the API and in the command line."""
     hide = "import sys; sys.modules['bnfold._openmp'] = None; "
-    api = subprocess.run([sys.executable, "-c", hide + "import bnfold; bnfold.batch_stats"], capture_output=True,
-                         text=True, check=False, timeout=60)
+    api = subprocess.run(
+        [sys.executable, "-c", hide + "import bnfold; bnfold.batch_stats"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert api.returncode == 1 and "ImportError: bnfold's compiled module bnfold._openmp is not built" in api.stderr
-    cli = subprocess.run([sys.executable, "-c", hide + "from bnfold.cli.app import main; raise SystemExit(main())",
-                          "inspect", str(two_models[0])], capture_output=True, text=True, check=False, timeout=60)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            hide + "from bnfold.cli.app import main; raise SystemExit(main())",
+            "inspect",
+            str(two_models[0]),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert cli.returncode == 3 and cli.stderr.count("\n") == 1, cli.stderr
     assert "bnfold._openmp is not built" in cli.stderr and "pip install -e ." in cli.stderr
 

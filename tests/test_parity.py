@@ -11,10 +11,10 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 import bnfold
-from bnfold.cli.app import main
-from bnfold.errors import InputError
 import bnfold.verify.noise
 import bnfold.verify.parity
+from bnfold.cli.app import main
+from bnfold.errors import InputError
 from bnfold.verify.inputs import load_inputs, synthesize_inputs
 from bnfold.verify.models import TensorSpec
 from bnfold.verify.shapes import parse_shape_specs, resolve_shapes
@@ -458,17 +458,29 @@ def test_scalar_inputs_are_synthesized_as_arrays(tmp_path):
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
-    then_g = helper.make_graph([helper.make_node("Neg", ["x"], ["t"])], "t", [],
-                              [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
-    else_g = helper.make_graph([helper.make_node("Abs", ["x"], ["e"])], "e", [],
-                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
-    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
-             helper.make_node("Mul", ["y", "s"], ["z"]), helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
-             helper.make_node("Add", ["z", "kf"], ["out"])]
-    graph = helper.make_graph(nodes, "g", [x, helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-                                           helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
-                                           helper.make_tensor_value_info("k", TensorProto.INT64, [])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])])
+    then_g = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["t"])], "t", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Abs", ["x"], ["e"])], "e", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])]
+    )
+    nodes = [
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Mul", ["y", "s"], ["z"]),
+        helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["z", "kf"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            x,
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("k", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])],
+    )
     model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
     path = str(tmp_path / "scalar.onnx")
     onnx.save_model(model, path)
@@ -481,16 +493,27 @@ def _mixed_precision_model(seed=5):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    bn = [numpy_helper.from_array(v.astype(np.float16), n) for v, n in
-          zip((rng.uniform(.5, 1.5, 128), rng.uniform(-1, 1, 128), rng.uniform(-1, 1, 128), rng.uniform(.5, 2, 128)),
-              ("s", "b", "m", "v"))]
-    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
-             helper.make_node("Conv", ["x16", "W"], ["c"], pads=[1] * 4),
-             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["b16"]),
-             helper.make_node("Cast", ["b16"], ["y"], to=TensorProto.FLOAT)]
-    w = numpy_helper.from_array((rng.standard_normal((128, 64, 3, 3)) * .05).astype(np.float16), "W")
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128, 8, 8])], [w] + bn)
+    bn = [
+        numpy_helper.from_array(v.astype(np.float16), n)
+        for v, n in zip(
+            (rng.uniform(0.5, 1.5, 128), rng.uniform(-1, 1, 128), rng.uniform(-1, 1, 128), rng.uniform(0.5, 2, 128)),
+            ("s", "b", "m", "v"),
+        )
+    ]
+    nodes = [
+        helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+        helper.make_node("Conv", ["x16", "W"], ["c"], pads=[1] * 4),
+        helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["b16"]),
+        helper.make_node("Cast", ["b16"], ["y"], to=TensorProto.FLOAT),
+    ]
+    w = numpy_helper.from_array((rng.standard_normal((128, 64, 3, 3)) * 0.05).astype(np.float16), "W")
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128, 8, 8])],
+        [w] + bn,
+    )
     return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -693,8 +716,11 @@ def _chaotic_model(shift=0.0):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])
     inits = [nh.from_array(np.array(1e6, np.float32), "k"), nh.from_array(np.array(shift, np.float32), "s")]
-    nodes = [helper.make_node("Mul", ["x", "k"], ["t"]), helper.make_node("Sin", ["t"], ["u"]),
-             helper.make_node("Add", ["u", "s"], ["y"])]
+    nodes = [
+        helper.make_node("Mul", ["x", "k"], ["t"]),
+        helper.make_node("Sin", ["t"], ["u"]),
+        helper.make_node("Add", ["u", "s"], ["y"]),
+    ]
     return _model(nodes, [x], [y], inits)
 
 
@@ -842,8 +868,16 @@ def test_intermediates_get_the_outputs_tolerance_rule_with_their_own_noise(deep,
     assert data["requested"] and data["compared"] == len(names) and data["passed"] and data["failed"] == 0
     assert data["noise_measured"] and data["atol_from_noise"] >= 1 and data["failures"] == []
     worst = data["worst"]
-    for key in ("noise", "noise_atol", "noise_capped", "atol_source", "rtol_source", "error_over_tolerance",
-                "producer", "reference_producer"):
+    for key in (
+        "noise",
+        "noise_atol",
+        "noise_capped",
+        "atol_source",
+        "rtol_source",
+        "error_over_tolerance",
+        "producer",
+        "reference_producer",
+    ):
         assert key in worst
     assert worst["error_over_tolerance"] == max(v.error_over_tolerance for v in report.intermediates)
     path = tmp_path / "r.json"
@@ -871,8 +905,10 @@ def test_many_failing_intermediates_are_summarized_not_listed(deep, capsys, tmp_
     assert data["failures"][0]["name"] == "bn0"
     table = report.format_table()
     assert f"and {len(failed) - bnfold.verify.parity.INTERMEDIATE_ROWS} more failing" in table
-    assert sum(line.startswith("  bn") or line.startswith("  relu") for line in table.splitlines()) == \
-        bnfold.verify.parity.INTERMEDIATE_ROWS
+    assert (
+        sum(line.startswith(("  bn", "  relu")) for line in table.splitlines())
+        == bnfold.verify.parity.INTERMEDIATE_ROWS
+    )
 
 
 def test_cli_check_intermediates_is_off_by_default(tmp_path, capsys):
@@ -900,10 +936,12 @@ def test_unrelated_models_reusing_a_name_are_why_intermediates_are_opt_in():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
     two = nh.from_array(np.array(2.0, np.float32), "two")
-    doubled_first = _model([helper.make_node("Mul", ["x", "two"], ["t"]), helper.make_node("Relu", ["t"], ["y"])],
-                           [x], [y], [two])
-    relu_first = _model([helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Mul", ["t", "two"], ["y"])],
-                        [x], [y], [two])
+    doubled_first = _model(
+        [helper.make_node("Mul", ["x", "two"], ["t"]), helper.make_node("Relu", ["t"], ["y"])], [x], [y], [two]
+    )
+    relu_first = _model(
+        [helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Mul", ["t", "two"], ["y"])], [x], [y], [two]
+    )
     assert bnfold.check(doubled_first, relu_first).passed
     report = bnfold.check(doubled_first, relu_first, intermediates=True)
     assert not report.passed and report.failed_intermediates[0].name == "t"
@@ -940,8 +978,10 @@ def test_select_skips_constants_random_values_and_other_types():
     from bnfold.verify.intermediates import select
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
-    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]),
-            helper.make_tensor_value_info("n", TensorProto.FLOAT, [2, 3])]
+    outs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]),
+        helper.make_tensor_value_info("n", TensorProto.FLOAT, [2, 3]),
+    ]
     inits = [nh.from_array(np.ones((2, 3), np.float32), "w")]
     nodes = [
         helper.make_node("Identity", ["w"], ["w_alias"]),  # a parameter behind Identity: constant
@@ -1046,8 +1086,9 @@ def test_exposure_onnxruntime_refuses_falls_back_to_outputs(monkeypatch, tmp_pat
 
     def refuse_exposed(self, opt_level, **kwargs):
         if kwargs.get("exposed"):
-            raise InputError(f"{self.label}: onnxruntime cannot load the model with its intermediate values as "
-                             "outputs (injected)")
+            raise InputError(
+                f"{self.label}: onnxruntime cannot load the model with its intermediate values as outputs (injected)"
+            )
         return real_session(self, opt_level, **kwargs)
 
     monkeypatch.setattr(models.LoadedModel, "session", refuse_exposed)
@@ -1070,8 +1111,14 @@ def test_fast_comparison_of_finite_values_agrees_with_the_general_one(dtype):
             fast = OutputResult("y", "float32", (), 1e-4, atol)
             compare_into(fast, ref, cand, atol, scaled, noise)
             general = OutputResult("y", "float32", (), 1e-4, atol)
-            compare_into(general, np.append(ref, np.nan).astype(dtype), np.append(cand, np.nan).astype(dtype),
-                          atol, scaled, noise)
+            compare_into(
+                general,
+                np.append(ref, np.nan).astype(dtype),
+                np.append(cand, np.nan).astype(dtype),
+                atol,
+                scaled,
+                noise,
+            )
             for key in ("max_abs", "max_rel", "mismatches", "atol", "error_over_tolerance", "passed"):
                 assert getattr(fast, key) == pytest.approx(getattr(general, key), rel=1e-12), (trial, atol, key)
             assert general.shared_nan == 1 and fast.shared_nan == 0
@@ -1085,15 +1132,22 @@ def _float16_clip_model(seed=0):
     def f16(a, name):
         return nh.from_array(np.asarray(a).astype(np.float16), name)
 
-    inits = [f16(rng.standard_normal((16, 8, 3, 3)) * 0.3, "w1"), f16(rng.standard_normal((8, 16, 3, 3)) * 0.2, "w2"),
-             f16(rng.uniform(.5, 1.5, 16), "g"), f16(rng.normal(0, .3, 16), "b"), f16(rng.normal(0, .3, 16), "m"),
-             f16(rng.uniform(.5, 2, 16), "v")]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
-             helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn1"], name="bn1"),
-             helper.make_node("Constant", [], ["lo"], value=f16(0.0, "lo")),
-             helper.make_node("Constant", [], ["hi"], value=f16(6.0, "hi")),
-             helper.make_node("Clip", ["bn1", "lo", "hi"], ["clip1"], name="clip1"),
-             helper.make_node("Conv", ["clip1", "w2"], ["y"], pads=[1] * 4, name="conv2")]
+    inits = [
+        f16(rng.standard_normal((16, 8, 3, 3)) * 0.3, "w1"),
+        f16(rng.standard_normal((8, 16, 3, 3)) * 0.2, "w2"),
+        f16(rng.uniform(0.5, 1.5, 16), "g"),
+        f16(rng.normal(0, 0.3, 16), "b"),
+        f16(rng.normal(0, 0.3, 16), "m"),
+        f16(rng.uniform(0.5, 2, 16), "v"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+        helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn1"], name="bn1"),
+        helper.make_node("Constant", [], ["lo"], value=f16(0.0, "lo")),
+        helper.make_node("Constant", [], ["hi"], value=f16(6.0, "hi")),
+        helper.make_node("Clip", ["bn1", "lo", "hi"], ["clip1"], name="clip1"),
+        helper.make_node("Conv", ["clip1", "w2"], ["y"], pads=[1] * 4, name="conv2"),
+    ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 8, 16, 16])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8, 16, 16])
     return _model(nodes, [x], [y], inits)
@@ -1138,11 +1192,17 @@ def test_outputs_at_level_all_are_judged_as_without_intermediates():
 def test_scalar_outputs_and_values_are_compared(tmp_path):
     """0-d float values (a ReduceSum to a scalar, as dynamo exports of attention write) are
     compared like any other; numpy returns scalars for 0-d operands (found on a real export)."""
-    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
-             helper.make_node("Mul", ["total", "two"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
-                              [nh.from_array(np.array(2.0, np.float32), "two")])
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Mul", ["total", "two"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [nh.from_array(np.array(2.0, np.float32), "two")],
+    )
     model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 11)])
     path = tmp_path / "scalar.onnx"
     onnx.save(model, str(path))

@@ -19,10 +19,10 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 import bnfold
-from bnfold.verify import inputs as verify_inputs
 from bnfold.errors import ArgumentTypeError, InputError
-from bnfold.verify.intermediates import Intermediate, estimate_bytes
+from bnfold.verify import inputs as verify_inputs
 from bnfold.verify.inputs import MAX_SAMPLES, check_input_budget
+from bnfold.verify.intermediates import Intermediate, estimate_bytes
 from bnfold.verify.models import TensorSpec
 from bnfold.verify.noise import nudge_inputs, rounded_once_more
 
@@ -41,8 +41,11 @@ def _model(nodes, inputs, outputs, initializers=(), opset=17):
 def relu_model(shape, elem_type=TensorProto.FLOAT):
     """x -> Relu -> h -> Relu -> y: one intermediate value, ``h``."""
     nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
-    return _model(nodes, [helper.make_tensor_value_info("x", elem_type, shape)],
-                  [helper.make_tensor_value_info("y", elem_type, shape)])
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", elem_type, shape)],
+        [helper.make_tensor_value_info("y", elem_type, shape)],
+    )
 
 
 def matmul_model(weights, dtype=np.float32, batch=1):
@@ -51,9 +54,12 @@ def matmul_model(weights, dtype=np.float32, batch=1):
     w = np.asarray(weights, dtype=np.float64).reshape(4, 4)
     with np.errstate(over="ignore"):  # a test's own extreme weights, cast on purpose
         w = w.astype(dtype)
-    return _model([helper.make_node("MatMul", ["x", "w"], ["y"])],
-                  [helper.make_tensor_value_info("x", elem_type, [batch, 4])],
-                  [helper.make_tensor_value_info("y", elem_type, [batch, 4])], [nh.from_array(w, "w")])
+    return _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_tensor_value_info("x", elem_type, [batch, 4])],
+        [helper.make_tensor_value_info("y", elem_type, [batch, 4])],
+        [nh.from_array(w, "w")],
+    )
 
 
 @pytest.fixture
@@ -69,8 +75,14 @@ def _save(model, path):
 def run_cli(*args):
     """``(exit code, stdout, stderr lines, seconds)`` of ``python -m bnfold ARGS``."""
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "bnfold", *map(str, args)], capture_output=True, text=True,
-                          check=False, timeout=120, env={**os.environ, "PYTHONWARNINGS": "default"})
+    done = subprocess.run(
+        [sys.executable, "-m", "bnfold", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
     return done.returncode, done.stdout, done.stderr.splitlines(), time.monotonic() - start
 
 
@@ -94,32 +106,35 @@ def _available(monkeypatch, nbytes):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, error, named", [
-    ({"candidate": None}, TypeError, "candidate"),
-    ({"candidate": 3.5}, TypeError, "candidate"),
-    ({"reference": None}, TypeError, "reference"),
-    ({"seed": -1}, ValueError, "seed"),
-    ({"seed": 1.5}, TypeError, "seed"),
-    ({"seed": True}, TypeError, "seed"),
-    ({"seed": None}, TypeError, "seed"),
-    ({"samples": 0}, ValueError, "samples"),
-    ({"samples": -3}, ValueError, "samples"),
-    ({"samples": 2.0}, TypeError, "samples"),
-    ({"samples": "3"}, TypeError, "samples"),
-    ({"samples": MAX_SAMPLES + 1}, ValueError, f"samples must be at most {MAX_SAMPLES}"),
-    ({"shapes": {"x": (-1, 4)}}, ValueError, "shapes['x']: dimension 0 is -1"),
-    ({"shapes": {"x": (1, 0)}}, ValueError, "shapes: input 'x' has size 0 in dimension 1"),
-    ({"shapes": {"x": (1.5, 4)}}, TypeError, "shapes['x']: dimension 0 must be an integer"),
-    ({"shapes": {"x": "1x4"}}, TypeError, "shapes['x']"),
-    ({"shapes": {"x": 4}}, TypeError, "shapes['x']"),
-    ({"shapes": [("x", (1, 4))]}, TypeError, "shapes must be a dict"),
-    ({"shapes": {3: (1, 4)}}, TypeError, "shapes: keys must be input names"),
-    ({"inputs": 5}, TypeError, "inputs must be"),
-    ({"opt_level": 3}, TypeError, "opt_level"),
-    ({"opt_level": "fast"}, ValueError, "unknown optimization level 'fast'"),
-    ({"candidate_opt_level": None, "opt_level": None}, TypeError, "opt_level"),
-    ({"candidate_label": 7}, TypeError, "candidate_label"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, named",
+    [
+        ({"candidate": None}, TypeError, "candidate"),
+        ({"candidate": 3.5}, TypeError, "candidate"),
+        ({"reference": None}, TypeError, "reference"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"seed": 1.5}, TypeError, "seed"),
+        ({"seed": True}, TypeError, "seed"),
+        ({"seed": None}, TypeError, "seed"),
+        ({"samples": 0}, ValueError, "samples"),
+        ({"samples": -3}, ValueError, "samples"),
+        ({"samples": 2.0}, TypeError, "samples"),
+        ({"samples": "3"}, TypeError, "samples"),
+        ({"samples": MAX_SAMPLES + 1}, ValueError, f"samples must be at most {MAX_SAMPLES}"),
+        ({"shapes": {"x": (-1, 4)}}, ValueError, "shapes['x']: dimension 0 is -1"),
+        ({"shapes": {"x": (1, 0)}}, ValueError, "shapes: input 'x' has size 0 in dimension 1"),
+        ({"shapes": {"x": (1.5, 4)}}, TypeError, "shapes['x']: dimension 0 must be an integer"),
+        ({"shapes": {"x": "1x4"}}, TypeError, "shapes['x']"),
+        ({"shapes": {"x": 4}}, TypeError, "shapes['x']"),
+        ({"shapes": [("x", (1, 4))]}, TypeError, "shapes must be a dict"),
+        ({"shapes": {3: (1, 4)}}, TypeError, "shapes: keys must be input names"),
+        ({"inputs": 5}, TypeError, "inputs must be"),
+        ({"opt_level": 3}, TypeError, "opt_level"),
+        ({"opt_level": "fast"}, ValueError, "unknown optimization level 'fast'"),
+        ({"candidate_opt_level": None, "opt_level": None}, TypeError, "opt_level"),
+        ({"candidate_label": 7}, TypeError, "candidate_label"),
+    ],
+)
 def test_check_argument_errors_name_the_argument(small, kwargs, error, named):
     arguments = {"reference": small, "candidate": small, **kwargs}
     with pytest.raises(error, match=None) as raised:
@@ -136,8 +151,7 @@ def test_argument_type_error_is_both_type_error_and_input_error():
 
 
 def test_valid_arguments_in_numpy_types_are_taken(small):
-    report = bnfold.check(small, small, seed=np.uint64(2**63 + 5), samples=np.int64(2),
-                          shapes={"x": np.array([2, 4])})
+    report = bnfold.check(small, small, seed=np.uint64(2**63 + 5), samples=np.int64(2), shapes={"x": np.array([2, 4])})
     assert report.passed and report.samples == 2 and report.inputs["x"]["shape"] == [2, 4]
 
 
@@ -161,8 +175,13 @@ def test_huge_static_input_is_refused_before_allocating(monkeypatch):
         bnfold.check(model, model)
     message = str(raised.value)
     # The input, its shape, dtype and size, and the limit with how it was chosen.
-    for text in ("input 'x' of shape 1x3x100000x100000 float32", "112 GiB per sample", "more than the limit of",
-                 "of memory available", "static shape"):
+    for text in (
+        "input 'x' of shape 1x3x100000x100000 float32",
+        "112 GiB per sample",
+        "more than the limit of",
+        "of memory available",
+        "static shape",
+    ):
         assert text in message, (text, message)
     assert len(message.splitlines()) == 1
 
@@ -171,8 +190,11 @@ def test_samples_are_counted_and_the_message_says_how_many_fit(monkeypatch, smal
     _available(monkeypatch, 400 << 20)  # a limit of 100 MiB
     # One sample of 1M x 4 float32: 16 MiB kept + 32 MiB while drawn in float64.
     assert bnfold.check(small, small, shapes={"x": (1 << 20, 4)}, measure_noise=False).passed
-    with pytest.raises(InputError, match=r"input 'x' of shape 1048576x4 float32 takes 16 MiB per sample \(10 sample"
-                                         r".*; 4 sample\(s\) would fit"):
+    with pytest.raises(
+        InputError,
+        match=r"input 'x' of shape 1048576x4 float32 takes 16 MiB per sample \(10 sample"
+        r".*; 4 sample\(s\) would fit",
+    ):
         bnfold.check(small, small, shapes={"x": (1 << 20, 4)}, samples=10)
 
 
@@ -184,8 +206,11 @@ def test_dynamic_input_too_big_suggests_smaller_dimensions(monkeypatch, small):
 
 def test_element_count_beyond_int64_is_refused():
     model = relu_model(["N", "M"])
-    with pytest.raises(InputError, match=r"input 'x' of shape 4294967296x4294967296 has 1.84e\+19 elements, more than "
-                                         r"int64 can count"):
+    with pytest.raises(
+        InputError,
+        match=r"input 'x' of shape 4294967296x4294967296 has 1.84e\+19 elements, more than "
+        r"int64 can count",
+    ):
         bnfold.check(model, model, shapes={"x": (2**32, 2**32)})
 
 
@@ -224,12 +249,15 @@ def test_cli_huge_static_input(tmp_path):
     assert_refused_in_one_line(["check", path, path], "input 'x' of shape 1x3x100000x100000 float32", "limit")
 
 
-@pytest.mark.parametrize("options, expected", [
-    (["--samples", "100000000"], [f"--samples must be between 1 and {MAX_SAMPLES}", "100000000"]),
-    (["--seed", "-1"], ["--seed must be >= 0", "-1"]),
-    (["--shape", "x:99999999999x4"], ["input 'x' of shape 99999999999x4 float32", "limit"]),
-    (["--shape", "x:9999999999999999999999x4"], ["more than int64 can count"]),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--samples", "100000000"], [f"--samples must be between 1 and {MAX_SAMPLES}", "100000000"]),
+        (["--seed", "-1"], ["--seed must be >= 0", "-1"]),
+        (["--shape", "x:99999999999x4"], ["input 'x' of shape 99999999999x4 float32", "limit"]),
+        (["--shape", "x:9999999999999999999999x4"], ["more than int64 can count"]),
+    ],
+)
 def test_cli_check_bad_values(tmp_path, small, options, expected):
     path = _save(small, tmp_path / "small.onnx")
     assert_refused_in_one_line(["check", path, path, *options], *expected)
@@ -258,13 +286,20 @@ def _with(position, value):
     return weights
 
 
-@pytest.mark.parametrize("reference, candidate", [
-    (_with(3, np.nan), BASE), (BASE, _with(3, np.nan)), (_with(3, np.nan), _with(3, np.nan)),
-    (_with(3, np.inf), _with(3, -np.inf)), (_with(3, np.inf), _with(5, np.nan)),
-    (np.full(16, np.nan), np.full(16, np.nan)),
-])
-@pytest.mark.parametrize("options", [{}, {"intermediates": True, "samples": 2}, {"atol": 1e-3, "rtol": 0.0},
-                                     {"opt_level": "all"}])
+@pytest.mark.parametrize(
+    "reference, candidate",
+    [
+        (_with(3, np.nan), BASE),
+        (BASE, _with(3, np.nan)),
+        (_with(3, np.nan), _with(3, np.nan)),
+        (_with(3, np.inf), _with(3, -np.inf)),
+        (_with(3, np.inf), _with(5, np.nan)),
+        (np.full(16, np.nan), np.full(16, np.nan)),
+    ],
+)
+@pytest.mark.parametrize(
+    "options", [{}, {"intermediates": True, "samples": 2}, {"atol": 1e-3, "rtol": 0.0}, {"opt_level": "all"}]
+)
 def test_non_finite_outputs_give_no_runtime_warning(reference, candidate, options):
     _check_quietly(matmul_model(reference), matmul_model(candidate), **options)
 
@@ -312,9 +347,12 @@ def test_cli_nan_weights_print_no_runtime_warning(tmp_path):
 def bad_bias_model():
     """Valid for onnx.checker, but onnxruntime's Conv refuses its 5-element bias at run time."""
     weights, bias = nh.from_array(np.ones((8, 3, 3, 3), np.float32), "w"), nh.from_array(np.ones(5, np.float32), "b")
-    return _model([helper.make_node("Conv", ["x", "w", "b"], ["y"])],
-                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])], [weights, bias])
+    return _model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])],
+        [weights, bias],
+    )
 
 
 @pytest.mark.parametrize("command", [["check"], ["bench", "--repeat", "1"]])
@@ -323,5 +361,6 @@ def test_cli_model_onnxruntime_cannot_run_is_one_line_not_two(tmp_path, command)
     # InputError already quotes its message.
     path = _save(bad_bias_model(), tmp_path / "bad_bias.onnx")
     name, *options = command
-    assert_refused_in_one_line([name, path, path, *options], "onnxruntime failed to run the model",
-                               "bias must be a 1D tensor")
+    assert_refused_in_one_line(
+        [name, path, path, *options], "onnxruntime failed to run the model", "bias must be a 1D tensor"
+    )

@@ -9,16 +9,15 @@ import os
 import numpy as np
 import onnx
 import pytest
-from fold_testing import MM
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold.io.payloads
-from bnfold.io import wire
 from bnfold.errors import InputError
 from bnfold.folding.fold_pass import fold, fold_file
 from bnfold.folding.tensors import ScaledWeight
-from bnfold.io import load_model_deferred, save_model_atomic
+from bnfold.io import load_model_deferred, save_model_atomic, wire
 from bnfold.io.payloads import TensorPayloads, split_serialized_model
+from fold_testing import MM
 
 
 def assert_parity(original, folded):
@@ -64,8 +63,13 @@ def _model_with_big_weight(seed=0, cout=64, cin=64):
         helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, 8, 8])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, 8, 8])],
+        inits,
+    )
     return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
 
 
@@ -173,8 +177,7 @@ def test_materialize_gives_a_complete_model(tmp_path, defer_everything):
 
 def test_external_data_source_is_loaded_whole(tmp_path):
     src = str(tmp_path / "in.onnx")
-    onnx.save_model(_model_with_big_weight(), src, save_as_external_data=True, location="in.data",
-                    size_threshold=1024)
+    onnx.save_model(_model_with_big_weight(), src, save_as_external_data=True, location="in.data", size_threshold=1024)
     model, payloads, wait = load_model_deferred(src)
     wait()
     assert not any(payloads.holds(t) for t in model.graph.initializer)
@@ -205,12 +208,15 @@ def test_save_model_atomic_counts_payloads_kept_apart_toward_the_size_limit(tmp_
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape,factor_shape,chunk", [
-    ((6, 5, 3, 3), (6, 1, 1, 1), 64),     # conv weight, per output channel, rows split across chunks
-    ((7, 11), (1, 11), 24),               # matmul weight, per column (rows of one value)
-    ((2, 3, 4, 5), (1, 1, 4, 1), 1000),   # middle axis
-    ((4, 4), (1, 1), 8),                  # scalar factor
-])
+@pytest.mark.parametrize(
+    "shape,factor_shape,chunk",
+    [
+        ((6, 5, 3, 3), (6, 1, 1, 1), 64),  # conv weight, per output channel, rows split across chunks
+        ((7, 11), (1, 11), 24),  # matmul weight, per column (rows of one value)
+        ((2, 3, 4, 5), (1, 1, 4, 1), 1000),  # middle axis
+        ((4, 4), (1, 1), 8),  # scalar factor
+    ],
+)
 def test_scaled_weight_written_in_chunks_equals_the_whole(dtype, shape, factor_shape, chunk, monkeypatch, tmp_path):
     rng = np.random.default_rng(0)
     w = rng.standard_normal(shape).astype(dtype)
@@ -251,7 +257,7 @@ def test_wire_fields_and_varints_round_trip():
     buf = tensor.SerializeToString()
     found = {f[0]: f for f in wire.fields(buf, 0, len(buf))}
     raw = found[wire.TENSOR_RAW_DATA]
-    assert buf[raw[3]:raw[4]] == tensor.raw_data
+    assert buf[raw[3] : raw[4]] == tensor.raw_data
     with pytest.raises(wire.WireError):
         list(wire.fields(b"\x0a\x05ab", 0, 4))  # length runs past the end
     with pytest.raises(wire.WireError):
@@ -282,10 +288,9 @@ def test_background_writer_writes_in_order_and_reports_errors():
         def write(self, data):
             raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space"):
-        with _BackgroundWriter(Full()) as w:
-            for _ in range(10):
-                w.write(b"data")
+    with pytest.raises(OSError, match="No space"), _BackgroundWriter(Full()) as w:
+        for _ in range(10):
+            w.write(b"data")
 
 
 def test_write_error_becomes_one_input_error_and_leaves_nothing(tmp_path, monkeypatch):
@@ -308,15 +313,30 @@ def test_external_data_only_inside_a_body_is_noticed(tmp_path):
     body is loaded whole (its data read) and saved with external data again."""
     rng = np.random.default_rng(0)
     body_w = numpy_helper.from_array(rng.standard_normal((64, 8)).astype(np.float32), "body_w")  # 2 KiB
-    then_graph = helper.make_graph([helper.make_node("MatMul", ["x", "body_w"], ["t"])], "then", [],
-                                   [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 8])], [body_w])
-    else_graph = helper.make_graph([helper.make_node("Identity", ["z"], ["e"])], "else", [],
-                                   [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 8])])
+    then_graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "body_w"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 8])],
+        [body_w],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["z"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 8])],
+    )
     nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
-                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-                                           helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+    )
     model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
     src = str(tmp_path / "in.onnx")
     onnx.save_model(model, src, save_as_external_data=True, location="in.data", size_threshold=1024)
@@ -372,8 +392,7 @@ def test_fold_file_arguments_are_named_in_type_errors(tmp_path):
 
 def test_missing_external_data_file_is_named(tmp_path):
     src = str(tmp_path / "in.onnx")
-    onnx.save_model(_model_with_big_weight(), src, save_as_external_data=True, location="in.data",
-                    size_threshold=1024)
+    onnx.save_model(_model_with_big_weight(), src, save_as_external_data=True, location="in.data", size_threshold=1024)
     os.unlink(tmp_path / "in.data")
     with pytest.raises(InputError, match="external data"):
         fold_file(src, str(tmp_path / "out.onnx"))
@@ -418,10 +437,18 @@ def _big_weight_edited(edit):
     weight = next(f for f in wire.fields(buf, graph_start, graph_end) if f[0] == wire.GRAPH_INITIALIZER)
     _, _, field_start, start, stop, _ = weight
     tensor = edit(buf[start:stop])
-    graph_bytes = (buf[graph_start:field_start] + wire.length_delimited(wire.GRAPH_INITIALIZER, len(tensor)) + tensor
-                   + buf[stop:graph_end])
-    return (buf[:graph_field_start] + wire.length_delimited(wire.MODEL_GRAPH, len(graph_bytes)) + graph_bytes
-            + buf[graph_end:])
+    graph_bytes = (
+        buf[graph_start:field_start]
+        + wire.length_delimited(wire.GRAPH_INITIALIZER, len(tensor))
+        + tensor
+        + buf[stop:graph_end]
+    )
+    return (
+        buf[:graph_field_start]
+        + wire.length_delimited(wire.MODEL_GRAPH, len(graph_bytes))
+        + graph_bytes
+        + buf[graph_end:]
+    )
 
 
 def _negated_dims(tensor):
@@ -434,15 +461,25 @@ def _negated_dims(tensor):
     return header.SerializeToString()
 
 
-@pytest.mark.parametrize("edit,checker_refuses", [
-    (_negated_dims, True),
-    (lambda t: t + wire.key(wire.TENSOR_DATA_LOCATION, wire.VARINT) + wire.encode_varint(0), False),
-    (lambda t: t + wire.length_delimited(wire.TENSOR_SEGMENT, 4) + bytes([8, 0, 16, 1]), False),
-    (lambda t: t + wire.key(wire.TENSOR_RAW_DATA, wire.FIXED32) + bytes(4), False),  # wrong wire type: unknown
-    (lambda t: t + wire.length_delimited(wire.TENSOR_NAME, 0), True),  # an empty name
-    (lambda t: t + wire.key(wire.TENSOR_DATA_TYPE, wire.VARINT) + wire.encode_varint(0), True),  # UNDEFINED
-], ids=["negative_dims", "explicit_default_data_location", "segment", "raw_data_as_fixed32", "empty_name",
-        "undefined_type"])
+@pytest.mark.parametrize(
+    "edit,checker_refuses",
+    [
+        (_negated_dims, True),
+        (lambda t: t + wire.key(wire.TENSOR_DATA_LOCATION, wire.VARINT) + wire.encode_varint(0), False),
+        (lambda t: t + wire.length_delimited(wire.TENSOR_SEGMENT, 4) + bytes([8, 0, 16, 1]), False),
+        (lambda t: t + wire.key(wire.TENSOR_RAW_DATA, wire.FIXED32) + bytes(4), False),  # wrong wire type: unknown
+        (lambda t: t + wire.length_delimited(wire.TENSOR_NAME, 0), True),  # an empty name
+        (lambda t: t + wire.key(wire.TENSOR_DATA_TYPE, wire.VARINT) + wire.encode_varint(0), True),  # UNDEFINED
+    ],
+    ids=[
+        "negative_dims",
+        "explicit_default_data_location",
+        "segment",
+        "raw_data_as_fixed32",
+        "empty_name",
+        "undefined_type",
+    ],
+)
 def test_split_leaves_in_the_proto_what_the_checker_must_see(edit, checker_refuses, tmp_path):
     """A big initializer the checker would refuse, or whose fields would not survive being
     kept apart exactly, stays in the proto: the deferred loader reads the model onnx.load
@@ -481,8 +518,13 @@ def test_initializer_names_shared_with_a_kept_apart_one_are_refused(clash, tmp_p
     elif clash == "big_initializer":
         graph.initializer.append(numpy_helper.from_array(np.zeros((64, 64, 3, 3), np.float32), "w"))
     else:
-        graph.sparse_initializer.append(helper.make_sparse_tensor(
-            numpy_helper.from_array(np.ones(2, np.float32), "w"), numpy_helper.from_array(np.array([0, 3]), "i"), [5]))
+        graph.sparse_initializer.append(
+            helper.make_sparse_tensor(
+                numpy_helper.from_array(np.ones(2, np.float32), "w"),
+                numpy_helper.from_array(np.array([0, 3]), "i"),
+                [5],
+            )
+        )
     src = _save(model, tmp_path / "in.onnx")
     assert split_serialized_model(open(src, "rb").read(), TensorPayloads()) is None  # read whole
     with pytest.raises(InputError, match="not unique"):

@@ -48,8 +48,10 @@ class G:
         return outputs[0]
 
     def bn(self, x, y, c, name="bn", params_elem=None, **attrs):
-        p = [self.const(f"{name}_{k}", (c,), positive=k in ("scale", "var"), elem=params_elem)
-             for k in ("scale", "B", "mean", "var")]
+        p = [
+            self.const(f"{name}_{k}", (c,), positive=k in ("scale", "var"), elem=params_elem)
+            for k in ("scale", "B", "mean", "var")
+        ]
         return self.node("BatchNormalization", [x] + p, [y], name=name, **attrs)
 
     def input(self, name, shape, elem=None):
@@ -62,12 +64,16 @@ class G:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         model.ir_version = ir_version
         if ir_version < 4:  # IR 3 lists every initializer as a graph input too
-            model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
-                                     for t in model.graph.initializer)
+            model.graph.input.extend(
+                helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in model.graph.initializer
+            )
         # The full checker wants output shapes: take the ones onnx infers where none were given.
         inferred = onnx.shape_inference.infer_shapes(model)
-        known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)
-                 if v.type.tensor_type.HasField("shape")}
+        known = {
+            v.name: v
+            for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+            if v.type.tensor_type.HasField("shape")
+        }
         for out in model.graph.output:
             if not out.type.tensor_type.HasField("shape") and out.name in known:
                 out.CopyFrom(known[out.name])
@@ -116,8 +122,9 @@ def fold_and_check(model, *, n_folded, rule=None, engine="ort", rtol=1e-5, forwa
     if rule is not None:
         assert {f.rule for f in report.folded} == {rule}
     bn_left = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
-    assert bn_left == report.n_remaining or any(n.attribute and n.op_type in ("If", "Loop", "Scan")
-                                                for n in folded.graph.node)
+    assert bn_left == report.n_remaining or any(
+        n.attribute and n.op_type in ("If", "Loop", "Scan") for n in folded.graph.node
+    )
     onnx.checker.check_model(folded, full_check=True)
     assert folded.ir_version == model.ir_version
     assert [(o.domain, o.version) for o in folded.opset_import] == [(o.domain, o.version) for o in model.opset_import]
@@ -176,15 +183,19 @@ def test_conv_bn_math_matches_the_formula():
     new = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
     conv = folded.graph.node[0]
     np.testing.assert_allclose(new[conv.input[1]], (value["W"] * s[:, None, None, None]).astype(np.float32), rtol=1e-7)
-    np.testing.assert_allclose(new[conv.input[2]], ((value["b"] - value["bn_mean"]) * s + value["bn_B"])
-                               .astype(np.float32), rtol=1e-7)
+    np.testing.assert_allclose(
+        new[conv.input[2]], ((value["b"] - value["bn_mean"]) * s + value["bn_B"]).astype(np.float32), rtol=1e-7
+    )
 
 
-@pytest.mark.parametrize("group,bias,spatial,attrs", [
-    (1, True, (4, 4), {}),
-    (2, True, (3, 4), dict(strides=[2, 2], output_padding=[1, 0])),
-    (2, False, (5,), dict(strides=[2], pads=[1, 0])),
-])
+@pytest.mark.parametrize(
+    "group,bias,spatial,attrs",
+    [
+        (1, True, (4, 4), {}),
+        (2, True, (3, 4), dict(strides=[2, 2], output_padding=[1, 0])),
+        (2, False, (5,), dict(strides=[2], pads=[1, 0])),
+    ],
+)
 def test_convtranspose_bn(group, bias, spatial, attrs):
     g = G(1)
     cin, cout_g = 4, 3
@@ -197,14 +208,17 @@ def test_convtranspose_bn(group, bias, spatial, attrs):
     fold_and_check(g.model([("y", None)]), n_folded=1, rule="convtranspose_bn")
 
 
-@pytest.mark.parametrize("trans_a,trans_b,alpha,beta,c_shape", [
-    (0, 0, 1.0, 1.0, None),
-    (1, 0, 0.5, 2.0, (4,)),
-    (0, 1, 1.5, 0.25, (1, 4)),
-    (1, 1, 2.0, 3.0, (3, 4)),
-    (0, 1, 1.0, -1.0, (3, 1)),
-    (0, 0, 0.7, 1.3, ()),
-])
+@pytest.mark.parametrize(
+    "trans_a,trans_b,alpha,beta,c_shape",
+    [
+        (0, 0, 1.0, 1.0, None),
+        (1, 0, 0.5, 2.0, (4,)),
+        (0, 1, 1.5, 0.25, (1, 4)),
+        (1, 1, 2.0, 3.0, (3, 4)),
+        (0, 1, 1.0, -1.0, (3, 1)),
+        (0, 0, 0.7, 1.3, ()),
+    ],
+)
 def test_gemm_bn(trans_a, trans_b, alpha, beta, c_shape):
     g = G(2)
     m, k, n = 3, 5, 4
@@ -288,8 +302,14 @@ def test_bn_conv_without_padding(group, attrs):
     g = G(10)
     g.input("x", [1, 4, 5, 5])
     g.bn("x", "n", 4)
-    g.node("Conv", ["n", g.const("W", (6 if group != 4 else 4, 4 // group, 3, 3)), g.const("b", (6 if group != 4 else 4,))],
-           ["y"], name="conv", group=group, **attrs)
+    g.node(
+        "Conv",
+        ["n", g.const("W", (6 if group != 4 else 4, 4 // group, 3, 3)), g.const("b", (6 if group != 4 else 4,))],
+        ["y"],
+        name="conv",
+        group=group,
+        **attrs,
+    )
     fold_and_check(g.model([("y", None)]), n_folded=1, rule="bn_conv")
 
 
@@ -365,8 +385,9 @@ def test_conv_output_with_another_reader():
 def test_conv_output_read_inside_an_if_body():
     g = G()
     conv_then_bn(g)
-    body = helper.make_graph([helper.make_node("Relu", ["c"], ["r_in"])], "b", [],
-                             [helper.make_tensor_value_info("r_in", F, None)])
+    body = helper.make_graph(
+        [helper.make_node("Relu", ["c"], ["r_in"])], "b", [], [helper.make_tensor_value_info("r_in", F, None)]
+    )
     g.input("cond", [], TensorProto.BOOL)
     g.node("If", ["cond"], ["r"], name="if0", then_branch=body, else_branch=body)
     assert remaining_reason(g.model([("y", None), ("r", None)])) == "multiple_consumers"
@@ -493,8 +514,9 @@ def test_bn_inside_if_branch_with_outer_scope_weight():
     body.node("Conv", ["x", w], ["bc"], name="body_conv")
     body.bn("bc", "by", 3, name="body_bn")
     then_branch = helper.make_graph(body.nodes, "then", [], [helper.make_tensor_value_info("by", F, None)], body.inits)
-    else_branch = helper.make_graph([helper.make_node("Conv", ["x", w], ["ey"])], "else", [],
-                                    [helper.make_tensor_value_info("ey", F, None)])
+    else_branch = helper.make_graph(
+        [helper.make_node("Conv", ["x", w], ["ey"])], "else", [], [helper.make_tensor_value_info("ey", F, None)]
+    )
     g.node("If", ["cond"], ["y"], name="if0", then_branch=then_branch, else_branch=else_branch)
     model = g.model([("y", None)])
     folded, report = bnfold.fold(model)
@@ -507,9 +529,14 @@ def test_bn_inside_if_branch_with_outer_scope_weight():
     assert "W" in {t.name for t in folded.graph.initializer}  # still read by the else branch
 
 
-@pytest.mark.parametrize("elem,engine,rtol", [
-    (TensorProto.FLOAT16, "ort", 2e-3), (TensorProto.DOUBLE, "ort", 1e-10), (TensorProto.BFLOAT16, "reference", 2e-2),
-])
+@pytest.mark.parametrize(
+    "elem,engine,rtol",
+    [
+        (TensorProto.FLOAT16, "ort", 2e-3),
+        (TensorProto.DOUBLE, "ort", 1e-10),
+        (TensorProto.BFLOAT16, "reference", 2e-2),
+    ],
+)
 def test_weight_dtypes_round_trip(elem, engine, rtol):
     g = G(16, elem=elem)
     g.input("a", [3, 5])
@@ -547,8 +574,12 @@ def test_bn_params_from_constant_nodes_and_constant_subgraph_are_removed():
     g = G(19)
     conv_then_bn(g)
     bn = g.nodes[-1]
-    g.nodes.insert(0, helper.make_node("Constant", [], ["mean_c"], value=numpy_helper.from_array(
-        np.array([0.1, -0.2, 0.3], np.float32))))
+    g.nodes.insert(
+        0,
+        helper.make_node(
+            "Constant", [], ["mean_c"], value=numpy_helper.from_array(np.array([0.1, -0.2, 0.3], np.float32))
+        ),
+    )
     g.nodes.insert(0, helper.make_node("Cast", ["var16"], ["var_c"], to=F))
     g.const("var16", (3,), positive=True, elem=TensorProto.FLOAT16)
     bn.input[3], bn.input[4] = "mean_c", "var_c"
@@ -611,7 +642,7 @@ def test_reason_members_are_their_plain_codes(tmp_path):
     assert list(REASON_CODES) == documented == [reason.value for reason in Reason]
     for reason in Reason:
         assert reason == reason.value and reason.value == reason and hash(reason) == hash(reason.value)
-        assert f"{reason}" == str(reason) == "%s" % reason == reason.value
+        assert f"{reason}" == str(reason) == f"{reason}" == reason.value
         assert json.dumps({"reason": reason}) == json.dumps({"reason": reason.value})
     assert Failure("padded_conv", "m").reason is Reason.PADDED_CONV
     with pytest.raises(ValueError):
@@ -641,19 +672,36 @@ def test_screen_batch_norm_is_the_fold_pass_screen():
     g.input("fed_mean", [3])
     nan = np.full(3, np.nan, np.float32)
     p = lambda name: [g.const(f"{name}_s", (3,), positive=True), g.const(f"{name}_b", (3,))]  # noqa: E731
-    g.node("BatchNormalization", ["x"] + p("nan") + [g.const("nan_m", None, array=nan), g.const("nan_v", None, array=nan)],
-           ["y0"], name="bn_nan")
-    g.node("BatchNormalization", ["y0"] + p("fed") + ["fed_mean", g.const("fed_v", (3,), positive=True)], ["y1"],
-           name="bn_fed")
-    g.node("BatchNormalization", ["y1"] + p("col") + [g.const("col_m", (3, 1)), g.const("col_v", (3, 1), positive=True)],
-           ["y2"], name="bn_column")
+    g.node(
+        "BatchNormalization",
+        ["x"] + p("nan") + [g.const("nan_m", None, array=nan), g.const("nan_v", None, array=nan)],
+        ["y0"],
+        name="bn_nan",
+    )
+    g.node(
+        "BatchNormalization",
+        ["y0"] + p("fed") + ["fed_mean", g.const("fed_v", (3,), positive=True)],
+        ["y1"],
+        name="bn_fed",
+    )
+    g.node(
+        "BatchNormalization",
+        ["y1"] + p("col") + [g.const("col_m", (3, 1)), g.const("col_v", (3, 1), positive=True)],
+        ["y2"],
+        name="bn_column",
+    )
     g.bn("y2", "y3", 3, name="bn_training", training_mode=1)
     g.bn("y3", "y4", 3, name="bn_fine")
     g.node("Relu", ["y4"], ["out"], name="relu")
     model = g.model([("out", None)])
     view = GraphView(model.graph, ModelContext(model))
-    expected = {"bn_nan": "invalid_statistics", "bn_fed": "non_constant_params", "bn_column": "not_per_channel",
-                "bn_training": "training_mode", "bn_fine": None}
+    expected = {
+        "bn_nan": "invalid_statistics",
+        "bn_fed": "non_constant_params",
+        "bn_column": "not_per_channel",
+        "bn_training": "training_mode",
+        "bn_fine": None,
+    }
     report = {r.bn: r for r in bnfold.inspect(model).remaining}
     for index, label in enumerate(view.labels[:5]):
         failure = screen_batch_norm(view, index)

@@ -31,7 +31,9 @@ def test_demo_cnn_structure_and_calibrated_stats():
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("BatchNormalization") == 10
-    assert any(n.op_type == "Conv" and any(a.name == "group" and a.i == 8 for a in n.attribute) for n in model.graph.node)
+    assert any(
+        n.op_type == "Conv" and any(a.name == "group" and a.i == 8 for a in n.attribute) for n in model.graph.node
+    )
     assert ops.count("Add") == 2 and "Gemm" in ops
     stats = _bn_stats(model)
     # Statistics come from data: neither the 0/1 placeholders nor equal across channels.
@@ -68,7 +70,7 @@ def test_resnet_structure(depth, n_conv_bn):
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert len(bns) == n_conv_bn
     assert all(nodes[bn.input[0]].op_type == "Conv" for bn in bns)
-    for mean, var in _bn_stats(model).values():
+    for _mean, var in _bn_stats(model).values():
         assert np.all(var > 0) and np.unique(var).size == var.size
     y = _run(model, np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
     assert y.shape == (2, 7) and np.all(np.isfinite(y))

@@ -47,8 +47,10 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     n = args.batch_size * args.batches
     images = rng.standard_normal((n, 3, args.image_size, args.image_size), dtype=np.float32)
-    print(f"ResNet-{args.depth} at {args.image_size}x{args.image_size}: {n_bn} BatchNormalization, "
-          f"{args.batches} batches of {args.batch_size}, mode={args.mode}, OpenMP threads={max_threads()}")
+    print(
+        f"ResNet-{args.depth} at {args.image_size}x{args.image_size}: {n_bn} BatchNormalization, "
+        f"{args.batches} batches of {args.batch_size}, mode={args.mode}, OpenMP threads={max_threads()}"
+    )
 
     _, report = calibrate(model, {"input": images}, mode=args.mode, batch_size=args.batch_size)
     total = report.seconds_total
@@ -57,17 +59,23 @@ def main(argv=None) -> None:
     samples_processed = report.n_samples * report.passes
     print(f"calibration: {report.n_calibrated} BN calibrated in {report.passes} pass(es), {total:.2f} s total")
     print(f"  onnxruntime forward : {forward:8.3f} s  ({100 * forward / total:5.1f}%)")
-    print(f"  statistics (Moments): {stats:8.3f} s  ({100 * stats / total:5.1f}%)   share of forward+statistics: "
-          f"{100 * stats / (forward + stats):.1f}%")
+    print(
+        f"  statistics (Moments): {stats:8.3f} s  ({100 * stats / total:5.1f}%)   share of forward+statistics: "
+        f"{100 * stats / (forward + stats):.1f}%"
+    )
     print(f"  graph rewrite, sessions, data: {setup:8.3f} s  ({100 * setup / total:5.1f}%)")
-    print(f"  throughput: {report.n_samples / total:.2f} calibration samples/s "
-          f"({samples_processed / (forward + stats):.2f} forward+statistics samples/s over all passes)")
+    print(
+        f"  throughput: {report.n_samples / total:.2f} calibration samples/s "
+        f"({samples_processed / (forward + stats):.2f} forward+statistics samples/s over all passes)"
+    )
 
     batches = [{"input": images[i : i + args.batch_size]} for i in range(0, n, args.batch_size)]
     plain = plain_inference_seconds(model, batches)
     print(f"baseline: plain onnxruntime inference {n / plain:.2f} samples/s")
-    print(f"ratio: calibration forward+statistics per pass / plain inference time = "
-          f"{(forward + stats) / report.passes / plain:.2f}x")
+    print(
+        f"ratio: calibration forward+statistics per pass / plain inference time = "
+        f"{(forward + stats) / report.passes / plain:.2f}x"
+    )
     verdict = "meets" if stats / total < 0.10 else "MISSES"
     print(f"statistics share {100 * stats / total:.1f}% of the total {verdict} the <10% target")
 

@@ -86,8 +86,9 @@ def timed(fn, *args):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=9, help="timed runs of each tool")
     parser.add_argument("--block", type=int, default=3, help="consecutive runs of one tool per block")
     parser.add_argument("--profile", action="store_true", help="cProfile one bnfold run, print the top entries")
@@ -99,15 +100,20 @@ def main(argv=None) -> int:
         model = build_model()
         onnx.save_model(model, src)
         counts = op_counts(model)
-        print(f"model: ResNet-50, {counts['Conv']} Conv, {counts['BatchNormalization']} BN, "
-              f"{n_params(model) / 1e6:.1f}M parameters, {os.path.getsize(src) / 2**20:.1f} MiB")
+        print(
+            f"model: ResNet-50, {counts['Conv']} Conv, {counts['BatchNormalization']} BN, "
+            f"{n_params(model) / 1e6:.1f}M parameters, {os.path.getsize(src) / 2**20:.1f} MiB"
+        )
         del model
 
         bn_times, api_times, ort_times = [], [], []
         report = None
         # warm-up of all (imports, page cache), then alternating blocks of consecutive runs
-        tools = [(run_bnfold, "bnfold.onnx", bn_times), (run_bnfold_api, "bnfold-api.onnx", api_times),
-                 (run_ort, "ort.onnx", ort_times)]
+        tools = [
+            (run_bnfold, "bnfold.onnx", bn_times),
+            (run_bnfold_api, "bnfold-api.onnx", api_times),
+            (run_ort, "ort.onnx", ort_times),
+        ]
         for fn, out, _ in tools:
             fn(src, os.path.join(tmp, out))
         while len(bn_times) < args.repeats:
@@ -121,20 +127,30 @@ def main(argv=None) -> int:
 
         ours = onnx.load(os.path.join(tmp, "bnfold.onnx"))
         theirs = onnx.load(os.path.join(tmp, "ort.onnx"))
-        print(f"bnfold fold_file      : median {statistics.median(bn_times) * 1000:8.1f} ms "
-              f"(runs: {', '.join(f'{t * 1000:.0f}' for t in bn_times)}); "
-              f"{report.n_folded} folded, {op_counts(ours)['BatchNormalization']} BN left")
-        same = open(os.path.join(tmp, "bnfold.onnx"), "rb").read() == open(os.path.join(tmp, "bnfold-api.onnx"),
-                                                                           "rb").read()
-        print(f"bnfold fold+save (API): median {statistics.median(api_times) * 1000:8.1f} ms "
-              f"(runs: {', '.join(f'{t * 1000:.0f}' for t in api_times)}); "
-              f"output {'byte-identical to' if same else 'DIFFERENT from'} fold_file's")
-        print(f"onnxruntime BASIC opt : median {statistics.median(ort_times) * 1000:8.1f} ms "
-              f"(runs: {', '.join(f'{t * 1000:.0f}' for t in ort_times)}); "
-              f"{op_counts(theirs)['BatchNormalization']} BN left")
+        print(
+            f"bnfold fold_file      : median {statistics.median(bn_times) * 1000:8.1f} ms "
+            f"(runs: {', '.join(f'{t * 1000:.0f}' for t in bn_times)}); "
+            f"{report.n_folded} folded, {op_counts(ours)['BatchNormalization']} BN left"
+        )
+        same = (
+            open(os.path.join(tmp, "bnfold.onnx"), "rb").read()
+            == open(os.path.join(tmp, "bnfold-api.onnx"), "rb").read()
+        )
+        print(
+            f"bnfold fold+save (API): median {statistics.median(api_times) * 1000:8.1f} ms "
+            f"(runs: {', '.join(f'{t * 1000:.0f}' for t in api_times)}); "
+            f"output {'byte-identical to' if same else 'DIFFERENT from'} fold_file's"
+        )
+        print(
+            f"onnxruntime BASIC opt : median {statistics.median(ort_times) * 1000:8.1f} ms "
+            f"(runs: {', '.join(f'{t * 1000:.0f}' for t in ort_times)}); "
+            f"{op_counts(theirs)['BatchNormalization']} BN left"
+        )
         ratio = statistics.median(ort_times) / statistics.median(bn_times)
-        print(f"ratio (onnxruntime time / bnfold time): {ratio:.2f}x "
-              f"({'bnfold faster' if ratio >= 1 else 'bnfold SLOWER'})")
+        print(
+            f"ratio (onnxruntime time / bnfold time): {ratio:.2f}x "
+            f"({'bnfold faster' if ratio >= 1 else 'bnfold SLOWER'})"
+        )
 
         if args.profile:
             profiler = cProfile.Profile()

@@ -90,18 +90,21 @@ def bench_shape(label, shape, axis, repeats, n_threads):
     t = {}
 
     t["floor"], t["stats_torch"], t["stats_bnfold"] = median_times(
-        [lambda: x.sum(),
-         lambda: torch.var_mean(tx, dim=dims, correction=0),
-         lambda: bnfold.batch_stats(x, axis, n_threads=n_threads)], repeats)
+        [
+            lambda: x.sum(),
+            lambda: torch.var_mean(tx, dim=dims, correction=0),
+            lambda: bnfold.batch_stats(x, axis, n_threads=n_threads),
+        ],
+        repeats,
+    )
 
     def torch_fwd():
         with torch.no_grad():
             F.batch_norm(tx, trm, trv, tw, tb, training=True, momentum=0.1)
 
     t["fwd_torch"], t["fwd_bnfold"] = median_times(
-        [torch_fwd,
-         lambda: bnfold.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, axis, n_threads=n_threads)],
-        repeats)
+        [torch_fwd, lambda: bnfold.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, axis, n_threads=n_threads)], repeats
+    )
 
     # backward: before each timed backward its own library's forward runs untimed (torch: the
     # autograd graph is rebuilt; bnfold: batch_norm_train gives save_mean / save_invstd)
@@ -116,14 +119,16 @@ def bench_shape(label, shape, axis, repeats, n_threads):
     saved = {}
 
     def forward():
-        _, saved["mean"], saved["invstd"] = bnfold.batch_norm_train(
-            x, w, b, None, None, axis=axis, n_threads=n_threads)
+        _, saved["mean"], saved["invstd"] = bnfold.batch_norm_train(x, w, b, None, None, axis=axis, n_threads=n_threads)
 
     t["bwd_torch"], t["bwd_bnfold"] = median_times(
-        [lambda: graph["y"].backward(tdy),
-         lambda: bnfold.batch_norm_backward(dy, x, w, saved["mean"], saved["invstd"], axis,
-                                            n_threads=n_threads)],
-        repeats, setups=[build, forward])
+        [
+            lambda: graph["y"].backward(tdy),
+            lambda: bnfold.batch_norm_backward(dy, x, w, saved["mean"], saved["invstd"], axis, n_threads=n_threads),
+        ],
+        repeats,
+        setups=[build, forward],
+    )
     graph.clear()
 
     def torch_infer():
@@ -131,9 +136,8 @@ def bench_shape(label, shape, axis, repeats, n_threads):
             F.batch_norm(tx, trm, trv, tw, tb, training=False)
 
     t["inf_torch"], t["inf_bnfold"] = median_times(
-        [torch_infer,
-         lambda: bnfold.batch_norm_infer(x, w, b, rm, rv, 1e-5, axis, n_threads=n_threads)],
-        repeats)
+        [torch_infer, lambda: bnfold.batch_norm_infer(x, w, b, rm, rv, 1e-5, axis, n_threads=n_threads)], repeats
+    )
     return t
 
 
@@ -148,14 +152,19 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from bnfold.kernels import KERNEL_MODULE
 
-    print(f"bnfold {bnfold.__version__} ({KERNEL_MODULE}, OpenMP: {bnfold.openmp_enabled()}), torch "
-          f"{torch.__version__}, {args.threads} threads, float32, median of {repeats}")
-    print("ratios are torch time / bnfold time (higher is better for bnfold); "
-          "stats/floor = bnfold stats / numpy x.sum()")
+    print(
+        f"bnfold {bnfold.__version__} ({KERNEL_MODULE}, OpenMP: {bnfold.openmp_enabled()}), torch "
+        f"{torch.__version__}, {args.threads} threads, float32, median of {repeats}"
+    )
+    print(
+        "ratios are torch time / bnfold time (higher is better for bnfold); stats/floor = bnfold stats / numpy x.sum()"
+    )
     print(f"load average before: {load_average()}")
-    header = (f"{'shape':<20}{'x.sum ms':>9}{'stats':>8}{'fwd-train':>10}{'backward':>10}"
-              f"{'infer':>8}{'stats/floor':>12}   bnfold ms: stats/fwd/bwd/infer"
-              "   torch ms: stats/fwd/bwd/infer")
+    header = (
+        f"{'shape':<20}{'x.sum ms':>9}{'stats':>8}{'fwd-train':>10}{'backward':>10}"
+        f"{'infer':>8}{'stats/floor':>12}   bnfold ms: stats/fwd/bwd/infer"
+        "   torch ms: stats/fwd/bwd/infer"
+    )
     print(header)
     for label, shape, axis in SHAPES:
         if args.only and args.only not in label:

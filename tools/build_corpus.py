@@ -65,7 +65,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Callable, Optional
+from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 THIS_FILE = os.path.abspath(__file__)
@@ -171,7 +171,10 @@ def _torchvision_mobilenet_fpn_frozen():
     from torchvision.models.detection.backbone_utils import mobilenet_backbone
 
     backbone = mobilenet_backbone(
-        backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=torch.nn.BatchNorm2d,
+        backbone_name="mobilenet_v3_large",
+        weights=None,
+        fpn=True,
+        norm_layer=torch.nn.BatchNorm2d,
         trainable_layers=6,
     )
     backbone._bnfold_freeze_after_calibration = True
@@ -227,8 +230,14 @@ ARCHS: tuple[Arch, ...] = (
     # torchvision classification
     Arch("torchvision", "resnet18", _torchvision_classifier("resnet18"), C64, "L"),
     Arch("torchvision", "resnext50_32x4d", _torchvision_classifier("resnext50_32x4d"), C64, "XL"),
-    Arch("torchvision", "mobilenet_v2", _torchvision_classifier("mobilenet_v2"), C64, "S",
-         fresh=("ts", "ts-preserve", "dynamo-noopt")),
+    Arch(
+        "torchvision",
+        "mobilenet_v2",
+        _torchvision_classifier("mobilenet_v2"),
+        C64,
+        "S",
+        fresh=("ts", "ts-preserve", "dynamo-noopt"),
+    ),
     Arch("torchvision", "mobilenet_v3_small", _torchvision_classifier("mobilenet_v3_small"), C64, "XS"),
     Arch("torchvision", "mobilenet_v3_large", _torchvision_classifier("mobilenet_v3_large"), C64, "M"),
     Arch("torchvision", "efficientnet_b0", _torchvision_classifier("efficientnet_b0"), C64, "M"),
@@ -238,17 +247,32 @@ ARCHS: tuple[Arch, ...] = (
     Arch("torchvision", "densenet121", _torchvision_classifier("densenet121"), C64, "L"),
     Arch("torchvision", "googlenet", _torchvision_classifier("googlenet", init_weights=True), C64, "L"),
     # Without the auxiliary head: it runs in train mode (calibration) and needs 299 px inputs.
-    Arch("torchvision", "inception_v3",
-         _torchvision_classifier("inception_v3", init_weights=True, aux_logits=False), C96, "XL",
-         notes="aux_logits=False"),
+    Arch(
+        "torchvision",
+        "inception_v3",
+        _torchvision_classifier("inception_v3", init_weights=True, aux_logits=False),
+        C96,
+        "XL",
+        notes="aux_logits=False",
+    ),
     Arch("torchvision", "mnasnet0_5", _torchvision_classifier("mnasnet0_5"), C64, "XS"),
     # torchvision segmentation
-    Arch("torchvision", "deeplabv3_mobilenet_v3_large",
-         _torchvision_segmentation("deeplabv3_mobilenet_v3_large", aux_loss=True), C96, "L"),
-    Arch("torchvision", "lraspp_mobilenet_v3_large", _torchvision_segmentation("lraspp_mobilenet_v3_large"), C96,
-         "S"),
-    Arch("torchvision", "fcn_resnet18", _torchvision_fcn_resnet18, C64, "L",
-         notes="torchvision FCN + FCNHead on a resnet18 backbone (fcn_resnet50 is 133 MB a file)"),
+    Arch(
+        "torchvision",
+        "deeplabv3_mobilenet_v3_large",
+        _torchvision_segmentation("deeplabv3_mobilenet_v3_large", aux_loss=True),
+        C96,
+        "L",
+    ),
+    Arch("torchvision", "lraspp_mobilenet_v3_large", _torchvision_segmentation("lraspp_mobilenet_v3_large"), C96, "S"),
+    Arch(
+        "torchvision",
+        "fcn_resnet18",
+        _torchvision_fcn_resnet18,
+        C64,
+        "L",
+        notes="torchvision FCN + FCNHead on a resnet18 backbone (fcn_resnet50 is 133 MB a file)",
+    ),
     # torchvision video, small clips (S3D's fixed AvgPool3d(2, 7, 7) needs 16 frames of 224 px)
     Arch("torchvision", "mc3_18", _torchvision_video("mc3_18"), CLIP, "L"),
     # dynamo optimize=False writes Conv3d biases onnxruntime rejects ("bias must be a 1D tensor"),
@@ -256,13 +280,25 @@ ARCHS: tuple[Arch, ...] = (
     Arch("torchvision", "s3d", _torchvision_video("s3d"), (3, 16, 224, 224), "L", recipes=("ts-preserve-f16conv",)),
     # torchvision detection backbone with FrozenBatchNorm2d (exported as Mul/Add, not BN); the
     # ResNet-18 FPN one would cost 55 MB a float32 file (its float16 conversion fails).
-    Arch("torchvision", "mobilenet_v3_large_fpn_frozenbn", _torchvision_mobilenet_fpn_frozen, C96, "M",
-         notes="mobilenet_backbone(fpn=True) with FrozenBatchNorm2d holding calibrated statistics"),
+    Arch(
+        "torchvision",
+        "mobilenet_v3_large_fpn_frozenbn",
+        _torchvision_mobilenet_fpn_frozen,
+        C96,
+        "M",
+        notes="mobilenet_backbone(fpn=True) with FrozenBatchNorm2d holding calibrated statistics",
+    ),
     # timm: re-parameterizable multi-branch (exported unfused, as trained), hybrids, NAS families
     Arch("timm", "repvgg_a0", _timm("repvgg_a0"), C64, "L"),
     Arch("timm", "mobileone_s0", _timm("mobileone_s0"), C64, "M"),
-    Arch("timm", "levit_128s", _timm("levit_128s", img_size=128), C128, "L",
-         notes="attention biases sized for 128 px; BatchNorm1d after Linear"),
+    Arch(
+        "timm",
+        "levit_128s",
+        _timm("levit_128s", img_size=128),
+        C128,
+        "L",
+        notes="attention biases sized for 128 px; BatchNorm1d after Linear",
+    ),
     Arch("timm", "fastvit_t8", _timm("fastvit_t8"), C64, "S", fresh=("ts-preserve",)),
     Arch("timm", "dpn68", _timm("dpn68"), C64, "L"),
     Arch("timm", "hrnet_w18_small", _timm("hrnet_w18_small"), C64, "L"),
@@ -278,8 +314,14 @@ ARCHS: tuple[Arch, ...] = (
     Arch("timm", "gernet_s", _timm("gernet_s"), C64, "L"),
     Arch("timm", "res2net50_14w_8s", _timm("res2net50_14w_8s"), C64, "XL"),
     Arch("timm", "efficientnet_lite0", _timm("efficientnet_lite0"), C64, "S"),
-    Arch("timm", "tf_efficientnet_b0", _timm("tf_efficientnet_b0"), C64, "M",
-         notes="TF 'same' padding (Pad before Conv), BN eps 1e-3"),
+    Arch(
+        "timm",
+        "tf_efficientnet_b0",
+        _timm("tf_efficientnet_b0"),
+        C64,
+        "M",
+        notes="TF 'same' padding (Pad before Conv), BN eps 1e-3",
+    ),
     Arch("timm", "mobilenetv4_conv_small", _timm("mobilenetv4_conv_small"), C64, "S"),
     Arch("timm", "lcnet_050", _timm("lcnet_050"), C64, "XS"),
     Arch("timm", "repghostnet_050", _timm("repghostnet_050"), C64, "XS"),
@@ -295,8 +337,14 @@ ARCHS: tuple[Arch, ...] = (
     Arch("timm", "tinynet_e", _timm("tinynet_e"), C64, "XS"),
     # ultralytics, built from the packaged yaml (no weights)
     Arch("ultralytics", "yolov8n", _ultralytics("yolov8n.yaml", "detect"), C128, "S"),
-    Arch("ultralytics", "yolo11n", _ultralytics_export_head("yolo11n.yaml", "detect"), C128, "S",
-         notes="heads in export mode as ultralytics' exporter sets them, BN not fused"),
+    Arch(
+        "ultralytics",
+        "yolo11n",
+        _ultralytics_export_head("yolo11n.yaml", "detect"),
+        C128,
+        "S",
+        notes="heads in export mode as ultralytics' exporter sets them, BN not fused",
+    ),
     Arch("ultralytics", "yolo11n-seg", _ultralytics("yolo11n-seg.yaml", "segment"), C128, "S"),
 )
 ARCH_BY_JOB = {arch.job_id: arch for arch in ARCHS}
@@ -312,7 +360,7 @@ class Variant:
     """One way of turning a model into a file."""
 
     exporter: str  # "torchscript" | "dynamo"
-    opset: Optional[int]  # None: the exporter's default
+    opset: int | None  # None: the exporter's default
     preserve_bn: bool = False  # torchscript: TrainingMode.PRESERVE (no Conv+BN fusion by torch)
     optimize: bool = True  # dynamo: onnxscript's optimizer (folds BN into Conv) on or off
     dynamic_batch: bool = False
@@ -330,9 +378,9 @@ class Variant:
             parts.append("noopt")
         if self.dynamic_batch:
             parts.append("dyn")
-        parts.append({"none": "", "half": "half", "converter": "f16conv", "converter_keep_io": "f16conv_io"}[
-            self.float16
-        ])
+        parts.append(
+            {"none": "", "half": "half", "converter": "f16conv", "converter_keep_io": "f16conv_io"}[self.float16]
+        )
         if self.external_data:
             parts.append("ext")
         if self.fresh_stats:
@@ -348,8 +396,13 @@ class Variant:
 # batch are added by plan_variants. "dynamo" is torch.onnx.export(model, args, "m.onnx") as a user
 # calls it, which in torch 2.13 writes external data by default.
 FLOAT32_RECIPES = ("ts", "ts-preserve", "dynamo", "dynamo-noopt", "ts-preserve-ext")
-FLOAT16_RECIPES = ("ts-preserve-half", "ts-preserve-f16conv", "ts-preserve-f16conv_io", "dynamo-noopt-half",
-                   "dynamo-half")
+FLOAT16_RECIPES = (
+    "ts-preserve-half",
+    "ts-preserve-f16conv",
+    "ts-preserve-f16conv_io",
+    "dynamo-noopt-half",
+    "dynamo-half",
+)
 # (float32 files, float16 files) per size class, the first pair for even-indexed architectures,
 # the second for odd ones.  The corpus must stay near 1 GB (the family modules add ~0.5 GB to the
 # 1.5 GB budget), so the small models carry most of the variants and the big ones come as one
@@ -497,7 +550,7 @@ def prepare_torch(threads: int) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     try:
-        import torchvision  # noqa: F401  (works when the compiled ops do load)
+        import torchvision
     except (RuntimeError, OSError, ImportError):
         for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[module]
@@ -660,7 +713,12 @@ def describe_onnx(path: str) -> dict:
         return total
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"inputs": inputs, "opset": opset, "external_data": has_external(model.graph), "bn_nodes": count_bn(model.graph)}
+    return {
+        "inputs": inputs,
+        "opset": opset,
+        "external_data": has_external(model.graph),
+        "bn_nodes": count_bn(model.graph),
+    }
 
 
 _ONNX_TYPES_TO_NUMPY = {
@@ -818,7 +876,9 @@ def _manifest_entry(arch: Arch, variant: Variant, facts: dict, bn_modules: int) 
         "inputs": facts["inputs"],
         # Concrete sizes that run (the convention the family modules share): the batch is the only
         # symbolic dimension of a torch export.
-        "example_inputs": {name: [d if isinstance(d, int) else 1 for d in dims] for name, dims in facts["inputs"].items()},
+        "example_inputs": {
+            name: [d if isinstance(d, int) else 1 for d in dims] for name, dims in facts["inputs"].items()
+        },
         "bn_modules": bn_modules,
         "bn_nodes": facts["bn_nodes"],
         "notes": "; ".join(notes),
@@ -891,7 +951,11 @@ def fallback_variants(arch: Arch) -> list[Variant]:
     """TorchScript PRESERVE at opset 17; for big models float16 first (half, then the converter)."""
     float32 = Variant("torchscript", 17, preserve_bn=True)
     if arch.size in ("L", "XL"):
-        return [dataclasses.replace(float32, float16="half"), dataclasses.replace(float32, float16="converter"), float32]
+        return [
+            dataclasses.replace(float32, float16="half"),
+            dataclasses.replace(float32, float16="converter"),
+            float32,
+        ]
     return [float32]
 
 
@@ -928,11 +992,11 @@ def family_name(path: str) -> str:
     try:
         return str(load_family_module(path).FAMILY)
     except Exception:  # noqa: BLE001  (the build reports why the module does not load)
-        return os.path.splitext(os.path.basename(path))[0][len("corpus_"):]
+        return os.path.splitext(os.path.basename(path))[0][len("corpus_") :]
 
 
 def family_job_id(path: str) -> str:
-    return "family-" + os.path.splitext(os.path.basename(path))[0][len("corpus_"):]
+    return "family-" + os.path.splitext(os.path.basename(path))[0][len("corpus_") :]
 
 
 def build_family(path: str, directory: str, log) -> dict:
@@ -1042,7 +1106,7 @@ def part_path(directory: str, job_id: str) -> str:
     return os.path.join(directory, PARTS_DIR, job_id + ".json")
 
 
-def read_part(directory: str, job_id: str, fingerprint: str) -> Optional[dict]:
+def read_part(directory: str, job_id: str, fingerprint: str) -> dict | None:
     """A finished job's result if it belongs to this fingerprint and its files are all there."""
     try:
         with open(part_path(directory, job_id)) as stream:
@@ -1098,18 +1162,27 @@ class WorkerProcess:
         self.single_use = single_use
         self.log_file = open(log_path, "a")
         self.process = subprocess.Popen(
-            [sys.executable, THIS_FILE, "--worker", "--dir", directory, "--threads", str(threads),
-             "--fingerprint", fingerprint],
+            [
+                sys.executable,
+                THIS_FILE,
+                "--worker",
+                "--dir",
+                directory,
+                "--threads",
+                str(threads),
+                "--fingerprint",
+                fingerprint,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log_file,
             text=True,
         )
-        self.job: Optional[Job] = None
+        self.job: Job | None = None
         self.started = 0.0
         self._unread = b""
 
-    def read_lines(self) -> Optional[list[str]]:
+    def read_lines(self) -> list[str] | None:
         """Complete lines available now (reads the pipe once); None at end of file.
 
         The pipe is read with os.read, not a buffered readline: a buffered reader could hold lines
@@ -1174,9 +1247,14 @@ def run_jobs(directory: str, jobs: list[Job], n_workers: int, fingerprint: str, 
             path = next(p for p in family_module_paths() if family_job_id(p) == job.job_id)
             result = {"models": [], "failed": [], "unavailable": [{"family": family_name(path), "reason": error}]}
         else:
-            result = {"models": [], "failed": [{"name": name, "error": error} for name in job.entry_names],
-                      "unavailable": []}
-        write_json_atomic(part_path(directory, job.job_id), {"fingerprint": fingerprint, "job": job.job_id, "result": result})
+            result = {
+                "models": [],
+                "failed": [{"name": name, "error": error} for name in job.entry_names],
+                "unavailable": [],
+            }
+        write_json_atomic(
+            part_path(directory, job.job_id), {"fingerprint": fingerprint, "job": job.job_id, "result": result}
+        )
 
     def release(worker: WorkerProcess, reusable: bool) -> None:
         selector.unregister(worker.process.stdout)
@@ -1277,15 +1355,20 @@ def worker_main(directory: str, threads: int, fingerprint: str) -> None:
                     refuse_network()
                     prepare_torch(threads)
                     arch = ARCH_BY_JOB[job_id]
-                    variants = dict((a.job_id, v) for a, v in planned_jobs())[job_id]
+                    variants = {a.job_id: v for a, v in planned_jobs()}[job_id]
                     result = build_arch(arch, variants, directory, log)
             except Exception as error:  # noqa: BLE001  (our bug: keep the trace in the log)
                 traceback.print_exc()
-                result = {"models": [], "failed": [{"name": job_id, "error": f"builder: {first_line(error)}"}],
-                          "unavailable": []}
+                result = {
+                    "models": [],
+                    "failed": [{"name": job_id, "error": f"builder: {first_line(error)}"}],
+                    "unavailable": [],
+                }
             cpu_seconds = round(_cpu_seconds() - cpu_started, 1)
-            write_json_atomic(part_path(directory, job_id),
-                              {"fingerprint": fingerprint, "job": job_id, "cpu_seconds": cpu_seconds, "result": result})
+            write_json_atomic(
+                part_path(directory, job_id),
+                {"fingerprint": fingerprint, "job": job_id, "cpu_seconds": cpu_seconds, "result": result},
+            )
             protocol.write(json.dumps({"event": "done", "job": job_id, "cpu_seconds": cpu_seconds}) + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -1296,15 +1379,19 @@ def worker_main(directory: str, threads: int, fingerprint: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _select(jobs: list[Job], only: Optional[str]) -> list[Job]:
+def _select(jobs: list[Job], only: str | None) -> list[Job]:
     if not only:
         return jobs
-    return [job for job in jobs if fnmatch.fnmatch(job.job_id, only)
-            or any(fnmatch.fnmatch(name, only) for name in job.entry_names)]
+    return [
+        job
+        for job in jobs
+        if fnmatch.fnmatch(job.job_id, only) or any(fnmatch.fnmatch(name, only) for name in job.entry_names)
+    ]
 
 
-def ensure_corpus(directory: Optional[str] = None, *, jobs: int = 2, log=print, only: Optional[str] = None,
-                  force: bool = False) -> str:
+def ensure_corpus(
+    directory: str | None = None, *, jobs: int = 2, log=print, only: str | None = None, force: bool = False
+) -> str:
     """Build what is missing of the corpus (all of it unless ``only`` is a glob) and return its directory.
 
     A complete corpus whose fingerprint matches returns at once.  ``force`` rebuilds the selected
@@ -1348,8 +1435,10 @@ def _build_missing(directory: str, fingerprint: str, versions: dict, *, jobs: in
                 os.remove(part_path(directory, job.job_id))
     missing = [job for job in selected if read_part(directory, job.job_id, fingerprint) is None]
     if missing:
-        log(f"bnfold corpus: building {len(missing)} of {len(every_job)} jobs in {directory} "
-            f"({jobs} worker{'s' if jobs != 1 else ''})")
+        log(
+            f"bnfold corpus: building {len(missing)} of {len(every_job)} jobs in {directory} "
+            f"({jobs} worker{'s' if jobs != 1 else ''})"
+        )
         started = time.monotonic()
         run_jobs(directory, missing, jobs, fingerprint, log)
         log(f"bnfold corpus: built in {time.monotonic() - started:.0f} s")
@@ -1378,7 +1467,9 @@ def _remove_stale_files(directory: str, manifest: dict, jobs: list[Job]) -> None
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", help="corpus directory (default: $BNFOLD_CORPUS_DIR or ~/.cache/bnfold/corpus/<fingerprint>)")
+    parser.add_argument(
+        "--dir", help="corpus directory (default: $BNFOLD_CORPUS_DIR or ~/.cache/bnfold/corpus/<fingerprint>)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--only", metavar="GLOB", help="build only jobs or models whose name matches")
     parser.add_argument("--list", action="store_true", help="print the planned jobs and model names, build nothing")
@@ -1400,9 +1491,11 @@ def main(argv=None) -> int:
     directory = ensure_corpus(args.dir, jobs=args.jobs, only=args.only, force=args.force)
     manifest = load_manifest(directory)
     archs = {(m["source"], m["arch"]) for m in manifest["models"]}
-    print(f"{directory}: {len(manifest['models'])} models of {len(archs)} architectures, "
-          f"{len(manifest['failed'])} failed exports, {len(manifest['unavailable'])} unavailable families, "
-          f"{'complete' if manifest['complete'] else 'INCOMPLETE'} ({time.monotonic() - started:.1f} s)")
+    print(
+        f"{directory}: {len(manifest['models'])} models of {len(archs)} architectures, "
+        f"{len(manifest['failed'])} failed exports, {len(manifest['unavailable'])} unavailable families, "
+        f"{'complete' if manifest['complete'] else 'INCOMPLETE'} ({time.monotonic() - started:.1f} s)"
+    )
     return 0
 
 

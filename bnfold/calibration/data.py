@@ -209,7 +209,9 @@ def _file_part(path, single_input) -> dict:
             part = {single_input: part["arr_0"]}  # np.savez(f, array) for a single-input model
         return part
     if single_input is None:
-        raise InputError(f"{path}: a .npy file holds one array, but the model has several inputs; use .npz with arrays named by input")
+        raise InputError(
+            f"{path}: a .npy file holds one array, but the model has several inputs; use .npz with arrays named by input"
+        )
     return {single_input: _npy_source(path)}
 
 
@@ -235,14 +237,18 @@ class Dataset:
             self.parts = [self._mapping_part(data, "data")]
         elif isinstance(data, np.ndarray):
             if self._single is None:
-                raise InputError(f"data: a single array was given but the model has {len(names)} inputs ({', '.join(names)}); pass a dict name -> array")
+                raise InputError(
+                    f"data: a single array was given but the model has {len(names)} inputs ({', '.join(names)}); pass a dict name -> array"
+                )
             self.parts = [{self._single: _memory_source("data", data)}]
         elif isinstance(data, Iterable) and not isinstance(data, (bytes, bytearray)):
             self.parts = None
             self._lazy = data
             self.one_shot = iter(data) is data
         else:
-            raise InputError(f"data: expected a path, a dict name -> array, an array or an iterable of dicts, got {type(data).__name__}")
+            raise InputError(
+                f"data: expected a path, a dict name -> array, an array or an iterable of dicts, got {type(data).__name__}"
+            )
         if self.parts is not None:
             for part in self.parts:
                 self._validate(part)
@@ -295,12 +301,18 @@ class Dataset:
                 raise InputError(f"{src.origin}: a 0-d array has no batch axis; expected shape {_fmt_dims(spec.dims)}")
             if spec.dims is not None:
                 if len(src.shape) != len(spec.dims):
-                    raise InputError(f"{src.origin}: shape {src.shape} has rank {len(src.shape)}, model input '{name}' expects rank {len(spec.dims)} {_fmt_dims(spec.dims)}")
+                    raise InputError(
+                        f"{src.origin}: shape {src.shape} has rank {len(src.shape)}, model input '{name}' expects rank {len(spec.dims)} {_fmt_dims(spec.dims)}"
+                    )
                 for axis in range(1, len(spec.dims)):
                     if spec.dims[axis] is not None and src.shape[axis] != spec.dims[axis]:
-                        raise InputError(f"{src.origin}: shape {src.shape} does not match model input '{name}' {_fmt_dims(spec.dims)} (axis {axis}: expected {spec.dims[axis]}, got {src.shape[axis]})")
+                        raise InputError(
+                            f"{src.origin}: shape {src.shape} does not match model input '{name}' {_fmt_dims(spec.dims)} (axis {axis}: expected {spec.dims[axis]}, got {src.shape[axis]})"
+                        )
             if not _castable(src.dtype, spec.dtype):
-                raise InputError(f"{src.origin}: dtype {src.dtype} does not match model input '{name}' (expected {spec.dtype}, got {src.dtype}; only floating-point data is converted between float types)")
+                raise InputError(
+                    f"{src.origin}: dtype {src.dtype} does not match model input '{name}' (expected {spec.dtype}, got {src.dtype}; only floating-point data is converted between float types)"
+                )
             lengths.add(src.shape[0])
         if len(lengths) > 1:
             sizes = ", ".join(f"'{n}': {s.shape[0]}" for n, s in part.items() if n in self.specs)
@@ -371,10 +383,16 @@ class Dataset:
                 bad_row = int(np.argmin(finite.reshape(len(rows), -1).all(axis=1)))
                 sample = first_row + bad_row
                 if np.isfinite(rows[bad_row]).all():
-                    raise InputError(f"{origin}: sample {sample} holds values out of the {dtype} range of model input '{name}' (Inf after conversion from {rows.dtype})")
+                    raise InputError(
+                        f"{origin}: sample {sample} holds values out of the {dtype} range of model input '{name}' (Inf after conversion from {rows.dtype})"
+                    )
                 bad = rows[bad_row]
-                kinds = " and ".join(k for k, present in (("NaN", np.isnan(bad).any()), ("Inf", np.isinf(bad).any())) if present)
-                raise InputError(f"{origin}: non-finite values ({kinds}) in sample {sample}; calibration data must be finite")
+                kinds = " and ".join(
+                    k for k, present in (("NaN", np.isnan(bad).any()), ("Inf", np.isinf(bad).any())) if present
+                )
+                raise InputError(
+                    f"{origin}: non-finite values ({kinds}) in sample {sample}; calibration data must be finite"
+                )
         return converted
 
     def _assemble(self, pending):

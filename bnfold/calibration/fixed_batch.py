@@ -22,7 +22,6 @@ from bnfold.common import first_line
 from bnfold.errors import InputError
 from bnfold.folding import GraphView, get_attr
 
-
 _BATCH_DIM = "bnfold_batch"
 # Relative tolerance of the symbolic-batch check: far above float rounding (the two runs differ
 # only in how onnxruntime blocks its loops), far below what a wrong shape does (samples mixed up).
@@ -35,7 +34,9 @@ def fixed_batch_of(specs: dict) -> int | None:
     fixed = {spec.name: spec.dims[0] for spec in specs.values() if spec.dims and spec.dims[0] is not None}
     if len(set(fixed.values())) > 1:
         listed = ", ".join(f"'{name}': {dim}" for name, dim in fixed.items())
-        raise InputError(f"model inputs have different fixed batch dimensions ({listed}); calibration needs one batch axis")
+        raise InputError(
+            f"model inputs have different fixed batch dimensions ({listed}); calibration needs one batch axis"
+        )
     return next(iter(fixed.values()), None)
 
 
@@ -56,10 +57,15 @@ class FixedSizeFeeds:
         self._rows += len(next(iter(batch.values())))
         if self._rows < self.size:
             return []
-        merged = {n: np.concatenate([p[n] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][n]
-                  for n in batch}
+        merged = {
+            n: np.concatenate([p[n] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][n]
+            for n in batch
+        }
         used = self._rows - self._rows % self.size
-        feeds = [{n: np.ascontiguousarray(v[i:i + self.size]) for n, v in merged.items()} for i in range(0, used, self.size)]
+        feeds = [
+            {n: np.ascontiguousarray(v[i : i + self.size]) for n, v in merged.items()}
+            for i in range(0, used, self.size)
+        ]
         self._rows -= used
         self._pending = [{n: v[used:] for n, v in merged.items()}] if self._rows else []
         return feeds
@@ -141,14 +147,27 @@ def _symbolic_batch_model(model, view: GraphView, fixed: int, shapes: dict, ops=
         if runtime_batch is None:
             runtime_batch = f"{p}/n"
             prologue.append(helper.make_node("Shape", [batch_inputs[0]], [f"{p}/input_shape"], name=f"{p}/input_shape"))
-            prologue.append(helper.make_node("Gather", [f"{p}/input_shape", constant(f"{p}/axis0", [0])], [runtime_batch],
-                                             name=runtime_batch, axis=0))
+            prologue.append(
+                helper.make_node(
+                    "Gather",
+                    [f"{p}/input_shape", constant(f"{p}/axis0", [0])],
+                    [runtime_batch],
+                    name=runtime_batch,
+                    axis=0,
+                )
+            )
         if k == fixed:
             return runtime_batch
         scaled = f"{p}/n_times_{k}"
         if scaled not in {o for n in prologue for o in n.output}:
-            prologue.append(helper.make_node("Mul", [runtime_batch, constant(f"{scaled}/k", [k])], [f"{scaled}/mul"], name=f"{scaled}/mul"))
-            prologue.append(helper.make_node("Div", [f"{scaled}/mul", constant(f"{scaled}/fixed", [fixed])], [scaled], name=scaled))
+            prologue.append(
+                helper.make_node(
+                    "Mul", [runtime_batch, constant(f"{scaled}/k", [k])], [f"{scaled}/mul"], name=f"{scaled}/mul"
+                )
+            )
+            prologue.append(
+                helper.make_node("Div", [f"{scaled}/mul", constant(f"{scaled}/fixed", [fixed])], [scaled], name=scaled)
+            )
         return scaled
 
     rewritten = 0
@@ -173,11 +192,24 @@ def _symbolic_batch_model(model, view: GraphView, fixed: int, shapes: dict, ops=
             node.input[1] = constant(f"{p}/reshape_{i}", new)
         else:
             result = static_shape(shapes, out)
-            if not batch_inputs or not result or len(result) < 2 or len(target) != len(result) or target[0] != result[0] \
-                    or result[0] % fixed:
+            if (
+                not batch_inputs
+                or not result
+                or len(result) < 2
+                or len(target) != len(result)
+                or target[0] != result[0]
+                or result[0] % fixed
+            ):
                 continue
-            prologue.append(helper.make_node("Concat", [batch_times(int(result[0])), constant(f"{p}/expand_{i}/rest", result[1:])],
-                                             [f"{p}/expand_{i}"], name=f"{p}/expand_{i}", axis=0))
+            prologue.append(
+                helper.make_node(
+                    "Concat",
+                    [batch_times(int(result[0])), constant(f"{p}/expand_{i}/rest", result[1:])],
+                    [f"{p}/expand_{i}"],
+                    name=f"{p}/expand_{i}",
+                    axis=0,
+                )
+            )
             node.input[1] = f"{p}/expand_{i}"
         rewritten += 1
     nodes = prologue + list(graph.node)
@@ -212,12 +244,19 @@ class _SymbolicBatchCheck:
     a calibration run does."""
 
     def __init__(self, model, bns: list[BNToCalibrate], elem_types: dict, batch: dict, fixed: int, n_threads):
-        self.model, self.bns, self.elem_types, self.batch, self.fixed, self.n_threads = model, bns, elem_types, batch, fixed, n_threads
+        self.model, self.bns, self.elem_types, self.batch, self.fixed, self.n_threads = (
+            model,
+            bns,
+            elem_types,
+            batch,
+            fixed,
+            n_threads,
+        )
         self.n = len(next(iter(batch.values())))
         self._fixed_session = None
 
     def problem(self, symbolic, shift: int) -> str:
-        """"" when ``symbolic`` passes, else why not (one line)."""
+        """ "" when ``symbolic`` passes, else why not (one line)."""
         n, fixed = self.n, self.fixed
         try:
             session, names, label_of = _bn_input_session(symbolic, self.bns, shift, self.elem_types, self.n_threads)
@@ -240,16 +279,20 @@ class _SymbolicBatchCheck:
             # filler, which a symbolic graph run without it cannot match -- padding with copies
             # of the same samples would make such mixing invisible whenever n divides F.
             real = min(fixed, n - start)
-            chunk_feed = {k: _padded(v[start:start + real], fixed) for k, v in self.batch.items()}
+            chunk_feed = {k: _padded(v[start : start + real], fixed) for k, v in self.batch.items()}
             want = run_calibration_graph(fixed_session, chunk_feed, start // fixed + 1)
             for j, name in enumerate(names):
                 label, chunk, value = label_of[name], want[j], got[j]
                 rows = chunk.shape[0] if chunk.ndim else 0
-                if chunk.ndim == 0 or (rows * n) % fixed or (rows * real) % fixed \
-                        or value.shape != ((rows * n) // fixed,) + chunk.shape[1:]:
+                if (
+                    chunk.ndim == 0
+                    or (rows * n) % fixed
+                    or (rows * real) % fixed
+                    or value.shape != ((rows * n) // fixed,) + chunk.shape[1:]
+                ):
                     return f"BN '{label}' input has shape {value.shape} at batch {n}, the fixed-batch model's {chunk.shape} at {fixed}"
                 first, real_rows = start // fixed * rows, (rows * real) // fixed
-                have = value[first:first + real_rows].astype(np.float64)
+                have = value[first : first + real_rows].astype(np.float64)
                 chunk = chunk[:real_rows]
                 # A network that overflows gives Inf in both runs, and Inf - Inf warns; the
                 # calibration run refuses a non-finite BN input anyway (runner._Accumulator.add).
@@ -259,8 +302,10 @@ class _SymbolicBatchCheck:
         for j, name in enumerate(names):
             rtol = _SYMBOLIC_RTOL.get(self.elem_types.get(name), _SYMBOLIC_RTOL_DEFAULT)
             if not errors[j] <= rtol * scales[j] + 1e-30:  # NaN fails too
-                return (f"BN '{label_of[name]}' input differs from the fixed-batch model's (max abs error {errors[j]:.3g} "
-                        f"of {scales[j]:.3g})")
+                return (
+                    f"BN '{label_of[name]}' input differs from the fixed-batch model's (max abs error {errors[j]:.3g} "
+                    f"of {scales[j]:.3g})"
+                )
         return ""
 
 
@@ -275,8 +320,9 @@ def _padded(rows: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([rows, filler])
 
 
-def verified_symbolic_batch(model, view: GraphView, bns: list[BNToCalibrate], elem_types: dict, shapes: dict, batch: dict,
-                            fixed: int, n_threads):
+def verified_symbolic_batch(
+    model, view: GraphView, bns: list[BNToCalibrate], elem_types: dict, shapes: dict, batch: dict, fixed: int, n_threads
+):
     """``(symbolic model, shift, shapes rewritten, "")`` for the first variant of
     ``_SYMBOLIC_VARIANTS`` that passes ``_SymbolicBatchCheck`` on ``batch``, else
     ``(None, 0, 0, why the last one failed)``."""

@@ -219,7 +219,9 @@ def rewrite_batch_mode(model, bns: list[BNToCalibrate], elem_types: dict, opset:
             if elem_types.get(name, x_type) != x_type:
                 src = f"{q}/{role}_cast"
                 ops.append(helper.make_node("Cast", [name], [src], name=src, to=x_type))
-            ops.append(helper.make_node("Reshape", [src, f"{p}/shape_1c1"], [f"{q}/{role}_1c1"], name=f"{q}/{role}_1c1"))
+            ops.append(
+                helper.make_node("Reshape", [src, f"{p}/shape_1c1"], [f"{q}/{role}_1c1"], name=f"{q}/{role}_1c1")
+            )
         # scale / std is per channel: one full-size Mul instead of a Div and a Mul.
         ops += [
             helper.make_node("Div", [f"{q}/scale_1c1", f"{q}/std"], [f"{q}/gain"], name=f"{q}/gain"),
@@ -234,8 +236,9 @@ def rewrite_batch_mode(model, bns: list[BNToCalibrate], elem_types: dict, opset:
     graph.node.extend(new_nodes)
 
 
-def write_statistics(view: GraphView, bn_index: int, label: str, mean: np.ndarray, var: np.ndarray,
-                     elem_types: dict) -> None:
+def write_statistics(
+    view: GraphView, bn_index: int, label: str, mean: np.ndarray, var: np.ndarray, elem_types: dict
+) -> None:
     """Set the BN's running mean/var with ``GraphView.set_constant_input``: an initializer only
     this BN reads is overwritten in place (name and dtype kept); otherwise -- a tensor another node
     also reads, the output of an Identity / Cast / Constant node or of a constant subgraph, a graph
@@ -251,7 +254,11 @@ def write_statistics(view: GraphView, bn_index: int, label: str, mean: np.ndarra
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by BN
             stored = np.asarray(values, dtype=np.float64).astype(numpy_type(data_type))
         if not np.isfinite(stored.astype(np.float64)).all():
-            problem = "is non-finite (NaN/Inf)" if not np.isfinite(values).all() else f"exceeds the {FLOAT_TYPES[data_type]} range of the tensor it replaces"
+            problem = (
+                "is non-finite (NaN/Inf)"
+                if not np.isfinite(values).all()
+                else f"exceeds the {FLOAT_TYPES[data_type]} range of the tensor it replaces"
+            )
             raise InputError(f"BN '{label}': the calibrated {role} {problem}; nothing written")
         view.set_constant_input(bn_index, slot, stored, data_type, f"{label}.{role}")
 

@@ -147,7 +147,16 @@ class CalibrationReport:
         def change(value) -> str:
             return "-" if value is None else f"{value:.3g}"
 
-        header = ("BN", "level", "samples", "values/ch", "mean old->new (avg)", "var old->new (avg)", "max rel chg mean", "max rel chg var")
+        header = (
+            "BN",
+            "level",
+            "samples",
+            "values/ch",
+            "mean old->new (avg)",
+            "var old->new (avg)",
+            "max rel chg mean",
+            "max rel chg var",
+        )
         rows = []
         for e in self.entries:
             if e.status != "calibrated":

@@ -83,7 +83,9 @@ class _RunPlan:
     seconds: float = 0.0  # onnxruntime time of the symbolic-batch check
 
 
-def _plan_runs(model, view, bns, dataset, mode, batch_size, max_batches, fixed, elem_types, shapes, n_threads) -> _RunPlan:
+def _plan_runs(
+    model, view, bns, dataset, mode, batch_size, max_batches, fixed, elem_types, shapes, n_threads
+) -> _RunPlan:
     """How to run a model whose batch dimension is ``fixed`` (None: dynamic, nothing to plan).
 
     Sequential mode runs at the fixed batch. Batch mode tries a symbolic batch on the first data
@@ -101,14 +103,16 @@ def _plan_runs(model, view, bns, dataset, mode, batch_size, max_batches, fixed, 
         # (all the data, or batch_size == fixed); any other size needs the symbolic batch.
         if len(next(iter(first.values()))) != fixed:
             t0 = time.perf_counter()
-            symbolic, shift, rewritten, problem = verified_symbolic_batch(model, view, bns, elem_types, shapes, first, fixed,
-                                                                          n_threads)
+            symbolic, shift, rewritten, problem = verified_symbolic_batch(
+                model, view, bns, elem_types, shapes, first, fixed, n_threads
+            )
             plan.seconds = time.perf_counter() - t0
             if symbolic is not None:
                 plan.base, plan.shift, plan.run_at = symbolic, shift, None
                 plan.notes.append(
                     f"the model's batch dimension is fixed at {fixed}: batch mode ran a calibration graph with it made "
-                    f"symbolic ({count(rewritten, 'shape')} rewritten; checked against the fixed-batch model on the first batch)")
+                    f"symbolic ({count(rewritten, 'shape')} rewritten; checked against the fixed-batch model on the first batch)"
+                )
                 return plan
             degenerate = _one_value_per_channel(bns, shapes)
             if degenerate is not None:
@@ -118,15 +122,19 @@ def _plan_runs(model, view, bns, dataset, mode, batch_size, max_batches, fixed, 
                 plan.notes.append(
                     f"calibrated in sequential mode, not batch mode: the model's batch dimension is fixed at {fixed} and "
                     f"could not be made symbolic ({problem}), and at that batch BN '{degenerate}' sees one value per "
-                    "channel (undefined batch statistics)")
+                    "channel (undefined batch statistics)"
+                )
             else:
                 plan.batch_mode_at_fixed = True
                 plan.notes.append(
                     f"batch mode ran at the model's fixed batch {fixed}, not {batch_size}: its batch dimension could not be "
-                    f"made symbolic ({problem}); batch statistics are over {count(fixed, 'sample')} at a time")
+                    f"made symbolic ({problem}); batch statistics are over {count(fixed, 'sample')} at a time"
+                )
     if plan.mode == "sequential" and batch_size != fixed:
-        plan.notes.append(f"the model's batch dimension is fixed at {fixed}: sequential mode ran it "
-                          f"{count(fixed, 'sample')} at a time (its statistics do not depend on the batch size)")
+        plan.notes.append(
+            f"the model's batch dimension is fixed at {fixed}: sequential mode ran it "
+            f"{count(fixed, 'sample')} at a time (its statistics do not depend on the batch size)"
+        )
     return plan
 
 
@@ -158,8 +166,6 @@ def _one_value_per_channel(bns: list[BNToCalibrate], shapes: dict):
     return None
 
 
-
-
 class _NullProgress:
     def __enter__(self):
         return self
@@ -188,8 +194,8 @@ class _Accumulator:
         from bnfold.kernels import Moments
 
         self._moments_cls = Moments
-        self.moments = {label: None for label in labels}
-        self.samples = {label: 0 for label in labels}
+        self.moments = dict.fromkeys(labels)
+        self.samples = dict.fromkeys(labels, 0)
         self.seconds = 0.0
         self._one_value_is_error = one_value_is_error
         self._n_threads = n_threads
@@ -266,10 +272,14 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
         raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, (int, np.integer)) or max_batches < 1):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, (int, np.integer)) or max_batches < 1
+    ):
         raise InputError(f"max_batches must be a positive integer or None, got {max_batches!r}")
     batch_size = int(batch_size)
-    if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)) or n_threads < 1):
+    if n_threads is not None and (
+        isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)) or n_threads < 1
+    ):
         raise InputError(f"n_threads must be a positive integer or None, got {n_threads!r}")
     t_start = time.perf_counter()
 
@@ -303,7 +313,12 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
         report.entries.append(entry)
     for label, path in subgraph_bns(model.graph, ""):
         report.entries.append(
-            BNCalibration(bn=label, graph=path, status="skipped", reason="subgraph: BNs inside If/Loop/Scan bodies are not calibrated")
+            BNCalibration(
+                bn=label,
+                graph=path,
+                status="skipped",
+                reason="subgraph: BNs inside If/Loop/Scan bodies are not calibrated",
+            )
         )
     if not bns:
         report.notes.append("no BatchNormalization in the main graph can be calibrated; model unchanged")
@@ -344,11 +359,17 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
             names = list(dict.fromkeys(fetch.values()))
             prune_to_outputs(work, names, elem_types)
             session = calibration_session(work, n_threads)
-            acc = _Accumulator([b.label for b in group], one_value_is_error=(mode == "batch"), n_threads=n_threads,
-                               fixed_batch=fixed if plan.batch_mode_at_fixed else None)
+            acc = _Accumulator(
+                [b.label for b in group],
+                one_value_is_error=(mode == "batch"),
+                n_threads=n_threads,
+                fixed_batch=fixed if plan.batch_mode_at_fixed else None,
+            )
             runs = seen_samples = 0
             feeds = FixedSizeFeeds(run_at) if run_at is not None else None
-            batches = first_pass if group_number == 0 and first_pass is not None else dataset.batches(batch_size, max_batches)
+            batches = (
+                first_pass if group_number == 0 and first_pass is not None else dataset.batches(batch_size, max_batches)
+            )
             for batch in batches:
                 for feed in feeds.cut(batch) if feeds is not None else [batch]:
                     runs += 1
@@ -363,11 +384,15 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
             if feeds is not None:
                 feeds.finish()
                 if runs == 0:
-                    raise InputError(f"no complete batch: the model's batch dimension is fixed at {fixed} and the data holds "
-                                     f"{count(feeds.dropped, 'sample')}")
+                    raise InputError(
+                        f"no complete batch: the model's batch dimension is fixed at {fixed} and the data holds "
+                        f"{count(feeds.dropped, 'sample')}"
+                    )
                 if feeds.dropped:
-                    note = (f"the last {count(feeds.dropped, 'sample')} of the data were not used: the model's batch "
-                            f"dimension is fixed at {fixed} and they do not fill a batch")
+                    note = (
+                        f"the last {count(feeds.dropped, 'sample')} of the data were not used: the model's batch "
+                        f"dimension is fixed at {fixed} and they do not fill a batch"
+                    )
                     if note not in report.notes:
                         report.notes.append(note)
             report.seconds_statistics += acc.seconds

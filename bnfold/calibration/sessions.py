@@ -14,8 +14,13 @@ def calibration_session(model, n_threads):
     # normalization ops. Idle onnxruntime threads would otherwise spin after every run and steal
     # the cores bnfold's OpenMP statistics kernels run on (measured: statistics 4x slower). A
     # trial run (the symbolic-batch check) fails as an expected answer, logged nowhere.
-    return create_session(model.SerializeToString(), opt_level="extended", threads=n_threads, spinning=False,
-                          failure="onnxruntime cannot run the calibration graph")
+    return create_session(
+        model.SerializeToString(),
+        opt_level="extended",
+        threads=n_threads,
+        spinning=False,
+        failure="onnxruntime cannot run the calibration graph",
+    )
 
 
 def run_calibration_graph(session, batch, batch_number):
@@ -23,4 +28,6 @@ def run_calibration_graph(session, batch, batch_number):
     try:
         return session.run(None, batch)
     except Exception as e:
-        raise InputError(f"batch {batch_number}: onnxruntime failed on the calibration data ({first_line(e)})") from None
+        raise InputError(
+            f"batch {batch_number}: onnxruntime failed on the calibration data ({first_line(e)})"
+        ) from None

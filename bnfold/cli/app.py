@@ -30,7 +30,8 @@ from bnfold.errors import (
 # Order is the order shown in --help.
 COMMAND_MODULES = ("fold", "inspect", "check", "bench", "calibrate", "demo")
 
-EPILOG = """examples:
+EPILOG = (
+    """examples:
   bnfold demo                                  fold, check and benchmark a built-in CNN
   bnfold fold model.onnx -o folded.onnx        fold every foldable BatchNormalization
   bnfold inspect model.onnx                    list BN nodes and whether each can be folded
@@ -42,7 +43,10 @@ Options shared by the commands: -o (output model; demo: its directory), --json P
 --shape, --seed, --force, --threads, -v.
 exit status: 0 ok, 1 a parity check failed (fold, calibrate --fold, demo) or check found a mismatch,
 2 bad input or usage (one line on stderr; -v shows the traceback),
-""" + EXIT_STATUS_COMMON + "."
+"""
+    + EXIT_STATUS_COMMON
+    + "."
+)
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):

@@ -47,13 +47,22 @@ def register(subparsers) -> None:
     parser.add_argument("model", help="the model to measure (.onnx)")
     parser.add_argument("other", nargs="?", help="a second model to compare with (default: MODEL folded in memory)")
     parser.add_argument(
-        "--opt-level", action="append", metavar="LEVEL[,LEVEL]",
+        "--opt-level",
+        action="append",
+        metavar="LEVEL[,LEVEL]",
         help=f"onnxruntime optimization level(s): {', '.join(OPT_LEVELS)} (repeatable or comma-separated; default: all)",
     )
-    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed warm-up runs (default {DEFAULT_WARMUP})")
+    parser.add_argument(
+        "--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed warm-up runs (default {DEFAULT_WARMUP})"
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--repeat", type=int, help="exact number of timed runs per model and level")
-    group.add_argument("--time", type=float, metavar="SECONDS", help=f"time budget per model and level (default {DEFAULT_TIME_BUDGET:g})")
+    group.add_argument(
+        "--time",
+        type=float,
+        metavar="SECONDS",
+        help=f"time budget per model and level (default {DEFAULT_TIME_BUDGET:g})",
+    )
     add_option_groups(
         parser,
         ThreadsOption(),

@@ -68,8 +68,12 @@ def register(subparsers) -> None:
     parser.add_argument("--data", metavar="PATH", required=True, help=".npy / .npz file or a directory of them")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per batch (default 32)")
     parser.add_argument("--max-batches", type=int, default=None, metavar="K", help="use at most K batches per pass")
-    parser.add_argument("--mode", choices=("batch", "sequential"), default="batch", help="statistics semantics (default batch)")
-    parser.add_argument("--fold", action="store_true", help="fold the calibrated model (as `bnfold fold`) and check parity")
+    parser.add_argument(
+        "--mode", choices=("batch", "sequential"), default="batch", help="statistics semantics (default batch)"
+    )
+    parser.add_argument(
+        "--fold", action="store_true", help="fold the calibrated model (as `bnfold fold`) and check parity"
+    )
     add_option_groups(
         parser,
         ForceOption("with --fold: "),
@@ -96,12 +100,17 @@ def run(args) -> int:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_batches is not None and args.max_batches < 1:
         raise InputError(f"--max-batches must be >= 1, got {args.max_batches}")
-    check_outputs({"-o": args.output, args.json_option: args.json}, model_option="-o", models=[args.input],
-                  inputs=[args.data])
+    check_outputs(
+        {"-o": args.output, args.json_option: args.json}, model_option="-o", models=[args.input], inputs=[args.data]
+    )
 
     original = load_model(args.input)
     calibrated, report = calibrate(
-        original, args.data, mode=args.mode, batch_size=args.batch_size, max_batches=args.max_batches,
+        original,
+        args.data,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
         progress=not args.no_progress,
     )
     print(report.format_table())
@@ -145,9 +154,11 @@ def _fold_checked(args, calibrated, report, report_data):
         folded = fold_checked(calibrated_path, args.output, force=args.force, check_options=check_options)
     fold_report, check_report = folded.report, folded.check
     verdict = "passed" if check_report.passed else "FAILED"
-    print(f"fold: {fold_report.n_folded} BatchNormalization folded, {fold_report.n_remaining} remaining; "
-          f"parity check {verdict} (max abs error {check_report.max_abs_error:.3g}; {check_report.tolerance_brief}; "
-          f"{check_report.intermediates_brief})")
+    print(
+        f"fold: {fold_report.n_folded} BatchNormalization folded, {fold_report.n_remaining} remaining; "
+        f"parity check {verdict} (max abs error {check_report.max_abs_error:.3g}; {check_report.tolerance_brief}; "
+        f"{check_report.intermediates_brief})"
+    )
     for remaining in fold_report.remaining:
         if remaining.reason == "would_lose_precision":
             print(f"  remaining {remaining.bn}: {remaining.reason}: {remaining.message}")
@@ -157,8 +168,9 @@ def _fold_checked(args, calibrated, report, report_data):
     report_data["parity"] = check_report.to_dict()
     if not check_report.passed:
         if not args.force:
-            raise ParityError(f"parity check of the folded model FAILED; nothing written "
-                              f"(use --force to write {args.output} anyway)")
+            raise ParityError(
+                f"parity check of the folded model FAILED; nothing written (use --force to write {args.output} anyway)"
+            )
         print(f"bnfold calibrate: parity check FAILED; wrote {args.output} anyway (--force)", file=sys.stderr)
         return True
     return False

@@ -75,19 +75,25 @@ def register(subparsers) -> None:
         VerboseOption(),
     )
     parser.add_argument(
-        "--opt-level", choices=OPT_LEVELS, default=DEFAULT_OPT_LEVEL,
+        "--opt-level",
+        choices=OPT_LEVELS,
+        default=DEFAULT_OPT_LEVEL,
         help=f"onnxruntime graph optimization level for both models (default: {DEFAULT_OPT_LEVEL})",
     )
     parser.add_argument(
-        "--candidate-opt-level", choices=OPT_LEVELS, default=None,
+        "--candidate-opt-level",
+        choices=OPT_LEVELS,
+        default=None,
         help="a different optimization level for the candidate (default: the same as --opt-level)",
     )
     parser.add_argument(
-        "--no-noise", action="store_true",
+        "--no-noise",
+        action="store_true",
         help="do not measure the reference's own float noise: fixed default tolerances only",
     )
     parser.add_argument(
-        "--intermediates", action="store_true",
+        "--intermediates",
+        action="store_true",
         help="also compare every float value both models compute under the same name (for a model and its "
         "fold by bnfold; two unrelated models may use one name for different things)",
     )

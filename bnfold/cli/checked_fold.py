@@ -27,8 +27,9 @@ class CheckedFold:
         return self.check is not None and not self.check.passed
 
 
-def fold_checked(source, output, *, force: bool, check_options: dict | None,
-                 could_not_run_hint: str = "") -> CheckedFold:
+def fold_checked(
+    source, output, *, force: bool, check_options: dict | None, could_not_run_hint: str = ""
+) -> CheckedFold:
     """Fold the model file ``source`` into ``output``, checking each result against ``source``
     (``check_options``: keyword arguments of ``bnfold.check``; None skips the check). A result
     that fails the check is not written unless ``force``. A check that cannot run at all is a

@@ -19,8 +19,11 @@ EXAMPLES = """examples:
 
 No downloads: the CNN is built with random weights and BN statistics computed from random data.
 Writes original.onnx, folded.onnx and report.json (fold report, parity result, latencies).
-""" + exit_status(ok="parity holds", failed="the folded model failed the parity check",
-                 bad_input="bad option, unwritable output directory")
+""" + exit_status(
+    ok="parity holds",
+    failed="the folded model failed the parity check",
+    bad_input="bad option, unwritable output directory",
+)
 
 
 def register(subparsers) -> None:
@@ -34,18 +37,23 @@ def register(subparsers) -> None:
     )
     add_option_groups(
         parser,
-        OutputOption("DIR", "directory for the files (default: a new temporary directory)", required=False,
-                     aliases=("--out",)),
+        OutputOption(
+            "DIR", "directory for the files (default: a new temporary directory)", required=False, aliases=("--out",)
+        ),
     )
     parser.add_argument("--image-size", type=int, default=64, metavar="N", help="input height and width (default 64)")
     parser.add_argument("--width", type=int, default=16, help="channels of the first stage (default 16)")
     add_option_groups(
         parser,
-        ThreadsOption(default=1, help="onnxruntime threads for the latency comparison (default 1: stable figures for "
-                      "a small model)"),
+        ThreadsOption(
+            default=1,
+            help="onnxruntime threads for the latency comparison (default 1: stable figures for a small model)",
+        ),
         VerboseOption(),
     )
-    parser.add_argument("--quick", action="store_true", help="one parity sample and 5 timed runs (seconds, not minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="one parity sample and 5 timed runs (seconds, not minutes)"
+    )
     parser.set_defaults(func=run)
 
 

@@ -71,8 +71,13 @@ def run(args) -> int:
     check_outputs({"-o": args.output, args.json_option: args.json}, model_option="-o", models=[args.input])
 
     check_options = None if args.no_check else {"shapes": args.shapes or None, "seed": args.seed}
-    folded = fold_checked(args.input, args.output, force=args.force, check_options=check_options,
-                          could_not_run_hint=" (use --no-check to skip it)")
+    folded = fold_checked(
+        args.input,
+        args.output,
+        force=args.force,
+        check_options=check_options,
+        could_not_run_hint=" (use --no-check to skip it)",
+    )
     report, check_report = folded.report, folded.check
 
     out = sys.stdout
@@ -107,8 +112,9 @@ def format_summary(report, fold_seconds, check_report) -> str:
     rows = [(op, before[op], after[op], f"{after[op] - before[op]:+d}") for op in changed]
     rows.append(("total", total_b, total_a, f"{total_a - total_b:+d}"))
     # numbers at least 7 wide, as the columns always were
-    lines = format_table(("op type", f"{'before':>7}", f"{'after':>7}", f"{'change':>7}"), rows, rule=False,
-                         right=(1, 2, 3))
+    lines = format_table(
+        ("op type", f"{'before':>7}", f"{'after':>7}", f"{'change':>7}"), rows, rule=False, right=(1, 2, 3)
+    )
     lines.append("")
     lines.append(f"BatchNormalization: {report.n_folded} folded, {report.n_remaining} remaining")
     for r in report.remaining:
@@ -119,8 +125,10 @@ def format_summary(report, fold_seconds, check_report) -> str:
         lines.append("parity check: skipped (--no-check)")
     else:
         if check_report.passed:
-            lines.append(f"parity check: passed (max abs error {check_report.max_abs_error:.3g}; "
-                         f"{check_report.tolerance_brief}; {check_report.intermediates_brief})")
+            lines.append(
+                f"parity check: passed (max abs error {check_report.max_abs_error:.3g}; "
+                f"{check_report.tolerance_brief}; {check_report.intermediates_brief})"
+            )
         else:  # the check's own one-line verdict names the outputs and why (e.g. NaN on one side)
             lines.append(f"parity check: FAILED: {check_report.summary().removeprefix('FAIL: ')}")
         lines += [f"  warning: {w}" for w in check_report.warnings]

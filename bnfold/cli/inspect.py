@@ -55,19 +55,23 @@ def format_bn_table(report) -> str:
     for info in report.bn_nodes:
         producer = info.producer_op or "(input)"
         consumers = ",".join(info.consumer_ops) if info.consumer_ops else "(output)"
-        rows.append((
-            info.bn,
-            info.graph or "main",
-            f"{producer} -> BN -> {consumers}",
-            "yes" if info.foldable else "no",
-            info.rule_or_reason,
-        ))
+        rows.append(
+            (
+                info.bn,
+                info.graph or "main",
+                f"{producer} -> BN -> {consumers}",
+                "yes" if info.foldable else "no",
+                info.rule_or_reason,
+            )
+        )
         details.append(info.message)
     if len(rows) == 1:
         return "no BatchNormalization nodes"
     lines = format_table(rows[0], rows[1:], rule=False)
     lines[1:] = [f"{line}  ({detail})" if detail else line for line, detail in zip(lines[1:], details)]
     n_yes = sum(1 for info in report.bn_nodes if info.foldable)
-    lines.append(f"{len(report.bn_nodes)} BatchNormalization node(s): {n_yes} foldable, "
-                 f"{len(report.bn_nodes) - n_yes} not foldable")
+    lines.append(
+        f"{len(report.bn_nodes)} BatchNormalization node(s): {n_yes} foldable, "
+        f"{len(report.bn_nodes) - n_yes} not foldable"
+    )
     return "\n".join(lines)

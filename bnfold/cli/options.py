@@ -38,8 +38,9 @@ class OptionGroup:
 def add_command(subparsers, name: str, *, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
     """A subcommand's parser: its one-line ``help`` in ``bnfold --help``, its ``description`` and
     an ``epilog`` (examples and exit status) printed as written."""
-    return subparsers.add_parser(name, help=help, description=description, epilog=epilog,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    return subparsers.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def add_option_groups(parser, *groups: OptionGroup) -> None:
@@ -74,9 +75,13 @@ class VerboseOption(OptionGroup):
         self.main_parser = main_parser
 
     def add_to(self, parser) -> None:
-        parser.add_argument("-v", "--verbose", action="store_true",
-                            default=False if self.main_parser else argparse.SUPPRESS,
-                            help="show full tracebacks on errors")
+        parser.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=False if self.main_parser else argparse.SUPPRESS,
+            help="show full tracebacks on errors",
+        )
 
 
 class OutputOption(OptionGroup):
@@ -113,8 +118,11 @@ class ForceOption(OptionGroup):
         self.condition = condition  # e.g. "with --fold: "
 
     def add_to(self, parser) -> None:
-        parser.add_argument("--force", action="store_true",
-                            help=f"{self.condition}write OUT even when the parity check fails (exit status still 1)")
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help=f"{self.condition}write OUT even when the parity check fails (exit status still 1)",
+        )
 
 
 class ShapeOption(OptionGroup):
@@ -126,7 +134,10 @@ class ShapeOption(OptionGroup):
 
     def add_to(self, parser) -> None:
         parser.add_argument(
-            "--shape", action="append", default=[], metavar="NAME:D1xD2x...",
+            "--shape",
+            action="append",
+            default=[],
+            metavar="NAME:D1xD2x...",
             help=f"shape of an input with dynamic dimensions{self.purpose}, e.g. input:1x3x224x224 (repeatable)",
         )
 
@@ -147,24 +158,26 @@ class SeedOption(OptionGroup):
         from bnfold.errors import InputError
 
         if args.seed < 0:
-            raise InputError(f"--seed must be >= 0 (numpy's random generator takes no negative seeds), "
-                             f"got {args.seed}")
+            raise InputError(f"--seed must be >= 0 (numpy's random generator takes no negative seeds), got {args.seed}")
 
 
 class SamplesOption(OptionGroup):
     """``--samples K``: number of random input sets."""
 
     def add_to(self, parser) -> None:
-        parser.add_argument("--samples", type=int, default=1, metavar="K",
-                            help="number of random input sets (default 1)")
+        parser.add_argument(
+            "--samples", type=int, default=1, metavar="K", help="number of random input sets (default 1)"
+        )
 
     def parse(self, args) -> None:
         from bnfold.errors import InputError
         from bnfold.verify import MAX_SAMPLES
 
         if not 1 <= args.samples <= MAX_SAMPLES:
-            raise InputError(f"--samples must be between 1 and {MAX_SAMPLES} (each sample is a full run of both "
-                             f"models), got {args.samples}")
+            raise InputError(
+                f"--samples must be between 1 and {MAX_SAMPLES} (each sample is a full run of both "
+                f"models), got {args.samples}"
+            )
 
 
 class InputsFileOption(OptionGroup):
@@ -191,7 +204,9 @@ class ToleranceOptions(OptionGroup):
     def add_to(self, parser) -> None:
         for name, kind in (("rtol", "relative"), ("atol", "absolute")):
             parser.add_argument(
-                f"--{name}", action="append", metavar="[NAME:]VALUE",
+                f"--{name}",
+                action="append",
+                metavar="[NAME:]VALUE",
                 help=f"{kind} tolerance, for all outputs or (NAME:VALUE, repeatable) for one output",
             )
 

@@ -42,10 +42,9 @@ def run_demo(out_dir=None, *, image_size=64, width=16, quick=False, batch=1, thr
     in the summary). ``quick``: fewer parity samples and benchmark runs (for tests / CI).
     ``threads``: onnxruntime intra-op threads for the latency comparison; 1 by default because a
     sub-millisecond model's multi-threaded latency is mostly thread wake-up noise."""
-    from bnfold.verify import benchmark
-    from bnfold.folding import fold
-    from bnfold.verify import check
     from bnfold.demo.zoo import build_demo_cnn
+    from bnfold.folding import fold
+    from bnfold.verify import benchmark, check
 
     start = time.perf_counter()
     original = build_demo_cnn(image_size=image_size, width=width)
@@ -55,8 +54,12 @@ def run_demo(out_dir=None, *, image_size=64, width=16, quick=False, batch=1, thr
     check_report = check(original, folded, shapes=shapes, samples=1 if quick else 3, intermediates=True)
     bench_options = dict(warmup=1, repeat=5) if quick else dict(warmup=5, time_budget=1.0)
     bench_report = benchmark(
-        {"original": original, "folded": folded}, opt_levels=BENCH_LEVELS, shapes=shapes,
-        threads=threads, progress=progress, **bench_options,
+        {"original": original, "folded": folded},
+        opt_levels=BENCH_LEVELS,
+        shapes=shapes,
+        threads=threads,
+        progress=progress,
+        **bench_options,
     )
     out_dir = _prepare_out_dir(out_dir)  # only now: a run that fails leaves no empty folder
     files = {"original": os.path.join(out_dir, "original.onnx")}
@@ -98,8 +101,10 @@ def _prepare_out_dir(out_dir) -> str:
 def format_summary(result: DemoResult, *, image_size: int, batch: int) -> str:
     fold_report, check_report, bench_report = result.fold_report, result.check_report, result.bench_report
     lines = [
-        f"bnfold demo: a CNN with {result.n_bn} BatchNormalization layers (residual, depthwise and "
-        f"fully connected blocks; statistics computed from data), input {batch}x3x{image_size}x{image_size}",
+        (
+            f"bnfold demo: a CNN with {result.n_bn} BatchNormalization layers (residual, depthwise and "
+            f"fully connected blocks; statistics computed from data), input {batch}x3x{image_size}x{image_size}"
+        ),
         "",
         f"folded   {fold_report.n_folded} of {result.n_bn} BNs into their neighbours",
     ]
@@ -131,7 +136,7 @@ def format_summary(result: DemoResult, *, image_size: int, batch: int) -> str:
     lines.append("           ('all' includes onnxruntime's own Conv+BN fusion; 'disabled' is closer to a runtime")
     lines.append("           without it. Either way the folded model is the one with fewer ops to ship.)")
     lines.append("files    " + result.out_dir)
-    for label, path in result.files.items():
+    for _label, path in result.files.items():
         size = os.path.getsize(path)
         lines.append(f"           {os.path.basename(path):<14} {_human_size(size)}")
     if "folded" not in result.files:

@@ -61,8 +61,14 @@ class _GraphBuilder:
         self.second_moment[name] = 2.0 * self.second_moment[x]
         self.nodes.append(
             helper.make_node(
-                "Conv", inputs, [name], name=name, kernel_shape=[kernel, kernel],
-                strides=[stride, stride], pads=[pad] * 4, group=group,
+                "Conv",
+                inputs,
+                [name],
+                name=name,
+                kernel_shape=[kernel, kernel],
+                strides=[stride, stride],
+                pads=[pad] * 4,
+                group=group,
             )
         )
         return name
@@ -82,8 +88,10 @@ class _GraphBuilder:
         else:
             mean = np.zeros(channels, np.float32)
             var = np.ones(channels, np.float32)
-        inputs = [x] + [self._weight(f"{name}.{k}", v) for k, v in
-                        (("weight", gamma), ("bias", beta), ("running_mean", mean), ("running_var", var))]
+        inputs = [x] + [
+            self._weight(f"{name}.{k}", v)
+            for k, v in (("weight", gamma), ("bias", beta), ("running_mean", mean), ("running_var", var))
+        ]
         self.nodes.append(helper.make_node("BatchNormalization", inputs, [name], name=name, epsilon=1e-5))
         self.second_moment[name] = float(np.mean(gamma.astype(np.float64) ** 2) + np.mean(beta.astype(np.float64) ** 2))
         return name
@@ -111,8 +119,11 @@ class _GraphBuilder:
         y = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", num_classes])
         graph = helper.make_graph(self.nodes, graph_name, [x], [y], self.initializers)
         model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
-            producer_name="bnfold.demo.zoo", doc_string=doc,
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            ir_version=IR_VERSION,
+            producer_name="bnfold.demo.zoo",
+            doc_string=doc,
         )
         return model
 

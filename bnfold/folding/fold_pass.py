@@ -43,6 +43,7 @@ FORWARD_RULES: tuple[Rule, ...] = (bn_gemm.RULE, bn_matmul.RULE, bn_conv.RULE)
 RULE_CODES = tuple(r.name for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES)
 REASON_CODES = tuple(reason.value for reason in Reason)
 
+
 def fold(model_or_path, *, forward: bool = True):
     """Fold every exactly-foldable BatchNormalization; return ``(new ModelProto, FoldReport)``.
 
@@ -134,11 +135,15 @@ def fold_file(input_path, output_path, *, forward: bool = True, verify=None, wri
     def kept(k):
         def message(bn, n_before):
             others = f" and the {n_before} BN(s) before it" if n_before else ""
-            return (f"with BatchNormalization '{bn}'{others} folded into float16/bfloat16 weights the model failed "
-                    "the parity check: each folded weight is rounded once to its type, and the rounding of early "
-                    "layers is amplified by the layers after them; left unfolded (the later BNs are folded)")
-        return {key: Failure(Reason.WOULD_LOSE_PRECISION, message(key[1], n))
-                for n, key in enumerate(low_precision[:k])}
+            return (
+                f"with BatchNormalization '{bn}'{others} folded into float16/bfloat16 weights the model failed "
+                "the parity check: each folded weight is rounded once to its type, and the rounding of early "
+                "layers is amplified by the layers after them; left unfolded (the later BNs are folded)"
+            )
+
+        return {
+            key: Failure(Reason.WOULD_LOSE_PRECISION, message(key[1], n)) for n, key in enumerate(low_precision[:k])
+        }
 
     def passes(k):  # verify's verdict on the fold that keeps the first k, without writing it
         _fold_file_once(input_path, output_path, forward, lambda tmp, report: recording(tmp) and False, kept(k))
@@ -175,8 +180,7 @@ def _fold_file_once(input_path, output_path, forward, verify, keep) -> FoldRepor
             wait_for_check()
             return verify(tmp_path, report)
 
-        save_model_atomic(model, output_path, source_path=input_path, payloads=payloads,
-                          verify=checked_then_verified)
+        save_model_atomic(model, output_path, source_path=input_path, payloads=payloads, verify=checked_then_verified)
     finally:
         payloads.close()
     return report
@@ -235,10 +239,14 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
         if isinstance(result, Match):
             target = view.labels[result.target]
             # A removed duplicate changed no weights: nothing for the precision search to undo.
-            weight_type = "" if result.rule == bn_duplicate.RULE.name else \
-                FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
-            report.folded.append(FoldedBN(label, result.rule, target, path,
-                                          tuple(view.labels[k] for k in result.absorbed), weight_type))
+            weight_type = (
+                ""
+                if result.rule == bn_duplicate.RULE.name
+                else FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
+            )
+            report.folded.append(
+                FoldedBN(label, result.rule, target, path, tuple(view.labels[k] for k in result.absorbed), weight_type)
+            )
             foldable, code = True, result.rule
             message = f"folded into {view.describe(result.target)} by rule {result.rule}"
             if result.absorbed:
@@ -286,9 +294,13 @@ def _evaluate(view: GraphView, index: int, forward: bool):
             continue
         if isinstance(result, Match):
             if rule in FORWARD_RULES and not forward:
-                failures.append(Failure(Reason.NO_FOLDABLE_NEIGHBOUR,
-                                        f"BatchNormalization '{bn.label}' could fold forward into "
-                                        f"{view.describe(result.target)}, but forward folding is disabled"))
+                failures.append(
+                    Failure(
+                        Reason.NO_FOLDABLE_NEIGHBOUR,
+                        f"BatchNormalization '{bn.label}' could fold forward into "
+                        f"{view.describe(result.target)}, but forward folding is disabled",
+                    )
+                )
                 continue
             return result
         failures.append(result)
@@ -304,5 +316,7 @@ def _no_neighbour_sentence(view: GraphView, bn: BatchNorm) -> str:
     after = ", ".join(view.describe(r) for r in readers) or "nothing"
     if view.is_graph_output(bn.y):
         after = f"{after} and the graph output" if readers else "the graph output"
-    return (f"BatchNormalization '{bn.label}' follows {before} and feeds {after}; no Conv, ConvTranspose, Gemm "
-            "or MatMul is attached in a foldable way")
+    return (
+        f"BatchNormalization '{bn.label}' follows {before} and feeds {after}; no Conv, ConvTranspose, Gemm "
+        "or MatMul is attached in a foldable way"
+    )

@@ -20,17 +20,28 @@ def inference_mode_failure(node, label: str, opset: int) -> Failure | None:
     or None when it is. The fold pass and calibration both screen BNs with this (a BN in training
     mode normalizes by batch statistics: neither foldable nor worth re-estimating)."""
     if get_attr(node, "training_mode", 0) == 1:
-        return Failure(Reason.TRAINING_MODE, f"BatchNormalization '{label}' has training_mode=1: it normalizes with "
-                       "batch statistics, not the running ones")
+        return Failure(
+            Reason.TRAINING_MODE,
+            f"BatchNormalization '{label}' has training_mode=1: it normalizes with "
+            "batch statistics, not the running ones",
+        )
     if any(node.output[1:]):
-        return Failure(Reason.TRAINING_MODE, f"BatchNormalization '{label}' produces running/saved statistics "
-                       "outputs, which only exist in training mode")
+        return Failure(
+            Reason.TRAINING_MODE,
+            f"BatchNormalization '{label}' produces running/saved statistics "
+            "outputs, which only exist in training mode",
+        )
     if opset <= 6 and get_attr(node, "is_test", 0) == 0:
-        return Failure(Reason.TRAINING_MODE, f"BatchNormalization '{label}' (opset {opset}) has is_test=0, which "
-                       "means training mode; set is_test=1 for inference")
+        return Failure(
+            Reason.TRAINING_MODE,
+            f"BatchNormalization '{label}' (opset {opset}) has is_test=0, which "
+            "means training mode; set is_test=1 for inference",
+        )
     if get_attr(node, "spatial", 1) == 0:
-        return Failure(Reason.SPATIAL_MODE, f"BatchNormalization '{label}' has spatial=0 (statistics per activation, "
-                       "not per channel)")
+        return Failure(
+            Reason.SPATIAL_MODE,
+            f"BatchNormalization '{label}' has spatial=0 (statistics per activation, not per channel)",
+        )
     if len(node.input) < 5 or not all(node.input[:5]):
         return Failure(Reason.NON_CONSTANT_PARAMS, f"BatchNormalization '{label}' lacks some of scale/B/mean/var")
     return None
@@ -67,8 +78,11 @@ def inference_batch_norm(view: GraphView, index: int) -> BatchNorm | Failure:
         scale = gamma / np.sqrt(var + eps)
         shift = beta - mean * scale
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
-        return Failure(Reason.INVALID_STATISTICS, f"BatchNormalization '{label}' has non-finite folded parameters "
-                       "(variance + epsilon <= 0, or NaN/Inf in its statistics or scale)")
+        return Failure(
+            Reason.INVALID_STATISTICS,
+            f"BatchNormalization '{label}' has non-finite folded parameters "
+            "(variance + epsilon <= 0, or NaN/Inf in its statistics or scale)",
+        )
     return BatchNorm(index, label, node.input[0], node.output[0], scale, shift)
 
 
@@ -84,14 +98,18 @@ def _constant_parameters(view: GraphView, index: int) -> list[np.ndarray] | Fail
         value = view.constant(name)
         if value is None:
             kind = "a graph input" if name in view.input_names else "computed at run time"
-            return Failure(Reason.NON_CONSTANT_PARAMS, f"BatchNormalization '{label}' {role} '{name}' is not a "
-                           f"constant ({kind})")
+            return Failure(
+                Reason.NON_CONSTANT_PARAMS, f"BatchNormalization '{label}' {role} '{name}' is not a constant ({kind})"
+            )
         if view.constant_type(name) not in FLOAT_TYPES:
-            return Failure(Reason.UNSUPPORTED_DTYPE, f"BatchNormalization '{label}' {role} '{name}' is not a float "
-                           "tensor")
+            return Failure(
+                Reason.UNSUPPORTED_DTYPE, f"BatchNormalization '{label}' {role} '{name}' is not a float tensor"
+            )
         params.append(to_float64(value))
     if any(p.ndim != 1 for p in params) or len({p.shape[0] for p in params}) != 1:
         shapes = ", ".join(str(p.shape) for p in params)
-        return Failure(Reason.NOT_PER_CHANNEL, f"BatchNormalization '{label}' parameters have shapes {shapes}, "
-                       "not one (C,) vector each")
+        return Failure(
+            Reason.NOT_PER_CHANNEL,
+            f"BatchNormalization '{label}' parameters have shapes {shapes}, not one (C,) vector each",
+        )
     return params

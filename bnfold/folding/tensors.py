@@ -77,8 +77,8 @@ class ScaledWeight:
         self.dtype = weight.dtype
         self.nbytes = weight.nbytes
         self.channels = weight.shape[axis]
-        self.inner = int(np.prod(weight.shape[axis + 1:], dtype=np.int64))
-        self.rows = int(np.prod(weight.shape[:axis + 1], dtype=np.int64))
+        self.inner = int(np.prod(weight.shape[axis + 1 :], dtype=np.int64))
+        self.rows = int(np.prod(weight.shape[: axis + 1], dtype=np.int64))
         self.per_channel = per_channel
 
     @classmethod
@@ -96,13 +96,14 @@ class ScaledWeight:
             and array.size
         ):
             return None
-        per_channel = np.ascontiguousarray(np.broadcast_to(np.asarray(factor, dtype=np.float64),
-                                                           np.shape(factor)).reshape(-1))
+        per_channel = np.ascontiguousarray(
+            np.broadcast_to(np.asarray(factor, dtype=np.float64), np.shape(factor)).reshape(-1)
+        )
         if per_channel.size == 1:
             per_channel = np.full(array.shape[axis], per_channel[0])
         return cls(array, axis, per_channel)
 
-    def reshape(self, shape) -> "ScaledWeight":
+    def reshape(self, shape) -> ScaledWeight:
         """The same product seen with another shape of as many elements (C order)."""
         if int(np.prod(shape, dtype=np.int64)) != self.weight.size:
             raise ValueError(f"cannot reshape {self.shape} to {tuple(shape)}")
@@ -123,9 +124,15 @@ class ScaledWeight:
     def to_bytes(self) -> bytes:
         from bnfold._fold_math import scale_channels_to_bytes
 
-        return scale_channels_to_bytes(self.weight.reshape(-1).view(np.uint8), self.rows // self.channels,
-                                       self.channels, self.inner, self.per_channel, self.dtype == np.float64,
-                                       self._n_threads())
+        return scale_channels_to_bytes(
+            self.weight.reshape(-1).view(np.uint8),
+            self.rows // self.channels,
+            self.channels,
+            self.inner,
+            self.per_channel,
+            self.dtype == np.float64,
+            self._n_threads(),
+        )
 
     def write_to(self, file) -> None:
         """Compute the product a chunk at a time and ``file.write`` each chunk; every chunk is a
@@ -140,8 +147,16 @@ class ScaledWeight:
             chunk = np.empty(n, dtype=np.uint8)
             # One thread: a 1 MiB chunk is ~0.1 ms of work, less than a parallel region costs
             # when another thread (the writer, the input checker) holds the second core.
-            scale_rows_into(source[first * row_bytes:first * row_bytes + n], chunk, first, self.channels,
-                            self.inner, self.per_channel, self.dtype == np.float64, 1)
+            scale_rows_into(
+                source[first * row_bytes : first * row_bytes + n],
+                chunk,
+                first,
+                self.channels,
+                self.inner,
+                self.per_channel,
+                self.dtype == np.float64,
+                1,
+            )
             file.write(chunk)
 
 
@@ -186,8 +201,9 @@ def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: s
         data, shape, nbytes = array, array.shape, array.nbytes
     else:
         target = numpy_type(data_type)
-        typed = np.ascontiguousarray(array if np.asarray(array).dtype == target else
-                                     np.asarray(array, dtype=np.float64).astype(target))
+        typed = np.ascontiguousarray(
+            array if np.asarray(array).dtype == target else np.asarray(array, dtype=np.float64).astype(target)
+        )
         raw = _bytes_behind(typed)
         data, shape, nbytes = (raw if raw is not None else typed.reshape(-1).view(np.uint8)), typed.shape, typed.nbytes
     if sys.byteorder != "little":  # ONNX raw_data is little-endian; let onnx handle the swap

@@ -177,8 +177,7 @@ def value_info_type(vi: onnx.ValueInfoProto):
     tensor_type = vi.type.tensor_type
     if not tensor_type.HasField("shape"):
         return tensor_type.elem_type, None
-    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
-                 for d in tensor_type.shape.dim)
+    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in tensor_type.shape.dim)
     return tensor_type.elem_type, dims
 
 
@@ -288,8 +287,10 @@ class GraphView:
 
     def _evaluate_constant_node(self, index: int, name: str, depth: int):
         node = self.nodes[index]
-        if depth >= _MAX_CONSTANT_FOLD_DEPTH or self._subgraph_reads[index] or any(
-            a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute
+        if (
+            depth >= _MAX_CONSTANT_FOLD_DEPTH
+            or self._subgraph_reads[index]
+            or any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute)
         ):
             return None
         if node.op_type.startswith(_NON_DETERMINISTIC_PREFIXES) or not any(node.input):
@@ -315,8 +316,10 @@ class GraphView:
         try:
             from onnx.reference import ReferenceEvaluator
 
-            inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), None)
-                      for n, v in feeds.items()]
+            inputs = [
+                helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), None)
+                for n, v in feeds.items()
+            ]
             outputs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output if o]
             g = helper.make_graph([node], "constant", inputs, outputs)
             evaluator = ReferenceEvaluator(g, opsets={"": self.ctx.opset})
@@ -338,7 +341,7 @@ class GraphView:
         if node.op_type == "Shape":
             # Shape-15's start/end are clamped like Python slice bounds; only the dimensions
             # kept need to be known.
-            shape = shape[get_attr(node, "start", 0):get_attr(node, "end", None)]
+            shape = shape[get_attr(node, "start", 0) : get_attr(node, "end", None)]
         if any(d is None for d in shape):
             return None
         if node.op_type == "Size":
@@ -426,8 +429,16 @@ class GraphView:
         return self.ctx.inferred_rank(name)
 
     # ----- edits -----------------------------------------------------------------------------
-    def set_scaled_constant_input(self, index: int, position: int, weight: np.ndarray, factor: np.ndarray,
-                                  data_type: int, base_name: str, shape=None) -> str:
+    def set_scaled_constant_input(
+        self,
+        index: int,
+        position: int,
+        weight: np.ndarray,
+        factor: np.ndarray,
+        data_type: int,
+        base_name: str,
+        shape=None,
+    ) -> str:
         """``set_constant_input`` with ``weight * factor`` (``factor`` broadcasting against
         ``weight``, the product reshaped to ``shape`` if given), computed in float64 and rounded
         once to ``data_type``. When the model's big payloads are kept apart

@@ -74,8 +74,11 @@ def load_model_checked_in_background(model_or_path, *, check: bool = True):
     if read_as_ir4_if_initializers_unlisted(model, path):
         # The checker must judge the model as it will be used, not the file's IR-3 reading of it.
         raw = model if external else model.SerializeToString()
-    return model, (_check_in_background(path, path if external and not isinstance(raw, onnx.ModelProto) else raw)
-                   if check else (lambda: None))
+    return model, (
+        _check_in_background(path, path if external and not isinstance(raw, onnx.ModelProto) else raw)
+        if check
+        else (lambda: None)
+    )
 
 
 def load_model_deferred(path, *, check: bool = True):
@@ -102,8 +105,11 @@ def load_model_deferred(path, *, check: bool = True):
         _remember_external_data(path, False)
         read_as_ir4_if_initializers_unlisted(model, path)
         marker = payloads.marker
-        wait = _check_in_background(path, lambda: _without_kept_apart_initializers(rest, marker)) if check \
+        wait = (
+            _check_in_background(path, lambda: _without_kept_apart_initializers(rest, marker))
+            if check
             else (lambda: None)
+        )
         return model, payloads, wait
     model, wait_for_check = load_model_checked_in_background(path, check=check)
     return model, TensorPayloads(), wait_for_check
@@ -133,8 +139,10 @@ def _load_split(path):
 def _existing_model_path(model_or_path, argument: str = "model") -> str:
     path = os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
     if not isinstance(path, str):
-        raise TypeError(f"{argument} must be a path (str or os.PathLike of str) or an onnx.ModelProto, got "
-                        f"{type(model_or_path).__name__}")
+        raise TypeError(
+            f"{argument} must be a path (str or os.PathLike of str) or an onnx.ModelProto, got "
+            f"{type(model_or_path).__name__}"
+        )
     if not os.path.exists(path):
         if os.path.islink(path):
             raise InputError(f"{path}: a symbolic link to nothing (broken, or a loop of links)")
@@ -173,8 +181,10 @@ def _refuse_wrong_payload_sizes(tensors, path) -> None:
             raise InputError(f"{path}: tensor '{tensor.name}' has negative dims {list(tensor.dims)}")
         expected = expected_payload_nbytes(tensor)
         if expected is not None and len(tensor.raw_data) != expected:
-            raise InputError(f"{path}: external data of tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, "
-                             f"its dims {list(tensor.dims)} call for {expected} (truncated or wrong data file)")
+            raise InputError(
+                f"{path}: external data of tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes, "
+                f"its dims {list(tensor.dims)} call for {expected} (truncated or wrong data file)"
+            )
 
 
 def _require_graph(model: onnx.ModelProto, path) -> None:
@@ -201,9 +211,15 @@ def _without_kept_apart_initializers(rest: bytes, marker: str) -> bytes:
         apart = any(e.key == "location" and e.value == marker for e in tensor.external_data)
         (moved if apart else kept).append(tensor)
     if moved:
-        new_inputs = [] if input_names is None else [
-            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved
-            if t.name not in input_names]
+        new_inputs = (
+            []
+            if input_names is None
+            else [
+                onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                for t in moved
+                if t.name not in input_names
+            ]
+        )
         del graph.initializer[:]
         graph.initializer.extend(kept)
         graph.input.extend(new_inputs)
@@ -238,7 +254,10 @@ def read_as_ir4_if_initializers_unlisted(model: onnx.ModelProto, path) -> bool:
         warnings.warn(
             f"{os.fspath(path)}: IR version {old_version} model with {unlisted} initializer(s) not listed as graph "
             "inputs, which IR 3 requires; read as IR 4 with every initializer a constant, as onnxruntime "
-            "runs it (models written from it are IR 4)", BnfoldWarning, stacklevel=3)
+            "runs it (models written from it are IR 4)",
+            BnfoldWarning,
+            stacklevel=3,
+        )
     return True
 
 
@@ -268,8 +287,7 @@ def _check_in_background(path, what):
 def model_uses_external_data(model: onnx.ModelProto, payloads=None) -> bool:
     """Whether some tensor of ``model`` refers to an external data file (tensors whose payload
     ``payloads`` holds are not external data)."""
-    return any(uses_external_data(t) and not (payloads is not None and payloads.holds(t))
-               for t in all_tensors(model))
+    return any(uses_external_data(t) and not (payloads is not None and payloads.holds(t)) for t in all_tensors(model))
 
 
 # (realpath, mtime_ns, size) of files load_model read -> whether they used external data.

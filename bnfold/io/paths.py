@@ -64,8 +64,9 @@ def resolve_output_path(path) -> str:
     if os.path.isdir(real):
         raise InputError(f"{shown}: is a directory, expected a file path")
     if os.path.exists(real) and not os.path.isfile(real):
-        raise InputError(f"{shown}: exists and is not a regular file (a device, FIFO or socket); "
-                         "choose another output path")
+        raise InputError(
+            f"{shown}: exists and is not a regular file (a device, FIFO or socket); choose another output path"
+        )
     return real
 
 
@@ -84,8 +85,12 @@ def check_outputs(outputs: dict, *, model_option=None, models=(), inputs=()) -> 
         if model is None or not isinstance(model, (str, os.PathLike)):
             continue
         for real in source_files(model):
-            protected.setdefault(real, f"the input model {os.fspath(model)}" if real == os.path.realpath(model)
-                                 else f"external data of the input model {os.fspath(model)}")
+            protected.setdefault(
+                real,
+                f"the input model {os.fspath(model)}"
+                if real == os.path.realpath(model)
+                else f"external data of the input model {os.fspath(model)}",
+            )
     data_directories = []
     for item in inputs:
         if item is None or not isinstance(item, (str, os.PathLike)):
@@ -95,8 +100,9 @@ def check_outputs(outputs: dict, *, model_option=None, models=(), inputs=()) -> 
             data_directories.append((os.path.realpath(item), item))
             for name in os.listdir(item):  # a data file may be a link to one elsewhere
                 if name.endswith((".npy", ".npz")):
-                    protected.setdefault(os.path.realpath(os.path.join(item, name)),
-                                         f"the input {os.path.join(item, name)}")
+                    protected.setdefault(
+                        os.path.realpath(os.path.join(item, name)), f"the input {os.path.join(item, name)}"
+                    )
         else:
             protected.setdefault(os.path.realpath(item), f"the input {item}")
     for option, path in given.items():
@@ -108,21 +114,25 @@ def check_outputs(outputs: dict, *, model_option=None, models=(), inputs=()) -> 
             raise InputError(f"{path}: refusing to overwrite {what} ({option}); choose another path")
         for directory, shown in data_directories:
             if os.path.dirname(real) == directory and real.endswith((".npy", ".npz")):
-                raise InputError(f"{path}: {option} is inside the data directory {shown}, whose .npy/.npz files "
-                                 "are the input data; choose another path")
+                raise InputError(
+                    f"{path}: {option} is inside the data directory {shown}, whose .npy/.npz files "
+                    "are the input data; choose another path"
+                )
     options = list(given)
     for i, first in enumerate(options):
-        for second in options[i + 1:]:
+        for second in options[i + 1 :]:
             a, b = given[first], given[second]
             if os.path.realpath(a) == os.path.realpath(b) or (os.path.exists(a) and _same_file(a, b)):
                 raise InputError(f"{b}: {first} and {second} name the same file")
             for model_opt, other_opt in ((first, second), (second, first)):
                 # (the data goes beside the file the model path resolves to)
                 if model_opt == model_option and os.path.realpath(given[other_opt]) in {
-                        os.path.realpath(name) for name in
-                        external_data_candidates(os.path.realpath(given[model_opt]))}:
-                    raise InputError(f"{given[other_opt]}: {other_opt} is where the external data of "
-                                     f"{given[model_opt]} may go; choose another path")
+                    os.path.realpath(name) for name in external_data_candidates(os.path.realpath(given[model_opt]))
+                }:
+                    raise InputError(
+                        f"{given[other_opt]}: {other_opt} is where the external data of "
+                        f"{given[model_opt]} may go; choose another path"
+                    )
     for option, path in given.items():
         check_output_path(path)
 
@@ -138,8 +148,9 @@ def check_output_path(path, *, source_path=None) -> str:
         if os.path.realpath(path) == os.path.realpath(os.fspath(source_path)) or _same_file(path, source_path):
             raise InputError(f"{path}: refusing to overwrite the input model; choose another output path")
         if os.path.realpath(path) in protected:
-            raise InputError(f"{path}: refusing to overwrite the input model's external data file; "
-                             "choose another output path")
+            raise InputError(
+                f"{path}: refusing to overwrite the input model's external data file; choose another output path"
+            )
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(directory):
         raise InputError(f"{path}: output directory {directory} does not exist")

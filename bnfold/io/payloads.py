@@ -192,11 +192,11 @@ def split_serialized_model(buf, payloads: TensorPayloads):
             names_left.append(layout.name)
             continue
         header = TensorProto()
-        header.ParseFromString(bytes(view[start:layout.raw_field_start]) + bytes(view[layout.raw_stop:stop]))
+        header.ParseFromString(bytes(view[start : layout.raw_field_start]) + bytes(view[layout.raw_stop : stop]))
         if not _fit_to_keep_apart(header, layout.raw_stop - layout.raw_start):
             names_left.append(layout.name)
             continue
-        apart.append((field_start, stop, header, view[layout.raw_start:layout.raw_stop]))
+        apart.append((field_start, stop, header, view[layout.raw_start : layout.raw_stop]))
     if apart and _names_clash([header.name.encode() for _, _, header, _ in apart], names_left, buf, sparse_ranges):
         return None
     graph_pieces = []
@@ -209,8 +209,14 @@ def split_serialized_model(buf, payloads: TensorPayloads):
         copied_up_to = stop
     graph_pieces.append(view[copied_up_to:graph_end])
     graph_bytes = b"".join(graph_pieces)
-    return b"".join((view[:graph_field_start], wire.length_delimited(wire.MODEL_GRAPH, len(graph_bytes)),
-                     graph_bytes, view[graph_end:]))
+    return b"".join(
+        (
+            view[:graph_field_start],
+            wire.length_delimited(wire.MODEL_GRAPH, len(graph_bytes)),
+            graph_bytes,
+            view[graph_end:],
+        )
+    )
 
 
 class _TensorLayout:
@@ -232,7 +238,8 @@ class _TensorLayout:
             elif field == wire.TENSOR_NAME and wire_type == wire.LENGTH_DELIMITED:
                 self.name = bytes(buf[value_start:value_stop])
             elif field == wire.TENSOR_EXTERNAL_DATA or (
-                    field == wire.TENSOR_DATA_LOCATION and wire_type == wire.VARINT and value):
+                field == wire.TENSOR_DATA_LOCATION and wire_type == wire.VARINT and value
+            ):
                 self.external = True  # the whole-file loader resolves (or refuses) external data
             elif field in _NOT_KEPT_APART_WITH:
                 self.raw_data_alone = False
@@ -246,7 +253,10 @@ class _TensorLayout:
 # invalid (the checker must see both), numpy_helper refuses a segment, and an explicit
 # data_location (even DEFAULT) would not survive being marked and unmarked as kept apart.
 _NOT_KEPT_APART_WITH = frozenset(wire.TENSOR_TYPED_DATA) | {
-    wire.TENSOR_RAW_DATA, wire.TENSOR_SEGMENT, wire.TENSOR_DATA_LOCATION}
+    wire.TENSOR_RAW_DATA,
+    wire.TENSOR_SEGMENT,
+    wire.TENSOR_DATA_LOCATION,
+}
 
 
 def _fit_to_keep_apart(header: TensorProto, payload_nbytes: int) -> bool:
@@ -281,9 +291,18 @@ def _names_clash(names_apart, names_left, buf, sparse_ranges) -> bool:
 
 
 _ITEM_SIZES = {
-    TensorProto.FLOAT: 4, TensorProto.DOUBLE: 8, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2,
-    TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.INT16: 2, TensorProto.UINT16: 2,
-    TensorProto.INT32: 4, TensorProto.UINT32: 4, TensorProto.INT64: 8, TensorProto.UINT64: 8,
+    TensorProto.FLOAT: 4,
+    TensorProto.DOUBLE: 8,
+    TensorProto.FLOAT16: 2,
+    TensorProto.BFLOAT16: 2,
+    TensorProto.INT8: 1,
+    TensorProto.UINT8: 1,
+    TensorProto.INT16: 2,
+    TensorProto.UINT16: 2,
+    TensorProto.INT32: 4,
+    TensorProto.UINT32: 4,
+    TensorProto.INT64: 8,
+    TensorProto.UINT64: 8,
     TensorProto.BOOL: 1,
 }
 

@@ -31,8 +31,9 @@ from bnfold.io.temporaries import (
 )
 
 
-def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, external_data=None, payloads=None,
-                      verify=None) -> bool:
+def save_model_atomic(
+    model: onnx.ModelProto, path, *, source_path=None, external_data=None, payloads=None, verify=None
+) -> bool:
     """Write ``model`` to ``path`` atomically; return whether it was written.
 
     ``external_data``: True stores tensors in a data file beside the file (``<name>.data``, or
@@ -70,10 +71,12 @@ def save_model_atomic(model: onnx.ModelProto, path, *, source_path=None, externa
         if external_data and os.path.realpath(os.path.dirname(os.path.abspath(shown))) != directory:
             # Readers look for external data beside the path they open: through the link, the
             # data beside its target would not be found.
-            raise InputError(f"{shown}: a symbolic link into another folder ({path}); a model with external data "
-                             "must be written where it will be opened: give the target path")
+            raise InputError(
+                f"{shown}: a symbolic link into another folder ({path}); a model with external data "
+                "must be written where it will be opened: give the target path"
+            )
         if external_data:
-            tmp_data_name = os.path.basename(tmp_path)[:-len(MODEL_TMP_SUFFIX)] + DATA_TMP_SUFFIX
+            tmp_data_name = os.path.basename(tmp_path)[: -len(MODEL_TMP_SUFFIX)] + DATA_TMP_SUFFIX
             tmp_data = os.path.join(directory, tmp_data_name)
             to_save = onnx.ModelProto()
             to_save.CopyFrom(model)
@@ -137,13 +140,17 @@ def _replaced_data_files(path) -> set:
         return set()
     try:
         refs = source_files(path) - {os.path.realpath(path)}
-        marked = {p.value for p in onnx.load(path, load_external_data=False).metadata_props
-                  if p.key == _DATA_FILE_MARK}
+        marked = {p.value for p in onnx.load(path, load_external_data=False).metadata_props if p.key == _DATA_FILE_MARK}
     except Exception:  # an unreadable old output: nothing is known to belong to it
         return set()
-    return {name for name in external_data_candidates(path)
-            if os.path.basename(name) in marked and os.path.realpath(name) in refs and not os.path.islink(name)
-            and os.path.isfile(name)}
+    return {
+        name
+        for name in external_data_candidates(path)
+        if os.path.basename(name) in marked
+        and os.path.realpath(name) in refs
+        and not os.path.islink(name)
+        and os.path.isfile(name)
+    }
 
 
 # metadata_props key with which save_model_atomic marks a model whose data file it named: only
@@ -177,9 +184,11 @@ def _place_data_file(tmp_data, path, protected: set, shown) -> str:
             return name
         os.unlink(tmp_data)
         return name
-    raise InputError(f"{shown}: every external data file name for it ({os.path.basename(candidates[0])}, "
-                     f"... {os.path.basename(candidates[-1])}) is taken; remove those no model uses or choose "
-                     "another output path")
+    raise InputError(
+        f"{shown}: every external data file name for it ({os.path.basename(candidates[0])}, "
+        f"... {os.path.basename(candidates[-1])}) is taken; remove those no model uses or choose "
+        "another output path"
+    )
 
 
 def _remove_replaced_data_files(old_data: set, path, protected: set) -> None:

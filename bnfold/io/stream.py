@@ -11,7 +11,6 @@ import onnx
 
 from bnfold.io import wire
 
-
 _STREAM_THRESHOLD = 1 << 16
 
 
@@ -41,10 +40,15 @@ def write_model_streaming(model: onnx.ModelProto, path, payloads=None) -> None:
             pieces.append((tensor, head, tail, tensor.ByteSize() - rest - _raw_data_prefix_length(tensor, rest)))
         else:
             pieces.append((tensor, tensor.SerializeToString(), b"", None))
-    sizes = [len(head) + len(tail) + (0 if n is None else len(wire.length_delimited(wire.TENSOR_RAW_DATA, n)) + n)
-             for _, head, tail, n in pieces]
-    graph_len = len(graph_head) + len(graph_tail) + sum(
-        len(wire.length_delimited(wire.GRAPH_INITIALIZER, n)) + n for n in sizes)
+    sizes = [
+        len(head) + len(tail) + (0 if n is None else len(wire.length_delimited(wire.TENSOR_RAW_DATA, n)) + n)
+        for _, head, tail, n in pieces
+    ]
+    graph_len = (
+        len(graph_head)
+        + len(graph_tail)
+        + sum(len(wire.length_delimited(wire.GRAPH_INITIALIZER, n)) + n for n in sizes)
+    )
     with open(path, "wb") as raw_file, _BackgroundWriter(raw_file) as f:
         f.write(model_head)
         f.write(wire.length_delimited(wire.MODEL_GRAPH, graph_len))

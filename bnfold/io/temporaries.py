@@ -88,7 +88,7 @@ def remove_stale_temporaries(directory) -> list:
         elif stat.S_ISREG(info.st_mode) and name.startswith(PROBE_PREFIX):
             owner = None
         elif stat.S_ISREG(info.st_mode) and name.endswith(DATA_TMP_SUFFIX):
-            owner = full[:-len(DATA_TMP_SUFFIX)] + MODEL_TMP_SUFFIX
+            owner = full[: -len(DATA_TMP_SUFFIX)] + MODEL_TMP_SUFFIX
             if not os.path.exists(owner):
                 owner = None
         elif stat.S_ISDIR(info.st_mode) and name.startswith(SCRATCH_PREFIX):
@@ -110,8 +110,11 @@ def remove_stale_temporaries(directory) -> list:
         except OSError:
             pass
     if removed:
-        warnings.warn(f"removed {len(removed)} stale temporary file(s) of an interrupted bnfold run from "
-                      f"{directory}", BnfoldWarning, stacklevel=3)
+        warnings.warn(
+            f"removed {len(removed)} stale temporary file(s) of an interrupted bnfold run from {directory}",
+            BnfoldWarning,
+            stacklevel=3,
+        )
     return removed
 
 
@@ -124,8 +127,7 @@ class scratch_directory:
 
     def __enter__(self) -> str:
         self.path = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=self._directory)
-        self._lock = lock_temporary(os.open(os.path.join(self.path, SCRATCH_LOCK_NAME),
-                                            os.O_CREAT | os.O_RDWR, 0o600))
+        self._lock = lock_temporary(os.open(os.path.join(self.path, SCRATCH_LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600))
         return self.path
 
     def __exit__(self, *exc):

@@ -11,9 +11,9 @@ from bnfold.verify.bench import (
 from bnfold.verify.inputs import MAX_SAMPLES
 from bnfold.verify.noise import NOISE_FACTOR
 from bnfold.verify.parity import DEFAULT_OPT_LEVEL, CheckReport, check
+from bnfold.verify.session import OPT_LEVELS, create_session
 from bnfold.verify.shapes import parse_shape_specs
 from bnfold.verify.tolerances import parse_tolerance_specs
-from bnfold.verify.session import OPT_LEVELS, create_session
 
 __all__ = [
     "create_session",

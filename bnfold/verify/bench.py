@@ -25,15 +25,15 @@ import time
 
 import numpy as np
 
-from bnfold.common import first_line, format_table
 from bnfold._threads import available_cpus
+from bnfold.common import first_line, format_table
 from bnfold.errors import ArgumentTypeError, InputError
 from bnfold.io import write_json_atomic
+from bnfold.progress import Progress
 from bnfold.verify.inputs import check_seed, prepare_input_sets
 from bnfold.verify.models import LoadedModel, check_model_argument, compare_interfaces, session_specs
 from bnfold.verify.session import OPT_LEVELS
 from bnfold.verify.shapes import validated_shapes
-from bnfold.progress import Progress
 
 DEFAULT_WARMUP = 5
 DEFAULT_TIME_BUDGET = 1.0  # seconds of timed runs per (model, optimization level)
@@ -82,9 +82,7 @@ class BenchReport:
         return base / self.result(model, opt_level).median_ms
 
     def to_dict(self) -> dict:
-        speedups = {
-            level: {m: self.speedup(m, level) for m in self.models[1:]} for level in self.opt_levels
-        }
+        speedups = {level: {m: self.speedup(m, level) for m in self.models[1:]} for level in self.opt_levels}
         return {
             "models": list(self.models),
             "baseline": self.models[0],
@@ -186,13 +184,17 @@ def benchmark(
     if threads is not None and threads > max_bench_threads():
         # onnxruntime starts them all at session creation, in C++, where no signal reaches the
         # process: 100000 of them exhausted the machine's threads for half an hour.
-        raise InputError(f"threads must be at most {max_bench_threads()} (this process may use {available_cpus()} "
-                         f"CPU(s)), got {threads}")
+        raise InputError(
+            f"threads must be at most {max_bench_threads()} (this process may use {available_cpus()} "
+            f"CPU(s)), got {threads}"
+        )
     _check_count("warmup", warmup, 0)
     _check_count("repeat", repeat, 1)
     if repeat is not None and time_budget is not None:
         raise InputError("give either repeat or time_budget, not both")
-    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float, np.number))):
+    if time_budget is not None and (
+        isinstance(time_budget, bool) or not isinstance(time_budget, (int, float, np.number))
+    ):
         raise ArgumentTypeError(f"time_budget must be a number of seconds, got {time_budget!r}")
     if time_budget is not None and not (math.isfinite(float(time_budget)) and float(time_budget) > 0):
         raise InputError(f"time_budget must be a finite number of seconds > 0, got {time_budget!r}")
@@ -229,7 +231,7 @@ def benchmark(
         block = {key: int(min(max(BLOCK_SECONDS / max(run_estimate[key], 1e-9), 1), 1000)) for key in keys}
         times = {key: [] for key in keys}
         total = repeat * len(keys) if repeat is not None else budget * len(keys)
-        spent = {key: 0.0 for key in keys}
+        spent = dict.fromkeys(keys, 0.0)
         with Progress(total, "benchmarking", enabled=progress) as bar:
             while True:
                 active = [k for k in keys if not _done(times[k], spent[k], repeat, budget)]
@@ -249,8 +251,12 @@ def benchmark(
         results = [_summarize(name, level, times[(name, level)]) for name, level in keys]
         input_info = {n: {"dtype": str(a.dtype), "shape": list(a.shape)} for n, a in feeds.items()}
         return BenchReport(
-            models=list(loaded), opt_levels=levels, threads=n_threads, warmup=warmup,
-            inputs=input_info, results=results,
+            models=list(loaded),
+            opt_levels=levels,
+            threads=n_threads,
+            warmup=warmup,
+            inputs=input_info,
+            results=results,
         )
     finally:
         for model in loaded.values():
@@ -267,9 +273,10 @@ def _run(session, feeds, key):
     try:
         session.run(None, feeds)
     except Exception as e:
-
         hint = "; set dynamic dimensions with --shape NAME:D1xD2x..." if feeds else ""
-        raise InputError(f"{key[0]} (opt level {key[1]}): onnxruntime failed to run the model ({first_line(e)}){hint}") from None
+        raise InputError(
+            f"{key[0]} (opt level {key[1]}): onnxruntime failed to run the model ({first_line(e)}){hint}"
+        ) from None
 
 
 def _summarize(model, level, times) -> BenchResult:

@@ -13,6 +13,7 @@ import numpy as np
 
 from bnfold.verify.shapes import format_shape
 
+
 # Values near their dtype's limit (a float64 output of 1e308 against -1e308, errors divided by
 # tiny tolerances, an infinite noise atol) overflow to Inf or give NaN in the comparison's
 # arithmetic: an infinite error is a mismatch and a NaN ratio is never the maximum, so the results
@@ -82,8 +83,16 @@ class OutputResult:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
         d["warning"] = self.warning
-        for key in ("max_abs", "max_rel", "atol", "rtol", "mismatch_fraction", "noise", "noise_atol",
-                    "error_over_tolerance"):
+        for key in (
+            "max_abs",
+            "max_rel",
+            "atol",
+            "rtol",
+            "mismatch_fraction",
+            "noise",
+            "noise_atol",
+            "error_over_tolerance",
+        ):
             if d[key] is not None:
                 d[key] = json_float(d[key])
         return d
@@ -131,8 +140,14 @@ class IntermediateResult(OutputResult):
 
 
 @float_limits_handled
-def compare_into(result: OutputResult, ref: np.ndarray, cand: np.ndarray, base_atol: float, scaled_atol: bool,
-                  noise_atol: float | None = None) -> None:
+def compare_into(
+    result: OutputResult,
+    ref: np.ndarray,
+    cand: np.ndarray,
+    base_atol: float,
+    scaled_atol: bool,
+    noise_atol: float | None = None,
+) -> None:
     """Fold one sample's comparison of one output into ``result`` (result.atol records the
     largest absolute tolerance actually applied). ``noise_atol``: the measured noise floor under
     a default atol (None: not measured, or the atol was given)."""
@@ -204,8 +219,14 @@ def compare_into(result: OutputResult, ref: np.ndarray, cand: np.ndarray, base_a
         result.passed = False
 
 
-def _compare_finite(result: OutputResult, ref: np.ndarray, cand: np.ndarray, base_atol: float, scaled_atol: bool,
-                    noise_atol: float | None) -> tuple:
+def _compare_finite(
+    result: OutputResult,
+    ref: np.ndarray,
+    cand: np.ndarray,
+    base_atol: float,
+    scaled_atol: bool,
+    noise_atol: float | None,
+) -> tuple:
     """``(max abs error, max rel error, mismatches)`` of finite float arrays, as the general
     path of ``compare_into`` computes them (float64, the same tolerance), recording the atol
     and the error over the tolerance in ``result``."""
@@ -229,8 +250,9 @@ def _compare_finite(result: OutputResult, ref: np.ndarray, cand: np.ndarray, bas
     return err_max, float(err.max()), mismatches
 
 
-def _applied_atol(result: OutputResult, abs_ref: np.ndarray, base_atol: float, scaled_atol: bool,
-                  noise_atol: float | None) -> float:
+def _applied_atol(
+    result: OutputResult, abs_ref: np.ndarray, base_atol: float, scaled_atol: bool, noise_atol: float | None
+) -> float:
     """The atol one sample is judged by: ``base_atol``, times max(1, max|ref|) when
     ``scaled_atol``, raised to ``noise_atol``; ``result.atol`` keeps the largest applied."""
     atol = base_atol * max(1.0, float(abs_ref.max())) if scaled_atol else base_atol

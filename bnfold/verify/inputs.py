@@ -87,9 +87,10 @@ def available_memory() -> tuple:
     except (OSError, ValueError, IndexError):
         pass
     # cgroup v2, then v1: a container's limit, which MemAvailable (the host's) does not show.
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         limit, usage = _read_int(limit_file), _read_int(usage_file)
         if limit is not None and usage is not None and limit < 2**60:  # v1 says "no limit" with ~2**63
             candidates.append((max(limit - usage, 0), "memory left under the cgroup's limit"))
@@ -107,10 +108,11 @@ def input_memory_limit() -> tuple:
     that limit was chosen, for messages."""
     available, source = available_memory()
     if available is None:
-        return INPUT_MEMORY_FALLBACK, f"a fixed {format_bytes(INPUT_MEMORY_FALLBACK)}, the available memory being unknown"
+        return (
+            INPUT_MEMORY_FALLBACK,
+            f"a fixed {format_bytes(INPUT_MEMORY_FALLBACK)}, the available memory being unknown",
+        )
     return int(available * INPUT_MEMORY_SHARE), f"{INPUT_MEMORY_SHARE:.0%} of the {format_bytes(available)} of {source}"
-
-
 
 
 def check_input_budget(input_specs, shapes: dict, samples: int = 1, *, what: str = "synthesized inputs") -> None:
@@ -125,8 +127,9 @@ def check_input_budget(input_specs, shapes: dict, samples: int = 1, *, what: str
         elements = math.prod(int(d) for d in shape)  # Python ints: an absurd shape cannot wrap around
         where = f"input {spec.name!r} of shape {format_shape(shape)}"
         if elements > _MAX_ELEMENTS:
-            raise InputError(f"{where} has {elements:.3g} elements, more than int64 can count (2**63 - 1); "
-                             "give smaller dimensions")
+            raise InputError(
+                f"{where} has {elements:.3g} elements, more than int64 can count (2**63 - 1); give smaller dimensions"
+            )
         size = elements * np.dtype(spec.dtype).itemsize
         per_sample += size
         draw = max(draw, elements * _DRAW_ITEMSIZE)
@@ -154,8 +157,9 @@ def check_input_budget(input_specs, shapes: dict, samples: int = 1, *, what: str
     )
 
 
-def prepare_input_sets(input_specs, model: onnx.ModelProto, *, inputs=None, shapes=None, seed=0,
-                       samples: int = 1) -> list:
+def prepare_input_sets(
+    input_specs, model: onnx.ModelProto, *, inputs=None, shapes=None, seed=0, samples: int = 1
+) -> list:
     """The input sets a check or benchmark runs on: ``inputs`` (a dict or an .npz path) validated
     against the specs, one set; or ``samples`` sets synthesized from one generator seeded with
     ``seed``, at the shapes ``resolve_shapes`` gives, refused before anything is drawn when they
@@ -243,7 +247,9 @@ def load_inputs(inputs, input_specs) -> dict:
         arrays = {name: np.asarray(a) for name, a in inputs.items()}
         where = "inputs"
     else:
-        raise ArgumentTypeError(f"inputs must be a dict of arrays or a path to an .npz file, got {type(inputs).__name__}")
+        raise ArgumentTypeError(
+            f"inputs must be a dict of arrays or a path to an .npz file, got {type(inputs).__name__}"
+        )
     names = [s.name for s in input_specs]
     differences = name_differences(names, arrays, "missing ", "not model inputs: ", quote=True)
     if differences:
@@ -252,14 +258,13 @@ def load_inputs(inputs, input_specs) -> dict:
         array = arrays[spec.name]
         if array.dtype != np.dtype(spec.dtype):
             raise InputError(f"{where}: input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
-        if spec.shape is not None:
-            if array.ndim != len(spec.shape) or any(
-                isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape)
-            ):
-                raise InputError(
-                    f"{where}: input {spec.name!r} has shape {format_shape(array.shape)}, "
-                    f"the model expects {format_shape(spec.shape)}"
-                )
+        if spec.shape is not None and (
+            array.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape))
+        ):
+            raise InputError(
+                f"{where}: input {spec.name!r} has shape {format_shape(array.shape)}, "
+                f"the model expects {format_shape(spec.shape)}"
+            )
         reject_zero_dims(spec.name, array.shape, where)
     return {s.name: arrays[s.name] for s in input_specs}
 
@@ -271,8 +276,9 @@ def check_seed(seed, argument: str = "seed") -> None:
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
         raise ArgumentTypeError(f"{argument} must be a non-negative integer, got {seed!r}")
     if seed < 0:
-        raise InputError(f"{argument} must be a non-negative integer (numpy's random generator takes no "
-                         f"negative seeds), got {seed}")
+        raise InputError(
+            f"{argument} must be a non-negative integer (numpy's random generator takes no negative seeds), got {seed}"
+        )
 
 
 def checked_samples(samples) -> int:
@@ -281,6 +287,8 @@ def checked_samples(samples) -> int:
     if samples < 1:
         raise InputError(f"samples must be a positive integer, got {samples!r}")
     if samples > MAX_SAMPLES:
-        raise InputError(f"samples must be at most {MAX_SAMPLES} (each sample is a full run of both models "
-                         f"and of the reference's noise run), got {samples}")
+        raise InputError(
+            f"samples must be at most {MAX_SAMPLES} (each sample is a full run of both models "
+            f"and of the reference's noise run), got {samples}"
+        )
     return int(samples)

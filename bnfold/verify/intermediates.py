@@ -176,13 +176,17 @@ def input_dependent(graph: onnx.GraphProto) -> set:
     dynamic = {i.name for i in graph.input if i.name not in initializers}
     random_values = set()
     for node in graph.node:
-        bodies = [sub for attr in node.attribute for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH
-                                                              else attr.graphs)]
+        bodies = [
+            sub
+            for attr in node.attribute
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
+        ]
         reads = {i for i in node.input if i}
         for body in bodies:
             reads |= outer_scope_reads(body)
         random_op = node.op_type.startswith(_RANDOM_OP_PREFIXES) or any(
-            n.op_type.startswith(_RANDOM_OP_PREFIXES) for body in bodies for g in iter_graphs(body) for n in g.node)
+            n.op_type.startswith(_RANDOM_OP_PREFIXES) for body in bodies for g in iter_graphs(body) for n in g.node
+        )
         outputs = [o for o in node.output if o]
         if random_op or reads & random_values:
             random_values.update(outputs)
@@ -236,8 +240,11 @@ def select(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, max_values
         values.append(Intermediate(name, COMPARED_TYPES[ref_type[0]], cand_producers[name][1], ref_label, order))
     values.sort(key=lambda v: v.order)
     if len(values) > limit:
-        return Selection([], len(shared), f"{len(values)} intermediate values, more than the {limit} compared at most "
-                         "(memory); outputs only")
+        return Selection(
+            [],
+            len(shared),
+            f"{len(values)} intermediate values, more than the {limit} compared at most (memory); outputs only",
+        )
     if not values:
         return Selection([], len(shared), "no shared value is a float tensor of the same type in both models")
     return Selection(values, len(shared))

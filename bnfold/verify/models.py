@@ -68,8 +68,10 @@ class LoadedModel:
             # specs, table shapes), so the weights stay on disk and ``proto`` has no tensor data
             # for the big initializers (see bnfold.io.payloads).
             if os.path.exists(self.path) and not (os.path.isfile(self.path) or os.path.isdir(self.path)):
-                raise InputError(f"{self.path}: not a regular file (onnxruntime reads the model again after "
-                                 "bnfold has); save it to a file first")
+                raise InputError(
+                    f"{self.path}: not a regular file (onnxruntime reads the model again after "
+                    "bnfold has); save it to a file first"
+                )
             self.proto, payloads, wait_for_check = load_model_deferred(self.path)
             payloads.close()
             wait_for_check()
@@ -123,8 +125,10 @@ class LoadedModel:
 
     def _check_exposable(self, size: int) -> None:
         if size > PROTOBUF_LIMIT:
-            raise ExposureUnavailable(f"{self.label} is too large ({size / 2**30:.1f} GiB) to be given to onnxruntime "
-                                      "again with its intermediate values as outputs (protobuf's 2 GiB limit)")
+            raise ExposureUnavailable(
+                f"{self.label} is too large ({size / 2**30:.1f} GiB) to be given to onnxruntime "
+                "again with its intermediate values as outputs (protobuf's 2 GiB limit)"
+            )
 
     def _copy_with_suffix(self, path: str, suffix: bytes) -> str:
         if self._tmpdir is None:
@@ -144,8 +148,13 @@ class LoadedModel:
         else:
             source, config = self.ort_source(), None
         what = "the model with its intermediate values as outputs" if exposed else "the model"
-        return create_session(source, opt_level=opt_level, threads=threads, config=config,
-                              failure=f"{self.label}: onnxruntime cannot load {what}")
+        return create_session(
+            source,
+            opt_level=opt_level,
+            threads=threads,
+            config=config,
+            failure=f"{self.label}: onnxruntime cannot load {what}",
+        )
 
     def close(self):
         self._exposed = None

@@ -215,8 +215,10 @@ class CheckReport:
         worst = self.worst_intermediate
         if failed:
             return f"{failed} of {len(self.intermediates)} intermediate values differ"
-        return (f"{len(self.intermediates)} intermediate values match "
-                f"(worst at {worst.error_over_tolerance:.2g} x its tolerance)")
+        return (
+            f"{len(self.intermediates)} intermediate values match "
+            f"(worst at {worst.error_over_tolerance:.2g} x its tolerance)"
+        )
 
     @property
     def warnings(self) -> list:
@@ -302,12 +304,16 @@ class CheckReport:
         failed = self.failed_intermediates
         if not failed:
             worst = self.worst_intermediate
-            return (f"{len(self.intermediates)} intermediate value(s) match (worst {worst.name!r} at "
-                    f"{worst.error_over_tolerance:.2g} x its tolerance)")
+            return (
+                f"{len(self.intermediates)} intermediate value(s) match (worst {worst.name!r} at "
+                f"{worst.error_over_tolerance:.2g} x its tolerance)"
+            )
         first = failed[0]
-        return (f"intermediate value {first.name!r} (produced by {first.producer_text}) differs ({_why(first)}); "
-                f"it is the first in node order of {len(failed)} of {len(self.intermediates)} intermediate values "
-                "that differ")
+        return (
+            f"intermediate value {first.name!r} (produced by {first.producer_text}) differs ({_why(first)}); "
+            f"it is the first in node order of {len(failed)} of {len(self.intermediates)} intermediate values "
+            "that differ"
+        )
 
     @property
     def _float_outputs(self) -> list:
@@ -324,8 +330,10 @@ class CheckReport:
             return _ALL_ATOLS_GIVEN
         from_noise = sum(o.atol_source == "noise" for o in floats)
         if from_noise:
-            return (f"atol raised to {self.noise_factor:g} x the reference's own float noise on "
-                    f"{from_noise} of {len(floats)} output(s)")
+            return (
+                f"atol raised to {self.noise_factor:g} x the reference's own float noise on "
+                f"{from_noise} of {len(floats)} output(s)"
+            )
         return "default tolerances" + (" (noise not measured)" if self.noise_opt_level is None else "")
 
     @property
@@ -347,13 +355,25 @@ class CheckReport:
             f"set by the noise for {from_noise} of {len(floats)} float output(s)"
         )
         if capped:
-            text += (f"; capped for {capped} (the reference's own noise exceeds what a default may accept; "
-                     "give --atol to accept more)")
+            text += (
+                f"; capped for {capped} (the reference's own noise exceeds what a default may accept; "
+                "give --atol to accept more)"
+            )
         return text
 
     def format_table(self) -> str:
-        header = ("output", "dtype", "shape", "max abs err", "max rel err", "mismatch", "non-finite (one side/both)",
-                  "ref noise", "tol (rtol/atol)", "result")
+        header = (
+            "output",
+            "dtype",
+            "shape",
+            "max abs err",
+            "max rel err",
+            "mismatch",
+            "non-finite (one side/both)",
+            "ref noise",
+            "tol (rtol/atol)",
+            "result",
+        )
         rows = [
             (
                 o.name,
@@ -391,25 +411,54 @@ class CheckReport:
         failed = self.failed_intermediates
         from_noise = sum(v.atol_source == "noise" for v in self.intermediates)
         over_cap = sum(v.noise_over_cap for v in self.intermediates)
-        noise = (f"raised to {self.noise_factor:g} x its own noise (for {from_noise} of {len(self.intermediates)}"
-                 + (f"; {over_cap} noisier than the outputs' cap, not capped" if over_cap else "") + ")"
-                 if self.intermediates_noise_measured else "noise not measured")
-        lines = [f"intermediate values: {len(self.intermediates)} compared (float values both models produce "
-                 f"under one name), {len(failed)} fail; default atol scaled by each one's own max|ref|, {noise}"]
+        noise = (
+            f"raised to {self.noise_factor:g} x its own noise (for {from_noise} of {len(self.intermediates)}"
+            + (f"; {over_cap} noisier than the outputs' cap, not capped" if over_cap else "")
+            + ")"
+            if self.intermediates_noise_measured
+            else "noise not measured"
+        )
+        lines = [
+            (
+                f"intermediate values: {len(self.intermediates)} compared (float values both models produce "
+                f"under one name), {len(failed)} fail; default atol scaled by each one's own max|ref|, {noise}"
+            )
+        ]
         worst = self.worst_intermediate
-        lines.append(f"  worst: {worst.name!r} from {worst.producer_text}: max abs err {worst.max_abs:.3g} = "
-                     f"{worst.error_over_tolerance:.3g} x its tolerance {worst.tolerance_text}")
+        lines.append(
+            f"  worst: {worst.name!r} from {worst.producer_text}: max abs err {worst.max_abs:.3g} = "
+            f"{worst.error_over_tolerance:.3g} x its tolerance {worst.tolerance_text}"
+        )
         if failed:
-            header = ("intermediate value", "produced by", "shape", "max abs err", "x tol", "mismatch", "ref noise",
-                      "tol (rtol/atol)")
-            rows = [(v.name, v.producer_text, format_shape(v.shape), f"{v.max_abs:.3g}",
-                     f"{v.error_over_tolerance:.3g}", f"{v.mismatch_fraction:.2%}",
-                     "-" if v.noise is None else f"{v.noise:.2g}", v.tolerance_text)
-                    for v in failed[:INTERMEDIATE_ROWS]]
+            header = (
+                "intermediate value",
+                "produced by",
+                "shape",
+                "max abs err",
+                "x tol",
+                "mismatch",
+                "ref noise",
+                "tol (rtol/atol)",
+            )
+            rows = [
+                (
+                    v.name,
+                    v.producer_text,
+                    format_shape(v.shape),
+                    f"{v.max_abs:.3g}",
+                    f"{v.error_over_tolerance:.3g}",
+                    f"{v.mismatch_fraction:.2%}",
+                    "-" if v.noise is None else f"{v.noise:.2g}",
+                    v.tolerance_text,
+                )
+                for v in failed[:INTERMEDIATE_ROWS]
+            ]
             lines += format_table(header, rows, indent="  ")
             if len(failed) > INTERMEDIATE_ROWS:
-                lines.append(f"  ... and {len(failed) - INTERMEDIATE_ROWS} more failing (all in the JSON count, "
-                             f"the first {INTERMEDIATE_ROWS} as rows)")
+                lines.append(
+                    f"  ... and {len(failed) - INTERMEDIATE_ROWS} more failing (all in the JSON count, "
+                    f"the first {INTERMEDIATE_ROWS} as rows)"
+                )
         return lines
 
 
@@ -464,7 +513,9 @@ def check(
     check_seed(seed)
     shapes = validated_shapes(shapes)
     if inputs is not None and not isinstance(inputs, (str, os.PathLike, Mapping)):
-        raise ArgumentTypeError(f"inputs must be a dict of arrays or a path to an .npz file, got {type(inputs).__name__}")
+        raise ArgumentTypeError(
+            f"inputs must be a dict of arrays or a path to an .npz file, got {type(inputs).__name__}"
+        )
     if candidate_label is not None and not isinstance(candidate_label, str):
         raise ArgumentTypeError(f"candidate_label must be a str or None, got {type(candidate_label).__name__}")
     if inputs is not None and samples != 1:
@@ -484,8 +535,9 @@ def check(
         # One run of the exposed model gives the outputs too only where exposing values cannot
         # change them (see _Runner); elsewhere the plain model computes the outputs.
         shared = opt_level == candidate_opt_level == "disabled" and lowest not in ("float16", "bfloat16")
-        ref_run, cand_run, note = _open_runners(ref_model, cand_model, opt_level, candidate_opt_level,
-                                                exposed=bool(values), shared=shared)
+        ref_run, cand_run, note = _open_runners(
+            ref_model, cand_model, opt_level, candidate_opt_level, exposed=bool(values), shared=shared
+        )
         if note:
             values, inter_note = [], note
 
@@ -512,21 +564,21 @@ def check(
 
         if inputs is not None and shapes:
             raise InputError("shapes cannot be combined with given inputs (their shapes are used)")
-        input_sets = prepare_input_sets(input_specs, ref_model.proto, inputs=inputs, shapes=shapes, seed=seed,
-                                        samples=samples)
-        dynamic = inputs is None and any(s.shape is None or any(not isinstance(d, int) for d in s.shape)
-                                         for s in input_specs)
+        input_sets = prepare_input_sets(
+            input_specs, ref_model.proto, inputs=inputs, shapes=shapes, seed=seed, samples=samples
+        )
+        dynamic = inputs is None and any(
+            s.shape is None or any(not isinstance(d, int) for d in s.shape) for s in input_specs
+        )
         shape_hint = (
-            " on synthesized inputs with default sizes for dynamic dimensions; "
-            "set them with --shape NAME:D1xD2x..."
+            " on synthesized inputs with default sizes for dynamic dimensions; set them with --shape NAME:D1xD2x..."
             if dynamic
             else ""
         )
 
         if values:
             # Before any run: onnxruntime keeps every exposed value of a run alive to its end.
-            per_sample, _ = estimate_bytes(ref_model.proto, values,
-                                           {n: a.shape for n, a in input_sets[0].items()})
+            per_sample, _ = estimate_bytes(ref_model.proto, values, {n: a.shape for n, a in input_sets[0].items()})
             too_big = _too_big_note(per_sample, len(input_sets), "estimated")
             if too_big:
                 outputs_only(too_big)
@@ -536,8 +588,15 @@ def check(
         for spec in output_specs:
             r, r_default = tolerance_for(spec.name, spec.dtype, rtol, "rtol", lowest)
             a, a_default = tolerance_for(spec.name, spec.dtype, atol, "atol", lowest)
-            result = OutputResult(spec.name, spec.dtype, (), r, a, rtol_source="default" if r_default else "given",
-                                  atol_source="default" if a_default else "given")
+            result = OutputResult(
+                spec.name,
+                spec.dtype,
+                (),
+                r,
+                a,
+                rtol_source="default" if r_default else "given",
+                atol_source="default" if a_default else "given",
+            )
             if spec.dtype not in DEFAULT_TOLERANCES:  # integers and bools compare exactly
                 result.rtol = result.atol = a = 0.0
                 a_default = False
@@ -588,8 +647,10 @@ def check(
                 if not values:
                     raise
                 # The plain model may still run: then only the exposure is at fault.
-                outputs_only(f"onnxruntime failed to run the models with their intermediate values as outputs ({e}); "
-                             "outputs only")
+                outputs_only(
+                    f"onnxruntime failed to run the models with their intermediate values as outputs ({e}); "
+                    "outputs only"
+                )
                 outs, inters = ref_run.run(feeds, output_names, [], shape_hint)
             ref_outs.append(outs)
             ref_inters.append(inters)
@@ -613,8 +674,9 @@ def check(
                     widen_spreads(spread, ref_outs[-1], again)
             if inter_noise_session is not None:
                 try:
-                    again = run_session(inter_noise_session, nudged, ref_model.label, [v.name for v in values],
-                                        shape_hint)
+                    again = run_session(
+                        inter_noise_session, nudged, ref_model.label, [v.name for v in values], shape_hint
+                    )
                 except InputError as e:
                     outputs_only(_EXPOSED_NOISE_RUN_FAILED.format(e))
                     inter_noise_session = None
@@ -629,33 +691,45 @@ def check(
                 scale = output_scale(out[result.name] for out in ref_outs)
                 # From weights rounded once more the noise includes what that rounding costs: a
                 # property of the model's low precision, not an irreproducible reference; not capped.
-                apply_noise_floor(result, spread[result.name], base_atols[result.name], scale,
-                                  cap=noise_model is ref_model)
+                apply_noise_floor(
+                    result, spread[result.name], base_atols[result.name], scale, cap=noise_model is ref_model
+                )
                 noise_atols[result.name] = result.noise_atol
-        inter_results = [_intermediate_result(v, lowest, [ref[v.name] for ref in ref_inters],
-                                              inter_spread[v.name] if inter_noise_session is not None else None)
-                         for v in values]
+        inter_results = [
+            _intermediate_result(
+                v,
+                lowest,
+                [ref[v.name] for ref in ref_inters],
+                inter_spread[v.name] if inter_noise_session is not None else None,
+            )
+            for v in values
+        ]
 
         for k, (feeds, ref_out) in enumerate(zip(input_sets, ref_outs)):
             cand_out, cand_inter = cand_run.run(feeds, output_names, [r.name for r in inter_results], shape_hint)
             for result in results:
                 ref_value = np.asarray(ref_out[result.name])
                 result.shape = tuple(ref_value.shape)
-                compare_into(result, ref_value, np.asarray(cand_out[result.name]), base_atols[result.name],
-                              scaled[result.name], noise_atols.get(result.name))
+                compare_into(
+                    result,
+                    ref_value,
+                    np.asarray(cand_out[result.name]),
+                    base_atols[result.name],
+                    scaled[result.name],
+                    noise_atols.get(result.name),
+                )
             for result in inter_results:
                 ref_value = np.asarray(ref_inters[k][result.name])
                 result.shape = tuple(ref_value.shape)
-                compare_into(result, ref_value, np.asarray(cand_inter[result.name]), result.base_atol, True,
-                              result.noise_atol)
+                compare_into(
+                    result, ref_value, np.asarray(cand_inter[result.name]), result.base_atol, True, result.noise_atol
+                )
             ref_inters[k] = None  # compared: nothing refers to this sample's values any more
             del cand_out, cand_inter
         for result in results:
             if result.passed and result.elements and result.shared_nonfinite == result.elements:
                 result.passed = False
-                result.message = (
-                    f"all {result.elements} elements are NaN/Inf in both models: nothing real was compared"
-                )
+                result.message = f"all {result.elements} elements are NaN/Inf in both models: nothing real was compared"
         if results and all(r.elements == 0 and r.passed for r in results):
             shapes_text = ", ".join(f"{r.name!r} {format_shape(r.shape)}" for r in results)
             raise InputError(
@@ -729,11 +803,14 @@ class _Runner:
         if self.values_session is None or not value_names:
             return run_session(self.outputs_session, feeds, label, output_names, shape_hint), {}
         if self.outputs_session is self.values_session:
-            everything = run_session(self.values_session, feeds, label, list(output_names) + list(value_names),
-                                     shape_hint)
+            everything = run_session(
+                self.values_session, feeds, label, list(output_names) + list(value_names), shape_hint
+            )
             return ({n: everything[n] for n in output_names}, {n: everything[n] for n in value_names})
-        return (run_session(self.outputs_session, feeds, label, output_names, shape_hint),
-                run_session(self.values_session, feeds, label, value_names, shape_hint))
+        return (
+            run_session(self.outputs_session, feeds, label, output_names, shape_hint),
+            run_session(self.values_session, feeds, label, value_names, shape_hint),
+        )
 
 
 def _open_runners(ref_model, cand_model, opt_level, candidate_opt_level, *, exposed, shared):
@@ -743,20 +820,28 @@ def _open_runners(ref_model, cand_model, opt_level, candidate_opt_level, *, expo
     note = ""
     if exposed:
         try:
-            return (_Runner(ref_model, opt_level, exposed=True, shared=shared),
-                    _Runner(cand_model, candidate_opt_level, exposed=True, shared=shared), "")
+            return (
+                _Runner(ref_model, opt_level, exposed=True, shared=shared),
+                _Runner(cand_model, candidate_opt_level, exposed=True, shared=shared),
+                "",
+            )
         except InputError as e:
             note = f"{e}; outputs only"
-    return (_Runner(ref_model, opt_level, exposed=False, shared=shared),
-            _Runner(cand_model, candidate_opt_level, exposed=False, shared=shared), note)
+    return (
+        _Runner(ref_model, opt_level, exposed=False, shared=shared),
+        _Runner(cand_model, candidate_opt_level, exposed=False, shared=shared),
+        note,
+    )
 
 
 def _too_big_note(per_sample: int, samples: int, how: str) -> str:
     held = (samples + 1) * per_sample
     if held <= intermediates_module.MAX_BYTES:
         return ""
-    return (f"the intermediate values take {per_sample / 2**20:.0f} MiB per sample ({how}); holding {samples + 1} "
-            f"sample(s) of them would exceed {intermediates_module.MAX_BYTES / 2**30:g} GiB; outputs only")
+    return (
+        f"the intermediate values take {per_sample / 2**20:.0f} MiB per sample ({how}); holding {samples + 1} "
+        f"sample(s) of them would exceed {intermediates_module.MAX_BYTES / 2**30:g} GiB; outputs only"
+    )
 
 
 def _intermediate_result(value, lowest, ref_values, spread):
@@ -771,8 +856,17 @@ def _intermediate_result(value, lowest, ref_values, spread):
     their scale, and 27 failed with errors of 0.3-0.7 x their own noise."""
     rtol, _ = tolerance_for(value.name, value.dtype, None, "rtol", lowest)
     atol, _ = tolerance_for(value.name, value.dtype, None, "atol", lowest)
-    result = IntermediateResult(value.name, value.dtype, (), rtol, atol, producer=value.producer,
-                                reference_producer=value.reference_producer, order=value.order, base_atol=atol)
+    result = IntermediateResult(
+        value.name,
+        value.dtype,
+        (),
+        rtol,
+        atol,
+        producer=value.producer,
+        reference_producer=value.reference_producer,
+        order=value.order,
+        base_atol=atol,
+    )
     if spread is not None:
         result.noise_over_cap = apply_noise_floor(result, spread, atol, output_scale(ref_values), cap=False)
     return result

@@ -28,8 +28,15 @@ def ort_level(level: str):
     return levels[level]
 
 
-def create_session(source, *, opt_level: str, threads: int | None = None, spinning: bool = True,
-                   config: dict | None = None, failure: str = "onnxruntime cannot load the model"):
+def create_session(
+    source,
+    *,
+    opt_level: str,
+    threads: int | None = None,
+    spinning: bool = True,
+    config: dict | None = None,
+    failure: str = "onnxruntime cannot load the model",
+):
     """An onnxruntime CPU session of ``source`` (a path or serialized model bytes).
 
     ``threads``: intra-op threads (inter-op 1), onnxruntime's default when None. ``spinning=False``

@@ -32,8 +32,7 @@ def parse_shape_specs(specs) -> dict:
         match = _SHAPE_SPEC.match(spec.strip())
         if not match:
             raise InputError(
-                f"--shape {spec!r}: expected NAME:D1xD2x... with positive integer dimensions, "
-                "e.g. input:1x3x224x224"
+                f"--shape {spec!r}: expected NAME:D1xD2x... with positive integer dimensions, e.g. input:1x3x224x224"
             )
         name = match.group("name")
         dims = tuple(int(d) for d in re.split("[xX]", match.group("dims")))
@@ -113,9 +112,7 @@ def resolve_shapes(input_specs, shapes=None) -> dict:
                     )
                 for i, (g, d) in enumerate(zip(given, spec.shape)):
                     if isinstance(d, int) and d != g:
-                        raise InputError(
-                            f"--shape {spec.name}: dimension {i} is fixed to {d} in the model, got {g}"
-                        )
+                        raise InputError(f"--shape {spec.name}: dimension {i} is fixed to {d} in the model, got {g}")
                     if isinstance(d, str):
                         symbols.setdefault(d, g)
             resolved[spec.name] = given

@@ -20,8 +20,12 @@ DEFAULT_TOLERANCES = {
 }
 
 # TensorProto float element types by precision, lowest first.
-_FLOAT_PRECISIONS = ((onnx.TensorProto.BFLOAT16, "bfloat16"), (onnx.TensorProto.FLOAT16, "float16"),
-                     (onnx.TensorProto.FLOAT, "float32"), (onnx.TensorProto.DOUBLE, "float64"))
+_FLOAT_PRECISIONS = (
+    (onnx.TensorProto.BFLOAT16, "bfloat16"),
+    (onnx.TensorProto.FLOAT16, "float16"),
+    (onnx.TensorProto.FLOAT, "float32"),
+    (onnx.TensorProto.DOUBLE, "float64"),
+)
 
 
 def tolerance_for(name: str, dtype: str, value, kind: str, working_precision=None):
@@ -85,7 +89,6 @@ def validate_tolerance(value, kind: str, output_names) -> None:
             ok = False
         if not ok:
             raise InputError(f"--{kind}: expected a non-negative number, got {v!r}")
-
 
 
 def parse_tolerance_specs(values, kind: str):

@@ -100,7 +100,9 @@ def pytest_generate_tests(metafunc):
     if reason:
         if corpus_required():
             raise pytest.UsageError(f"BNFOLD_REQUIRE_CORPUS=1 but the corpus cannot run: {reason}")
-        metafunc.parametrize("corpus_entry", [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=["corpus"])
+        metafunc.parametrize(
+            "corpus_entry", [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=["corpus"]
+        )
         return
     # Parametrizing needs the manifest at collection time, so the corpus is ensured here.
     manifest = load_builder().load_manifest(ensure_corpus_dir())

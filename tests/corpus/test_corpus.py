@@ -100,7 +100,9 @@ def synthesize_feeds(sess, entry, seed=0, batch=1) -> dict:
     examples = entry.get("example_inputs") or {}
     feeds = {}
     for spec in sess.get_inputs():
-        dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}.get(spec.type)
+        dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}.get(
+            spec.type
+        )
         assert dtype is not None, f"input {spec.name} has type {spec.type}; the corpus test synthesizes floats only"
         shape = concrete_shape(spec.shape, batch, examples.get(spec.name))
         feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
@@ -135,8 +137,9 @@ def folded(corpus_dir, entry, tmp_path_factory):
     if name not in _fold_results:
         out_dir = tmp_path_factory.mktemp("folded")
         out = str(out_dir / (os.path.basename(entry["path"])))
-        code, text = run_cli("fold", model_path(corpus_dir, entry), "-o", out, "--report", out + ".report.json",
-                             *shape_options(entry))
+        code, text = run_cli(
+            "fold", model_path(corpus_dir, entry), "-o", out, "--report", out + ".report.json", *shape_options(entry)
+        )
         _fold_results[name] = (code, text, out)
     return _fold_results[name]
 
@@ -211,7 +214,8 @@ def test_fold_is_exact_valid_and_portable(corpus_dir, corpus_entry, tmp_path_fac
         noise = own_noise(source, feeds, reference)
         error = max_error(reference, candidate)
         assert error <= tolerance(corpus_entry, reference, noise), (
-            f"folded model differs by {error:.3g} (original's own noise {noise:.3g}, scale {scale_of(reference):.3g})")
+            f"folded model differs by {error:.3g} (original's own noise {noise:.3g}, scale {scale_of(reference):.3g})"
+        )
         error = max_error(candidate, by_openvino)
         assert error <= tolerance(corpus_entry, candidate, noise), f"OpenVINO differs from onnxruntime by {error:.3g}"
         return
@@ -220,15 +224,18 @@ def test_fold_is_exact_valid_and_portable(corpus_dir, corpus_entry, tmp_path_fac
     truth = run(session(upcast_float16(original_model).SerializeToString()), wide_feeds)
     deployed = run(session(source, ort.GraphOptimizationLevel.ORT_ENABLE_ALL), feeds)
     own_error = max(max_error(truth, outputs) for outputs in (reference, deployed, run_openvino(source, feeds)))
-    rounding = run(session(upcast_float16(_compare_tool().rounded_once_more(original_model)).SerializeToString()),
-                   wide_feeds)
+    rounding = run(
+        session(upcast_float16(_compare_tool().rounded_once_more(original_model)).SerializeToString()), wide_feeds
+    )
     rounding_error = max_error(truth, rounding)
     allowed = max(BASE_RTOL["float16"] * scale_of(truth), 2 * own_error, 2 * rounding_error)
     for label, outputs in (("onnxruntime", candidate), ("OpenVINO", by_openvino)):
         error = max_error(truth, outputs)
-        assert error <= allowed, (f"folded model in {label} is off by {error:.3g} from the float32 twin; the original "
-                                  f"is off by {own_error:.3g}, one more float16 rounding of its weights moves it by "
-                                  f"{rounding_error:.3g} (allowed {allowed:.3g})")
+        assert error <= allowed, (
+            f"folded model in {label} is off by {error:.3g} from the float32 twin; the original "
+            f"is off by {own_error:.3g}, one more float16 rounding of its weights moves it by "
+            f"{rounding_error:.3g} (allowed {allowed:.3g})"
+        )
 
 
 def test_check_model_against_itself(corpus_dir, corpus_entry):
@@ -251,8 +258,14 @@ def test_wrong_fold_fails_the_check(corpus_dir, corpus_entry, tmp_path_factory):
     initializers = {t.name: t for t in model.graph.initializer}
     with open(out + ".report.json") as f:
         targets = {entry["target"] for entry in json.load(f)["folded"] if not entry["graph"]}
-    layers = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-              and len(n.input) > 1 and n.input[1] in initializers and initializers[n.input[1]].data_type in FLOAT_TYPES]
+    layers = [
+        n
+        for n in model.graph.node
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+        and len(n.input) > 1
+        and n.input[1] in initializers
+        and initializers[n.input[1]].data_type in FLOAT_TYPES
+    ]
     assert layers, "no constant Conv/Gemm/MatMul weight to perturb"
     folded_layers = [n for n in layers if n.name in targets]
     target = initializers[(folded_layers or layers)[0].input[1]]
@@ -272,8 +285,9 @@ def _compare_tool():
 
     name = "bnfold_compare_corpus"
     if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            "tools", "compare_corpus.py")
+        path = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools", "compare_corpus.py"
+        )
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

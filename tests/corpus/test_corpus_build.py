@@ -134,7 +134,7 @@ def test_entries_agree_with_their_files(corpus_manifest, corpus_dir):
         external = [init for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL]
         assert entry["external_data"] == bool(external), entry["name"]
         for init in external:
-            location = dict((kv.key, kv.value) for kv in init.external_data)["location"]
+            location = {kv.key: kv.value for kv in init.external_data}["location"]
             assert os.path.isfile(os.path.join(corpus_dir, os.path.dirname(entry["path"]), location)), entry["name"]
         if not _is_torch_entry(entry):
             continue  # the family modules describe their own files
@@ -178,7 +178,9 @@ def test_every_variant_is_spread_over_models(corpus_manifest):
         "external data": lambda e: e["external_data"],
         "fresh statistics": lambda e: e["fresh_stats"],
     }
-    thin = {label: count(predicate) for label, predicate in variants.items() if count(predicate) < MIN_MODELS_PER_VARIANT}
+    thin = {
+        label: count(predicate) for label, predicate in variants.items() if count(predicate) < MIN_MODELS_PER_VARIANT
+    }
     if count(variants["fresh statistics"]) >= 2:
         thin.pop("fresh statistics", None)  # "a couple of models" is what fresh exports need
     assert not thin, thin
@@ -226,4 +228,6 @@ def test_runs_in_onnxruntime_on_zeros(corpus_entry, corpus_dir):
         shape = examples.get(value.name) or [dim if isinstance(dim, int) and dim > 0 else 1 for dim in declared]
         feeds[value.name] = np.zeros(shape, dtype=_NUMPY_OF_ORT_TYPE[value.type])
     outputs = session.run(None, feeds)
-    assert outputs and all(np.isfinite(np.asarray(o, dtype=np.float64)).all() for o in outputs if np.asarray(o).dtype.kind == "f")
+    assert outputs and all(
+        np.isfinite(np.asarray(o, dtype=np.float64)).all() for o in outputs if np.asarray(o).dtype.kind == "f"
+    )

@@ -29,27 +29,36 @@ def weight_or_failure(view: GraphView, layer: int, position: int, role: str):
     name = node.input[position] if position < len(node.input) else ""
     value = view.constant(name)
     if value is None:
-        return Failure(Reason.NON_CONSTANT_WEIGHT,
-                       f"{view.describe(layer)} {role} '{name}' is not a constant (initializer or Constant node)")
+        return Failure(
+            Reason.NON_CONSTANT_WEIGHT,
+            f"{view.describe(layer)} {role} '{name}' is not a constant (initializer or Constant node)",
+        )
     data_type = view.constant_type(name)
     if data_type not in FLOAT_TYPES:
-        return Failure(Reason.UNSUPPORTED_DTYPE, f"{view.describe(layer)} {role} '{name}' is not a float tensor "
-                       "(float32, float64, float16 or bfloat16)")
+        return Failure(
+            Reason.UNSUPPORTED_DTYPE,
+            f"{view.describe(layer)} {role} '{name}' is not a float tensor (float32, float64, float16 or bfloat16)",
+        )
     return np.asarray(value), data_type
 
 
 # Largest finite values of the float types, and unit roundoffs of those a fold can realistically
 # push into their subnormals.
-_LARGEST_FINITE = {TensorProto.FLOAT16: 65504.0, TensorProto.BFLOAT16: 3.3895313892515355e38,
-                   TensorProto.FLOAT: float(np.finfo(np.float32).max), TensorProto.DOUBLE: float(np.finfo(np.float64).max)}
+_LARGEST_FINITE = {
+    TensorProto.FLOAT16: 65504.0,
+    TensorProto.BFLOAT16: 3.3895313892515355e38,
+    TensorProto.FLOAT: float(np.finfo(np.float32).max),
+    TensorProto.DOUBLE: float(np.finfo(np.float64).max),
+}
 _UNIT_ROUNDOFF = {TensorProto.FLOAT16: 2.0**-11, TensorProto.BFLOAT16: 2.0**-8}
 # A folded weight may lose this many unit roundoffs (norm-relative) before its BN is left: rounding
 # to a normal number costs at most one, so only underflow into subnormals or zero gets past it.
 LOST_PRECISION_LIMIT = 4.0
 
 
-def representation_failure(view: GraphView, bn: BatchNorm, layer: int, data_type: int, weight, factor,
-                           new_bias, old_bias=None):
+def representation_failure(
+    view: GraphView, bn: BatchNorm, layer: int, data_type: int, weight, factor, new_bias, old_bias=None
+):
     """Failure when the folded values cannot be stored in ``data_type`` as faithfully as the
     model's own, else None. The new weight is ``weight * factor`` (``factor``: the small float64
     per-channel array that broadcasts against ``weight``); ``new_bias`` (float64) is computed from
@@ -76,8 +85,11 @@ def representation_failure(view: GraphView, bn: BatchNorm, layer: int, data_type
     type_name = FLOAT_TYPES[data_type]
     target = f"folding BatchNormalization '{bn.label}' into {view.describe(layer)}"
     if not np.all(np.isfinite(factor)):
-        return Failure(Reason.WOULD_OVERFLOW, f"{target} would scale its weights by a factor that is not finite "
-                       "(the layer's alpha times the BN scale is NaN or beyond the float64 range); left unfolded")
+        return Failure(
+            Reason.WOULD_OVERFLOW,
+            f"{target} would scale its weights by a factor that is not finite "
+            "(the layer's alpha times the BN scale is NaN or beyond the float64 range); left unfolded",
+        )
     new_bias = np.asarray(new_bias, dtype=np.float64)
     old_bias = np.zeros(()) if old_bias is None else to_float64(old_bias)
     with np.errstate(invalid="ignore"):  # NaN compares False: it counts as out of range, as wanted
@@ -85,9 +97,12 @@ def representation_failure(view: GraphView, bn: BatchNorm, layer: int, data_type
     if np.any(created):
         bad = new_bias[created]
         what = "a NaN bias" if np.any(np.isnan(bad)) else f"a bias of {float(np.max(np.abs(bad))):.3g}"
-        return Failure(Reason.WOULD_OVERFLOW, f"{target} would give it {what} where the model's is finite, outside the "
-                       f"{type_name} range (largest {limit:.5g}): its weights hold Inf/NaN, or the folded values "
-                       "overflow; left unfolded")
+        return Failure(
+            Reason.WOULD_OVERFLOW,
+            f"{target} would give it {what} where the model's is finite, outside the "
+            f"{type_name} range (largest {limit:.5g}): its weights hold Inf/NaN, or the folded values "
+            "overflow; left unfolded",
+        )
     unit = _UNIT_ROUNDOFF.get(data_type)
     if unit is None:
         return None
@@ -98,23 +113,29 @@ def representation_failure(view: GraphView, bn: BatchNorm, layer: int, data_type
     overflowing = ~(np.abs(product) <= limit) & finite_before
     if np.any(overflowing):
         worst = float(np.max(np.abs(product[overflowing])))
-        return Failure(Reason.WOULD_OVERFLOW, f"{target} would give values up to {worst:.3g}, beyond the largest "
-                       f"{type_name} ({limit:.5g}); left unfolded")
+        return Failure(
+            Reason.WOULD_OVERFLOW,
+            f"{target} would give values up to {worst:.3g}, beyond the largest "
+            f"{type_name} ({limit:.5g}); left unfolded",
+        )
     product = product[finite_before]
     norm = float(np.linalg.norm(product))
     if norm == 0.0:
         return None
     lost = float(np.linalg.norm(to_float64(product.astype(numpy_type(data_type))) - product)) / norm / unit
     if lost > LOST_PRECISION_LIMIT:
-        return Failure(Reason.WOULD_LOSE_PRECISION,
-                       f"{target} would round its scaled {type_name} weights with a relative error of "
-                       f"{lost * unit:.2g} ({lost:.0f}x the {type_name} unit roundoff; many would become subnormal "
-                       "or zero); left unfolded")
+        return Failure(
+            Reason.WOULD_LOSE_PRECISION,
+            f"{target} would round its scaled {type_name} weights with a relative error of "
+            f"{lost * unit:.2g} ({lost:.0f}x the {type_name} unit roundoff; many would become subnormal "
+            "or zero); left unfolded",
+        )
     return None
 
 
-def vector_times_matrix(vector: np.ndarray, matrix: np.ndarray, transposed: bool = False,
-                        block_rows: int = 1024) -> np.ndarray:
+def vector_times_matrix(
+    vector: np.ndarray, matrix: np.ndarray, transposed: bool = False, block_rows: int = 1024
+) -> np.ndarray:
     """``vector @ matrix`` (``vector @ matrix.T`` when ``transposed``) in float64, converting the
     (possibly float32/float16, possibly large) matrix a block of rows at a time instead of as a
     whole float64 copy."""
@@ -122,11 +143,11 @@ def vector_times_matrix(vector: np.ndarray, matrix: np.ndarray, transposed: bool
     if transposed:
         out = np.empty(rows, dtype=np.float64)
         for start in range(0, rows, block_rows):
-            out[start:start + block_rows] = to_float64(matrix[start:start + block_rows]) @ vector
+            out[start : start + block_rows] = to_float64(matrix[start : start + block_rows]) @ vector
         return out
     out = np.zeros(matrix.shape[1], dtype=np.float64)
     for start in range(0, rows, block_rows):
-        out += vector[start:start + block_rows] @ to_float64(matrix[start:start + block_rows])
+        out += vector[start : start + block_rows] @ to_float64(matrix[start : start + block_rows])
     return out
 
 
@@ -137,8 +158,10 @@ def gemm_c_failure(view: GraphView, layer: int, c: np.ndarray, columns: int):
     if c.ndim > 2:
         return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} C has rank {c.ndim} > 2")
     if c.ndim and c.shape[-1] not in (1, columns):
-        return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} C of shape {c.shape} does not broadcast to the "
-                       f"{columns} columns of its product")
+        return Failure(
+            Reason.NOT_PER_CHANNEL,
+            f"{view.describe(layer)} C of shape {c.shape} does not broadcast to the {columns} columns of its product",
+        )
     return None
 
 
@@ -157,24 +180,30 @@ def bias_or_failure(view: GraphView, layer: int, position: int, channels: int):
     if isinstance(bias, Failure):
         return bias
     if bias[0].shape != (channels,):
-        return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} bias '{name}' has shape {bias[0].shape}, "
-                       f"not one value for each of its {channels} output channels")
+        return Failure(
+            Reason.NOT_PER_CHANNEL,
+            f"{view.describe(layer)} bias '{name}' has shape {bias[0].shape}, "
+            f"not one value for each of its {channels} output channels",
+        )
     return name, to_float64(bias[0])
 
 
 def sole_reader_failure(view: GraphView, value: str, expected_reader: int, producer: int):
     """Failure when ``value`` (produced by ``producer``) is a graph output or read by anyone else."""
     if view.is_graph_output(value):
-        return Failure(Reason.GRAPH_OUTPUT,
-                       f"{view.describe(producer)} output '{value}' is a graph output; folding would change it")
+        return Failure(
+            Reason.GRAPH_OUTPUT,
+            f"{view.describe(producer)} output '{value}' is a graph output; folding would change it",
+        )
     others = [r for r in view.readers(value) if r != expected_reader]
     direct = view.consumers.get(value, [])
     if others or direct.count(expected_reader) > 1:
         names = ", ".join(sorted({f"'{view.labels[r]}'" for r in others})) or f"'{view.labels[expected_reader]}' twice"
         nested = " (from a nested subgraph)" if any(r in view.implicit_consumers.get(value, []) for r in others) else ""
-        return Failure(Reason.MULTIPLE_CONSUMERS,
-                       f"{view.describe(producer)} output is also read by {names}{nested}; "
-                       "folding would change that reader")
+        return Failure(
+            Reason.MULTIPLE_CONSUMERS,
+            f"{view.describe(producer)} output is also read by {names}{nested}; folding would change that reader",
+        )
     return None
 
 
@@ -247,9 +276,12 @@ def check_chain_and_combine(view: GraphView, bn: BatchNorm, chain: BackwardChain
         a, b = combined
         scale, shift = bn.scale * a, bn.scale * b + bn.shift
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
-        return Failure(Reason.INVALID_STATISTICS, f"the per-channel constants between {view.describe(chain.layer)} and "
-                       f"BatchNormalization '{bn.label}' make the folded scale or shift non-finite (NaN/Inf in a "
-                       "constant, or products beyond the float64 range)")
+        return Failure(
+            Reason.INVALID_STATISTICS,
+            f"the per-channel constants between {view.describe(chain.layer)} and "
+            f"BatchNormalization '{bn.label}' make the folded scale or shift non-finite (NaN/Inf in a "
+            "constant, or products beyond the float64 range)",
+        )
     return scale, shift
 
 
@@ -262,19 +294,25 @@ def _combine_chain(view: GraphView, chain: BackwardChain, rank, channels: int):
         if node.op_type == "Identity":
             continue
         if rank is None:
-            return Failure(Reason.UNKNOWN_RANK, f"the rank of {view.describe(chain.layer)} output is unknown, so "
-                           f"whether {view.describe(index)} is per-channel cannot be proven")
+            return Failure(
+                Reason.UNKNOWN_RANK,
+                f"the rank of {view.describe(chain.layer)} output is unknown, so "
+                f"whether {view.describe(index)} is per-channel cannot be proven",
+            )
         variable = _chain_variable_operand(view, node)
         const_name = node.input[1 - variable]
         c = per_channel_vector(view.constant(const_name), rank, channels)
         if c is None:
             shape = tuple(np.shape(view.constant(const_name)))
-            return Failure(Reason.NOT_PER_CHANNEL,
-                           f"{view.describe(index)} constant '{const_name}' of shape {shape} does not broadcast "
-                           f"along channel axis 1 of a rank-{rank} output with {channels} channels")
+            return Failure(
+                Reason.NOT_PER_CHANNEL,
+                f"{view.describe(index)} constant '{const_name}' of shape {shape} does not broadcast "
+                f"along channel axis 1 of a rank-{rank} output with {channels} channels",
+            )
         if view.constant_type(const_name) not in FLOAT_TYPES:
-            return Failure(Reason.UNSUPPORTED_DTYPE,
-                           f"{view.describe(index)} constant '{const_name}' is not a float tensor")
+            return Failure(
+                Reason.UNSUPPORTED_DTYPE, f"{view.describe(index)} constant '{const_name}' is not a float tensor"
+            )
         op = node.op_type
         if op == "Add":
             b = b + c
@@ -304,8 +342,11 @@ def per_channel_vector(value, rank: int, channels: int):
     shape = (1,) * (rank - value.ndim) + value.shape
     if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, channels):
         return None
-    return np.broadcast_to(to_float64(value).reshape(-1), (channels,)).copy() if shape[1] == channels \
+    return (
+        np.broadcast_to(to_float64(value).reshape(-1), (channels,)).copy()
+        if shape[1] == channels
         else np.full(channels, float(to_float64(value).reshape(-1)[0]))
+    )
 
 
 def finish_backward(view: GraphView, bn: BatchNorm, chain: BackwardChain) -> None:
@@ -326,13 +367,20 @@ def forward_consumer(view: GraphView, bn: BatchNorm, layer_ops: tuple[str, ...])
     if view.nodes[layer].input[0] != bn.y:
         return None
     if view.is_graph_output(bn.y):
-        return Failure(Reason.GRAPH_OUTPUT, f"BatchNormalization '{bn.label}' output '{bn.y}' is a graph output; "
-                       f"folding it into {view.describe(layer)} would change it")
+        return Failure(
+            Reason.GRAPH_OUTPUT,
+            f"BatchNormalization '{bn.label}' output '{bn.y}' is a graph output; "
+            f"folding it into {view.describe(layer)} would change it",
+        )
     if len(readers) > 1:
-        others = ", ".join(sorted({f"'{view.labels[r]}'" for r in readers if r != layer})) or \
-            f"'{view.labels[layer]}' twice"
-        return Failure(Reason.MULTIPLE_CONSUMERS, f"BatchNormalization '{bn.label}' output is also read by {others}; "
-                       f"folding it into {view.describe(layer)} would change that reader")
+        others = (
+            ", ".join(sorted({f"'{view.labels[r]}'" for r in readers if r != layer})) or f"'{view.labels[layer]}' twice"
+        )
+        return Failure(
+            Reason.MULTIPLE_CONSUMERS,
+            f"BatchNormalization '{bn.label}' output is also read by {others}; "
+            f"folding it into {view.describe(layer)} would change that reader",
+        )
     return layer
 
 

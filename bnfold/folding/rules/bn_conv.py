@@ -45,16 +45,22 @@ class BnConv(ForwardFold):
         pads = list(get_attr(node, "pads", []) or [])
         if auto_pad not in ("NOTSET", "VALID") or (auto_pad == "NOTSET" and any(pads)):
             how = f"auto_pad={auto_pad}" if auto_pad not in ("NOTSET", "VALID") else f"pads={pads}"
-            return Failure(Reason.PADDED_CONV, f"{view.describe(layer)} pads its input ({how}); folding "
-                           f"BatchNormalization '{bn.label}' into it would be wrong at the borders")
+            return Failure(
+                Reason.PADDED_CONV,
+                f"{view.describe(layer)} pads its input ({how}); folding "
+                f"BatchNormalization '{bn.label}' into it would be wrong at the borders",
+            )
         return None
 
     def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
         group = int_attr(view.nodes[layer], "group", 1)
         if group < 1 or weight.ndim < 3 or weight.shape[0] % group or weight.shape[1] * group != bn.channels:
-            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} weight shape {weight.shape} with "
-                           f"group={group} does not match the {bn.channels} channels of BatchNormalization "
-                           f"'{bn.label}'")
+            return Failure(
+                Reason.NOT_PER_CHANNEL,
+                f"{view.describe(layer)} weight shape {weight.shape} with "
+                f"group={group} does not match the {bn.channels} channels of BatchNormalization "
+                f"'{bn.label}'",
+            )
         return None
 
     def output_channels(self, node, weight: np.ndarray) -> int:

@@ -53,8 +53,13 @@ RULE = BnDuplicate()
 
 
 def _same_computation(view: GraphView, a, b) -> bool:
-    if (not is_batch_norm(a) or a.domain != b.domain or len(a.input) != len(b.input)
-            or len(a.output) != 1 or len(b.output) != 1):
+    if (
+        not is_batch_norm(a)
+        or a.domain != b.domain
+        or len(a.input) != len(b.input)
+        or len(a.output) != 1
+        or len(b.output) != 1
+    ):
         return False
     if sorted(x.SerializeToString() for x in a.attribute) != sorted(x.SerializeToString() for x in b.attribute):
         return False

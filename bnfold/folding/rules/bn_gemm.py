@@ -39,16 +39,22 @@ class BnGemm(GemmLayer, ForwardFold):
 
     def layer_failure(self, view: GraphView, bn: BatchNorm, layer: int) -> Failure | None:
         if int_attr(view.nodes[layer], "transA", 0):
-            return Failure(Reason.MATMUL_LAYOUT, f"{view.describe(layer)} reads BatchNormalization '{bn.label}' "
-                           "transposed (transA=1), so the BN channels are rows of the product, not a scale of B")
+            return Failure(
+                Reason.MATMUL_LAYOUT,
+                f"{view.describe(layer)} reads BatchNormalization '{bn.label}' "
+                "transposed (transA=1), so the BN channels are rows of the product, not a scale of B",
+            )
         return None
 
     def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
         trans_b = int_attr(view.nodes[layer], "transB", 0)
         if weight.ndim != 2 or weight.shape[1 if trans_b else 0] != bn.channels:
-            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} B of shape {weight.shape} "
-                           f"(transB={trans_b}) does not match the {bn.channels} channels of BatchNormalization "
-                           f"'{bn.label}'")
+            return Failure(
+                Reason.NOT_PER_CHANNEL,
+                f"{view.describe(layer)} B of shape {weight.shape} "
+                f"(transB={trans_b}) does not match the {bn.channels} channels of BatchNormalization "
+                f"'{bn.label}'",
+            )
         return None
 
     def channel_layout(self, node, weight: np.ndarray) -> ChannelLayout:

@@ -44,18 +44,30 @@ class BnMatMul(ForwardFold):
 
     def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
         if weight.ndim != 2:
-            return Failure(Reason.MATMUL_LAYOUT, f"{view.describe(layer)} multiplies by a rank-{weight.ndim} "
-                           "constant; only a 2-D matrix can absorb the BN")
+            return Failure(
+                Reason.MATMUL_LAYOUT,
+                f"{view.describe(layer)} multiplies by a rank-{weight.ndim} "
+                "constant; only a 2-D matrix can absorb the BN",
+            )
         rank = view.rank(bn.x)
         if rank is None:
-            return Failure(Reason.UNKNOWN_RANK, f"the rank of BatchNormalization '{bn.label}' input is unknown, so "
-                           f"its channel axis cannot be proven to be the axis {view.describe(layer)} contracts")
+            return Failure(
+                Reason.UNKNOWN_RANK,
+                f"the rank of BatchNormalization '{bn.label}' input is unknown, so "
+                f"its channel axis cannot be proven to be the axis {view.describe(layer)} contracts",
+            )
         if rank != 2:
-            return Failure(Reason.MATMUL_LAYOUT, f"BatchNormalization '{bn.label}' input has rank {rank}: its "
-                           f"channel axis 1 is not the axis {view.describe(layer)} contracts")
+            return Failure(
+                Reason.MATMUL_LAYOUT,
+                f"BatchNormalization '{bn.label}' input has rank {rank}: its "
+                f"channel axis 1 is not the axis {view.describe(layer)} contracts",
+            )
         if weight.shape[0] != bn.channels:
-            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} has {weight.shape[0]} rows but "
-                           f"BatchNormalization '{bn.label}' has {bn.channels} channels")
+            return Failure(
+                Reason.NOT_PER_CHANNEL,
+                f"{view.describe(layer)} has {weight.shape[0]} rows but "
+                f"BatchNormalization '{bn.label}' has {bn.channels} channels",
+            )
         return None
 
     def output_channels(self, node, weight: np.ndarray) -> int:

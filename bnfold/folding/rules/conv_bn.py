@@ -39,8 +39,11 @@ class ConvBn(BackwardFold):
 
     def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
         if weight.ndim < 3 or weight.shape[0] != bn.channels:
-            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} has weight shape {weight.shape}, which "
-                           f"does not match the {bn.channels} channels of BatchNormalization '{bn.label}'")
+            return Failure(
+                Reason.NOT_PER_CHANNEL,
+                f"{view.describe(layer)} has weight shape {weight.shape}, which "
+                f"does not match the {bn.channels} channels of BatchNormalization '{bn.label}'",
+            )
         return None
 
     def output_channels(self, node, weight: np.ndarray) -> int:

@@ -40,9 +40,12 @@ class ConvTransposeBn(BackwardFold):
     def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
         group = int_attr(view.nodes[layer], "group", 1)
         if group < 1 or weight.ndim < 3 or weight.shape[0] % group or weight.shape[1] * group != bn.channels:
-            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} has weight shape {weight.shape} with "
-                           f"group={group}, which does not match the {bn.channels} channels of BatchNormalization "
-                           f"'{bn.label}'")
+            return Failure(
+                Reason.NOT_PER_CHANNEL,
+                f"{view.describe(layer)} has weight shape {weight.shape} with "
+                f"group={group}, which does not match the {bn.channels} channels of BatchNormalization "
+                f"'{bn.label}'",
+            )
         return None
 
     def output_channels(self, node, weight: np.ndarray) -> int:

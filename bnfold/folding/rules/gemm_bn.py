@@ -39,9 +39,12 @@ class GemmBn(GemmLayer, BackwardFold):
     def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
         trans_b = int_attr(view.nodes[layer], "transB", 0)
         if weight.ndim != 2 or weight.shape[0 if trans_b else 1] != bn.channels:
-            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} has B of shape {weight.shape} "
-                           f"(transB={trans_b}), which does not match the {bn.channels} channels of "
-                           f"BatchNormalization '{bn.label}'")
+            return Failure(
+                Reason.NOT_PER_CHANNEL,
+                f"{view.describe(layer)} has B of shape {weight.shape} "
+                f"(transB={trans_b}), which does not match the {bn.channels} channels of "
+                f"BatchNormalization '{bn.label}'",
+            )
         return None
 
     def channel_layout(self, node, weight: np.ndarray) -> ChannelLayout:

@@ -37,19 +37,31 @@ class MatMulBn(BackwardFold):
 
     def weight_failure(self, view: GraphView, bn: BatchNorm, layer: int, weight: np.ndarray) -> Failure | None:
         if weight.ndim != 2:
-            return Failure(Reason.MATMUL_LAYOUT, f"{view.describe(layer)} multiplies by a rank-{weight.ndim} "
-                           "constant; only a 2-D matrix keeps the BN channel on the product's last axis")
+            return Failure(
+                Reason.MATMUL_LAYOUT,
+                f"{view.describe(layer)} multiplies by a rank-{weight.ndim} "
+                "constant; only a 2-D matrix keeps the BN channel on the product's last axis",
+            )
         node = view.nodes[layer]
         rank = view.rank(node.input[0])
         if rank is None:
-            return Failure(Reason.UNKNOWN_RANK, f"the rank of {view.describe(layer)} input '{node.input[0]}' is "
-                           "unknown, so BN channel axis 1 cannot be proven to be the product's last axis")
+            return Failure(
+                Reason.UNKNOWN_RANK,
+                f"the rank of {view.describe(layer)} input '{node.input[0]}' is "
+                "unknown, so BN channel axis 1 cannot be proven to be the product's last axis",
+            )
         if rank != 2:
-            return Failure(Reason.MATMUL_LAYOUT, f"{view.describe(layer)} input has rank {rank}: BN channel axis 1 "
-                           "is not the product's last axis, so the BN is not a per-column scale of the matrix")
+            return Failure(
+                Reason.MATMUL_LAYOUT,
+                f"{view.describe(layer)} input has rank {rank}: BN channel axis 1 "
+                "is not the product's last axis, so the BN is not a per-column scale of the matrix",
+            )
         if weight.shape[1] != bn.channels:
-            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(layer)} has {weight.shape[1]} columns but "
-                           f"BatchNormalization '{bn.label}' has {bn.channels} channels")
+            return Failure(
+                Reason.NOT_PER_CHANNEL,
+                f"{view.describe(layer)} has {weight.shape[1]} columns but "
+                f"BatchNormalization '{bn.label}' has {bn.channels} channels",
+            )
         return None
 
     def output_channels(self, node, weight: np.ndarray) -> int:

@@ -26,8 +26,9 @@ chain), ``W`` seen in ``channel_layout`` and the factor laid out along it::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -149,8 +150,17 @@ class LayerFold:
             return bias
         return LayerConstants(w, data_type, self.channel_layout(view.nodes[layer], w), bias)
 
-    def folded(self, view: GraphView, bn: BatchNorm, layer: int, read: LayerConstants, factor: np.ndarray,
-               new_bias: np.ndarray, finish: Callable[[], None], absorbed: Sequence[int] = ()) -> Match | Failure:
+    def folded(
+        self,
+        view: GraphView,
+        bn: BatchNorm,
+        layer: int,
+        read: LayerConstants,
+        factor: np.ndarray,
+        new_bias: np.ndarray,
+        finish: Callable[[], None],
+        absorbed: Sequence[int] = (),
+    ) -> Match | Failure:
         """The Match storing ``W * factor`` and ``new_bias``, or the Failure when they cannot be stored."""
         seen = read.seen
         old_bias = None if read.bias is None else read.bias.value
@@ -163,8 +173,9 @@ class LayerFold:
 
         def rewrite():
             out = node.output[0]
-            view.set_scaled_constant_input(layer, 1, seen, factor, read.data_type, node.input[1] or f"{out}_weight",
-                                           shape=shape)
+            view.set_scaled_constant_input(
+                layer, 1, seen, factor, read.data_type, node.input[1] or f"{out}_weight", shape=shape
+            )
             view.set_constant_input(layer, 2, new_bias, read.data_type, bias_name or f"{out}_bias")
             self.finish_layer(view, node)
             finish()
@@ -190,8 +201,9 @@ class BackwardFold(LayerFold):
         with np.errstate(over="ignore", invalid="ignore"):  # what is not finite is refused in folded()
             factor = alpha * scale.reshape(read.layout.factor_shape)
             new_bias = shift if read.bias is None else beta * read.bias.value * scale + shift
-        return self.folded(view, bn, chain.layer, read, factor, new_bias, lambda: finish_backward(view, bn, chain),
-                           chain.nodes)
+        return self.folded(
+            view, bn, chain.layer, read, factor, new_bias, lambda: finish_backward(view, bn, chain), chain.nodes
+        )
 
 
 class ForwardFold(LayerFold):
