@@ -56,7 +56,7 @@ def _probe_openmp(compiler):
         compiler.link_executable(objects, "probe", extra_postargs=link_flags)
         out = subprocess.run([os.path.join(tmp, "probe")], capture_output=True, text=True, timeout=60)
         return out.returncode == 0 and int(out.stdout.strip() or 0) > 0
-    except Exception:  # any compile/link/run failure means "no usable OpenMP"
+    except Exception:  # noqa: BLE001 - any compile/link/run failure means "no usable OpenMP"
         return False
     finally:
         os.chdir(cwd)

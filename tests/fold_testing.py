@@ -59,7 +59,7 @@ def run_model(model, feeds):
     for engine, fn in (("onnxruntime", _run_ort), ("reference", _run_reference), ("converted", _run_converted)):
         try:
             return [np.asarray(o) for o in fn(model, feeds)], engine
-        except Exception as e:  # each engine refuses in its own way; try the next
+        except Exception as e:  # noqa: BLE001 - each engine refuses in its own way; try the next
             errors.append(f"{engine}: {type(e).__name__}: {str(e)[:200]}")
     raise NotRunnable("; ".join(errors))
 

@@ -209,7 +209,7 @@ def reference_calibrate(model, data, mode, batch_size):
     for target in bn_names:
         seen = []
 
-        def infer_bn(name, x, scale, bias, mean, var, eps):
+        def infer_bn(name, x, scale, bias, mean, var, eps, target=target, seen=seen):
             if name == target:
                 seen.append(np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]))
             mean, var = stats.get(name, (mean, var))[:2]
@@ -498,7 +498,7 @@ def test_bad_data_files(tmp_path):
     with pytest.raises(InputError, match=r"different numbers of samples \('a': 4, 'b': 5\)"):
         calibrate(two, tmp_path / "lengths.npz")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no .npy or .npz files"):
+    with pytest.raises(InputError, match=r"no \.npy or \.npz files"):
         calibrate(model, tmp_path / "empty")
     with pytest.raises(InputError, match="no such file"):
         calibrate(model, tmp_path / "missing.npz")
@@ -506,7 +506,7 @@ def test_bad_data_files(tmp_path):
     with pytest.raises(InputError, match="unsupported data file"):
         calibrate(model, tmp_path / "data.csv")
     (tmp_path / "broken.npy").write_bytes(b"not numpy")
-    with pytest.raises(InputError, match="not a readable .npy"):
+    with pytest.raises(InputError, match=r"not a readable \.npy"):
         calibrate(model, tmp_path / "broken.npy")
     bad_dir = tmp_path / "bad_dir"
     bad_dir.mkdir()

@@ -99,7 +99,7 @@ def test_fold_bad_shape_spec_is_exit_2(tmp_path, model_path, capsys):
 class _FailedCheck:
     passed = False
     max_abs_error = 0.5
-    warnings = []
+    warnings = ()
 
     def summary(self):
         return "FAIL: output 'y' (1.00% of elements differ, max abs error 0.5)"

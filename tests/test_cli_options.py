@@ -138,7 +138,7 @@ def test_calibrate_fold_checks_the_file_that_is_moved_into_place(calibration_fil
 class _FailedCheck:
     passed = False
     max_abs_error = 0.5
-    warnings = []
+    warnings = ()
     tolerance_brief = "rtol 1e-4"
     intermediates_brief = "no intermediates"
 

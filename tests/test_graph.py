@@ -346,10 +346,10 @@ def test_incremental_edits_keep_producer_and_reader_maps_exact():
     from bnfold.folding.screening import inference_batch_norm
 
     rng = np.random.default_rng(0)
-    params = lambda p, c: [
-        init(f"{p}_{k}", np.abs(rng.standard_normal(c)).astype(np.float32) + 0.5)
-        for k in ("s", "b", "m", "v")
-    ]
+
+    def params(p, c):
+        return [init(f"{p}_{k}", np.abs(rng.standard_normal(c)).astype(np.float32) + 0.5) for k in ("s", "b", "m", "v")]
+
     nodes = [
         helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
         helper.make_node("Add", ["c", "k"], ["c2"], name="add"),

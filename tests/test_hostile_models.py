@@ -221,7 +221,7 @@ def _tensor_field_edit(rng, tensor: bytes, names) -> bytes:
             return tensor
         out = bytearray()
         pick = dims[rng.integers(len(dims))]
-        for i, (field, wire_type, field_start, value_start, value_stop, value) in enumerate(fields):
+        for i, (field, wire_type, field_start, _value_start, value_stop, value) in enumerate(fields):
             if i in dims and wire_type == wire.VARINT and (i == pick or rng.random() < 0.5):
                 replacement = 0 if rng.random() < 0.2 else (1 << 64) - value
                 out += wire.key(field, wire_type) + wire.encode_varint(replacement % (1 << 64))

@@ -384,8 +384,9 @@ def test_backward_is_bitwise_independent_of_thread_count(shape):
 @pytest.mark.parametrize("shape", [(3, 7, 41, 103), (5, 10, 17, 19), (2, 3, 300)])
 def test_pipelined_backward_is_bitwise_independent_of_stage_size_and_threads(shape, dtype):
     # The rows backward reduces stage k while writing the dx of stage k - 1 (or reduces, then
-    # transforms, each stage), with work taken between threads. Any stage size (C not a multiple of it; 41 x 103 rows are longer than one
-    # unit, so items of two stages can differ in length) and any thread count, including more
+    # transforms, each stage), with work taken between threads. Any stage size (C not a multiple of
+    # it; 41 x 103 rows are longer than one unit, so items of two stages can differ in length) and
+    # any thread count, including more
     # threads than cores, must give the same bits, and match the float64 formula.
     from bnfold.kernels import _k
 

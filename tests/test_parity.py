@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import onnx
@@ -1048,13 +1049,13 @@ def test_intermediates_of_model_files_leave_the_files_untouched(tmp_path):
     external.mkdir()
     c = str(external / "c.onnx")
     onnx.save(wrong, c, save_as_external_data=True, location="c.onnx.data", size_threshold=0)
-    before = {p: open(p, "rb").read() for p in (a, b, c, c + ".data")}
+    before = {p: pathlib.Path(p).read_bytes() for p in (a, b, c, c + ".data")}
     for candidate in (b, c):
         report = bnfold.check(a, candidate, intermediates=True)
         assert len(report.intermediates) == 3 and not report.passed, report.intermediates_note
         assert report.failed_intermediates[0].name == "l1.bn"
     assert bnfold.check(a, _save(folded, tmp_path / "f.onnx"), intermediates=True).passed
-    assert {p: open(p, "rb").read() for p in before} == before
+    assert {p: pathlib.Path(p).read_bytes() for p in before} == before
     assert saturating_model().SerializeToString() == model.SerializeToString()
 
 

@@ -5,6 +5,7 @@ scaled weights write the same bytes as the eager ones; the wire-format helpers r
 from __future__ import annotations
 
 import os
+import pathlib
 
 import numpy as np
 import onnx
@@ -424,7 +425,7 @@ def test_fields_unknown_to_this_onnx_survive_fold_file(tmp_path):
         f.write(parsed.SerializeToString())
     out = str(tmp_path / "out.onnx")
     assert fold_file(src, out).n_folded == 1
-    written = open(out, "rb").read()
+    written = pathlib.Path(out).read_bytes()
     assert unknown_model in written and unknown_graph in written
 
 
@@ -526,7 +527,7 @@ def test_initializer_names_shared_with_a_kept_apart_one_are_refused(clash, tmp_p
             )
         )
     src = _save(model, tmp_path / "in.onnx")
-    assert split_serialized_model(open(src, "rb").read(), TensorPayloads()) is None  # read whole
+    assert split_serialized_model(pathlib.Path(src).read_bytes(), TensorPayloads()) is None  # read whole
     with pytest.raises(InputError, match="not unique"):
         fold_file(src, str(tmp_path / "out.onnx"))
     assert sorted(os.listdir(tmp_path)) == ["in.onnx"]

@@ -25,6 +25,7 @@ import argparse
 import collections
 import cProfile
 import os
+import pathlib
 import pstats
 import statistics
 import sys
@@ -132,10 +133,7 @@ def main(argv=None) -> int:
             f"(runs: {', '.join(f'{t * 1000:.0f}' for t in bn_times)}); "
             f"{report.n_folded} folded, {op_counts(ours)['BatchNormalization']} BN left"
         )
-        same = (
-            open(os.path.join(tmp, "bnfold.onnx"), "rb").read()
-            == open(os.path.join(tmp, "bnfold-api.onnx"), "rb").read()
-        )
+        same = pathlib.Path(tmp, "bnfold.onnx").read_bytes() == pathlib.Path(tmp, "bnfold-api.onnx").read_bytes()
         print(
             f"bnfold fold+save (API): median {statistics.median(api_times) * 1000:8.1f} ms "
             f"(runs: {', '.join(f'{t * 1000:.0f}' for t in api_times)}); "

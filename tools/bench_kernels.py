@@ -29,7 +29,7 @@ try:
     import torch
     import torch.nn.functional as F
 except ImportError:  # pragma: no cover - the bench extra installs torch
-    raise SystemExit("tools/bench_kernels.py needs torch: pip install -e '.[bench]'")
+    raise SystemExit("tools/bench_kernels.py needs torch: pip install -e '.[bench]'") from None
 
 import bnfold
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         if args.only and args.only not in label:
             continue
         t = bench_shape(label, shape, axis, repeats, args.threads)
-        ms = lambda k: 1e3 * t[k]  # noqa: E731
+        ms = lambda k, t=t: 1e3 * t[k]  # noqa: E731
         print(
             f"{label:<20}{ms('floor'):>9.2f}"
             f"{t['stats_torch'] / t['stats_bnfold']:>8.2f}"

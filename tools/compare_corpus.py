@@ -477,7 +477,7 @@ def _reference_task(spec) -> dict:
         optimized = _session(spec["model"], "ORT_ENABLE_ALL", spec["threads"])
         for i, (a, b) in enumerate(zip(outputs, optimized.run(output_names, feeds))):
             noise[i] = _max_difference(np.asarray(a), np.asarray(b))
-    except Exception as error:  # noise stays 0: only the floors apply
+    except Exception as error:  # noqa: BLE001 - noise stays 0: only the floors apply
         noise_note = _one_line(f"{type(error).__name__}: {error}")
     # A float16 model's layers cannot be folded without rounding their weights once more: what
     # that alone costs is measured on the model itself, so a correct float16 fold is not "wrong".
@@ -551,7 +551,7 @@ def _verify(candidate_path, reference, npz_path, threads) -> dict:
     arrays = np.load(npz_path)
     try:
         session = _session(candidate_path, "ORT_DISABLE_ALL", threads)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any failure is this tool's result
         return {"correct": False, "problem": _one_line(f"onnxruntime cannot load it: {error}")}
     candidate_inputs = [i.name for i in session.get_inputs()]
     candidate_outputs = [o.name for o in session.get_outputs()]
@@ -573,7 +573,7 @@ def _verify(candidate_path, reference, npz_path, threads) -> dict:
         order = reference_outputs
     try:
         results = session.run(order, feeds)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any failure is this tool's result
         return {"correct": False, "problem": _one_line(f"onnxruntime cannot run it: {error}")}
     worst_ratio, per_output = 0.0, []
     for i, (name, value) in enumerate(zip(reference_outputs, results)):
@@ -704,7 +704,7 @@ def _worker_main(spec_path) -> int:
                 _write_json_atomic(spec["result"], result)
                 _inspect_output(spec, result)
             result.pop("phase", None)
-    except Exception as error:  # the tool's (or verification's) failure is the result
+    except Exception as error:  # noqa: BLE001 - the tool's (or verification's) failure is the result
         result["status"] = STATUS_ERROR
         where = result.get("phase", "")
         result["problem"] = _one_line(f"{type(error).__name__}: {error}")
@@ -911,7 +911,7 @@ def compare_model(
         structure = _load_structure(path)
         files = [path] + _external_data_files(structure, path)
         record["sha256"] = _sha256_files(files)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any failure is this tool's result
         record["error"] = _one_line(f"cannot read the model: {type(error).__name__}: {error}")
         record["seconds"] = time.perf_counter() - start
         return summarize(record)

@@ -812,9 +812,13 @@ def _onnx_facts(path: str) -> dict:
         if node.op_type == "Mul" and len(node.input) == 2:
             producer = producers.get(node.input[0])
             constant = constants.get(node.input[1])
-            if producer is not None and producer.op_type in ("Conv", "MatMul") and constant is not None:
-                if np.asarray(numpy_helper.to_array(constant)).size > 1:
-                    affine_after_conv += 1
+            if (
+                producer is not None
+                and producer.op_type in ("Conv", "MatMul")
+                and constant is not None
+                and np.asarray(numpy_helper.to_array(constant)).size > 1
+            ):
+                affine_after_conv += 1
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return {
         "inputs": inputs,

@@ -140,7 +140,8 @@ def _print_row(row) -> None:
     print(
         f"{row['model']}: {row['bns_folded']} BNs folded, {row['bns_left']} left; check M fold(M): outputs "
         f"{'pass' if f_o['passed'] else 'FAIL'}, intermediates {'pass' if f_i['passed'] else 'FAIL'} "
-        f"({f_i['intermediates']} values, worst {f_i['worst_ratio'] or 0:.2g} x tol{'; ' + f_i['note'] if f_i['note'] else ''}); "
+        f"({f_i['intermediates']} values, worst {f_i['worst_ratio'] or 0:.2g} x "
+        f"tol{'; ' + f_i['note'] if f_i['note'] else ''}); "
         f"check time {row['seconds']['outputs']:.2f} s -> {row['seconds']['intermediates']:.2f} s"
     )
     for entry in row["wrong"]:

@@ -123,7 +123,7 @@ def _read_npy_header(f):
 def _npy_source(path) -> _ArraySource:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever the library raises, it is the input's fault
         raise InputError(f"{path}: not a readable .npy array ({first_line(e)})") from None
     shape, dtype = array.shape, array.dtype
     del array
@@ -140,7 +140,7 @@ def _npz_sources(path) -> dict:
     """
     try:
         zf = zipfile.ZipFile(path)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever the library raises, it is the input's fault
         raise InputError(f"{path}: not a readable .npz archive ({first_line(e)})") from None
     sources = {}
     with zf:
@@ -151,7 +151,7 @@ def _npz_sources(path) -> dict:
             try:
                 with zf.open(info) as f:
                     shape, fortran, dtype = _read_npy_header(f)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - whatever the library raises, it is the input's fault
                 raise InputError(f"{path}: member '{name}' is not a readable array ({first_line(e)})") from None
             if dtype.hasobject:
                 raise InputError(f"{path}: member '{name}' has dtype object; calibration needs numeric arrays")
@@ -210,7 +210,8 @@ def _file_part(path, single_input) -> dict:
         return part
     if single_input is None:
         raise InputError(
-            f"{path}: a .npy file holds one array, but the model has several inputs; use .npz with arrays named by input"
+            f"{path}: a .npy file holds one array, but the model has several inputs; use .npz with arrays named by "
+            "input"
         )
     return {single_input: _npy_source(path)}
 
@@ -238,7 +239,8 @@ class Dataset:
         elif isinstance(data, np.ndarray):
             if self._single is None:
                 raise InputError(
-                    f"data: a single array was given but the model has {len(names)} inputs ({', '.join(names)}); pass a dict name -> array"
+                    f"data: a single array was given but the model has {len(names)} inputs ({', '.join(names)}); pass "
+                    "a dict name -> array"
                 )
             self.parts = [{self._single: _memory_source("data", data)}]
         elif isinstance(data, Iterable) and not isinstance(data, (bytes, bytearray)):
@@ -247,7 +249,8 @@ class Dataset:
             self.one_shot = iter(data) is data
         else:
             raise InputError(
-                f"data: expected a path, a dict name -> array, an array or an iterable of dicts, got {type(data).__name__}"
+                "data: expected a path, a dict name -> array, an array or an iterable of dicts, got "
+                f"{type(data).__name__}"
             )
         if self.parts is not None:
             for part in self.parts:
@@ -275,7 +278,7 @@ class Dataset:
                 raise InputError(f"{origin}: keys must be input names (str), got {type(name).__name__}")
             try:
                 array = np.asarray(value)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - whatever the library raises, it is the input's fault
                 raise InputError(f"{origin}['{name}']: not convertible to an array ({first_line(e)})") from None
             part[name] = _memory_source(f"{origin}['{name}']", array)
         return part
@@ -302,16 +305,19 @@ class Dataset:
             if spec.dims is not None:
                 if len(src.shape) != len(spec.dims):
                     raise InputError(
-                        f"{src.origin}: shape {src.shape} has rank {len(src.shape)}, model input '{name}' expects rank {len(spec.dims)} {_fmt_dims(spec.dims)}"
+                        f"{src.origin}: shape {src.shape} has rank {len(src.shape)}, model input '{name}' expects "
+                        f"rank {len(spec.dims)} {_fmt_dims(spec.dims)}"
                     )
                 for axis in range(1, len(spec.dims)):
                     if spec.dims[axis] is not None and src.shape[axis] != spec.dims[axis]:
                         raise InputError(
-                            f"{src.origin}: shape {src.shape} does not match model input '{name}' {_fmt_dims(spec.dims)} (axis {axis}: expected {spec.dims[axis]}, got {src.shape[axis]})"
+                            f"{src.origin}: shape {src.shape} does not match model input '{name}' "
+                            f"{_fmt_dims(spec.dims)} (axis {axis}: expected {spec.dims[axis]}, got {src.shape[axis]})"
                         )
             if not _castable(src.dtype, spec.dtype):
                 raise InputError(
-                    f"{src.origin}: dtype {src.dtype} does not match model input '{name}' (expected {spec.dtype}, got {src.dtype}; only floating-point data is converted between float types)"
+                    f"{src.origin}: dtype {src.dtype} does not match model input '{name}' (expected {spec.dtype}, "
+                    f"got {src.dtype}; only floating-point data is converted between float types)"
                 )
             lengths.add(src.shape[0])
         if len(lengths) > 1:
@@ -384,7 +390,8 @@ class Dataset:
                 sample = first_row + bad_row
                 if np.isfinite(rows[bad_row]).all():
                     raise InputError(
-                        f"{origin}: sample {sample} holds values out of the {dtype} range of model input '{name}' (Inf after conversion from {rows.dtype})"
+                        f"{origin}: sample {sample} holds values out of the {dtype} range of model input '{name}' "
+                        f"(Inf after conversion from {rows.dtype})"
                     )
                 bad = rows[bad_row]
                 kinds = " and ".join(

@@ -290,7 +290,10 @@ class _SymbolicBatchCheck:
                     or (rows * real) % fixed
                     or value.shape != ((rows * n) // fixed,) + chunk.shape[1:]
                 ):
-                    return f"BN '{label}' input has shape {value.shape} at batch {n}, the fixed-batch model's {chunk.shape} at {fixed}"
+                    return (
+                        f"BN '{label}' input has shape {value.shape} at batch {n}, the fixed-batch model's "
+                        f"{chunk.shape} at {fixed}"
+                    )
                 first, real_rows = start // fixed * rows, (rows * real) // fixed
                 have = value[first : first + real_rows].astype(np.float64)
                 chunk = chunk[:real_rows]

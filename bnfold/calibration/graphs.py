@@ -144,10 +144,10 @@ def value_types(model) -> tuple[dict, dict]:
     type (best effort). A shape is a tuple of ints, None for a dimension that is not a number."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - shape inference fails in many ways; try without data propagation
         try:
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        except Exception:
+        except Exception:  # noqa: BLE001 - no shapes then: the declared ones are used
             inferred = model
     types, shapes = {}, {}
     g = inferred.graph

@@ -179,7 +179,8 @@ class CalibrationReport:
         stat_share = self.seconds_statistics / self.seconds_total if self.seconds_total > 0 else 0.0
         lines.append(
             f"{self.n_calibrated} BN calibrated, {len(self.skipped)} skipped; mode={self.mode}, "
-            f"{count(self.n_samples, 'sample')} in {count(self.n_batches, 'batch')} of {self.run_batch_size or self.batch_size}, "
+            f"{count(self.n_samples, 'sample')} in {count(self.n_batches, 'batch')} "
+            f"of {self.run_batch_size or self.batch_size}, "
             f"{count(self.passes, 'pass')}, "
             f"{self.seconds_total:.2f} s ({100 * stat_share:.1f}% statistics)"
         )

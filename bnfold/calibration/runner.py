@@ -111,7 +111,8 @@ def _plan_runs(
                 plan.base, plan.shift, plan.run_at = symbolic, shift, None
                 plan.notes.append(
                     f"the model's batch dimension is fixed at {fixed}: batch mode ran a calibration graph with it made "
-                    f"symbolic ({count(rewritten, 'shape')} rewritten; checked against the fixed-batch model on the first batch)"
+                    f"symbolic ({count(rewritten, 'shape')} rewritten; checked against the fixed-batch model on the "
+                    "first batch)"
                 )
                 return plan
             degenerate = _one_value_per_channel(bns, shapes)
@@ -120,15 +121,17 @@ def _plan_runs(
                 # not, and they are what this BN's input becomes at inference time.
                 plan.mode = "sequential"
                 plan.notes.append(
-                    f"calibrated in sequential mode, not batch mode: the model's batch dimension is fixed at {fixed} and "
-                    f"could not be made symbolic ({problem}), and at that batch BN '{degenerate}' sees one value per "
+                    "calibrated in sequential mode, not batch mode: the model's batch dimension is fixed at "
+                    f"{fixed} and could not be made symbolic ({problem}), and at that batch BN '{degenerate}' sees "
+                    "one value per "
                     "channel (undefined batch statistics)"
                 )
             else:
                 plan.batch_mode_at_fixed = True
                 plan.notes.append(
-                    f"batch mode ran at the model's fixed batch {fixed}, not {batch_size}: its batch dimension could not be "
-                    f"made symbolic ({problem}); batch statistics are over {count(fixed, 'sample')} at a time"
+                    f"batch mode ran at the model's fixed batch {fixed}, not {batch_size}: its batch dimension "
+                    f"could not be made symbolic ({problem}); batch statistics are over {count(fixed, 'sample')} at "
+                    "a time"
                 )
     if plan.mode == "sequential" and batch_size != fixed:
         plan.notes.append(
@@ -208,7 +211,8 @@ class _Accumulator:
         if self._one_value_is_error and one_value and self._fixed_batch is not None:
             raise InputError(
                 f"batch {batch_number}: BN '{label}' sees one value per channel at the model's fixed batch "
-                f"{self._fixed_batch}, whose batch dimension could not be made symbolic (see the note); batch statistics "
+                f"{self._fixed_batch}, whose batch dimension could not be made symbolic (see the note); batch "
+                "statistics "
                 "are undefined there -- use --mode sequential"
             )
         if self._one_value_is_error and one_value:
@@ -341,7 +345,8 @@ def calibrate(model_or_path, data, *, mode="batch", batch_size=32, max_batches=N
         if dataset.one_shot and len(groups) > 1:
             why = f"{plan.notes[0]}; " if switched else ""
             raise InputError(
-                f"{why}sequential mode reads the data once per BN level ({len(groups)} levels); pass a list, dict, array "
+                f"{why}sequential mode reads the data once per BN level ({len(groups)} levels); pass a list, dict, "
+                "array "
                 "or path instead of a one-shot iterator"
             )
     n_batches = dataset.n_batches(batch_size, max_batches)

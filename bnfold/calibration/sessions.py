@@ -27,7 +27,7 @@ def run_calibration_graph(session, batch, batch_number):
     """All outputs of ``session`` on feed ``batch``; an onnxruntime failure becomes a one-line InputError."""
     try:
         return session.run(None, batch)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever the library raises, it is the input's fault
         raise InputError(
             f"batch {batch_number}: onnxruntime failed on the calibration data ({first_line(e)})"
         ) from None

@@ -165,7 +165,7 @@ def _main(argv) -> int:
         return _fail(args, unbuilt, 3)
     except MemoryError as e:  # sizes that passed every bound and still do not fit
         return _fail(args, InputError(f"not enough memory ({e or 'MemoryError'}); try smaller inputs"), 2)
-    except Exception as e:  # an internal error: still one line unless --verbose
+    except Exception as e:  # noqa: BLE001 - an internal error: still one line unless --verbose
         if _interrupted_by:
             return _interrupted(_interrupted_by[0])
         return _fail(args, e, 3, internal=True)

@@ -50,7 +50,8 @@ def register(subparsers) -> None:
         "--opt-level",
         action="append",
         metavar="LEVEL[,LEVEL]",
-        help=f"onnxruntime optimization level(s): {', '.join(OPT_LEVELS)} (repeatable or comma-separated; default: all)",
+        help=f"onnxruntime optimization level(s): {', '.join(OPT_LEVELS)} "
+        "(repeatable or comma-separated; default: all)",
     )
     parser.add_argument(
         "--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed warm-up runs (default {DEFAULT_WARMUP})"

@@ -58,7 +58,7 @@ def load_model_checked_in_background(model_or_path, *, check: bool = True):
                 load_external_data_for_model(model, directory)
             except (FileNotFoundError, PermissionError):
                 raise
-            except Exception as e:  # onnx words a missing/short data file as a ValidationError
+            except Exception as e:  # noqa: BLE001 - onnx words a missing/short data file as a ValidationError
                 raise InputError(f"{path}: external data missing or unreadable ({first_line(e)})") from None
             _refuse_wrong_payload_sizes(external_tensors, path)
     except InputError:
@@ -67,7 +67,7 @@ def load_model_checked_in_background(model_or_path, *, check: bool = True):
         raise InputError(f"{path}: permission denied") from None
     except FileNotFoundError as e:  # a missing external-data file
         raise InputError(f"{path}: external data file missing ({e.filename or e})") from None
-    except Exception as e:  # protobuf DecodeError and friends: the file is not an ONNX model
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends: the file is not an ONNX model
         raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {first_line(e)})") from None
     _require_graph(model, path)
     _remember_external_data(path, external)
@@ -128,7 +128,7 @@ def _load_split(path):
     try:
         rest = split_serialized_model(mapped[1], payloads)
         model = None if rest is None else onnx.load_model_from_string(rest)
-    except Exception:  # not protobuf: callers fall back to the whole-file loader, which words the error
+    except Exception:  # noqa: BLE001 - not protobuf: callers fall back to the whole-file loader, which words the error
         model = None
     if model is None or model_uses_external_data(model, payloads):
         payloads.close()
@@ -270,7 +270,7 @@ def _check_in_background(path, what):
     def run_checker():
         try:
             onnx.checker.check_model(what() if callable(what) else what)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the caller reports it as an invalid model
             failure.append(e)
 
     thread = threading.Thread(target=run_checker, name="bnfold-onnx-checker", daemon=True)
@@ -326,7 +326,7 @@ def file_uses_external_data(path) -> bool:
                 _external_data_seen[key] = False
             else:
                 _external_data_seen[key] = model_uses_external_data(onnx.load(key[0], load_external_data=False))
-        except Exception:
+        except Exception:  # noqa: BLE001 - unreadable means: not known to use external data
             return False
     return _external_data_seen[key]
 

@@ -133,7 +133,7 @@ def check_outputs(outputs: dict, *, model_option=None, models=(), inputs=()) -> 
                         f"{given[other_opt]}: {other_opt} is where the external data of "
                         f"{given[model_opt]} may go; choose another path"
                     )
-    for option, path in given.items():
+    for path in given.values():
         check_output_path(path)
 
 

@@ -321,7 +321,7 @@ def expected_payload_nbytes(tensor: TensorProto):
 def map_file(path):
     """``(file, mmap)`` of a file for reading, or None where it cannot be mapped (empty files,
     special files)."""
-    file = open(path, "rb")
+    file = open(path, "rb")  # noqa: SIM115 - returned open, with the map that reads it
     try:
         if os.fstat(file.fileno()).st_size == 0:
             raise ValueError

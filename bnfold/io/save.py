@@ -141,7 +141,7 @@ def _replaced_data_files(path) -> set:
     try:
         refs = source_files(path) - {os.path.realpath(path)}
         marked = {p.value for p in onnx.load(path, load_external_data=False).metadata_props if p.key == _DATA_FILE_MARK}
-    except Exception:  # an unreadable old output: nothing is known to belong to it
+    except Exception:  # noqa: BLE001 - an unreadable old output: nothing is known to belong to it
         return set()
     return {
         name
@@ -213,7 +213,7 @@ class _directory_lock:
 
     # SIGINT / SIGTERM wait until the section is over: an interruption between placing the
     # data and renaming the model (or just after the rename) would leave a pair half done.
-    _DEFERRED = {signal.SIGINT, signal.SIGTERM}
+    _DEFERRED = frozenset({signal.SIGINT, signal.SIGTERM})
 
     def __enter__(self):
         self._mask, self._handlers, self._arrived = None, {}, []

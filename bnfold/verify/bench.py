@@ -272,7 +272,7 @@ def _done(times, spent, repeat, budget) -> bool:
 def _run(session, feeds, key):
     try:
         session.run(None, feeds)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any onnxruntime run failure becomes one InputError line
         hint = "; set dynamic dimensions with --shape NAME:D1xD2x..." if feeds else ""
         raise InputError(
             f"{key[0]} (opt level {key[1]}): onnxruntime failed to run the model ({first_line(e)}){hint}"

@@ -195,7 +195,8 @@ def compare_into(
             where = np.argwhere(nonfinite_bad)[0]
             note = (
                 f"{n_nonfinite} non-finite value(s) on one side only "
-                f"(first at index {tuple(int(i) for i in where)}: reference {r[tuple(where)]}, candidate {c[tuple(where)]})"
+                f"(first at index {tuple(int(i) for i in where)}: reference {r[tuple(where)]}, candidate "
+                f"{c[tuple(where)]})"
             )
             result.message = result.message or note
         result.nonfinite_mismatch += n_nonfinite

@@ -213,7 +213,7 @@ def _read_npz(path: str) -> dict:
         raise InputError(f"{path}: not a valid .npz file (not a zip archive of .npy arrays)")
     try:
         npz = np.load(path, allow_pickle=False)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever the library raises, it is the input's fault
         raise InputError(f"{path}: not a valid .npz file ({first_line(e)})") from None
     arrays = {}
     with npz:
@@ -227,7 +227,7 @@ def _read_npz(path: str) -> dict:
                         "inputs must be numeric or bool arrays)"
                     ) from None
                 raise InputError(f"{path}: not a valid .npz file (array {name!r}: {first_line(e)})") from None
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - whatever the library raises, it is the input's fault
                 raise InputError(f"{path}: not a valid .npz file (array {name!r}: {first_line(e)})") from None
             if not isinstance(value, np.ndarray):
                 raise InputError(f"{path}: not a valid .npz file (member {name!r} is not an .npy array)")

@@ -58,13 +58,13 @@ def create_session(
         options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever the library raises, it is the input's fault
         raise InputError(f"{failure} ({first_line(e)})") from None
 
 
 def run_session(session, feeds: dict, label: str, output_names, shape_hint: str = "") -> dict:
     try:
         values = session.run(list(output_names), feeds)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever the library raises, it is the input's fault
         raise InputError(f"{label}: onnxruntime failed to run the model{shape_hint} ({first_line(e)})") from None
     return dict(zip(output_names, values))
