@@ -16,6 +16,7 @@ from bnfold.folding.view import (
     node_label,
     node_subgraphs,
     outer_scope_reads,
+    value_info_type,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "read_tensor",
     "remove_unused",
     "screen_batch_norm",
+    "value_info_type",
 ]

@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from bnfold.folding import iter_graphs, node_label, outer_scope_reads
+from bnfold.folding import iter_graphs, node_label, outer_scope_reads, value_info_type
 
 # More values than this: outputs only (the report says so). Real CNNs have 100-2000.
 MAX_VALUES = 5000
@@ -156,13 +156,9 @@ def value_types(structure: onnx.ModelProto, input_shapes=None) -> dict:
 
 
 def _value_info_entry(vi):
-    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.elem_type:
-        return None
-    tensor_type = vi.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        return tensor_type.elem_type, None
-    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in tensor_type.shape.dim)
-    return tensor_type.elem_type, dims
+    """``(elem_type, dims)`` of a declaration that names a tensor type, else None."""
+    entry = value_info_type(vi)
+    return entry if entry is not None and entry[0] else None
 
 
 def _known(dims) -> int:
