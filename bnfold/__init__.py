@@ -14,8 +14,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from bnfold import _moved
 from bnfold._version import __version__
 from bnfold.errors import BnfoldError, BnfoldWarning, InputError, ParityError, unbuilt_extension_error
+
+_moved.install()
 
 # public name -> the module that defines it
 _LAZY = {

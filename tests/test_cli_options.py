@@ -175,3 +175,16 @@ def test_parity_error_is_what_blocks_the_write(calibration_files, monkeypatch):
     args = build_parser().parse_args(["fold", str(model_path), "-o", str(tmp / "out.onnx")])
     with pytest.raises(ParityError, match="nothing written"):
         fold_command.run(args)
+
+
+def test_an_abbreviation_of_one_option_spelled_two_ways_is_that_option(tmp_path):
+    """``demo --ou`` matches ``--out`` (the old name) and ``--output``: one option, so no ambiguity;
+    an abbreviation of two different options stays an error."""
+    from bnfold.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--ou", str(out), "--quick", "--image-size", "8", "--width", "2"]) == 0
+    assert (out / "folded.onnx").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", "a.onnx", "b.onnx", "--s", "1"])
+    assert exit_info.value.code == 2

@@ -35,8 +35,11 @@ def _imports():
                         yield path.relative_to(ROOT), stage, alias.name, []
 
 
-def _compiled_module(module: str, name: str) -> bool:
-    return module == "bnfold" and (ROOT / "src_cy" / f"{name}.pyx").exists()
+def _is_module(module: str, name: str) -> bool:
+    """``from bnfold import _openmp``: a (private) module of the package, compiled or not, is not a
+    private name of another module."""
+    folder = ROOT.joinpath(*module.split("."))
+    return (folder / f"{name}.py").exists() or (module == "bnfold" and (ROOT / "src_cy" / f"{name}.pyx").exists())
 
 
 def test_the_walker_sees_the_imports():
@@ -58,7 +61,7 @@ def test_no_module_imports_private_names_of_another():
     wrong = []
     for path, _, module, names in _imports():
         for name in names:
-            if name.startswith("_") and not name.startswith("__") and not _compiled_module(module, name):
+            if name.startswith("_") and not name.startswith("__") and not _is_module(module, name):
                 wrong.append(f"{path}: from {module} import {name}")
     assert not wrong, "make the name public where it is defined:\n" + "\n".join(wrong)
 
@@ -93,3 +96,24 @@ def test_architecture_names_every_module():
         if path.name not in ("__init__.py", "__main__.py", "_version.py") and path.name not in text
     ]
     assert not missing, f"docs/architecture.md does not mention {missing}"
+
+
+def test_old_module_paths_still_import_with_a_deprecation_warning():
+    import importlib
+    import sys
+    import warnings
+
+    import bnfold
+    from bnfold._moved import MOVED
+
+    for old, new in MOVED.items():
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new), old
+        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
+    from bnfold.zoo import build_demo_cnn
+
+    assert build_demo_cnn is bnfold.demo.zoo.build_demo_cnn
+    assert bnfold.fold is bnfold.folding.fold  # the aliases shadow no public function

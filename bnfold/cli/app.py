@@ -56,6 +56,18 @@ class _OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def _get_option_tuples(self, option_string):
+        # An abbreviation that matches several spellings of one option (``demo --ou``: ``--out``,
+        # its old name, and ``--output``; they share a dest) means that option, not an ambiguity;
+        # the spelling shown in --help wins.
+        by_dest = {}
+        for candidate in super()._get_option_tuples(option_string):
+            action = candidate[0]
+            kept = by_dest.get(action.dest)
+            if kept is None or (kept[0].help == argparse.SUPPRESS and action.help != argparse.SUPPRESS):
+                by_dest[action.dest] = candidate
+        return list(by_dest.values())
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(
