@@ -293,3 +293,27 @@ def test_cli_folds_an_ir3_model_with_one_warning_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("bnfold fold: warning: ") and "IR 4" in err[0]
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_permissions_of_a_replaced_file_that_vanishes_meanwhile_fall_back(tmp_path, monkeypatch):
+    """A concurrent writer of the same output may remove the old data file between the check that
+    it exists and the stat of its mode (CI saw exactly that: "cannot write output (No such file or
+    directory)"); the new file then gets the usual permissions instead of the writer failing."""
+    import os
+    import stat
+
+    from bnfold.io import temporaries
+
+    target = tmp_path / "new"
+    target.write_bytes(b"x")
+    os.chmod(target, 0o600)
+    monkeypatch.setattr(os.path, "isfile", lambda p: True)  # "it exists" -- and then it is gone
+    temporaries.default_permissions(str(target), like=str(tmp_path / "removed.data"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~umask
+    kept = tmp_path / "kept"
+    kept.write_bytes(b"y")
+    os.chmod(kept, 0o640)
+    temporaries.default_permissions(str(target), like=str(kept))
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640

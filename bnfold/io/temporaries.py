@@ -141,8 +141,14 @@ class scratch_directory:
 def default_permissions(path, like=None) -> None:
     """mkstemp creates files readable by the owner only; outputs get the permissions of the file
     they replace (``like``), else the usual 0666 & ~umask."""
-    if like is not None and os.path.isfile(like):
-        os.chmod(path, stat.S_IMODE(os.stat(like).st_mode))
+    # One stat, no isfile-then-stat: a concurrent writer of the same output may remove the file
+    # replaced (its old data file) at any moment, and then the usual permissions are the answer.
+    try:
+        like_mode = os.stat(like).st_mode if like is not None else None
+    except OSError:
+        like_mode = None
+    if like_mode is not None and stat.S_ISREG(like_mode):
+        os.chmod(path, stat.S_IMODE(like_mode))
         return
     umask = os.umask(0)
     os.umask(umask)
