@@ -117,6 +117,8 @@ def format_summary(report, fold_seconds, check_report) -> str:
     )
     lines.append("")
     lines.append(f"BatchNormalization: {report.n_folded} folded, {report.n_remaining} remaining")
+    if report.n_chains_folded:
+        lines.append(f"decomposed BN (per-channel Mul/Add chains without a BN node): {report.n_chains_folded} folded")
     for r in report.remaining:
         where = f" (in {r.graph})" if r.graph else ""
         lines.append(f"  remaining {r.bn}{where}: {r.reason}: {r.message}")

@@ -17,8 +17,17 @@ import os
 import onnx
 
 from bnfold.folding.cleanup import remove_unused
-from bnfold.folding.report import GRAPH_OUTPUT_OP, BNInfo, FoldedBN, FoldReport, RemainingBN
+from bnfold.folding.report import (
+    BATCH_NORM_KIND,
+    CHAIN_KIND,
+    GRAPH_OUTPUT_OP,
+    BNInfo,
+    FoldedBN,
+    FoldReport,
+    RemainingBN,
+)
 from bnfold.folding.rules import (
+    affine,
     bn_conv,
     bn_duplicate,
     bn_gemm,
@@ -28,7 +37,9 @@ from bnfold.folding.rules import (
     gemm_bn,
     matmul_bn,
 )
-from bnfold.folding.rules.protocol import BatchNorm, Failure, Match, Reason, Rule
+from bnfold.folding.rules.affine import chain_ends
+from bnfold.folding.rules.base import chain_variable_operand
+from bnfold.folding.rules.protocol import BatchNorm, ChainRule, Failure, Match, Reason, Rule
 from bnfold.folding.screening import inference_batch_norm
 from bnfold.folding.tensors import FLOAT_TYPES
 from bnfold.folding.view import GraphView, ModelContext, is_batch_norm, iter_graphs, node_subgraphs
@@ -39,8 +50,10 @@ from bnfold.io import load_model_deferred, read_as_ir4_if_initializers_unlisted
 DEDUPLICATION_RULES: tuple[Rule, ...] = (bn_duplicate.RULE,)
 BACKWARD_RULES: tuple[Rule, ...] = (conv_bn.RULE, convtranspose_bn.RULE, gemm_bn.RULE, matmul_bn.RULE)
 FORWARD_RULES: tuple[Rule, ...] = (bn_gemm.RULE, bn_matmul.RULE, bn_conv.RULE)
+# Decomposed BNs: offered the end node of a per-channel affine chain, after the BNs of each round.
+AFFINE_RULES: tuple[ChainRule, ...] = affine.RULES
 
-RULE_CODES = tuple(r.name for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES)
+RULE_CODES = tuple(r.name for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES + AFFINE_RULES)
 REASON_CODES = tuple(reason.value for reason in Reason)
 
 
@@ -223,8 +236,12 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
             outcome[i] = kept
         else:
             pending.append(i)
+    # Decomposed BNs (per-channel affine chains without a BN node), by chain end: the folds made
+    # (with the chain's attachment before it), and the ones the precision search keeps.
+    chains_folded: dict[int, tuple[Match, tuple]] = {}
+    chains_kept: dict[int, Failure] = {}
     changed = True
-    while changed and pending:
+    while changed:
         changed = False
         for i in list(pending):
             result = _evaluate(view, i, forward)
@@ -233,30 +250,27 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
                 pending.remove(i)
                 changed = True
             outcome[i] = result
+        for end in chain_ends(view):
+            if end in chains_kept:
+                continue
+            kept = keep.get((path, view.labels[end]))
+            if kept is not None:
+                chains_kept[end] = kept
+                continue
+            result = _evaluate_chain(view, end)
+            if result is not None:
+                attachment = _chain_attachment(view, end, result)
+                result.rewrite()
+                chains_folded[end] = (result, attachment)
+                changed = True
     for i in bn_indices:
-        label = view.labels[i]
-        result = outcome[i]
-        if isinstance(result, Match):
-            target = view.labels[result.target]
-            # A removed duplicate changed no weights: nothing for the precision search to undo.
-            weight_type = (
-                ""
-                if result.rule == bn_duplicate.RULE.name
-                else FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
-            )
-            report.folded.append(
-                FoldedBN(label, result.rule, target, path, tuple(view.labels[k] for k in result.absorbed), weight_type)
-            )
-            foldable, code = True, result.rule
-            message = f"folded into {view.describe(result.target)} by rule {result.rule}"
-            if result.absorbed:
-                message += " together with " + ", ".join(view.describe(k) for k in result.absorbed)
-        else:
-            # The report holds plain strings, as it always has: a Reason member is only equal to one.
-            code, message = result.reason.value, result.message
-            report.remaining.append(RemainingBN(label, code, message, path))
-            foldable = False
-        report.bn_nodes.append(BNInfo(label, path, *attachments[i], foldable, code, message))
+        _report_outcome(view, i, path, outcome[i], attachments[i], BATCH_NORM_KIND, report)
+    for end in sorted(chains_folded):
+        result, attachment = chains_folded[end]
+        _report_outcome(view, end, path, result, attachment, CHAIN_KIND, report)
+    for end in sorted(chains_kept):
+        result = chains_kept[end]
+        report.remaining.append(RemainingBN(view.labels[end], result.reason.value, result.message, path, CHAIN_KIND))
     for i, node in enumerate(view.nodes):
         if i in view.removed:
             continue
@@ -266,6 +280,53 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
     released |= view.released
     vanished |= view.vanished
     view.commit()
+
+
+def _report_outcome(view: GraphView, index: int, path: str, result, attachment, kind: str, report) -> None:
+    """Put node ``index`` (a BN, or a chain end) in ``report.folded`` or ``report.remaining``, and
+    describe it in ``report.bn_nodes``."""
+    label = view.labels[index]
+    if isinstance(result, Match):
+        target = view.labels[result.target]
+        # A removed duplicate changed no weights: nothing for the precision search to undo.
+        weight_type = (
+            ""
+            if result.rule == bn_duplicate.RULE.name
+            else FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
+        )
+        absorbed = tuple(view.labels[k] for k in result.absorbed)
+        report.folded.append(FoldedBN(label, result.rule, target, path, absorbed, weight_type, kind))
+        foldable, code = True, result.rule
+        message = f"folded into {view.describe(result.target)} by rule {result.rule}"
+        if result.absorbed:
+            message += " together with " + ", ".join(view.describe(k) for k in result.absorbed)
+    else:
+        # The report holds plain strings, as it always has: a Reason member is only equal to one.
+        code, message = result.reason.value, result.message
+        report.remaining.append(RemainingBN(label, code, message, path, kind))
+        foldable = False
+    report.bn_nodes.append(BNInfo(label, path, *attachment, foldable, code, message, kind))
+
+
+def _evaluate_chain(view: GraphView, end: int) -> Match | None:
+    """The first affine rule that folds the chain ending at node ``end``, or None: a chain that
+    does not fold is not reported (it need not be a BN at all)."""
+    for rule in AFFINE_RULES:
+        result = rule.check(view, end)
+        if isinstance(result, Match):
+            return result
+    return None
+
+
+def _chain_attachment(view: GraphView, end: int, match: Match):
+    """``_attachment`` of a chain: the producer of its first node's variable input, the readers of its end."""
+    head = view.nodes[match.absorbed[0] if match.absorbed else end]
+    x = head.input[0] if head.op_type == "Identity" else head.input[chain_variable_operand(view, head)]
+    producer = view.producer_of(x)
+    producer_op = view.nodes[producer].op_type if producer is not None else ""
+    producer_label = view.labels[producer] if producer is not None else ""
+    _, _, consumer_ops, consumers = _attachment(view, end)
+    return producer_op, producer_label, consumer_ops, consumers
 
 
 def _attachment(view: GraphView, index: int):

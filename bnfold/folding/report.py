@@ -10,6 +10,10 @@ from dataclasses import asdict, dataclass, field
 from bnfold.io import write_json_atomic
 
 GRAPH_OUTPUT_OP = "<graph output>"
+# What an entry describes: a BatchNormalization node, or a decomposed BN (a per-channel affine
+# chain of constant Mul / Add / Sub / Div without a BN node), named by the chain's last node.
+BATCH_NORM_KIND = "BatchNormalization"
+CHAIN_KIND = "affine_chain"
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class FoldedBN:
     graph: str
     absorbed: tuple = ()  # labels of Add/Mul/Sub/Div nodes folded along with the BN
     weight_type: str = ""  # element type of the target layer's weight ("float32", "float16", ...)
+    kind: str = BATCH_NORM_KIND  # or CHAIN_KIND: ``bn`` is then the chain's last node
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class RemainingBN:
     reason: str
     message: str
     graph: str
+    kind: str = BATCH_NORM_KIND
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class BNInfo:
     foldable: bool
     rule_or_reason: str
     message: str
+    kind: str = BATCH_NORM_KIND
 
 
 @dataclass
@@ -63,11 +70,18 @@ class FoldReport:
 
     @property
     def n_folded(self) -> int:
-        return len(self.folded)
+        """BatchNormalization nodes folded (decomposed BNs are counted by ``n_chains_folded``)."""
+        return sum(1 for e in self.folded if e.kind == BATCH_NORM_KIND)
 
     @property
     def n_remaining(self) -> int:
-        return len(self.remaining)
+        """BatchNormalization nodes left in the model."""
+        return sum(1 for e in self.remaining if e.kind == BATCH_NORM_KIND)
+
+    @property
+    def n_chains_folded(self) -> int:
+        """Decomposed BNs (per-channel affine chains without a BN node) folded."""
+        return sum(1 for e in self.folded if e.kind == CHAIN_KIND)
 
     def to_dict(self) -> dict:
         def plain(entry):
@@ -77,6 +91,7 @@ class FoldReport:
         return {
             "n_folded": self.n_folded,
             "n_remaining": self.n_remaining,
+            "n_chains_folded": self.n_chains_folded,
             "folded": [plain(e) for e in self.folded],
             "remaining": [plain(e) for e in self.remaining],
             "bn_nodes": [plain(e) for e in self.bn_nodes],

@@ -93,3 +93,12 @@ class Rule(Protocol):
     name: str
 
     def check(self, view: GraphView, bn: BatchNorm) -> Match | Failure | None: ...
+
+
+class ChainRule(Protocol):
+    """A rule for a decomposed BN (``rules/affine.py``): offered the index of the last node of a
+    per-channel affine chain instead of a BN."""
+
+    name: str
+
+    def check(self, view: GraphView, end: int) -> Match | Failure | None: ...
