@@ -426,7 +426,27 @@ class GraphView:
                     if rank is not None:
                         return rank
             view = view.parent
-        return self.ctx.inferred_rank(name)
+        inferred = self.ctx.inferred_rank(name)
+        if inferred is not None:
+            return inferred
+        return self._rank_from_producer(name)
+
+    def _rank_from_producer(self, name: str):
+        """The rank some ops fix whatever their input (onnx shape inference gives up on a Reshape
+        whose target shape is computed): Flatten's is 2, Reshape's the length of its shape input."""
+        index = self.producer.get(name)
+        if index is None:
+            return None
+        node = self.nodes[index]
+        if not is_default_domain(node):
+            return None
+        if node.op_type == "Flatten":
+            return 2
+        if node.op_type == "Reshape" and len(node.input) > 1:
+            shape = self.ctx.inferred_type(node.input[1])
+            if shape is not None and shape[1] is not None and len(shape[1]) == 1 and shape[1][0] is not None:
+                return shape[1][0]
+        return None
 
     # ----- edits -----------------------------------------------------------------------------
     def set_scaled_constant_input(
