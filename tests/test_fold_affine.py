@@ -290,3 +290,47 @@ def test_inspect_and_the_cli_list_decomposed_bns(tmp_path, capsys):
     assert written["n_chains_folded"] == 1 and written["n_folded"] == 0 and written["n_remaining"] == 1
     assert count_bn(onnx.load(str(out))) == 1
     assert ops(onnx.load(str(out))) == ["Conv", "Relu", "BatchNormalization"]
+
+
+def test_input_normalization_before_a_dense_layer_folds_forward():
+    """Keras' Normalization layer, (x - mean) / std, before a Dense layer: into the Gemm's B and C."""
+    g = Graph([4, 5])
+    y = g.node("Sub", ["x", g.const(RNG.normal(0, 1, 5))])
+    y = g.node("Div", [y, g.const(RNG.uniform(0.5, 2, 5))])
+    y = g.node("Gemm", [y, g.const(RNG.normal(0, 0.5, (3, 5))), g.const(RNG.normal(0, 1, 3))], transB=1)
+    folded, report = folded_and_checked(g.model([y]), g.shape)
+    assert ops(folded) == ["Gemm"]
+    assert [f.rule for f in report.folded] == ["affine_gemm", "affine_gemm"]
+    _, without_forward = bnfold.fold(g.model([y]), forward=False)
+    assert without_forward.n_chains_folded == 0
+
+
+def test_scale_before_an_unpadded_conv_and_a_matmul():
+    g = Graph([1, 3, 6, 6])
+    y = g.node("Mul", ["x", g.const(0.25)])
+    y = conv(g, y, 3, 4, k=1)
+    z = g.node("Flatten", [g.node("GlobalAveragePool", [y])])
+    z = g.node("Mul", [z, g.const(RNG.uniform(0.5, 2, 4))])  # z's 4 channels are not proven
+    z = g.node("MatMul", [z, g.const(RNG.normal(0, 0.5, (4, 2)))])
+    folded, report = folded_and_checked(g.model([z]), g.shape)
+    assert [f.rule for f in report.folded] == ["affine_conv"]
+    assert ops(folded) == ["Conv", "GlobalAveragePool", "Flatten", "Mul", "MatMul"]
+
+
+def test_a_forward_constant_that_would_widen_the_layer_input_stays():
+    """x has one column; Mul by a (3,) constant makes three for the Gemm: B cannot take it."""
+    g = Graph([4, 1])
+    y = g.node("Mul", ["x", g.const(RNG.uniform(0.5, 2, 3))])
+    y = g.node("Gemm", [y, g.const(RNG.normal(0, 0.5, (3, 2)))])
+    model = g.model([y])
+    folded, report = bnfold.fold(model)
+    assert report.n_chains_folded == 0 and ops(folded) == ["Mul", "Gemm"]
+    assert_parity(model, folded, feeds(g.shape))
+
+
+def test_a_scale_before_a_padded_conv_stays():
+    g = Graph([1, 3, 6, 6])
+    y = g.node("Add", ["x", g.const(0.5)])
+    y = conv(g, y, 3, 4, k=3)
+    folded, report = bnfold.fold(g.model([y]))
+    assert report.n_chains_folded == 0 and ops(folded) == ["Add", "Conv"]

@@ -52,8 +52,11 @@ BACKWARD_RULES: tuple[Rule, ...] = (conv_bn.RULE, convtranspose_bn.RULE, gemm_bn
 FORWARD_RULES: tuple[Rule, ...] = (bn_gemm.RULE, bn_matmul.RULE, bn_conv.RULE)
 # Decomposed BNs: offered the end node of a per-channel affine chain, after the BNs of each round.
 AFFINE_RULES: tuple[ChainRule, ...] = affine.RULES
+AFFINE_FORWARD_RULES: tuple[ChainRule, ...] = affine.FORWARD_RULES
 
-RULE_CODES = tuple(r.name for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES + AFFINE_RULES)
+RULE_CODES = tuple(
+    r.name for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES + AFFINE_RULES + AFFINE_FORWARD_RULES
+)
 REASON_CODES = tuple(reason.value for reason in Reason)
 
 
@@ -257,7 +260,7 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
             if kept is not None:
                 chains_kept[end] = kept
                 continue
-            result = _evaluate_chain(view, end)
+            result = _evaluate_chain(view, end, forward)
             if result is not None:
                 attachment = _chain_attachment(view, end, result)
                 result.rewrite()
@@ -308,10 +311,10 @@ def _report_outcome(view: GraphView, index: int, path: str, result, attachment, 
     report.bn_nodes.append(BNInfo(label, path, *attachment, foldable, code, message, kind))
 
 
-def _evaluate_chain(view: GraphView, end: int) -> Match | None:
+def _evaluate_chain(view: GraphView, end: int, forward: bool) -> Match | None:
     """The first affine rule that folds the chain ending at node ``end``, or None: a chain that
     does not fold is not reported (it need not be a BN at all)."""
-    for rule in AFFINE_RULES:
+    for rule in AFFINE_RULES + (AFFINE_FORWARD_RULES if forward else ()):
         result = rule.check(view, end)
         if isinstance(result, Match):
             return result

@@ -35,8 +35,14 @@ Rules, each offered a chain end (``check(view, end) -> Match | Failure | None``)
     A chain constant that varies along the channel axis could broadcast a one-channel x up to
     C channels, and the BN then would normalize a one-channel input; so such a constant is used
     only when x is proven to have the BN's C channels (it comes from a BN, a layer with a constant
-    weight, or a shape-keeping elementwise op of one of them). Constants that are one value for
+    weight, or a shape-keeping elementwise op of one of them, or is a main-graph input declared
+    with C channels: onnxruntime refuses inputs of other fixed sizes). Constants that are one value for
     every channel (scalars, shape (1, 1, 1)) need no proof beyond their rank.
+
+``affine_gemm``, ``affine_matmul``, ``affine_conv`` (with forward folding on)
+    chain -> layer: the forward layer rule (``bn_gemm`` ...) with the chain end as its BN: a
+    normalization ``(x - mean) / std`` before a Dense layer, a scale before a MatMul. The proof
+    of channels is that of ``affine_bn``; ``affine_conv`` needs an unpadded Conv like ``bn_conv``.
 
 The BN merges keep the BN's parameter types; the new values must be finite in them
 (``invalid_statistics``). Every value along the way is read by the next node only and, except
@@ -49,7 +55,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.folding.rules import conv_bn, convtranspose_bn, gemm_bn, matmul_bn
+from bnfold.folding.rules import bn_conv, bn_gemm, bn_matmul, conv_bn, convtranspose_bn, gemm_bn, matmul_bn
 from bnfold.folding.rules.base import (
     CHAIN_OPS,
     BackwardChain,
@@ -60,10 +66,10 @@ from bnfold.folding.rules.base import (
     trace_backward_from,
 )
 from bnfold.folding.rules.protocol import BatchNorm, Failure, Match, Reason
-from bnfold.folding.rules.skeleton import BackwardFold
+from bnfold.folding.rules.skeleton import BackwardFold, ForwardFold
 from bnfold.folding.screening import inference_batch_norm
 from bnfold.folding.tensors import FLOAT_TYPES, numpy_type, to_float64
-from bnfold.folding.view import GraphView, is_batch_norm, is_default_domain
+from bnfold.folding.view import GraphView, get_attr, is_batch_norm, is_default_domain, value_info_type
 
 # Elementwise ops whose output has their (first) input's shape: a channel count proven for the
 # input holds for the output.
@@ -158,6 +164,58 @@ class LayerAffine:
             return None  # attributes the layer rule would refuse
         bn = end_batch_norm(view, end, weight.ndim, channels)
         if bn is None:
+            return None
+        result = self.layer_rule.check(view, bn)
+        if isinstance(result, Match):
+            result.rule = self.name
+        return result
+
+
+def layer_input_channels(node, weight: np.ndarray) -> int:
+    """How many channels a layer reads: Conv ``group * W.shape[1]``, Gemm's K, MatMul's rows."""
+    if node.op_type == "Conv":
+        return int(get_attr(node, "group", 1)) * weight.shape[1]
+    if node.op_type == "Gemm":
+        return weight.shape[1 if get_attr(node, "transB", 0) else 0]
+    return weight.shape[0]
+
+
+class AffineLayer:
+    """chain -> layer: the forward layer rule (``bn_gemm`` ...), offered the chain end as its BN.
+
+    The layer's weight gives the channel count and the rank, but of the layer's input, which is
+    the chain's output: a constant that varies along the channels is used only when the chain's
+    input x provably has them already (see ``AffineBn``), and x must have the same rank."""
+
+    def __init__(self, layer_rule: ForwardFold, name: str):
+        self.layer_rule = layer_rule
+        self.name = name
+
+    def check(self, view: GraphView, end: int) -> Match | Failure | None:
+        node = view.nodes[end]
+        readers = view.readers(node.output[0])
+        if len(readers) != 1 or view.nodes[readers[0]].op_type not in self.layer_rule.layer_ops:
+            return None
+        layer = view.nodes[readers[0]]
+        if layer.input[0] != node.output[0] or len(layer.input) < 2 or not is_default_domain(layer):
+            return None
+        weight = view.constant(layer.input[1])
+        if weight is None or np.ndim(weight) < 2:
+            return None
+        weight = np.asarray(weight)
+        rank = weight.ndim
+        x = node.input[chain_variable_operand(view, node)]
+        if view.rank(x) != rank:
+            return None
+        try:
+            channels = int(layer_input_channels(layer, weight))
+        except (IndexError, ValueError, TypeError):
+            return None
+        bn = end_batch_norm(view, end, rank, channels)
+        if bn is None:
+            return None
+        constant = np.asarray(view.constant(node.input[1 - chain_variable_operand(view, node)]))
+        if constant.size != 1 and proven_channels(view, x) != channels:
             return None
         result = self.layer_rule.check(view, bn)
         if isinstance(result, Match):
@@ -318,8 +376,16 @@ LAYER_RULES = {
 
 def proven_channels(view: GraphView, value: str, _depth: int = 0):
     """The channel count (axis 1) of ``value`` when its producer proves it: a BN with constant
-    parameters, a layer with a constant weight (through shape-keeping elementwise ops); else None."""
+    parameters, a layer with a constant weight (through shape-keeping elementwise ops), or a fixed
+    dimension declared for a main-graph input; else None."""
     index = view.producer_of(value)
+    if index is None and view.parent is None and value in view.input_names and view.constant(value) is None:
+        # The main graph's inputs are the one declaration onnxruntime enforces (fixed dimensions).
+        for declared in view.graph.input:
+            if declared.name == value:
+                described = value_info_type(declared)
+                dims = None if described is None else described[1]
+                return dims[1] if dims is not None and len(dims) > 1 else None
     if index is None or _depth > 32:
         return None
     node = view.nodes[index]
@@ -329,16 +395,29 @@ def proven_channels(view: GraphView, value: str, _depth: int = 0):
         real = inference_batch_norm(view, index)
         return None if isinstance(real, Failure) else real.channels
     rule = LAYER_RULES.get(node.op_type)
-    if rule is not None and node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
+    if rule is not None and len(node.input) > 1:
         weight = view.constant(node.input[1])
-        if weight is None or np.ndim(weight) < 3:
+        if weight is None or np.ndim(weight) < 2:
             return None
+        if node.op_type in ("Gemm", "MatMul") and np.ndim(weight) != 2:
+            return None
+        if node.op_type == "MatMul" and view.rank(node.input[0]) != 2:
+            return None  # a MatMul's columns are axis 1 only for a rank-2 product
         try:
             return int(rule.output_channels(node, np.asarray(weight)))
         except (IndexError, ValueError, TypeError):
             return None
     if node.op_type in SHAPE_KEEPING_OPS and node.input and node.input[0]:
         return proven_channels(view, node.input[0], _depth + 1)
+    if is_chain_node(view, index):  # keeps its input's channels unless its constant broadcasts them up
+        variable = chain_variable_operand(view, node)
+        channels = proven_channels(view, node.input[variable], _depth + 1)
+        rank = view.rank(node.input[variable])
+        constant_shape = np.shape(view.constant(node.input[1 - variable]))
+        if channels is None or rank is None or rank < 2 or len(constant_shape) > rank:
+            return None
+        aligned = (1,) * (rank - len(constant_shape)) + tuple(constant_shape)
+        return channels if aligned[1] in (1, channels) else None
     return None
 
 
@@ -349,4 +428,10 @@ RULES = (
     LayerAffine(matmul_bn.RULE, "matmul_affine"),
     BnAffine(),
     AffineBn(),
+)
+# Offered after RULES, and only when forward folding is on.
+FORWARD_RULES = (
+    AffineLayer(bn_gemm.RULE, "affine_gemm"),
+    AffineLayer(bn_matmul.RULE, "affine_matmul"),
+    AffineLayer(bn_conv.RULE, "affine_conv"),
 )
