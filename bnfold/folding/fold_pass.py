@@ -8,6 +8,11 @@ foldable after another fold, e.g. Conv -> BN -> BN). Tensors the folds no longer
 deleted. ``FoldReport`` puts every BN in exactly one of ``folded`` / ``remaining`` (with a reason
 code and one sentence) and describes its attachment in ``bn_nodes``; ``inspect`` returns the same
 report without handing out the folded model.
+
+Between BN folds, the Convs of one input that an Add tree sums (multi-branch RepVGG / MobileOne
+blocks) are merged into one Conv (``rules.conv_branches``) once no BN fold applies any more; a
+merge can let another BN fold, so the two alternate until neither changes anything. Merges are
+reported in ``FoldReport.merged``, Adds of such Convs that stay apart in ``FoldReport.unmerged``.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ import os
 import onnx
 
 from bnfold.folding.cleanup import remove_unused
-from bnfold.folding.report import GRAPH_OUTPUT_OP, BNInfo, FoldedBN, FoldReport, RemainingBN
+from bnfold.folding.report import GRAPH_OUTPUT_OP, BNInfo, FoldedBN, FoldReport, MergedConvs, RemainingBN, UnmergedAdd
 from bnfold.folding.rules import (
+    add_tree,
+    bn_branch,
     bn_conv,
     bn_duplicate,
     bn_gemm,
     bn_matmul,
     conv_bn,
+    conv_branches,
     convtranspose_bn,
     gemm_bn,
     matmul_bn,
@@ -38,9 +46,14 @@ from bnfold.io import load_model_deferred, read_as_ir4_if_initializers_unlisted
 # input of a second reader, so that it folds backward.
 DEDUPLICATION_RULES: tuple[Rule, ...] = (bn_duplicate.RULE,)
 BACKWARD_RULES: tuple[Rule, ...] = (conv_bn.RULE, convtranspose_bn.RULE, gemm_bn.RULE, matmul_bn.RULE)
+# An identity-branch BN folds sideways, into a Conv of its own input that the same Adds sum.
+BRANCH_RULES: tuple[Rule, ...] = (bn_branch.RULE,)
 FORWARD_RULES: tuple[Rule, ...] = (bn_gemm.RULE, bn_matmul.RULE, bn_conv.RULE)
+BN_RULES = DEDUPLICATION_RULES + BACKWARD_RULES + BRANCH_RULES + FORWARD_RULES
+# Not BN folds: offered each root Add of an Add tree once no BN fold applies.
+MERGE_RULES = (conv_branches.RULE,)
 
-RULE_CODES = tuple(r.name for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES)
+RULE_CODES = tuple(r.name for r in BN_RULES + MERGE_RULES)
 REASON_CODES = tuple(reason.value for reason in Reason)
 
 
@@ -223,29 +236,45 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
             outcome[i] = kept
         else:
             pending.append(i)
-    changed = True
-    while changed and pending:
-        changed = False
-        for i in list(pending):
-            result = _evaluate(view, i, forward)
-            if isinstance(result, Match):
-                result.rewrite()
-                pending.remove(i)
-                changed = True
-            outcome[i] = result
+    merges, merge_failures, weight_types = [], {}, {}
+    while True:
+        changed = True
+        while changed and pending:
+            changed = False
+            for i in list(pending):
+                result = _evaluate(view, i, forward)
+                if isinstance(result, Match):
+                    result.rewrite()
+                    # Read now: a later branch merge may remove the target (its weights join another Conv's).
+                    weight_types[i] = (
+                        ""
+                        if result.rule == bn_duplicate.RULE.name
+                        else FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
+                    )
+                    pending.remove(i)
+                    changed = True
+                outcome[i] = result
+        # The failures of the last round, in which nothing merged, are the final word.
+        merged_now, merge_failures = _merge_branches(view)
+        if not merged_now:
+            break
+        merges += merged_now
+    for merge, root in merges:
+        report.merged.append(
+            MergedConvs(merge.rule, tuple(view.labels[c] for c in merge.convs), view.labels[merge.target], root, path)
+        )
+    for root, (convs, failure) in merge_failures.items():
+        report.unmerged.append(UnmergedAdd(view.labels[root], convs, failure.reason.value, failure.message, path))
     for i in bn_indices:
         label = view.labels[i]
         result = outcome[i]
         if isinstance(result, Match):
             target = view.labels[result.target]
             # A removed duplicate changed no weights: nothing for the precision search to undo.
-            weight_type = (
-                ""
-                if result.rule == bn_duplicate.RULE.name
-                else FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
-            )
             report.folded.append(
-                FoldedBN(label, result.rule, target, path, tuple(view.labels[k] for k in result.absorbed), weight_type)
+                FoldedBN(
+                    label, result.rule, target, path, tuple(view.labels[k] for k in result.absorbed), weight_types[i]
+                )
             )
             foldable, code = True, result.rule
             message = f"folded into {view.describe(result.target)} by rule {result.rule}"
@@ -268,6 +297,33 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
     view.commit()
 
 
+def _merge_branches(view: GraphView):
+    """Apply every branch merge the current graph allows: ``([(Merge, root Add label)], {root
+    index: (Conv labels, Failure)})``."""
+    merged, failures = [], {}
+    for index in range(len(view.nodes)):
+        if not add_tree.is_root(view, index):
+            continue
+        for rule in MERGE_RULES:
+            result = rule.check(view, index)
+            if isinstance(result, conv_branches.Merge):
+                label = view.labels[index]  # read before the rewrite: it may remove the root
+                result.rewrite()
+                merged.append((result, label))
+                break
+            if isinstance(result, Failure):
+                leaves = add_tree.tree_leaves(view, index)
+                convs = [
+                    c
+                    for group in add_tree.conv_leaves_by_input(view, leaves).values()
+                    if len(group) >= 2
+                    for c in group
+                ]
+                failures[index] = (tuple(view.labels[c] for c in convs), result)
+                break
+    return merged, failures
+
+
 def _attachment(view: GraphView, index: int):
     node = view.nodes[index]
     producer = view.producer_of(node.input[0]) if node.input else None
@@ -288,7 +344,7 @@ def _evaluate(view: GraphView, index: int, forward: bool):
     if isinstance(bn, Failure):
         return bn
     failures = []
-    for rule in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES:
+    for rule in BN_RULES:
         result = rule.check(view, bn)
         if result is None:
             continue
