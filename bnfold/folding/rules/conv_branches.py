@@ -20,8 +20,8 @@ Conditions (all Convs of one input among the tree's leaves, at least two of them
      (``multiple_consumers`` / ``graph_output``).
   2. Weights (and biases) are constants of one float type (``non_constant_weight`` /
      ``unsupported_dtype``); biases are (Cout,) vectors (``not_per_channel``).
-  3. Same strides, dilations, group, kernel rank and weight shape up to the kernel
-     (``incompatible_branches``).
+  3. Same strides, group, kernel rank and weight shape up to the kernel, and per axis the same
+     dilation among the kernels wider than 1 there (``incompatible_branches``).
   4. Centres aligned: per axis and per side, ``begin = k//2 * d - pad_begin`` and
      ``end = (k - 1 - k//2) * d - pad_end`` agree between the branches (explicit pads, VALID, or
      SAME_UPPER/SAME_LOWER with stride 1, whose pads are then fixed), and the merged pads are not
@@ -144,15 +144,21 @@ class ConvBranches:
                 and branch.weight.shape[:2] == first.weight.shape[:2]
                 and branch.weight.ndim == first.weight.ndim
                 and branch.geometry.strides == first.geometry.strides
-                and branch.geometry.dilations == first.geometry.dilations
                 and _group(view, branch.conv) == _group(view, first.conv)
             )
             if not same:
                 return Failure(
                     Reason.INCOMPATIBLE_BRANCHES,
                     f"the summed {names} differ in weight type, weight shape (output or input channels, kernel "
-                    "rank), strides, dilations or group; they cannot be one Conv",
+                    "rank), strides or group; they cannot be one Conv",
                 )
+        dilations = _common_dilations(branches)
+        if dilations is None:
+            return Failure(
+                Reason.INCOMPATIBLE_BRANCHES,
+                f"the summed {names} have different dilations on an axis where their kernels are wider than 1",
+            )
+        for branch in branches[1:]:
             if branch.geometry.begin != first.geometry.begin or branch.geometry.end != first.geometry.end:
                 return Failure(
                     Reason.MISALIGNED_BRANCHES,
@@ -160,7 +166,6 @@ class ConvBranches:
                     f"{list(first.geometry.begin)}/{list(first.geometry.end)} vs "
                     f"{list(branch.geometry.begin)}/{list(branch.geometry.end)}); they read different input positions",
                 )
-        dilations = first.geometry.dilations
         kernel = tuple(max(b.weight.shape[2 + a] for b in branches) for a in range(first.weight.ndim - 2))
         pads_begin = [k // 2 * d - c for k, d, c in zip(kernel, dilations, first.geometry.begin)]
         pads_end = [(k - 1 - k // 2) * d - c for k, d, c in zip(kernel, dilations, first.geometry.end)]
@@ -189,6 +194,7 @@ class ConvBranches:
             set_attr(target, "auto_pad", None)
             set_attr(target, "pads", pads_begin + pads_end)
             set_attr(target, "kernel_shape", list(kernel))
+            set_attr(target, "dilations", list(dilations))
             for branch in branches[1:]:
                 value = view.nodes[branch.conv].output[0]
                 view.remove_node(branch.conv)
@@ -198,6 +204,19 @@ class ConvBranches:
 
 
 RULE = ConvBranches()
+
+
+def _common_dilations(branches: list[_Branch]):
+    """Per axis, the one dilation of the branches whose kernel is wider than 1 there (a 1-wide
+    kernel reads one position whatever its dilation: RepVGG's 1x1 beside a dilated 3x3); None
+    when they differ."""
+    dilations = []
+    for axis in range(branches[0].weight.ndim - 2):
+        wide = {b.geometry.dilations[axis] for b in branches if b.weight.shape[2 + axis] > 1}
+        if len(wide) > 1:
+            return None
+        dilations.append(wide.pop() if wide else branches[0].geometry.dilations[axis])
+    return tuple(dilations)
 
 
 def _group(view: GraphView, conv: int) -> int:
