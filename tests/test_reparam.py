@@ -446,3 +446,24 @@ def test_timm_block_export_becomes_one_conv_per_block(arch, tmp_path):
     counts = op_counts(folded)
     assert counts["Conv"] == len(blocks) and counts["BatchNormalization"] == 0
     assert len(report.merged) == len(blocks) and report.n_remaining == 0
+
+
+@pytest.mark.parametrize("identity_folds", [True, False])
+def test_values_keeping_their_names_keep_their_meaning(identity_folds):
+    """Every value left under its name holds what it held: bnfold.check compares them all."""
+    import bnfold
+
+    b = _Block(4)
+    b.conv((3, 3))
+    b.identity()
+    b.conv((1, 1))
+    if not identity_folds:  # a second reader keeps the identity BN, the Convs still merge around it
+        b.nodes.append(helper.make_node("Relu", [b.summands[1]], ["other"], name="other_reader"))
+        b.extra_outputs.append(b.output_info("other"))
+    b.conv((1, 1))
+    model = b.model()
+    folded, report = _fold_and_check(model)
+    assert op_counts(folded)["Conv"] == 1 and len(report.merged) == 1
+    assert op_counts(folded)["Add"] == (0 if identity_folds else 1)
+    check = bnfold.check(model, folded, intermediates=True)
+    assert check.passed, check.summary()

@@ -4,8 +4,8 @@ export them: what ``bn_branch`` and ``conv_branches`` read and rewrite.
 An *Add tree* is a root Add plus every Add below it whose output is read only by the Add above it
 (once, not from a nested body) and is not a graph output; its *leaves* are the other operands, in
 the order a depth-first walk meets them. The tree computes the sum of its leaves, whatever its
-shape, so a leaf can be taken out of the sum (``remove_leaf``) once its value has been added into
-another leaf: the Add that read it goes, and its other operand takes its place.
+shape, so a leaf can be taken out of the sum (``fold_leaf_into``) once its value has been added
+into another leaf: the Add that read it goes, and its other operand takes its place.
 """
 
 from __future__ import annotations
@@ -93,22 +93,50 @@ def conv_leaves_by_input(view: GraphView, leaves: list[Leaf]) -> dict[str, list[
     return groups
 
 
-def remove_leaf(view: GraphView, value: str) -> None:
-    """Take ``value`` out of the sum: the tree Add reading it is removed and its other operand
-    takes its place (in the parent Add, or, at the root, under the root's output name)."""
-    add = view.consumers[value][0]
+def _path_to_root(view: GraphView, value: str) -> list[int]:
+    """The tree Adds from the one reading ``value`` up to the root."""
+    path = [view.consumers[value][0]]
+    while (parent := _parent_add(view, path[-1])) is not None:
+        path.append(parent)
+    return path
+
+
+def _rename(view: GraphView, value: str) -> None:
+    """Give the tree value ``value`` (read only by its Add) a fresh name: what it holds has changed."""
+    producer, reader = view.producer_of(value), view.consumers[value][0]
+    fresh = view.ctx.fresh_name(value)
+    view.rename_output(producer, list(view.nodes[producer].output).index(value), fresh)
+    view.redirect_input(reader, list(view.nodes[reader].input).index(value), fresh)
+
+
+def fold_leaf_into(view: GraphView, leaf: str, into: str) -> None:
+    """Take summand ``leaf`` out of the sum once what it adds has been added into summand ``into``
+    (a leaf of the same tree, produced by a live node): the Add reading ``leaf`` goes, its other
+    operand takes its place.
+
+    Values keep their names only where they keep their meaning, so that a check comparing the
+    values two models share by name compares like with like: ``into`` and every tree Add below the
+    lowest Add summing both now hold something else and get fresh names; that Add and those above
+    it hold what they held. When the removed Add is that lowest one, its other operand (which holds
+    ``into``) takes over its output name."""
+    leaf_path, into_path = _path_to_root(view, leaf), _path_to_root(view, into)
+    common = next(add for add in into_path if add in leaf_path)
+    changed = [into] + [view.nodes[a].output[0] for a in into_path[: into_path.index(common)]]
+    changed += [view.nodes[a].output[0] for a in leaf_path[1 : leaf_path.index(common)]]
+    for value in changed:
+        _rename(view, value)
+    add = leaf_path[0]
     node = view.nodes[add]
-    other = node.input[1] if node.input[0] == value else node.input[0]
+    other = node.input[1] if node.input[0] == leaf else node.input[0]
     out = node.output[0]
     parent = _parent_add(view, add)
     view.remove_node(add)
-    if parent is not None:
+    if add != common:
         view.redirect_input(parent, list(view.nodes[parent].input).index(out), other)
         return
-    # The root goes: whatever computes the rest of the sum now writes the root's output. That is
-    # a tree Add or a Conv leaf read only by the removed root (the kept Conv is always in the
-    # sum), so renaming it changes no other reader.
+    # ``other`` now holds the whole sum the removed Add computed: a tree Add or the Conv ``into``,
+    # read only by the removed Add, so it can take over the name.
     producer = view.producer_of(other)
     if producer is None or view.readers(other) or view.is_graph_output(other):
-        raise RuntimeError(f"cannot take '{value}' out of the sum written to '{out}'")
+        raise RuntimeError(f"cannot take '{leaf}' out of the sum written to '{out}'")
     view.rename_output(producer, list(view.nodes[producer].output).index(other), out)

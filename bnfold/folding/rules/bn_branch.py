@@ -36,9 +36,9 @@ import numpy as np
 
 from bnfold.folding.rules.add_tree import (
     conv_leaves_by_input,
+    fold_leaf_into,
     is_sum,
     read_only_by,
-    remove_leaf,
     tree_leaves,
     tree_root,
 )
@@ -119,7 +119,7 @@ class BnBranch:
             view.set_constant_input(conv, 1, new_weight, data_type, node.input[1] or f"{out}_weight")
             view.set_constant_input(conv, 2, new_bias, data_type, bias_name or f"{out}_bias")
             view.remove_node(bn.index)
-            remove_leaf(view, bn.y)
+            fold_leaf_into(view, bn.y, node.output[0])
 
         return Match(self.name, conv, rewrite)
 

@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from bnfold.folding.rules.add_tree import conv_leaves_by_input, is_sum, read_only_by, remove_leaf, tree_leaves
+from bnfold.folding.rules.add_tree import conv_leaves_by_input, fold_leaf_into, is_sum, read_only_by, tree_leaves
 from bnfold.folding.rules.base import bias_or_failure, sole_reader_failure, weight_or_failure
 from bnfold.folding.rules.protocol import Failure, Reason
 from bnfold.folding.tensors import FLOAT_TYPES, numpy_type, to_float64
@@ -198,7 +198,7 @@ class ConvBranches:
             for branch in branches[1:]:
                 value = view.nodes[branch.conv].output[0]
                 view.remove_node(branch.conv)
-                remove_leaf(view, value)
+                fold_leaf_into(view, value, target.output[0])
 
         return Merge(self.name, first.conv, convs, rewrite)
 
