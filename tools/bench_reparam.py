@@ -17,7 +17,7 @@ interleaved round by round: the speed-up of ``folded`` over (a) (target >= 1.5x)
 relative to (b) (target within 5 %). ``--corpus`` also prints the counts for the corpus files.
 
     python tools/bench_reparam.py                      # 224x224, opt level all, 3 s per cell
-    python tools/bench_reparam.py --size 160 --time 1 --corpus
+    python tools/bench_reparam.py --threads 1 --time 6 --opt-level all,disabled --corpus
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def export(torch, model, example, path) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
-def measure(arch: str, size: int, time_budget: float, threads, workdir: pathlib.Path) -> dict:
+def measure(arch: str, size: int, time_budget: float, threads, opt_levels, workdir: pathlib.Path) -> dict:
     import torch
 
     import bnfold
@@ -112,18 +112,19 @@ def measure(arch: str, size: int, time_budget: float, threads, workdir: pathlib.
     }
     bench = benchmark(
         {"exported": exported, "folded": folded, "timm-reparam": reparam_exported},
-        opt_levels=("all",),
+        opt_levels=opt_levels,
         threads=threads,
         time_budget=time_budget,
         inputs={"input": example.numpy()},
         progress=False,
     )
     result["bench_table"] = bench.format_table()
-    result["latency_ms"] = {m: bench.result(m, "all").median_ms for m in bench.models}
-    result["folded_speedup_vs_exported"] = bench.speedup("folded", "all")
-    result["folded_over_reparam_latency"] = (
-        bench.result("folded", "all").median_ms / bench.result("timm-reparam", "all").median_ms
-    )
+    result["latency_ms"] = {level: {m: bench.result(m, level).median_ms for m in bench.models} for level in opt_levels}
+    result["folded_speedup_vs_exported"] = {level: bench.speedup("folded", level) for level in opt_levels}
+    result["folded_over_reparam_latency"] = {
+        level: bench.result("folded", level).median_ms / bench.result("timm-reparam", level).median_ms
+        for level in opt_levels
+    }
     return result
 
 
@@ -170,6 +171,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     parser.add_argument("--time", type=float, default=3.0, help="seconds of timed runs per model (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all)")
+    parser.add_argument(
+        "--opt-level", default="all", help="onnxruntime optimization levels, comma-separated (default all)"
+    )
     parser.add_argument("--arch", action="append", choices=ARCHITECTURES, help="only these (default: both)")
     parser.add_argument("--corpus", action="store_true", help="also count the ops of the two corpus files")
     parser.add_argument("--json", help="write every figure to this JSON file")
@@ -182,7 +186,7 @@ def main(argv=None) -> int:
     results = {"architectures": [], "corpus": []}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.arch or ARCHITECTURES:
-            r = measure(arch, args.size, args.time, args.threads, pathlib.Path(tmp))
+            r = measure(arch, args.size, args.time, args.threads, tuple(args.opt_level.split(",")), pathlib.Path(tmp))
             results["architectures"].append(r)
             print(f"== {arch} ({args.size}x{args.size}, batch 1)")
             for name, counts in r["counts"].items():
@@ -198,10 +202,12 @@ def main(argv=None) -> int:
                 f"(output scale {r['output_scale']:.3g})"
             )
             print("  " + r["bench_table"].replace("\n", "\n  "))
-            print(
-                f"  folded vs exported speed-up: {r['folded_speedup_vs_exported']:.2f}x (target >= 1.5x); "
-                f"folded / timm-reparam latency: {r['folded_over_reparam_latency']:.3f} (target within 5 %)"
-            )
+            for level in r["folded_speedup_vs_exported"]:
+                print(
+                    f"  opt level {level}: folded vs exported speed-up {r['folded_speedup_vs_exported'][level]:.2f}x "
+                    f"(target >= 1.5x); folded / timm-reparam latency {r['folded_over_reparam_latency'][level]:.3f} "
+                    "(target within 5 %)"
+                )
     if args.corpus:
         results["corpus"] = corpus_counts()
         for row in results["corpus"]:
