@@ -103,6 +103,24 @@ def _size(nbytes: int) -> str:
     return ""
 
 
+def format_branch_merges(report, each_merge: bool = False) -> list:
+    """Lines on the summed Conv branches merged into one Conv (``each_merge``: one line per merge)
+    and the Adds of Convs left apart; none when there are neither."""
+    if not report.merged and not report.unmerged:
+        return []
+    n_convs = sum(len(m.convs) for m in report.merged)
+    lines = [
+        f"Conv branches: {n_convs} merged into {len(report.merged)} Conv(s), {len(report.unmerged)} Add(s) left apart"
+    ]
+    for m in report.merged if each_merge else ():
+        where = f" (in {m.graph})" if m.graph else ""
+        lines.append(f"  {m.rule}{where}: {' + '.join(m.convs)} -> {m.target} (summed by {m.add})")
+    for u in report.unmerged:
+        where = f" (in {u.graph})" if u.graph else ""
+        lines.append(f"  not merged at {u.add}{where}: {u.reason}: {u.message}")
+    return lines
+
+
 def format_summary(report, fold_seconds, check_report) -> str:
     """The text the command prints: op-count changes, BN outcome, time, parity (file sizes are
     printed once the output exists)."""
@@ -122,6 +140,7 @@ def format_summary(report, fold_seconds, check_report) -> str:
     for r in report.remaining:
         where = f" (in {r.graph})" if r.graph else ""
         lines.append(f"  remaining {r.bn}{where}: {r.reason}: {r.message}")
+    lines += format_branch_merges(report)
     lines.append(f"fold time (load, fold, write): {fold_seconds * 1000:.1f} ms")
     if check_report is None:
         lines.append("parity check: skipped (--no-check)")

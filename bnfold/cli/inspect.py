@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from bnfold.cli.fold import format_branch_merges
 from bnfold.cli.options import (
     JsonReportOption,
     VerboseOption,
@@ -43,6 +44,8 @@ def run(args) -> int:
     check_outputs({args.json_option: args.json}, models=[args.model])
     report = inspect(load_model(args.model))
     print(format_bn_table(report))
+    for line in format_branch_merges(report, each_merge=True):
+        print(line)
     if args.json:
         write_json_atomic(report.to_dict(), args.json)
         print(f"wrote {args.json}")

@@ -8,6 +8,11 @@ foldable after another fold, e.g. Conv -> BN -> BN). Tensors the folds no longer
 deleted. ``FoldReport`` puts every BN in exactly one of ``folded`` / ``remaining`` (with a reason
 code and one sentence) and describes its attachment in ``bn_nodes``; ``inspect`` returns the same
 report without handing out the folded model.
+
+Between BN folds, the Convs of one input that an Add tree sums (multi-branch RepVGG / MobileOne
+blocks) are merged into one Conv (``rules.conv_branches``) once no BN fold applies any more; a
+merge can let another BN fold, so the two alternate until neither changes anything. Merges are
+reported in ``FoldReport.merged``, Adds of such Convs that stay apart in ``FoldReport.unmerged``.
 """
 
 from __future__ import annotations
@@ -24,15 +29,20 @@ from bnfold.folding.report import (
     BNInfo,
     FoldedBN,
     FoldReport,
+    MergedConvs,
     RemainingBN,
+    UnmergedAdd,
 )
 from bnfold.folding.rules import (
+    add_tree,
     affine,
+    bn_branch,
     bn_conv,
     bn_duplicate,
     bn_gemm,
     bn_matmul,
     conv_bn,
+    conv_branches,
     convtranspose_bn,
     gemm_bn,
     matmul_bn,
@@ -49,14 +59,17 @@ from bnfold.io import load_model_deferred, read_as_ir4_if_initializers_unlisted
 # input of a second reader, so that it folds backward.
 DEDUPLICATION_RULES: tuple[Rule, ...] = (bn_duplicate.RULE,)
 BACKWARD_RULES: tuple[Rule, ...] = (conv_bn.RULE, convtranspose_bn.RULE, gemm_bn.RULE, matmul_bn.RULE)
+# An identity-branch BN folds sideways, into a Conv of its own input that the same Adds sum.
+BRANCH_RULES: tuple[Rule, ...] = (bn_branch.RULE,)
 FORWARD_RULES: tuple[Rule, ...] = (bn_gemm.RULE, bn_matmul.RULE, bn_conv.RULE)
+BN_RULES = DEDUPLICATION_RULES + BACKWARD_RULES + BRANCH_RULES + FORWARD_RULES
 # Decomposed BNs: offered the end node of a per-channel affine chain, after the BNs of each round.
 AFFINE_RULES: tuple[ChainRule, ...] = affine.RULES
 AFFINE_FORWARD_RULES: tuple[ChainRule, ...] = affine.FORWARD_RULES
+# Not BN folds: offered each root Add of an Add tree once no BN fold applies.
+MERGE_RULES = (conv_branches.RULE,)
 
-RULE_CODES = tuple(
-    r.name for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES + AFFINE_RULES + AFFINE_FORWARD_RULES
-)
+RULE_CODES = tuple(r.name for r in BN_RULES + AFFINE_RULES + AFFINE_FORWARD_RULES + MERGE_RULES)
 REASON_CODES = tuple(reason.value for reason in Reason)
 
 
@@ -243,34 +256,49 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
     # (with the chain's attachment before it), and the ones the precision search keeps.
     chains_folded: dict[int, tuple[Match, tuple]] = {}
     chains_kept: dict[int, Failure] = {}
-    changed = True
-    while changed:
-        changed = False
-        for i in list(pending):
-            result = _evaluate(view, i, forward)
-            if isinstance(result, Match):
-                result.rewrite()
-                pending.remove(i)
-                changed = True
-            outcome[i] = result
-        for end in chain_ends(view):
-            if end in chains_kept:
-                continue
-            kept = keep.get((path, view.labels[end]))
-            if kept is not None:
-                chains_kept[end] = kept
-                continue
-            result = _evaluate_chain(view, end, forward)
-            if result is not None:
-                attachment = _chain_attachment(view, end, result)
-                result.rewrite()
-                chains_folded[end] = (result, attachment)
-                changed = True
+    merges, merge_failures, weight_types = [], {}, {}
+    while True:
+        changed = True
+        while changed:
+            changed = False
+            for i in list(pending):
+                result = _evaluate(view, i, forward)
+                if isinstance(result, Match):
+                    result.rewrite()
+                    weight_types[i] = _weight_type(view, result)
+                    pending.remove(i)
+                    changed = True
+                outcome[i] = result
+            for end in chain_ends(view):
+                if end in chains_kept:
+                    continue
+                kept = keep.get((path, view.labels[end]))
+                if kept is not None:
+                    chains_kept[end] = kept
+                    continue
+                result = _evaluate_chain(view, end, forward)
+                if result is not None:
+                    attachment = _chain_attachment(view, end, result)
+                    result.rewrite()
+                    weight_types[end] = _weight_type(view, result)
+                    chains_folded[end] = (result, attachment)
+                    changed = True
+        # The failures of the last round, in which nothing merged, are the final word.
+        merged_now, merge_failures = _merge_branches(view)
+        if not merged_now:
+            break
+        merges += merged_now
+    for merge, root in merges:
+        report.merged.append(
+            MergedConvs(merge.rule, tuple(view.labels[c] for c in merge.convs), view.labels[merge.target], root, path)
+        )
+    for root, (convs, failure) in merge_failures.items():
+        report.unmerged.append(UnmergedAdd(view.labels[root], convs, failure.reason.value, failure.message, path))
     for i in bn_indices:
-        _report_outcome(view, i, path, outcome[i], attachments[i], BATCH_NORM_KIND, report)
+        _report_outcome(view, i, path, outcome[i], attachments[i], weight_types.get(i, ""), BATCH_NORM_KIND, report)
     for end in sorted(chains_folded):
         result, attachment = chains_folded[end]
-        _report_outcome(view, end, path, result, attachment, CHAIN_KIND, report)
+        _report_outcome(view, end, path, result, attachment, weight_types[end], CHAIN_KIND, report)
     for end in sorted(chains_kept):
         result = chains_kept[end]
         report.remaining.append(RemainingBN(view.labels[end], result.reason.value, result.message, path, CHAIN_KIND))
@@ -285,18 +313,23 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
     view.commit()
 
 
-def _report_outcome(view: GraphView, index: int, path: str, result, attachment, kind: str, report) -> None:
+def _weight_type(view: GraphView, result: Match) -> str:
+    """The element type of the weight a fold wrote (read right after its rewrite: a later branch
+    merge may remove the target, its weights joining another Conv's)."""
+    # A removed duplicate changed no weights: nothing for the precision search to undo.
+    if result.rule == bn_duplicate.RULE.name:
+        return ""
+    return FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
+
+
+def _report_outcome(
+    view: GraphView, index: int, path: str, result, attachment, weight_type: str, kind: str, report
+) -> None:
     """Put node ``index`` (a BN, or a chain end) in ``report.folded`` or ``report.remaining``, and
     describe it in ``report.bn_nodes``."""
     label = view.labels[index]
     if isinstance(result, Match):
         target = view.labels[result.target]
-        # A removed duplicate changed no weights: nothing for the precision search to undo.
-        weight_type = (
-            ""
-            if result.rule == bn_duplicate.RULE.name
-            else FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
-        )
         absorbed = tuple(view.labels[k] for k in result.absorbed)
         report.folded.append(FoldedBN(label, result.rule, target, path, absorbed, weight_type, kind))
         foldable, code = True, result.rule
@@ -332,6 +365,33 @@ def _chain_attachment(view: GraphView, end: int, match: Match):
     return producer_op, producer_label, consumer_ops, consumers
 
 
+def _merge_branches(view: GraphView):
+    """Apply every branch merge the current graph allows: ``([(Merge, root Add label)], {root
+    index: (Conv labels, Failure)})``."""
+    merged, failures = [], {}
+    for index in range(len(view.nodes)):
+        if not add_tree.is_root(view, index):
+            continue
+        for rule in MERGE_RULES:
+            result = rule.check(view, index)
+            if isinstance(result, conv_branches.Merge):
+                label = view.labels[index]  # read before the rewrite: it may remove the root
+                result.rewrite()
+                merged.append((result, label))
+                break
+            if isinstance(result, Failure):
+                leaves = add_tree.tree_leaves(view, index)
+                convs = [
+                    c
+                    for group in add_tree.conv_leaves_by_input(view, leaves).values()
+                    if len(group) >= 2
+                    for c in group
+                ]
+                failures[index] = (tuple(view.labels[c] for c in convs), result)
+                break
+    return merged, failures
+
+
 def _attachment(view: GraphView, index: int):
     node = view.nodes[index]
     producer = view.producer_of(node.input[0]) if node.input else None
@@ -352,7 +412,7 @@ def _evaluate(view: GraphView, index: int, forward: bool):
     if isinstance(bn, Failure):
         return bn
     failures = []
-    for rule in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES:
+    for rule in BN_RULES:
         result = rule.check(view, bn)
         if result is None:
             continue

@@ -1,6 +1,7 @@
 """The fold pass's report: one entry per BN, folded (``FoldedBN``) or remaining (``RemainingBN``,
 with a reason code and one sentence), and ``BNInfo`` describing where each BN sits; ``FoldReport``
-holds them with the op counts before and after, as a dict or a JSON file.
+holds them with the op counts before and after, and the summed Conv branches merged into one
+(``MergedConvs``) or left apart (``UnmergedAdd``), as a dict or a JSON file.
 """
 
 from __future__ import annotations
@@ -60,6 +61,30 @@ class BNInfo:
     kind: str = BATCH_NORM_KIND
 
 
+@dataclass(frozen=True)
+class MergedConvs:
+    """Convs of one input summed by an Add tree, merged into ``target`` by ``rule`` (``conv_branches``).
+
+    ``convs``: every merged Conv's label, target first; ``add``: the tree's root Add."""
+
+    rule: str
+    convs: tuple
+    target: str
+    add: str
+    graph: str
+
+
+@dataclass(frozen=True)
+class UnmergedAdd:
+    """An Add tree summing two or more Convs of one input that stay apart: ``reason`` code, ``message``."""
+
+    add: str
+    convs: tuple
+    reason: str
+    message: str
+    graph: str
+
+
 @dataclass
 class FoldReport:
     folded: list = field(default_factory=list)
@@ -67,6 +92,8 @@ class FoldReport:
     bn_nodes: list = field(default_factory=list)
     ops_before: dict = field(default_factory=dict)  # op type -> count, all graphs, before folding
     ops_after: dict = field(default_factory=dict)
+    merged: list = field(default_factory=list)  # MergedConvs: summed Conv branches made one Conv
+    unmerged: list = field(default_factory=list)  # UnmergedAdd: summed Convs of one input left apart
 
     @property
     def n_folded(self) -> int:
@@ -97,6 +124,8 @@ class FoldReport:
             "bn_nodes": [plain(e) for e in self.bn_nodes],
             "ops_before": dict(self.ops_before),
             "ops_after": dict(self.ops_after),
+            "merged": [plain(e) for e in self.merged],
+            "unmerged": [plain(e) for e in self.unmerged],
         }
 
     def to_json(self, path) -> None:
