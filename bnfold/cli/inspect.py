@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from bnfold.cli.fold import outlier_lines
 from bnfold.cli.options import (
     JsonReportOption,
     VerboseOption,
@@ -74,4 +75,8 @@ def format_bn_table(report) -> str:
         f"{len(report.bn_nodes)} BatchNormalization node(s): {n_yes} foldable, "
         f"{len(report.bn_nodes) - n_yes} not foldable"
     )
+    flagged = outlier_lines(report.bn_nodes)
+    if flagged:
+        lines.append(f"{len(flagged)} BatchNormalization node(s) with variance-outlier channels:")
+        lines += flagged
     return "\n".join(lines)

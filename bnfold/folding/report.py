@@ -1,6 +1,7 @@
 """The fold pass's report: one entry per BN, folded (``FoldedBN``) or remaining (``RemainingBN``,
 with a reason code and one sentence), and ``BNInfo`` describing where each BN sits; ``FoldReport``
-holds them with the op counts before and after, as a dict or a JSON file.
+holds them with the op counts before and after and the number of subnormals flushed, as a dict or
+a JSON file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class FoldedBN:
     graph: str
     absorbed: tuple = ()  # labels of Add/Mul/Sub/Div nodes folded along with the BN
     weight_type: str = ""  # element type of the target layer's weight ("float32", "float16", ...)
+    # channels whose running variance sets their scale far above the BN's others (see BNInfo)
+    outlier_channels: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class BNInfo:
 
     ``producer_op``/``producer`` are "" when the BN input is a graph input, initializer or an
     outer-scope value; a graph output among the readers appears as op ``"<graph output>"``.
+    ``outlier_channels`` is flagged, not refused: the BN folds (or not) as it would otherwise.
     """
 
     bn: str
@@ -51,6 +55,10 @@ class BNInfo:
     foldable: bool
     rule_or_reason: str
     message: str
+    # Channel indices whose scale gamma / sqrt(var + eps) is at least OUTLIER_SCALE_RATIO (1000)
+    # times the BN's median and whose var + eps alone accounts for as much: a variance of ~0 next
+    # to normal channels, which gives huge folded weights (bnfold.folding.screening, docs/fold.md).
+    outlier_channels: tuple = ()
 
 
 @dataclass
@@ -60,6 +68,9 @@ class FoldReport:
     bn_nodes: list = field(default_factory=list)
     ops_before: dict = field(default_factory=dict)  # op type -> count, all graphs, before folding
     ops_after: dict = field(default_factory=dict)
+    # Subnormal float32 / float64 / bfloat16 values of the tensors the folds wrote, flushed to zero.
+    # fold_file knows the count of the big products only once they are written: it is filled in then.
+    flushed_subnormals: int = 0
 
     @property
     def n_folded(self) -> int:
@@ -82,6 +93,7 @@ class FoldReport:
             "bn_nodes": [plain(e) for e in self.bn_nodes],
             "ops_before": dict(self.ops_before),
             "ops_after": dict(self.ops_after),
+            "flushed_subnormals": self.flushed_subnormals,
         }
 
     def to_json(self, path) -> None:
