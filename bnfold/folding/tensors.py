@@ -71,8 +71,9 @@ def count_subnormals(array: np.ndarray) -> int:
 
 def flush_subnormals(array: np.ndarray, in_place: bool = False) -> tuple[np.ndarray, int]:
     """``(array with its subnormals replaced by zeros of the same sign, their number)``; the array
-    itself when there are none, else a copy (or ``array``, changed, when ``in_place``). Other types
-    than float32 / float64 / bfloat16 come back unchanged with 0."""
+    itself when there are none, else a copy (or ``array``, changed, when ``in_place``: it must then
+    be C-contiguous and writable). Other types than float32 / float64 / bfloat16 come back
+    unchanged with 0."""
     array = np.asarray(array)
     n = count_subnormals(array)
     if n == 0:
