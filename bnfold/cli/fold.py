@@ -121,6 +121,22 @@ def format_branch_merges(report, each_merge: bool = False) -> list:
     return lines
 
 
+def outlier_lines(bn_nodes) -> list[str]:
+    """One line per BN with variance-outlier channels (``BNInfo.outlier_channels``), for fold and inspect."""
+    lines = []
+    for info in bn_nodes:
+        if not info.outlier_channels:
+            continue
+        where = f" (in {info.graph})" if info.graph else ""
+        shown = ", ".join(str(c) for c in info.outlier_channels[:10])
+        more = f", ... ({len(info.outlier_channels)} in all)" if len(info.outlier_channels) > 10 else ""
+        lines.append(
+            f"  outlier channels of {info.bn}{where}: {shown}{more} (variance ~0: scale over 1000x the median; "
+            "their folded weights are that much larger)"
+        )
+    return lines
+
+
 def format_summary(report, fold_seconds, check_report) -> str:
     """The text the command prints: op-count changes, BN outcome, time, parity (file sizes are
     printed once the output exists)."""
@@ -141,6 +157,12 @@ def format_summary(report, fold_seconds, check_report) -> str:
         where = f" (in {r.graph})" if r.graph else ""
         lines.append(f"  remaining {r.bn}{where}: {r.reason}: {r.message}")
     lines += format_branch_merges(report)
+    lines += outlier_lines(report.bn_nodes)
+    if report.flushed_subnormals:
+        lines.append(
+            f"subnormals flushed to zero: {report.flushed_subnormals} value(s) of the folded weights and biases "
+            "(below 1.2e-38 in float32 / bfloat16, 2.2e-308 in float64)"
+        )
     lines.append(f"fold time (load, fold, write): {fold_seconds * 1000:.1f} ms")
     if check_report is None:
         lines.append("parity check: skipped (--no-check)")

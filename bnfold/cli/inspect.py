@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from bnfold.cli.fold import format_branch_merges
+from bnfold.cli.fold import format_branch_merges, outlier_lines
 from bnfold.cli.options import (
     JsonReportOption,
     VerboseOption,
@@ -83,4 +83,8 @@ def format_bn_table(report) -> str:
     n_chains = sum(1 for info in report.bn_nodes if info.kind != BATCH_NORM_KIND and info.foldable)
     if n_chains:
         lines.append(f"{n_chains} decomposed BN(s) (per-channel Mul/Add chains without a BN node) foldable")
+    flagged = outlier_lines(report.bn_nodes)
+    if flagged:
+        lines.append(f"{len(flagged)} BatchNormalization node(s) with variance-outlier channels:")
+        lines += flagged
     return "\n".join(lines)

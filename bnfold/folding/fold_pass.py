@@ -50,7 +50,7 @@ from bnfold.folding.rules import (
 from bnfold.folding.rules.affine import chain_ends
 from bnfold.folding.rules.base import chain_variable_operand
 from bnfold.folding.rules.protocol import BatchNorm, ChainRule, Failure, Match, Reason, Rule
-from bnfold.folding.screening import inference_batch_norm
+from bnfold.folding.screening import inference_batch_norm, variance_outlier_channels
 from bnfold.folding.tensors import FLOAT_TYPES
 from bnfold.folding.view import GraphView, ModelContext, is_batch_norm, iter_graphs, node_subgraphs
 from bnfold.io import load_model_deferred, read_as_ir4_if_initializers_unlisted
@@ -97,9 +97,10 @@ def _fold(model_or_path, forward: bool, complete_model: bool):
         model, payloads, wait_for_check = load_model_deferred(model_or_path)
     report = FoldReport()
     try:
-        _run(model, report, forward, payloads)
+        flushed = _run(model, report, forward, payloads)
         if payloads is not None and complete_model:
             payloads.materialize(model.graph.initializer)
+        report.flushed_subnormals = flushed.total()  # inspect: products counted, never kept
     finally:
         if payloads is not None:
             payloads.close()
@@ -198,7 +199,7 @@ def _fold_file_once(input_path, output_path, forward, verify, keep) -> FoldRepor
     try:
         report = FoldReport()
         try:
-            _run(model, report, forward, payloads, keep)
+            flushed = _run(model, report, forward, payloads, keep)
         except BaseException:
             wait_for_check()  # an invalid model is reported as such, whatever folding made of it
             raise
@@ -207,9 +208,12 @@ def _fold_file_once(input_path, output_path, forward, verify, keep) -> FoldRepor
             # The checker of the input runs on while the result is written to a temporary file;
             # nothing reaches output_path before it has passed.
             wait_for_check()
+            # The big products were computed (and their subnormals flushed) as they were written.
+            report.flushed_subnormals = flushed.total()
             return verify(tmp_path, report)
 
         save_model_atomic(model, output_path, source_path=input_path, payloads=payloads, verify=checked_then_verified)
+        report.flushed_subnormals = flushed.total()
     finally:
         payloads.close()
     return report
@@ -220,15 +224,18 @@ def inspect(model_or_path, *, forward: bool = True) -> FoldReport:
     return _fold(model_or_path, forward, complete_model=False)[1]
 
 
-def _run(model: onnx.ModelProto, report: FoldReport, forward: bool, payloads=None, keep=None) -> None:
+def _run(model: onnx.ModelProto, report: FoldReport, forward: bool, payloads=None, keep=None):
     """Fold ``model`` in place into ``report``. ``keep``: {(graph path, BN label): Failure} of BNs
-    to leave as they are, with that outcome (see ``fold_file``'s precision search)."""
+    to leave as they are, with that outcome (see ``fold_file``'s precision search). Returns the
+    ``FlushedSubnormals`` of the tensors the folds wrote, whose ``total()`` goes into
+    ``report.flushed_subnormals`` once the deferred products have been written."""
     report.ops_before = op_counts(model)
     ctx = ModelContext(model, payloads)
     released, vanished = set(), set()
     _fold_graph(model.graph, ctx, "", None, forward, report, released, vanished, keep or {})
     remove_unused(model, released, vanished)
     report.ops_after = op_counts(model)
+    return ctx.flush_written_subnormals()
 
 
 def op_counts(model: onnx.ModelProto) -> dict:
@@ -244,6 +251,7 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
     view = GraphView(graph, ctx, path, parent)
     bn_indices = [i for i, n in enumerate(view.nodes) if is_batch_norm(n)]
     attachments = {i: _attachment(view, i) for i in bn_indices}
+    outliers = {i: variance_outlier_channels(view, i) for i in bn_indices}  # of the original statistics
     outcome: dict[int, Match | Failure] = {}
     pending = []
     for i in bn_indices:
@@ -295,7 +303,9 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
     for root, (convs, failure) in merge_failures.items():
         report.unmerged.append(UnmergedAdd(view.labels[root], convs, failure.reason.value, failure.message, path))
     for i in bn_indices:
-        _report_outcome(view, i, path, outcome[i], attachments[i], weight_types.get(i, ""), BATCH_NORM_KIND, report)
+        _report_outcome(
+            view, i, path, outcome[i], attachments[i], weight_types.get(i, ""), BATCH_NORM_KIND, report, outliers[i]
+        )
     for end in sorted(chains_folded):
         result, attachment = chains_folded[end]
         _report_outcome(view, end, path, result, attachment, weight_types[end], CHAIN_KIND, report)
@@ -323,15 +333,15 @@ def _weight_type(view: GraphView, result: Match) -> str:
 
 
 def _report_outcome(
-    view: GraphView, index: int, path: str, result, attachment, weight_type: str, kind: str, report
+    view: GraphView, index: int, path: str, result, attachment, weight_type: str, kind: str, report, outliers=()
 ) -> None:
     """Put node ``index`` (a BN, or a chain end) in ``report.folded`` or ``report.remaining``, and
-    describe it in ``report.bn_nodes``."""
+    describe it in ``report.bn_nodes``; ``outliers``: its variance-outlier channels."""
     label = view.labels[index]
     if isinstance(result, Match):
         target = view.labels[result.target]
         absorbed = tuple(view.labels[k] for k in result.absorbed)
-        report.folded.append(FoldedBN(label, result.rule, target, path, absorbed, weight_type, kind))
+        report.folded.append(FoldedBN(label, result.rule, target, path, absorbed, weight_type, kind, outliers))
         foldable, code = True, result.rule
         message = f"folded into {view.describe(result.target)} by rule {result.rule}"
         if result.absorbed:
@@ -341,7 +351,7 @@ def _report_outcome(
         code, message = result.reason.value, result.message
         report.remaining.append(RemainingBN(label, code, message, path, kind))
         foldable = False
-    report.bn_nodes.append(BNInfo(label, path, *attachment, foldable, code, message, kind))
+    report.bn_nodes.append(BNInfo(label, path, *attachment, foldable, code, message, kind, outliers))
 
 
 def _evaluate_chain(view: GraphView, end: int, forward: bool) -> Match | None:

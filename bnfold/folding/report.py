@@ -1,7 +1,8 @@
 """The fold pass's report: one entry per BN, folded (``FoldedBN``) or remaining (``RemainingBN``,
 with a reason code and one sentence), and ``BNInfo`` describing where each BN sits; ``FoldReport``
-holds them with the op counts before and after, and the summed Conv branches merged into one
-(``MergedConvs``) or left apart (``UnmergedAdd``), as a dict or a JSON file.
+holds them with the op counts before and after, the summed Conv branches merged into one
+(``MergedConvs``) or left apart (``UnmergedAdd``) and the number of subnormals flushed, as a dict
+or a JSON file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class FoldedBN:
     absorbed: tuple = ()  # labels of Add/Mul/Sub/Div nodes folded along with the BN
     weight_type: str = ""  # element type of the target layer's weight ("float32", "float16", ...)
     kind: str = BATCH_NORM_KIND  # or CHAIN_KIND: ``bn`` is then the chain's last node
+    # channels whose running variance sets their scale far above the BN's others (see BNInfo)
+    outlier_channels: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class BNInfo:
 
     ``producer_op``/``producer`` are "" when the BN input is a graph input, initializer or an
     outer-scope value; a graph output among the readers appears as op ``"<graph output>"``.
+    ``outlier_channels`` is flagged, not refused: the BN folds (or not) as it would otherwise.
     """
 
     bn: str
@@ -59,6 +63,10 @@ class BNInfo:
     rule_or_reason: str
     message: str
     kind: str = BATCH_NORM_KIND
+    # Channel indices whose scale gamma / sqrt(var + eps) is at least OUTLIER_SCALE_RATIO (1000)
+    # times the BN's median and whose var + eps alone accounts for as much: a variance of ~0 next
+    # to normal channels, which gives huge folded weights (bnfold.folding.screening, docs/fold.md).
+    outlier_channels: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,9 @@ class FoldReport:
     ops_after: dict = field(default_factory=dict)
     merged: list = field(default_factory=list)  # MergedConvs: summed Conv branches made one Conv
     unmerged: list = field(default_factory=list)  # UnmergedAdd: summed Convs of one input left apart
+    # Subnormal float32 / float64 / bfloat16 values of the tensors the folds wrote, flushed to zero.
+    # fold_file knows the count of the big products only once they are written: it is filled in then.
+    flushed_subnormals: int = 0
 
     @property
     def n_folded(self) -> int:
@@ -126,6 +137,7 @@ class FoldReport:
             "ops_after": dict(self.ops_after),
             "merged": [plain(e) for e in self.merged],
             "unmerged": [plain(e) for e in self.unmerged],
+            "flushed_subnormals": self.flushed_subnormals,
         }
 
     def to_json(self, path) -> None:
