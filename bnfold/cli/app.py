@@ -162,6 +162,7 @@ def _main(argv) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        _import_extensions_uninterrupted(args.command)
         with warnings.catch_warnings():
             _show_bnfold_warnings_as_lines(args)
             return int(args.func(args) or 0)
@@ -196,6 +197,35 @@ def _main(argv) -> int:
             signal.signal(signum, handler)
         if previous:
             sys.unraisablehook = _default_unraisablehook
+
+
+# The compiled libraries the commands import. A signal handler that raises while one of them
+# initializes can end the process with SIGABRT (pybind11's module init does not expect a Python
+# exception from a signal handler), so they are imported first, with the signal held back.
+EXTENSIONS = ("numpy", "onnx")
+RUNTIME_COMMANDS = ("fold", "check", "bench", "calibrate", "demo")
+
+
+def _import_extensions_uninterrupted(command) -> None:
+    """Import ``EXTENSIONS`` (and onnxruntime for the commands that run models) with SIGINT and
+    SIGTERM recorded instead of raised; a signal that came meanwhile is raised right after."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    held = []
+    installed = {
+        signum: signal.signal(signum, lambda n, _f: held.append(n)) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        for name in EXTENSIONS + (("onnxruntime",) if command in RUNTIME_COMMANDS else ()):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass  # the command itself reports a missing or broken dependency
+    finally:
+        for signum, handler in installed.items():
+            signal.signal(signum, handler)
+    if held:
+        (_on_sigterm if held[0] == signal.SIGTERM else _on_sigint)(held[0], None)
 
 
 def _interrupted(signum) -> int:
