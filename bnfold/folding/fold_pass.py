@@ -22,11 +22,15 @@ from bnfold.folding.rules import (
     bn_conv,
     bn_duplicate,
     bn_gemm,
+    bn_layout_gemm,
+    bn_layout_matmul,
     bn_matmul,
     conv_bn,
     convtranspose_bn,
     gemm_bn,
+    gemm_layout_bn,
     matmul_bn,
+    matmul_layout_bn,
 )
 from bnfold.folding.rules.protocol import BatchNorm, Failure, Match, Reason, Rule
 from bnfold.folding.screening import inference_batch_norm
@@ -39,6 +43,10 @@ from bnfold.io import load_model_deferred, read_as_ir4_if_initializers_unlisted
 DEDUPLICATION_RULES: tuple[Rule, ...] = (bn_duplicate.RULE,)
 BACKWARD_RULES: tuple[Rule, ...] = (conv_bn.RULE, convtranspose_bn.RULE, gemm_bn.RULE, matmul_bn.RULE)
 FORWARD_RULES: tuple[Rule, ...] = (bn_gemm.RULE, bn_matmul.RULE, bn_conv.RULE)
+# Through Flatten / Reshape / Transpose / Squeeze / Unsqueeze (rules/layout.py): tried after the
+# direct folds of each direction, which they never overlap (they need at least one layout op).
+BACKWARD_RULES += (matmul_layout_bn.RULE, gemm_layout_bn.RULE)
+FORWARD_RULES += (bn_layout_gemm.RULE, bn_layout_matmul.RULE)
 
 RULE_CODES = tuple(r.name for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES)
 REASON_CODES = tuple(reason.value for reason in Reason)

@@ -496,6 +496,16 @@ class GraphView:
             self.initializers[name] = tensor
         return name
 
+    def truncate_inputs(self, index: int, count: int) -> None:
+        """Keep only the first ``count`` inputs of node ``index`` (the rest are released)."""
+        node = self.nodes[index]
+        for name in node.input[count:]:
+            if name:
+                if self.constant(name) is not None:
+                    self.released.add(name)
+                self.consumers[name].remove(index)
+        del node.input[count:]
+
     def remove_node(self, index: int) -> None:
         """Mark node ``index`` removed and drop it from the producer/reader maps."""
         node = self.nodes[index]
