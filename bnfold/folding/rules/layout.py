@@ -20,7 +20,8 @@ ranks (declared or inferred, as the other rules use them) and constant attribute
   axis) or Reshape to ``[0, -1]`` (the channel axis leads the merged trailing axes, ``block``).
 
 Values on the path may also be read by ``Shape`` / ``Size`` nodes: a fold changes the values on
-the path but never their shapes.
+the path but never their shapes. Those values get fresh names (``rename_outputs``), so a value
+that keeps its name keeps its meaning.
 """
 
 from __future__ import annotations
@@ -300,9 +301,24 @@ def channel_of_rows(bn: BatchNorm, mapping: str, rows: int):
     return np.arange(rows) % channels
 
 
+def rename_outputs(view: GraphView, producers) -> None:
+    """Give output 0 of each node a fresh name, its readers following. A fold changes the values on
+    its path; under new names no reader or comparison can take them for the old ones."""
+    for index in producers:
+        old = view.nodes[index].output[0]
+        new = view.ctx.fresh_name(old)
+        for reader in list(view.consumers.get(old, [])):
+            for position, name in enumerate(view.nodes[reader].input):
+                if name == old:
+                    view.redirect_input(reader, position, new)
+        view.rename_output(index, 0, new)
+
+
 def finish_backward_through_layout(view: GraphView, bn: BatchNorm, path: LayoutPath) -> None:
     """The BN goes; the last layout node now produces the BN's output (same shape as its input),
-    and shape-only readers of the BN input read the BN output instead."""
+    shape-only readers of the BN input read the BN output instead, and the values before it, which
+    now hold scaled features, get fresh names."""
+    rename_outputs(view, [path.layer] + path.nodes[:-1])
     for reader in shape_only_readers(view, bn.x):
         view.redirect_input(reader, 0, bn.y)
     view.remove_node(bn.index)
@@ -310,7 +326,9 @@ def finish_backward_through_layout(view: GraphView, bn: BatchNorm, path: LayoutP
 
 
 def finish_forward_through_layout(view: GraphView, bn: BatchNorm, path: LayoutPath) -> None:
-    """The BN goes; the first layout node (and shape-only readers of the BN output) read its input."""
+    """The BN goes; the first layout node (and shape-only readers of the BN output) read its input,
+    and the layout values, which now hold unnormalized features, get fresh names."""
+    rename_outputs(view, path.nodes)
     for reader in shape_only_readers(view, bn.y):
         view.redirect_input(reader, 0, bn.x)
     view.redirect_input(path.nodes[0], 0, bn.x)

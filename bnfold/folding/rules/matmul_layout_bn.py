@@ -14,9 +14,9 @@ and otherwise (a MatMul has no bias; Gemm takes only 2-D inputs)::
 
     A -> MatMul(B') -> [the same layout ops] -> Add(t laid along channel axis 1) -> Y
 
-The Add replaces the BN node in place; every value keeps its name and shape (the last layout
-value is renamed to Y in the Gemm form, and its ``Shape`` readers read Y), so ``Shape`` readers
-along the path stay valid.
+The Add replaces the BN node in place. Every value keeps its shape, so ``Shape`` readers along the
+path stay valid; the values that now hold scaled features get fresh names (the last layout value
+becomes Y in the Gemm form, its ``Shape`` readers reading Y).
 
 Conditions:
   1. The BN's channel axis is, through the layout ops, the product's last axis (see
@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnfold.folding.rules.base import representation_failure
-from bnfold.folding.rules.layout import BackwardThroughLayout, LayoutPath, turn_into_add
+from bnfold.folding.rules.layout import BackwardThroughLayout, LayoutPath, rename_outputs, turn_into_add
 from bnfold.folding.rules.matmul_bn import MatMulBn
 from bnfold.folding.rules.protocol import BatchNorm, Failure, Match, Reason
 from bnfold.folding.view import GraphView
@@ -77,6 +77,7 @@ class MatMulLayoutBn(BackwardThroughLayout, MatMulBn):
         def rewrite():
             name = node.input[1] or f"{node.output[0]}_weight"
             view.set_scaled_constant_input(layer, 1, read.seen, factor, read.data_type, name)
+            rename_outputs(view, [layer] + path.nodes)
             turn_into_add(view, bn, bn.shift, read.data_type, bn_rank)
 
         return Match(self.name, layer, rewrite)
