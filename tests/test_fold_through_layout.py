@@ -353,3 +353,24 @@ def test_generated_layout_model_has_the_expected_structure():
         "Reshape",
     ]
     assert helper.get_attribute_value(model.graph.node[1].attribute[0]) == -1
+
+
+def test_ranks_that_onnx_inference_cannot_give_are_worked_out():
+    """Opset 12, a Reshape to a shape computed from Shape/Slice/Concat (timm's stem in a
+    dynamic-batch TorchScript export): onnx infers no rank after it; the rules derive it."""
+    import onnx
+
+    from bnfold.folding.view import GraphView, ModelContext
+
+    g = G(seed=23)
+    x = g.input("x", ["batch", 5, 8])
+    leading = g.node("Slice", [g.node("Shape", [x], ["x_shape"]), ints(g, "s0", [0]), ints(g, "s1", [2])], ["lead"])
+    tokens = g.node("Reshape", [x, g.node("Concat", [leading, ints(g, "k", [8])], ["to"], axis=0)], ["tokens"])
+    m = g.node("MatMul", [g.node("Relu", [tokens], ["act"]), g.const("W", (8, 6))], ["m"])
+    f = g.node("Flatten", [m], ["f"], axis=2)
+    b = g.bn(f, "b", 6)
+    g.node("Reshape", [b, g.node("Shape", [tokens], ["back"])], ["y"])
+    model = g.model([("y", None)], opset=12)
+    view = GraphView(onnx.ModelProto.FromString(model.SerializeToString()).graph, ModelContext(model))
+    assert view.rank("tokens") is None and view.rank("m") is None  # what onnx inference leaves unknown
+    fold_through_layout(model, rule="matmul_layout_bn")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnfold.folding.rules.bn_matmul import BnMatMul
-from bnfold.folding.rules.layout import ForwardThroughLayout
+from bnfold.folding.rules.layout import ForwardThroughLayout, value_rank
 from bnfold.folding.rules.protocol import BatchNorm, Failure, Reason
 from bnfold.folding.view import GraphView
 
@@ -45,7 +45,7 @@ class BnLayoutMatMul(ForwardThroughLayout, BnMatMul):
 
     def contracted_axis(self, view: GraphView, layer: int):
         data = view.nodes[layer].input[0]
-        rank = view.rank(data)
+        rank = value_rank(view, data)
         if rank is None:
             return Failure(
                 Reason.UNKNOWN_RANK,

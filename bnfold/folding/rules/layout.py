@@ -26,12 +26,13 @@ that keeps its name keeps its meaning.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from bnfold.folding.rules.protocol import BatchNorm, Failure, Reason
-from bnfold.folding.view import GraphView, get_attr, is_default_domain
+from bnfold.folding.view import GraphView, get_attr, is_default_domain, value_info_type
 
 LAYOUT_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 # Readers that see only the shape of a value, which folding never changes.
@@ -71,6 +72,156 @@ def other_reader_failure(view: GraphView, value: str, expected_reader: int, prod
             Reason.MULTIPLE_CONSUMERS,
             f"{producer} output '{value}' is also read by {names}; folding would change that reader",
         )
+    return None
+
+
+# Ops whose output 0 has the rank of their input 0, and ops that broadcast their inputs.
+_RANK_KEEPING = frozenset(
+    [
+        "Abs",
+        "Cast",
+        "CastLike",
+        "Ceil",
+        "Clip",
+        "Dropout",
+        "Elu",
+        "Erf",
+        "Exp",
+        "Floor",
+        "Gelu",
+        "HardSigmoid",
+        "HardSwish",
+        "Identity",
+        "LayerNormalization",
+        "LeakyRelu",
+        "Log",
+        "LogSoftmax",
+        "Mish",
+        "Neg",
+        "PRelu",
+        "Reciprocal",
+        "Relu",
+        "Round",
+        "Selu",
+        "Sigmoid",
+        "Sign",
+        "Sin",
+        "Cos",
+        "Softmax",
+        "Softplus",
+        "Softsign",
+        "Sqrt",
+        "Tanh",
+        "BatchNormalization",
+        "InstanceNormalization",
+    ]
+)
+_BROADCASTING = frozenset(
+    ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Where", "Equal", "Less", "Greater", "And", "Or"]
+)
+# GraphView -> {value: rank}, built once per graph the first time a layout path needs a rank.
+# Folds keep every value's shape (renamed values resolve through GraphView.renamed_from), so the
+# table stays right while the rules edit the graph.
+_RANK_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def value_rank(view: GraphView, name: str):
+    """Rank of ``name``: declared or inferred (as ``view.rank``), else worked out from the ops that
+    produce it. ONNX shape inference gives up on a Reshape whose shape is computed
+    (``Reshape(x, Concat(Slice(Shape(x)), [-1]))``, whose output rank is the known length of the
+    shape) and on everything after it, which is how dynamic-batch TorchScript exports of
+    transformers at opset < 14 look; each op below has a rank rule that holds whatever the values."""
+    table = _RANK_TABLES.get(view)
+    if table is None:
+        table = _RANK_TABLES[view] = _rank_table(view)
+    for _ in range(len(view.renamed_from) + 1):
+        if table.get(name) is not None:
+            return table[name]
+        if name not in view.renamed_from:
+            break
+        name = view.renamed_from[name]
+    return view.rank(name)
+
+
+def _rank_table(view: GraphView) -> dict:
+    declared = {t.name: len(t.dims) for t in view.graph.initializer}
+    for vi in list(view.graph.value_info) + list(view.graph.input) + list(view.graph.output):
+        described = value_info_type(vi)
+        if described is not None and described[1] is not None:
+            declared.setdefault(vi.name, len(described[1]))
+    table: dict = {}
+
+    def rank(value: str):
+        if value in table:
+            return table[value]
+        if value in declared:
+            return declared[value]
+        known = view.ctx.inferred_rank(value)
+        if known is None and view.producer_of(value) is None:
+            known = view.rank(value)  # a graph input or a value of an outer scope
+        return known
+
+    for node in view.nodes:  # a valid graph lists its nodes in topological order
+        for out in node.output:
+            if out:
+                table[out] = rank(out)
+        if not is_default_domain(node):
+            continue
+        if node.op_type == "Split":  # every piece has the rank of the whole
+            for out in node.output:
+                if out and table[out] is None:
+                    table[out] = rank(node.input[0])
+        elif node.output and node.output[0] and table[node.output[0]] is None:
+            table[node.output[0]] = _derived_rank(view, node, rank)
+    return table
+
+
+def _shape_length(view: GraphView, name: str, rank):
+    """Length of the 1-D shape tensor ``name``: constant, inferred, or ``Shape(v)`` of a value of known rank."""
+    shape = view.constant(name)
+    if shape is not None:
+        return int(np.asarray(shape).size)
+    inferred = view.ctx.inferred_type(name)
+    dims = None if inferred is None else inferred[1]
+    if dims is not None and len(dims) == 1 and dims[0] is not None:
+        return dims[0]
+    index = view.producer_of(name)
+    node = None if index is None else view.nodes[index]
+    if node is not None and node.op_type == "Shape" and is_default_domain(node):
+        whole = rank(node.input[0])
+        if whole is not None:  # Shape-15's start/end clamp like Python slice bounds
+            return len(range(whole)[get_attr(node, "start", 0) : get_attr(node, "end", None)])
+    return None
+
+
+def _derived_rank(view: GraphView, node, rank):
+    op = node.op_type
+    inputs = [i for i in node.input if i]
+    if not inputs:
+        return None
+    if op in _RANK_KEEPING or op in ("Transpose", "Slice", "Pad", "Resize", "Tile"):
+        return rank(node.input[0])
+    if op in _BROADCASTING:
+        ranks = [rank(i) for i in inputs]
+        return None if None in ranks else max(ranks)
+    if op == "Flatten":
+        return 2
+    if op == "Reshape" and len(node.input) > 1:
+        return _shape_length(view, node.input[1], rank)
+    if op == "Expand" and len(node.input) > 1:
+        length, before = _shape_length(view, node.input[1], rank), rank(node.input[0])
+        return None if length is None or before is None else max(length, before)
+    if op == "Concat":
+        return next((r for r in map(rank, inputs) if r is not None), None)
+    if op == "MatMul" and len(node.input) == 2:
+        a, b = rank(node.input[0]), rank(node.input[1])
+        return max(a, b) if a is not None and b is not None and a >= 2 and b >= 2 else None
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = _axes(view, node)
+        before = rank(node.input[0])
+        if axes is None or before is None or (op == "Squeeze" and not axes):
+            return None
+        return before - len(axes) if op == "Squeeze" else before + len(axes)
     return None
 
 
@@ -148,8 +299,8 @@ def axis_before(view: GraphView, bn: BatchNorm, index: int, axis: int) -> int | 
     node = view.nodes[index]
     if node.op_type == "Identity":
         return axis
-    out_rank = view.rank(node.output[0])
-    in_rank = view.rank(node.input[0])
+    out_rank = value_rank(view, node.output[0])
+    in_rank = value_rank(view, node.input[0])
     if out_rank is None:
         return _rank_failure(view, index, "output", node.output[0])
     if in_rank is None:
@@ -181,7 +332,7 @@ def axis_before(view: GraphView, bn: BatchNorm, index: int, axis: int) -> int | 
 def backward_feature_axis(view: GraphView, bn: BatchNorm, path: LayoutPath) -> int | Failure:
     """The axis of the layer's output that the BN's channel axis (axis 1 of its input) comes from."""
     axis = 1
-    if view.rank(bn.x) is None:
+    if value_rank(view, bn.x) is None:
         return Failure(
             Reason.UNKNOWN_RANK,
             f"the rank of BatchNormalization '{bn.label}' input is unknown, so which layer axis holds "
@@ -238,7 +389,7 @@ def _reshape_is_flatten_at_1(view: GraphView, node) -> bool:
 def forward_feature_axis(view: GraphView, bn: BatchNorm, path: LayoutPath) -> ForwardAxis | Failure:
     """Follow the BN channel axis (axis 1 of its output) forward to the axis of the layer's input."""
     axis, mapping = 1, "whole"
-    if view.rank(bn.y) is None:
+    if value_rank(view, bn.y) is None:
         return Failure(
             Reason.UNKNOWN_RANK,
             f"the rank of BatchNormalization '{bn.label}' output is unknown, so which layer axis holds "
@@ -248,7 +399,7 @@ def forward_feature_axis(view: GraphView, bn: BatchNorm, path: LayoutPath) -> Fo
         node = view.nodes[index]
         if node.op_type == "Identity":
             continue
-        out_rank, in_rank = view.rank(node.output[0]), view.rank(node.input[0])
+        out_rank, in_rank = value_rank(view, node.output[0]), value_rank(view, node.input[0])
         if out_rank is None:
             return _rank_failure(view, index, "output", node.output[0])
         if in_rank is None:
@@ -364,7 +515,7 @@ class BackwardThroughLayout:
         if isinstance(axis, Failure):
             return axis
         layer_output = view.nodes[path.layer].output[0]
-        out_rank = view.rank(layer_output)
+        out_rank = value_rank(view, layer_output)
         if out_rank is None:
             return _rank_failure(view, path.layer, "output", layer_output)
         if axis != out_rank - 1:

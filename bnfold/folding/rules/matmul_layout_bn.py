@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnfold.folding.rules.base import representation_failure
-from bnfold.folding.rules.layout import BackwardThroughLayout, LayoutPath, rename_outputs, turn_into_add
+from bnfold.folding.rules.layout import BackwardThroughLayout, LayoutPath, rename_outputs, turn_into_add, value_rank
 from bnfold.folding.rules.matmul_bn import MatMulBn
 from bnfold.folding.rules.protocol import BatchNorm, Failure, Match, Reason
 from bnfold.folding.view import GraphView
@@ -72,7 +72,7 @@ class MatMulLayoutBn(BackwardThroughLayout, MatMulBn):
         if unrepresentable is not None:
             return unrepresentable
         node = view.nodes[layer]
-        bn_rank = view.rank(bn.x)
+        bn_rank = value_rank(view, bn.x)
 
         def rewrite():
             name = node.input[1] or f"{node.output[0]}_weight"
