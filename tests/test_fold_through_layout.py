@@ -369,7 +369,7 @@ def test_ranks_that_onnx_inference_cannot_give_are_worked_out():
     m = g.node("MatMul", [g.node("Relu", [tokens], ["act"]), g.const("W", (8, 6))], ["m"])
     f = g.node("Flatten", [m], ["f"], axis=2)
     b = g.bn(f, "b", 6)
-    g.node("Reshape", [b, g.node("Shape", [tokens], ["back"])], ["y"])
+    g.node("Reshape", [b, g.node("Shape", [m], ["back"])], ["y"])
     model = g.model([("y", ["batch", 5, 6])], opset=12)
     view = GraphView(onnx.ModelProto.FromString(model.SerializeToString()).graph, ModelContext(model))
     assert view.rank("tokens") is None and view.rank("m") is None  # what onnx inference leaves unknown
