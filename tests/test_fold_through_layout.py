@@ -374,3 +374,12 @@ def test_ranks_that_onnx_inference_cannot_give_are_worked_out():
     view = GraphView(onnx.ModelProto.FromString(model.SerializeToString()).graph, ModelContext(model))
     assert view.rank("tokens") is None and view.rank("m") is None  # what onnx inference leaves unknown
     fold_through_layout(model, rule="matmul_layout_bn")
+
+
+def test_forward_flatten_at_the_rank_puts_the_channels_in_the_rows():
+    g = G(seed=24)
+    x = g.input("x", [2, 3])
+    b = g.bn(x, "b", 3)
+    f = g.node("Flatten", [b], ["f"], axis=2)  # (6, 1): every value a row of its own
+    g.node("Gemm", [f, g.const("W", (1, 5))], ["y"])
+    assert remaining_reason(g.model([("y", None)])) == "matmul_layout"

@@ -386,6 +386,12 @@ def _reshape_is_flatten_at_1(view: GraphView, node) -> bool:
     return shape is not None and np.asarray(shape).reshape(-1).tolist() == [0, -1]
 
 
+def _flatten_axis(node, rank: int) -> int:
+    """Flatten's ``axis`` in 0..rank (axis = rank puts every axis in the rows)."""
+    axis = int(get_attr(node, "axis", 1))
+    return axis + rank if axis < 0 else axis
+
+
 def forward_feature_axis(view: GraphView, bn: BatchNorm, path: LayoutPath) -> ForwardAxis | Failure:
     """Follow the BN channel axis (axis 1 of its output) forward to the axis of the layer's input."""
     axis, mapping = 1, "whole"
@@ -426,13 +432,13 @@ def forward_feature_axis(view: GraphView, bn: BatchNorm, path: LayoutPath) -> Fo
         if mapping != "whole":
             return _moved_failure(view, bn, index, "merges axes a second time")
         leads_merge = (
-            int(get_attr(node, "axis", 1)) % in_rank == axis
+            _flatten_axis(node, in_rank) == axis
             if op == "Flatten"
             else axis == 1 and _reshape_is_flatten_at_1(view, node)
         )
         if leads_merge:
             axis, mapping = out_rank - 1, "block"
-        elif axis == in_rank - 1:
+        elif axis == in_rank - 1 and (op == "Reshape" or _flatten_axis(node, in_rank) < in_rank):
             axis, mapping = out_rank - 1, "cyclic"
         else:
             return _moved_failure(view, bn, index, "merges the channel axis with axes after it in a way not proven")
