@@ -383,3 +383,94 @@ def test_forward_flatten_at_the_rank_puts_the_channels_in_the_rows():
     f = g.node("Flatten", [b], ["f"], axis=2)  # (6, 1): every value a row of its own
     g.node("Gemm", [f, g.const("W", (1, 5))], ["y"])
     assert remaining_reason(g.model([("y", None)])) == "matmul_layout"
+
+
+@pytest.mark.parametrize("dim_0", ["gather_unsqueeze", "slice", "shape_end", "dynamo"])
+def test_bn2d_view_batch_minus1_gemm(dim_0):
+    """TorchScript's ``x.view(x.size(0), -1)``: Reshape(x, Concat([x.shape[0]], [-1]))."""
+    g = G(seed=25)
+    x = g.input("x", ["n", 3, 2, 2])
+    b = g.bn(x, "b", 3)
+    if dim_0 == "gather_unsqueeze":
+        batch = g.node("Gather", [g.node("Shape", [b], ["s"]), ints(g, "zero", 0)], ["n0"], axis=0)
+        batch = g.node("Unsqueeze", [batch, ints(g, "axes", [0])], ["n1"])
+    elif dim_0 == "slice":
+        batch = g.node("Slice", [g.node("Shape", [b], ["s"]), ints(g, "start", [0]), ints(g, "end", [1])], ["n1"])
+    elif dim_0 == "shape_end":
+        batch = g.node("Shape", [x], ["n1"], start=0, end=1)
+    else:  # the scalar made a vector again, and the merged length written out
+        scalar = g.node("Squeeze", [g.node("Shape", [x], ["n0"], start=0, end=1)], ["n_scalar"])
+        batch = g.node("Reshape", [scalar, ints(g, "vector", [-1])], ["n1"])
+    rest = [12] if dim_0 == "dynamo" else [-1]
+    shape = g.node("Concat", [batch, ints(g, "rest", rest)], ["to"], axis=0)
+    f = g.node("Reshape", [b, shape], ["f"])
+    g.node("Gemm", [f, g.const("W", (12, 5)), g.const("C", (5,))], ["y"])
+    fold_through_layout(g.model([("y", None)]), rule="bn_layout_gemm")
+
+
+def test_view_with_another_values_batch_is_refused():
+    g = G(seed=26)
+    x = g.input("x", ["n", 3, 2, 2])
+    other = g.input("other", ["m", 4])
+    b = g.bn(x, "b", 3)
+    batch = g.node("Shape", [other], ["n1"], start=0, end=1)  # another tensor's dimension 0
+    f = g.node("Reshape", [b, g.node("Concat", [batch, ints(g, "rest", [-1])], ["to"], axis=0)], ["f"])
+    g.node("Gemm", [f, g.const("W", (12, 5))], ["y"])
+    assert remaining_reason(g.model([("y", None)])) == "matmul_layout"
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("flatten", ["view", "flatten"])
+def test_torch_bn2d_flatten_linear_head_folds_forward(tmp_path, dynamo, flatten):
+    """A face-recognition style head, BatchNorm2d -> x.view(x.size(0), -1) / flatten(1) -> Linear,
+    exported with a dynamic batch: the BN folds into the Linear's Gemm."""
+    torch = pytest.importorskip("torch")
+    import onnx
+    import onnxruntime as ort
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(4)
+            self.fc = torch.nn.Linear(4 * 3 * 3, 5)
+
+        def forward(self, x):
+            x = self.bn(x)
+            return self.fc(x.view(x.size(0), -1) if flatten == "view" else torch.flatten(x, 1))
+
+    head = Head()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        head.bn.running_mean.normal_(generator=generator)
+        head.bn.running_var.uniform_(0.5, 2.0, generator=generator)
+        head.bn.weight.uniform_(0.5, 1.5, generator=generator)
+        head.bn.bias.normal_(generator=generator)
+    head.eval()
+    example = torch.randn(2, 4, 3, 3)
+    if dynamo:
+        pytest.importorskip("onnxscript")
+        program = torch.onnx.export(
+            head,
+            (example,),
+            dynamo=True,
+            input_names=["x"],
+            dynamic_shapes=({0: torch.export.Dim("b")},),
+            optimize=False,
+        )
+        model = program.model_proto
+    else:
+        path = str(tmp_path / "head.onnx")
+        torch.onnx.export(
+            head, (example,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}}, opset_version=17
+        )
+        model = onnx.load(path)
+    folded, report = bnfold.fold(model)
+    assert report.n_folded == 1 and report.folded[0].rule == "bn_layout_gemm", report.to_dict()
+    assert ops_of(folded)["BatchNormalization"] == 0
+    onnx.checker.check_model(folded, full_check=True)
+    session = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 4, 3, 3)
+    with torch.no_grad():
+        expected = head(x).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))

@@ -378,12 +378,112 @@ class ForwardAxis:
     mapping: str
 
 
-def _reshape_is_flatten_at_1(view: GraphView, node) -> bool:
-    """Reshape(x, [0, -1]) (allowzero 0): dimension 0 kept, everything after it merged."""
-    if get_attr(node, "allowzero", 0) or len(node.input) < 2:
+def _reshape_is_flatten_at_1(view: GraphView, node, same_batch: set) -> bool:
+    """Reshape to ``[0, -1]`` / ``[0, K]`` (allowzero 0) or to ``Concat(dim 0 of v, [-1] or [K])``
+    with v a value of the same dimension 0 (``same_batch``; TorchScript's and dynamo's
+    ``x.view(x.size(0), -1)``): dimension 0 kept, everything after it merged."""
+    if len(node.input) < 2:
         return False
-    shape = view.constant(node.input[1])
-    return shape is not None and np.asarray(shape).reshape(-1).tolist() == [0, -1]
+    shape = _flat_ints(view, node.input[1])
+    if shape is not None:
+        return not get_attr(node, "allowzero", 0) and len(shape) == 2 and shape[0] == 0 and _merges_rest(shape[1])
+    concat = _producer(view, node.input[1], "Concat")
+    if concat is None or int(get_attr(concat, "axis", 0)) != 0 or len(concat.input) != 2:
+        return False
+    rest = _flat_ints(view, concat.input[1])
+    return (
+        rest is not None and len(rest) == 1 and _merges_rest(rest[0]) and _is_dim_0(view, concat.input[0], same_batch)
+    )
+
+
+def _merges_rest(dim: int) -> bool:
+    """After a kept dimension 0, -1 or any positive length is all the other axes merged: the
+    element count leaves the reshape no other choice (for a non-empty batch)."""
+    return dim == -1 or dim > 0
+
+
+def _producer(view: GraphView, name: str, op: str):
+    index = view.producer_of(name)
+    node = None if index is None else view.nodes[index]
+    return node if node is not None and node.op_type == op and is_default_domain(node) else None
+
+
+def _flat_ints(view: GraphView, name: str):
+    value = view.constant(name) if name else None
+    return None if value is None else np.asarray(value).reshape(-1).tolist()
+
+
+def _is_dim_0(view: GraphView, name: str, same_batch: set, depth: int = 0) -> bool:
+    """``name`` is the 1-element vector ``[v.shape[0]]`` of a value v in ``same_batch``: Shape(v)
+    cut to its first element (Shape's start/end, Slice, Gather with [0]), or the scalar below
+    made a vector again (Unsqueeze at 0, Reshape to [-1] or [1]: the dynamo exporter's form)."""
+    if depth > 8:
+        return False
+    index = view.producer_of(name)
+    node = None if index is None else view.nodes[index]
+    if node is None or not is_default_domain(node) or not node.input:
+        return False
+    op = node.op_type
+    if op == "Shape":
+        return get_attr(node, "start", 0) == 0 and get_attr(node, "end", None) == 1 and node.input[0] in same_batch
+    if op == "Unsqueeze":
+        return _axes(view, node) == [0] and _is_scalar_dim_0(view, node.input[0], same_batch, depth + 1)
+    if op == "Reshape" and len(node.input) > 1 and _flat_ints(view, node.input[1]) in ([-1], [1]):
+        return _is_scalar_dim_0(view, node.input[0], same_batch, depth + 1) or _is_dim_0(
+            view, node.input[0], same_batch, depth + 1
+        )
+    if op not in ("Gather", "Slice"):
+        return False
+    shape = _producer(view, node.input[0], "Shape")
+    if shape is None or shape.attribute or shape.input[0] not in same_batch:
+        return False
+    if op == "Gather":
+        index_value = view.constant(node.input[1]) if len(node.input) > 1 else None
+        return (
+            index_value is not None
+            and np.ndim(index_value) == 1
+            and int(get_attr(node, "axis", 0)) == 0
+            and np.asarray(index_value).tolist() == [0]
+        )
+    starts, ends = (_flat_ints(view, i) for i in (list(node.input[1:3]) + ["", ""])[:2])
+    axes = node.input[3] if len(node.input) > 3 else ""
+    steps = node.input[4] if len(node.input) > 4 else ""
+    return starts == [0] and ends == [1] and (not axes or _flat_ints(view, axes) == [0]) and not steps
+
+
+def _is_scalar_dim_0(view: GraphView, name: str, same_batch: set, depth: int) -> bool:
+    """``name`` is the scalar ``v.shape[0]``: Gather(Shape(v), 0), or a Squeeze of ``[v.shape[0]]``."""
+    index = view.producer_of(name)
+    node = None if index is None else view.nodes[index]
+    if node is None or not is_default_domain(node) or not node.input:
+        return False
+    if node.op_type == "Gather":
+        shape = _producer(view, node.input[0], "Shape")
+        index_value = view.constant(node.input[1]) if len(node.input) > 1 else None
+        return (
+            shape is not None
+            and not shape.attribute
+            and shape.input[0] in same_batch
+            and index_value is not None
+            and np.ndim(index_value) == 0
+            and int(index_value) == 0
+            and int(get_attr(node, "axis", 0)) == 0
+        )
+    if node.op_type == "Squeeze":
+        axes = _axes(view, node)
+        return axes in ([], [0]) and _is_dim_0(view, node.input[0], same_batch, depth + 1)
+    return False
+
+
+def _keeps_dim_0(view: GraphView, node) -> bool:
+    """The layout op's output has its input's dimension 0 as its own dimension 0."""
+    if node.op_type == "Transpose":
+        perm = get_attr(node, "perm", None)
+        return perm is not None and int(perm[0]) == 0
+    if node.op_type in ("Squeeze", "Unsqueeze"):
+        axes = _axes(view, node)
+        return bool(axes) and all(int(a) > 0 for a in axes)  # negative axes could be 0: not proven
+    return False
 
 
 def _flatten_axis(node, rank: int) -> int:
@@ -401,10 +501,14 @@ def forward_feature_axis(view: GraphView, bn: BatchNorm, path: LayoutPath) -> Fo
             f"the rank of BatchNormalization '{bn.label}' output is unknown, so which layer axis holds "
             "its channels cannot be proven",
         )
+    same_batch = {bn.x, bn.y}  # values whose dimension 0 is the BN's
     for index in path.nodes:
         node = view.nodes[index]
         if node.op_type == "Identity":
+            same_batch.add(node.output[0])
             continue
+        if _keeps_dim_0(view, node) and node.input[0] in same_batch:
+            same_batch.add(node.output[0])
         out_rank, in_rank = value_rank(view, node.output[0]), value_rank(view, node.input[0])
         if out_rank is None:
             return _rank_failure(view, index, "output", node.output[0])
@@ -434,7 +538,7 @@ def forward_feature_axis(view: GraphView, bn: BatchNorm, path: LayoutPath) -> Fo
         leads_merge = (
             _flatten_axis(node, in_rank) == axis
             if op == "Flatten"
-            else axis == 1 and _reshape_is_flatten_at_1(view, node)
+            else axis == 1 and _reshape_is_flatten_at_1(view, node, same_batch)
         )
         if leads_merge:
             axis, mapping = out_rank - 1, "block"
