@@ -14,10 +14,10 @@ After::
 Conditions:
   1. The BN's channel axis reaches the axis the Gemm contracts (1, or 0 with transA = 1), moved
      whole by Transpose / Squeeze / Unsqueeze and merged at most once, so that contracted feature
-     k holds channel ``k // (K / C)`` (Flatten at the channel axis, Reshape to ``[0, -1]``: the
-     channel leads the merged axes) or ``k % C`` (a Flatten or Reshape of any shape that merges
-     axes ending with the channel axis); K must be a multiple of C (``not_per_channel``). See
-     ``rules/layout.py``.
+     k holds channel ``k // (K / C)`` (Flatten at the channel axis; Reshape to ``[0, -1]``, or to
+     ``Concat([dim 0 of the BN's tensor], [-1] or [K])``: the channel leads the merged axes) or
+     ``k % C`` (a Flatten or Reshape of any shape that merges axes ending with the channel axis);
+     K must be a multiple of C (``not_per_channel``). See ``rules/layout.py``.
   2. Every value from the BN to the layer is read only by the next node and by ``Shape`` /
      ``Size`` nodes (which then read the BN's input), and is not a graph output.
   3. B (and C) are float constants.
