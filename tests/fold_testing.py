@@ -152,6 +152,6 @@ def constant_value(graph, name):
 
 def report_entries(report):
     """[(bn, graph, 'fold'|'remain', rule_or_reason, message)] for every BN in a FoldReport."""
-    rows = [(f.bn, f.graph, "fold", f.rule, "") for f in report.folded]
-    rows += [(r.bn, r.graph, "remain", r.reason, r.message) for r in report.remaining]
+    rows = [(f.bn, f.graph, "fold", f.rule, "") for f in report.folded if f.kind == "BatchNormalization"]
+    rows += [(r.bn, r.graph, "remain", r.reason, r.message) for r in report.remaining if r.kind == "BatchNormalization"]
     return rows

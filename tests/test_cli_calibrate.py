@@ -216,9 +216,10 @@ def test_fold_parity_failure_exit_1(files, capsys, monkeypatch):
     real_run = bnfold.folding.fold_pass._run
 
     def broken_run(model, report, forward, payloads=None, keep=None):
-        real_run(model, report, forward, payloads, keep)
+        flushed = real_run(model, report, forward, payloads, keep)  # returned as _run returns it
         w = model.graph.initializer[0]
         write_tensor(w, read_tensor(w, payloads) * 2, w.data_type, w.name, payloads)
+        return flushed
 
     monkeypatch.setattr(bnfold.folding.fold_pass, "_run", broken_run)
     model_path, data_path, _, tmp = files

@@ -136,10 +136,11 @@ def test_parity_failure_real_check(tmp_path, capsys, monkeypatch):
     real_run = bnfold.folding.fold_pass._run
 
     def broken_run(model, report, forward, payloads=None, keep=None):
-        real_run(model, report, forward, payloads, keep)
+        flushed = real_run(model, report, forward, payloads, keep)  # returned as _run returns it
         for t in model.graph.initializer:
             if len(t.dims) == 4:
                 write_tensor(t, read_tensor(t, payloads) * 1.5, t.data_type, t.name, payloads)
+        return flushed
 
     monkeypatch.setattr(bnfold.folding.fold_pass, "_run", broken_run)
     src = tmp_path / "m.onnx"
@@ -164,10 +165,11 @@ def test_wrong_fold_hidden_by_the_head_is_refused(tmp_path, capsys, monkeypatch,
     real_run = bnfold.folding.fold_pass._run
 
     def one_layer_wrong(model, report, forward, payloads=None, keep=None):
-        real_run(model, report, forward, payloads, keep)
+        flushed = real_run(model, report, forward, payloads, keep)  # returned as _run returns it
         node = next(n for n in model.graph.node if n.name == layer)
         t = next(t for t in model.graph.initializer if t.name == node.input[1])
         write_tensor(t, read_tensor(t, payloads) * 1.01, t.data_type, t.name, payloads)
+        return flushed
 
     src = tmp_path / "m.onnx"
     onnx.save_model(getattr(hidden_error_models, builder)(), str(src))

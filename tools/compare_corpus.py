@@ -75,7 +75,7 @@ import tempfile
 import time
 
 # Bump when what a cached result means changes (counting, verification, tolerances).
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 
 TOOL_ORDER = ("bnfold", "ort-basic", "ort-extended", "onnxslim", "onnxsim", "onnxoptimizer", "onnxscript", "aimet")
 UNDER_TEST = "bnfold"
@@ -146,14 +146,56 @@ def _all_nodes(model):
 
 
 def count_nodes(model) -> dict:
-    """BN count, node count and operator domains over all graphs of an ``onnx.ModelProto``."""
+    """BN count, node count, decomposed-BN count (``count_layer_chains``) and operator domains
+    over all graphs of an ``onnx.ModelProto``."""
     n_bn = n_nodes = 0
     domains = set()
     for node in _all_nodes(model):
         n_nodes += 1
         n_bn += _is_batch_norm(node)
         domains.add(node.domain)
-    return {"bn": n_bn, "nodes": n_nodes, "domains": sorted(domains)}
+    return {"bn": n_bn, "nodes": n_nodes, "chains": count_layer_chains(model), "domains": sorted(domains)}
+
+
+_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_CHAIN_OPS = ("Add", "Sub", "Mul", "Div")
+
+
+def count_layer_chains(model) -> int:
+    """Add / Sub / Mul / Div nodes of the main graph with one constant operand (an initializer or
+    a Constant node) whose other operand comes, through such nodes and Identity, from a Conv /
+    ConvTranspose / Gemm / MatMul whose weight is constant: the decomposed BNs a fold may remove
+    (an upper bound: not every such node acts per channel, and a rank-3 MatMul's bias cannot go)."""
+    graph = model.graph
+    constants = {t.name for t in graph.initializer} | {
+        o for n in graph.node if n.op_type == "Constant" for o in n.output
+    }
+    produced = {o: n for n in graph.node for o in n.output if o}
+
+    def variable_operand(node):
+        if node.op_type not in _CHAIN_OPS or len(node.input) != 2:
+            return None
+        kinds = [name in constants for name in node.input]
+        return node.input[kinds.index(False)] if kinds.count(True) == 1 else None
+
+    count = 0
+    for node in graph.node:
+        value = variable_operand(node)
+        if value is None:
+            continue
+        producer = produced.get(value)
+        for _ in range(64):
+            if producer is None or producer.op_type in _LAYER_OPS:
+                break
+            if producer.op_type == "Identity":
+                producer = produced.get(producer.input[0])
+            elif variable_operand(producer) is not None:
+                producer = produced.get(variable_operand(producer))
+            else:
+                producer = None
+        if producer is not None and producer.op_type in _LAYER_OPS and len(producer.input) > 1:
+            count += producer.input[1] in constants
+    return count
 
 
 def _bn_label(node) -> str:
@@ -655,7 +697,7 @@ def _inspect_output(spec, result) -> None:
     """Count the tool's output and verify it; fills ``result``."""
     candidate = _load_structure(spec["out"])
     counts = count_nodes(candidate)
-    result.update(bn=counts["bn"], nodes=counts["nodes"], domains=counts["domains"])
+    result.update(bn=counts["bn"], nodes=counts["nodes"], chains=counts["chains"], domains=counts["domains"])
     result["left_bns"] = sorted(_batch_norm_outputs(candidate))
     result["removed_bns"] = _describe_removed(spec["original_bns"], candidate)
     del candidate
@@ -917,6 +959,7 @@ def compare_model(
         return summarize(record)
     counts = count_nodes(structure)
     record["bn_original"], record["nodes_original"] = counts["bn"], counts["nodes"]
+    record["chains_original"] = counts["chains"]
     original_bns = _batch_norm_readers(structure)
     del structure
     settings = {
@@ -1148,7 +1191,7 @@ def format_table(records, tool_names, field="bn") -> str:
     if field == "bn":
         columns = ["model", "BN"] + list(tool_names) + ["best other", ""]
     else:
-        columns = ["model", "nodes"] + list(tool_names) + ["", ""]
+        columns = ["model", field] + list(tool_names) + ["", ""]
     rows = []
     for record in records:
         if record.get("error"):
@@ -1220,6 +1263,12 @@ def format_report(records, setups) -> str:
     # Fewer BNs is not always a smaller graph: a tool may replace a BN by run-time weight
     # arithmetic (onnxoptimizer's fuse_bn_into_conv on some files); the node counts show that.
     out += ["", "all nodes (all graphs):", format_table(records, tool_names, field="nodes")]
+    # Decomposed BNs (Keras 3, FrozenBatchNorm2d): no BN node, and still foldable work.
+    out += [
+        "",
+        "constant Add/Sub/Mul/Div fed by a layer with a constant weight (decomposed BNs, main graph):",
+        format_table(records, tool_names, field="chains"),
+    ]
     unavailable = [(t, s.reason) for t, s in setups.items() if not s.available]
     if unavailable:
         out += ["", "not available:"] + [f"  {t}: {reason}" for t, reason in unavailable]

@@ -129,12 +129,20 @@ def _resignal_if_swallowed(unraisable) -> None:
         signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
         # From a thread and a moment later: a signal sent here would be handled inside this
         # hook, still within the finalizer.
-        threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        threading.Timer(0.01, _resend_while_running, (signum,)).start()
         return
     _default_unraisablehook(unraisable)
 
 
 _default_unraisablehook = sys.unraisablehook
+# Set while a command runs: a signal resent after the command has ended (it was already
+# interrupted, or finished) would kill the exiting process with the default handler instead.
+_command_running = threading.Event()
+
+
+def _resend_while_running(signum) -> None:
+    if _command_running.is_set():
+        os.kill(os.getpid(), signum)
 
 
 def _main(argv) -> int:
@@ -148,6 +156,7 @@ def _main(argv) -> int:
             previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
             previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
             sys.unraisablehook = _resignal_if_swallowed
+            _command_running.set()
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
@@ -182,6 +191,7 @@ def _main(argv) -> int:
             return _interrupted(_interrupted_by[0])
         return _fail(args, e, 3, internal=True)
     finally:
+        _command_running.clear()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if previous:

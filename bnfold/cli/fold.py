@@ -103,6 +103,40 @@ def _size(nbytes: int) -> str:
     return ""
 
 
+def format_branch_merges(report, each_merge: bool = False) -> list:
+    """Lines on the summed Conv branches merged into one Conv (``each_merge``: one line per merge)
+    and the Adds of Convs left apart; none when there are neither."""
+    if not report.merged and not report.unmerged:
+        return []
+    n_convs = sum(len(m.convs) for m in report.merged)
+    lines = [
+        f"Conv branches: {n_convs} merged into {len(report.merged)} Conv(s), {len(report.unmerged)} Add(s) left apart"
+    ]
+    for m in report.merged if each_merge else ():
+        where = f" (in {m.graph})" if m.graph else ""
+        lines.append(f"  {m.rule}{where}: {' + '.join(m.convs)} -> {m.target} (summed by {m.add})")
+    for u in report.unmerged:
+        where = f" (in {u.graph})" if u.graph else ""
+        lines.append(f"  not merged at {u.add}{where}: {u.reason}: {u.message}")
+    return lines
+
+
+def outlier_lines(bn_nodes) -> list[str]:
+    """One line per BN with variance-outlier channels (``BNInfo.outlier_channels``), for fold and inspect."""
+    lines = []
+    for info in bn_nodes:
+        if not info.outlier_channels:
+            continue
+        where = f" (in {info.graph})" if info.graph else ""
+        shown = ", ".join(str(c) for c in info.outlier_channels[:10])
+        more = f", ... ({len(info.outlier_channels)} in all)" if len(info.outlier_channels) > 10 else ""
+        lines.append(
+            f"  outlier channels of {info.bn}{where}: {shown}{more} (variance ~0: scale over 1000x the median; "
+            "their folded weights are that much larger)"
+        )
+    return lines
+
+
 def format_summary(report, fold_seconds, check_report) -> str:
     """The text the command prints: op-count changes, BN outcome, time, parity (file sizes are
     printed once the output exists)."""
@@ -117,9 +151,18 @@ def format_summary(report, fold_seconds, check_report) -> str:
     )
     lines.append("")
     lines.append(f"BatchNormalization: {report.n_folded} folded, {report.n_remaining} remaining")
+    if report.n_chains_folded:
+        lines.append(f"decomposed BN (per-channel Mul/Add chains without a BN node): {report.n_chains_folded} folded")
     for r in report.remaining:
         where = f" (in {r.graph})" if r.graph else ""
         lines.append(f"  remaining {r.bn}{where}: {r.reason}: {r.message}")
+    lines += format_branch_merges(report)
+    lines += outlier_lines(report.bn_nodes)
+    if report.flushed_subnormals:
+        lines.append(
+            f"subnormals flushed to zero: {report.flushed_subnormals} value(s) of the folded weights and biases "
+            "(below 1.2e-38 in float32 / bfloat16, 2.2e-308 in float64)"
+        )
     lines.append(f"fold time (load, fold, write): {fold_seconds * 1000:.1f} ms")
     if check_report is None:
         lines.append("parity check: skipped (--no-check)")

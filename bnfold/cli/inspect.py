@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from bnfold.cli.fold import format_branch_merges, outlier_lines
 from bnfold.cli.options import (
     JsonReportOption,
     VerboseOption,
@@ -43,6 +44,8 @@ def run(args) -> int:
     check_outputs({args.json_option: args.json}, models=[args.model])
     report = inspect(load_model(args.model))
     print(format_bn_table(report))
+    for line in format_branch_merges(report, each_merge=True):
+        print(line)
     if args.json:
         write_json_atomic(report.to_dict(), args.json)
         print(f"wrote {args.json}")
@@ -50,16 +53,19 @@ def run(args) -> int:
 
 
 def format_bn_table(report) -> str:
+    from bnfold.folding import BATCH_NORM_KIND
+
     rows = [("BN node", "graph", "attached", "foldable", "rule / reason")]
     details = []
     for info in report.bn_nodes:
         producer = info.producer_op or "(input)"
         consumers = ",".join(info.consumer_ops) if info.consumer_ops else "(output)"
+        middle = "BN" if info.kind == BATCH_NORM_KIND else "affine chain"
         rows.append(
             (
                 info.bn,
                 info.graph or "main",
-                f"{producer} -> BN -> {consumers}",
+                f"{producer} -> {middle} -> {consumers}",
                 "yes" if info.foldable else "no",
                 info.rule_or_reason,
             )
@@ -69,9 +75,16 @@ def format_bn_table(report) -> str:
         return "no BatchNormalization nodes"
     lines = format_table(rows[0], rows[1:], rule=False)
     lines[1:] = [f"{line}  ({detail})" if detail else line for line, detail in zip(lines[1:], details)]
-    n_yes = sum(1 for info in report.bn_nodes if info.foldable)
+    batch_norms = [info for info in report.bn_nodes if info.kind == BATCH_NORM_KIND]
+    n_yes = sum(1 for info in batch_norms if info.foldable)
     lines.append(
-        f"{len(report.bn_nodes)} BatchNormalization node(s): {n_yes} foldable, "
-        f"{len(report.bn_nodes) - n_yes} not foldable"
+        f"{len(batch_norms)} BatchNormalization node(s): {n_yes} foldable, {len(batch_norms) - n_yes} not foldable"
     )
+    n_chains = sum(1 for info in report.bn_nodes if info.kind != BATCH_NORM_KIND and info.foldable)
+    if n_chains:
+        lines.append(f"{n_chains} decomposed BN(s) (per-channel Mul/Add chains without a BN node) foldable")
+    flagged = outlier_lines(report.bn_nodes)
+    if flagged:
+        lines.append(f"{len(flagged)} BatchNormalization node(s) with variance-outlier channels:")
+        lines += flagged
     return "\n".join(lines)

@@ -4,7 +4,7 @@ that applies them, its report, and the cleanup after it."""
 # What other stages use (they import from the package, never from its modules).
 from bnfold.folding.cleanup import remove_unused
 from bnfold.folding.fold_pass import fold, fold_file, inspect
-from bnfold.folding.report import FoldReport
+from bnfold.folding.report import BATCH_NORM_KIND, CHAIN_KIND, FoldReport
 from bnfold.folding.screening import screen_batch_norm
 from bnfold.folding.tensors import FLOAT_TYPES, numpy_type, read_tensor
 from bnfold.folding.view import (
@@ -20,6 +20,8 @@ from bnfold.folding.view import (
 )
 
 __all__ = [
+    "BATCH_NORM_KIND",
+    "CHAIN_KIND",
     "FLOAT_TYPES",
     "FoldReport",
     "GraphView",

@@ -8,6 +8,11 @@ foldable after another fold, e.g. Conv -> BN -> BN). Tensors the folds no longer
 deleted. ``FoldReport`` puts every BN in exactly one of ``folded`` / ``remaining`` (with a reason
 code and one sentence) and describes its attachment in ``bn_nodes``; ``inspect`` returns the same
 report without handing out the folded model.
+
+Between BN folds, the Convs of one input that an Add tree sums (multi-branch RepVGG / MobileOne
+blocks) are merged into one Conv (``rules.conv_branches``) once no BN fold applies any more; a
+merge can let another BN fold, so the two alternate until neither changes anything. Merges are
+reported in ``FoldReport.merged``, Adds of such Convs that stay apart in ``FoldReport.unmerged``.
 """
 
 from __future__ import annotations
@@ -17,8 +22,21 @@ import os
 import onnx
 
 from bnfold.folding.cleanup import remove_unused
-from bnfold.folding.report import GRAPH_OUTPUT_OP, BNInfo, FoldedBN, FoldReport, RemainingBN
+from bnfold.folding.report import (
+    BATCH_NORM_KIND,
+    CHAIN_KIND,
+    GRAPH_OUTPUT_OP,
+    BNInfo,
+    FoldedBN,
+    FoldReport,
+    MergedConvs,
+    RemainingBN,
+    UnmergedAdd,
+)
 from bnfold.folding.rules import (
+    add_tree,
+    affine,
+    bn_branch,
     bn_conv,
     bn_duplicate,
     bn_gemm,
@@ -26,14 +44,17 @@ from bnfold.folding.rules import (
     bn_layout_matmul,
     bn_matmul,
     conv_bn,
+    conv_branches,
     convtranspose_bn,
     gemm_bn,
     gemm_layout_bn,
     matmul_bn,
     matmul_layout_bn,
 )
-from bnfold.folding.rules.protocol import BatchNorm, Failure, Match, Reason, Rule
-from bnfold.folding.screening import inference_batch_norm
+from bnfold.folding.rules.affine import chain_ends
+from bnfold.folding.rules.base import chain_variable_operand
+from bnfold.folding.rules.protocol import BatchNorm, ChainRule, Failure, Match, Reason, Rule
+from bnfold.folding.screening import inference_batch_norm, variance_outlier_channels
 from bnfold.folding.tensors import FLOAT_TYPES
 from bnfold.folding.view import GraphView, ModelContext, is_batch_norm, iter_graphs, node_subgraphs
 from bnfold.io import load_model_deferred, read_as_ir4_if_initializers_unlisted
@@ -42,13 +63,21 @@ from bnfold.io import load_model_deferred, read_as_ir4_if_initializers_unlisted
 # input of a second reader, so that it folds backward.
 DEDUPLICATION_RULES: tuple[Rule, ...] = (bn_duplicate.RULE,)
 BACKWARD_RULES: tuple[Rule, ...] = (conv_bn.RULE, convtranspose_bn.RULE, gemm_bn.RULE, matmul_bn.RULE)
+# An identity-branch BN folds sideways, into a Conv of its own input that the same Adds sum.
+BRANCH_RULES: tuple[Rule, ...] = (bn_branch.RULE,)
 FORWARD_RULES: tuple[Rule, ...] = (bn_gemm.RULE, bn_matmul.RULE, bn_conv.RULE)
 # Through Flatten / Reshape / Transpose / Squeeze / Unsqueeze (rules/layout.py): tried after the
 # direct folds of each direction, which they never overlap (they need at least one layout op).
 BACKWARD_RULES += (matmul_layout_bn.RULE, gemm_layout_bn.RULE)
 FORWARD_RULES += (bn_layout_gemm.RULE, bn_layout_matmul.RULE)
+BN_RULES = DEDUPLICATION_RULES + BACKWARD_RULES + BRANCH_RULES + FORWARD_RULES
+# Decomposed BNs: offered the end node of a per-channel affine chain, after the BNs of each round.
+AFFINE_RULES: tuple[ChainRule, ...] = affine.RULES
+AFFINE_FORWARD_RULES: tuple[ChainRule, ...] = affine.FORWARD_RULES
+# Not BN folds: offered each root Add of an Add tree once no BN fold applies.
+MERGE_RULES = (conv_branches.RULE,)
 
-RULE_CODES = tuple(r.name for r in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES)
+RULE_CODES = tuple(r.name for r in BN_RULES + AFFINE_RULES + AFFINE_FORWARD_RULES + MERGE_RULES)
 REASON_CODES = tuple(reason.value for reason in Reason)
 
 
@@ -76,9 +105,10 @@ def _fold(model_or_path, forward: bool, complete_model: bool):
         model, payloads, wait_for_check = load_model_deferred(model_or_path)
     report = FoldReport()
     try:
-        _run(model, report, forward, payloads)
+        flushed = _run(model, report, forward, payloads)
         if payloads is not None and complete_model:
             payloads.materialize(model.graph.initializer)
+        report.flushed_subnormals = flushed.total()  # inspect: products counted, never kept
     finally:
         if payloads is not None:
             payloads.close()
@@ -177,7 +207,7 @@ def _fold_file_once(input_path, output_path, forward, verify, keep) -> FoldRepor
     try:
         report = FoldReport()
         try:
-            _run(model, report, forward, payloads, keep)
+            flushed = _run(model, report, forward, payloads, keep)
         except BaseException:
             wait_for_check()  # an invalid model is reported as such, whatever folding made of it
             raise
@@ -186,9 +216,12 @@ def _fold_file_once(input_path, output_path, forward, verify, keep) -> FoldRepor
             # The checker of the input runs on while the result is written to a temporary file;
             # nothing reaches output_path before it has passed.
             wait_for_check()
+            # The big products were computed (and their subnormals flushed) as they were written.
+            report.flushed_subnormals = flushed.total()
             return verify(tmp_path, report)
 
         save_model_atomic(model, output_path, source_path=input_path, payloads=payloads, verify=checked_then_verified)
+        report.flushed_subnormals = flushed.total()
     finally:
         payloads.close()
     return report
@@ -199,15 +232,18 @@ def inspect(model_or_path, *, forward: bool = True) -> FoldReport:
     return _fold(model_or_path, forward, complete_model=False)[1]
 
 
-def _run(model: onnx.ModelProto, report: FoldReport, forward: bool, payloads=None, keep=None) -> None:
+def _run(model: onnx.ModelProto, report: FoldReport, forward: bool, payloads=None, keep=None):
     """Fold ``model`` in place into ``report``. ``keep``: {(graph path, BN label): Failure} of BNs
-    to leave as they are, with that outcome (see ``fold_file``'s precision search)."""
+    to leave as they are, with that outcome (see ``fold_file``'s precision search). Returns the
+    ``FlushedSubnormals`` of the tensors the folds wrote, whose ``total()`` goes into
+    ``report.flushed_subnormals`` once the deferred products have been written."""
     report.ops_before = op_counts(model)
     ctx = ModelContext(model, payloads)
     released, vanished = set(), set()
     _fold_graph(model.graph, ctx, "", None, forward, report, released, vanished, keep or {})
     remove_unused(model, released, vanished)
     report.ops_after = op_counts(model)
+    return ctx.flush_written_subnormals()
 
 
 def op_counts(model: onnx.ModelProto) -> dict:
@@ -223,6 +259,7 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
     view = GraphView(graph, ctx, path, parent)
     bn_indices = [i for i, n in enumerate(view.nodes) if is_batch_norm(n)]
     attachments = {i: _attachment(view, i) for i in bn_indices}
+    outliers = {i: variance_outlier_channels(view, i) for i in bn_indices}  # of the original statistics
     outcome: dict[int, Match | Failure] = {}
     pending = []
     for i in bn_indices:
@@ -231,40 +268,58 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
             outcome[i] = kept
         else:
             pending.append(i)
-    changed = True
-    while changed and pending:
-        changed = False
-        for i in list(pending):
-            result = _evaluate(view, i, forward)
-            if isinstance(result, Match):
-                result.rewrite()
-                pending.remove(i)
-                changed = True
-            outcome[i] = result
+    # Decomposed BNs (per-channel affine chains without a BN node), by chain end: the folds made
+    # (with the chain's attachment before it), and the ones the precision search keeps.
+    chains_folded: dict[int, tuple[Match, tuple]] = {}
+    chains_kept: dict[int, Failure] = {}
+    merges, merge_failures, weight_types = [], {}, {}
+    while True:
+        changed = True
+        while changed:
+            changed = False
+            for i in list(pending):
+                result = _evaluate(view, i, forward)
+                if isinstance(result, Match):
+                    result.rewrite()
+                    weight_types[i] = _weight_type(view, result)
+                    pending.remove(i)
+                    changed = True
+                outcome[i] = result
+            for end in chain_ends(view):
+                if end in chains_kept:
+                    continue
+                kept = keep.get((path, view.labels[end]))
+                if kept is not None:
+                    chains_kept[end] = kept
+                    continue
+                result = _evaluate_chain(view, end, forward)
+                if result is not None:
+                    attachment = _chain_attachment(view, end, result)
+                    result.rewrite()
+                    weight_types[end] = _weight_type(view, result)
+                    chains_folded[end] = (result, attachment)
+                    changed = True
+        # The failures of the last round, in which nothing merged, are the final word.
+        merged_now, merge_failures = _merge_branches(view)
+        if not merged_now:
+            break
+        merges += merged_now
+    for merge, root in merges:
+        report.merged.append(
+            MergedConvs(merge.rule, tuple(view.labels[c] for c in merge.convs), view.labels[merge.target], root, path)
+        )
+    for root, (convs, failure) in merge_failures.items():
+        report.unmerged.append(UnmergedAdd(view.labels[root], convs, failure.reason.value, failure.message, path))
     for i in bn_indices:
-        label = view.labels[i]
-        result = outcome[i]
-        if isinstance(result, Match):
-            target = view.labels[result.target]
-            # A removed duplicate changed no weights: nothing for the precision search to undo.
-            weight_type = (
-                ""
-                if result.rule == bn_duplicate.RULE.name
-                else FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
-            )
-            report.folded.append(
-                FoldedBN(label, result.rule, target, path, tuple(view.labels[k] for k in result.absorbed), weight_type)
-            )
-            foldable, code = True, result.rule
-            message = f"folded into {view.describe(result.target)} by rule {result.rule}"
-            if result.absorbed:
-                message += " together with " + ", ".join(view.describe(k) for k in result.absorbed)
-        else:
-            # The report holds plain strings, as it always has: a Reason member is only equal to one.
-            code, message = result.reason.value, result.message
-            report.remaining.append(RemainingBN(label, code, message, path))
-            foldable = False
-        report.bn_nodes.append(BNInfo(label, path, *attachments[i], foldable, code, message))
+        _report_outcome(
+            view, i, path, outcome[i], attachments[i], weight_types.get(i, ""), BATCH_NORM_KIND, report, outliers[i]
+        )
+    for end in sorted(chains_folded):
+        result, attachment = chains_folded[end]
+        _report_outcome(view, end, path, result, attachment, weight_types[end], CHAIN_KIND, report)
+    for end in sorted(chains_kept):
+        result = chains_kept[end]
+        report.remaining.append(RemainingBN(view.labels[end], result.reason.value, result.message, path, CHAIN_KIND))
     for i, node in enumerate(view.nodes):
         if i in view.removed:
             continue
@@ -274,6 +329,85 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
     released |= view.released
     vanished |= view.vanished
     view.commit()
+
+
+def _weight_type(view: GraphView, result: Match) -> str:
+    """The element type of the weight a fold wrote (read right after its rewrite: a later branch
+    merge may remove the target, its weights joining another Conv's)."""
+    # A removed duplicate changed no weights: nothing for the precision search to undo.
+    if result.rule == bn_duplicate.RULE.name:
+        return ""
+    return FLOAT_TYPES.get(view.constant_type(view.nodes[result.target].input[1]), "")
+
+
+def _report_outcome(
+    view: GraphView, index: int, path: str, result, attachment, weight_type: str, kind: str, report, outliers=()
+) -> None:
+    """Put node ``index`` (a BN, or a chain end) in ``report.folded`` or ``report.remaining``, and
+    describe it in ``report.bn_nodes``; ``outliers``: its variance-outlier channels."""
+    label = view.labels[index]
+    if isinstance(result, Match):
+        target = view.labels[result.target]
+        absorbed = tuple(view.labels[k] for k in result.absorbed)
+        report.folded.append(FoldedBN(label, result.rule, target, path, absorbed, weight_type, kind, outliers))
+        foldable, code = True, result.rule
+        message = f"folded into {view.describe(result.target)} by rule {result.rule}"
+        if result.absorbed:
+            message += " together with " + ", ".join(view.describe(k) for k in result.absorbed)
+    else:
+        # The report holds plain strings, as it always has: a Reason member is only equal to one.
+        code, message = result.reason.value, result.message
+        report.remaining.append(RemainingBN(label, code, message, path, kind))
+        foldable = False
+    report.bn_nodes.append(BNInfo(label, path, *attachment, foldable, code, message, kind, outliers))
+
+
+def _evaluate_chain(view: GraphView, end: int, forward: bool) -> Match | None:
+    """The first affine rule that folds the chain ending at node ``end``, or None: a chain that
+    does not fold is not reported (it need not be a BN at all)."""
+    for rule in AFFINE_RULES + (AFFINE_FORWARD_RULES if forward else ()):
+        result = rule.check(view, end)
+        if isinstance(result, Match):
+            return result
+    return None
+
+
+def _chain_attachment(view: GraphView, end: int, match: Match):
+    """``_attachment`` of a chain: the producer of its first node's variable input, the readers of its end."""
+    head = view.nodes[match.absorbed[0] if match.absorbed else end]
+    x = head.input[0] if head.op_type == "Identity" else head.input[chain_variable_operand(view, head)]
+    producer = view.producer_of(x)
+    producer_op = view.nodes[producer].op_type if producer is not None else ""
+    producer_label = view.labels[producer] if producer is not None else ""
+    _, _, consumer_ops, consumers = _attachment(view, end)
+    return producer_op, producer_label, consumer_ops, consumers
+
+
+def _merge_branches(view: GraphView):
+    """Apply every branch merge the current graph allows: ``([(Merge, root Add label)], {root
+    index: (Conv labels, Failure)})``."""
+    merged, failures = [], {}
+    for index in range(len(view.nodes)):
+        if not add_tree.is_root(view, index):
+            continue
+        for rule in MERGE_RULES:
+            result = rule.check(view, index)
+            if isinstance(result, conv_branches.Merge):
+                label = view.labels[index]  # read before the rewrite: it may remove the root
+                result.rewrite()
+                merged.append((result, label))
+                break
+            if isinstance(result, Failure):
+                leaves = add_tree.tree_leaves(view, index)
+                convs = [
+                    c
+                    for group in add_tree.conv_leaves_by_input(view, leaves).values()
+                    if len(group) >= 2
+                    for c in group
+                ]
+                failures[index] = (tuple(view.labels[c] for c in convs), result)
+                break
+    return merged, failures
 
 
 def _attachment(view: GraphView, index: int):
@@ -296,7 +430,7 @@ def _evaluate(view: GraphView, index: int, forward: bool):
     if isinstance(bn, Failure):
         return bn
     failures = []
-    for rule in DEDUPLICATION_RULES + BACKWARD_RULES + FORWARD_RULES:
+    for rule in BN_RULES:
         result = rule.check(view, bn)
         if result is None:
             continue

@@ -2,6 +2,13 @@
 reading a TensorProto (or a Constant node) as numpy, writing float64 results back rounded once to
 the tensor's type, and ``ScaledWeight``, the lazily computed ``weight * factor`` that folding a big
 model writes chunk by chunk instead of holding a second copy of its weights.
+
+Subnormals: the fold pass flushes the subnormal values of the tensors it wrote to zero, once, when
+it is done (``GraphView``'s ``ModelContext.flush_written_subnormals``): ``count_subnormals`` /
+``flush_subnormals`` for values at hand, ``ScaledWeight.flush`` for products computed only when
+written, and ``FlushedSubnormals`` adding them up. float32, float64 and bfloat16 are flushed (a
+bfloat16 widens to float32 bit for bit, its subnormals stay float32 subnormals); float16 is not
+(``SUBNORMAL_BITS``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,78 @@ FLOAT_TYPES = {
     TensorProto.FLOAT16: "float16",
     TensorProto.BFLOAT16: "bfloat16",
 }
+
+
+# Per flushed type (by numpy dtype name): the unsigned integer of its width, the mask of every bit
+# but the sign, and the largest magnitude bit pattern with a zero exponent (the largest subnormal).
+# float16 is left out on purpose: every CPU kernel widens float16 to float32, where its subnormals
+# (down to 6e-8) are normal numbers, so they cost no time; and zeroing them would change a float16
+# layer by up to 6e-8 — a relative error visible at float16 precision for small activations, which
+# the precision check (rules/base.py, ``would_lose_precision``) already judges as a whole.
+SUBNORMAL_BITS = {
+    "float32": (np.uint32, 0x7FFFFFFF, 0x007FFFFF),
+    "float64": (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x000FFFFFFFFFFFFF),
+    "bfloat16": (np.uint16, 0x7FFF, 0x007F),
+}
+# Scanned this many elements at a time, so the temporaries stay in cache.
+_SCAN_ELEMENTS = 1 << 18
+
+
+def _subnormal_mask_chunks(array: np.ndarray):
+    """Yield ``(flat chunk as unsigned ints, bool mask of its subnormals)`` of a contiguous array of
+    a flushed type; nothing for other types."""
+    bits = SUBNORMAL_BITS.get(array.dtype.name)
+    if bits is None or not array.size:
+        return
+    uint, magnitude_mask, largest_subnormal = bits
+    flat = np.ascontiguousarray(array).reshape(-1).view(uint)
+    scratch = np.empty(min(flat.size, _SCAN_ELEMENTS), dtype=uint)
+    mask = np.empty(scratch.size, dtype=bool)
+    for start in range(0, flat.size, _SCAN_ELEMENTS):
+        chunk = flat[start : start + _SCAN_ELEMENTS]
+        n = chunk.size
+        # subnormal <=> 1 <= magnitude bits <= largest subnormal <=> magnitude - 1 (unsigned, so a
+        # zero wraps around to the top) < largest subnormal
+        np.bitwise_and(chunk, uint(magnitude_mask), out=scratch[:n])
+        np.subtract(scratch[:n], uint(1), out=scratch[:n])
+        np.less(scratch[:n], uint(largest_subnormal), out=mask[:n])
+        yield chunk, mask[:n]
+
+
+def count_subnormals(array: np.ndarray) -> int:
+    """Number of subnormal values of a float32 / float64 / bfloat16 array (0 for other types)."""
+    return sum(int(np.count_nonzero(mask)) for _, mask in _subnormal_mask_chunks(np.asarray(array)))
+
+
+def flush_subnormals(array: np.ndarray, in_place: bool = False) -> tuple[np.ndarray, int]:
+    """``(array with its subnormals replaced by zeros of the same sign, their number)``; the array
+    itself when there are none, else a copy (or ``array``, changed, when ``in_place``: it must then
+    be C-contiguous and writable). Other types than float32 / float64 / bfloat16 come back
+    unchanged with 0."""
+    array = np.asarray(array)
+    n = count_subnormals(array)
+    if n == 0:
+        return array, 0
+    out = array if in_place else np.array(array, order="C")
+    bits = SUBNORMAL_BITS[out.dtype.name]
+    sign = bits[0](bits[1] + 1)
+    for chunk, mask in _subnormal_mask_chunks(out):
+        # Zero of the sign the value had, as a flush-to-zero CPU gives.
+        chunk[mask] &= sign
+    return out, n
+
+
+class FlushedSubnormals:
+    """How many subnormals one fold flushed: ``counted`` in the tensors written at once, plus those
+    of the ``deferred`` products (``ScaledWeight``), known once each is computed; ``total()``
+    computes (only counting) any not computed yet."""
+
+    def __init__(self) -> None:
+        self.counted = 0
+        self.deferred: list[ScaledWeight] = []
+
+    def total(self) -> int:
+        return self.counted + sum(w.flushed if w.flushed is not None else w.count_subnormals() for w in self.deferred)
 
 
 def to_float64(array: np.ndarray) -> np.ndarray:
@@ -80,6 +159,10 @@ class ScaledWeight:
         self.inner = int(np.prod(weight.shape[axis + 1 :], dtype=np.int64))
         self.rows = int(np.prod(weight.shape[: axis + 1], dtype=np.int64))
         self.per_channel = per_channel
+        # Set by the fold pass once this product is final (not re-read by a later fold): its
+        # subnormals are then flushed as it is computed, and ``flushed`` says how many there were.
+        self.flush = False
+        self.flushed: int | None = None
 
     @classmethod
     def of(cls, array, factor, data_type: int):
@@ -124,7 +207,7 @@ class ScaledWeight:
     def to_bytes(self) -> bytes:
         from bnfold._fold_math import scale_channels_to_bytes
 
-        return scale_channels_to_bytes(
+        product = scale_channels_to_bytes(
             self.weight.reshape(-1).view(np.uint8),
             self.rows // self.channels,
             self.channels,
@@ -133,15 +216,35 @@ class ScaledWeight:
             self.dtype == np.float64,
             self._n_threads(),
         )
+        if not self.flush:
+            return product
+        flushed, self.flushed = flush_subnormals(np.frombuffer(product, dtype=self.dtype))
+        # A copy only when there was something to flush (the bytes object is immutable).
+        return product if self.flushed == 0 else flushed.tobytes()
+
+    def count_subnormals(self) -> int:
+        """How many subnormals the product holds (what ``flush`` removes), computed a chunk at a
+        time and dropped: for a report on a product that is never written (``inspect``)."""
+        counter = _SubnormalCounter(self.dtype)
+        self._compute_chunks(counter)
+        return counter.count
 
     def write_to(self, file) -> None:
         """Compute the product a chunk at a time and ``file.write`` each chunk; every chunk is a
-        new buffer, so ``file`` may keep it and write it later (bnfold's writer does)."""
+        new buffer, so ``file`` may keep it and write it later (bnfold's writer does). With
+        ``flush``, each chunk's subnormals are flushed before it is handed over, and counted."""
+        flushed = self._compute_chunks(file, self.flush)
+        if self.flush:
+            self.flushed = flushed
+
+    def _compute_chunks(self, file, flush: bool = False) -> int:
+        """``write_to``'s loop; returns the number of subnormals flushed (0 without ``flush``)."""
         from bnfold._fold_math import scale_rows_into
 
         source = self.weight.reshape(-1).view(np.uint8)
         row_bytes = self.inner * self.dtype.itemsize
         rows_per_chunk = max(1, self.CHUNK_BYTES // row_bytes)
+        flushed = 0
         for first in range(0, self.rows, rows_per_chunk):
             n = min(rows_per_chunk, self.rows - first) * row_bytes
             chunk = np.empty(n, dtype=np.uint8)
@@ -157,7 +260,21 @@ class ScaledWeight:
                 self.dtype == np.float64,
                 1,
             )
+            if flush:
+                flushed += flush_subnormals(chunk.view(self.dtype), in_place=True)[1]
             file.write(chunk)
+        return flushed
+
+
+class _SubnormalCounter:
+    """A ``file`` for ``ScaledWeight._compute_chunks`` that only counts the subnormals it is given."""
+
+    def __init__(self, dtype) -> None:
+        self.dtype = dtype
+        self.count = 0
+
+    def write(self, chunk: np.ndarray) -> None:
+        self.count += count_subnormals(chunk.view(self.dtype))
 
 
 def _single_scaled_axis(shape, factor_shape):
@@ -187,11 +304,14 @@ def _bytes_behind(array: np.ndarray):
     return None
 
 
-def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: str, payloads=None) -> None:
+def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: str, payloads=None) -> int | None:
     """Overwrite ``tensor`` (e.g. an initializer in place) with ``array``: float64 values are cast
     once to ``data_type``, arrays already of that type are written as they are. The doc string is
     kept. Writes raw bytes directly: no intermediate proto copy. With ``payloads`` (a
-    ``bnfold.io.payloads.TensorPayloads``) a big result stays there, not in the proto."""
+    ``bnfold.io.payloads.TensorPayloads``) a big result stays there, not in the proto.
+
+    Returns how many subnormals the written values hold (``count_subnormals``; none are flushed
+    here), or None for a ``ScaledWeight`` left to be computed when written."""
     if isinstance(array, ScaledWeight) and (payloads is None or sys.byteorder != "little"):
         array = np.frombuffer(array.to_bytes(), dtype=array.dtype).reshape(array.shape)
     doc = tensor.doc_string
@@ -219,6 +339,7 @@ def write_tensor(tensor: TensorProto, array: np.ndarray, data_type: int, name: s
             tensor.raw_data = bytes(data)
     if doc:
         tensor.doc_string = doc
+    return None if isinstance(data, ScaledWeight) else count_subnormals(typed)
 
 
 def read_tensor(tensor: TensorProto, payloads=None) -> np.ndarray:

@@ -5,8 +5,9 @@
 is it a constant and what is its value, what is its rank — and offers the few edits the rules
 need: replace a constant input (in place when nobody else reads it, otherwise as a fresh copy),
 rename outputs, mark nodes for removal. ``ModelContext`` holds what is shared by every graph of
-one model: the default-domain opset, the set of names used anywhere (for fresh unique names) and
-lazily inferred ranks. Alongside: node labels and attributes, and walking nested graphs.
+one model: the default-domain opset, the set of names used anywhere (for fresh unique names),
+lazily inferred ranks, and the tensors the edits wrote (``flush_written_subnormals`` zeroes their
+subnormals once the fold is done). Alongside: node labels and attributes, and walking nested graphs.
 
 Nodes are addressed by their index in the graph's original node list; nodes are never inserted
 and removed nodes are only marked until ``commit()``, so indices and the labels derived from them
@@ -22,9 +23,11 @@ import onnx
 from onnx import AttributeProto, TensorProto, helper
 
 from bnfold.folding.tensors import (
+    FlushedSubnormals,
     ScaledWeight,
     constant_node_type,
     constant_node_value,
+    flush_subnormals,
     read_tensor,
     scale_in_float64,
     write_tensor,
@@ -135,6 +138,38 @@ class ModelContext:
         self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
         self.names = all_names(model.graph, set())
         self._types: dict | None = None
+        # Every tensor an edit wrote: (id of its graph, name) -> (graph, subnormals it holds, None
+        # for a product computed only when written). Rewritten in place, a tensor keeps one entry.
+        self.written: dict[tuple[int, str], tuple[onnx.GraphProto, int | None]] = {}
+
+    def note_written(self, graph: onnx.GraphProto, name: str, subnormals: int | None) -> None:
+        """Record that an edit wrote initializer ``name`` of ``graph`` (see ``written``)."""
+        self.written[(id(graph), name)] = (graph, subnormals)
+
+    def flush_written_subnormals(self) -> FlushedSubnormals:
+        """Zero the subnormals of every tensor the edits wrote that is still in the model, once
+        every fold is done (so a weight that a later fold scales again is flushed only as it ends
+        up); tensors no edit wrote are never touched. A product still to be computed when the
+        model is written (``ScaledWeight`` in the payload store) is marked to flush as it is
+        computed: its count is known only then (``FlushedSubnormals.total``)."""
+        flushed = FlushedSubnormals()
+        initializers: dict[int, dict] = {}
+        for graph, name, subnormals in [(g, n, c) for (_, n), (g, c) in self.written.items()]:
+            if id(graph) not in initializers:
+                initializers[id(graph)] = {t.name: t for t in graph.initializer}
+            tensor = initializers[id(graph)].get(name)
+            if tensor is None:  # removed since (a later fold replaced it, cleanup dropped it)
+                continue
+            payloads = self.payloads if graph is self.model.graph else None
+            deferred = payloads.deferred(tensor) if payloads is not None else None
+            if deferred is not None:
+                deferred.flush = True
+                flushed.deferred.append(deferred)
+            elif subnormals:
+                value, n = flush_subnormals(read_tensor(tensor, payloads))
+                write_tensor(tensor, value, tensor.data_type, tensor.name, payloads)
+                flushed.counted += n
+        return flushed
 
     def fresh_name(self, base: str) -> str:
         """A name unused anywhere in the model (main graph and all bodies); reserved on return."""
@@ -431,7 +466,27 @@ class GraphView:
                     if rank is not None:
                         return rank
             view = view.parent
-        return self.ctx.inferred_rank(name)
+        inferred = self.ctx.inferred_rank(name)
+        if inferred is not None:
+            return inferred
+        return self._rank_from_producer(name)
+
+    def _rank_from_producer(self, name: str):
+        """The rank some ops fix whatever their input (onnx shape inference gives up on a Reshape
+        whose target shape is computed): Flatten's is 2, Reshape's the length of its shape input."""
+        index = self.producer.get(name)
+        if index is None:
+            return None
+        node = self.nodes[index]
+        if not is_default_domain(node):
+            return None
+        if node.op_type == "Flatten":
+            return 2
+        if node.op_type == "Reshape" and len(node.input) > 1:
+            shape = self.ctx.inferred_type(node.input[1])
+            if shape is not None and shape[1] is not None and len(shape[1]) == 1 and shape[1][0] is not None:
+                return shape[1][0]
+        return None
 
     # ----- edits -----------------------------------------------------------------------------
     def set_scaled_constant_input(
@@ -474,7 +529,8 @@ class GraphView:
             and old not in self.output_names
             and self.initializers[old].data_type == data_type
         ):
-            write_tensor(self.initializers[old], value64, data_type, old, self.payloads)
+            subnormals = write_tensor(self.initializers[old], value64, data_type, old, self.payloads)
+            self.ctx.note_written(self.graph, old, subnormals)
             self._constant_cache.pop(old, None)
             return old
         name = self.ctx.fresh_name(base_name)
@@ -486,7 +542,7 @@ class GraphView:
             while home.parent is not None:
                 home = home.parent
         tensor = home.graph.initializer.add()
-        write_tensor(tensor, value64, data_type, name, self.payloads)
+        self.ctx.note_written(home.graph, name, write_tensor(tensor, value64, data_type, name, self.payloads))
         if self.ctx.ir_version < 4:
             home.graph.input.append(helper.make_tensor_value_info(name, data_type, list(tensor.dims)))
             home.initializers[name] = tensor

@@ -65,6 +65,14 @@ class TensorPayloads:
             payload = self._buffers[key] = payload.to_bytes()
         return payload
 
+    def deferred(self, tensor: TensorProto):
+        """The payload of a held tensor that is still to be computed on demand (an object with
+        ``to_bytes()`` and ``write_to(file)``, see ``put``), without computing it; None for a
+        payload that is plain bytes, or a tensor this store does not hold. The fold pass marks
+        such a product final through it (its subnormals flushed as it is written)."""
+        payload = self._buffers.get(self._key(tensor))
+        return payload if hasattr(payload, "write_to") else None
+
     def nbytes(self, tensor: TensorProto) -> int:
         payload = self._buffers[self._key(tensor)]
         return payload.nbytes if hasattr(payload, "to_bytes") else memoryview(payload).nbytes

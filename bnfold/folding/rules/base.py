@@ -16,7 +16,7 @@ import numpy as np
 from onnx import TensorProto
 
 from bnfold.folding.rules.protocol import BatchNorm, Failure, Reason
-from bnfold.folding.tensors import FLOAT_TYPES, numpy_type, to_float64
+from bnfold.folding.tensors import FLOAT_TYPES, flush_subnormals, numpy_type, to_float64
 from bnfold.folding.view import GraphView, get_attr, is_default_domain
 
 CHAIN_OPS = ("Add", "Sub", "Mul", "Div")
@@ -76,9 +76,13 @@ def representation_failure(
     * ``would_lose_precision``: a new float16 / bfloat16 weight whose rounding to the type loses
       more than ``LOST_PRECISION_LIMIT`` unit roundoffs relative to its norm (``||round(P) - P||
       / ||P||``, over its finite elements), which only underflow does (scaled weights that
-      become subnormal or zero). The original model multiplies by the stored weights exactly, so
+      become subnormal or zero; for bfloat16 the subnormals count as the zeros they are flushed
+      to). The original model multiplies by the stored weights exactly, so
       such a fold would make that layer measurably less precise. Biases are not judged this way:
-      a bias is added, so a subnormal one is off by less than 1e-7 in absolute terms."""
+      a bias is added, not multiplied, and rounded once from float64, so each element is off by
+      at most half a unit in its own last place — under float16 underflow at most 2**-25 (3e-8)
+      absolute — which is no more than the rounding of the layer's float16 output itself, which
+      the original BN does as well (tests/test_fold_numerics.py measures it)."""
     limit = _LARGEST_FINITE.get(data_type)
     if limit is None:
         return None
@@ -122,7 +126,9 @@ def representation_failure(
     norm = float(np.linalg.norm(product))
     if norm == 0.0:
         return None
-    lost = float(np.linalg.norm(to_float64(product.astype(numpy_type(data_type))) - product)) / norm / unit
+    # Judged as stored: rounded once, and (bfloat16) with the subnormals the fold pass flushes.
+    stored, _ = flush_subnormals(product.astype(numpy_type(data_type)))
+    lost = float(np.linalg.norm(to_float64(stored) - product)) / norm / unit
     if lost > LOST_PRECISION_LIMIT:
         return Failure(
             Reason.WOULD_LOSE_PRECISION,
@@ -219,8 +225,13 @@ def trace_backward(view: GraphView, bn: BatchNorm, layer_ops: tuple[str, ...]):
     """Find ``layer -> chain -> bn`` where the chain nodes are Identity or have one constant
     operand; None if the value feeding the BN (through such a chain) is not produced by one of
     ``layer_ops``."""
+    return trace_backward_from(view, bn.x, layer_ops)
+
+
+def trace_backward_from(view: GraphView, value: str, layer_ops: tuple[str, ...]):
+    """``trace_backward`` from any value: the node of ``layer_ops`` producing ``value`` through a
+    chain of Identity and one-constant Add/Sub/Mul/Div nodes, or None."""
     chain = []
-    value = bn.x
     for _ in range(64):
         index = view.producer_of(value)
         if index is None:
@@ -238,7 +249,7 @@ def trace_backward(view: GraphView, bn: BatchNorm, layer_ops: tuple[str, ...]):
             continue
         if node.op_type not in CHAIN_OPS or len(node.input) != 2:
             return None
-        variable = _chain_variable_operand(view, node)
+        variable = chain_variable_operand(view, node)
         if variable is None:
             return None
         chain.append(index)
@@ -246,7 +257,7 @@ def trace_backward(view: GraphView, bn: BatchNorm, layer_ops: tuple[str, ...]):
     return None
 
 
-def _chain_variable_operand(view: GraphView, node):
+def chain_variable_operand(view: GraphView, node):
     """Position of the non-constant operand of a chain node, or None if it is not of that form."""
     a, b = node.input
     a_const, b_const = view.constant(a) is not None, view.constant(b) is not None
@@ -270,7 +281,7 @@ def check_chain_and_combine(view: GraphView, bn: BatchNorm, chain: BackwardChain
     # NaN/Inf in a chain constant, or products that overflow, make the combined map non-finite;
     # that is refused here, once, instead of being warned about op by op.
     with np.errstate(over="ignore", invalid="ignore"):
-        combined = _combine_chain(view, chain, rank, bn.channels)
+        combined = combine_chain(view, chain, rank, bn.channels)
         if isinstance(combined, Failure):
             return combined
         a, b = combined
@@ -285,7 +296,7 @@ def check_chain_and_combine(view: GraphView, bn: BatchNorm, chain: BackwardChain
     return scale, shift
 
 
-def _combine_chain(view: GraphView, chain: BackwardChain, rank, channels: int):
+def combine_chain(view: GraphView, chain: BackwardChain, rank, channels: int):
     """``(a, b)`` with ``chain(z) == a * z + b`` per channel, or a Failure."""
     a = np.ones(channels)
     b = np.zeros(channels)
@@ -299,7 +310,7 @@ def _combine_chain(view: GraphView, chain: BackwardChain, rank, channels: int):
                 f"the rank of {view.describe(chain.layer)} output is unknown, so "
                 f"whether {view.describe(index)} is per-channel cannot be proven",
             )
-        variable = _chain_variable_operand(view, node)
+        variable = chain_variable_operand(view, node)
         const_name = node.input[1 - variable]
         c = per_channel_vector(view.constant(const_name), rank, channels)
         if c is None:
@@ -313,20 +324,25 @@ def _combine_chain(view: GraphView, chain: BackwardChain, rank, channels: int):
             return Failure(
                 Reason.UNSUPPORTED_DTYPE, f"{view.describe(index)} constant '{const_name}' is not a float tensor"
             )
-        op = node.op_type
-        if op == "Add":
-            b = b + c
-        elif op == "Mul":
-            a, b = a * c, b * c
-        elif op == "Sub" and variable == 0:
-            b = b - c
-        elif op == "Sub":
-            a, b = -a, c - b
-        else:  # Div by a constant; a zero divisor has no exact affine form
-            if np.any(c == 0):
-                return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(index)} divides by a constant containing zeros")
-            a, b = a / c, b / c
+        if node.op_type == "Div" and np.any(c == 0):  # a zero divisor has no exact affine form
+            return Failure(Reason.NOT_PER_CHANNEL, f"{view.describe(index)} divides by a constant containing zeros")
+        a, b = then_apply(node.op_type, variable, c, a, b)
     return a, b
+
+
+def then_apply(op: str, variable: int, c: np.ndarray, a: np.ndarray, b: np.ndarray):
+    """``(a', b')`` with ``op(a * z + b, c) == a' * z + b'``: the affine map ``a * z + b`` followed
+    by a chain node ``op`` whose constant operand is ``c`` and variable operand is input ``variable``
+    (Div by a non-zero constant only)."""
+    if op == "Add":
+        return a, b + c
+    if op == "Mul":
+        return a * c, b * c
+    if op == "Sub" and variable == 0:
+        return a, b - c
+    if op == "Sub":
+        return -a, c - b
+    return a / c, b / c
 
 
 def per_channel_vector(value, rank: int, channels: int):

@@ -47,6 +47,9 @@ class Reason(str, enum.Enum):
     WOULD_OVERFLOW = "would_overflow"
     WOULD_LOSE_PRECISION = "would_lose_precision"
     NO_FOLDABLE_NEIGHBOUR = "no_foldable_neighbour"
+    # Summed branches (bn_branch, conv_branches): why a branch does not join its sibling Conv.
+    INCOMPATIBLE_BRANCHES = "incompatible_branches"
+    MISALIGNED_BRANCHES = "misaligned_branches"
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -93,3 +96,12 @@ class Rule(Protocol):
     name: str
 
     def check(self, view: GraphView, bn: BatchNorm) -> Match | Failure | None: ...
+
+
+class ChainRule(Protocol):
+    """A rule for a decomposed BN (``rules/affine.py``): offered the index of the last node of a
+    per-channel affine chain instead of a BN."""
+
+    name: str
+
+    def check(self, view: GraphView, end: int) -> Match | Failure | None: ...
