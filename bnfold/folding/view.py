@@ -452,10 +452,15 @@ class GraphView:
     # ----- ranks -----------------------------------------------------------------------------
     def rank(self, name: str):
         """Rank of a value from initializers, declared types, constants, else shape inference."""
+        known = self._rank_of(name)
         for _ in range(len(self.renamed_from)):
-            if name not in self.renamed_from:
+            if known is not None or name not in self.renamed_from:
                 break
-            name = self.renamed_from[name]  # declarations and inference know the name it had
+            name = self.renamed_from[name]  # declarations and inference may know the name it had
+            known = self._rank_of(name)
+        return known
+
+    def _rank_of(self, name: str):
         view = self
         while view is not None:
             if name in view.initializers:
