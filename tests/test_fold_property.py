@@ -1,5 +1,6 @@
 """Property test of the fold pass on random small graphs: chains of Conv / ConvTranspose / Gemm /
-MatMul / Add / Sub / Mul / Div / Relu / BatchNormalization with random shapes and parameters (so
+MatMul / Add / Sub / Mul / Div / Relu / BatchNormalization (2-D ones also Unsqueeze -> BN ->
+Squeeze) with random shapes and parameters (so
 decomposed BNs, BN merges and channel-widening broadcasts too), some values
 also graph outputs or read by a second consumer. Whatever the graph, fold must not crash, must keep
 the model valid and its outputs equal, must be idempotent, and must account for every BN."""
@@ -54,6 +55,8 @@ def _build(mode, ops, marks, seed):
     1 it is also a graph output, 2 a second consumer (Relu -> graph output))."""
     c = _Chain(seed)
     rng = c.rng
+    c.axes = c.const("axes", [2])
+    c.inits[-1] = numpy_helper.from_array(np.array([2], np.int64), c.axes)
     if mode == "4d":
         shape = [2, int(rng.integers(1, 5)), int(rng.integers(3, 7)), int(rng.integers(3, 7))]
     else:
@@ -138,8 +141,13 @@ def _build(mode, ops, marks, seed):
             value = c.node("Mul", [value, c.const("M", np.array(rng.uniform(0.5, 1.5) * rng.choice([-1, 1])))])
         elif op == "Relu":
             value = c.node("Relu", [value])
-        elif op == "BN":
+        elif op in ("BN", "LayoutBN"):
+            layout = op == "LayoutBN"  # 2d only: the BN normalizes (M, ch, 1)
+            if layout:
+                value = c.node("Unsqueeze", [value, c.axes])
             value = _batch_norm(c, value, ch)
+            if layout:  # back to (M, ch): Unsqueeze -> BN -> Squeeze folds through layout ops
+                value = c.node("Squeeze", [value, c.axes])
         if mark == 1:
             c.outputs.append(value)
         elif mark == 2:
@@ -172,7 +180,8 @@ def chains(draw):
         if draw(st.integers(0, 9)) < 8:
             ops.append(draw(st.sampled_from(LAYERS[mode])))
         ops += draw(st.lists(st.sampled_from(CHAIN[mode]), max_size=2))
-        ops += ["BN"] * draw(st.sampled_from([0, 1, 1, 1, 2]))
+        bn = draw(st.sampled_from(["BN", "BN", "LayoutBN"])) if mode == "2d" else "BN"
+        ops += [bn] * draw(st.sampled_from([0, 1, 1, 1, 2]))
         if draw(st.booleans()):
             ops.append("Relu")
     ops = ops or ["BN"]  # every block can come out empty; a model needs at least one node

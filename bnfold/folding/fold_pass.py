@@ -40,12 +40,16 @@ from bnfold.folding.rules import (
     bn_conv,
     bn_duplicate,
     bn_gemm,
+    bn_layout_gemm,
+    bn_layout_matmul,
     bn_matmul,
     conv_bn,
     conv_branches,
     convtranspose_bn,
     gemm_bn,
+    gemm_layout_bn,
     matmul_bn,
+    matmul_layout_bn,
 )
 from bnfold.folding.rules.affine import chain_ends
 from bnfold.folding.rules.base import chain_variable_operand
@@ -62,6 +66,10 @@ BACKWARD_RULES: tuple[Rule, ...] = (conv_bn.RULE, convtranspose_bn.RULE, gemm_bn
 # An identity-branch BN folds sideways, into a Conv of its own input that the same Adds sum.
 BRANCH_RULES: tuple[Rule, ...] = (bn_branch.RULE,)
 FORWARD_RULES: tuple[Rule, ...] = (bn_gemm.RULE, bn_matmul.RULE, bn_conv.RULE)
+# Through Flatten / Reshape / Transpose / Squeeze / Unsqueeze (rules/layout.py): tried after the
+# direct folds of each direction, which they never overlap (they need at least one layout op).
+BACKWARD_RULES += (matmul_layout_bn.RULE, gemm_layout_bn.RULE)
+FORWARD_RULES += (bn_layout_gemm.RULE, bn_layout_matmul.RULE)
 BN_RULES = DEDUPLICATION_RULES + BACKWARD_RULES + BRANCH_RULES + FORWARD_RULES
 # Decomposed BNs: offered the end node of a per-channel affine chain, after the BNs of each round.
 AFFINE_RULES: tuple[ChainRule, ...] = affine.RULES

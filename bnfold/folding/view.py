@@ -238,6 +238,7 @@ class GraphView:
             set().union(*(outer_scope_reads(sub) for _, sub in node_subgraphs(n))) for n in self.nodes
         ]
         self._constant_cache: dict[str, np.ndarray | None] = {}
+        self.renamed_from: dict[str, str] = {}  # new output name -> the name the value had before
         # Payloads are kept apart for the main graph's initializers only (the writer streams those).
         self.payloads = ctx.payloads if parent is None else None
         self.refresh()
@@ -451,6 +452,15 @@ class GraphView:
     # ----- ranks -----------------------------------------------------------------------------
     def rank(self, name: str):
         """Rank of a value from initializers, declared types, constants, else shape inference."""
+        known = self._rank_of(name)
+        for _ in range(len(self.renamed_from)):
+            if known is not None or name not in self.renamed_from:
+                break
+            name = self.renamed_from[name]  # declarations and inference may know the name it had
+            known = self._rank_of(name)
+        return known
+
+    def _rank_of(self, name: str):
         view = self
         while view is not None:
             if name in view.initializers:
@@ -552,6 +562,16 @@ class GraphView:
             self.initializers[name] = tensor
         return name
 
+    def truncate_inputs(self, index: int, count: int) -> None:
+        """Keep only the first ``count`` inputs of node ``index`` (the rest are released)."""
+        node = self.nodes[index]
+        for name in node.input[count:]:
+            if name:
+                if self.constant(name) is not None:
+                    self.released.add(name)
+                self.consumers[name].remove(index)
+        del node.input[count:]
+
     def remove_node(self, index: int) -> None:
         """Mark node ``index`` removed and drop it from the producer/reader maps."""
         node = self.nodes[index]
@@ -568,8 +588,11 @@ class GraphView:
                 del self.producer[name]
 
     def rename_output(self, index: int, position: int, new_name: str) -> None:
+        """Output ``position`` of node ``index`` is now called ``new_name``; it has the old value's
+        shape (every rename a fold makes keeps it), so ``rank`` answers for it as for the old one."""
         node = self.nodes[index]
         old = node.output[position]
+        self.renamed_from.setdefault(new_name, old)
         self.vanished.add(old)
         if self.producer.get(old) == index:
             del self.producer[old]
