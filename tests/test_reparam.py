@@ -469,3 +469,18 @@ def test_values_keeping_their_names_keep_their_meaning(identity_folds):
     assert op_counts(folded)["Add"] == (0 if identity_folds else 1)
     check = bnfold.check(model, folded, intermediates=True)
     assert check.passed, check.summary()
+
+
+def test_declared_initializer_shapes_stay_true_when_a_kernel_grows():
+    """The dynamo exporter declares every initializer in value_info; the 1x1 weight that becomes
+    the merged 3x3 kernel must not keep a (C, C, 1, 1) declaration (the full checker refuses it)."""
+    b = _Block(4)
+    b.conv((1, 1), bn=False)
+    b.conv((3, 3), bn=False)
+    model = b.model()
+    for tensor in model.graph.initializer:
+        model.graph.value_info.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    onnx.checker.check_model(model, full_check=True)
+    folded, report = _fold_and_check(model)
+    assert len(report.merged) == 1 and op_counts(folded)["Conv"] == 1
+    onnx.checker.check_model(folded, full_check=True)

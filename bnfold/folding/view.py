@@ -534,9 +534,16 @@ class GraphView:
             and old not in self.output_names
             and self.initializers[old].data_type == data_type
         ):
+            dims_before = tuple(self.initializers[old].dims)
             subnormals = write_tensor(self.initializers[old], value64, data_type, old, self.payloads)
             self.ctx.note_written(self.graph, old, subnormals)
             self._constant_cache.pop(old, None)
+            if tuple(self.initializers[old].dims) != dims_before:
+                # A merged kernel grows (1x1 -> 3x3): a declaration of the old shape (dynamo writes
+                # value_info for initializers too) would now contradict the tensor.
+                for k in range(len(self.graph.value_info) - 1, -1, -1):
+                    if self.graph.value_info[k].name == old:
+                        del self.graph.value_info[k]
             return old
         name = self.ctx.fresh_name(base_name)
         home = self
