@@ -99,3 +99,49 @@ def test_gemm_beta_zero_ignores_c_forward(c_value):
     expected, got = _run(model, x), _run(folded, x)
     assert np.all(np.isfinite(expected))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(expected))))
+
+
+def test_precision_search_leaves_folds_in_graph_order(tmp_path):
+    """fold_file's precision search leaves "the first k" float16 folds unfolded, the early layers
+    (whose rounding the rest amplify) first: a decomposed BN early in the graph comes before a BN
+    node late in it, whatever their kinds."""
+    channels = 4
+    f16 = np.float16
+    inits = [
+        numpy_helper.from_array(RNG.normal(size=(channels, 3, 3, 3)).astype(f16), "W1"),
+        numpy_helper.from_array(RNG.uniform(0.5, 1.5, (channels, 1, 1)).astype(f16), "s1"),
+        numpy_helper.from_array(RNG.normal(size=(channels, 1, 1)).astype(f16), "t1"),
+        numpy_helper.from_array(RNG.normal(size=(channels, channels, 1, 1)).astype(f16), "W2"),
+    ]
+    for name, value in (
+        ("gamma", RNG.uniform(0.5, 1.5, channels)),
+        ("beta", RNG.normal(size=channels)),
+        ("mean", RNG.normal(size=channels)),
+        ("var", RNG.uniform(0.5, 1.5, channels)),
+    ):
+        inits.append(numpy_helper.from_array(value.astype(f16), name))
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c1", "s1"], ["m1"], name="early_mul"),
+        helper.make_node("Add", ["m1", "t1"], ["a1"], name="early_add"),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2"], ["c2"]),
+        helper.make_node("BatchNormalization", ["c2", "gamma", "beta", "mean", "var"], ["y"], name="late_bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "order",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, channels, 6, 6])],
+        inits,
+    )
+    source = tmp_path / "in.onnx"
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)]), source)
+
+    def verify(path):  # the early layer's fold is the one that costs precision
+        return "early_add" in {n.name for n in onnx.load(path).graph.node}
+
+    report = bnfold.fold_file(source, tmp_path / "out.onnx", verify=verify)
+    assert [(r.bn, r.reason) for r in report.remaining] == [("early_add", "would_lose_precision")]
+    assert [f.bn for f in report.folded] == ["late_bn"]
+    assert "before it" not in report.remaining[0].message
