@@ -310,16 +310,19 @@ def _fold_graph(graph, ctx, path, parent, forward, report, released, vanished, k
         )
     for root, (convs, failure) in merge_failures.items():
         report.unmerged.append(UnmergedAdd(view.labels[root], convs, failure.reason.value, failure.message, path))
-    for i in bn_indices:
-        _report_outcome(
-            view, i, path, outcome[i], attachments[i], weight_types.get(i, ""), BATCH_NORM_KIND, report, outliers[i]
-        )
-    for end in sorted(chains_folded):
-        result, attachment = chains_folded[end]
-        _report_outcome(view, end, path, result, attachment, weight_types[end], CHAIN_KIND, report)
-    for end in sorted(chains_kept):
-        result = chains_kept[end]
-        report.remaining.append(RemainingBN(view.labels[end], result.reason.value, result.message, path, CHAIN_KIND))
+    # In graph order, BNs and chains together: fold_file's precision search leaves the first k of
+    # the float16 / bfloat16 folds unfolded, and the early layers are the ones to leave first.
+    for i in sorted(set(bn_indices) | set(chains_folded) | set(chains_kept)):
+        if i in chains_folded:
+            result, attachment = chains_folded[i]
+            _report_outcome(view, i, path, result, attachment, weight_types[i], CHAIN_KIND, report)
+        elif i in chains_kept:
+            result = chains_kept[i]
+            report.remaining.append(RemainingBN(view.labels[i], result.reason.value, result.message, path, CHAIN_KIND))
+        else:
+            _report_outcome(
+                view, i, path, outcome[i], attachments[i], weight_types.get(i, ""), BATCH_NORM_KIND, report, outliers[i]
+            )
     for i, node in enumerate(view.nodes):
         if i in view.removed:
             continue

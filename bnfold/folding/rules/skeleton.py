@@ -261,6 +261,10 @@ class GemmLayer:
         c_failure = gemm_c_failure(view, layer, c, self.output_channels(node, weight))
         if c_failure is not None:
             return c_failure
+        if self.gains(node)[1] == 0.0:
+            # beta = 0 adds nothing of C: onnxruntime (like BLAS) does not read it, so an Inf / NaN
+            # in C must not become beta * C = NaN in the folded bias.
+            return LayerBias(c_name, np.zeros(()))
         return LayerBias(c_name, c)
 
     def finish_layer(self, view: GraphView, node) -> None:
