@@ -15,6 +15,8 @@ Fixtures:
                       ``corpus_entry["path"]`` is relative to ``corpus_dir``.  Parametrizing needs
                       the manifest, so collecting such a test ensures the corpus (also when ``-k``
                       deselects it afterwards).
+  ``corpus_entry_per_arch``  the same, once per architecture: its export with the most BN nodes
+                      (for the slowest checks, whose result depends on the network, not the exporter).
 """
 
 from __future__ import annotations
@@ -93,18 +95,28 @@ def corpus_manifest(corpus_dir, corpus_builder):
     return corpus_builder.load_manifest(corpus_dir)
 
 
+def one_per_architecture(entries):
+    """Of each architecture's exports, the one with the most BN nodes (the first of those)."""
+    chosen = {}
+    for entry in entries:
+        best = chosen.get(entry["arch"])
+        if best is None or entry.get("bn_nodes", 0) > best.get("bn_nodes", 0):
+            chosen[entry["arch"]] = entry
+    return [entry for entry in entries if chosen[entry["arch"]] is entry]
+
+
 def pytest_generate_tests(metafunc):
-    if "corpus_entry" not in metafunc.fixturenames:
+    names = [n for n in ("corpus_entry", "corpus_entry_per_arch") if n in metafunc.fixturenames]
+    if not names:
         return
+    name = names[0]
     reason = skip_reason()
     if reason:
         if corpus_required():
             raise pytest.UsageError(f"BNFOLD_REQUIRE_CORPUS=1 but the corpus cannot run: {reason}")
-        metafunc.parametrize(
-            "corpus_entry", [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=["corpus"]
-        )
+        metafunc.parametrize(name, [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=["corpus"])
         return
     # Parametrizing needs the manifest at collection time, so the corpus is ensured here.
     manifest = load_builder().load_manifest(ensure_corpus_dir())
-    entries = manifest["models"]
-    metafunc.parametrize("corpus_entry", entries, ids=[entry["name"] for entry in entries])
+    entries = manifest["models"] if name == "corpus_entry" else one_per_architecture(manifest["models"])
+    metafunc.parametrize(name, entries, ids=[entry["name"] for entry in entries])
