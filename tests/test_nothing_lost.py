@@ -428,7 +428,10 @@ def test_signals_at_random_moments_of_a_fold(tmp_path):
         process.send_signal(signal.SIGINT if trial % 2 else signal.SIGTERM)
         _, err = process.communicate(timeout=120)
         outcomes.add(process.returncode)
-        assert process.returncode in (0, 130, 143, -signal.SIGTERM), err
+        # Death by the signal itself, silently, is Python's default before bnfold.cli.app has
+        # installed its handlers: on a loaded machine interpreter start-up can outlast 0.3 s.
+        before_handlers = process.returncode in (-signal.SIGTERM, -signal.SIGINT) and not err.strip()
+        assert process.returncode in (0, 130, 143) or before_handlers, err
         assert "Traceback" not in err, err
         if process.returncode in (130, 143):
             assert err.strip().splitlines()[-1] in ("bnfold: interrupted", "bnfold: terminated"), err
